@@ -1,0 +1,135 @@
+"""The narrow handle between controller and engine: actions in, snapshots out.
+
+Actions are plain data. The engine validates each one fully before touching anything,
+then applies it between decode steps; an illegal action raises ``ActionError`` and
+changes nothing. Block ids in actions are *logical* block indices of the sequence
+(block ``i`` holds token positions ``[i*T, (i+1)*T)``), stable under eviction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+class ActionError(ValueError):
+    """An action the engine refuses; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Re-store blocks at ``bits`` (8/4/2); ``v_bits`` defaults to ``bits``."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+    bits: int
+    v_bits: int | None = None
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Move blocks to the host tier (lossless)."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Bring offloaded blocks back to the GPU tier."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Remove blocks from attention; ``park`` keeps a host copy for ``Restore``."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+    park: bool = False
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Bring parked (evicted-with-copy) blocks back into attention."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SetDecodeMode:
+    """How a sequence attends over its offloaded blocks: 'exact' or 'topk' (Quest)."""
+
+    seq_id: str
+    mode: str = "exact"
+    top_k: int = 0
+
+
+Action = Union[Quantize, Offload, Fetch, Evict, Restore, SetDecodeMode]
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    ok: bool
+    freed_bytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes (negative = used)
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class BlockView:
+    index: int            # logical block index
+    num_tokens: int
+    fmt: str              # 'full', 'int8', 'int4', 'int2', 'k4v2', ...
+    tier: str             # 'gpu' | 'host' | 'evicted' | 'parked'
+    nbytes: int           # bytes this block holds (all layers), 0 when evicted
+    mass: float           # decayed share of attention (mean over layers and heads)
+
+
+@dataclass
+class SequenceView:
+    seq_id: str
+    state: str            # 'waiting' | 'prefill' | 'decode' | 'stalled' | 'finished'
+    num_prompt_tokens: int
+    num_tokens: int       # tokens written so far (prompt + generated)
+    num_generated: int
+    priority: int
+    decode_mode: str
+    top_k: int
+    bytes_by_tier: dict[str, int]
+    bytes_by_format: dict[str, int]
+    blocks: list[BlockView]
+    entropy: float        # entropy (nats) of the block-level attention distribution
+    sink_mass: float      # share of attention on the first block
+    recent_mass: float    # share on the newest ``recent_blocks`` blocks
+    pinned: str | None = None
+
+
+@dataclass
+class TierView:
+    name: str             # 'gpu' (device arena; the CPU arena in CPU mode) | 'host'
+    device: str
+    capacity_bytes: int   # arena size (all layers)
+    used_bytes: int       # pages in use (what capacity is lost to)
+    block_bytes: int      # sum of live blocks' exact slot bytes
+    free_bytes: int
+
+
+@dataclass
+class EngineSnapshot:
+    time: float
+    step: int
+    device: str
+    model: str
+    block_size: int
+    num_layers: int
+    tiers: dict[str, TierView]
+    sequences: list[SequenceView]
+    num_waiting: int
+    num_running: int
+    num_stalled: int
+    pressure_bytes: int   # bytes the engine would need now to run every admitted sequence
+    tokens_per_s: float

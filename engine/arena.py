@@ -1,0 +1,147 @@
+"""Byte arenas of KV slots and their slab allocator.
+
+An arena is one ``[num_layers, arena_bytes]`` uint8 tensor allocated once (like vLLM's
+preallocated KV pool): capacity is fixed, what moves is which bytes are in use. Slots
+of different sizes (one size per block format) come from fixed-size pages, each page
+serving one slot size (a slab allocator). Quantizing a block moves it to a smaller slot
+and returns the old one, so pages fill up less and whole pages go back to the free list.
+
+The allocator is plain Python bookkeeping of byte offsets, testable without tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """The arena has no room for the requested slots."""
+
+
+class SlabAllocator:
+    def __init__(self, capacity_bytes: int, page_bytes: int, reserve_pages: int = 0):
+        if page_bytes <= 0 or page_bytes % 16:
+            raise ValueError(f"page_bytes must be a positive multiple of 16, got {page_bytes}")
+        self.page_bytes = page_bytes
+        self.num_pages = capacity_bytes // page_bytes
+        if self.num_pages < 1:
+            raise ValueError(
+                f"arena of {capacity_bytes} bytes per layer holds no page of {page_bytes} bytes")
+        self._free_pages: list[int] = list(range(self.num_pages - 1, -1, -1))
+        self._page_slot: dict[int, int] = {}          # page -> slot size it serves
+        self._page_free: dict[int, list[int]] = {}    # page -> free slot indices
+        self._partial: dict[int, set[int]] = {}       # slot size -> pages with free slots
+        self.used_slot_bytes = 0
+        self.num_slots = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free_pages)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_pages * self.page_bytes
+
+    def slots_per_page(self, slot_bytes: int) -> int:
+        n = self.page_bytes // slot_bytes
+        if n < 1:
+            raise ValueError(f"slot of {slot_bytes} bytes exceeds the page of {self.page_bytes}")
+        return n
+
+    def free_slots(self, slot_bytes: int) -> int:
+        """How many slots of this size can still be allocated."""
+        per = self.slots_per_page(slot_bytes)
+        partial = sum(len(self._page_free[p]) for p in self._partial.get(slot_bytes, ()))
+        return partial + per * len(self._free_pages)
+
+    def can_allocate(self, slot_bytes: int, n: int = 1) -> bool:
+        return self.free_slots(slot_bytes) >= n
+
+    def pages_needed(self, slot_bytes: int, n: int) -> int:
+        """Fresh pages that allocating n slots of this size would take."""
+        partial = sum(len(self._page_free[p]) for p in self._partial.get(slot_bytes, ()))
+        rest = max(0, n - partial)
+        per = self.slots_per_page(slot_bytes)
+        return -(-rest // per)
+
+    # -- mutation --------------------------------------------------------------------------
+    def allocate(self, slot_bytes: int) -> int:
+        """Byte offset (within a layer row) of a new slot."""
+        pages = self._partial.get(slot_bytes)
+        if not pages:
+            if not self._free_pages:
+                raise OutOfBlocks(f"no free page for a {slot_bytes}-byte slot")
+            page = self._free_pages.pop()
+            per = self.slots_per_page(slot_bytes)
+            self._page_slot[page] = slot_bytes
+            self._page_free[page] = list(range(per - 1, -1, -1))
+            pages = self._partial.setdefault(slot_bytes, set())
+            pages.add(page)
+        page = min(pages)  # fill low pages first: keeps runs contiguous, frees high pages
+        free = self._page_free[page]
+        idx = free.pop()
+        if not free:
+            pages.discard(page)
+        self.used_slot_bytes += slot_bytes
+        self.num_slots += 1
+        return page * self.page_bytes + idx * slot_bytes
+
+    def allocate_many(self, slot_bytes: int, n: int) -> list[int]:
+        if not self.can_allocate(slot_bytes, n):
+            raise OutOfBlocks(f"no room for {n} slots of {slot_bytes} bytes")
+        return [self.allocate(slot_bytes) for _ in range(n)]
+
+    def free(self, offset: int, slot_bytes: int) -> None:
+        page, rem = divmod(offset, self.page_bytes)
+        if self._page_slot.get(page) != slot_bytes or rem % slot_bytes:
+            raise ValueError(f"offset {offset} is not a {slot_bytes}-byte slot")
+        idx = rem // slot_bytes
+        free = self._page_free[page]
+        if idx in free:
+            raise ValueError(f"double free of slot at {offset}")
+        free.append(idx)
+        self.used_slot_bytes -= slot_bytes
+        self.num_slots -= 1
+        if len(free) == self.slots_per_page(slot_bytes):
+            # whole page empty: give it back to every slot size
+            self._partial[slot_bytes].discard(page)
+            del self._page_free[page], self._page_slot[page]
+            self._free_pages.append(page)
+        else:
+            self._partial.setdefault(slot_bytes, set()).add(page)
+
+
+class Arena:
+    """One tier's bytes: ``data [num_layers, bytes_per_layer]`` uint8 plus its allocator."""
+
+    def __init__(self, name: str, num_layers: int, capacity_bytes: int, page_bytes: int,
+                 device: torch.device, pin: bool = False):
+        per_layer = capacity_bytes // num_layers
+        self.name = name
+        self.num_layers = num_layers
+        self.alloc = SlabAllocator(per_layer, page_bytes)
+        nbytes = self.alloc.capacity_bytes
+        self.device = torch.device(device)
+        # empty, not zeros: the OS maps pages lazily; we never read an unwritten slot
+        self.data = torch.empty((num_layers, nbytes), dtype=torch.uint8, device=self.device,
+                                pin_memory=pin and self.device.type == "cpu")
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.alloc.capacity_bytes * self.num_layers
+
+    @property
+    def used_bytes(self) -> int:
+        return self.alloc.used_bytes * self.num_layers
+
+    @property
+    def block_bytes(self) -> int:
+        return self.alloc.used_slot_bytes * self.num_layers
+
+    def view(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """1-D typed view of one layer's bytes (sections are ALIGN-aligned)."""
+        return self.data[layer].view(dtype)

@@ -1,0 +1,112 @@
+"""Read and write whole KV blocks in arena slots (torch; runs on any device).
+
+``arena`` is uint8 ``[..., bytes]``: one layer's row ``[bytes]`` or all layers
+``[L, bytes]``. Offsets are slot byte offsets (same in every layer). Dense blocks are
+``[..., N, H, T, D]`` with the arena's leading dims first.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.layout import BlockGeometry, KVFormat
+from engine.kernels.quant import (dequantize_keys_ref, dequantize_values_ref,
+                                  quantize_keys_ref, quantize_values_ref)
+
+
+def _elems(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_off: int,
+           nbytes: int) -> torch.Tensor:
+    """Gather ``nbytes`` from ``offsets + sec_off`` as ``dtype``: [..., N, nbytes/elem]."""
+    esize = torch.tensor([], dtype=dtype).element_size()
+    typed = arena.view(dtype)
+    n = nbytes // esize
+    idx = (offsets + sec_off) // esize
+    return typed.unfold(-1, n, 1).index_select(-2, idx)
+
+
+def _put(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_off: int,
+         values: torch.Tensor) -> None:
+    """Scatter ``values [..., N, n]`` (as dtype) to ``offsets + sec_off``."""
+    esize = torch.tensor([], dtype=dtype).element_size()
+    typed = arena.view(dtype)
+    n = values.shape[-1]
+    idx = ((offsets + sec_off) // esize).unsqueeze(-1) + torch.arange(n, device=offsets.device)
+    typed.index_copy_(-1, idx.reshape(-1), values.to(dtype).reshape(*values.shape[:-2], -1))
+
+
+def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
+                fmt: KVFormat, out_dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of one format -> dense (dequantized) k, v ``[..., N, H, T, D]``."""
+    out_dtype = out_dtype or geom.store_dtype
+    H, T, D, G = geom.num_kv_heads, geom.block_size, geom.head_dim, geom.value_group
+    lead = arena.shape[:-1]
+    N = offsets.numel()
+    s = geom.sections(fmt)
+    md = geom.meta_dtype
+
+    def sec(name: str, dtype: torch.dtype) -> torch.Tensor:
+        off, nbytes = s[name]
+        return _elems(arena, dtype, offsets, off, nbytes)
+
+    if fmt.k_bits == 0:
+        k = sec("k", geom.store_dtype).reshape(*lead, N, H, T, D).to(out_dtype)
+    else:
+        codes = sec("k_codes", torch.uint8).reshape(-1, H, T, D * fmt.k_bits // 8)
+        k = dequantize_keys_ref(codes, sec("k_scale", md).reshape(-1, H, D),
+                                sec("k_zero", md).reshape(-1, H, D), fmt.k_bits, out_dtype)
+        k = k.reshape(*lead, N, H, T, D)
+    if fmt.v_bits == 0:
+        v = sec("v", geom.store_dtype).reshape(*lead, N, H, T, D).to(out_dtype)
+    else:
+        codes = sec("v_codes", torch.uint8).reshape(-1, H, T, D * fmt.v_bits // 8)
+        v = dequantize_values_ref(codes, sec("v_scale", md).reshape(-1, H, T, D // G),
+                                  sec("v_zero", md).reshape(-1, H, T, D // G),
+                                  fmt.v_bits, G, out_dtype)
+        v = v.reshape(*lead, N, H, T, D)
+    return k, v
+
+
+def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
+                 fmt: KVFormat, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Dense k, v ``[..., N, H, T, D]`` -> slots of format ``fmt`` (quantizing)."""
+    H, T, D, G = geom.num_kv_heads, geom.block_size, geom.head_dim, geom.value_group
+    lead = arena.shape[:-1]
+    N = offsets.numel()
+    s = geom.sections(fmt)
+    md = geom.meta_dtype
+    flat = lambda x: x.reshape(*lead, N, -1)  # noqa: E731
+    if fmt.k_bits == 0:
+        _put(arena, geom.store_dtype, offsets, s["k"][0], flat(k))
+    else:
+        c, sc, z = quantize_keys_ref(k.reshape(-1, H, T, D), fmt.k_bits, md)
+        _put(arena, torch.uint8, offsets, s["k_codes"][0], flat(c))
+        _put(arena, md, offsets, s["k_scale"][0], flat(sc))
+        _put(arena, md, offsets, s["k_zero"][0], flat(z))
+    if fmt.v_bits == 0:
+        _put(arena, geom.store_dtype, offsets, s["v"][0], flat(v))
+    else:
+        c, sc, z = quantize_values_ref(v.reshape(-1, H, T, D), fmt.v_bits, G, md)
+        _put(arena, torch.uint8, offsets, s["v_codes"][0], flat(c))
+        _put(arena, md, offsets, s["v_scale"][0], flat(sc))
+        _put(arena, md, offsets, s["v_zero"][0], flat(z))
+
+
+def write_tokens(arena_row: torch.Tensor, geom: BlockGeometry, slot_offsets: torch.Tensor,
+                 token_in_block: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append tokens to full-precision slots of one layer.
+
+    slot_offsets, token_in_block: [n] (the slot and row of each token);
+    k, v: [n, H, D] (after RoPE). Only full-precision slots take single tokens: the
+    newest, partial block of a sequence always is one.
+    """
+    H, T, D = geom.num_kv_heads, geom.block_size, geom.head_dim
+    esize = geom.store_elem
+    typed = arena_row.view(geom.store_dtype)
+    s = geom.sections(KVFormat(0, 0))
+    dev = arena_row.device
+    # element index of [token, head, dim] in the [H, T, D] slot layout
+    base = (slot_offsets // esize).unsqueeze(1) + token_in_block.unsqueeze(1) * D \
+        + torch.arange(H, device=dev).unsqueeze(0) * (T * D)          # [n, H]
+    idx = base.unsqueeze(-1) + torch.arange(D, device=dev)            # [n, H, D]
+    typed[(idx + s["k"][0] // esize).reshape(-1)] = k.reshape(-1).to(geom.store_dtype)
+    typed[(idx + s["v"][0] // esize).reshape(-1)] = v.reshape(-1).to(geom.store_dtype)

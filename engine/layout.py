@@ -1,0 +1,155 @@
+"""Byte layout of one KV block slot in the arena.
+
+Every block of a sequence lives in one *slot*: a contiguous byte range of the arena,
+identical in every layer (the arena is ``[num_layers, arena_bytes]`` uint8, so a block
+id's byte offset is the same in each layer's row). A slot holds the block's keys then
+its values, each in the block's format:
+
+* full precision (bits == 0): ``data [H, T, D]`` in the store dtype.
+* quantized (bits in 8/4/2), asymmetric min/scale codes (KIVI, Liu et al. 2024):
+  - keys, per channel over the block's tokens:
+      ``codes [H, T, D * bits / 8] uint8``, ``scale [H, D] meta``, ``zero [H, D] meta``
+  - values, per token over groups of ``G`` channels:
+      ``codes [H, T, D * bits / 8] uint8``, ``scale [H, T, D/G] meta``, ``zero [H, T, D/G] meta``
+  Codes pack ``8 / bits`` channels per byte, low bits first: channel ``d`` sits in byte
+  ``d // (8 // bits)`` at bit ``(d % (8 // bits)) * bits``. ``x = code * scale + zero``.
+
+Head-major (``[H, T, D]``) so that one (block, kv head) tile is contiguous for the
+decode kernel. Sections start on ``ALIGN``-byte boundaries, so typed views of the arena
+(store dtype, meta dtype) index every section with whole elements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+ALIGN = 16
+VALID_BITS = (0, 8, 4, 2)  # 0 = full precision (the store dtype)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A block's storage format; keys and values may differ (e.g. K4V2)."""
+
+    k_bits: int = 0
+    v_bits: int = 0
+
+    def __post_init__(self) -> None:
+        for b in (self.k_bits, self.v_bits):
+            if b not in VALID_BITS:
+                raise ValueError(f"bits must be one of 8, 4, 2 (or 0 = full precision), got {b}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.k_bits == 0 and self.v_bits == 0
+
+    @property
+    def name(self) -> str:
+        if self.k_bits == self.v_bits:
+            return "full" if self.k_bits == 0 else f"int{self.k_bits}"
+        return f"k{self.k_bits or 'full'}v{self.v_bits or 'full'}"
+
+    @staticmethod
+    def parse(name: str) -> "KVFormat":
+        """'full', 'int8', 'int4', 'int2', or 'k4v2'-style mixes."""
+        name = name.strip().lower()
+        if name in ("full", "fp", "fp16", "bf16", "fp32"):
+            return FULL
+        if name.startswith("int") and name[3:].isdigit():
+            b = int(name[3:])
+            return KVFormat(b, b)
+        if name.startswith("k") and "v" in name:
+            k, v = name[1:].split("v", 1)
+            conv = lambda s: 0 if s == "full" else int(s)  # noqa: E731
+            try:
+                return KVFormat(conv(k), conv(v))
+            except ValueError as e:
+                raise ValueError(f"unknown KV format {name!r}: {e}") from None
+        raise ValueError(f"unknown KV format {name!r}; use full, int8, int4, int2 or kXvY")
+
+
+FULL = KVFormat(0, 0)
+
+
+def meta_dtype_for(store_dtype: torch.dtype) -> torch.dtype:
+    """Scales/zeros: fp32 beside an fp32 store, fp16 beside 16-bit stores."""
+    return torch.float32 if store_dtype == torch.float32 else torch.float16
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Shape of one block in one layer: T tokens, H kv heads, D head dim."""
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    store_dtype: torch.dtype
+    value_group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.head_dim % 8:
+            raise ValueError(f"head_dim must be a multiple of 8, got {self.head_dim}")
+        if self.head_dim % self.value_group:
+            raise ValueError(
+                f"value_group {self.value_group} must divide head_dim {self.head_dim}")
+
+    @cached_property
+    def meta_dtype(self) -> torch.dtype:
+        return meta_dtype_for(self.store_dtype)
+
+    @property
+    def store_elem(self) -> int:
+        return torch.tensor([], dtype=self.store_dtype).element_size()
+
+    @property
+    def meta_elem(self) -> int:
+        return torch.tensor([], dtype=self.meta_dtype).element_size()
+
+    def sections(self, fmt: KVFormat) -> dict[str, tuple[int, int]]:
+        """Name -> (byte offset in slot, byte length) of each section of a slot."""
+        T, H, D, G = self.block_size, self.num_kv_heads, self.head_dim, self.value_group
+        out: dict[str, tuple[int, int]] = {}
+        off = 0
+
+        def put(name: str, nbytes: int) -> None:
+            nonlocal off
+            out[name] = (off, nbytes)
+            off = _align(off + nbytes)
+
+        if fmt.k_bits == 0:
+            put("k", H * T * D * self.store_elem)
+        else:
+            put("k_codes", H * T * D * fmt.k_bits // 8)
+            put("k_scale", H * D * self.meta_elem)
+            put("k_zero", H * D * self.meta_elem)
+        if fmt.v_bits == 0:
+            put("v", H * T * D * self.store_elem)
+        else:
+            put("v_codes", H * T * D * fmt.v_bits // 8)
+            put("v_scale", H * T * (D // G) * self.meta_elem)
+            put("v_zero", H * T * (D // G) * self.meta_elem)
+        out["_total"] = (0, off)
+        return out
+
+    def slot_bytes(self, fmt: KVFormat) -> int:
+        """Bytes of one block in one layer, alignment padding included."""
+        return self.sections(fmt)["_total"][1]
+
+
+def section_offsets(geom: BlockGeometry, fmt: KVFormat) -> tuple[int, int, int, int, int, int]:
+    """(k, k_scale, k_zero, v, v_scale, v_zero) byte offsets inside a slot; -1 if absent.
+
+    For full-precision keys/values the data offset goes in the k / v position.
+    """
+    s = geom.sections(fmt)
+    get = lambda *names: next((s[n][0] for n in names if n in s), -1)  # noqa: E731
+    return (get("k", "k_codes"), get("k_scale"), get("k_zero"),
+            get("v", "v_codes"), get("v_scale"), get("v_zero"))
