@@ -29,5 +29,9 @@ test: setup
 bench: setup
 	$(BIN)/python -m engine.bench
 
+# regenerate kvctl_proto/ from proto/ with the pinned grpcio-tools
+proto: setup
+	$(BIN)/python tools/gen_proto.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache
