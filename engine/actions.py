@@ -26,6 +26,15 @@ class Quantize:
 
 
 @dataclass(frozen=True)
+class SetFillFormat:
+    """Format a sequence's blocks take as they fill (the tail stays full precision)."""
+
+    seq_id: str
+    bits: int = 0           # 0 = keep full precision
+    v_bits: int | None = None
+
+
+@dataclass(frozen=True)
 class Offload:
     """Move blocks to the host tier (lossless)."""
 
@@ -67,7 +76,7 @@ class SetDecodeMode:
     top_k: int = 0
 
 
-Action = Union[Quantize, Offload, Fetch, Evict, Restore, SetDecodeMode]
+Action = Union[Quantize, SetFillFormat, Offload, Fetch, Evict, Restore, SetDecodeMode]
 
 
 @dataclass

@@ -1,0 +1,90 @@
+"""kvctl's attention backend for transformers models — the one file that touches
+transformers internals.
+
+The model runs stateless (no HF cache). Its attention layers call ``kvctl_attention``
+(registered with transformers' ``AttentionInterface``) with query/key/value after RoPE,
+``[1, H, N, D]`` for one packed row of N tokens from several sequences. The per-step
+``StepPlan`` (engine/plan.py) arrives as the ``kvctl_plan`` keyword: it says which rows
+belong to which sequence, where each new token's K/V goes, and the block tables to
+attend over. The function writes K/V into the store, then attends:
+
+* decode rows (one token of a sequence): the paged decode kernel over the block table,
+  whose per-block softmax partials feed the attention statistics;
+* prefill rows (a chunk of a prompt): causal attention over the sequence's stored
+  prefix plus the chunk, by absolute positions (blocks evicted from the middle simply
+  are not there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from transformers import AttentionInterface
+
+from engine.kernels.paged_decode import paged_decode
+
+ATTN_NAME = "kvctl"
+
+
+def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    kvctl_plan=None, **kwargs):
+    """query [1, Hq, N, D], key/value [1, H, N, D] -> (out [1, N, Hq, D], None)."""
+    plan = kvctl_plan
+    if plan is None:
+        raise RuntimeError("kvctl attention called without a step plan; run the model "
+                           "through engine.runner, or pick another attn_implementation")
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)            # [N, Hq, D]
+    k = key[0].transpose(0, 1)              # [N, H, D]
+    v = value[0].transpose(0, 1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    plan.write_kv(layer, k, v)
+    out = torch.empty_like(q)
+    arena_row = plan.arena_row(layer)
+    if plan.num_decode:
+        d = plan.decode
+        o, m, l = paged_decode(q.index_select(0, d.rows).contiguous(), arena_row, d.offsets,
+                               d.kbits, d.vbits, d.ntok, plan.geom, scale)
+        out.index_copy_(0, d.rows, o.to(out.dtype))
+        plan.record_partials(layer, m, l)
+    for seg in plan.prefills:
+        rows = slice(seg.start, seg.start + seg.length)
+        if seg.plain_causal:  # keys are exactly this chunk: use them as they came
+            kk, vv, kpos = k[rows].transpose(0, 1), v[rows].transpose(0, 1), seg.positions
+        else:
+            kk, vv, kpos = plan.gather_prefix(layer, seg)      # [H, M, D] x2, [M]
+        qq = q[rows].transpose(0, 1)                             # [Hq, n, D]
+        qpos = seg.positions                                     # [n]
+        g = qq.shape[0] // kk.shape[0]
+        kk = kk.repeat_interleave(g, 0)
+        vv = vv.repeat_interleave(g, 0)
+        if seg.plain_causal:
+            o = F.scaled_dot_product_attention(qq.unsqueeze(0), kk.unsqueeze(0),
+                                               vv.unsqueeze(0), is_causal=True, scale=scale)
+        else:
+            mask = kpos.view(1, -1) <= qpos.view(-1, 1)             # [n, M]
+            o = F.scaled_dot_product_attention(qq.unsqueeze(0), kk.unsqueeze(0),
+                                               vv.unsqueeze(0), attn_mask=mask, scale=scale)
+        out[rows] = o[0].transpose(0, 1)
+        if seg.observe:
+            plan.record_observation(layer, seg, qq[:, -seg.observe:], kk, kpos, scale)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_NAME, kvctl_attention)
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Select kvctl attention; the model then runs without any HF cache."""
+    model.set_attn_implementation(ATTN_NAME)
+    model.config.use_cache = False
+    return model
+
+
+@torch.inference_mode()
+def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, plan,
+            logits_rows: torch.Tensor) -> torch.Tensor:
+    """One packed step. input_ids/position_ids [1, N]; returns logits [len(rows), V]."""
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                logits_to_keep=logits_rows, kvctl_plan=plan)
+    return out.logits[0]

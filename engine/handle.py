@@ -1,0 +1,96 @@
+"""EngineHandle: the controller's only door into the engine (snapshot in, actions out)."""
+from __future__ import annotations
+
+import time
+
+from engine import moves
+from engine.actions import (Action, ActionError, ActionResult, BlockView, EngineSnapshot,
+                            Evict, Fetch, Offload, Quantize, Restore, SequenceView,
+                            SetDecodeMode, SetFillFormat, TierView)
+from engine.layout import FULL, KVFormat
+from engine.sequence import DECODE
+from engine.store import EVICTED, GPU
+
+
+class EngineHandle:
+    def __init__(self, engine):
+        self._e = engine
+
+    def estimate_bytes(self, num_tokens: int, fmt: str = "full") -> int:
+        return self._e.store.estimate_bytes(num_tokens, KVFormat.parse(fmt))
+
+    # -- snapshot -------------------------------------------------------------------------
+    def snapshot(self) -> EngineSnapshot:
+        e = self._e
+        with e.lock:
+            st = e.store
+            tiers = {name: TierView(name, str(a.device), a.capacity_bytes, a.used_bytes,
+                                    a.block_bytes, a.capacity_bytes - a.used_bytes)
+                     for name, a in st.arenas.items()}
+            seqs = []
+            pressure = 0
+            for s in list(e.waiting) + e.running:
+                kv = st.seqs.get(s.seq_id)
+                stats = e.stats.get(s.seq_id)
+                blocks = []
+                if kv is not None:
+                    mass = stats.mass if stats is not None else None
+                    for b in kv.blocks:
+                        m = float(mass[b.index]) if mass is not None and b.index < mass.numel() else 0.0
+                        blocks.append(BlockView(b.index, b.num_tokens, b.fmt.name, b.tier,
+                                                st.block_bytes(b.fmt) if b.offset >= 0 else 0, m))
+                    by_tier, by_fmt = st.bytes_by(s.seq_id)
+                else:
+                    by_tier, by_fmt = {}, {}
+                if s.stalled:
+                    pressure += st.block_bytes(FULL)
+                state = "stalled" if s.stalled else s.state
+                seqs.append(SequenceView(
+                    s.seq_id, state, len(s.prompt_ids),
+                    kv.num_tokens if kv else 0, len(s.output_ids), s.priority,
+                    getattr(kv, "decode_mode", "exact") if kv else "exact",
+                    getattr(kv, "top_k", 0) if kv else 0,
+                    by_tier, by_fmt, blocks,
+                    stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
+                    stats.recent_mass if stats else 0.0, s.request.strategy))
+            if e.waiting:
+                s = max(e.waiting, key=lambda x: (x.priority, -x.arrival))
+                need = st.estimate_bytes(len(s.prompt_ids)) + st.block_bytes(FULL)
+                pressure += max(0, need - (tiers[GPU].free_bytes))
+            return EngineSnapshot(time.time(), e.step_count, str(e.device), e.model_name,
+                                  st.block_size, e.num_layers, tiers, seqs, len(e.waiting),
+                                  len(e.running), sum(s.stalled for s in e.running),
+                                  pressure, e.tokens_per_s())
+
+    # -- actions --------------------------------------------------------------------------
+    def apply(self, action: Action) -> ActionResult:
+        """Validate and apply one action between steps; raises ActionError if illegal."""
+        e = self._e
+        t0 = time.perf_counter()
+        with e.lock:
+            if isinstance(action, Quantize):
+                fmt = moves.check_format(action.bits, action.v_bits)
+                freed = moves.quantize(e.store, action.seq_id, action.blocks, fmt)
+                self._note(action.seq_id, f"quantize {len(action.blocks)} blocks -> {fmt.name}")
+                res = ActionResult(action, True, {GPU: freed})
+            elif isinstance(action, SetFillFormat):
+                kv = e.store.seqs.get(action.seq_id)
+                if kv is None:
+                    raise ActionError(f"unknown sequence {action.seq_id!r}")
+                fmt = FULL if action.bits == 0 and not action.v_bits else \
+                    moves.check_format(action.bits, action.v_bits)
+                kv.fill_format = fmt
+                self._note(action.seq_id, f"fill format -> {fmt.name}")
+                res = ActionResult(action, True, {})
+            elif isinstance(action, (Offload, Fetch, Evict, Restore, SetDecodeMode)):
+                raise ActionError(f"{type(action).__name__} is not supported by this engine "
+                                  "yet (eviction and offload land with issue 4)")
+            else:
+                raise ActionError(f"unknown action {action!r}")
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _note(self, seq_id: str, what: str) -> None:
+        s = self._e.seqs.get(seq_id)
+        if s is not None:
+            s.moves.append(what)

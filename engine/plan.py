@@ -1,0 +1,191 @@
+"""One step's plan: which rows of the packed batch belong to which sequence, where
+their K/V go, and what each attends over. Built once per step, used by every layer
+(slot offsets are the same in all layers), so per-layer work is pure tensor ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kernels.paged_decode import gather_dense
+from engine.layout import FULL
+from engine.store import GPU, KVStore
+
+
+@dataclass
+class PrefillSeg:
+    seq_id: str
+    start: int                  # first row in the packed batch
+    length: int
+    positions: torch.Tensor     # [n] absolute positions of the chunk's tokens
+    plain_causal: bool          # keys are exactly this chunk (first chunk, no holes)
+    observe: int = 0            # last-W-queries observation window (SnapKV) on this chunk
+    offsets: torch.Tensor | None = None
+    kbits: torch.Tensor | None = None
+    vbits: torch.Tensor | None = None
+    ntok: torch.Tensor | None = None
+    token_idx: torch.Tensor | None = None   # [M] valid rows of the flattened blocks
+    kpos: torch.Tensor | None = None        # [M] their positions
+    block_of_key: torch.Tensor | None = None  # [M] logical block of each key
+    num_logical: int = 0
+
+
+@dataclass
+class DecodeBatch:
+    seq_ids: list[str]
+    rows: torch.Tensor          # [Bd] rows of the decode tokens
+    offsets: torch.Tensor       # [Bd, NB] int64 (logical block index = table column)
+    kbits: torch.Tensor         # [Bd, NB] int32
+    vbits: torch.Tensor
+    ntok: torch.Tensor          # [Bd, NB] int32; 0 = not attended (hole / other tier)
+
+
+@dataclass
+class StepPlan:
+    store: KVStore
+    input_ids: torch.Tensor     # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    write_idx: torch.Tensor     # [N * H * D] element index of each new key in the store view
+    v_shift: int                # element distance from a full slot's keys to its values
+    decode: DecodeBatch | None
+    prefills: list[PrefillSeg]
+    num_layers: int
+    mass: torch.Tensor | None = None            # [Bd, NB] summed share over layers
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
+
+    @property
+    def geom(self):
+        return self.store.geom
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode is None else len(self.decode.seq_ids)
+
+    def arena_row(self, layer: int) -> torch.Tensor:
+        return self.store.arenas[GPU].data[layer]
+
+    # -- per layer ------------------------------------------------------------------------
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        typed = self.arena_row(layer).view(self.geom.store_dtype)
+        typed.index_copy_(0, self.write_idx, k.reshape(-1).to(typed.dtype))
+        typed.index_copy_(0, self.write_idx + self.v_shift, v.reshape(-1).to(typed.dtype))
+
+    def gather_prefix(self, layer: int, seg: PrefillSeg):
+        """Stored K/V a prefill chunk attends over: [H, M, D] x2 and positions [M]."""
+        H, T, D = self.geom.num_kv_heads, self.geom.block_size, self.geom.head_dim
+        k, v = gather_dense(self.arena_row(layer), seg.offsets.view(1, -1),
+                            seg.kbits.view(1, -1), seg.vbits.view(1, -1),
+                            seg.ntok.view(1, -1), self.geom, self.geom.store_dtype)
+        k = k[0].permute(1, 0, 2, 3).reshape(H, -1, D).index_select(1, seg.token_idx)
+        v = v[0].permute(1, 0, 2, 3).reshape(H, -1, D).index_select(1, seg.token_idx)
+        return k, v, seg.kpos
+
+    def record_partials(self, layer: int, m: torch.Tensor, l: torch.Tensor) -> None:
+        """Per-block softmax partials [Bd, Hq, NB] -> each block's share of attention."""
+        gmax = m.amax(-1, keepdim=True)
+        gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+        w = torch.exp(m - gmax) * l
+        share = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)   # [Bd, NB]
+        self.mass = share if self.mass is None else self.mass + share
+
+    def record_observation(self, layer: int, seg: PrefillSeg, q: torch.Tensor,
+                           k: torch.Tensor, kpos: torch.Tensor, scale: float) -> None:
+        """SnapKV (Li et al. 2024): attention of the chunk's last W queries over the
+        prompt, summed per logical block. q [Hq, W, D], k [Hq, M, D]."""
+        qpos = seg.positions[-q.shape[1]:]
+        s = torch.einsum("hwd,hmd->hwm", q.float(), k.float()) * scale
+        s = s.masked_fill(kpos.view(1, 1, -1) > qpos.view(1, -1, 1), float("-inf"))
+        p = torch.softmax(s, -1).sum((0, 1))                              # [M]
+        per_block = torch.zeros(seg.num_logical, device=p.device).index_add_(
+            0, seg.block_of_key, p)
+        prev = self.observed.get(seg.seq_id)
+        self.observed[seg.seq_id] = per_block if prev is None else prev + per_block
+
+
+def _table(store: KVStore, seq_ids: list[str], device) -> tuple[torch.Tensor, ...]:
+    """Logical block tables of these sequences: attended GPU blocks, holes elsewhere."""
+    nb = max(len(store.seqs[s].blocks) for s in seq_ids)
+    B = len(seq_ids)
+    offs = torch.zeros(B, nb, dtype=torch.int64)
+    kb = torch.zeros(B, nb, dtype=torch.int32)
+    vb = torch.zeros(B, nb, dtype=torch.int32)
+    nt = torch.zeros(B, nb, dtype=torch.int32)
+    for i, sid in enumerate(seq_ids):
+        for b in store.seqs[sid].blocks:
+            if b.tier == GPU and b.num_tokens > 0:
+                offs[i, b.index] = b.offset
+                kb[i, b.index] = b.fmt.k_bits
+                vb[i, b.index] = b.fmt.v_bits
+                nt[i, b.index] = b.num_tokens
+    return tuple(t.to(device, non_blocking=True) for t in (offs, kb, vb, nt))
+
+
+def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
+               prefill_chunks: list[tuple[str, list[int], int]], num_layers: int,
+               device: torch.device) -> StepPlan:
+    """decode_ids: (seq, token) pairs; prefill_chunks: (seq, tokens, observe_window).
+
+    Room must already be reserved (store.reserve); this advances sequence lengths.
+    """
+    geom = store.geom
+    H, D, esize = geom.num_kv_heads, geom.head_dim, geom.store_elem
+    T = geom.block_size
+    ids: list[int] = []
+    pos: list[int] = []
+    w_offs: list[int] = []
+    w_rows: list[int] = []
+    dec_rows: list[int] = []
+    pre: list[PrefillSeg] = []
+    for sid, tok in decode_ids:
+        dec_rows.append(len(ids))
+        ids.append(tok)
+        pos.append(store.seqs[sid].num_tokens)
+        o, r = store.write_targets(sid, 1)
+        w_offs += o
+        w_rows += r
+    for sid, toks, observe in prefill_chunks:
+        s = store.seqs[sid]
+        p0 = s.num_tokens
+        start = len(ids)
+        ids += toks
+        pos += range(p0, p0 + len(toks))
+        o, r = store.write_targets(sid, len(toks))
+        w_offs += o
+        w_rows += r
+        blocks = [b for b in s.blocks if b.tier == GPU and b.num_tokens > 0]
+        plain = p0 == 0  # a first chunk attends to itself only
+        seg = PrefillSeg(sid, start, len(toks),
+                         torch.arange(p0, p0 + len(toks), device=device), plain,
+                         observe=min(observe, len(toks)), num_logical=len(s.blocks))
+        tok_idx, kpos, kblk = [], [], []
+        for j, b in enumerate(blocks):
+            tok_idx += range(j * T, j * T + b.num_tokens)
+            kpos += range(b.index * T, b.index * T + b.num_tokens)
+            kblk += [b.index] * b.num_tokens
+        seg.offsets = torch.tensor([b.offset for b in blocks], dtype=torch.int64, device=device)
+        seg.kbits = torch.tensor([b.fmt.k_bits for b in blocks], dtype=torch.int32, device=device)
+        seg.vbits = torch.tensor([b.fmt.v_bits for b in blocks], dtype=torch.int32, device=device)
+        seg.ntok = torch.tensor([b.num_tokens for b in blocks], dtype=torch.int32, device=device)
+        seg.token_idx = torch.tensor(tok_idx, dtype=torch.int64, device=device)
+        seg.kpos = torch.tensor(kpos, dtype=torch.int64, device=device)
+        seg.block_of_key = torch.tensor(kblk, dtype=torch.int64, device=device)
+        pre.append(seg)
+    sec = geom.sections(FULL)
+    offs_t = torch.tensor(w_offs, dtype=torch.int64) // esize + sec["k"][0] // esize
+    rows_t = torch.tensor(w_rows, dtype=torch.int64)
+    # [H, T, D] slot layout: element (h, t, d) at h*T*D + t*D + d
+    widx = (offs_t + rows_t * D).view(-1, 1, 1) + torch.arange(H).view(1, H, 1) * (T * D) \
+        + torch.arange(D).view(1, 1, D)
+    decode = None
+    if decode_ids:
+        sids = [s for s, _ in decode_ids]
+        offs, kb, vb, nt = _table(store, sids, device)
+        decode = DecodeBatch(sids, torch.tensor(dec_rows, device=device), offs, kb, vb, nt)
+    return StepPlan(
+        store=store,
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([pos], device=device),
+        write_idx=widx.reshape(-1).to(device),
+        v_shift=(sec["v"][0] - sec["k"][0]) // esize,
+        decode=decode, prefills=pre, num_layers=num_layers)

@@ -1,0 +1,61 @@
+"""Engine-side state of one request: tokens, detokenization, stop checks, events."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.api import Event, FinishEvent, Request, TokenEvent
+
+WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    request: Request
+    prompt_ids: list[int]
+    on_event: Callable[[Event], None]
+    generator: torch.Generator | None
+    arrival: float = field(default_factory=time.monotonic)
+    state: str = WAITING
+    stalled: bool = False         # wanted a block this step and none was free
+    num_prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    moves: list[str] = field(default_factory=list)
+    finish_reason: str = ""
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def sampling(self):
+        return self.request.sampling
+
+    def emit_token(self, token_id: int, tokenizer) -> bool:
+        """Record a sampled token, emit its text delta; True if a stop string hit."""
+        self.output_ids.append(token_id)
+        delta = ""
+        hit = False
+        if tokenizer is not None:
+            full = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+            if not full.endswith("\ufffd"):  # hold back an incomplete character
+                for s in self.sampling.stop:
+                    i = full.find(s, max(0, len(self.text) - len(s)))
+                    if i >= 0:
+                        full, hit = full[:i], True
+                        break
+                delta = full[len(self.text):] if full.startswith(self.text) else ""
+                self.text = full
+        self.on_event(TokenEvent(self.seq_id, token_id, delta, len(self.output_ids) - 1))
+        return hit
+
+    def finish_event(self, reason: str, by_tier: dict, by_fmt: dict, error: str = ""
+                     ) -> FinishEvent:
+        return FinishEvent(self.seq_id, reason, self.text, list(self.output_ids),
+                           len(self.prompt_ids), len(self.output_ids), by_tier, by_fmt,
+                           list(self.moves), error)

@@ -1,0 +1,163 @@
+"""The paged KV store: arenas per tier, per-sequence block tables, exact accounting.
+
+Plain bookkeeping plus the tensors it owns. A sequence's block ``i`` holds token
+positions ``[i*T, (i+1)*T)``; it keeps that index for life, so blocks can leave the
+middle of a sequence (eviction) without disturbing any position (RoPE was applied
+before storage). Each block has a format (engine/layout.py) and a tier:
+
+* ``gpu``     — in the device arena (the CPU arena in CPU mode), attended directly;
+* ``host``    — in the host arena (offloaded), attended after a fetch (issue 4);
+* ``parked``  — evicted from attention but kept on host for ``Restore``;
+* ``evicted`` — gone.
+
+The newest block of a sequence is always full precision (the residual window).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.arena import Arena, OutOfBlocks
+from engine.layout import FULL, BlockGeometry, KVFormat
+
+GPU, HOST, PARKED, EVICTED = "gpu", "host", "parked", "evicted"
+
+
+@dataclass
+class Block:
+    index: int
+    fmt: KVFormat = FULL
+    tier: str = GPU
+    offset: int = -1          # slot byte offset in its tier's arena (-1 when evicted)
+    num_tokens: int = 0
+
+
+@dataclass
+class SeqKV:
+    seq_id: str
+    blocks: list[Block] = field(default_factory=list)
+    num_tokens: int = 0       # tokens written (positions 0 .. num_tokens-1)
+    fill_format: KVFormat = FULL  # format full blocks are converted to when they fill
+
+    @property
+    def tail(self) -> Block | None:
+        return self.blocks[-1] if self.blocks else None
+
+
+class KVStore:
+    def __init__(self, geom: BlockGeometry, num_layers: int, device: torch.device,
+                 gpu_bytes: int, host_bytes: int = 0, page_bytes: int | None = None):
+        self.geom = geom
+        self.num_layers = num_layers
+        self.device = torch.device(device)
+        full_slot = geom.slot_bytes(FULL)
+        # pages of >= 1 MiB per layer: offload copies whole runs (PCIe wants >= 1 MiB)
+        if page_bytes is None:
+            page_bytes = max(full_slot * 4, 1 << 20)
+            page_bytes = page_bytes // full_slot * full_slot
+        self.page_bytes = page_bytes
+        if gpu_bytes < page_bytes * num_layers:
+            raise ValueError(
+                f"KV budget of {gpu_bytes} bytes is below one page per layer "
+                f"({page_bytes * num_layers} bytes); raise the budget")
+        self.arenas: dict[str, Arena] = {
+            GPU: Arena(GPU, num_layers, gpu_bytes, page_bytes, self.device)}
+        if host_bytes >= page_bytes * num_layers:
+            self.arenas[HOST] = Arena(HOST, num_layers, host_bytes, page_bytes,
+                                      torch.device("cpu"), pin=self.device.type == "cuda")
+        self.seqs: dict[str, SeqKV] = {}
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.geom.block_size
+
+    def block_bytes(self, fmt: KVFormat) -> int:
+        """Exact bytes of one block in all layers."""
+        return self.geom.slot_bytes(fmt) * self.num_layers
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.geom.block_size)
+
+    def estimate_bytes(self, num_tokens: int, fmt: KVFormat = FULL) -> int:
+        """Bytes ``num_tokens`` take in ``fmt`` (the tail block stays full precision)."""
+        n = self.blocks_for(num_tokens)
+        if n == 0:
+            return 0
+        return (n - 1) * self.block_bytes(fmt) + self.block_bytes(FULL)
+
+    def free_bytes(self, tier: str = GPU) -> int:
+        a = self.arenas.get(tier)
+        return a.capacity_bytes - a.used_bytes if a else 0
+
+    def can_grow(self, seq_ids_new_tokens: list[tuple[str, int]]) -> bool:
+        """Whether full-precision slots exist for all these appends together."""
+        need = sum(self._new_blocks_needed(self.seqs[s], n) for s, n in seq_ids_new_tokens)
+        return self.arenas[GPU].alloc.can_allocate(self.geom.slot_bytes(FULL), need)
+
+    # -- sequences ------------------------------------------------------------------------
+    def add_sequence(self, seq_id: str) -> SeqKV:
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id!r} already exists")
+        s = self.seqs[seq_id] = SeqKV(seq_id)
+        return s
+
+    def free_sequence(self, seq_id: str) -> None:
+        s = self.seqs.pop(seq_id, None)
+        if s is None:
+            return
+        for b in s.blocks:
+            self._release(b)
+
+    def _release(self, b: Block) -> None:
+        if b.offset >= 0:
+            tier = HOST if b.tier in (HOST, PARKED) else GPU
+            self.arenas[tier].alloc.free(b.offset, self.geom.slot_bytes(b.fmt))
+            b.offset = -1
+
+    def _new_blocks_needed(self, s: SeqKV, n: int) -> int:
+        return max(0, self.blocks_for(s.num_tokens + n) - len(s.blocks))
+
+    def reserve(self, seq_id: str, n: int) -> None:
+        """Make room for ``n`` more tokens (full-precision slots). All or nothing."""
+        s = self.seqs[seq_id]
+        need = self._new_blocks_needed(s, n)
+        if need == 0:
+            return
+        alloc = self.arenas[GPU].alloc
+        slot = self.geom.slot_bytes(FULL)
+        if not alloc.can_allocate(slot, need):
+            raise OutOfBlocks(f"{seq_id}: no room for {need} more blocks")
+        for _ in range(need):
+            s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot)))
+
+    def write_targets(self, seq_id: str, n: int) -> tuple[list[int], list[int]]:
+        """(slot offset, row in block) for the next ``n`` tokens; advances the length."""
+        s = self.seqs[seq_id]
+        T = self.geom.block_size
+        offs, rows = [], []
+        for p in range(s.num_tokens, s.num_tokens + n):
+            b = s.blocks[p // T]
+            assert b.tier == GPU and b.fmt.is_full, "writes go to the full-precision tail"
+            offs.append(b.offset)
+            rows.append(p % T)
+            b.num_tokens = p % T + 1
+        s.num_tokens += n
+        return offs, rows
+
+    # -- views ----------------------------------------------------------------------------
+    def attended_blocks(self, seq_id: str) -> list[Block]:
+        """Blocks attention reads directly this step (GPU tier)."""
+        return [b for b in self.seqs[seq_id].blocks if b.tier == GPU and b.num_tokens > 0]
+
+    def bytes_by(self, seq_id: str) -> tuple[dict[str, int], dict[str, int]]:
+        by_tier: dict[str, int] = {}
+        by_fmt: dict[str, int] = {}
+        for b in self.seqs[seq_id].blocks:
+            if b.offset < 0:
+                continue
+            nb = self.block_bytes(b.fmt)
+            by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
+            by_fmt[b.fmt.name] = by_fmt.get(b.fmt.name, 0) + nb
+        return by_tier, by_fmt
