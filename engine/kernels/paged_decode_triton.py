@@ -1,0 +1,407 @@
+"""Triton flash-decoding over paged, mixed-format KV blocks (semantics of paged_decode_ref).
+
+Grid ``(B, H, num_splits)``: a program owns one sequence, one kv head and a contiguous
+range of its block table, and serves all ``Hq // H`` query heads of that kv head at
+once (padded to 16 rows so QK^T and PV run as ``tl.dot``). Per block it writes the
+flash-decoding partials ``block_max`` / ``block_sumexp``; per split it writes a running
+(max, sumexp, unnormalized output) that a second kernel reduces (Dao et al., 2023,
+"Flash-Decoding for long-context inference").
+
+Quantized blocks are read as codes plus scale/zero (fewer bytes: the point of
+quantizing) and dequantized in registers; codes become floats with the magic-number
+trick (``0x4B000000 | c`` read as fp32 is ``2^23 + c``) instead of slow int->float
+conversions. Formats are either one per launch (``fmt=``: compile-time, several blocks
+per loop iteration) or read per block from ``block_kbits`` / ``block_vbits`` (runtime
+branches, one block per iteration).
+
+Every arithmetic operation is fp32; tiles are fed to ``tl.dot`` in the store dtype
+(fp16 / bf16, fp32 with IEEE precision for fp32 stores). Slot offsets must be multiples
+of 16 bytes (engine/layout.py guarantees it).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.layout import BlockGeometry, KVFormat
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _code_f32(c):
+    # int code (< 2^23) -> fp32 without an int->float conversion: bits 0x4B000000 | c
+    # read as fp32 are 2^23 + c exactly
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _split_codes(raw, BITS: tl.constexpr):
+    """raw [..., C] uint8 -> int32 [..., C, 8 // BITS] codes (low bits first); BITS 8: [..., C]."""
+    x = raw.to(tl.int32)
+    if BITS == 8:
+        out = x
+    elif BITS == 4:
+        out = tl.join(x & 15, x >> 4)
+    else:
+        out = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))
+    return out
+
+
+@triton.jit
+def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
+            BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
+            H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
+            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked)."""
+    t3 = tl.arange(0, T)[None, :, None]                            # [1, T, 1]
+    off3 = off[:, None, None]                                      # [NBI, 1, 1] slot bytes
+    valid3 = t3 < ntok[:, None, None]                              # [NBI, T, 1]
+    if BITS == 0:
+        d3 = tl.arange(0, D)[None, None, :]
+        e0 = tl.multiple_of(off // ESIZE, 16 // ESIZE)                   # [NBI] elements
+        e = e0[:, None, None] + kvh * T * D + t3 * D + d3
+        k = tl.load(arena_st + e, mask=valid3, other=0.0)            # [NBI, T, D]
+        if UPCAST:
+            k = k.to(tl.float32).to(DT)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        DB: tl.constexpr = D // PER                                  # code bytes per row
+        CODE_BYTES: tl.constexpr = (H * T * DB + 15) // 16 * 16
+        META_BYTES: tl.constexpr = (H * D * MSIZE + 15) // 16 * 16
+        j3 = tl.arange(0, DB)[None, None, :]
+        raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=valid3, other=0)
+        c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
+        d3 = tl.arange(0, D)[None, None, :]
+        has = ntok[:, None, None] > 0
+        m0 = tl.multiple_of((off + CODE_BYTES) // MSIZE, 16 // MSIZE)    # [NBI] elements
+        m_el = m0[:, None, None] + kvh * D + d3
+        sc = tl.load(arena_md + m_el, mask=has, other=0.0).to(tl.float32)         # [NBI,1,D]
+        zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0).to(tl.float32)
+        k = (_code_f32(c) * sc + zr).to(DT)
+    k2 = tl.reshape(k, (NBI * T, D))
+    return _dot(qd, tl.trans(k2), IEEE)
+
+
+@triton.jit
+def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
+            BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
+            G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
+            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes."""
+    if BITS == 0:
+        t3 = tl.arange(0, T)[None, :, None]
+        d3 = tl.arange(0, D)[None, None, :]
+        valid3 = t3 < ntok[:, None, None]
+        e0 = tl.multiple_of(voff // ESIZE, 16 // ESIZE)                  # [NBI] elements
+        e = e0[:, None, None] + kvh * T * D + t3 * D + d3
+        v = tl.load(arena_st + e, mask=valid3, other=0.0)            # [NBI, T, D]
+        if UPCAST:
+            v = v.to(tl.float32).to(DT)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = D // G
+        GB: tl.constexpr = G // PER                                  # code bytes per group
+        CODE_BYTES: tl.constexpr = (H * T * (D // PER) + 15) // 16 * 16
+        META_BYTES: tl.constexpr = (H * T * NG * MSIZE + 15) // 16 * 16
+        off4 = voff[:, None, None, None]                             # [NBI, 1, 1, 1]
+        t4 = tl.arange(0, T)[None, :, None, None]
+        g4 = tl.arange(0, NG)[None, None, :, None]
+        j4 = tl.arange(0, GB)[None, None, None, :]
+        valid4 = t4 < ntok[:, None, None, None]                      # [NBI, T, 1, 1]
+        raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER) + g4 * GB + j4,
+                      mask=valid4, other=0)                          # [NBI, T, NG, GB]
+        c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
+        m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
+        m_el = m0[:, None, None, None] + kvh * T * NG + t4 * NG + g4
+        sc = tl.load(arena_md + m_el, mask=valid4, other=0.0).to(tl.float32)       # [NBI,T,NG,1]
+        zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=valid4, other=0.0).to(tl.float32)
+        v = (_code_f32(c) * sc + zr).to(DT)
+    v2 = tl.reshape(v, (NBI * T, D))
+    return _dot(p.to(DT), v2, IEEE)
+
+
+@triton.jit
+def _k_section_end(kb, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+                   ESIZE: tl.constexpr, MSIZE: tl.constexpr):
+    """Byte offset of the V section in a slot whose keys have kb bits (runtime kb)."""
+    META: tl.constexpr = 2 * ((H * D * MSIZE + 15) // 16 * 16)
+    E0: tl.constexpr = (H * T * D * ESIZE + 15) // 16 * 16
+    E8: tl.constexpr = (H * T * D + 15) // 16 * 16 + META
+    E4: tl.constexpr = (H * T * D // 2 + 15) // 16 * 16 + META
+    E2: tl.constexpr = (H * T * D // 4 + 15) // 16 * 16 + META
+    return tl.where(kb == 0, E0, tl.where(kb == 8, E8, tl.where(kb == 4, E4, E2)))
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,         # [B, Hq, D] query (any float dtype)
+    arena_u8,      # [bytes] uint8: one layer's arena row
+    arena_st,      # [bytes / ESIZE] store dtype view of the same storage
+    arena_md,      # [bytes / MSIZE] meta dtype view of the same storage
+    off_ptr,       # [B, NB] int64 slot byte offsets
+    kbits_ptr,     # [B, NB] int32 key bits (read only when KB < 0)
+    vbits_ptr,     # [B, NB] int32 value bits (read only when VB < 0)
+    ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
+    bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
+    bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
+    pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
+    pl_ptr,        # [B, Hq, S] fp32 out: split sum of exp2
+    pacc_ptr,      # [B, Hq, S, D] fp32 out: split unnormalized output
+    NB, blocks_per_split, qk_scale,
+    HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    S = tl.num_programs(2)
+    rows = tl.arange(0, GP)
+    hmask = rows < GQ
+    head = kvh * GQ + rows
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
+                other=0.0).to(tl.float32)
+    qd = q.to(DT)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    start = sp * blocks_per_split
+    end = tl.minimum(start + blocks_per_split, NB)
+    tcol = tl.arange(0, T)
+    for blk0 in range(start, end, NBI):
+        bi = blk0 + tl.arange(0, NBI)
+        bmask = bi < end
+        ntok = tl.load(ntok_ptr + b * NB + bi, mask=bmask, other=0)           # [NBI]
+        off = tl.multiple_of(tl.load(off_ptr + b * NB + bi, mask=bmask, other=0), 16)
+        # ---- logits [GP, NBI * T]
+        if KB >= 0:
+            s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
+                        ESIZE, MSIZE, DT, UPCAST, IEEE)
+            voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
+        else:
+            kb = tl.load(kbits_ptr + b * NB + blk0)
+            if kb == 0:
+                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 0, NBI, T, D,
+                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            elif kb == 8:
+                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 8, NBI, T, D,
+                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            elif kb == 4:
+                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 4, NBI, T, D,
+                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            else:
+                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 2, NBI, T, D,
+                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            voff = off + _k_section_end(kb, T, D, H, ESIZE, MSIZE)
+        voff = tl.multiple_of(voff, 16)
+        # ---- per-block softmax partials (log2 units)
+        s3 = tl.reshape(s * qk_scale, (GP, NBI, T))
+        tok_ok = tcol[None, None, :] < tl.reshape(ntok, (1, NBI, 1))
+        s3 = tl.where(tok_ok, s3, float("-inf"))
+        mb = tl.max(s3, axis=2)                                              # [GP, NBI]
+        mb_safe = tl.where(mb == float("-inf"), 0.0, mb)
+        p3 = tl.exp2(s3 - mb_safe[:, :, None])
+        lb = tl.sum(p3, axis=2)                                          # [GP, NBI]
+        st_ptr = (b * HQ + head)[:, None] * NB + bi[None, :]
+        st_mask = hmask[:, None] & bmask[None, :]
+        tl.store(bmax_ptr + st_ptr, mb * LN2, mask=st_mask)
+        tl.store(bsum_ptr + st_ptr, lb, mask=st_mask)
+        # ---- merge into the running state
+        m_new = tl.maximum(m_i, tl.max(mb, axis=1))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new_safe)
+        w = tl.exp2(mb - m_new_safe[:, None])                                # [GP, NBI]
+        p = tl.reshape(p3 * w[:, :, None], (GP, NBI * T))
+        l_i = l_i * alpha + tl.sum(lb * w, axis=1)
+        if VB >= 0:
+            pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
+                         ESIZE, MSIZE, DT, UPCAST, IEEE)
+        else:
+            vb = tl.load(vbits_ptr + b * NB + blk0)
+            if vb == 0:
+                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 0, NBI, T, D,
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            elif vb == 8:
+                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 8, NBI, T, D,
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            elif vb == 4:
+                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 4, NBI, T, D,
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+            else:
+                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 2, NBI, T, D,
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    part = (b * HQ + head) * S + sp
+    tl.store(pm_ptr + part, m_i, mask=hmask)
+    tl.store(pl_ptr + part, l_i, mask=hmask)
+    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
+
+
+@triton.jit
+def _reduce_kernel(
+    pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
+    pl_ptr,        # [B * Hq, S] fp32 split sumexp
+    pacc_ptr,      # [B * Hq, S, D] fp32 split unnormalized output
+    out_ptr,       # [B * Hq, D] output dtype
+    S, SP: tl.constexpr, D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    smask = s < S
+    m = tl.load(pm_ptr + r * S + s, mask=smask, other=float("-inf"))
+    l = tl.load(pl_ptr + r * S + s, mask=smask, other=0.0)
+    acc = tl.load(pacc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    gm = tl.max(m, axis=0)
+    gm = tl.where(gm == float("-inf"), 0.0, gm)
+    w = tl.where(l > 0, tl.exp2(m - gm), 0.0)
+    den = tl.maximum(tl.sum(w * l, axis=0), 1e-30)
+    out = tl.sum(acc * w[:, None], axis=0) / den
+    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs, each is ~1 ms of Python
+
+
+def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
+                   num_splits: int | None, blocks_per_iter: int | None,
+                   num_warps: int | None) -> tuple[int, int, int, int]:
+    """(num_splits, blocks_per_split, blocks_per_iter, num_warps).
+
+    Heuristics instead of autotuning (decode shapes change every step): enough programs
+    for a few waves over the SMs, each with a run of blocks long enough to hide the
+    per-program setup and the split reduction; several blocks per loop iteration when
+    the format is fixed, so more bytes are in flight per program.
+    """
+    nbi = blocks_per_iter or (2 if uniform else 1)
+    if not uniform:
+        nbi = 1  # runtime format dispatch is per block
+    if num_splits is None:
+        target = 4 * _num_sms(device)
+        num_splits = max(1, min(-(-target // (B * H)), -(-NB // (4 * nbi))))
+    num_splits = max(1, min(num_splits, NB))
+    bps = -(-NB // num_splits)
+    bps = -(-bps // nbi) * nbi          # whole iterations per split
+    num_splits = -(-NB // bps)
+    return num_splits, bps, nbi, num_warps or 4
+
+
+def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
+                        block_kbits: torch.Tensor, block_vbits: torch.Tensor,
+                        block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float, *,
+                        fmt: KVFormat | None = None, num_splits: int | None = None,
+                        blocks_per_iter: int | None = None, num_warps: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
+
+    q [B, Hq, D]; arena_row [bytes] uint8; block_offsets [B, NB] int64;
+    block_kbits / block_vbits / block_ntok [B, NB] int32.
+    returns out [B, Hq, D] (q.dtype), block_max / block_sumexp [B, Hq, NB] fp32.
+
+    ``fmt``: promise that every non-hole block has this format (compiles it in, reads no
+    bits tensors, several blocks per iteration); None reads each block's format.
+    ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` override the launch heuristics.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
+    if D != geom.head_dim:
+        raise ValueError(f"q head_dim {D} != geometry head_dim {geom.head_dim}")
+    if Hq % H:
+        raise ValueError(f"query heads {Hq} not a multiple of kv heads {H}")
+    if not (_pow2(T) and T >= 16 and _pow2(D) and D >= 16 and _pow2(G)):
+        raise ValueError(f"Triton paged decode needs power-of-two block_size >= 16, head_dim "
+                         f">= 16 and value_group; got T={T}, D={D}, G={G}")
+    if q.dtype not in _TL_DTYPE or geom.store_dtype not in _TL_DTYPE:
+        raise ValueError(f"unsupported dtypes q={q.dtype}, store={geom.store_dtype}")
+    if arena_row.dim() != 1 or arena_row.dtype != torch.uint8 or not arena_row.is_contiguous():
+        raise ValueError("arena_row must be a contiguous 1-D uint8 tensor (one layer's row)")
+    if arena_row.storage_offset() % 16:
+        raise ValueError("arena_row must start on a 16-byte boundary")
+    if block_offsets.dtype != torch.int64:
+        raise ValueError(f"block_offsets must be int64, got {block_offsets.dtype}")
+    for name, t in (("block_kbits", block_kbits), ("block_vbits", block_vbits),
+                    ("block_ntok", block_ntok)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    for name, t in (("block_offsets", block_offsets), ("block_kbits", block_kbits),
+                    ("block_vbits", block_vbits), ("block_ntok", block_ntok)):
+        if t.dim() != 2 or t.shape[0] != B:
+            raise ValueError(f"{name} must be [B={B}, NB], got {tuple(t.shape)}")
+        if t.shape != block_offsets.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != {tuple(block_offsets.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} on {t.device}, q on {q.device}")
+    if arena_row.device != q.device:
+        raise ValueError(f"arena_row on {arena_row.device}, q on {q.device}")
+    NB = block_offsets.shape[1]
+    dev = q.device
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    bmax = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
+    bsum = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
+    if NB == 0 or B == 0:
+        out.zero_()
+        return out, bmax, bsum
+    q = q.contiguous()
+    offs, kbits = block_offsets.contiguous(), block_kbits.contiguous()
+    vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
+
+    esize, msize = geom.store_elem, geom.meta_elem
+    n = arena_row.numel() // 4 * 4
+    arena_st = arena_row[:n].view(geom.store_dtype)
+    arena_md = arena_row[:n].view(geom.meta_dtype)
+    S, bps, nbi, warps = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
+                                        blocks_per_iter, num_warps)
+    g = Hq // H
+    pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
+    dt = _TL_DTYPE[geom.store_dtype]
+    _paged_decode_kernel[(B, H, S)](
+        q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc,
+        NB, bps, float(sm_scale) * LOG2E,
+        HQ=Hq, H=H, GQ=g, GP=max(16, triton.next_power_of_2(g)), T=T, D=D, G=G,
+        ESIZE=esize, MSIZE=msize,
+        KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
+        NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16,
+        IEEE=geom.store_dtype == torch.float32, num_warps=warps)
+    # one program per (sequence, query head); the split axis fits in registers
+    _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
+                              num_warps=4)
+    return out, bmax, bsum
+
+
+def slot_bytes_read(geom: BlockGeometry, fmt: KVFormat) -> int:
+    """Bytes the kernel reads for one full block (all kv heads), alignment padding excluded."""
+    H, T, D, G = geom.num_kv_heads, geom.block_size, geom.head_dim, geom.value_group
+    k = H * T * D * geom.store_elem if fmt.k_bits == 0 else \
+        H * T * D * fmt.k_bits // 8 + 2 * H * D * geom.meta_elem
+    v = H * T * D * geom.store_elem if fmt.v_bits == 0 else \
+        H * T * D * fmt.v_bits // 8 + 2 * H * T * (D // G) * geom.meta_elem
+    return k + v
+
+
