@@ -1,0 +1,150 @@
+"""Between kvctl_proto messages and the engine's / controller's plain dataclasses."""
+from __future__ import annotations
+
+import socket
+
+from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
+DEFAULT_MAX_TOKENS = 128
+MAX_STOP_STRINGS = 16
+
+
+def request_from_proto(r: pb.GenerateRequest) -> Request:
+    """Raises ValueError with a message naming the bad field."""
+    s = r.sampling
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"sampling.stop has {len(s.stop)} strings, at most {MAX_STOP_STRINGS}")
+    sampling = SamplingParams(
+        temperature=s.temperature, top_k=s.top_k,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
+        stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+    which = r.WhichOneof("input")
+    if which is None:
+        raise ValueError("give one of prompt, messages or prompt_ids")
+    kw: dict = {}
+    if which == "prompt":
+        if not r.prompt:
+            raise ValueError("prompt is empty")
+        kw["prompt"] = r.prompt
+    elif which == "messages":
+        if not r.messages.messages:
+            raise ValueError("messages is empty")
+        msgs = [{"role": m.role, "content": m.content} for m in r.messages.messages]
+        for i, m in enumerate(msgs):
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"messages[{i}].role must be system, user, assistant or tool, "
+                                 f"got {m['role']!r}")
+        kw["messages"] = msgs
+    else:
+        if not r.prompt_ids.ids:
+            raise ValueError("prompt_ids is empty")
+        kw["prompt_ids"] = list(r.prompt_ids.ids)
+    if r.strategy:
+        from controller.policy import check_strategy_name
+        check_strategy_name(r.strategy)
+    return Request(sampling=sampling, priority=r.priority, seq_id=r.seq_id or None,
+                   strategy=r.strategy or None, **kw)
+
+
+def token_to_proto(ev: TokenEvent) -> pb.GenerateResponse:
+    return pb.GenerateResponse(token=pb.TokenDelta(
+        seq_id=ev.seq_id, token_id=ev.token_id, text=ev.text, index=ev.index))
+
+
+def finish_to_proto(ev: FinishEvent, seconds: float) -> pb.GenerateResponse:
+    return pb.GenerateResponse(finished=pb.Finished(
+        seq_id=ev.seq_id, reason=FINISH_REASONS.get(ev.reason, pb.FINISH_REASON_UNSPECIFIED),
+        text=ev.text, token_ids=ev.token_ids,
+        usage=pb.Usage(prompt_tokens=ev.num_prompt_tokens, completion_tokens=ev.num_generated,
+                       total_tokens=ev.num_prompt_tokens + ev.num_generated),
+        kv_bytes_by_tier=ev.kv_bytes_by_tier, kv_bytes_by_format=ev.kv_bytes_by_format,
+        strategy_changes=ev.moves, error=ev.error, seconds=seconds))
+
+
+def strategy_of(view) -> str:
+    """What a sequence's KV looks like now: formats present, then where it lives."""
+    fmts = [f for f, b in sorted(view.bytes_by_format.items()) if b > 0]
+    if "full" in fmts:                       # full first: it is the usual majority
+        fmts.remove("full")
+        fmts.insert(0, "full")
+    parts = fmts or ["empty"]
+    if view.bytes_by_tier.get("host", 0) > 0:
+        parts.append("offload")
+    if any(b.tier in ("evicted", "parked") for b in view.blocks):
+        parts.append("evict")
+    if getattr(view, "decode_mode", "exact") == "topk":
+        parts.append(f"topk{view.top_k}")
+    return "+".join(parts)
+
+
+def sequence_to_proto(v, pinned: str | None, with_blocks: bool = False) -> pb.Sequence:
+    out = pb.Sequence(
+        seq_id=v.seq_id, state=v.state, num_prompt_tokens=v.num_prompt_tokens,
+        num_tokens=v.num_tokens, num_generated=v.num_generated, priority=v.priority,
+        decode_mode=v.decode_mode, top_k=v.top_k,
+        bytes_by_tier={k: max(0, int(b)) for k, b in v.bytes_by_tier.items()},
+        bytes_by_format={k: max(0, int(b)) for k, b in v.bytes_by_format.items()},
+        entropy=v.entropy, sink_mass=v.sink_mass, recent_mass=v.recent_mass,
+        pinned_strategy=pinned or v.pinned or "", strategy=strategy_of(v),
+        num_blocks=len(v.blocks))
+    if with_blocks:
+        out.blocks.extend(pb.Block(index=b.index, num_tokens=b.num_tokens, format=b.fmt,
+                                   tier=b.tier, nbytes=b.nbytes, mass=b.mass) for b in v.blocks)
+    return out
+
+
+def policy_to_proto(p) -> pb.Policy:
+    return pb.Policy(profile=p.profile, budget_bytes=p.budget_bytes,
+                     high_watermark=p.high_watermark, low_watermark=p.low_watermark,
+                     pins=[pb.PinEntry(seq_id=s, strategy=st) for s, st in sorted(p.pins.items())])
+
+
+def decision_to_proto(d) -> pb.Decision:
+    return pb.Decision(id=d.id, time=d.time, kind=d.kind, seq_id=d.seq_id, action=d.action,
+                       reason=d.reason, predicted_cost=d.predicted_cost,
+                       freed_bytes=d.freed_bytes, profile=d.profile)
+
+
+def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: float,
+                    draining: bool, version: str, model: str) -> pb.NodeStatus:
+    g, h, snap = sample.gpu, sample.host, sample.snapshot
+    st = pb.NodeStatus(
+        hostname=socket.gethostname(), version=version, model=model, mode=mode,
+        uptime_s=uptime_s, draining=draining, sampled_at=sample.time,
+        gpu=pb.GpuInfo(available=g.available, reason=g.reason, name=g.name,
+                       memory_used_bytes=g.memory_used_bytes, memory_total_bytes=g.memory_total_bytes,
+                       utilization_pct=g.utilization_pct, pcie_tx_bytes_per_s=g.pcie_tx_bytes_per_s,
+                       pcie_rx_bytes_per_s=g.pcie_rx_bytes_per_s,
+                       pcie_generation=g.pcie_generation, pcie_width=g.pcie_width),
+        host=pb.HostInfo(memory_total_bytes=h.memory_total_bytes,
+                         memory_available_bytes=h.memory_available_bytes,
+                         process_rss_bytes=h.process_rss_bytes, num_cpus=h.num_cpus),
+        policy=policy_to_proto(policy))
+    st.policy.budget_bytes = effective_budget
+    if snap is None:
+        return st
+    st.device = snap.device
+    st.step = snap.step
+    st.block_size = snap.block_size
+    st.pressure_bytes = max(0, int(snap.pressure_bytes))
+    st.tokens_per_s = snap.tokens_per_s
+    for t in snap.tiers.values():
+        st.tiers.add(name=t.name, device=t.device, capacity_bytes=t.capacity_bytes,
+                     used_bytes=t.used_bytes, block_bytes=t.block_bytes, free_bytes=t.free_bytes)
+    live = [v for v in snap.sequences if v.state != "finished"]
+    st.counts.CopyFrom(pb.SequenceCounts(waiting=snap.num_waiting, running=snap.num_running,
+                                         stalled=snap.num_stalled, total=len(live)))
+    st.sequences.extend(sequence_to_proto(v, policy.pins.get(v.seq_id)) for v in live)
+    gpu = snap.tiers.get("gpu")
+    if gpu is not None and effective_budget:
+        st.budget_used_fraction = gpu.used_bytes / effective_budget
+    return st

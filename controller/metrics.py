@@ -1,0 +1,97 @@
+"""Prometheus metrics (own registry; served on a separate port, 127.0.0.1 by default)."""
+from __future__ import annotations
+
+import collections
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self, decisions=None) -> None:
+        r = self.registry = CollectorRegistry()
+        self.kv_bytes = Gauge("kvctl_kv_bytes", "KV bytes held, by tier and format",
+                              ["tier", "format"], registry=r)
+        self.tier_capacity = Gauge("kvctl_tier_capacity_bytes", "KV arena size by tier",
+                                   ["tier"], registry=r)
+        self.tier_used = Gauge("kvctl_tier_used_bytes", "KV arena bytes in use by tier",
+                               ["tier"], registry=r)
+        self.sequences = Gauge("kvctl_sequences", "Live sequences by state and strategy",
+                               ["state", "strategy"], registry=r)
+        self.decisions = Counter("kvctl_decisions", "Controller decisions by kind", ["kind"],
+                                 registry=r)
+        self.tokens = Counter("kvctl_generated_tokens", "Tokens streamed to clients", registry=r)
+        self.finished = Counter("kvctl_finished_sequences", "Finished sequences by reason",
+                                ["reason"], registry=r)
+        self.tokens_per_s = Gauge("kvctl_engine_tokens_per_second",
+                                  "Engine decode throughput (engine's own estimate)", registry=r)
+        self.time_per_token = Histogram(
+            "kvctl_time_per_token_seconds", "Time between streamed tokens of one sequence",
+            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.gpu_memory = Gauge("kvctl_gpu_memory_bytes", "GPU memory (NVML)", ["kind"], registry=r)
+        self.pcie = Gauge("kvctl_pcie_bytes_per_second", "PCIe throughput (NVML)", ["direction"],
+                          registry=r)
+        self.host_memory = Gauge("kvctl_host_memory_bytes", "Host memory (psutil)", ["kind"],
+                                 registry=r)
+        self.predictor_fallbacks = Counter(
+            "kvctl_predictor_fallbacks", "Times the learned predictor fell back to the heuristic",
+            registry=r)
+        self.cpu_mode = Gauge("kvctl_cpu_mode", "1 when no GPU/NVML is usable", registry=r)
+        self._decision_log = decisions
+        self._seen_decisions: collections.Counter[str] = collections.Counter()
+        self._server = None
+
+    def on_token(self, interval_s: float) -> None:
+        self.tokens.inc()
+        self.time_per_token.observe(interval_s)
+
+    def on_finish(self, reason: str) -> None:
+        self.finished.labels(reason).inc()
+
+    def update(self, sample) -> None:
+        """Refresh gauges from one telemetry sample (runs on the telemetry thread)."""
+        from controller.convert import strategy_of
+
+        g, h, snap = sample.gpu, sample.host, sample.snapshot
+        self.cpu_mode.set(0 if g.available else 1)
+        self.gpu_memory.labels("used").set(g.memory_used_bytes)
+        self.gpu_memory.labels("total").set(g.memory_total_bytes)
+        self.pcie.labels("tx").set(g.pcie_tx_bytes_per_s)
+        self.pcie.labels("rx").set(g.pcie_rx_bytes_per_s)
+        self.host_memory.labels("total").set(h.memory_total_bytes)
+        self.host_memory.labels("available").set(h.memory_available_bytes)
+        self.host_memory.labels("process_rss").set(h.process_rss_bytes)
+        if self._decision_log is not None:
+            for kind, n in list(self._decision_log.counts.items()):
+                if n > self._seen_decisions[kind]:
+                    self.decisions.labels(kind).inc(n - self._seen_decisions[kind])
+                    self._seen_decisions[kind] = n
+        if snap is None:
+            return
+        self.tokens_per_s.set(snap.tokens_per_s)
+        for t in snap.tiers.values():
+            self.tier_capacity.labels(t.name).set(t.capacity_bytes)
+            self.tier_used.labels(t.name).set(t.used_bytes)
+        by = collections.Counter()
+        counts = collections.Counter()
+        for v in snap.sequences:
+            if v.state == "finished":
+                continue
+            counts[(v.state, strategy_of(v))] += 1
+            for b in v.blocks:
+                by[(b.tier, b.fmt)] += b.nbytes
+        self.kv_bytes.clear()
+        for (tier, fmt), n in by.items():
+            self.kv_bytes.labels(tier, fmt).set(n)
+        self.sequences.clear()
+        for (state, strat), n in counts.items():
+            self.sequences.labels(state, strat).set(n)
+
+    def serve(self, address: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port."""
+        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,117 @@
+"""Rich rendering for the CLI: one listing helper (table or JSON) and the status screen."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+
+
+def to_dict(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
+
+
+def human_bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def bar(frac: float, width: int = 24) -> Text:
+    frac = max(0.0, min(1.0, frac))
+    full = round(frac * width)
+    style = "green" if frac < 0.75 else "yellow" if frac < 0.9 else "red"
+    return Text("█" * full, style=style) + Text("░" * (width - full), style="dim")
+
+
+def emit(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], as_json: bool,
+         title: str | None = None, raw: Any = None) -> None:
+    """Print a listing: a rich table of ``columns`` ((key, header) pairs), or with
+    ``as_json`` the full records (``raw`` if given, else ``rows``) as JSON."""
+    if as_json:
+        sys.stdout.write(json.dumps(raw if raw is not None else list(rows), indent=2) + "\n")
+        return
+    t = Table(title=title, header_style="bold")
+    for _, header in columns:
+        t.add_column(header)
+    for r in rows:
+        t.add_row(*(str(r.get(k, "")) for k, _ in columns))
+    if not rows:
+        t.caption = "(none)"
+    console.print(t)
+
+
+SEQ_COLUMNS = (("seq_id", "SEQUENCE"), ("state", "STATE"), ("tokens", "TOKENS"),
+               ("kv", "KV"), ("strategy", "STRATEGY"), ("pinned", "PINNED"),
+               ("priority", "PRIO"))
+
+
+def sequence_rows(seqs: Iterable) -> list[dict]:
+    return [{"seq_id": s.seq_id, "state": s.state,
+             "tokens": f"{s.num_prompt_tokens}+{s.num_generated}",
+             "kv": human_bytes(sum(s.bytes_by_tier.values())), "strategy": s.strategy,
+             "pinned": s.pinned_strategy or "-", "priority": s.priority} for s in seqs]
+
+
+def status_screen(st) -> Group:
+    """Everything `kvctl status` shows, readable at a glance."""
+    node = Table.grid(padding=(0, 2))
+    node.add_row("node", f"[bold]{st.hostname}[/]  kvctl {st.version}  up {st.uptime_s:.0f}s"
+                 + ("  [red bold]DRAINING[/]" if st.draining else ""))
+    node.add_row("model", f"{st.model or '?'} on {st.device or '?'} "
+                 f"(block {st.block_size} tokens, step {st.step}, {st.tokens_per_s:.1f} tok/s)")
+    g = st.gpu
+    if g.available:
+        frac = g.memory_used_bytes / g.memory_total_bytes if g.memory_total_bytes else 0
+        node.add_row("gpu", Text.assemble(f"{g.name}  ", bar(frac),
+                                          f" {human_bytes(g.memory_used_bytes)} / "
+                                          f"{human_bytes(g.memory_total_bytes)}  util {g.utilization_pct}%"))
+        node.add_row("pcie", f"gen{g.pcie_generation} x{g.pcie_width}  "
+                     f"tx {human_bytes(g.pcie_tx_bytes_per_s)}/s  rx {human_bytes(g.pcie_rx_bytes_per_s)}/s")
+    else:
+        node.add_row("gpu", f"[yellow]cpu mode[/] — {g.reason}")
+        node.add_row("pcie", "[dim]n/a (no GPU)[/]")
+    h = st.host
+    hfrac = 1 - h.memory_available_bytes / h.memory_total_bytes if h.memory_total_bytes else 0
+    node.add_row("host", Text.assemble(bar(hfrac), f" {human_bytes(h.memory_total_bytes - h.memory_available_bytes)}"
+                                       f" / {human_bytes(h.memory_total_bytes)}  "
+                                       f"kvctl RSS {human_bytes(h.process_rss_bytes)}  {h.num_cpus} CPUs"))
+
+    tiers = Table(title="KV memory by tier", header_style="bold", title_justify="left")
+    for c in ("TIER", "DEVICE", "USED", "", "CAPACITY", "LIVE BLOCKS"):
+        tiers.add_column(c)
+    for t in st.tiers:
+        frac = t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
+        tiers.add_row(t.name, t.device, human_bytes(t.used_bytes), bar(frac),
+                      human_bytes(t.capacity_bytes), human_bytes(t.block_bytes))
+
+    p = st.policy
+    pol = Table.grid(padding=(0, 2))
+    pol.add_row("profile", f"[bold]{p.profile}[/]")
+    pol.add_row("budget", Text.assemble(bar(st.budget_used_fraction),
+                                        f" {st.budget_used_fraction:.0%} of {human_bytes(p.budget_bytes)}"
+                                        f"  (high {p.high_watermark:.0%}, low {p.low_watermark:.0%})"))
+    pol.add_row("sequences", f"{st.counts.running} running, {st.counts.waiting} waiting, "
+                 f"{st.counts.stalled} stalled; pressure {human_bytes(st.pressure_bytes)}")
+    pol.add_row("pins", ", ".join(f"{x.seq_id}→{x.strategy}" for x in p.pins) or "-")
+
+    seqs = Table(title="Sequences", header_style="bold", title_justify="left")
+    for _, header in SEQ_COLUMNS:
+        seqs.add_column(header)
+    for r in sequence_rows(st.sequences):
+        seqs.add_row(*(str(r[k]) for k, _ in SEQ_COLUMNS))
+    if not st.sequences:
+        seqs.caption = "(no live sequences)"
+    return Group(Panel(node, title="kvctl", title_align="left"), tiers,
+                 Panel(pol, title="policy", title_align="left"), seqs)

@@ -1,0 +1,307 @@
+"""The kvctl.v1.Kvctl servicer. Handlers raise the project's exceptions; the interceptor
+in controller/errors.py turns them into status codes."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from controller import convert
+from controller.errors import CapacityExceeded, Draining, UnknownSequence
+from controller.policy import Controller, DecisionLog, Decision, PolicyState
+from engine.api import FinishEvent, TokenEvent
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
+
+log = logging.getLogger("kvctl.server")
+VERSION = "0.1.0"
+_POLL_S = 0.25        # how often a waiting stream checks that its client is still there
+
+
+@dataclass
+class InFlight:
+    seq_id: str
+    events: queue.Queue
+    started: float = field(default_factory=time.monotonic)
+    shutdown_cancelled: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class KvctlService(kvctl_pb2_grpc.KvctlServicer):
+    def __init__(self, engine, telemetry, policy: PolicyState, decisions: DecisionLog,
+                 metrics=None, log_prompts: bool = False) -> None:
+        self.engine = engine
+        self.telemetry = telemetry
+        self.policy = policy
+        self.decisions = decisions
+        self.controller = Controller(policy, decisions)
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+        self.started_at = time.monotonic()
+        self._draining = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, InFlight] = {}
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @property
+    def num_inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def inflight_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._inflight)
+
+    def begin_drain(self) -> None:
+        self._draining.set()
+
+    def drain(self, grace_s: float) -> int:
+        """Stop admitting, wait up to ``grace_s`` for in-flight generations, then cancel
+        the rest (their streams end UNAVAILABLE). Returns how many were cancelled."""
+        self.begin_drain()
+        deadline = time.monotonic() + grace_s
+        while self.num_inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            rest = list(self._inflight.values())
+        for f in rest:
+            f.shutdown_cancelled = True
+            self.engine.cancel(f.seq_id)
+        for f in rest:
+            f.finished.wait(timeout=5)
+        return len(rest)
+
+    def _admit(self) -> None:
+        if self._draining.is_set():
+            raise Draining("kvctl is shutting down and admits no new requests; "
+                           "retry on another node or after the restart")
+
+    # ------------------------------------------------------------ helpers
+    def _budget(self, snap, view=None) -> int:
+        return Controller.budget_of(snap, view or self.policy.view()) if snap is not None else 0
+
+    def _snapshot(self):
+        return self.engine.handle.snapshot()
+
+    def _find(self, seq_id: str):
+        if not seq_id:
+            raise ValueError("seq_id is required")
+        for v in self._snapshot().sequences:
+            if v.seq_id == seq_id and v.state != "finished":
+                return v
+        raise UnknownSequence(seq_id)
+
+    def _count_prompt_tokens(self, req) -> int | None:
+        tokenize = getattr(self.engine, "tokenize", None)
+        if tokenize is not None:
+            return len(tokenize(req))     # ValueError (e.g. no tokenizer) -> INVALID_ARGUMENT
+        return len(req.prompt_ids) if req.prompt_ids is not None else None
+
+    def _check_capacity(self, num_prompt: int, max_tokens: int) -> None:
+        """RESOURCE_EXHAUSTED for requests this node can never hold, whatever moves."""
+        snap = self.telemetry.latest().snapshot
+        if snap is None or "gpu" not in snap.tiers:
+            return
+        est = self.engine.handle.estimate_bytes
+        gpu_cap = snap.tiers["gpu"].capacity_bytes
+        need_prompt = est(num_prompt + 1, "full")
+        if need_prompt > gpu_cap:
+            raise CapacityExceeded(
+                f"the prompt's {num_prompt} tokens need {need_prompt} B of KV at full precision "
+                f"to prefill; this node's GPU tier holds {gpu_cap} B. Shorten the prompt or "
+                "use a node with more memory")
+        host = snap.tiers.get("host")
+        room = gpu_cap + (host.capacity_bytes if host else 0)
+        need = est(num_prompt + max_tokens, "full")
+        if need > room:
+            raise CapacityExceeded(
+                f"{num_prompt} prompt + {max_tokens} new tokens need {need} B of KV at full "
+                f"precision; this node holds at most {room} B (GPU + host tiers). Lower "
+                "max_tokens or use a node with more memory")
+
+    # ------------------------------------------------------------ generation
+    def Generate(self, request, context):
+        self._admit()
+        req = convert.request_from_proto(request)
+        num_prompt = self._count_prompt_tokens(req)
+        if num_prompt is not None:
+            self._check_capacity(num_prompt, req.sampling.max_tokens)
+        events: queue.Queue = queue.Queue()
+        seq_id = self.engine.submit(req, events.put)
+        flight = InFlight(seq_id, events)
+        with self._lock:
+            self._inflight[seq_id] = flight
+        log.info("generate", extra={"kv": {
+            "seq_id": seq_id, "prompt_tokens": num_prompt, "max_tokens": req.sampling.max_tokens,
+            "priority": req.priority, "strategy": req.strategy,
+            **({"prompt": req.prompt or req.messages} if self.log_prompts else {})}})
+        if req.strategy:
+            self.policy.pin(seq_id, req.strategy)
+        context.add_callback(lambda: self._client_gone(flight))
+        try:
+            yield pb.GenerateResponse(started=pb.Started(seq_id=seq_id,
+                                                         num_prompt_tokens=num_prompt or 0))
+            last = time.monotonic()
+            while True:
+                try:
+                    ev = events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not context.is_active():
+                        self.engine.cancel(seq_id)
+                        return
+                    continue
+                if isinstance(ev, TokenEvent):
+                    now = time.monotonic()
+                    if self.metrics is not None:
+                        self.metrics.on_token(now - last)
+                    last = now
+                    yield convert.token_to_proto(ev)
+                elif isinstance(ev, FinishEvent):
+                    if flight.shutdown_cancelled:
+                        raise Draining(f"kvctl shut down: sequence {seq_id} was cancelled after "
+                                       f"{ev.num_generated} tokens when the drain grace period "
+                                       "ran out; retry on another node")
+                    secs = time.monotonic() - flight.started
+                    if self.metrics is not None:
+                        self.metrics.on_finish(ev.reason)
+                    log.info("finished", extra={"kv": {
+                        "seq_id": seq_id, "reason": ev.reason, "generated": ev.num_generated,
+                        "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
+                    yield convert.finish_to_proto(ev, secs)
+                    return
+        finally:
+            with self._lock:
+                self._inflight.pop(seq_id, None)
+            self.policy.unpin(seq_id)
+            flight.finished.set()
+
+    def _client_gone(self, flight: InFlight) -> None:
+        if not flight.finished.is_set():
+            self.engine.cancel(flight.seq_id)   # client hung up: free its blocks
+
+    def Cancel(self, request, context):
+        if not request.seq_id:
+            raise ValueError("seq_id is required")
+        with self._lock:
+            known = request.seq_id in self._inflight
+        if not known:
+            self._find(request.seq_id)
+        ok = bool(self.engine.cancel(request.seq_id))
+        return pb.CancelResponse(seq_id=request.seq_id, cancelled=ok)
+
+    # ------------------------------------------------------------ status
+    def GetStatus(self, request, context):
+        sample = self.telemetry.sample_now() if request.fresh else self.telemetry.latest()
+        view = self.policy.view()
+        return convert.status_to_proto(
+            sample, view, self._budget(sample.snapshot, view), self.telemetry.mode,
+            time.monotonic() - self.started_at, self.draining, VERSION,
+            getattr(self.engine, "model_name", ""))
+
+    def ListSequences(self, request, context):
+        pins = self.policy.view().pins
+        seqs = [v for v in self._snapshot().sequences if v.state != "finished"
+                and (not request.state or v.state == request.state)]
+        return pb.ListSequencesResponse(
+            sequences=[convert.sequence_to_proto(v, pins.get(v.seq_id)) for v in seqs])
+
+    def GetSequence(self, request, context):
+        v = self._find(request.seq_id)
+        return convert.sequence_to_proto(v, self.policy.view().pins.get(v.seq_id), with_blocks=True)
+
+    # ------------------------------------------------------------ policy
+    def GetPolicy(self, request, context):
+        view = self.policy.view()
+        out = convert.policy_to_proto(view)
+        out.budget_bytes = self._budget(self.telemetry.latest().snapshot, view)
+        return out
+
+    def SetPolicy(self, request, context):
+        self._admit()
+        f = {k: getattr(request, k) for k in ("profile", "budget_bytes", "high_watermark",
+                                              "low_watermark") if request.HasField(k)}
+        if not f:
+            raise ValueError("SetPolicy changes nothing: set at least one of profile, "
+                             "budget_bytes, high_watermark, low_watermark")
+        view = self.policy.update(**f)
+        self.decisions.record(Decision(kind="policy", profile=view.profile,
+                                       reason="operator set " + ", ".join(f"{k}={v}" for k, v in f.items())))
+        out = convert.policy_to_proto(view)
+        out.budget_bytes = self._budget(self.telemetry.latest().snapshot, view)
+        return out
+
+    def Pin(self, request, context):
+        self._admit()
+        with self._lock:
+            known = request.seq_id in self._inflight
+        if not known:
+            self._find(request.seq_id)
+        prev = self.policy.pin(request.seq_id, request.strategy)
+        self.decisions.record(Decision(kind="pin", seq_id=request.seq_id, action=request.strategy,
+                                       reason="operator pinned the sequence",
+                                       profile=self.policy.view().profile))
+        return pb.PinResponse(seq_id=request.seq_id, strategy=request.strategy, previous=prev or "")
+
+    def Unpin(self, request, context):
+        self._admit()
+        if not request.seq_id:
+            raise ValueError("seq_id is required")
+        prev = self.policy.unpin(request.seq_id)
+        if prev is None:
+            raise UnknownSequence(request.seq_id) if not self._is_live(request.seq_id) else \
+                ValueError(f"sequence {request.seq_id!r} is not pinned")
+        self.decisions.record(Decision(kind="unpin", seq_id=request.seq_id, action=prev,
+                                       reason="operator unpinned the sequence",
+                                       profile=self.policy.view().profile))
+        return pb.PinResponse(seq_id=request.seq_id, strategy="", previous=prev)
+
+    def _is_live(self, seq_id: str) -> bool:
+        try:
+            self._find(seq_id)
+            return True
+        except UnknownSequence:
+            return False
+
+    # ------------------------------------------------------------ decisions, capacity
+    def WatchDecisions(self, request, context):
+        q = self.decisions.subscribe()
+        try:
+            for d in self.decisions.recent(request.history) if request.history else []:
+                yield convert.decision_to_proto(d)
+            while context.is_active() and not self.draining:
+                try:
+                    d = q.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                yield convert.decision_to_proto(d)
+        finally:
+            self.decisions.unsubscribe(q)
+
+    def EstimateCapacity(self, request, context):
+        if request.num_tokens < 1:
+            raise ValueError("num_tokens must be >= 1 (prompt + max new tokens)")
+        fmt = request.format or "full"
+        need = self.engine.handle.estimate_bytes(request.num_tokens, fmt)
+        snap = self.telemetry.latest().snapshot
+        view = self.policy.view()
+        budget = self._budget(snap, view)
+        used = snap.tiers["gpu"].used_bytes if snap is not None and "gpu" in snap.tiers else 0
+        free = max(0, int(budget * view.high_watermark) - used)
+        rate = snap.tokens_per_s if snap is not None else 0.0
+        ok = need <= free and not self.draining
+        if self.draining:
+            reason = "node is draining for shutdown"
+        elif ok:
+            reason = f"fits: {need} B needed, {free} B free under the high watermark"
+        else:
+            reason = (f"does not fit now: {need} B needed, {free} B free under the high "
+                      f"watermark ({view.high_watermark:.0%} of {budget} B)")
+        return pb.EstimateCapacityResponse(
+            can_admit=ok, bytes_needed=need, bytes_free=free, budget_bytes=budget, reason=reason,
+            predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
