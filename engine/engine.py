@@ -101,6 +101,8 @@ class Engine:
         self._tok_window: deque[tuple[float, int]] = deque(maxlen=64)
         self._thread: threading.Thread | None = None
         self._stop = False
+        # optional tap on every sampled row: (seq_ids, logits [n, V]); traces, tests
+        self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         from engine.handle import EngineHandle
         self.handle = EngineHandle(self)
 
@@ -274,6 +276,8 @@ class Engine:
                     sampled.append(s)
             logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
                                        torch.tensor(rows, dtype=torch.long, device=self.device))
+            if self.on_logits is not None and sampled:
+                self.on_logits([s.seq_id for s in sampled], logits)
             self._update_stats(plan)
             self._fill_quantize()
             toks = [sample(logits[i], s.sampling, s.generator) for i, s in enumerate(sampled)]
@@ -309,13 +313,21 @@ class Engine:
                     log.debug("fill quantization of %s deferred: %s", s.seq_id, err)
 
     def _on_token(self, s: Sequence, t: int) -> None:
-        hit = s.emit_token(t, self.tokenizer)
+        hit = s.add_token(t, self.tokenizer)
         p = s.sampling
+        reason = ""
         if hit or (t in self.eos_ids and not p.ignore_eos):
-            self._finish(s, "stop")
+            reason = "stop"
         elif len(s.output_ids) >= p.max_tokens or \
                 len(s.prompt_ids) + len(s.output_ids) >= self.max_positions:
-            self._finish(s, "length")
+            reason = "length"
+        try:
+            s.emit_token(final=bool(reason))
+        except Exception:  # a broken consumer must not break the engine
+            log.exception("event consumer of %s failed; cancelling it", s.seq_id)
+            reason = "cancelled"
+        if reason:
+            self._finish(s, reason)
 
     def _finish(self, s: Sequence, reason: str, error: str = "") -> None:
         if s.state == FINISHED:

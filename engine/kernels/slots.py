@@ -20,7 +20,10 @@ def _elems(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_o
     typed = arena.view(dtype)
     n = nbytes // esize
     idx = (offsets + sec_off) // esize
-    return typed.unfold(-1, n, 1).index_select(-2, idx)
+    if typed.dim() == 1:  # zero-copy window view, then one row gather
+        return typed.unfold(0, n, 1).index_select(0, idx)
+    # [L, bytes]: unfold + index_select would materialize the windows; index directly
+    return typed[..., idx.unsqueeze(-1) + torch.arange(n, device=idx.device)]
 
 
 def _put(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_off: int,

@@ -1,0 +1,141 @@
+"""Continuous batching, sampling, stopping, cancel, budgets: what a user notices."""
+import pytest
+import torch
+
+from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
+from engine.store import GPU
+
+
+def run_all(engine, reqs):
+    done, toks = {}, {}
+
+    def cb(ev):
+        if isinstance(ev, FinishEvent):
+            done[ev.seq_id] = ev
+        else:
+            toks.setdefault(ev.seq_id, []).append(ev)
+    ids = [engine.submit(r, cb) for r in reqs]
+    for _ in range(10_000):
+        if len(done) == len(ids):
+            break
+        engine.step()
+    return ids, done, toks
+
+
+def test_no_blocks_in_use_after_requests_finish_or_cancel(tiny):
+    reqs = [Request(prompt_ids=list(range(1, 1 + n)),
+                    sampling=SamplingParams(max_tokens=m, ignore_eos=True))
+            for n, m in [(3, 5), (17, 2), (9, 30), (40, 7)]]
+    victim = tiny.submit(Request(prompt_ids=[5] * 11, sampling=SamplingParams(max_tokens=500)),
+                         lambda ev: None)
+    tiny.step()
+    tiny.step()
+    assert tiny.store.arenas[GPU].alloc.num_slots > 0
+    assert tiny.cancel(victim)
+    ids, done, _ = run_all(tiny, reqs)
+    assert [done[i].num_generated for i in ids] == [5, 2, 30, 7]
+    a = tiny.store.arenas[GPU]
+    assert a.alloc.num_slots == 0 and a.used_bytes == 0 and a.block_bytes == 0
+    assert not tiny.store.seqs and not tiny.running and not tiny.waiting
+
+
+def test_cancel_emits_cancelled_and_unknown_cancel_is_false(tiny):
+    events = []
+    sid = tiny.submit(Request(prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=100)),
+                      events.append)
+    tiny.step()
+    assert tiny.cancel(sid)
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason == "cancelled"
+    assert not tiny.cancel(sid)
+    assert not tiny.cancel("nope")
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(tiny):
+    def gen(seed):
+        p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=seed, max_tokens=12,
+                           ignore_eos=True)
+        _, done, _ = run_all(tiny, [Request(prompt_ids=[7, 8, 9], sampling=p)])
+        return next(iter(done.values())).token_ids
+    assert gen(1) == gen(1)
+    assert gen(1) != gen(2)
+
+
+def test_top_k_one_is_greedy(tiny):
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    topk1 = SamplingParams(temperature=0.7, top_k=1, seed=3, max_tokens=10, ignore_eos=True)
+    _, d1, _ = run_all(tiny, [Request(prompt_ids=[4, 4, 4], sampling=greedy)])
+    _, d2, _ = run_all(tiny, [Request(prompt_ids=[4, 4, 4], sampling=topk1)])
+    assert next(iter(d1.values())).token_ids == next(iter(d2.values())).token_ids
+
+
+def test_requests_queue_when_the_budget_is_exhausted_and_run_later(tiny):
+    # the arena holds 2 MiB / (2 layers * 4 KiB pages) = 256 pages of 4 slots (4 tokens)
+    slots = tiny.store.arenas[GPU].alloc.free_slots(tiny.geom.slot_bytes(
+        __import__("engine.layout", fromlist=["FULL"]).FULL))
+    big = (slots - 2) * 4  # nearly all of it
+    reqs = [Request(prompt_ids=[3] * big, sampling=SamplingParams(max_tokens=3, ignore_eos=True)),
+            Request(prompt_ids=[2] * 40, sampling=SamplingParams(max_tokens=3, ignore_eos=True))]
+    seen_waiting = []
+    orig = tiny.step
+
+    def step():
+        seen_waiting.append(len(tiny.waiting))
+        return orig()
+    tiny.step = step
+    try:
+        ids, done, _ = run_all(tiny, reqs)
+    finally:
+        del tiny.step
+    assert max(seen_waiting[1:]) == 1  # the second waited for room
+    assert all(done[i].reason == "length" for i in ids)
+
+
+def test_decode_stalls_without_crashing_when_blocks_run_out(tiny):
+    alloc = tiny.store.arenas[GPU].alloc
+    from engine.layout import FULL
+    slot = tiny.geom.slot_bytes(FULL)
+    sid = tiny.submit(Request(prompt_ids=[1] * 4, sampling=SamplingParams(max_tokens=50,
+                                                                          ignore_eos=True)),
+                      lambda ev: None)
+    tiny.step()
+    hog = alloc.allocate_many(slot, alloc.free_slots(slot))  # someone took everything
+    for _ in range(8):
+        tiny.step()
+    snap = tiny.handle.snapshot()
+    view = next(v for v in snap.sequences if v.seq_id == sid)
+    assert view.state == "stalled" and snap.num_stalled == 1 and snap.pressure_bytes > 0
+    for o in hog:
+        alloc.free(o, slot)
+    before = view.num_generated
+    tiny.step()
+    after = next(v for v in tiny.handle.snapshot().sequences if v.seq_id == sid)
+    assert after.state == "decode" and after.num_generated == before + 1
+    tiny.cancel(sid)
+
+
+def test_stop_string_and_eos(engine):
+    req = Request(prompt="Count: 1, 2, 3, 4,", sampling=SamplingParams(max_tokens=30,
+                                                                        stop=(" 7",)))
+    evs = list(engine.generate(req))
+    fin = evs[-1]
+    assert fin.reason == "stop" and " 7" not in fin.text and fin.text.rstrip().endswith("6,")
+    assert "".join(e.text for e in evs if isinstance(e, TokenEvent)) == fin.text
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(prompt_ids=[10**9]), "vocabulary"),
+    (dict(prompt_ids=[1] * 9000), "context"),
+    (dict(prompt=""), "empty"),
+])
+def test_bad_requests_are_refused_clearly(engine, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        engine.submit(Request(**bad), lambda ev: None)
+    assert not engine.waiting
+
+
+def test_bad_sampling_params_are_refused():
+    for kw in (dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2)):
+        with pytest.raises(ValueError):
+            SamplingParams(**kw)
+    with pytest.raises(ValueError):
+        Request(prompt="a", prompt_ids=[1])
