@@ -1,0 +1,92 @@
+"""Engine speed benchmark: decode tokens/s vs transformers ``generate``, side by side.
+
+    python -m engine.bench [--batches 1,4,8,16] [--prompt 1024] [--new 64] [--threads 2]
+
+Same model, same machine, same run. Prints a markdown table (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+
+def texts(tokenizer, n: int, count: int) -> list[list[int]]:
+    import pydoc_data.topics as t
+    body = " ".join(t.topics.values())
+    ids = tokenizer(body)["input_ids"]
+    return [ids[i * 997:i * 997 + n] for i in range(count)]
+
+
+def bench_hf(model, prompt: list[int], new: int) -> float:
+    """transformers generate, batch 1: decode tok/s (prefill time subtracted)."""
+    x = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
+        t2 = time.perf_counter()
+    return (new - 1) / ((t2 - t1) - (t1 - t0))
+
+
+def bench_kvctl(engine, prompts: list[list[int]], new: int) -> float:
+    """kvctl, all prompts running together: aggregate decode tok/s."""
+    from engine.api import Request, SamplingParams
+    sp = SamplingParams(max_tokens=new + 1, ignore_eos=True)
+    ids = [engine.submit(Request(prompt_ids=p, sampling=sp), lambda ev: None) for p in prompts]
+    while any(engine.seqs[i].state != "decode" for i in ids):
+        engine.step()
+    engine.step()  # warm
+    t0 = time.perf_counter()
+    made0 = sum(len(engine.seqs[i].output_ids) for i in ids)
+    for _ in range(new - 2):
+        engine.step()
+    made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
+    dt = time.perf_counter() - t0
+    for i in ids:
+        engine.cancel(i)
+    return made / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from transformers import AutoModelForCausalLM
+
+    from engine.engine import Engine, EngineConfig
+    from engine.models import default_model_dir
+    batches = [int(b) for b in a.batches.split(",")]
+    eng = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
+                              max_batch_tokens=2048))
+    prompts = texts(eng.tokenizer, a.prompt, max(batches))
+    path = default_model_dir() if a.model == "default" else a.model
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=eng.dtype).to(eng.device).eval()
+    hf1 = bench_hf(hf, prompts[0], a.new)
+    print(f"# engine decode benchmark — {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, threads {a.threads}, "
+          f"model {eng.model_name} ({eng.dtype}), prompt {a.prompt} tokens, {a.new} new")
+    print()
+    print("| system | batch | decode tok/s (aggregate) | vs transformers batch 1 |")
+    print("|---|---|---|---|")
+    print(f"| transformers generate | 1 | {hf1:.1f} | 1.00x |")
+    for b in batches:
+        r = bench_kvctl(eng, prompts[:b], a.new)
+        print(f"| kvctl | {b} | {r:.1f} | {r / hf1:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
