@@ -200,10 +200,13 @@ def _enum(cls, value, name):
         raise ValueError(f"{name} must be one of {', '.join(m.value for m in cls)}, got {value!r}") from None
 
 
-def _coerce(tp, raw, name: str):
-    """Turn a TOML value or an env/CLI string into the field's type."""
+def _coerce(tp, raw, name: str, strict: bool = False):
+    """Turn a TOML value (``strict``: types must match) or an env/CLI string into the
+    field's type."""
     if isinstance(tp, type) and issubclass(tp, Enum):
         return raw if isinstance(raw, tp) else _enum(tp, raw, name)
+    if strict and isinstance(raw, str) and tp is not str:
+        raise ValueError(f"{name} must be a {tp.__name__}, not the string {raw!r} (drop the quotes)")
     if not isinstance(raw, str):
         if tp is float and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
@@ -256,17 +259,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, obje
     for sec, table in raw.items():
         if sec not in sections or not isinstance(table, dict):
             raise ValueError(f"unknown config section [{sec}]; known: {', '.join(sections)}")
-        values[sec].update(table)
+        values[sec].update({k: (v, True) for k, v in table.items()})
     for sec in sections:
         for f in dataclasses.fields(sections[sec]):
             key = f"KVCTL_{sec.upper()}_{f.name.upper()}"
             if key in env:
-                values[sec][f.name] = env[key]
+                values[sec][f.name] = (env[key], False)
     for dotted, v in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
         if sec not in sections:
             raise ValueError(f"unknown config key {dotted!r}; sections: {', '.join(sections)}")
-        values[sec][key] = v
+        values[sec][key] = (v, False)
     built = {}
     for sec, cls in sections.items():
         hints = typing.get_type_hints(cls)
@@ -275,8 +278,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, obje
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} in [{sec}]; "
                              f"known: {', '.join(sorted(known))}")
-        kwargs = {k: _coerce(_strip_optional(hints[k]), v, f"{sec}.{k}")
-                  for k, v in values[sec].items()}
+        kwargs = {k: _coerce(_strip_optional(hints[k]), v, f"{sec}.{k}", strict)
+                  for k, (v, strict) in values[sec].items()}
         built[sec] = cls(**kwargs)
     return Config(**built)
 

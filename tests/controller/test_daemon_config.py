@@ -1,0 +1,90 @@
+from dataclasses import dataclass
+
+import pytest
+
+from controller.config import LogLevel, load_config
+
+
+@dataclass
+class Case:
+    reason: str
+    overrides: dict
+    want: str | None          # substring of the ValueError, None = valid
+
+
+CASES = [
+    Case("defaults are valid", {}, None),
+    Case("random model", {"engine.model": "random:tiny"}, None),
+    Case("unknown model path", {"engine.model": "/nope/model"}, "engine.model"),
+    Case("relative socket", {"server.socket": "kv.sock"}, "absolute"),
+    Case("socket path too long", {"server.socket": "/" + "x" * 120}, "too long"),
+    Case("tcp without tls and token", {"server.tcp_address": "127.0.0.1:7000"}, "needs TLS and a token"),
+    Case("tcp address without port", {"server.tcp_address": "localhost"}, "HOST:PORT"),
+    Case("bad device", {"engine.device": "tpu"}, "engine.device"),
+    Case("bad dtype", {"engine.dtype": "int8"}, "engine.dtype"),
+    Case("block size not a power of two", {"engine.block_size": "24"}, "power of two"),
+    Case("budget fraction above 1", {"engine.kv_budget_fraction": "1.5"}, "kv_budget_fraction"),
+    Case("negative budget", {"engine.kv_budget_bytes": "-1"}, "kv_budget_bytes"),
+    Case("low above high", {"policy.low_watermark": "0.95"}, "low watermark"),
+    Case("high above 1", {"policy.high_watermark": "1.2"}, "high watermark"),
+    Case("unknown profile", {"policy.profile": "fast"}, "policy.profile"),
+    Case("metrics port out of range", {"metrics.port": "70000"}, "metrics.port"),
+    Case("bad log level", {"log.level": "loud"}, "log.level"),
+    Case("not a number", {"engine.block_size": "big"}, "integer"),
+    Case("not a bool", {"log.log_prompts": "maybe"}, "true or false"),
+    Case("unknown key", {"engine.modle": "x"}, "unknown key"),
+    Case("unknown section", {"gpu.x": "1"}, "unknown config key"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.reason for c in CASES])
+def test_config_validation(case):
+    if case.want is None:
+        load_config(overrides=case.overrides, env={})
+    else:
+        with pytest.raises(ValueError, match=case.want):
+            load_config(overrides=case.overrides, env={})
+
+
+def test_file_then_env_then_cli(tmp_path):
+    f = tmp_path / "kvctl.toml"
+    f.write_text('[engine]\nmodel = "random:tiny"\nblock_size = 16\n'
+                 '[policy]\nprofile = "streaming"\nhigh_watermark = 0.8\n[log]\nlevel = "debug"\n')
+    cfg = load_config(f, env={})
+    assert (cfg.engine.model, cfg.engine.block_size, cfg.policy.profile) == ("random:tiny", 16, "streaming")
+    assert cfg.log.level is LogLevel.debug and cfg.log.log_prompts is False
+    cfg = load_config(f, env={"KVCTL_ENGINE_BLOCK_SIZE": "64", "KVCTL_POLICY_PROFILE": "throughput"})
+    assert (cfg.engine.block_size, cfg.policy.profile) == (64, "throughput")
+    cfg = load_config(f, {"engine.block_size": 8}, env={"KVCTL_ENGINE_BLOCK_SIZE": "64"})
+    assert cfg.engine.block_size == 8
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[engine\nmodel=")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(f, env={})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", env={})
+
+
+def test_toml_type_errors(tmp_path):
+    f = tmp_path / "k.toml"
+    f.write_text('[engine]\nblock_size = "32"\n')
+    with pytest.raises(ValueError, match="engine.block_size"):
+        load_config(f, env={})
+
+
+def test_tcp_with_tls_and_token_files(tmp_path):
+    for n in ("c.pem", "k.pem", "tok"):
+        (tmp_path / n).write_text("x")
+    cfg = load_config(overrides={"server.tcp_address": "127.0.0.1:7443",
+                                 "server.tls_cert": str(tmp_path / "c.pem"),
+                                 "server.tls_key": str(tmp_path / "k.pem"),
+                                 "server.token_file": str(tmp_path / "tok")}, env={})
+    assert cfg.server.tcp_address == "127.0.0.1:7443"
+    with pytest.raises(ValueError, match="tls_cert"):
+        load_config(overrides={"server.tcp_address": "127.0.0.1:7443",
+                               "server.tls_cert": str(tmp_path / "missing.pem"),
+                               "server.tls_key": str(tmp_path / "k.pem"),
+                               "server.token_file": str(tmp_path / "tok")}, env={})

@@ -1,0 +1,89 @@
+import threading
+
+import pytest
+
+from controller.policy import PROFILES, Controller, Decision, DecisionLog, PolicyState
+from engine.actions import EngineSnapshot, TierView
+
+
+def snap(used: int, capacity: int = 1000) -> EngineSnapshot:
+    return EngineSnapshot(0.0, 0, "cpu", "m", 32, 2,
+                          {"gpu": TierView("gpu", "cpu", capacity, used, used, capacity - used)},
+                          [], 0, 0, 0, 0, 0.0)
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({"high_watermark": 0.0}, "high watermark"),
+    ({"high_watermark": 1.01}, "high watermark"),
+    ({"low_watermark": 0.9}, "low watermark"),       # == high
+    ({"low_watermark": -0.1}, "low watermark"),
+    ({"profile": "fastest"}, "profile must be one of"),
+    ({"budget_bytes": -5}, "budget_bytes"),
+])
+def test_update_rejects_and_changes_nothing(kw, want):
+    p = PolicyState()
+    before = p.view()
+    with pytest.raises(ValueError, match=want):
+        p.update(**kw)
+    assert p.view() == before
+
+
+def test_update_partial_and_all_profiles():
+    p = PolicyState()
+    for prof in PROFILES:
+        assert p.update(profile=prof).profile == prof
+    v = p.update(high_watermark=0.8, low_watermark=0.5, budget_bytes=10)
+    assert (v.high_watermark, v.low_watermark, v.budget_bytes) == (0.8, 0.5, 10)
+    assert p.update(high_watermark=1.0).low_watermark == 0.5
+
+
+def test_pins():
+    p = PolicyState()
+    assert p.pin("s1", "int4") is None
+    assert p.pin("s1", "heavy-hitter") == "int4"
+    with pytest.raises(ValueError, match="strategy must be"):
+        p.pin("s1", "Bad Name!")
+    assert p.view().pins == {"s1": "heavy-hitter"}
+    p.forget({"s2"})
+    assert p.view().pins == {}
+    assert p.unpin("s1") is None
+
+
+def test_decision_log_ring_and_subscribers():
+    log = DecisionLog(capacity=3)
+    q = log.subscribe()
+    for i in range(5):
+        log.record(Decision(kind="pressure", reason=str(i)))
+    assert [d.reason for d in log.recent()] == ["2", "3", "4"]
+    assert [d.reason for d in log.recent(2)] == ["3", "4"]
+    assert log.recent(0) == []
+    assert [q.get_nowait().id for _ in range(5)] == [1, 2, 3, 4, 5]
+    log.unsubscribe(q)
+    log.record(Decision(kind="x", reason=""))
+    assert q.empty() and log.num_subscribers == 0
+    assert log.counts == {"pressure": 5, "x": 1}
+
+
+def test_full_subscriber_never_blocks_recording():
+    log = DecisionLog(subscriber_queue=1)
+    log.subscribe()
+    t = threading.Thread(target=lambda: [log.record(Decision("k", "r")) for _ in range(10)])
+    t.start()
+    t.join(2)
+    assert not t.is_alive()
+
+
+def test_controller_records_watermark_crossings_only():
+    log = DecisionLog()
+    c = Controller(PolicyState(high_watermark=0.9, low_watermark=0.5), log)
+    seen = [len(c.tick(snap(u))) for u in (100, 950, 990, 700, 400, 300, 960)]
+    assert seen == [0, 1, 0, 0, 1, 0, 1]
+    kinds = [d.kind for d in log.recent()]
+    assert kinds == ["pressure", "pressure_cleared", "pressure"]
+    assert all(d.action == "" and d.freed_bytes == 0 for d in log.recent())   # no fake moves
+
+
+def test_controller_uses_policy_budget_over_capacity():
+    log = DecisionLog()
+    c = Controller(PolicyState(budget_bytes=500), log)
+    assert c.tick(snap(460, capacity=1000))      # 92% of the 500 B budget

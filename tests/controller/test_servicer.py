@@ -1,0 +1,182 @@
+"""Servicers called directly (no network) over tables of cases, with the fake engine."""
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from controller.errors import status_for
+from controller.policy import DecisionLog, PolicyState
+from controller.service import KvctlService
+from controller.telemetry import Nvml, Telemetry
+from engine.actions import ActionError
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+
+OK = grpc.StatusCode.OK
+E = grpc.StatusCode
+
+
+@dataclass
+class Case:
+    reason: str
+    request: Any
+    want: grpc.StatusCode = OK
+    check: Any = None            # callable(result) -> None, for OK cases
+    setup: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+def svc(fake_engine):
+    tel = Telemetry(fake_engine.handle.snapshot, nvml=Nvml())
+    s = KvctlService(fake_engine, tel, PolicyState(), DecisionLog())
+    tel.sample_now()
+    return s
+
+
+def call(svc, method, request, ctx):
+    try:
+        out = getattr(svc, method)(request, ctx)
+        if method in ("Generate", "WatchDecisions"):
+            out = list(out) if method == "Generate" else out
+        return OK, out
+    except Exception as e:     # what the interceptor would send
+        return status_for(e)[0], e
+
+
+def gen(**kw):
+    kw.setdefault("sampling", pb.SamplingParams(max_tokens=3))
+    return pb.GenerateRequest(**kw)
+
+
+def events(out):
+    return [r.WhichOneof("event") for r in out]
+
+
+GENERATE = [
+    Case("prompt text streams started, tokens, finished", gen(prompt="hello"),
+         check=lambda out: events(out) == ["started", "token", "token", "token", "finished"]),
+    Case("chat messages", gen(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]))),
+    Case("token ids", gen(prompt_ids=pb.TokenIds(ids=[1, 2, 3])),
+         check=lambda out: out[0].started.num_prompt_tokens == 3),
+    Case("finish carries usage and kv bytes", gen(prompt="abcd"),
+         check=lambda out: (out[-1].finished.usage.total_tokens == 7
+                            and out[-1].finished.reason == pb.FINISH_REASON_LENGTH
+                            and out[-1].finished.kv_bytes_by_tier["gpu"] > 0)),
+    Case("no input", pb.GenerateRequest(), E.INVALID_ARGUMENT),
+    Case("empty prompt", gen(prompt=""), E.INVALID_ARGUMENT),
+    Case("bad chat role", gen(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="bot", content="x")])),
+         E.INVALID_ARGUMENT),
+    Case("top_p out of range", gen(prompt="x", sampling=pb.SamplingParams(top_p=1.5)), E.INVALID_ARGUMENT),
+    Case("negative temperature", gen(prompt="x", sampling=pb.SamplingParams(temperature=-1)),
+         E.INVALID_ARGUMENT),
+    Case("too many stop strings", gen(prompt="x", sampling=pb.SamplingParams(stop=["a"] * 17)),
+         E.INVALID_ARGUMENT),
+    Case("bad strategy name", gen(prompt="x", strategy="No Such!"), E.INVALID_ARGUMENT),
+    Case("prompt longer than the context", gen(prompt="x" * 600), E.INVALID_ARGUMENT),
+    Case("can never fit the budget", gen(prompt_ids=pb.TokenIds(ids=[1] * 400),
+                                         sampling=pb.SamplingParams(max_tokens=2000)),
+         E.RESOURCE_EXHAUSTED),
+]
+
+
+@pytest.mark.parametrize("case", GENERATE, ids=[c.reason for c in GENERATE])
+def test_generate(case, svc, ctx):
+    code, out = call(svc, "Generate", case.request, ctx)
+    assert code == case.want, out
+    if case.check:
+        assert case.check(out)
+    assert svc.num_inflight == 0
+
+
+UNARY = [
+    Case("status", ("GetStatus", pb.GetStatusRequest()),
+         check=lambda r: r.mode == "cpu" and r.model == "fake" and {t.name for t in r.tiers} == {"gpu", "host"}
+         and r.policy.budget_bytes == 1_000_000 and not r.gpu.available and "cpu mode" in r.gpu.reason),
+    Case("fresh status", ("GetStatus", pb.GetStatusRequest(fresh=True)), check=lambda r: r.host.memory_total_bytes > 0),
+    Case("list sequences (none)", ("ListSequences", pb.ListSequencesRequest()), check=lambda r: len(r.sequences) == 0),
+    Case("get unknown sequence", ("GetSequence", pb.GetSequenceRequest(seq_id="nope")), E.NOT_FOUND),
+    Case("get without id", ("GetSequence", pb.GetSequenceRequest()), E.INVALID_ARGUMENT),
+    Case("cancel unknown", ("Cancel", pb.CancelRequest(seq_id="nope")), E.NOT_FOUND),
+    Case("cancel without id", ("Cancel", pb.CancelRequest()), E.INVALID_ARGUMENT),
+    Case("policy get", ("GetPolicy", pb.GetPolicyRequest()), check=lambda r: r.profile == "balanced"),
+    Case("policy set profile", ("SetPolicy", pb.SetPolicyRequest(profile="throughput")),
+         check=lambda r: r.profile == "throughput"),
+    Case("policy set watermarks", ("SetPolicy", pb.SetPolicyRequest(high_watermark=0.8, low_watermark=0.6)),
+         check=lambda r: abs(r.high_watermark - 0.8) < 1e-9),
+    Case("policy set budget", ("SetPolicy", pb.SetPolicyRequest(budget_bytes=5000)),
+         check=lambda r: r.budget_bytes == 5000),
+    Case("policy set nothing", ("SetPolicy", pb.SetPolicyRequest()), E.INVALID_ARGUMENT),
+    Case("policy low >= high", ("SetPolicy", pb.SetPolicyRequest(low_watermark=0.95)), E.INVALID_ARGUMENT),
+    Case("policy unknown profile", ("SetPolicy", pb.SetPolicyRequest(profile="yolo")), E.INVALID_ARGUMENT),
+    Case("pin unknown sequence", ("Pin", pb.PinRequest(seq_id="nope", strategy="int4")), E.NOT_FOUND),
+    Case("unpin unknown sequence", ("Unpin", pb.UnpinRequest(seq_id="nope")), E.NOT_FOUND),
+    Case("capacity fits", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=100)),
+         check=lambda r: r.can_admit and r.bytes_needed == 100_000 and r.bytes_free == 900_000),
+    Case("capacity too big", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000)),
+         check=lambda r: not r.can_admit and "does not fit" in r.reason),
+    Case("capacity int4", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000, format="int4")),
+         check=lambda r: r.can_admit and r.bytes_needed == 250_000),
+    Case("capacity zero tokens", ("EstimateCapacity", pb.EstimateCapacityRequest()), E.INVALID_ARGUMENT),
+    Case("capacity unknown format", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1, format="fp3")),
+         E.INVALID_ARGUMENT),
+]
+
+
+@pytest.mark.parametrize("case", UNARY, ids=[c.reason for c in UNARY])
+def test_unary(case, svc, ctx):
+    method, request = case.request
+    code, out = call(svc, method, request, ctx)
+    assert code == case.want, out
+    if case.check:
+        assert case.check(out), out
+
+
+def test_live_sequence_pin_cancel_and_lookup(svc, ctx, fake_engine):
+    it = svc.Generate(gen(prompt="hello", sampling=pb.SamplingParams(max_tokens=1000)), ctx)
+    seq_id = next(it).started.seq_id
+    next(it)
+    seqs = svc.ListSequences(pb.ListSequencesRequest(), ctx).sequences
+    assert [s.seq_id for s in seqs] == [seq_id] and seqs[0].strategy == "full"
+    r = svc.Pin(pb.PinRequest(seq_id=seq_id, strategy="int4"), ctx)
+    assert r.strategy == "int4" and not r.previous
+    one = svc.GetSequence(pb.GetSequenceRequest(seq_id=seq_id), ctx)
+    assert one.pinned_strategy == "int4" and len(one.blocks) == one.num_blocks > 0
+    assert svc.Unpin(pb.UnpinRequest(seq_id=seq_id), ctx).previous == "int4"
+    code, _ = call(svc, "Unpin", pb.UnpinRequest(seq_id=seq_id), ctx)
+    assert code == E.INVALID_ARGUMENT                  # live but not pinned
+    assert svc.Cancel(pb.CancelRequest(seq_id=seq_id), ctx).cancelled
+    rest = list(it)
+    assert rest[-1].finished.reason == pb.FINISH_REASON_CANCELLED
+    assert svc.ListSequences(pb.ListSequencesRequest(), ctx).sequences == []
+    kinds = [d.kind for d in svc.decisions.recent()]
+    assert kinds == ["pin", "unpin"]
+
+
+def test_client_hang_up_cancels_the_sequence(svc, ctx, fake_engine):
+    it = svc.Generate(gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)), ctx)
+    next(it)
+    next(it)
+    for cb in ctx.callbacks:          # what grpc runs when the RPC ends early
+        cb()
+    it.close()
+    assert fake_engine.num_cancelled == 1 and not fake_engine.seqs
+
+
+def test_draining_refuses_new_work(svc, ctx):
+    svc.begin_drain()
+    for method, req in (("Generate", gen(prompt="x")), ("SetPolicy", pb.SetPolicyRequest(profile="streaming")),
+                        ("Pin", pb.PinRequest(seq_id="a", strategy="int4"))):
+        code, err = call(svc, method, req, ctx)
+        assert code == E.UNAVAILABLE and "shutting down" in str(err)
+    assert call(svc, "GetStatus", pb.GetStatusRequest(), ctx)[0] == OK
+    assert svc.GetStatus(pb.GetStatusRequest(), ctx).draining
+
+
+@pytest.mark.parametrize("exc, want", [
+    (ActionError("block 3 is evicted"), E.FAILED_PRECONDITION),
+    (ValueError("bad"), E.INVALID_ARGUMENT),
+    (KeyError("s1"), E.NOT_FOUND),
+    (RuntimeError("boom"), E.INTERNAL),
+])
+def test_status_mapping(exc, want):
+    assert status_for(exc)[0] == want
