@@ -1,0 +1,163 @@
+"""`kvctl` as a person uses it: the daemon as a subprocess (`kvctl serve`, real engine,
+random:tiny), the CLI as subprocesses against it, SIGTERM and systemd notifications."""
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
+from tests.controller.conftest import KVCTL, ROOT, child_env, wait_for
+
+
+def start_daemon(sock_dir, grace_s: float, notify: str | None = None):
+    env = child_env(**({"NOTIFY_SOCKET": notify} if notify else {}))
+    p = subprocess.Popen(KVCTL + ["serve", "--socket", f"{sock_dir}/kvctl.sock", "--model", "random:tiny",
+                                  "--set", "engine.num_threads=1",
+                                  "--set", f"server.drain_grace_s={grace_s}"],
+                         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    sock = sock_dir / "kvctl.sock"
+    wait_for(lambda: sock.exists() or p.poll() is not None, 60, "the daemon's socket")
+    assert p.poll() is None, p.stderr.read()
+    return p, sock
+
+
+def kvctl(sock, *args, timeout=30):
+    return subprocess.run(KVCTL + ["--socket", str(sock), *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served():
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    p, sock = start_daemon(d, grace_s=5)
+    yield sock
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    p.stderr.close()
+
+
+def test_status_json_parses(served):
+    r = kvctl(served, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["mode"] == "cpu" and st["model"] == "random:tiny"
+    assert {t["name"] for t in st["tiers"]} >= {"gpu"}
+    assert st["policy"]["profile"] == "balanced"
+
+
+def test_status_screen_reads(served):
+    r = kvctl(served, "status")
+    assert r.returncode == 0, r.stderr
+    for word in ("KV memory by tier", "cpu mode", "profile", "balanced", "Sequences"):
+        assert word in r.stdout, word
+
+
+def test_generate_streams_to_stdout(served):
+    p = subprocess.Popen(KVCTL + ["--socket", str(served), "generate", "--ids", "1,2,3,4",
+                                  "--max-tokens", "3000", "--json"],
+                         cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(p.stdout.readline())
+    seq_id = first["started"]["seq_id"]
+    token = json.loads(p.stdout.readline())       # arrives while the generation still runs
+    assert token["token"]["seq_id"] == seq_id and p.poll() is None
+    seqs = json.loads(kvctl(served, "sequences", "--json").stdout)
+    assert [s["seq_id"] for s in seqs] == [seq_id]
+    assert kvctl(served, "pin", seq_id, "int4").returncode == 0
+    pol = json.loads(kvctl(served, "policy", "get", "--json").stdout)
+    assert pol["pins"] == [{"seq_id": seq_id, "strategy": "int4"}]
+    assert kvctl(served, "unpin", seq_id).returncode == 0
+    channel = grpc.insecure_channel(f"unix:{served}")
+    kvctl_pb2_grpc.KvctlStub(channel).Cancel(pb.CancelRequest(seq_id=seq_id))
+    channel.close()
+    out, err = p.communicate(timeout=30)
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["finished"]["reason"] == "FINISH_REASON_CANCELLED" and p.returncode == 0
+
+
+def test_generate_plain_text_and_summary(served):
+    r = kvctl(served, "generate", "--ids", "7,8,9", "--max-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert "5 generated tokens" in r.stderr and ": length," in r.stderr
+
+
+@pytest.mark.parametrize("args, code, msg", [
+    (["policy", "set", "--low", "0.99"], 1, "INVALID_ARGUMENT"),
+    (["pin", "nope", "int4"], 1, "NOT_FOUND"),
+    (["generate", "needs a tokenizer"], 1, "prompt_ids"),
+    (["bench"], 2, "not available yet"),
+    (["train"], 2, "not available yet"),
+    (["status", "--no-such-flag"], 2, "No such option"),
+])
+def test_cli_errors_are_messages_not_tracebacks(served, args, code, msg):
+    r = kvctl(served, *args)
+    assert r.returncode == code and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_policy_set_then_watch_shows_it(served):
+    r = kvctl(served, "policy", "set", "--profile", "throughput", "--high", "0.8", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["profile"] == "throughput"
+    w = subprocess.Popen(KVCTL + ["--socket", str(served), "watch", "--json", "--history", "1"],
+                         cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    line = w.stdout.readline()
+    w.terminate()
+    w.wait(10)
+    w.stdout.close()
+    d = json.loads(line)
+    assert d["kind"] == "policy" and "throughput" in d["reason"]
+
+
+def test_no_daemon_is_a_clear_message(tmp_path):
+    r = kvctl(tmp_path / "absent.sock", "status")
+    assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()                       # a socket file nobody listens on
+    r = subprocess.run(KVCTL + ["--socket", str(stale), "--timeout", "3", "status"], cwd=ROOT,
+                       env=child_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot reach the kvctl daemon" in r.stderr, r.stderr
+
+
+def test_sigterm_drains_and_notifies_systemd():
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(d / "notify"))
+    notify.settimeout(60)
+    p, sock = start_daemon(d, grace_s=1.0, notify=str(d / "notify"))
+    try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        stub = kvctl_pb2_grpc.KvctlStub(grpc.insecure_channel(f"unix:{sock}"))
+        short = stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2]),
+                                                 sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)))
+        long = stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2]),
+                                                sampling=pb.SamplingParams(max_tokens=4000, ignore_eos=True)))
+        next(short), next(long), next(long)
+        p.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert list(short)[-1].finished.reason == pb.FINISH_REASON_LENGTH   # finished within grace
+        with pytest.raises(grpc.RpcError) as e:
+            list(long)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "drain grace" in e.value.details()
+        assert p.wait(30) == 0
+        logs = [json.loads(line) for line in p.stderr.read().splitlines() if line.startswith("{")]
+        msgs = [x["msg"] for x in logs]
+        assert "serving" in msgs and "draining" in msgs and msgs[-1] == "stopped"
+        assert logs[-1]["cancelled"] == 1 and not sock.exists()
+        assert not any("prompt" in x for x in logs if x["msg"] == "generate")   # log_prompts off
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+        notify.close()
