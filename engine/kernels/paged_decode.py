@@ -69,6 +69,8 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     tok = torch.arange(T, device=q.device)
     mask = tok.view(1, 1, T) < block_ntok.view(B, NB, 1)                   # [B, NB, T]
     s = s.masked_fill(~mask.view(B, 1, 1, NB, T), float("-inf"))
+    # tokens past ntok are unwritten arena bytes (maybe NaN): 0 * NaN would poison pv
+    v = v.masked_fill(~mask.view(B, NB, 1, T, 1), 0.0)
     m = s.amax(-1)                                                         # [B, H, g, NB]
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe.unsqueeze(-1))

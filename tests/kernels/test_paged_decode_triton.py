@@ -1,0 +1,190 @@
+"""Triton paged decode vs paged_decode_ref; paged_decode_ref vs dense SDPA.
+
+On CPU the kernels run in the Triton interpreter (~1-2 ms a program instance), so head
+counts and dims stay small; long contexts (1025, 1027) use tiny heads.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.paged_decode import gather_dense, paged_decode_ref
+from engine.layout import BlockGeometry, KVFormat
+from kernel_cases import DEVICES, all_formats, kernel_modules, make_table, seed_of
+
+FULL, INT8, INT4, INT2 = (KVFormat(b, b) for b in (0, 8, 4, 2))
+K4V2, K8V4, K2V8 = KVFormat(4, 2), KVFormat(8, 4), KVFormat(2, 8)
+MIXED = all_formats()
+
+# (B, Hq, H, D, T, G, context lengths, formats, hole fraction)
+CASES = [
+    (1, 4, 2, 32, 16, 16, [65], FULL, 0.0),
+    (2, 4, 2, 32, 16, 16, [33, 17], INT8, 0.0),
+    (2, 6, 2, 16, 16, 8, [47, 64], INT4, 0.2),
+    (1, 4, 2, 64, 32, 32, [95], INT2, 0.0),
+    (3, 6, 2, 32, 16, 16, [1, 50, 31], K4V2, 0.3),
+    (2, 4, 1, 16, 32, 16, [1025, 65], MIXED, 0.1),   # long context, tiny heads
+    (1, 2, 1, 16, 32, 8, [1027], [FULL, INT4, K4V2], 0.0),
+    (3, 4, 2, 32, 16, 16, [81, 16, 49], MIXED, 0.25),
+    (2, 6, 2, 64, 16, 32, [40, 23], [K8V4, K2V8, FULL], 0.0),
+    (3, 6, 2, 64, 32, 32, [1025, 1027, 65], MIXED, 0.1),
+    (2, 4, 2, 128, 32, 32, [300, 129], [INT4, FULL], 0.1),
+]
+DTYPES = [torch.float32, torch.float16]
+# (out atol, out rtol, block_max atol, block_max rtol, block_sumexp atol, block_sumexp rtol);
+# fp16: key tiles go to tl.dot in fp16 (dequantized keys rounded to 2^-11 relative)
+TOL = {torch.float32: (2e-5, 1e-4, 2e-5, 1e-5, 2e-5, 1e-5),
+       torch.float16: (5e-3, 1e-2, 4e-3, 1e-3, 1e-2, 1e-2)}
+
+
+def _case_id(c):
+    B, Hq, H, D, T, G, ctx, fmts, holes = c
+    f = fmts.name if isinstance(fmts, KVFormat) else f"mix{len(fmts)}"
+    return f"B{B}-Hq{Hq}-H{H}-D{D}-T{T}-ctx{'_'.join(map(str, ctx))}-{f}-holes{holes}"
+
+
+def _inputs(case, dtype, device, seed):
+    B, Hq, H, D, T, G, ctx, fmts, holes = case
+    gen = torch.Generator().manual_seed(seed)
+    geom = BlockGeometry(T, H, D, dtype, value_group=G)
+    table = make_table(geom, ctx, fmts, gen, holes=holes, device=device)
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype).to(device)
+    return geom, q, table
+
+
+def _compare(got, want, dtype):
+    oa, orl, ma, mrl, sa, srl = TOL[dtype]
+    out, bmax, bsum = got
+    r_out, r_max, r_sum = want
+    assert out.dtype == r_out.dtype and out.shape == r_out.shape
+    assert bmax.dtype == torch.float32 and bmax.shape == r_max.shape
+    assert bsum.dtype == torch.float32 and bsum.shape == r_sum.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), r_out.float(), atol=oa, rtol=orl)
+    # holes: exactly (-inf, 0)
+    assert torch.equal(torch.isneginf(bmax), torch.isneginf(r_max))
+    fin = torch.isfinite(r_max)
+    torch.testing.assert_close(bmax[fin], r_max[fin], atol=ma, rtol=mrl)
+    torch.testing.assert_close(bsum, r_sum, atol=sa, rtol=srl)
+
+
+def _run(device, case, dtype, seed, uniform_hint):
+    pdt, _ = kernel_modules(device)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed)
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, sm_scale)
+    fmts = case[7]
+    kw = {}
+    if uniform_hint:
+        if not isinstance(fmts, KVFormat):
+            pytest.skip("format hint needs one format")
+        kw = dict(fmt=fmts, blocks_per_iter=uniform_hint)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, **kw)
+    _compare(tuple(t.cpu() for t in got), want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(request, device, case, dtype):
+    _run(device, case, dtype, seed_of(request), uniform_hint=None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nbi", [1, 2, 4])
+@pytest.mark.parametrize("case", [c for c in CASES if isinstance(c[7], KVFormat)],
+                         ids=_case_id)
+def test_kernel_format_hint_matches_reference(request, device, case, nbi):
+    _run(device, case, torch.float16, seed_of(request), uniform_hint=nbi)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3, 64])
+def test_kernel_split_counts(request, device, splits):
+    """Any split count (more splits than blocks too) gives the same result."""
+    pdt, _ = kernel_modules(device)
+    case = (2, 4, 2, 32, 16, 16, [70, 129], MIXED, 0.2)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float32, device, seed_of(request))
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, 0.3)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.3, num_splits=splits)
+    _compare(tuple(t.cpu() for t in got), want, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_all_holes_sequence(request, device):
+    """A sequence whose every block is a hole: zero output, partials (-inf, 0)."""
+    pdt, _ = kernel_modules(device)
+    case = (2, 4, 2, 32, 16, 16, [40, 40], INT4, 0.0)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed_of(request))
+    ntok[1] = 0
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.2)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, 0.2)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
+    assert torch.equal(got[0][1].cpu(), torch.zeros_like(got[0][1].cpu()))
+    assert torch.isneginf(got[1][1]).all() and (got[2][1] == 0).all()
+
+
+def test_kernel_rejects_bad_inputs():
+    pdt, _ = kernel_modules("cpu")
+    case = (1, 4, 2, 32, 16, 16, [40], FULL, 0.0)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, "cpu", 0)
+    with pytest.raises(ValueError, match="int64"):
+        pdt.paged_decode_triton(q, arena, offs.int(), kb, vb, ntok, geom, 0.2)
+    with pytest.raises(ValueError, match="multiple"):
+        pdt.paged_decode_triton(q[:, :3], arena, offs, kb, vb, ntok, geom, 0.2)
+    with pytest.raises(ValueError, match="uint8"):
+        pdt.paged_decode_triton(q, arena.view(torch.float16), offs, kb, vb, ntok, geom, 0.2)
+    with pytest.raises(ValueError, match="shape"):
+        pdt.paged_decode_triton(q, arena, offs, kb[:, :1], vb, ntok, geom, 0.2)
+    bad = BlockGeometry(8, 2, 32, torch.float16, value_group=16)
+    with pytest.raises(ValueError, match="power-of-two"):
+        pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, bad, 0.2)
+
+
+# ---- the reference itself against plain dense attention ---------------------------------
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7]], ids=_case_id)
+def test_reference_matches_dense_sdpa(request, case):
+    """paged_decode_ref == SDPA over the dequantized valid tokens of each sequence."""
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float32, "cpu", seed_of(request))
+    B, Hq, D = q.shape
+    H, T = geom.num_kv_heads, geom.block_size
+    sm_scale = 0.7 / math.sqrt(D)
+    out, bmax, bsum = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm_scale)
+    k, v = gather_dense(arena, offs, kb, vb, ntok, geom, torch.float64)   # [B, NB, H, T, D]
+    for b in range(B):
+        keep = [(j, t) for j in range(offs.shape[1]) for t in range(int(ntok[b, j]))]
+        if not keep:  # every block a hole
+            assert (out[b] == 0).all() and torch.isneginf(bmax[b]).all()
+            continue
+        kk = torch.stack([k[b, j, :, t] for j, t in keep], 1)              # [H, L, D]
+        vv = torch.stack([v[b, j, :, t] for j, t in keep], 1)
+        kk = kk.repeat_interleave(Hq // H, 0)
+        vv = vv.repeat_interleave(Hq // H, 0)
+        want = F.scaled_dot_product_attention(q[b].double().unsqueeze(1), kk, vv,
+                                              scale=sm_scale).squeeze(1)
+        torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+        logits = torch.einsum("hd,hld->hl", q[b].double(), kk) * sm_scale   # [Hq, L]
+        # per-block partials from the dense logits
+        pos = 0
+        for j in range(offs.shape[1]):
+            n = int(ntok[b, j])
+            if n == 0:
+                assert torch.isneginf(bmax[b, :, j]).all() and (bsum[b, :, j] == 0).all()
+                continue
+            lj = logits[:, pos:pos + n]
+            pos += n
+            m = lj.amax(-1)
+            torch.testing.assert_close(bmax[b, :, j].double(), m, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(bsum[b, :, j].double(), torch.exp(lj - m[:, None]).sum(-1),
+                                       atol=1e-5, rtol=1e-5)
+        # the partials carry the whole softmax normalizer
+        M = bmax[b].double().amax(-1, keepdim=True)
+        z = (torch.exp(bmax[b].double() - M) * bsum[b].double()).sum(-1)
+        torch.testing.assert_close(z, torch.exp(logits - M).sum(-1), atol=1e-6, rtol=1e-6)
