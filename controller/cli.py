@@ -12,7 +12,7 @@ import grpc
 import typer
 
 from controller.client import Client, DaemonUnreachable, Target, explain, pb
-from controller.config import default_socket_path
+from controller.config import client_socket_path
 from controller.render import SEQ_COLUMNS, console, emit, sequence_rows, status_screen, to_dict
 
 app = typer.Typer(help="kvctl: KV-cache runtime daemon and its client.", no_args_is_help=True,
@@ -44,7 +44,7 @@ def _global(ctx: typer.Context,
             tls_server_name: Optional[str] = typer.Option(None, help="expected name in the cert"),
             timeout: float = typer.Option(10.0, help="seconds per unary call")) -> None:
     global _target
-    ctx.obj = _target = Target(socket=socket or str(default_socket_path()), address=address,
+    ctx.obj = _target = Target(socket=socket or str(client_socket_path()), address=address,
                                token_file=token_file, tls_ca=tls_ca,
                                tls_server_name=tls_server_name, timeout_s=timeout)
 

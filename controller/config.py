@@ -51,6 +51,15 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/kvctl-{os.geteuid()}") / "kvctl.sock"
 
 
+SYSTEM_SOCKET = Path("/run/kvctl/kvctl.sock")
+
+
+def client_socket_path() -> Path:
+    """Where the CLI looks by default: the system service's socket when it exists (the
+    unit runs as user kvctl; members of group kvctl may connect), else this user's."""
+    return SYSTEM_SOCKET if SYSTEM_SOCKET.exists() else default_socket_path()
+
+
 def _check_file(what: str, path: str) -> None:
     if not Path(path).is_file():
         raise ValueError(f"{what} {path!r} does not exist or is not a file")

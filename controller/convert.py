@@ -138,8 +138,9 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
     st.pressure_bytes = max(0, int(snap.pressure_bytes))
     st.tokens_per_s = snap.tokens_per_s
     for t in snap.tiers.values():
-        st.tiers.add(name=t.name, device=t.device, capacity_bytes=t.capacity_bytes,
-                     used_bytes=t.used_bytes, block_bytes=t.block_bytes, free_bytes=t.free_bytes)
+        st.tiers.add(name=t.name, device=t.device, capacity_bytes=max(0, t.capacity_bytes),
+                     used_bytes=max(0, t.used_bytes), block_bytes=max(0, t.block_bytes),
+                     free_bytes=max(0, t.free_bytes))
     live = [v for v in snap.sequences if v.state != "finished"]
     st.counts.CopyFrom(pb.SequenceCounts(waiting=snap.num_waiting, running=snap.num_running,
                                          stalled=snap.num_stalled, total=len(live)))

@@ -145,6 +145,7 @@ class Daemon:
             self.policy.forget({v.seq_id for v in sample.snapshot.sequences
                                 if v.state != "finished"} | self.service.inflight_ids())
         self.metrics.update(sample)
+        self.service.status_of(sample)
 
     def start(self) -> None:
         s = self.cfg.server

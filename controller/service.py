@@ -43,6 +43,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         self._draining = threading.Event()
         self._lock = threading.Lock()
         self._inflight: dict[str, InFlight] = {}
+        self._status_cache: tuple | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -198,11 +199,25 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
     # ------------------------------------------------------------ status
     def GetStatus(self, request, context):
         sample = self.telemetry.sample_now() if request.fresh else self.telemetry.latest()
+        out = pb.NodeStatus()
+        out.CopyFrom(self.status_of(sample))     # a copy in C: the cached one is shared
+        out.uptime_s = time.monotonic() - self.started_at
+        out.draining = self.draining
+        return out
+
+    def status_of(self, sample) -> pb.NodeStatus:
+        """NodeStatus of one telemetry sample, built once per (sample, policy): building
+        it walks every sequence's blocks, too slow to repeat on every call under load.
+        The telemetry thread warms it, so GetStatus itself only copies."""
         view = self.policy.view()
-        return convert.status_to_proto(
+        cached = self._status_cache
+        if cached is not None and cached[0] is sample and cached[1] == view:
+            return cached[2]
+        msg = convert.status_to_proto(
             sample, view, self._budget(sample.snapshot, view), self.telemetry.mode,
-            time.monotonic() - self.started_at, self.draining, VERSION,
-            getattr(self.engine, "model_name", ""))
+            0.0, False, VERSION, getattr(self.engine, "model_name", ""))
+        self._status_cache = (sample, view, msg)
+        return msg
 
     def ListSequences(self, request, context):
         pins = self.policy.view().pins

@@ -88,3 +88,16 @@ def test_tcp_with_tls_and_token_files(tmp_path):
                                "server.tls_cert": str(tmp_path / "missing.pem"),
                                "server.tls_key": str(tmp_path / "k.pem"),
                                "server.token_file": str(tmp_path / "tok")}, env={})
+
+
+def test_shipped_example_config_and_unit():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "deploy/kvctl.toml", env={})
+    assert cfg.engine.model == "default" and cfg.log.log_prompts is False and not cfg.metrics.enabled
+    unit = (root / "deploy/systemd/kvctl.service").read_text()
+    for line in ("Type=notify", "User=kvctl", "RuntimeDirectory=kvctl", "Restart=on-failure",
+                 "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                 "PrivateTmp=yes", "--socket /run/kvctl/kvctl.sock"):
+        assert line in unit, line

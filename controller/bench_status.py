@@ -1,0 +1,151 @@
+"""Benchmark: GetStatus latency while N clients stream generations (goal p99 <= 5 ms).
+
+    python -m controller.bench_status --clients 64 --seconds 20 --model random:tiny
+
+Starts `kvctl serve` as a subprocess on a temporary Unix socket (real engine), runs the
+streaming clients as threads of this process, and calls GetStatus every ``--period-ms``
+from one more thread. Prints latency percentiles idle and under load. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import multiprocessing as mp
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    q = lambda p: xs[min(len(xs) - 1, int(p / 100 * len(xs)))]  # noqa: E731
+    return {"n": len(xs), "p50_ms": q(50) * 1e3, "p90_ms": q(90) * 1e3, "p99_ms": q(99) * 1e3,
+            "max_ms": xs[-1] * 1e3, "mean_ms": statistics.fmean(xs) * 1e3}
+
+
+def measure(stub, seconds: float, period_s: float) -> list[float]:
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+        out.append(time.perf_counter() - t0)
+        time.sleep(period_s)
+    return out
+
+
+def run_clients(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors) -> None:
+    """n threads, each streaming generations back to back over its own connection."""
+    def client(i: int) -> None:
+        ch = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.use_local_subchannel_pool", 1)])
+        s = kvctl_pb2_grpc.KvctlStub(ch)
+        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=list(range(1 + i, 33 + i))),
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        first = True
+        while not stop.is_set():
+            try:
+                stream = s.Generate(req)
+                for ev in stream:
+                    if ev.WhichOneof("event") == "token":
+                        with tokens.get_lock():
+                            tokens.value += 1
+                        if first:
+                            first = False
+                            with ready.get_lock():
+                                ready.value += 1
+                    if stop.is_set():
+                        stream.cancel()
+                        break
+            except grpc.RpcError as e:
+                if not stop.is_set():
+                    errors.append(f"{e.code().name}: {e.details()}")
+                break
+        ch.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--period-ms", type=float, default=10)
+    ap.add_argument("--model", default="random:tiny")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="engine torch threads")
+    args = ap.parse_args()
+
+    d = Path(tempfile.mkdtemp(prefix="kvbench-"))
+    sock = d / "kvctl.sock"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "serve", "--socket", str(sock), "--model", args.model,
+         "--set", f"engine.num_threads={args.threads}", "--set", "log.level=warning",
+         "--set", "server.drain_grace_s=2"], env=env)
+    try:
+        while not sock.exists():
+            if daemon.poll() is not None:
+                sys.exit("the daemon exited before it was ready")
+            time.sleep(0.1)
+        channel = grpc.insecure_channel(f"unix:{sock}")
+        stub = kvctl_pb2_grpc.KvctlStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        measure(stub, 1.0, args.period_ms / 1e3)   # warm-up
+        idle = measure(stub, min(5.0, args.seconds), args.period_ms / 1e3)
+
+        # the streaming clients live in their own process, so that their GIL is not the
+        # measuring thread's: what is measured is the daemon
+        ctx = mp.get_context("spawn")
+        stop, ready = ctx.Event(), ctx.Value("i", 0)
+        tokens = ctx.Value("q", 0)
+        errors = ctx.Manager().list()
+        proc = ctx.Process(target=run_clients, args=(str(sock), args.clients, args.max_tokens,
+                                                      stop, ready, tokens, errors))
+        proc.start()
+        t_wait = time.monotonic()
+        while ready.value < args.clients and time.monotonic() - t_wait < 60:
+            time.sleep(0.1)
+        st = stub.GetStatus(pb.GetStatusRequest(fresh=True))
+        tok0, t0 = tokens.value, time.monotonic()
+        loaded = measure(stub, args.seconds, args.period_ms / 1e3)
+        tok_rate = (tokens.value - tok0) / (time.monotonic() - t0)
+        streaming = ready.value
+        stop.set()
+        proc.join(30)
+        errors = list(errors)
+        result = {
+            "clients": args.clients, "clients_streaming": streaming, "model": args.model,
+            "seconds": args.seconds, "period_ms": args.period_ms, "cpus": os.cpu_count(),
+            "live_sequences_at_start": st.counts.total, "streamed_tokens_per_s": round(tok_rate, 1),
+            "client_errors": errors[:5], "idle": percentiles(idle), "under_load": percentiles(loaded),
+        }
+        print(json.dumps(result, indent=2))
+        print(f"\nGetStatus idle p50 {result['idle']['p50_ms']:.2f} ms, p99 {result['idle']['p99_ms']:.2f} ms; "
+              f"with {streaming} streaming clients p50 {result['under_load']['p50_ms']:.2f} ms, "
+              f"p99 {result['under_load']['p99_ms']:.2f} ms, max {result['under_load']['max_ms']:.2f} ms "
+              f"({result['under_load']['n']} calls; {tok_rate:.0f} tokens/s streamed)")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+
+
+if __name__ == "__main__":
+    main()
