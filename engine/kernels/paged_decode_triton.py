@@ -27,7 +27,7 @@ import triton.language as tl
 from engine.layout import BlockGeometry, KVFormat
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -288,8 +288,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
                    num_splits: int | None, blocks_per_iter: int | None,
-                   num_warps: int | None) -> tuple[int, int, int, int]:
-    """(num_splits, blocks_per_split, blocks_per_iter, num_warps).
+                   num_warps: int | None, num_stages: int | None
+                   ) -> tuple[int, int, int, int, int]:
+    """(num_splits, blocks_per_split, blocks_per_iter, num_warps, num_stages).
 
     Heuristics instead of autotuning (decode shapes change every step): enough programs
     for a few waves over the SMs, each with a run of blocks long enough to hide the
@@ -306,14 +307,18 @@ def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
     bps = -(-NB // num_splits)
     bps = -(-bps // nbi) * nbi          # whole iterations per split
     num_splits = -(-NB // bps)
-    return num_splits, bps, nbi, num_warps or 4
+    # 2 stages lets Triton prefetch the next iteration's tiles (cp.async); 3 fails to
+    # compile uint8 tiles in triton 3.9 ("cp.async ... smaller than 4 bytes")
+    stages = num_stages or (2 if uniform else 1)
+    return num_splits, bps, nbi, num_warps or 4, stages
 
 
 def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                         block_kbits: torch.Tensor, block_vbits: torch.Tensor,
                         block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float, *,
                         fmt: KVFormat | None = None, num_splits: int | None = None,
-                        blocks_per_iter: int | None = None, num_warps: int | None = None
+                        blocks_per_iter: int | None = None, num_warps: int | None = None,
+                        num_stages: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -323,7 +328,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
 
     ``fmt``: promise that every non-hole block has this format (compiles it in, reads no
     bits tensors, several blocks per iteration); None reads each block's format.
-    ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` override the launch heuristics.
+    ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
+    launch heuristics.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -374,8 +380,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     n = arena_row.numel() // 4 * 4
     arena_st = arena_row[:n].view(geom.store_dtype)
     arena_md = arena_row[:n].view(geom.meta_dtype)
-    S, bps, nbi, warps = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
-                                        blocks_per_iter, num_warps)
+    S, bps, nbi, warps, stages = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
+                                                blocks_per_iter, num_warps, num_stages)
     g = Hq // H
     pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
@@ -388,7 +394,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         ESIZE=esize, MSIZE=msize,
         KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
         NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16,
-        IEEE=geom.store_dtype == torch.float32, num_warps=warps)
+        IEEE=geom.store_dtype == torch.float32, num_warps=warps, num_stages=stages)
     # one program per (sequence, query head); the split axis fits in registers
     _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
                               num_warps=4)
