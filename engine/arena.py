@@ -116,19 +116,30 @@ class SlabAllocator:
 
 
 class Arena:
-    """One tier's bytes: ``data [num_layers, bytes_per_layer]`` uint8 plus its allocator."""
+    """One tier's bytes: ``data [num_layers, bytes_per_layer]`` uint8 plus its allocator.
+
+    A device arena may carry a *staging* area after the last layer: offloaded blocks
+    are copied there, one layer at a time, for the decode kernel. The kernel takes one
+    layer's row as ``row(layer)`` — a 1-D view from that layer's start to the end of the
+    buffer — so slot offsets and staging offsets (``staging_base(layer) + x``) address
+    the same allocation.
+    """
 
     def __init__(self, name: str, num_layers: int, capacity_bytes: int, page_bytes: int,
-                 device: torch.device, pin: bool = False):
+                 device: torch.device, pin: bool = False, staging_bytes: int = 0):
         per_layer = capacity_bytes // num_layers
         self.name = name
         self.num_layers = num_layers
         self.alloc = SlabAllocator(per_layer, page_bytes)
-        nbytes = self.alloc.capacity_bytes
+        self.row_bytes = self.alloc.capacity_bytes
+        self.staging_bytes = staging_bytes // 32 * 32
         self.device = torch.device(device)
         # empty, not zeros: the OS maps pages lazily; we never read an unwritten slot
-        self.data = torch.empty((num_layers, nbytes), dtype=torch.uint8, device=self.device,
+        self.flat = torch.empty(num_layers * self.row_bytes + self.staging_bytes,
+                                dtype=torch.uint8, device=self.device,
                                 pin_memory=pin and self.device.type == "cpu")
+        self.data = self.flat[:num_layers * self.row_bytes].view(num_layers, self.row_bytes)
+        self.staging = self.flat[num_layers * self.row_bytes:]
 
     @property
     def capacity_bytes(self) -> int:
@@ -141,6 +152,14 @@ class Arena:
     @property
     def block_bytes(self) -> int:
         return self.alloc.used_slot_bytes * self.num_layers
+
+    def row(self, layer: int) -> torch.Tensor:
+        """1-D bytes from ``layer``'s row to the end (slots, then later rows, staging)."""
+        return self.flat[layer * self.row_bytes:]
+
+    def staging_base(self, layer: int) -> int:
+        """Offset of the staging area relative to ``row(layer)``."""
+        return (self.num_layers - layer) * self.row_bytes
 
     def view(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """1-D typed view of one layer's bytes (sections are ALIGN-aligned)."""

@@ -43,8 +43,10 @@ def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dro
     arena_row = plan.arena_row(layer)
     if plan.num_decode:
         d = plan.decode
-        o, m, l = paged_decode(q.index_select(0, d.rows).contiguous(), arena_row, d.offsets,
-                               d.kbits, d.vbits, d.ntok, plan.geom, scale)
+        qd = q.index_select(0, d.rows).contiguous()
+        offs, kb, vb, nt = plan.decode_table(layer, qd)
+        o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale)
+        plan.decode_done(layer)
         out.index_copy_(0, d.rows, o.to(out.dtype))
         plan.record_partials(layer, m, l)
     for seg in plan.prefills:
@@ -85,6 +87,8 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
 def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, plan,
             logits_rows: torch.Tensor) -> torch.Tensor:
     """One packed step. input_ids/position_ids [1, N]; returns logits [len(rows), V]."""
+    if plan.decode is not None and plan.decode.stager is not None:
+        plan.decode.stager.begin()
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                 logits_to_keep=logits_rows, kvctl_plan=plan)
     return out.logits[0]

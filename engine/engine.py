@@ -26,6 +26,7 @@ from engine.layout import FULL, BlockGeometry
 from engine.models import load_model
 from engine.plan import build_plan
 from engine.sampler import make_generator, sample
+from engine.staging import staging_need
 from engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
 from engine.stats import SeqStats
 from engine.store import GPU, KVStore
@@ -51,6 +52,8 @@ class EngineConfig:
     stats_decay: float = 0.9
     value_group: int = 32
     page_bytes: int | None = None
+    staging_bytes: int | None = None       # device buffer for streaming offloaded blocks
+    num_sink_blocks: int = 1               # leading blocks eviction may not touch
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,7 +86,8 @@ class Engine:
         self.geom = BlockGeometry(cfg.block_size, mc.num_key_value_heads, head_dim,
                                   self.dtype, value_group=min(cfg.value_group, head_dim))
         self.store = KVStore(self.geom, self.num_layers, self.device, self._gpu_budget(),
-                             self._host_budget(), cfg.page_bytes)
+                             self._host_budget(), cfg.page_bytes, cfg.staging_bytes,
+                             cfg.num_sink_blocks)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -242,9 +246,15 @@ class Engine:
             self._admit()
             decode: list[tuple[str, int]] = []
             dec_seqs: list[Sequence] = []
+            staging_left = self.store.staging_half
             for s in self.running:
                 if s.state != DECODE:
                     continue
+                need = staging_need(self.store, s.seq_id)
+                if need > staging_left:  # offloaded blocks of others fill staging now
+                    s.stalled = True
+                    continue
+                staging_left -= need
                 try:
                     self.store.reserve(s.seq_id, 1)
                 except OutOfBlocks:

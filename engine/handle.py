@@ -8,8 +8,7 @@ from engine.actions import (Action, ActionError, ActionResult, BlockView, Engine
                             Evict, Fetch, Offload, Quantize, Restore, SequenceView,
                             SetDecodeMode, SetFillFormat, TierView)
 from engine.layout import FULL, KVFormat
-from engine.sequence import DECODE
-from engine.store import EVICTED, GPU
+from engine.store import GPU
 
 
 class EngineHandle:
@@ -82,9 +81,28 @@ class EngineHandle:
                 kv.fill_format = fmt
                 self._note(action.seq_id, f"fill format -> {fmt.name}")
                 res = ActionResult(action, True, {})
-            elif isinstance(action, (Offload, Fetch, Evict, Restore, SetDecodeMode)):
-                raise ActionError(f"{type(action).__name__} is not supported by this engine "
-                                  "yet (eviction and offload land with issue 4)")
+            elif isinstance(action, Evict):
+                freed = moves.evict(e.store, action.seq_id, action.blocks, action.park)
+                self._note(action.seq_id, f"{'park' if action.park else 'evict'} "
+                                          f"{len(action.blocks)} blocks")
+                res = ActionResult(action, True, freed)
+            elif isinstance(action, Restore):
+                freed = moves.restore(e.store, action.seq_id, action.blocks)
+                self._note(action.seq_id, f"restore {len(action.blocks)} blocks")
+                res = ActionResult(action, True, freed)
+            elif isinstance(action, Offload):
+                freed = moves.offload(e.store, action.seq_id, action.blocks)
+                self._note(action.seq_id, f"offload {len(action.blocks)} blocks")
+                res = ActionResult(action, True, freed)
+            elif isinstance(action, Fetch):
+                freed = moves.fetch(e.store, action.seq_id, action.blocks)
+                self._note(action.seq_id, f"fetch {len(action.blocks)} blocks")
+                res = ActionResult(action, True, freed)
+            elif isinstance(action, SetDecodeMode):
+                moves.set_decode_mode(e.store, action.seq_id, action.mode, action.top_k)
+                self._note(action.seq_id, f"decode mode -> {action.mode}"
+                                          + (f" (k={action.top_k})" if action.mode == "topk" else ""))
+                res = ActionResult(action, True, {})
             else:
                 raise ActionError(f"unknown action {action!r}")
         res.seconds = time.perf_counter() - t0

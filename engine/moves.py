@@ -10,7 +10,7 @@ import torch
 from engine.actions import ActionError
 from engine.kernels.slots import read_blocks, write_blocks
 from engine.layout import FULL, KVFormat
-from engine.store import GPU, Block, KVStore
+from engine.store import EVICTED, GPU, HOST, PARKED, Block, KVStore
 
 BATCH = 64  # blocks converted per batch: bounds the dense staging memory
 
@@ -110,3 +110,162 @@ def fill_candidates(store: KVStore, seq_id: str) -> list[int]:
     T = store.block_size
     return [b.index for b in s.blocks[:-1]
             if b.tier == GPU and b.fmt == FULL and b.num_tokens == T]
+
+
+# -- eviction, parking, offload ----------------------------------------------------------
+
+def _copy_runs(src, src_offs: list[int], dst, dst_offs: list[int], sizes: list[int]) -> None:
+    """Copy slots between arenas, all layers at once, merging adjacent slots into runs
+    (PCIe wants large transfers)."""
+    runs: list[list[int]] = []
+    for s, d, n in sorted(zip(src_offs, dst_offs, sizes)):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += n
+        else:
+            runs.append([s, d, n])
+    for s, d, n in runs:
+        dst.data[:, d:d + n].copy_(src.data[:, s:s + n], non_blocking=True)
+    if src.device.type == "cuda" or dst.device.type == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
+def _check_movable(store: KVStore, seq_id: str, blocks: list[Block], what: str,
+                   allowed: tuple[str, ...], protect_sinks: bool) -> None:
+    s = store.seqs[seq_id]
+    for b in blocks:
+        if b.index == len(s.blocks) - 1:
+            raise ActionError(f"{seq_id}: block {b.index} is the newest block; new tokens "
+                              f"are written there, it cannot be {what}")
+        if protect_sinks and b.index < store.num_sink_blocks:
+            raise ActionError(f"{seq_id}: block {b.index} holds the attention sink; it "
+                              f"cannot be {what}")
+        if b.tier not in allowed:
+            raise ActionError(f"{seq_id}: block {b.index} is {b.tier}; only "
+                              f"{' or '.join(allowed)} blocks can be {what}")
+
+
+def _host(store: KVStore):
+    if not store.has_host():
+        raise ActionError("this engine has no host tier (host_budget_bytes is 0)")
+    return store.arenas[HOST]
+
+
+def _room(arena, blocks: list[Block], store: KVStore, where: str) -> None:
+    need: dict[int, int] = {}
+    for b in blocks:
+        slot = store.geom.slot_bytes(b.fmt)
+        need[slot] = need.get(slot, 0) + 1
+    # sizes are checked one class at a time; a class's fresh pages reduce the others'
+    pages = sum(arena.alloc.pages_needed(slot, n) for slot, n in need.items())
+    if pages > len(arena.alloc._free_pages):
+        raise ActionError(f"not enough free {where} memory for {len(blocks)} blocks")
+
+
+def _move(store: KVStore, blocks: list[Block], src_name: str, dst_name: str,
+          new_tier: str) -> int:
+    """Copy blocks from one arena to the other, free the source slots."""
+    src, dst = store.arenas[src_name], store.arenas[dst_name]
+    sizes = [store.geom.slot_bytes(b.fmt) for b in blocks]
+    # allocate destination slots in index order so a sequence's run stays contiguous
+    dst_offs = [dst.alloc.allocate(n) for n in sizes]
+    _copy_runs(src, [b.offset for b in blocks], dst, dst_offs, sizes)
+    for b, o, n in zip(blocks, dst_offs, sizes):
+        src.alloc.free(b.offset, n)
+        b.offset, b.tier = o, new_tier
+    return sum(sizes) * store.num_layers
+
+
+def key_summary(store: KVStore, b: Block) -> torch.Tensor:
+    """Per-channel key min/max of a GPU block, all layers: [L, H, 2, D] fp32 (Quest)."""
+    arena = store.arenas[GPU]
+    offs = torch.tensor([b.offset], dtype=torch.int64, device=arena.device)
+    k, _ = read_blocks(arena.data, offs, store.geom, b.fmt, torch.float32)  # [L,1,H,T,D]
+    k = k[:, 0, :, :b.num_tokens]
+    return torch.stack([k.amin(2), k.amax(2)], 2)
+
+
+def evict(store: KVStore, seq_id: str, indices, park: bool) -> dict[str, int]:
+    """Drop blocks from attention; with ``park`` keep a host copy for ``restore``."""
+    blocks = target_blocks(store, seq_id, indices)
+    _check_movable(store, seq_id, blocks, "evicted", (GPU, HOST), protect_sinks=True)
+    on_gpu = [b for b in blocks if b.tier == GPU]
+    if park:
+        _room(_host(store), on_gpu, store, "host")
+        moved = _move(store, sorted(on_gpu, key=lambda b: b.index), GPU, HOST, PARKED)
+        for b in blocks:
+            b.tier, b.summary = PARKED, None
+        return {GPU: moved, HOST: -moved}
+    freed = {GPU: 0, HOST: 0}
+    for b in blocks:
+        tier = GPU if b.tier == GPU else HOST
+        freed[tier] += store.block_bytes(b.fmt)
+        store._release(b)
+        b.tier, b.summary = EVICTED, None
+    return freed
+
+
+def restore(store: KVStore, seq_id: str, indices) -> dict[str, int]:
+    """Parked blocks back into attention on the GPU tier."""
+    blocks = target_blocks(store, seq_id, indices)
+    for b in blocks:
+        if b.tier != PARKED:
+            raise ActionError(f"{seq_id}: block {b.index} is {b.tier}, not parked"
+                              + ("; evicted without park cannot come back"
+                                 if b.tier == EVICTED else ""))
+    _room(store.arenas[GPU], blocks, store, "GPU")
+    moved = _move(store, sorted(blocks, key=lambda b: b.index), HOST, GPU, GPU)
+    return {GPU: -moved, HOST: moved}
+
+
+def offload(store: KVStore, seq_id: str, indices) -> dict[str, int]:
+    """GPU blocks to the host tier; key summaries stay on the device for top-k."""
+    blocks = target_blocks(store, seq_id, indices)
+    _check_movable(store, seq_id, blocks, "offloaded", (GPU,), protect_sinks=False)
+    _room(_host(store), blocks, store, "host")
+    s = store.seqs[seq_id]
+    if s.decode_mode == "exact":
+        per_layer = sum(store.geom.slot_bytes(b.fmt) for b in store.host_blocks(seq_id)
+                        + blocks)
+        if per_layer > store.staging_half:
+            raise ActionError(
+                f"{seq_id}: exact decode would stream {per_layer} bytes per layer, more "
+                f"than the staging buffer ({store.staging_half}); use top-k decode "
+                "(SetDecodeMode) or a larger staging area")
+    blocks = sorted(blocks, key=lambda b: b.index)
+    for b in blocks:
+        b.summary = key_summary(store, b)
+    moved = _move(store, blocks, GPU, HOST, HOST)
+    return {GPU: moved, HOST: -moved}
+
+
+def fetch(store: KVStore, seq_id: str, indices) -> dict[str, int]:
+    """Offloaded blocks back to the GPU tier for good."""
+    blocks = target_blocks(store, seq_id, indices)
+    for b in blocks:
+        if b.tier != HOST:
+            raise ActionError(f"{seq_id}: block {b.index} is {b.tier}, not offloaded")
+    _room(store.arenas[GPU], blocks, store, "GPU")
+    moved = _move(store, sorted(blocks, key=lambda b: b.index), HOST, GPU, GPU)
+    for b in blocks:
+        b.summary = None
+    return {GPU: -moved, HOST: moved}
+
+
+def set_decode_mode(store: KVStore, seq_id: str, mode: str, top_k: int) -> None:
+    if seq_id not in store.seqs:
+        raise ActionError(f"unknown sequence {seq_id!r} (finished, or never admitted)")
+    if mode not in ("exact", "topk"):
+        raise ActionError(f"decode mode must be 'exact' or 'topk', got {mode!r}")
+    if mode == "topk" and top_k < 1:
+        raise ActionError("top-k decode needs top_k >= 1")
+    full_slot = store.geom.slot_bytes(FULL)
+    if mode == "topk" and top_k * full_slot > store.staging_half:
+        raise ActionError(f"top_k {top_k} blocks exceed the staging buffer "
+                          f"({store.staging_half // full_slot} blocks)")
+    if mode == "exact":
+        per_layer = sum(store.geom.slot_bytes(b.fmt) for b in store.host_blocks(seq_id))
+        if per_layer > store.staging_half:
+            raise ActionError(f"{seq_id}: its offloaded blocks ({per_layer} bytes per "
+                              f"layer) exceed the staging buffer ({store.staging_half})")
+    s = store.seqs[seq_id]
+    s.decode_mode, s.top_k = mode, top_k if mode == "topk" else 0

@@ -10,7 +10,8 @@ import torch
 
 from engine.kernels.paged_decode import gather_dense
 from engine.layout import FULL
-from engine.store import GPU, KVStore
+from engine.staging import Stager, TopKSeq, staging_need
+from engine.store import GPU, HOST, KVStore
 
 
 @dataclass
@@ -25,6 +26,7 @@ class PrefillSeg:
     kbits: torch.Tensor | None = None
     vbits: torch.Tensor | None = None
     ntok: torch.Tensor | None = None
+    host: tuple[torch.Tensor, ...] | None = None  # offloaded blocks: offsets, kb, vb, ntok
     token_idx: torch.Tensor | None = None   # [M] valid rows of the flattened blocks
     kpos: torch.Tensor | None = None        # [M] their positions
     block_of_key: torch.Tensor | None = None  # [M] logical block of each key
@@ -39,6 +41,8 @@ class DecodeBatch:
     kbits: torch.Tensor         # [Bd, NB] int32
     vbits: torch.Tensor
     ntok: torch.Tensor          # [Bd, NB] int32; 0 = not attended (hole / other tier)
+    stage_mask: torch.Tensor | None = None  # [Bd, NB] offsets relative to the staging buffer
+    stager: Stager | None = None
 
 
 @dataclass
@@ -63,7 +67,26 @@ class StepPlan:
         return 0 if self.decode is None else len(self.decode.seq_ids)
 
     def arena_row(self, layer: int) -> torch.Tensor:
-        return self.store.arenas[GPU].data[layer]
+        return self.store.arenas[GPU].row(layer)
+
+    def decode_table(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This layer's block table: staged (offloaded) blocks made ready first."""
+        d = self.decode
+        if d.stager is None or not d.stager.active:
+            return d.offsets, d.kbits, d.vbits, d.ntok
+        st = d.stager
+        base = self.store.arenas[GPU].staging_base(layer)
+        st.ready(layer)
+        offs = d.offsets + d.stage_mask * (base + (layer % 2) * self.store.staging_half)
+        ntok = d.ntok
+        if st.topk:
+            ntok = ntok.clone()
+            st.select_topk(layer, q, offs, ntok, base)
+        return offs, d.kbits, d.vbits, ntok
+
+    def decode_done(self, layer: int) -> None:
+        if self.decode.stager is not None:
+            self.decode.stager.done(layer)
 
     # -- per layer ------------------------------------------------------------------------
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -73,13 +96,19 @@ class StepPlan:
 
     def gather_prefix(self, layer: int, seg: PrefillSeg):
         """Stored K/V a prefill chunk attends over: [H, M, D] x2 and positions [M]."""
-        H, T, D = self.geom.num_kv_heads, self.geom.block_size, self.geom.head_dim
-        k, v = gather_dense(self.arena_row(layer), seg.offsets.view(1, -1),
-                            seg.kbits.view(1, -1), seg.vbits.view(1, -1),
-                            seg.ntok.view(1, -1), self.geom, self.geom.store_dtype)
-        k = k[0].permute(1, 0, 2, 3).reshape(H, -1, D).index_select(1, seg.token_idx)
-        v = v[0].permute(1, 0, 2, 3).reshape(H, -1, D).index_select(1, seg.token_idx)
-        return k, v, seg.kpos
+        H, D = self.geom.num_kv_heads, self.geom.head_dim
+        parts = []
+        groups = [(self.arena_row(layer), (seg.offsets, seg.kbits, seg.vbits, seg.ntok))]
+        if seg.host is not None:
+            groups.append((self.store.arenas[HOST].data[layer], seg.host))
+        for row, (o, kb, vb, nt) in groups:
+            k, v = gather_dense(row, o.to(row.device).view(1, -1), kb.to(row.device).view(1, -1),
+                                vb.to(row.device).view(1, -1), nt.to(row.device).view(1, -1),
+                                self.geom, self.geom.store_dtype)
+            parts.append((k[0].to(self.store.device), v[0].to(self.store.device)))
+        k = torch.cat([p[0] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
+        v = torch.cat([p[1] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
+        return k.index_select(1, seg.token_idx), v.index_select(1, seg.token_idx), seg.kpos
 
     def record_partials(self, layer: int, m: torch.Tensor, l: torch.Tensor) -> None:
         """Per-block softmax partials [Bd, Hq, NB] -> each block's share of attention."""
@@ -103,22 +132,59 @@ class StepPlan:
         self.observed[seg.seq_id] = per_block if prev is None else prev + per_block
 
 
-def _table(store: KVStore, seq_ids: list[str], device) -> tuple[torch.Tensor, ...]:
-    """Logical block tables of these sequences: attended GPU blocks, holes elsewhere."""
+def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
+    """Logical block tables of these sequences (column = logical block index): GPU
+    blocks attended in place, offloaded ones staged per layer, holes elsewhere."""
     nb = max(len(store.seqs[s].blocks) for s in seq_ids)
     B = len(seq_ids)
     offs = torch.zeros(B, nb, dtype=torch.int64)
     kb = torch.zeros(B, nb, dtype=torch.int32)
     vb = torch.zeros(B, nb, dtype=torch.int32)
     nt = torch.zeros(B, nb, dtype=torch.int32)
+    staged = torch.zeros(B, nb, dtype=torch.int64)
+    stager = Stager(store, store.num_layers)
+    cur = 0  # next free byte of each staging buffer
     for i, sid in enumerate(seq_ids):
-        for b in store.seqs[sid].blocks:
+        kv = store.seqs[sid]
+        host = []
+        for b in kv.blocks:
             if b.tier == GPU and b.num_tokens > 0:
                 offs[i, b.index] = b.offset
-                kb[i, b.index] = b.fmt.k_bits
-                vb[i, b.index] = b.fmt.v_bits
-                nt[i, b.index] = b.num_tokens
-    return tuple(t.to(device, non_blocking=True) for t in (offs, kb, vb, nt))
+            elif b.tier == HOST:
+                host.append(b)
+            else:
+                continue
+            kb[i, b.index] = b.fmt.k_bits
+            vb[i, b.index] = b.fmt.v_bits
+            nt[i, b.index] = b.num_tokens
+        if not host:
+            continue
+        if kv.decode_mode == "topk":
+            nt[i, [b.index for b in host]] = 0  # attended only if picked, per layer
+            summ = torch.stack([b.summary for b in host])
+            stager.topk.append(TopKSeq(i, host, summ, kv.top_k, cur))
+            cur += staging_need(store, sid)
+            continue
+        for b in host:
+            n = store.geom.slot_bytes(b.fmt)
+            stager.runs.append((b.offset, cur, n))
+            offs[i, b.index] = cur
+            staged[i, b.index] = 1
+            cur += n
+    assert cur <= store.staging_half, "the scheduler admits only what staging holds"
+    stager.runs = _merge(stager.runs)
+    t = [x.to(device, non_blocking=True) for x in (offs, kb, vb, nt, staged)]
+    return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager)
+
+
+def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    out: list[list[int]] = []
+    for h, s, n in runs:
+        if out and out[-1][0] + out[-1][2] == h and out[-1][1] + out[-1][2] == s:
+            out[-1][2] += n
+        else:
+            out.append([h, s, n])
+    return [tuple(r) for r in out]
 
 
 def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
@@ -154,12 +220,13 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
         w_offs += o
         w_rows += r
         blocks = [b for b in s.blocks if b.tier == GPU and b.num_tokens > 0]
+        host = [b for b in s.blocks if b.tier == HOST]
         plain = p0 == 0  # a first chunk attends to itself only
         seg = PrefillSeg(sid, start, len(toks),
                          torch.arange(p0, p0 + len(toks), device=device), plain,
                          observe=min(observe, len(toks)), num_logical=len(s.blocks))
         tok_idx, kpos, kblk = [], [], []
-        for j, b in enumerate(blocks):
+        for j, b in enumerate(blocks + host):
             tok_idx += range(j * T, j * T + b.num_tokens)
             kpos += range(b.index * T, b.index * T + b.num_tokens)
             kblk += [b.index] * b.num_tokens
@@ -167,6 +234,11 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
         seg.kbits = torch.tensor([b.fmt.k_bits for b in blocks], dtype=torch.int32, device=device)
         seg.vbits = torch.tensor([b.fmt.v_bits for b in blocks], dtype=torch.int32, device=device)
         seg.ntok = torch.tensor([b.num_tokens for b in blocks], dtype=torch.int32, device=device)
+        if host:
+            seg.host = tuple(torch.tensor(x, dtype=dt) for x, dt in (
+                ([b.offset for b in host], torch.int64), ([b.fmt.k_bits for b in host], torch.int32),
+                ([b.fmt.v_bits for b in host], torch.int32),
+                ([b.num_tokens for b in host], torch.int32)))
         seg.token_idx = torch.tensor(tok_idx, dtype=torch.int64, device=device)
         seg.kpos = torch.tensor(kpos, dtype=torch.int64, device=device)
         seg.block_of_key = torch.tensor(kblk, dtype=torch.int64, device=device)
@@ -179,9 +251,8 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
         + torch.arange(D).view(1, 1, D)
     decode = None
     if decode_ids:
-        sids = [s for s, _ in decode_ids]
-        offs, kb, vb, nt = _table(store, sids, device)
-        decode = DecodeBatch(sids, torch.tensor(dec_rows, device=device), offs, kb, vb, nt)
+        decode = _table(store, [s for s, _ in decode_ids], device)
+        decode.rows = torch.tensor(dec_rows, device=device)
     return StepPlan(
         store=store,
         input_ids=torch.tensor([ids], device=device),

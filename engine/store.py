@@ -31,6 +31,8 @@ class Block:
     tier: str = GPU
     offset: int = -1          # slot byte offset in its tier's arena (-1 when evicted)
     num_tokens: int = 0
+    summary: torch.Tensor | None = None  # [L, H, 2, D] key min/max, kept on the device
+                                         # while the block is on the host (Quest)
 
 
 @dataclass
@@ -39,6 +41,8 @@ class SeqKV:
     blocks: list[Block] = field(default_factory=list)
     num_tokens: int = 0       # tokens written (positions 0 .. num_tokens-1)
     fill_format: KVFormat = FULL  # format full blocks are converted to when they fill
+    decode_mode: str = "exact"    # over offloaded blocks: 'exact' (stream all) or 'topk'
+    top_k: int = 0                # offloaded blocks fetched per layer in 'topk' mode
 
     @property
     def tail(self) -> Block | None:
@@ -47,7 +51,8 @@ class SeqKV:
 
 class KVStore:
     def __init__(self, geom: BlockGeometry, num_layers: int, device: torch.device,
-                 gpu_bytes: int, host_bytes: int = 0, page_bytes: int | None = None):
+                 gpu_bytes: int, host_bytes: int = 0, page_bytes: int | None = None,
+                 staging_bytes: int | None = None, num_sink_blocks: int = 1):
         self.geom = geom
         self.num_layers = num_layers
         self.device = torch.device(device)
@@ -61,8 +66,12 @@ class KVStore:
             raise ValueError(
                 f"KV budget of {gpu_bytes} bytes is below one page per layer "
                 f"({page_bytes * num_layers} bytes); raise the budget")
+        if staging_bytes is None:  # room to stream offloaded blocks of one layer, x2
+            staging_bytes = max(2 * page_bytes, min(256 << 20, gpu_bytes // 16))
+        self.num_sink_blocks = num_sink_blocks
         self.arenas: dict[str, Arena] = {
-            GPU: Arena(GPU, num_layers, gpu_bytes, page_bytes, self.device)}
+            GPU: Arena(GPU, num_layers, gpu_bytes, page_bytes, self.device,
+                       staging_bytes=staging_bytes)}
         if host_bytes >= page_bytes * num_layers:
             self.arenas[HOST] = Arena(HOST, num_layers, host_bytes, page_bytes,
                                       torch.device("cpu"), pin=self.device.type == "cuda")
@@ -86,6 +95,14 @@ class KVStore:
         if n == 0:
             return 0
         return (n - 1) * self.block_bytes(fmt) + self.block_bytes(FULL)
+
+    @property
+    def staging_half(self) -> int:
+        """Bytes of one staging buffer (two alternate between layers)."""
+        return self.arenas[GPU].staging_bytes // 2
+
+    def has_host(self) -> bool:
+        return HOST in self.arenas
 
     def free_bytes(self, tier: str = GPU) -> int:
         a = self.arenas.get(tier)
@@ -150,6 +167,9 @@ class KVStore:
     def attended_blocks(self, seq_id: str) -> list[Block]:
         """Blocks attention reads directly this step (GPU tier)."""
         return [b for b in self.seqs[seq_id].blocks if b.tier == GPU and b.num_tokens > 0]
+
+    def host_blocks(self, seq_id: str) -> list[Block]:
+        return [b for b in self.seqs[seq_id].blocks if b.tier == HOST]
 
     def bytes_by(self, seq_id: str) -> tuple[dict[str, int], dict[str, int]]:
         by_tier: dict[str, int] = {}

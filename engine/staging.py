@@ -1,0 +1,127 @@
+"""Decoding over offloaded blocks: stream them into the device's staging area per layer.
+
+* exact mode: every offloaded block of the sequence, for each layer, copied into one of
+  two staging buffers (layers alternate), the copy for layer ``l + 2`` issued on a side
+  stream as soon as layer ``l``'s kernel has read its buffer, so transfers overlap the
+  compute of the layers between (CUDA). Host slots of a sequence offloaded together are
+  contiguous, so adjacent blocks merge into large transfers.
+* top-k mode (Quest, Tang et al. 2024): per-channel key min/max of each offloaded block
+  stay on the device; per layer, the query bounds each block's best logit
+  (``sum_d max(q_d kmin_d, q_d kmax_d)``), and only the top-k blocks are fetched.
+
+On CPU the host tier is simulated (the same memory), but copies and accounting are real.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.store import HOST, Block, KVStore
+
+
+@dataclass
+class TopKSeq:
+    row: int                    # row in the decode batch
+    blocks: list[Block]         # its offloaded blocks
+    summary: torch.Tensor       # [n, L, H, 2, D] fp32 on the device
+    k: int
+    stage_off: int              # its region in each staging buffer
+
+
+@dataclass
+class Stager:
+    store: KVStore
+    num_layers: int
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # host off, stage off, n
+    topk: list[TopKSeq] = field(default_factory=list)
+    _events: dict = field(default_factory=dict)
+    _stream: object = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.runs or self.topk)
+
+    def _half(self, layer: int) -> int:
+        return (layer % 2) * self.store.staging_half
+
+    def _copy_layer(self, layer: int) -> None:
+        host = self.store.arenas[HOST]
+        st = self.store.arenas["gpu"].staging
+        base = self._half(layer)
+        for h, s, n in self.runs:
+            st[base + s:base + s + n].copy_(host.data[layer, h:h + n], non_blocking=True)
+
+    def begin(self) -> None:
+        """Before the forward: start streaming layers 0 and 1."""
+        if not self.runs:
+            return
+        if self.store.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.store.device)
+            self._stream.wait_stream(torch.cuda.current_stream())
+            for layer in range(min(2, self.num_layers)):
+                self._issue(layer)
+
+    def _issue(self, layer: int) -> None:
+        with torch.cuda.stream(self._stream):
+            self._copy_layer(layer)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._events[layer] = ev
+
+    def ready(self, layer: int) -> None:
+        """Layer ``layer``'s exact-mode blocks are in its staging buffer after this."""
+        if not self.runs:
+            return
+        if self._stream is None:
+            self._copy_layer(layer)
+        else:
+            torch.cuda.current_stream().wait_event(self._events.pop(layer))
+
+    def done(self, layer: int) -> None:
+        """Layer's kernel is enqueued: its buffer may take layer + 2 once it has run."""
+        if self._stream is None or layer + 2 >= self.num_layers:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream())
+        self._stream.wait_event(ev)
+        self._issue(layer + 2)
+
+    def select_topk(self, layer: int, q: torch.Tensor, offsets: torch.Tensor,
+                    ntok: torch.Tensor, stage_base: int) -> None:
+        """Pick and fetch each top-k sequence's best offloaded blocks for this layer.
+
+        q [Bd, Hq, D]; fills ``offsets`` / ``ntok`` [Bd, NB] columns of chosen blocks.
+        """
+        if not self.topk:
+            return
+        host = self.store.arenas[HOST]
+        st = self.store.arenas["gpu"].staging
+        base = self._half(layer)
+        for t in self.topk:
+            s = t.summary[:, layer]                                  # [n, H, 2, D]
+            H, D = s.shape[1], s.shape[3]
+            qq = q[t.row].float().view(H, -1, D)                     # [H, g, D]
+            lo = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 0])
+            hi = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 1])
+            bound = torch.maximum(lo, hi).sum(-1).amax((1, 2))       # [n]
+            pick = torch.topk(bound, min(t.k, bound.numel())).indices.tolist()
+            cur = t.stage_off
+            for i in pick:
+                b = t.blocks[i]
+                n = self.store.geom.slot_bytes(b.fmt)
+                st[base + cur:base + cur + n].copy_(host.data[layer, b.offset:b.offset + n])
+                offsets[t.row, b.index] = stage_base + base + cur
+                ntok[t.row, b.index] = b.num_tokens
+                cur += n
+
+
+def staging_need(store: KVStore, seq_id: str) -> int:
+    """Bytes per staging buffer a sequence's decode step needs."""
+    s = store.seqs[seq_id]
+    host = store.host_blocks(seq_id)
+    if not host:
+        return 0
+    if s.decode_mode == "topk":
+        return min(s.top_k, len(host)) * max(store.geom.slot_bytes(b.fmt) for b in host)
+    return sum(store.geom.slot_bytes(b.fmt) for b in host)
