@@ -22,15 +22,30 @@ def texts(tokenizer, n: int, count: int) -> list[list[int]]:
 
 
 def bench_hf(model, prompt: list[int], new: int) -> float:
-    """transformers generate, batch 1: decode tok/s (prefill time subtracted)."""
-    x = torch.tensor([prompt])
-    kw = dict(do_sample=False, pad_token_id=0)
+    """transformers generate (sdpa, its own cache), batch 1: decode tok/s (prefill time
+    subtracted). Runs the engine's own model object with attention switched back."""
+    x = torch.tensor([prompt], device=model.device)
+    kw = dict(do_sample=False, pad_token_id=0, use_cache=True)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        return _time_generate(model, x, new, kw)
+    finally:
+        model.set_attn_implementation(impl)
+        model.config.use_cache = False
+
+
+def _time_generate(model, x, new, kw) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     with torch.inference_mode():
         model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
+        sync()
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync()
         t1 = time.perf_counter()
         model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
+        sync()
         t2 = time.perf_counter()
     return (new - 1) / ((t2 - t1) - (t1 - t0))
 
@@ -65,18 +80,21 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from transformers import AutoModelForCausalLM
-
     from engine.engine import Engine, EngineConfig
-    from engine.models import default_model_dir
     batches = [int(b) for b in a.batches.split(",")]
     eng = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
                               max_batch_tokens=2048))
-    prompts = texts(eng.tokenizer, a.prompt, max(batches))
-    path = default_model_dir() if a.model == "default" else a.model
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=eng.dtype).to(eng.device).eval()
-    hf1 = bench_hf(hf, prompts[0], a.new)
-    print(f"# engine decode benchmark — {platform.processor() or platform.machine()}, "
+    if eng.tokenizer is not None:
+        prompts = texts(eng.tokenizer, a.prompt, max(batches))
+    else:  # random-weight model: random ids
+        g = torch.Generator().manual_seed(0)
+        vocab = eng.model.config.vocab_size
+        prompts = [torch.randint(0, vocab, (a.prompt,), generator=g).tolist()
+                   for _ in range(max(batches))]
+    hf1 = bench_hf(eng.model, prompts[0], a.new)
+    where = torch.cuda.get_device_name() if eng.device.type == "cuda" else \
+        (platform.processor() or platform.machine())
+    print(f"# engine decode benchmark — {where}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, threads {a.threads}, "
           f"model {eng.model_name} ({eng.dtype}), prompt {a.prompt} tokens, {a.new} new")
     print()
