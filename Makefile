@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup run test bench clean proto
+.PHONY: setup run test bench bench-accuracy clean proto
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m engine.bench
+	$(BIN)/python -m engine.evaluate
+
+# KV quantization accuracy: perplexity, passkey, KV bytes per format (long on CPU)
+bench-accuracy: setup
+	$(BIN)/python -m engine.evaluate
 
 # regenerate kvctl_proto/ from proto/ with the pinned grpcio-tools
 proto: setup
