@@ -85,16 +85,23 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
             l.reshape(B, Hq, NB))
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def triton_supports(geom: BlockGeometry) -> bool:
+    """Geometries the Triton kernel is built for (others take the reference)."""
+    return (_pow2(geom.block_size) and geom.block_size >= 16 and _pow2(geom.head_dim)
+            and geom.head_dim >= 16 and _pow2(geom.value_group))
+
+
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
                  sm_scale):
-    """Dispatch: the Triton kernel on CUDA when available, else the reference."""
-    if q.is_cuda:
-        try:
-            from engine.kernels.paged_decode_triton import paged_decode_triton
-        except ImportError:
-            pass
-        else:
-            return paged_decode_triton(q, arena_row, block_offsets, block_kbits,
-                                       block_vbits, block_ntok, geom, sm_scale)
+    """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
+    reference."""
+    if q.is_cuda and triton_supports(geom):
+        from engine.kernels.paged_decode_triton import paged_decode_triton
+        return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
+                                   block_ntok, geom, sm_scale)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale)
