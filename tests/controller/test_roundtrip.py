@@ -196,3 +196,21 @@ def test_drain_lets_short_requests_finish_and_cancels_long_ones(tmp_path_factory
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "drain grace" in e.value.details()
     stopper.join(20)
     assert not stopper.is_alive() and not os.path.exists(dm.socket_path)
+
+
+def test_cli_over_tcp_tls(daemon, tmp_path):
+    import subprocess
+
+    from tests.controller.conftest import KVCTL, ROOT, child_env
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    base = KVCTL + ["--address", daemon.cfg.server.tcp_address, "--tls-ca", str(daemon.cert)]
+    run = lambda *a: subprocess.run([*base, *a], cwd=ROOT, env=child_env(), capture_output=True,  # noqa: E731
+                                    text=True, timeout=30)
+    r = run("status", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"], r.stderr
+    r = run("policy", "set", "--profile", "multi-turn")
+    assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr and "Traceback" not in r.stderr
+    r = run("--token-file", str(token), "policy", "set", "--profile", "multi-turn", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["profile"] == "multi-turn", r.stderr
