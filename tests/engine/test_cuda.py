@@ -22,7 +22,7 @@ def gpu_engine():
 def run(e, ids, actions=lambda s: [], steps=6):
     logits = []
     e.on_logits = lambda s, lg: logits.append(lg[0].float().cpu())
-    sid = e.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=steps + 1,
+    sid = e.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=steps + 2,
                                                                    ignore_eos=True)),
                    lambda ev: None)
     try:
@@ -41,7 +41,7 @@ def run(e, ids, actions=lambda s: [], steps=6):
 def test_logits_match_transformers_on_gpu(gpu_engine):
     e = gpu_engine
     ids = torch.randint(0, 49152, (700,), generator=torch.Generator().manual_seed(1)).tolist()
-    got = run(e, ids, steps=0)[0]
+    got = run(e, ids, steps=0)[0]  # the prefill's logits
     e.model.set_attn_implementation("sdpa")
     try:
         with torch.inference_mode():
