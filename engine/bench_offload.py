@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--profile", action="store_true", help="profile one exact-offload step")
     a = ap.parse_args()
     from engine.actions import Offload, SetDecodeMode
     from engine.api import Request, SamplingParams
@@ -105,6 +106,12 @@ def main() -> None:
     t_copy, nbytes = copy_only(eng, sid)
     timed_steps(eng, 2)
     t_exact = timed_steps(eng, a.steps)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_steps(eng, 1)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     eng.handle.apply(SetDecodeMode(sid, "topk", k))
     timed_steps(eng, 2)
     t_topk = timed_steps(eng, a.steps)

@@ -98,6 +98,7 @@ class Stager:
         host = self.store.arenas[HOST]
         st = self.store.arenas["gpu"].staging
         base = self._half(layer)
+        cols, offs, toks, dsts, srcs = [], [], [], [], []
         for t in self.topk:
             s = t.summary[:, layer]                                  # [n, H, 2, D]
             H, D = s.shape[1], s.shape[3]
@@ -107,13 +108,28 @@ class Stager:
             bound = torch.maximum(lo, hi).sum(-1).amax((1, 2))       # [n]
             pick = torch.topk(bound, min(t.k, bound.numel())).indices.tolist()
             cur = t.stage_off
-            for i in pick:
+            # host order, packed in staging in the same order: adjacent picks merge
+            for i in sorted(pick, key=lambda i: t.blocks[i].offset):
                 b = t.blocks[i]
                 n = self.store.geom.slot_bytes(b.fmt)
-                st[base + cur:base + cur + n].copy_(host.data[layer, b.offset:b.offset + n])
-                offsets[t.row, b.index] = stage_base + base + cur
-                ntok[t.row, b.index] = b.num_tokens
+                if srcs and srcs[-1][1] == b.offset and dsts[-1][1] == base + cur:
+                    srcs[-1][1] += n
+                    dsts[-1][1] += n
+                else:
+                    srcs.append([b.offset, b.offset + n])
+                    dsts.append([base + cur, base + cur + n])
+                cols.append((t.row, b.index))
+                offs.append(stage_base + base + cur)
+                toks.append(b.num_tokens)
                 cur += n
+        # one batched copy call and one scatter per table, not one launch per block
+        torch._foreach_copy_([st[a:b] for a, b in dsts],
+                             [host.data[layer, a:b] for a, b in srcs], non_blocking=True)
+        r = torch.tensor([c[0] for c in cols])
+        c = torch.tensor([c[1] for c in cols])
+        dev = offsets.device
+        offsets[r.to(dev), c.to(dev)] = torch.tensor(offs).to(dev, non_blocking=True)
+        ntok[r.to(dev), c.to(dev)] = torch.tensor(toks, dtype=ntok.dtype).to(dev, non_blocking=True)
 
 
 def staging_need(store: KVStore, seq_id: str) -> int:
