@@ -4,15 +4,13 @@ import json
 import signal
 import socket
 import subprocess
-import threading
-import time
 
 import grpc
 import pytest
 
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
-from tests.controller.conftest import KVCTL, ROOT, child_env, wait_for
+from tests.controller.helpers import KVCTL, ROOT, child_env, wait_for
 
 
 def start_daemon(sock_dir, grace_s: float, notify: str | None = None):

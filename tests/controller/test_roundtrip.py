@@ -15,7 +15,7 @@ from controller.config import load_config
 from controller.server import Daemon
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
-from tests.controller.conftest import free_port, make_tls, wait_for
+from tests.controller.helpers import free_port, make_tls, wait_for
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -201,7 +201,7 @@ def test_drain_lets_short_requests_finish_and_cancels_long_ones(tmp_path_factory
 def test_cli_over_tcp_tls(daemon, tmp_path):
     import subprocess
 
-    from tests.controller.conftest import KVCTL, ROOT, child_env
+    from tests.controller.helpers import KVCTL, ROOT, child_env
 
     token = tmp_path / "token"
     token.write_text(TOKEN)
