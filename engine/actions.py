@@ -96,6 +96,7 @@ class BlockView:
     tier: str             # 'gpu' | 'host' | 'evicted' | 'parked'
     nbytes: int           # bytes this block holds (all layers), 0 when evicted
     mass: float           # decayed share of attention (mean over layers and heads)
+    observed: float = 0.0 # prompt-time SnapKV score: share of the last W prompt queries
 
 
 @dataclass

@@ -69,7 +69,7 @@ def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dro
                                                vv.unsqueeze(0), attn_mask=mask, scale=scale)
         out[rows] = o[0].transpose(0, 1)
         if seg.observe:
-            plan.record_observation(layer, seg, qq[:, -seg.observe:], kk, kpos, scale)
+            plan.record_observation(layer, seg, qq, kk, kpos, scale)
     return out.unsqueeze(0), None
 
 

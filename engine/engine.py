@@ -307,7 +307,7 @@ class Engine:
                 n = len(self.store.seqs[sid].blocks)
                 self.stats[sid].update(share[i, :n])
         for sid, scores in plan.observed.items():
-            self.stats[sid].observe(scores.cpu())
+            self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu())
 
     def _fill_quantize(self) -> None:
         """Blocks that filled in a sequence with a fill format take that format."""

@@ -33,11 +33,14 @@ class EngineHandle:
                 stats = e.stats.get(s.seq_id)
                 blocks = []
                 if kv is not None:
-                    mass = stats.mass if stats is not None else None
+                    mass = stats.mass.tolist() if stats is not None else []
+                    obs = stats.observed.tolist() if stats is not None else []
                     for b in kv.blocks:
-                        m = float(mass[b.index]) if mass is not None and b.index < mass.numel() else 0.0
-                        blocks.append(BlockView(b.index, b.num_tokens, b.fmt.name, b.tier,
-                                                st.block_bytes(b.fmt) if b.offset >= 0 else 0, m))
+                        blocks.append(BlockView(
+                            b.index, b.num_tokens, b.fmt.name, b.tier,
+                            st.block_bytes(b.fmt) if b.offset >= 0 else 0,
+                            mass[b.index] if b.index < len(mass) else 0.0,
+                            obs[b.index] if b.index < len(obs) else 0.0))
                     by_tier, by_fmt = st.bytes_by(s.seq_id)
                 else:
                     by_tier, by_fmt = {}, {}

@@ -14,6 +14,9 @@ from engine.staging import Stager, TopKSeq, staging_need
 from engine.store import GPU, HOST, KVStore
 
 
+ACCUMULATE = 256  # prompt queries whose attention seeds the heavy-hitter scores
+
+
 @dataclass
 class PrefillSeg:
     seq_id: str
@@ -57,6 +60,7 @@ class StepPlan:
     num_layers: int
     mass: torch.Tensor | None = None            # [Bd, NB] summed share over layers
     observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
+    accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
 
     @property
     def geom(self):
@@ -120,16 +124,26 @@ class StepPlan:
 
     def record_observation(self, layer: int, seg: PrefillSeg, q: torch.Tensor,
                            k: torch.Tensor, kpos: torch.Tensor, scale: float) -> None:
-        """SnapKV (Li et al. 2024): attention of the chunk's last W queries over the
-        prompt, summed per logical block. q [Hq, W, D], k [Hq, M, D]."""
-        qpos = seg.positions[-q.shape[1]:]
-        s = torch.einsum("hwd,hmd->hwm", q.float(), k.float()) * scale
-        s = s.masked_fill(kpos.view(1, 1, -1) > qpos.view(1, -1, 1), float("-inf"))
-        p = torch.softmax(s, -1).sum((0, 1))                              # [M]
-        per_block = torch.zeros(seg.num_logical, device=p.device).index_add_(
-            0, seg.block_of_key, p)
-        prev = self.observed.get(seg.seq_id)
-        self.observed[seg.seq_id] = per_block if prev is None else prev + per_block
+        """Prompt-time scores per logical block, from the final prefill chunk's queries
+        q [Hq, n, D] over all keys k [Hq, M, D]: the last ``seg.observe`` queries'
+        attention (SnapKV, Li et al. 2024) and the accumulated attention of the chunk's
+        last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023).
+        One head at a time: memory stays at [ACCUMULATE, M]."""
+        n = min(q.shape[1], ACCUMULATE)
+        qpos = seg.positions[-n:]
+        win = torch.zeros(k.shape[1], device=k.device)
+        acc = torch.zeros(k.shape[1], device=k.device)
+        future = kpos.view(1, -1) > qpos.view(-1, 1)                       # [n, M]
+        for h in range(q.shape[0]):
+            s = (q[h, -n:].float() @ k[h].float().T) * scale               # [n, M]
+            p = torch.softmax(s.masked_fill(future, float("-inf")), -1)
+            acc += p.sum(0)
+            win += p[-seg.observe:].sum(0)
+        for store, per_key in ((self.observed, win), (self.accumulated, acc)):
+            per_block = torch.zeros(seg.num_logical, device=k.device).index_add_(
+                0, seg.block_of_key, per_key)
+            prev = store.get(seg.seq_id)
+            store[seg.seq_id] = per_block if prev is None else prev + per_block
 
 
 def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:

@@ -44,5 +44,8 @@ class SeqStats:
         self.recent_mass = a * self.recent_mass + (1 - a) * float(share[-self.recent_blocks:].sum())
         self.steps += 1
 
-    def observe(self, scores: torch.Tensor) -> None:
-        self.observed = scores / scores.sum().clamp_min(1e-30)
+    def observe(self, window: torch.Tensor, accumulated: torch.Tensor) -> None:
+        """Prompt-time scores: the observation window's (SnapKV) and every prompt
+        query's accumulated attention (H2O), which also seeds the decayed mass."""
+        self.observed = window / window.sum().clamp_min(1e-30)
+        self.mass = accumulated / accumulated.sum().clamp_min(1e-30)
