@@ -143,3 +143,5 @@ class EngineSnapshot:
     num_stalled: int
     pressure_bytes: int   # bytes the engine would need now to run every admitted sequence
     tokens_per_s: float
+    format_bytes: dict[str, int] = field(default_factory=dict)  # one block, all layers
+    num_sink_blocks: int = 1

@@ -62,7 +62,10 @@ class EngineHandle:
             return EngineSnapshot(time.time(), e.step_count, str(e.device), e.model_name,
                                   st.block_size, e.num_layers, tiers, seqs, len(e.waiting),
                                   len(e.running), sum(s.stalled for s in e.running),
-                                  pressure, e.tokens_per_s())
+                                  pressure, e.tokens_per_s(),
+                                  {f: st.block_bytes(KVFormat.parse(f)) for f in
+                                   ("full", "int8", "int4", "int2", "k4v2", "k8v4")},
+                                  st.num_sink_blocks)
 
     # -- actions --------------------------------------------------------------------------
     def apply(self, action: Action) -> ActionResult:

@@ -1,0 +1,98 @@
+"""The strategy contract: given one sequence and a byte target, propose moves.
+
+Shaped like kvpress presses: ``Strategy.propose`` is the extension point, and most
+strategies only implement ``ScoredStrategy.score`` (higher = more worth keeping as is)
+plus which blocks they may touch and what they do to them. Strategies are policy: they
+read ``SequenceView`` snapshots and return plain actions; the engine validates them.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from engine.actions import Action, BlockView, SequenceView
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a strategy needs to know about the engine beyond the sequence."""
+
+    format_bytes: dict[str, int]      # bytes of one block (all layers) per format name
+    num_sink_blocks: int = 1
+
+    @classmethod
+    def from_snapshot(cls, snap) -> "Context":
+        return cls(dict(snap.format_bytes), snap.num_sink_blocks)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Moves for one sequence with their exact effect on GPU bytes."""
+
+    strategy: str
+    seq_id: str
+    actions: tuple[Action, ...]
+    blocks: tuple[int, ...]
+    freed_bytes: int
+    lossless: bool                    # reversible without accuracy loss (offload)
+    kind: str                         # 'evict' | 'quantize' | 'offload'
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def propose(self, seq: SequenceView, target_bytes: int, ctx: Context) -> Candidate | None:
+        """Moves that free at least ``target_bytes`` of GPU memory if the sequence has
+        them (fewer if not); None when nothing applies."""
+
+
+class ScoredStrategy(Strategy):
+    """Touch the lowest-scored eligible blocks until ``target_bytes`` are freed."""
+
+    @abstractmethod
+    def eligible(self, seq: SequenceView, ctx: Context) -> list[BlockView]:
+        """Blocks this strategy may touch."""
+
+    @abstractmethod
+    def score(self, seq: SequenceView, block: BlockView) -> float:
+        """Higher = more worth keeping as it is."""
+
+    def freed(self, block: BlockView, ctx: Context) -> int:
+        return block.nbytes
+
+    @abstractmethod
+    def actions(self, seq: SequenceView, blocks: tuple[int, ...]) -> tuple[Action, ...]:
+        """The engine actions that apply this strategy to ``blocks``."""
+
+    def propose(self, seq: SequenceView, target_bytes: int, ctx: Context) -> Candidate | None:
+        picked: list[int] = []
+        freed = 0
+        ranked = sorted(self.eligible(seq, ctx), key=lambda b: (self.score(seq, b), b.index))
+        for b in ranked:
+            if freed >= target_bytes:
+                break
+            gain = self.freed(b, ctx)
+            if gain <= 0:
+                continue
+            picked.append(b.index)
+            freed += gain
+        if not picked:
+            return None
+        blocks = tuple(sorted(picked))
+        return Candidate(self.name, seq.seq_id, self.actions(seq, blocks), blocks, freed,
+                         self.lossless, self.kind)
+
+
+def movable(seq: SequenceView, ctx: Context, tiers: tuple[str, ...] = ("gpu",),
+            keep_sinks: bool = True) -> list[BlockView]:
+    """Blocks the engine lets a strategy touch: not the newest, not sinks (if kept)."""
+    if not seq.blocks:
+        return []
+    newest = seq.blocks[-1].index
+    return [b for b in seq.blocks
+            if b.index != newest and b.tier in tiers and b.num_tokens > 0
+            and not (keep_sinks and b.index < ctx.num_sink_blocks)]
