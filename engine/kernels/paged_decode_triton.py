@@ -301,7 +301,7 @@ def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
     if not uniform:
         nbi = 1  # runtime format dispatch is per block
     if num_splits is None:
-        target = 4 * _num_sms(device)
+        target = 8 * _num_sms(device)   # 8 x SMs was best of 2/4/8 x in the H200 sweep
         num_splits = max(1, min(-(-target // (B * H)), -(-NB // (4 * nbi))))
     num_splits = max(1, min(num_splits, NB))
     bps = -(-NB // num_splits)
@@ -380,21 +380,30 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     n = arena_row.numel() // 4 * 4
     arena_st = arena_row[:n].view(geom.store_dtype)
     arena_md = arena_row[:n].view(geom.meta_dtype)
+    if blocks_per_iter is None and fmt is not None:
+        # measured on the H200 (docs/BENCHMARKS.md): 2 blocks an iteration for fp16/int8
+        # tiles, 4 for the smaller int4/int2 ones
+        blocks_per_iter = 2 if fmt.k_bits in (0, 8) and fmt.v_bits in (0, 8) else 4
     S, bps, nbi, warps, stages = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
                                                 blocks_per_iter, num_warps, num_stages)
     g = Hq // H
     pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
-    dt = _TL_DTYPE[geom.store_dtype]
+    # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim < 64,
+    # where fp16 operands from unpacked 4/2-bit codes gave wrong results on the H200
+    # (triton 3.6; head_dim 64 and 128 were right; cause not isolated)
+    small = D < 64
+    dot_dtype = torch.float32 if small else geom.store_dtype
+    dt = _TL_DTYPE[dot_dtype]
     _paged_decode_kernel[(B, H, S)](
         q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc,
         NB, bps, float(sm_scale) * LOG2E,
         HQ=Hq, H=H, GQ=g, GP=max(16, triton.next_power_of_2(g)), T=T, D=D, G=G,
         ESIZE=esize, MSIZE=msize,
         KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
-        NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16,
-        IEEE=geom.store_dtype == torch.float32, num_warps=warps, num_stages=stages)
+        NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != dot_dtype,
+        IEEE=dot_dtype == torch.float32, num_warps=warps, num_stages=stages)
     # one program per (sequence, query head); the split axis fits in registers
     _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
                               num_warps=4)

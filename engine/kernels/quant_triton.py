@@ -21,10 +21,12 @@ _META = (torch.float16, torch.float32)
 @triton.jit
 def _quant_rows(x, lo, hi, QMAX: tl.constexpr, MD: tl.constexpr):
     """Codes (int32) and rounded scale/zero (fp32) for x given its group min/max."""
-    scale = ((hi - lo) / QMAX).to(MD).to(tl.float32)
+    # IEEE divisions (div_rn): '/' on the GPU is approximate, and the fp32 scale must
+    # equal torch's bit for bit
+    scale = tl.math.div_rn(hi - lo, tl.full(hi.shape, QMAX, tl.float32)).to(MD).to(tl.float32)
     zero = lo.to(MD).to(tl.float32)
     s = tl.where(scale > 0, scale, 1.0)  # constant group: every code 0
-    c = tl.floor((x - zero) / s + 0.5)
+    c = tl.floor(tl.math.div_rn(x - zero, s) + 0.5)
     c = tl.minimum(tl.maximum(c, 0.0), QMAX).to(tl.int32)
     return c, scale, zero
 
