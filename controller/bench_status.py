@@ -88,18 +88,21 @@ def main() -> None:
     ap.add_argument("--model", default="random:tiny")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads")
+    ap.add_argument("--socket", help="measure this running daemon instead of starting one")
     args = ap.parse_args()
 
-    d = Path(tempfile.mkdtemp(prefix="kvbench-"))
-    sock = d / "kvctl.sock"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "serve", "--socket", str(sock), "--model", args.model,
-         "--set", f"engine.num_threads={args.threads}", "--set", "log.level=warning",
-         "--set", "server.drain_grace_s=2"], env=env)
+    if args.socket:
+        sock, daemon = Path(args.socket), None
+    else:
+        sock = Path(tempfile.mkdtemp(prefix="kvbench-")) / "kvctl.sock"
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "serve", "--socket", str(sock), "--model",
+             args.model, "--set", f"engine.num_threads={args.threads}", "--set",
+             "log.level=warning", "--set", "server.drain_grace_s=2"], env=env)
     try:
         while not sock.exists():
-            if daemon.poll() is not None:
+            if daemon is None or daemon.poll() is not None:
                 sys.exit("the daemon exited before it was ready")
             time.sleep(0.1)
         channel = grpc.insecure_channel(f"unix:{sock}")
@@ -118,8 +121,10 @@ def main() -> None:
                                                       stop, ready, tokens, errors))
         proc.start()
         t_wait = time.monotonic()
-        while ready.value < args.clients and time.monotonic() - t_wait < 60:
+        while ready.value < args.clients and time.monotonic() - t_wait < 60 and proc.is_alive():
             time.sleep(0.1)
+        if ready.value < args.clients:
+            print(f"warning: only {ready.value} of {args.clients} clients streaming", file=sys.stderr)
         st = stub.GetStatus(pb.GetStatusRequest(fresh=True))
         tok0, t0 = tokens.value, time.monotonic()
         loaded = measure(stub, args.seconds, args.period_ms / 1e3)
@@ -128,8 +133,11 @@ def main() -> None:
         stop.set()
         proc.join(30)
         errors = list(errors)
+        if proc.exitcode not in (0, None):
+            errors.append(f"client process exited with code {proc.exitcode}")
         result = {
-            "clients": args.clients, "clients_streaming": streaming, "model": args.model,
+            "clients": args.clients, "clients_streaming": streaming,
+            "model": st.model or args.model,
             "seconds": args.seconds, "period_ms": args.period_ms, "cpus": os.cpu_count(),
             "live_sequences_at_start": st.counts.total, "streamed_tokens_per_s": round(tok_rate, 1),
             "client_errors": errors[:5], "idle": percentiles(idle), "under_load": percentiles(loaded),
@@ -140,6 +148,8 @@ def main() -> None:
               f"p99 {result['under_load']['p99_ms']:.2f} ms, max {result['under_load']['max_ms']:.2f} ms "
               f"({result['under_load']['n']} calls; {tok_rate:.0f} tokens/s streamed)")
     finally:
+        if daemon is None:
+            return
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(30)

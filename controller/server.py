@@ -7,6 +7,7 @@ Under systemd (Type=notify) it sends READY=1, WATCHDOG=1 and STOPPING=1.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -216,6 +217,7 @@ class Daemon:
                 self.socket_path.unlink()
             except FileNotFoundError:
                 pass
+            gc.unfreeze()              # let interpreter exit free them as usual
             self._stopped.set()
             log.info("stopped", extra={"kv": {"finished": n_inflight - cancelled,
                                               "cancelled": cancelled}})
@@ -234,8 +236,14 @@ class Daemon:
 
 def serve(cfg: Config) -> None:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
+
     t0 = time.monotonic()
     daemon = Daemon(cfg)
     log.info("engine loaded", extra={"kv": {"seconds": round(time.monotonic() - t0, 2)}})
+    # the model, tokenizer and libraries are long-lived objects: moved out of the
+    # collector's view, a full collection no longer stalls every thread for 100+ ms
+    # (GetStatus max under load 212-442 ms before, 19-51 ms after; docs/BENCHMARKS.md)
+    gc.collect()
+    gc.freeze()
     daemon.start()
     daemon.run_until_signal()
