@@ -29,32 +29,11 @@ class EngineHandle:
             seqs = []
             pressure = 0
             for s in list(e.waiting) + e.running:
-                kv = st.seqs.get(s.seq_id)
-                stats = e.stats.get(s.seq_id)
-                blocks = []
-                if kv is not None:
-                    mass = stats.mass.tolist() if stats is not None else []
-                    obs = stats.observed.tolist() if stats is not None else []
-                    for b in kv.blocks:
-                        blocks.append(BlockView(
-                            b.index, b.num_tokens, b.fmt.name, b.tier,
-                            st.block_bytes(b.fmt) if b.offset >= 0 else 0,
-                            mass[b.index] if b.index < len(mass) else 0.0,
-                            obs[b.index] if b.index < len(obs) else 0.0))
-                    by_tier, by_fmt = st.bytes_by(s.seq_id)
-                else:
-                    by_tier, by_fmt = {}, {}
                 if s.stalled:
                     pressure += st.block_bytes(FULL)
-                state = "stalled" if s.stalled else s.state
-                seqs.append(SequenceView(
-                    s.seq_id, state, len(s.prompt_ids),
-                    kv.num_tokens if kv else 0, len(s.output_ids), s.priority,
-                    getattr(kv, "decode_mode", "exact") if kv else "exact",
-                    getattr(kv, "top_k", 0) if kv else 0,
-                    by_tier, by_fmt, blocks,
-                    stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
-                    stats.recent_mass if stats else 0.0, s.request.strategy))
+                seqs.append(self._view(s.seq_id, "stalled" if s.stalled else s.state,
+                                       len(s.prompt_ids), len(s.output_ids), s.priority,
+                                       s.request.strategy))
             if e.waiting:
                 s = max(e.waiting, key=lambda x: (x.priority, -x.arrival))
                 need = st.estimate_bytes(len(s.prompt_ids)) + st.block_bytes(FULL)
@@ -66,6 +45,36 @@ class EngineHandle:
                                   {f: st.block_bytes(KVFormat.parse(f)) for f in
                                    ("full", "int8", "int4", "int2", "k4v2", "k8v4")},
                                   st.num_sink_blocks)
+
+    def sequence_view(self, seq_id: str, num_prompt_tokens: int = 0) -> SequenceView:
+        """View of a sequence the store holds, also one driven below the scheduler
+        (benchmarks' teacher-forced runs)."""
+        with self._e.lock:
+            if seq_id not in self._e.store.seqs:
+                raise KeyError(seq_id)
+            return self._view(seq_id, "decode", num_prompt_tokens, 0, 0, None)
+
+    def _view(self, seq_id, state, num_prompt, num_generated, priority, pin) -> SequenceView:
+        st = self._e.store
+        kv = st.seqs.get(seq_id)
+        stats = self._e.stats.get(seq_id)
+        blocks = []
+        by_tier, by_fmt = {}, {}
+        if kv is not None:
+            mass = stats.mass.tolist() if stats is not None else []
+            obs = stats.observed.tolist() if stats is not None else []
+            for b in kv.blocks:
+                blocks.append(BlockView(
+                    b.index, b.num_tokens, b.fmt.name, b.tier,
+                    st.block_bytes(b.fmt) if b.offset >= 0 else 0,
+                    mass[b.index] if b.index < len(mass) else 0.0,
+                    obs[b.index] if b.index < len(obs) else 0.0))
+            by_tier, by_fmt = st.bytes_by(seq_id)
+        return SequenceView(
+            seq_id, state, num_prompt, kv.num_tokens if kv else 0, num_generated, priority,
+            kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier, by_fmt,
+            blocks, stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
+            stats.recent_mass if stats else 0.0, pin)
 
     # -- actions --------------------------------------------------------------------------
     def apply(self, action: Action) -> ActionResult:

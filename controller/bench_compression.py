@@ -1,0 +1,181 @@
+"""What eviction and top-k offload cost in accuracy (CPU, default model).
+
+    python -m controller.bench_compression [--lengths 1024,2048,4096] [--depths 10]
+
+Each run: prefill a context at full precision, compress it once with a strategy to
+keep a fraction of its blocks (kvpress-style "compress, then ask"), then every later
+token goes through the *decode* path over the compressed cache:
+
+* perplexity: the last ``--score`` tokens of a ``pydoc_data.topics`` window are
+  teacher-forced one decode step each (so top-k offload really selects pages per layer);
+* passkey: the question ("What is the pass key? The pass key is") is fed token by token,
+  then 8 greedy tokens; a hit is the key in the output.
+
+Strategies come from the controller's registry; the bench only applies their proposals.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+
+import torch
+
+from controller.strategies import (ColdOffload, Context, HeavyHitterEviction,
+                                   SinkWindowEviction, SnapKVEviction)
+from engine import attention
+from engine.engine import Engine, EngineConfig
+from engine.evaluate import (QUESTION, build_passkey_prompt, passkey_keys, ppl_text_ids,
+                             ppl_windows)
+from engine.plan import build_plan
+from engine.stats import SeqStats
+
+_ids = itertools.count()
+
+
+def configs(keeps: list[float]):
+    yield "full", None, 1.0
+    for keep in keeps:
+        yield f"sink+window {keep:.0%}", SinkWindowEviction(), keep
+        yield f"heavy-hitter {keep:.0%}", HeavyHitterEviction(), keep
+        yield f"snapkv {keep:.0%}", SnapKVEviction(), keep
+        yield f"top-k offload {keep:.0%}", ColdOffload(top_k_fraction=keep), keep
+
+
+class Run:
+    """One sequence driven below the scheduler: prefill, compress, decode-forced."""
+
+    def __init__(self, engine: Engine, context: list[int]):
+        self.e = engine
+        self.sid = f"bench-{next(_ids)}"
+        self.n_prompt = len(context)
+        e = engine
+        e.store.add_sequence(self.sid)
+        e.stats[self.sid] = SeqStats(decay=e.config.stats_decay)
+        step = e.config.max_batch_tokens
+        logits = None
+        for c0 in range(0, len(context), step):
+            toks = context[c0:c0 + step]
+            last = c0 + step >= len(context)
+            e.store.reserve(self.sid, len(toks))
+            plan = build_plan(e.store, [], [(self.sid, toks, e.config.observe_window
+                                             if last else 0)], e.num_layers, e.device)
+            logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan,
+                                       torch.tensor([len(toks) - 1]))
+            e._update_stats(plan)
+        self.last_logits = logits[-1]
+
+    def compress(self, strategy, keep: float) -> int:
+        """Apply the strategy's proposal; returns attended blocks after it."""
+        if strategy is None:
+            return len(self.e.store.seqs[self.sid].blocks)
+        h = self.e.handle
+        view = h.sequence_view(self.sid, self.n_prompt)
+        ctx = Context.from_snapshot(h.snapshot())
+        gpu = view.bytes_by_tier.get("gpu", 0)
+        target = 10**18 if strategy.kind == "offload" else int((1 - keep) * gpu)
+        cand = strategy.propose(view, target, ctx)
+        for a in cand.actions if cand else ():
+            h.apply(a)
+        kv = self.e.store.seqs[self.sid]
+        return sum(b.tier == "gpu" for b in kv.blocks) + (
+            min(kv.top_k, sum(b.tier == "host" for b in kv.blocks)) if kv.decode_mode == "topk"
+            else sum(b.tier == "host" for b in kv.blocks))
+
+    def decode(self, token: int) -> torch.Tensor:
+        e = self.e
+        e.store.reserve(self.sid, 1)
+        plan = build_plan(e.store, [(self.sid, token)], [], e.num_layers, e.device)
+        logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan,
+                                   torch.tensor([0]))
+        e._update_stats(plan)
+        return logits[0]
+
+    def close(self) -> None:
+        self.e.store.free_sequence(self.sid)
+        self.e.stats.pop(self.sid, None)
+
+
+@torch.inference_mode()
+def ppl(engine, ids: list[int], strategy, keep: float, score: int) -> tuple[float, float]:
+    ctx, tail = ids[:-score], ids[-score:]
+    r = Run(engine, ctx)
+    try:
+        attended = r.compress(strategy, keep) / len(engine.store.seqs[r.sid].blocks)
+        nll, logits = [], r.last_logits
+        for t in tail:
+            nll.append(-float(torch.log_softmax(logits.float(), -1)[t]))
+            logits = r.decode(t)
+    finally:
+        r.close()
+    return math.exp(sum(nll) / len(nll)), attended
+
+
+@torch.inference_mode()
+def passkey(engine, prompt, strategy, keep: float, new: int = 8) -> bool:
+    tok = engine.tokenizer
+    q = tok(" " + QUESTION)["input_ids"]
+    cut = prompt.text.rindex(QUESTION)
+    ctx = tok(prompt.text[:cut].rstrip())["input_ids"]
+    r = Run(engine, ctx)
+    try:
+        r.compress(strategy, keep)
+        for t in q:
+            logits = r.decode(t)
+        out = []
+        for _ in range(new):
+            out.append(int(logits.argmax()))
+            logits = r.decode(out[-1])
+    finally:
+        r.close()
+    return prompt.key in tok.decode(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--ppl-lengths", default="2048,4096")
+    ap.add_argument("--depths", type=int, default=10)
+    ap.add_argument("--keeps", default="0.5,0.25")
+    ap.add_argument("--score", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma list of config labels to run")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    e = Engine(EngineConfig(model="default", device="cpu", dtype="float32",
+                            max_batch_tokens=1024, host_budget_bytes=4 << 30))
+    keeps = [float(k) for k in a.keeps.split(",")]
+    cfgs = [c for c in configs(keeps) if not a.only or c[0] in a.only.split(",")]
+    lengths = [int(x) for x in a.lengths.split(",") if x]
+    plens = [int(x) for x in a.ppl_lengths.split(",") if x]
+    depths = [i / max(1, a.depths - 1) for i in range(a.depths)]
+    keys = passkey_keys(lengths, depths)
+    text = ppl_text_ids(e.tokenizer)
+    prompts = {(L, i): build_passkey_prompt(e.tokenizer, L, d, keys[(L, i)])
+               for L in lengths for i, d in enumerate(depths)}
+    print(f"# compression accuracy — default model (fp32, CPU, {a.threads} threads), "
+          f"block {e.geom.block_size}, compress once after the context, score "
+          f"{a.score} decode steps", flush=True)
+    print()
+    head = ["config"] + [f"PPL@{L}" for L in plens] + [f"passkey@{L}" for L in lengths]
+    print("| " + " | ".join(head) + " | attended blocks |")
+    print("|" + "---|" * (len(head) + 1))
+    for label, strat, keep in cfgs:
+        t0 = time.time()
+        cells, att = [], []
+        for L in plens:
+            p, frac = ppl(e, ppl_windows(text, L, 1)[0][1], strat, keep, a.score)
+            cells.append(f"{p:.2f}")
+            att.append(frac)
+        for L in lengths:
+            hits = sum(passkey(e, prompts[(L, i)], strat, keep) for i in range(len(depths)))
+            cells.append(f"{hits}/{len(depths)}")
+        print(f"| {label} | " + " | ".join(cells) + f" | {sum(att) / max(1, len(att)):.0%} |",
+              flush=True)
+        print(f"[{label}: {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
