@@ -29,7 +29,7 @@ HQ, H, D, T, G = 32, 8, 128, 32, 32
 PEAK_GBS = 4460.0
 ROTATE_BYTES = 256 << 20
 FORMATS = ["full", "int8", "int4", "int2", "k4v2"]
-# (blocks_per_iter, num_warps, num_stages) tried with --sweep; the first is the default
+# (blocks_per_iter, num_warps, num_stages) tried with --sweep
 SWEEP = [(2, 4, 2), (1, 4, 2), (2, 4, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2)]
 SPLIT_MULTS = [2, 4, 8]   # programs ~ mult * SMs
 
@@ -147,13 +147,15 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         vb = torch.full((B, NB), fmt.v_bits, dtype=torch.int32, device=device)
         nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
         nbytes = B * NB * slot_bytes_read(geom, fmt)
-        configs = [(c, m) for c in (SWEEP if sweep else SWEEP[:1])
-                   for m in (SPLIT_MULTS if sweep else [None])]
+        # without --sweep: the kernel's own launch defaults (cfg "default")
+        configs = [(c, m) for c in SWEEP for m in SPLIT_MULTS] if sweep else [("default", None)]
         configs.append((None, None))   # runtime format dispatch, default launch
         best = None
         for cfg, mult in configs:
             kw = {}
-            if cfg is not None:
+            if cfg == "default":
+                kw = dict(fmt=fmt)
+            elif cfg is not None:
                 kw = dict(fmt=fmt, blocks_per_iter=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
                 if mult is not None:
                     kw["num_splits"] = max(1, math.ceil(mult * sms / (B * H)))

@@ -28,6 +28,13 @@ def _blocks(shape, dtype, seed, device):
     return x.to(dtype).to(device)
 
 
+def _close_dequant(got, want):
+    """code * scale + zero: the GPU fuses it (one rounding, torch rounds twice), so allow
+    a few ulps of the largest term, not of the (possibly cancelled) result."""
+    tol = 4e-7 * (1 + float(want.float().abs().max()))
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=1e-5)
+
+
 def _close_codes(got, want, bits):
     """Codes equal up to one step (rounding ties differ between Triton and torch.round)."""
     g, w = unpack_codes(got.cpu(), bits), unpack_codes(want.cpu(), bits)
@@ -53,7 +60,7 @@ def test_quantize_keys_matches_reference(request, device, shape, bits, dtype):
     _close_codes(c, rc, bits)
     out = qt.dequantize_keys_triton(rc.to(device), rs.to(device), rz.to(device), bits, dtype)
     want = dequantize_keys_ref(rc, rs, rz, bits, dtype)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1e-6, rtol=1e-5)
+    _close_dequant(out, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -73,7 +80,7 @@ def test_quantize_values_matches_reference(request, device, shape, bits, dtype):
     _close_codes(c, rc, bits)
     out = qt.dequantize_values_triton(rc.to(device), rs.to(device), rz.to(device), bits, G, dtype)
     want = dequantize_values_ref(rc, rs, rz, bits, G, dtype)
-    torch.testing.assert_close(out.cpu().float(), want.float(), atol=1e-6, rtol=1e-5)
+    _close_dequant(out, want)
 
 
 def test_quant_rejects_bad_inputs():
