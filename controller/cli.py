@@ -13,7 +13,8 @@ import typer
 
 from controller.client import Client, DaemonUnreachable, Target, explain, pb
 from controller.config import client_socket_path
-from controller.render import SEQ_COLUMNS, console, emit, sequence_rows, status_screen, to_dict
+from controller.render import (SEQ_COLUMNS, console, emit, human_bytes, sequence_rows,
+                               status_screen, to_dict)
 
 app = typer.Typer(help="kvctl: KV-cache runtime daemon and its client.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -120,7 +121,7 @@ def sequences(ctx: typer.Context, state: str = typer.Option("", help="only this 
 
 def _print_policy(p, as_json: bool) -> None:
     rows = [{"key": "profile", "value": p.profile},
-            {"key": "budget_bytes", "value": p.budget_bytes},
+            {"key": "budget_bytes", "value": f"{p.budget_bytes} ({human_bytes(p.budget_bytes)})"},
             {"key": "high_watermark", "value": p.high_watermark},
             {"key": "low_watermark", "value": p.low_watermark}] + \
            [{"key": f"pin {x.seq_id}", "value": x.strategy} for x in p.pins]

@@ -80,7 +80,7 @@ def status_screen(st) -> Group:
         node.add_row("pcie", f"gen{g.pcie_generation} x{g.pcie_width}  "
                      f"tx {human_bytes(g.pcie_tx_bytes_per_s)}/s  rx {human_bytes(g.pcie_rx_bytes_per_s)}/s")
     else:
-        node.add_row("gpu", f"[yellow]cpu mode[/] — {g.reason}")
+        node.add_row("gpu", f"[yellow]cpu mode[/] — {g.reason.removesuffix(' (cpu mode)')}")
         node.add_row("pcie", "[dim]n/a (no GPU)[/]")
     h = st.host
     hfrac = 1 - h.memory_available_bytes / h.memory_total_bytes if h.memory_total_bytes else 0
