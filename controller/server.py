@@ -101,7 +101,8 @@ def prepare_socket(path: Path) -> None:
         except OSError:
             path.unlink()              # stale socket of a dead daemon
         else:
-            raise RuntimeError(f"another kvctl is already serving on {path}")
+            raise FileExistsError(f"another kvctl daemon is already serving on {path}; stop it "
+                                  "first (`systemctl stop kvctl`) or pick another --socket")
         finally:
             probe.close()
 
@@ -237,6 +238,7 @@ class Daemon:
 def serve(cfg: Config) -> None:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
 
+    prepare_socket(Path(cfg.server.socket))   # fail before the slow engine load
     t0 = time.monotonic()
     daemon = Daemon(cfg)
     log.info("engine loaded", extra={"kv": {"seconds": round(time.monotonic() - t0, 2)}})

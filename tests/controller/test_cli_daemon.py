@@ -113,6 +113,20 @@ def test_policy_set_then_watch_shows_it(served):
     assert d["kind"] == "policy" and "throughput" in d["reason"]
 
 
+def test_second_daemon_on_the_same_socket_refuses(served):
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(served), "--model", "random:tiny"], cwd=ROOT,
+                       env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "already serving" in r.stderr and "Traceback" not in r.stderr
+    assert kvctl(served, "status", "--json").returncode == 0       # the first one is untouched
+
+
+def test_serve_refuses_tcp_without_tls(tmp_path):
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7999",
+                                "--model", "random:tiny"], cwd=ROOT, env=child_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "needs TLS and a token" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_no_daemon_is_a_clear_message(tmp_path):
     r = kvctl(tmp_path / "absent.sock", "status")
     assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr
