@@ -14,7 +14,8 @@ from tests.controller.helpers import KVCTL, ROOT, child_env, wait_for
 
 
 def start_daemon(sock_dir, grace_s: float, notify: str | None = None):
-    env = child_env(**({"NOTIFY_SOCKET": notify} if notify else {}))
+    # under "systemd": notify socket, and a 0.4 s watchdog (pings every 0.2 s)
+    env = child_env(**({"NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "400000"} if notify else {}))
     p = subprocess.Popen(KVCTL + ["serve", "--socket", f"{sock_dir}/kvctl.sock", "--model", "random:tiny",
                                   "--set", "engine.num_threads=1",
                                   "--set", f"server.drain_grace_s={grace_s}"],
@@ -150,6 +151,7 @@ def test_sigterm_drains_and_notifies_systemd():
     p, sock = start_daemon(d, grace_s=1.0, notify=str(d / "notify"))
     try:
         assert notify.recv(4096).startswith(b"READY=1")
+        assert notify.recv(4096) == b"WATCHDOG=1"
         stub = kvctl_pb2_grpc.KvctlStub(grpc.insecure_channel(f"unix:{sock}"))
         short = stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2]),
                                                  sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True)))
@@ -157,7 +159,9 @@ def test_sigterm_drains_and_notifies_systemd():
                                                 sampling=pb.SamplingParams(max_tokens=4000, ignore_eos=True)))
         next(short), next(long), next(long)
         p.send_signal(signal.SIGTERM)
-        assert notify.recv(4096) == b"STOPPING=1"
+        while (msg := notify.recv(4096)) == b"WATCHDOG=1":
+            pass
+        assert msg == b"STOPPING=1"
         assert list(short)[-1].finished.reason == pb.FINISH_REASON_LENGTH   # finished within grace
         with pytest.raises(grpc.RpcError) as e:
             list(long)
