@@ -27,19 +27,29 @@ def check_watermarks(high: float, low: float) -> None:
         raise ValueError(f"low watermark must be in [0, high={high}), got {low}")
 
 
+def known_strategies() -> set[str] | None:
+    """Names a pin may use: controller.strategies' registry plus the profile names, or
+    None when the registry cannot be loaded (then any well-formed name is accepted)."""
+    global _KNOWN
+    if _KNOWN is None:
+        try:
+            from controller.strategies import registry   # imports torch: daemon side only
+        except ImportError:
+            return None
+        _KNOWN = set(registry()) | set(PROFILES)
+    return _KNOWN
+
+
+_KNOWN: set[str] | None = None
+
+
 def check_strategy_name(name: str) -> str:
-    """A pin names a strategy. Known names come from controller.strategies' registry
-    once it has one; until then any well-formed name is accepted (the engine treats
-    it as opaque)."""
     if not _STRATEGY_NAME.match(name or ""):
-        raise ValueError(f"strategy must be a short lowercase name like 'int4' or "
-                         f"'heavy-hitter', got {name!r}")
-    try:
-        from controller.strategies import REGISTRY  # type: ignore[attr-defined]
-    except ImportError:
-        return name
-    if name not in REGISTRY and name not in PROFILES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(f"strategy must be a short lowercase name like 'quantize_int4' or "
+                         f"'heavy_hitter', got {name!r}")
+    known = known_strategies()
+    if known is not None and name not in known:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(known))}")
     return name
 
 

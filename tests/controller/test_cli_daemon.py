@@ -70,9 +70,9 @@ def test_generate_streams_to_stdout(served):
     assert token["token"]["seq_id"] == seq_id and p.poll() is None
     seqs = json.loads(kvctl(served, "sequences", "--json").stdout)
     assert [s["seq_id"] for s in seqs] == [seq_id]
-    assert kvctl(served, "pin", seq_id, "int4").returncode == 0
+    assert kvctl(served, "pin", seq_id, "quantize_int4").returncode == 0
     pol = json.loads(kvctl(served, "policy", "get", "--json").stdout)
-    assert pol["pins"] == [{"seq_id": seq_id, "strategy": "int4"}]
+    assert pol["pins"] == [{"seq_id": seq_id, "strategy": "quantize_int4"}]
     assert kvctl(served, "unpin", seq_id).returncode == 0
     channel = grpc.insecure_channel(f"unix:{served}")
     kvctl_pb2_grpc.KvctlStub(channel).Cancel(pb.CancelRequest(seq_id=seq_id))
@@ -90,7 +90,7 @@ def test_generate_plain_text_and_summary(served):
 
 @pytest.mark.parametrize("args, code, msg", [
     (["policy", "set", "--low", "0.99"], 1, "INVALID_ARGUMENT"),
-    (["pin", "nope", "int4"], 1, "NOT_FOUND"),
+    (["pin", "nope", "quantize_int4"], 1, "NOT_FOUND"),
     (["generate", "needs a tokenizer"], 1, "prompt_ids"),
     (["bench"], 2, "not available yet"),
     (["train"], 2, "not available yet"),

@@ -39,11 +39,15 @@ def test_update_partial_and_all_profiles():
 
 def test_pins():
     p = PolicyState()
-    assert p.pin("s1", "int4") is None
-    assert p.pin("s1", "heavy-hitter") == "int4"
+    assert p.pin("s1", "quantize_int4") is None
+    assert p.pin("s1", "heavy_hitter") == "quantize_int4"
     with pytest.raises(ValueError, match="strategy must be"):
         p.pin("s1", "Bad Name!")
-    assert p.view().pins == {"s1": "heavy-hitter"}
+    with pytest.raises(ValueError, match="unknown strategy 'int5'; known: .*quantize_int8"):
+        p.pin("s1", "int5")
+    assert p.pin("s1", "long-context") == "heavy_hitter"    # a profile name is a valid pin
+    p.pin("s1", "heavy_hitter")
+    assert p.view().pins == {"s1": "heavy_hitter"}
     p.forget({"s2"})
     assert p.view().pins == {}
     assert p.unpin("s1") is None

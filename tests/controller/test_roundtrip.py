@@ -105,9 +105,9 @@ def test_cancel_mid_stream_frees_blocks(daemon, unix_stub):
     gpu_used = unix_stub.GetStatus(pb.GetStatusRequest(fresh=True)).tiers[0].used_bytes
     assert gpu_used > 0
     watch = unix_stub.WatchDecisions(pb.WatchDecisionsRequest())
-    assert unix_stub.Pin(pb.PinRequest(seq_id=seq_id, strategy="int8")).strategy == "int8"
+    assert unix_stub.Pin(pb.PinRequest(seq_id=seq_id, strategy="quantize_int8")).strategy == "quantize_int8"
     d = next(watch)
-    assert (d.kind, d.seq_id, d.action) == ("pin", seq_id, "int8")
+    assert (d.kind, d.seq_id, d.action) == ("pin", seq_id, "quantize_int8")
     watch.cancel()
     assert unix_stub.Cancel(pb.CancelRequest(seq_id=seq_id)).cancelled
     last = list(stream)[-1]
@@ -137,7 +137,7 @@ def test_tcp_tls_token(daemon):
     assert stub.GetStatus(pb.GetStatusRequest()).model
     for call, req in ((stub.SetPolicy, pb.SetPolicyRequest(profile="streaming")),
                       (stub.Cancel, pb.CancelRequest(seq_id="x")),
-                      (stub.Pin, pb.PinRequest(seq_id="x", strategy="int4")),
+                      (stub.Pin, pb.PinRequest(seq_id="x", strategy="quantize_int4")),
                       (stub.Unpin, pb.UnpinRequest(seq_id="x"))):
         for meta in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
             with pytest.raises(grpc.RpcError) as e:

@@ -72,6 +72,8 @@ GENERATE = [
     Case("too many stop strings", gen(prompt="x", sampling=pb.SamplingParams(stop=["a"] * 17)),
          E.INVALID_ARGUMENT),
     Case("bad strategy name", gen(prompt="x", strategy="No Such!"), E.INVALID_ARGUMENT),
+    Case("unknown strategy", gen(prompt="x", strategy="int5"), E.INVALID_ARGUMENT),
+    Case("strategy pin from the registry", gen(prompt="x", strategy="snapkv")),
     Case("prompt longer than the context", gen(prompt="x" * 600), E.INVALID_ARGUMENT),
     Case("can never fit the budget", gen(prompt_ids=pb.TokenIds(ids=[1] * 400),
                                          sampling=pb.SamplingParams(max_tokens=2000)),
@@ -108,7 +110,7 @@ UNARY = [
     Case("policy set nothing", ("SetPolicy", pb.SetPolicyRequest()), E.INVALID_ARGUMENT),
     Case("policy low >= high", ("SetPolicy", pb.SetPolicyRequest(low_watermark=0.95)), E.INVALID_ARGUMENT),
     Case("policy unknown profile", ("SetPolicy", pb.SetPolicyRequest(profile="yolo")), E.INVALID_ARGUMENT),
-    Case("pin unknown sequence", ("Pin", pb.PinRequest(seq_id="nope", strategy="int4")), E.NOT_FOUND),
+    Case("pin unknown sequence", ("Pin", pb.PinRequest(seq_id="nope", strategy="quantize_int4")), E.NOT_FOUND),
     Case("unpin unknown sequence", ("Unpin", pb.UnpinRequest(seq_id="nope")), E.NOT_FOUND),
     Case("capacity fits", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=100)),
          check=lambda r: r.can_admit and r.bytes_needed == 100_000 and r.bytes_free == 900_000),
@@ -137,11 +139,11 @@ def test_live_sequence_pin_cancel_and_lookup(svc, ctx, fake_engine):
     next(it)
     seqs = svc.ListSequences(pb.ListSequencesRequest(), ctx).sequences
     assert [s.seq_id for s in seqs] == [seq_id] and seqs[0].strategy == "full"
-    r = svc.Pin(pb.PinRequest(seq_id=seq_id, strategy="int4"), ctx)
-    assert r.strategy == "int4" and not r.previous
+    r = svc.Pin(pb.PinRequest(seq_id=seq_id, strategy="quantize_int4"), ctx)
+    assert r.strategy == "quantize_int4" and not r.previous
     one = svc.GetSequence(pb.GetSequenceRequest(seq_id=seq_id), ctx)
-    assert one.pinned_strategy == "int4" and len(one.blocks) == one.num_blocks > 0
-    assert svc.Unpin(pb.UnpinRequest(seq_id=seq_id), ctx).previous == "int4"
+    assert one.pinned_strategy == "quantize_int4" and len(one.blocks) == one.num_blocks > 0
+    assert svc.Unpin(pb.UnpinRequest(seq_id=seq_id), ctx).previous == "quantize_int4"
     code, _ = call(svc, "Unpin", pb.UnpinRequest(seq_id=seq_id), ctx)
     assert code == E.INVALID_ARGUMENT                  # live but not pinned
     assert svc.Cancel(pb.CancelRequest(seq_id=seq_id), ctx).cancelled
@@ -165,7 +167,7 @@ def test_client_hang_up_cancels_the_sequence(svc, ctx, fake_engine):
 def test_draining_refuses_new_work(svc, ctx):
     svc.begin_drain()
     for method, req in (("Generate", gen(prompt="x")), ("SetPolicy", pb.SetPolicyRequest(profile="streaming")),
-                        ("Pin", pb.PinRequest(seq_id="a", strategy="int4"))):
+                        ("Pin", pb.PinRequest(seq_id="a", strategy="quantize_int4"))):
         code, err = call(svc, method, req, ctx)
         assert code == E.UNAVAILABLE and "shutting down" in str(err)
     assert call(svc, "GetStatus", pb.GetStatusRequest(), ctx)[0] == OK
