@@ -182,7 +182,12 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
             for b in host:
                 n_i[b.index] = 0  # attended only if picked, per layer
             summ = torch.stack([b.summary for b in host])
-            stager.topk.append(TopKSeq(i, host, summ, kv.top_k, cur))
+            sizes = [store.geom.slot_bytes(b.fmt) for b in host]
+            t = TopKSeq(i, host, summ, kv.top_k, cur, max_slot=max(sizes))
+            if store.device.type == "cuda":
+                t.to_device(device)
+                t.nbytes = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
+            stager.topk.append(t)
             cur += staging_need(store, sid)
             continue
         for b in host:

@@ -27,6 +27,19 @@ class TopKSeq:
     summary: torch.Tensor       # [n, L, H, 2, D] fp32 on the device
     k: int
     stage_off: int              # its region in each staging buffer
+    # device-side copies of the blocks' facts, so picks never round-trip to the CPU
+    host_off: torch.Tensor | None = None   # [n] int64 slot offsets in a host layer row
+    nbytes: torch.Tensor | None = None     # [n] int64 slot sizes
+    cols: torch.Tensor | None = None       # [n] int64 logical block indices
+    ntoks: torch.Tensor | None = None      # [n] int32
+    max_slot: int = 0
+
+    def to_device(self, device) -> "TopKSeq":
+        mk = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device, non_blocking=True)  # noqa: E731
+        self.host_off = mk([b.offset for b in self.blocks], torch.int64)
+        self.cols = mk([b.index for b in self.blocks], torch.int64)
+        self.ntoks = mk([b.num_tokens for b in self.blocks], torch.int32)
+        return self
 
 
 @dataclass
@@ -87,6 +100,35 @@ class Stager:
         self._stream.wait_event(ev)
         self._issue(layer + 2)
 
+    @staticmethod
+    def _bounds(t: TopKSeq, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Quest's upper bound of each offloaded block's best logit: [n]."""
+        s = t.summary[:, layer]                                      # [n, H, 2, D]
+        H, D = s.shape[1], s.shape[3]
+        qq = q[t.row].float().view(H, -1, D)                         # [H, g, D]
+        lo = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 0])
+        hi = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 1])
+        return torch.maximum(lo, hi).sum(-1).amax((1, 2))
+
+    def _select_topk_device(self, layer: int, q: torch.Tensor, offsets: torch.Tensor,
+                            ntok: torch.Tensor, stage_base: int) -> None:
+        """CUDA: pick on the device, gather the picks from pinned host memory with one
+        kernel (unified addressing), patch the table on the device: no CPU round trip."""
+        from engine.kernels.gather import gather_slots
+        host = self.store.arenas[HOST]
+        st = self.store.arenas["gpu"].staging
+        base = self._half(layer)
+        row_start = layer * host.row_bytes
+        for t in self.topk:
+            k = min(t.k, len(t.blocks))
+            pick = torch.topk(self._bounds(t, layer, q), k).indices
+            dst = base + t.stage_off + torch.arange(k, device=q.device) * t.max_slot
+            gather_slots(host.flat, t.host_off[pick] + row_start, st, dst, t.nbytes[pick],
+                         t.max_slot)
+            cols = t.cols[pick]
+            offsets[t.row, cols] = stage_base + dst
+            ntok[t.row, cols] = t.ntoks[pick]
+
     def select_topk(self, layer: int, q: torch.Tensor, offsets: torch.Tensor,
                     ntok: torch.Tensor, stage_base: int) -> None:
         """Pick and fetch each top-k sequence's best offloaded blocks for this layer.
@@ -95,18 +137,14 @@ class Stager:
         """
         if not self.topk:
             return
+        if self.store.device.type == "cuda":
+            return self._select_topk_device(layer, q, offsets, ntok, stage_base)
         host = self.store.arenas[HOST]
         st = self.store.arenas["gpu"].staging
         base = self._half(layer)
         cols, offs, toks, dsts, srcs = [], [], [], [], []
         for t in self.topk:
-            s = t.summary[:, layer]                                  # [n, H, 2, D]
-            H, D = s.shape[1], s.shape[3]
-            qq = q[t.row].float().view(H, -1, D)                     # [H, g, D]
-            lo = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 0])
-            hi = torch.einsum("hgd,nhd->nhgd", qq, s[:, :, 1])
-            bound = torch.maximum(lo, hi).sum(-1).amax((1, 2))       # [n]
-            pick = torch.topk(bound, min(t.k, bound.numel())).indices.tolist()
+            pick = torch.topk(self._bounds(t, layer, q), min(t.k, len(t.blocks))).indices.tolist()
             cur = t.stage_off
             # host order, packed in staging in the same order: adjacent picks merge
             for i in sorted(pick, key=lambda i: t.blocks[i].offset):

@@ -21,7 +21,8 @@ def _import_interpreted() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         for name in ("triton", "triton.language", "triton.experimental.gluon",
-                     "engine.kernels.paged_decode_triton", "engine.kernels.quant_triton"):
+                     "engine.kernels.paged_decode_triton", "engine.kernels.quant_triton",
+                     "engine.kernels.gather_triton"):
             importlib.import_module(name)
     finally:
         if old is None:

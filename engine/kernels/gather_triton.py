@@ -1,0 +1,69 @@
+"""Triton gather of slots from (pinned host or device) memory into device memory."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+WORDS = 1024  # 8-byte words per program: 8 KiB, enough loads in flight per SM
+
+
+@triton.jit
+def _gather_kernel(
+    src_ptr,        # [src_words] int64: pinned host bytes (UVA) or device bytes
+    dst_ptr,        # [dst_words] int64: device bytes
+    src_off_ptr,    # [n] int64 byte offsets
+    dst_off_ptr,    # [n] int64 byte offsets
+    nbytes_ptr,     # [n] int64
+    WORDS: tl.constexpr,
+):
+    j = tl.program_id(0)
+    c = tl.program_id(1)
+    s = tl.load(src_off_ptr + j) // 8
+    d = tl.load(dst_off_ptr + j) // 8
+    n = tl.load(nbytes_ptr + j) // 8
+    i = c * WORDS + tl.arange(0, WORDS)
+    m = i < n
+    x = tl.load(src_ptr + s + i, mask=m)
+    tl.store(dst_ptr + d + i, x, mask=m)
+
+
+class _HostPointer:
+    """A pinned host buffer handed to Triton as a raw pointer (unified addressing: the
+    device dereferences the host address over PCIe)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._t = t
+        self.dtype = torch.int64
+
+    def data_ptr(self) -> int:
+        return self._t.data_ptr()
+
+
+def gather_slots_triton(src: torch.Tensor, src_offsets: torch.Tensor, dst: torch.Tensor,
+                        dst_offsets: torch.Tensor, nbytes: torch.Tensor,
+                        max_bytes: int) -> None:
+    """src: 1-D uint8 (pinned CPU or CUDA), dst: 1-D uint8 CUDA; offsets/nbytes [n] int64
+    on dst's device; ``max_bytes`` bounds nbytes (sets the grid without a sync)."""
+    for name, t in (("src", src), ("dst", dst)):
+        if t.dim() != 1 or t.dtype != torch.uint8 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D uint8 tensor")
+        if t.data_ptr() % 8:
+            raise ValueError(f"{name} must be 8-byte aligned")
+    if not dst.is_cuda:
+        raise ValueError("dst must be on a CUDA device")
+    if src.device.type == "cpu" and not src.is_pinned():
+        raise ValueError("a host source must be pinned memory")
+    for name, t in (("src_offsets", src_offsets), ("dst_offsets", dst_offsets),
+                    ("nbytes", nbytes)):
+        if t.dtype != torch.int64 or t.device != dst.device or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor on {dst.device}")
+    n = src_offsets.numel()
+    if n == 0:
+        return
+    if max_bytes % 8:
+        raise ValueError("max_bytes must be a multiple of 8")
+    src_arg = _HostPointer(src) if src.device.type == "cpu" else src.view(torch.int64)
+    grid = (n, triton.cdiv(max_bytes // 8, WORDS))
+    _gather_kernel[grid](src_arg, dst.view(torch.int64), src_offsets, dst_offsets, nbytes,
+                         WORDS=WORDS, num_warps=4)
