@@ -45,6 +45,33 @@ def copy_only(eng, sid: str, reps: int = 5) -> tuple[float, int]:
     return statistics.median(ts), nbytes
 
 
+def gather_alone(eng, k: int, reps: int = 10) -> list[tuple[str, float]]:
+    """GB/s of the UVA gather of k scattered offloaded blocks (one layer), per launch
+    setting: which one the top-k path should use."""
+    from engine.kernels.gather_triton import gather_slots_triton
+    from engine.layout import FULL
+    host = eng.store.arenas["host"]
+    st = eng.store.arenas["gpu"].staging
+    slot = eng.geom.slot_bytes(FULL)
+    n = host.row_bytes // slot
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randperm(n, generator=g)[:k] * slot).to(torch.int64).cuda()
+    dst = (torch.arange(k) * slot).to(torch.int64).cuda()
+    nb = torch.full((k,), slot, dtype=torch.int64).cuda()
+    out = []
+    for words, warps in ((1024, 4), (2048, 8), (4096, 8), (512, 4), (8192, 16)):
+        run = lambda: gather_slots_triton(host.flat, src, st, dst, nb, slot, words, warps)  # noqa: E731
+        run()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / reps
+        out.append((f"words={words} warps={warps}", k * slot / dt / 1e9))
+    return out
+
+
 def topk_attention_error(eng, sid: str, k: int, layer: int = 0) -> float:
     """||o_topk - o_exact|| / ||o_exact|| for random queries over the stored keys."""
     from engine.kernels.paged_decode import paged_decode
@@ -104,6 +131,7 @@ def main() -> None:
     err = topk_attention_error(eng, sid, k)
     eng.handle.apply(Offload(sid, tuple(range(nblocks - 1))))
     t_copy, nbytes = copy_only(eng, sid)
+    gathers = gather_alone(eng, k)
     timed_steps(eng, 2)
     t_exact = timed_steps(eng, a.steps)
     if a.profile:
@@ -133,6 +161,8 @@ def main() -> None:
     print()
     print(f"overlap fraction (t_gpu + t_copy - t_exact) / min: {overlap:.2f}")
     print(f"top-k speedup over exact offload: {t_exact / t_topk:.2f}x")
+    for name, gbs in gathers:
+        print(f"UVA gather of {k} scattered blocks, {name}: {gbs:.1f} GB/s")
     print(f"top-k attention-output relative error (layer 0, random queries): {err:.4f}")
 
 

@@ -42,7 +42,7 @@ class _HostPointer:
 
 def gather_slots_triton(src: torch.Tensor, src_offsets: torch.Tensor, dst: torch.Tensor,
                         dst_offsets: torch.Tensor, nbytes: torch.Tensor,
-                        max_bytes: int) -> None:
+                        max_bytes: int, words: int = WORDS, num_warps: int = 4) -> None:
     """src: 1-D uint8 (pinned CPU or CUDA), dst: 1-D uint8 CUDA; offsets/nbytes [n] int64
     on dst's device; ``max_bytes`` bounds nbytes (sets the grid without a sync)."""
     for name, t in (("src", src), ("dst", dst)):
@@ -64,6 +64,6 @@ def gather_slots_triton(src: torch.Tensor, src_offsets: torch.Tensor, dst: torch
     if max_bytes % 8:
         raise ValueError("max_bytes must be a multiple of 8")
     src_arg = _HostPointer(src) if src.device.type == "cpu" else src.view(torch.int64)
-    grid = (n, triton.cdiv(max_bytes // 8, WORDS))
+    grid = (n, triton.cdiv(max_bytes // 8, words))
     _gather_kernel[grid](src_arg, dst.view(torch.int64), src_offsets, dst_offsets, nbytes,
-                         WORDS=WORDS, num_warps=4)
+                         WORDS=words, num_warps=num_warps)
