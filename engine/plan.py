@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kernels.paged_decode import gather_dense
-from engine.layout import FULL
+from engine.layout import FULL, KVFormat
 from engine.staging import Stager, TopKSeq, staging_need
 from engine.store import GPU, HOST, KVStore
 
@@ -46,6 +46,7 @@ class DecodeBatch:
     ntok: torch.Tensor          # [Bd, NB] int32; 0 = not attended (hole / other tier)
     stage_mask: torch.Tensor | None = None  # [Bd, NB] offsets relative to the staging buffer
     stager: Stager | None = None
+    fmt: KVFormat | None = None  # the one format of every block in the table, if only one
 
 
 @dataclass
@@ -161,6 +162,7 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     nt = [[0] * nb for _ in range(B)]
     staged = [[0] * nb for _ in range(B)]
     stager = Stager(store, store.num_layers)
+    fmts = set()  # formats in the table: one lets the kernel compile it in
     cur = 0  # next free byte of each staging buffer
     for i, sid in enumerate(seq_ids):
         kv = store.seqs[sid]
@@ -176,6 +178,7 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
             k_i[b.index] = b.fmt.k_bits
             v_i[b.index] = b.fmt.v_bits
             n_i[b.index] = b.num_tokens
+            fmts.add(b.fmt)
         if not host:
             continue
         if kv.decode_mode == "topk":
@@ -201,7 +204,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     t = [torch.tensor(x, dtype=dt).to(device, non_blocking=True) for x, dt in (
         (offs, torch.int64), (kb, torch.int32), (vb, torch.int32), (nt, torch.int32),
         (staged, torch.int64))]
-    return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager)
+    return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager,
+                       fmt=next(iter(fmts)) if len(fmts) == 1 else None)
 
 
 def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -96,12 +96,13 @@ def triton_supports(geom: BlockGeometry) -> bool:
 
 
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
-                 sm_scale):
+                 sm_scale, fmt: KVFormat | None = None):
     """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
-    reference."""
+    reference. ``fmt``: a promise that every attended block has this format (the caller
+    knows it from its block list; no device sync here): the kernel compiles it in."""
     if q.is_cuda and triton_supports(geom):
         from engine.kernels.paged_decode_triton import paged_decode_triton
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
-                                   block_ntok, geom, sm_scale)
+                                   block_ntok, geom, sm_scale, fmt=fmt)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale)
