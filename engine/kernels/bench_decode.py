@@ -1,6 +1,8 @@
 """Benchmark: paged decode kernel vs torch SDPA at a Llama-3-8B layer shape.
 
     python -m engine.kernels.bench_decode [--sweep] [--json PATH]
+    python -m engine.kernels.bench_decode --batches 8 --contexts 131072 \
+        --formats int8 int4 --variants default nofold dyn     # named variants only
 
 32 query heads, 8 KV heads, head_dim 128, block size 32, fp16; batch 1 and 8, context
 32K and 128K. SDPA runs over contiguous fp16 K/V; our kernel over a paged arena whose
@@ -114,8 +116,18 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
     return arena, tables.to(torch.int64) * slot
 
 
+# named launch variants for --variants (kwargs on top of fmt=; "dyn": runtime dispatch)
+VARIANTS = {
+    "default": {}, "nofold": dict(fold=False), "w2": dict(num_warps=2),
+    "w8": dict(num_warps=8), "s3": dict(num_stages=3), "s1": dict(num_stages=1),
+    "nbi1": dict(blocks_per_iter=1), "nbi4": dict(blocks_per_iter=4),
+    "x4": dict(split_mult=4), "x16": dict(split_mult=16), "dyn": None,
+}
+
+
 def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
-                device: torch.device, seed: int = 0) -> list[dict]:
+                device: torch.device, seed: int = 0, variants: list[str] | None = None
+                ) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(seed)
     gen_cpu = torch.Generator().manual_seed(seed)
     NB = L // T
@@ -149,12 +161,21 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         nbytes = B * NB * slot_bytes_read(geom, fmt)
         # without --sweep: the kernel's own launch defaults (cfg "default")
         configs = [(c, m) for c in SWEEP for m in SPLIT_MULTS] if sweep else [("default", None)]
-        configs.append((None, None))   # runtime format dispatch, default launch
+        if variants:
+            configs = [(v, None) for v in variants
+                       if not (fmt.is_full and v in ("nofold",))]
+        else:
+            configs.append((None, None))   # runtime format dispatch, default launch
         best = None
         for cfg, mult in configs:
             kw = {}
-            if cfg == "default":
-                kw = dict(fmt=fmt)
+            if isinstance(cfg, str) and cfg in VARIANTS:
+                if VARIANTS[cfg] is None:
+                    cfg = None                      # runtime dispatch
+                else:
+                    kw = dict(fmt=fmt, **VARIANTS[cfg])
+                    if "split_mult" in kw:
+                        kw["num_splits"] = max(1, math.ceil(kw.pop("split_mult") * sms / (B * H)))
             elif cfg is not None:
                 kw = dict(fmt=fmt, blocks_per_iter=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
                 if mult is not None:
@@ -192,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="try several launch configs")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                    help="time these named launch variants (table shows all of them)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -199,12 +222,13 @@ def main(argv=None) -> None:
     rows = []
     for B in args.batches:
         for L in args.contexts:
-            rows += bench_shape(B, L, args.formats, args.sweep, args.iters, device)
+            rows += bench_shape(B, L, args.formats, args.sweep, args.iters, device,
+                                variants=args.variants)
     print("\n| batch | context | kernel | format | config (nbi, warps, stages) x splits "
           "| us | vs SDPA | GB/s | % of 4.46 TB/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r["kernel"] == "paged" and not r.get("best"):
+        if r["kernel"] == "paged" and not r.get("best") and not args.variants:
             continue
         cfg = f"{r.get('cfg')} x{r.get('split_mult')}" if r["kernel"] != "sdpa" else "-"
         print(f"| {r['B']} | {r['L'] // 1024}K | {r['kernel']} | {r['fmt']} | {cfg} | "

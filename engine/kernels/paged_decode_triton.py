@@ -14,6 +14,11 @@ conversions. Formats are either one per launch (``fmt=``: compile-time, several 
 per loop iteration) or read per block from ``block_kbits`` / ``block_vbits`` (runtime
 branches, one block per iteration).
 
+``fold=True`` (experimental, slower as measured so far: docs/BENCHMARKS.md) folds the key
+dequantization out of the inner loop instead — ``q.k = (q*s).c + q.z`` per block, codes
+fed to ``tl.dot`` as exact fp16 — and converts codes with a few PTX instructions per four
+bytes (``prmt`` under an fp16 exponent) on CUDA.
+
 Every arithmetic operation is fp32; tiles are fed to ``tl.dot`` in the store dtype
 (fp16 / bf16, fp32 with IEEE precision for fp32 stores). Slot offsets must be multiples
 of 16 bytes (engine/layout.py guarantees it).
@@ -33,11 +38,11 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, acc=None):
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -45,6 +50,56 @@ def _code_f32(c):
     # int code (< 2^23) -> fp32 without an int->float conversion: bits 0x4B000000 | c
     # read as fp32 are 2^23 + c exactly
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _codes_to(c, DT: tl.constexpr):
+    """Integer codes (0..255, any int dtype) -> DT, exactly. fp16: 0x6400 | c read as fp16
+    is 1024 + c (no int->float conversion instruction); others: the fp32 magic number."""
+    if DT == tl.float16:
+        return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return _code_f32(c.to(tl.int32)).to(DT)
+
+
+def _u8_asm(shift: int, bits: int) -> str:
+    """PTX: four uint8 in $2 -> four fp16 codes ((byte >> shift) & mask) in $0, $1."""
+    pre = "mov.b32 x, $2;" if bits == 8 else \
+        f"shr.b32 x, $2, {shift}; and.b32 x, x, {((1 << bits) - 1) * 0x01010101};"
+    return ("{ .reg .b32 x, t0, t1, m; " + pre +
+            " mov.b32 m, 0x64646464; prmt.b32 t0, x, m, 0x4140; prmt.b32 t1, x, m, 0x4342;"
+            " mov.b32 m, 0x64006400; sub.f16x2 $0, t0, m; sub.f16x2 $1, t1, m; }")
+
+
+_ASM_U8 = tl.constexpr((_u8_asm(0, 8),))
+_ASM_U4 = tl.constexpr(tuple(_u8_asm(4 * j, 4) for j in range(2)))
+_ASM_U2 = tl.constexpr(tuple(_u8_asm(2 * j, 2) for j in range(4)))
+
+
+@triton.jit
+def _u8_codes(raw, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+              ASM: tl.constexpr):
+    """Codes ``(raw >> SHIFT) & (2^BITS - 1)`` of a uint8 tile, as DT (exact).
+
+    ASM (CUDA, fp16): PTX on four bytes at once: shift/mask, then prmt puts each byte
+    under an fp16 exponent (0x64XX is 1024 + XX) and one packed subtraction removes the
+    1024 — two instructions per two codes instead of byte extraction, packing and
+    conversion one by one. Otherwise plain Triton (the interpreter cannot run PTX)."""
+    if ASM:
+        if BITS == 8:
+            asm: tl.constexpr = _ASM_U8[0]
+        elif BITS == 4:
+            asm: tl.constexpr = _ASM_U4[SHIFT // 4]
+        else:
+            asm: tl.constexpr = _ASM_U2[SHIFT // 2]
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [raw], dtype=tl.float16,
+                                         is_pure=True, pack=4)
+    else:
+        if BITS == 8:
+            c = raw
+        else:
+            c = (raw >> SHIFT) & ((1 << BITS) - 1)
+        return _codes_to(c, DT)
 
 
 @triton.jit
@@ -96,10 +151,46 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
 
 
 @triton.jit
+def _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
+                 BITS: tl.constexpr, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+                 MSIZE: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+                 ASM: tl.constexpr):
+    """q.k of one quantized block (off, ntok: [1]) with the dequantization folded out:
+    k[t, d] = c[t, d] * s[d] + z[d]  =>  q.k_t = sum_d (q_d s_d) c[t, d] + sum_d q_d z_d.
+    The codes go to tl.dot as they are (integers <= 255 are exact in fp16); per sub-channel
+    j of a byte (channels b * PER + j) one dot of q' [GP, D / PER] with those codes, so
+    packed codes need no interleave. Returns [GP, T] fp32 (unscaled; invalid tokens
+    unmasked)."""
+    PER: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // PER
+    CODE_BYTES: tl.constexpr = (H * T * DB + 15) // 16 * 16
+    META_EL: tl.constexpr = (H * D * MSIZE + 15) // 16 * 16 // MSIZE
+    t2 = tl.arange(0, T)[:, None]
+    bcol = tl.arange(0, DB)
+    off2 = off[:, None]                                                  # [1, 1]
+    raw = tl.load(arena_u8 + off2 + kvh * T * DB + t2 * DB + bcol[None, :],
+                  mask=t2 < ntok[:, None], other=0)                      # [T, DB] uint8
+    has = ntok[:, None] > 0
+    m0 = tl.multiple_of((off + CODE_BYTES) // MSIZE, 16 // MSIZE)[:, None] + kvh * D
+    # sum_d q_d z_d on the tensor cores: q times z broadcast over the T columns
+    dcol = tl.arange(0, D)
+    zr = tl.load(arena_md + m0 + META_EL + dcol[:, None], mask=has, other=0.0)   # [D, 1]
+    s = _dot(qd, tl.broadcast_to(zr.to(DT), (D, T)), IEEE)
+    for j in tl.static_range(PER):
+        ch = bcol[None, :] * PER + j                                     # [1, DB]
+        sc = tl.load(arena_md + m0 + ch, mask=has, other=0.0).to(tl.float32)
+        qj = tl.load(q_ptr + qrow[:, None] + ch, mask=hmask[:, None], other=0.0).to(tl.float32)
+        cj = _u8_codes(raw, j * BITS, BITS, DT, ASM)
+        s = _dot((qj * sc).to(DT), tl.trans(cj), IEEE, s)
+    return s
+
+
+@triton.jit
 def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
-            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+            ASM: tl.constexpr):
     """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes."""
     if BITS == 0:
         t3 = tl.arange(0, T)[None, :, None]
@@ -123,12 +214,26 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         valid4 = t4 < ntok[:, None, None, None]                      # [NBI, T, 1, 1]
         raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER) + g4 * GB + j4,
                       mask=valid4, other=0)                          # [NBI, T, NG, GB]
-        c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
+        if FAST:
+            if BITS == 8:
+                c = _u8_codes(raw, 0, 8, DT, ASM)
+            elif BITS == 4:
+                c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
+            else:
+                c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
+                            tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
+            c = tl.reshape(c, (NBI, T, NG, G))
+        else:
+            c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
         m_el = m0[:, None, None, None] + kvh * T * NG + t4 * NG + g4
         sc = tl.load(arena_md + m_el, mask=valid4, other=0.0).to(tl.float32)       # [NBI,T,NG,1]
         zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=valid4, other=0.0).to(tl.float32)
-        v = (_code_f32(c) * sc + zr).to(DT)
+        if FAST:
+            # in the dot dtype: codes convert exactly, one fma per element
+            v = c * sc.to(DT) + zr.to(DT)
+        else:
+            v = (_code_f32(c) * sc + zr).to(DT)
     v2 = tl.reshape(v, (NBI * T, D))
     return _dot(p.to(DT), v2, IEEE)
 
@@ -165,6 +270,7 @@ def _paged_decode_kernel(
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    FOLD: tl.constexpr, ASM: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -174,6 +280,7 @@ def _paged_decode_kernel(
     hmask = rows < GQ
     head = kvh * GQ + rows
     d = tl.arange(0, D)
+    qrow = (b * HQ + head) * D
     q = tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
                 other=0.0).to(tl.float32)
     qd = q.to(DT)
@@ -189,7 +296,11 @@ def _paged_decode_kernel(
         ntok = tl.load(ntok_ptr + b * NB + bi, mask=bmask, other=0)           # [NBI]
         off = tl.multiple_of(tl.load(off_ptr + b * NB + bi, mask=bmask, other=0), 16)
         # ---- logits [GP, NBI * T]
-        if KB >= 0:
+        if KB > 0 and FOLD:
+            s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh, KB, T,
+                             D, H, MSIZE, DT, IEEE, ASM)
+            voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
+        elif KB >= 0:
             s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
                         ESIZE, MSIZE, DT, UPCAST, IEEE)
             voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
@@ -199,14 +310,26 @@ def _paged_decode_kernel(
                 s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 0, NBI, T, D,
                             H, ESIZE, MSIZE, DT, UPCAST, IEEE)
             elif kb == 8:
-                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 8, NBI, T, D,
-                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                if FOLD:
+                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
+                                     8, T, D, H, MSIZE, DT, IEEE, ASM)
+                else:
+                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 8, NBI,
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
             elif kb == 4:
-                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 4, NBI, T, D,
-                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                if FOLD:
+                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
+                                     4, T, D, H, MSIZE, DT, IEEE, ASM)
+                else:
+                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 4, NBI,
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
             else:
-                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 2, NBI, T, D,
-                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                if FOLD:
+                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
+                                     2, T, D, H, MSIZE, DT, IEEE, ASM)
+                else:
+                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 2, NBI,
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
             voff = off + _k_section_end(kb, T, D, H, ESIZE, MSIZE)
         voff = tl.multiple_of(voff, 16)
         # ---- per-block softmax partials (log2 units)
@@ -230,21 +353,21 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(lb * w, axis=1)
         if VB >= 0:
             pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
-                         ESIZE, MSIZE, DT, UPCAST, IEEE)
+                         ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
         else:
             vb = tl.load(vbits_ptr + b * NB + blk0)
             if vb == 0:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 0, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
             elif vb == 8:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 8, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
             elif vb == 4:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 4, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
             else:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 2, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     part = (b * HQ + head) * S + sp
@@ -318,7 +441,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float, *,
                         fmt: KVFormat | None = None, num_splits: int | None = None,
                         blocks_per_iter: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None
+                        num_stages: int | None = None, fold: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -330,6 +453,10 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     bits tensors, several blocks per iteration); None reads each block's format.
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
+    ``fold``: experimental, off by default because it measured slower on the H200
+    (docs/BENCHMARKS.md): key scales folded into q, codes straight into tl.dot, one block
+    an iteration, fp16 dequantization of values; PTX code conversion on CUDA with fp16.
+    Only for head_dim >= 64 (its per-sub-channel dots need D / 4 >= 16); ignored below.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -380,6 +507,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     n = arena_row.numel() // 4 * 4
     arena_st = arena_row[:n].view(geom.store_dtype)
     arena_md = arena_row[:n].view(geom.meta_dtype)
+    fold = fold and D >= 64
+    if fold and fmt is not None and fmt.k_bits > 0:
+        blocks_per_iter = 1      # folded key scales are per block: one block an iteration
     if blocks_per_iter is None and fmt is not None:
         # measured on the H200 (docs/BENCHMARKS.md): 2 blocks an iteration for fp16/int8
         # tiles, 4 for the smaller int4/int2 ones
@@ -403,7 +533,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         ESIZE=esize, MSIZE=msize,
         KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
         NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != dot_dtype,
-        IEEE=dot_dtype == torch.float32, num_warps=warps, num_stages=stages)
+        IEEE=dot_dtype == torch.float32, FOLD=fold,
+        ASM=fold and q.is_cuda and dot_dtype == torch.float16, num_warps=warps, num_stages=stages)
     # one program per (sequence, query head); the split axis fits in registers
     _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
                               num_warps=4)

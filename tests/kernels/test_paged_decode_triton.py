@@ -103,6 +103,25 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hint", [False, True], ids=["dynamic", "hint"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[8], CASES[10]], ids=_case_id)
+def test_kernel_fold_matches_reference(request, device, case, hint):
+    """The experimental folded-dequantization path (head_dim >= 64) matches too."""
+    pdt, _ = kernel_modules(device)
+    fmts = case[7]
+    if hint and not isinstance(fmts, KVFormat):
+        pytest.skip("format hint needs one format")
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
+                                                   seed_of(request))
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, sm_scale)
+    kw = dict(fmt=fmts) if hint else {}
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, fold=True, **kw)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3, 64])
 def test_kernel_split_counts(request, device, splits):
     """Any split count (more splits than blocks too) gives the same result."""

@@ -1,0 +1,111 @@
+"""Compile the paged decode kernel for sm_90 on a machine without a GPU and report
+registers, spills and a SASS instruction histogram (no device time needed).
+
+    python tools/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--fold 1]
+                                [--sass FILE]
+
+Prints registers / shared memory / local memory, the whole kernel's SASS opcode counts
+and, per loop (a backward branch), the loop body's size and opcode counts. Uses the
+ptxas/cuobjdump that the triton wheel ships; the target is sm_90 (the H200), but the
+triton here may differ from the device's (3.9 here, 3.6 there).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from engine.kernels import paged_decode_triton as pdt  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*fp16",
+       "off_ptr": "*i64", "kbits_ptr": "*i32", "vbits_ptr": "*i32", "ntok_ptr": "*i32",
+       "bmax_ptr": "*fp32", "bsum_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+       "pacc_ptr": "*fp32", "NB": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
+
+
+def compile_kernel(consts: dict, warps: int, stages: int):
+    fn = pdt._paged_decode_kernel
+    sig, cx = {}, {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+            cx[name] = consts[name]
+        else:
+            sig[name] = PTR[name]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in fn.arg_names if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, cx, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kb", type=int, default=8)
+    ap.add_argument("--vb", type=int, default=8)
+    ap.add_argument("--nbi", type=int, default=2)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--fold", type=int, default=0, help="1: the experimental fold path")
+    ap.add_argument("--asm", type=int, default=1, help="PTX code conversion (fold only)")
+    ap.add_argument("--extra", default="", help="k=v,... more constexprs")
+    ap.add_argument("--sass")
+    a = ap.parse_args()
+    consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
+                  VB=a.vb, NBI=a.nbi, DT=tl.float16, UPCAST=False, IEEE=False, FOLD=a.fold,
+                  ASM=a.asm and a.fold)
+    for kv in filter(None, a.extra.split(",")):
+        k, v = kv.split("=")
+        consts[k] = int(v)
+    fn_args = pdt._paged_decode_kernel.arg_names
+    consts = {k: v for k, v in consts.items() if k in fn_args}
+    ck = compile_kernel(consts, a.warps, a.stages)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+        sass = subprocess.run([f"{BIN}/cuobjdump", "--dump-sass", f.name],
+                              capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    ops = collections.Counter()
+    ins = []   # (address, opcode, line)
+    for line in sass.splitlines():
+        mm = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]+)?",
+                      line)
+        if mm:
+            ops[mm.group(3)] += 1
+            ins.append((int(mm.group(1), 16), mm.group(3), line))
+    loops = []
+    for addr, op, line in ins:
+        mb = re.search(r"BRA (?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line) if op == "BRA" else None
+        if mb and mb.group(1) and int(mb.group(1), 16) < addr:
+            loops.append((int(mb.group(1), 16), addr))
+    for lo, hi in loops:
+        body = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
+        print(f"  loop {lo:#x}-{hi:#x}: {sum(body.values())} instrs: "
+              + " ".join(f"{k}:{v}" for k, v in body.most_common(30)))
+    print(f"KB={a.kb} VB={a.vb} NBI={a.nbi} warps={a.warps} stages={a.stages} {a.extra}: "
+          f"regs {m.group(1)} stack {m.group(2)} shared {m.group(3)} local {m.group(4)}; "
+          f"{sum(ops.values())} instrs")
+    print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(40)))
+    if a.sass:
+        open(a.sass, "w").write(sass)
+        open(a.sass + ".ttgir", "w").write(ck.asm["ttgir"])
+
+
+if __name__ == "__main__":
+    main()
