@@ -21,32 +21,42 @@ from engine.kernels.slots import read_blocks
 
 def gather_dense(arena_row: torch.Tensor, block_offsets: torch.Tensor,
                  block_kbits: torch.Tensor, block_vbits: torch.Tensor,
-                 block_ntok: torch.Tensor, geom: BlockGeometry, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense k, v ``[B, NB, H, T, D]`` of every table entry (holes left zero)."""
+                 block_ntok: torch.Tensor, geom: BlockGeometry, dtype: torch.dtype,
+                 fmt: KVFormat | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense k, v ``[B, NB, H, T, D]`` of every table entry.
+
+    Entries that are holes hold whatever their offset points at: callers mask them by
+    ``ntok`` (scores to -inf, values to 0). With one format among the valid entries
+    (``fmt``, or found here) all entries are read in one gather.
+    """
     B, NB = block_offsets.shape
     H, T, D = geom.num_kv_heads, geom.block_size, geom.head_dim
-    valid = (block_ntok > 0).reshape(-1)
-    kb, vb = block_kbits.reshape(-1), block_vbits.reshape(-1)
     offs = block_offsets.reshape(-1)
-    dev = arena_row.device
-    fmts = torch.unique(torch.stack([kb[valid], vb[valid]], 1), dim=0).tolist() \
-        if bool(valid.any()) else []
-    if len(fmts) == 1 and bool(valid.all()):
-        k, v = read_blocks(arena_row, offs, geom, KVFormat(*fmts[0]), dtype)
+    if fmt is None:
+        valid = (block_ntok > 0).reshape(-1)
+        code = (block_kbits.reshape(-1) * 16 + block_vbits.reshape(-1))[valid]
+        codes = torch.unique(code).tolist()
+        if len(codes) <= 1:
+            fmt = KVFormat(*divmod(codes[0], 16)) if codes else KVFormat()
+    if fmt is not None:
+        # holes' offsets are unspecified: read slot 0 for them instead (masked anyway)
+        offs = torch.where(block_ntok.reshape(-1) > 0, offs, torch.zeros_like(offs))
+        k, v = read_blocks(arena_row, offs, geom, fmt, dtype)
         return k.reshape(B, NB, H, T, D), v.reshape(B, NB, H, T, D)
-    k = torch.zeros(B * NB, H, T, D, dtype=dtype, device=dev)
+    code = block_kbits.reshape(-1) * 16 + block_vbits.reshape(-1)
+    k = torch.zeros(B * NB, H, T, D, dtype=dtype, device=arena_row.device)
     v = torch.zeros_like(k)
-    for kbits, vbits in fmts:
-        sel = torch.nonzero(valid & (kb == kbits) & (vb == vbits)).squeeze(1)
-        kk, vv = read_blocks(arena_row, offs[sel], geom, KVFormat(kbits, vbits), dtype)
+    for c in codes:
+        sel = torch.nonzero(valid & (code == c)).squeeze(1)
+        kk, vv = read_blocks(arena_row, offs[sel], geom, KVFormat(*divmod(c, 16)), dtype)
         k[sel], v[sel] = kk, vv
     return k.reshape(B, NB, H, T, D), v.reshape(B, NB, H, T, D)
 
 
 def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                      block_kbits: torch.Tensor, block_vbits: torch.Tensor,
-                     block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float
+                     block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float,
+                     fmt: KVFormat | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode attention of one token per sequence over its paged KV.
 
@@ -63,26 +73,32 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     H, T = geom.num_kv_heads, geom.block_size
     g = Hq // H
     k, v = gather_dense(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
-                        geom, torch.float32)                               # [B, NB, H, T, D]
-    qf = q.float().reshape(B, H, g, D)
-    s = torch.einsum("bhgd,bnhtd->bhgnt", qf, k) * sm_scale                # [B, H, g, NB, T]
+                        geom, torch.float32, fmt)                          # [B, NB, H, T, D]
+    # batched over (sequence, block, kv head) in the blocks' own layout: no transposed
+    # copies of K or V
+    qf = q.float().reshape(B, 1, H, g, D)
+    s = torch.matmul(qf, k.transpose(-1, -2)) * sm_scale                  # [B, NB, H, g, T]
     tok = torch.arange(T, device=q.device)
     mask = tok.view(1, 1, T) < block_ntok.view(B, NB, 1)                   # [B, NB, T]
-    s = s.masked_fill(~mask.view(B, 1, 1, NB, T), float("-inf"))
-    # tokens past ntok are unwritten arena bytes (maybe NaN): 0 * NaN would poison pv
-    v = v.masked_fill(~mask.view(B, NB, 1, T, 1), 0.0)
-    m = s.amax(-1)                                                         # [B, H, g, NB]
+    s.masked_fill_(~mask.view(B, NB, 1, 1, T), float("-inf"))
+    # rows past ntok are unwritten arena bytes (maybe NaN), and 0 * NaN would poison
+    # p @ v: zero them in the (few) entries that have any
+    part = torch.nonzero(block_ntok < T)
+    if part.numel():
+        bi, ni = part[:, 0], part[:, 1]
+        v[bi, ni] = v[bi, ni].masked_fill(~mask[bi, ni].view(-1, 1, T, 1), 0.0)
+    m = s.amax(-1)                                                         # [B, NB, H, g]
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe.unsqueeze(-1))
-    l = p.sum(-1)                                                          # [B, H, g, NB]
-    gmax = m.amax(-1, keepdim=True)                                        # [B, H, g, 1]
+    l = p.sum(-1)                                                          # [B, NB, H, g]
+    gmax = m.amax(1, keepdim=True)                                         # [B, 1, H, g]
     gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
     w = torch.exp(m_safe - gmax) * (l > 0)                                 # block weights
-    denom = (w * l).sum(-1, keepdim=True).clamp_min(1e-30)
-    pv = torch.einsum("bhgnt,bnhtd->bhgnd", p, v)                          # [B, H, g, NB, D]
-    out = (pv * (w / denom).unsqueeze(-1)).sum(-2)
-    return (out.reshape(B, Hq, D).to(q.dtype), m.reshape(B, Hq, NB),
-            l.reshape(B, Hq, NB))
+    denom = (w * l).sum(1, keepdim=True).clamp_min(1e-30)
+    pv = torch.matmul(p, v)                                                # [B, NB, H, g, D]
+    out = (pv * (w / denom).unsqueeze(-1)).sum(1)                          # [B, H, g, D]
+    return (out.reshape(B, Hq, D).to(q.dtype), m.permute(0, 2, 3, 1).reshape(B, Hq, NB),
+            l.permute(0, 2, 3, 1).reshape(B, Hq, NB))
 
 
 def _pow2(n: int) -> bool:
@@ -105,4 +121,4 @@ def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_nt
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
                                    block_ntok, geom, sm_scale, fmt=fmt)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
-                            block_ntok, geom, sm_scale)
+                            block_ntok, geom, sm_scale, fmt)
