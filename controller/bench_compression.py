@@ -11,11 +11,14 @@ token goes through the *decode* path over the compressed cache:
 * passkey: the question ("What is the pass key? The pass key is") is fed token by token,
   then 8 greedy tokens; a hit is the key in the output.
 
+Each context is prefilled once; every config continues from a copy of it
+(``KVStore.fork``), so configs differ only in what the strategy did.
 Strategies come from the controller's registry; the bench only applies their proposals.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import sys
@@ -47,11 +50,16 @@ def configs(keeps: list[float]):
 class Run:
     """One sequence driven below the scheduler: prefill, compress, decode-forced."""
 
-    def __init__(self, engine: Engine, context: list[int]):
+    def __init__(self, engine: Engine, context: list[int] | None, base: "Run | None" = None):
         self.e = engine
         self.sid = f"bench-{next(_ids)}"
-        self.n_prompt = len(context)
         e = engine
+        if base is not None:  # continue from a copy of base's prefilled context
+            e.store.fork(base.sid, self.sid)
+            e.stats[self.sid] = copy.deepcopy(e.stats[base.sid])
+            self.n_prompt, self.last_logits = base.n_prompt, base.last_logits
+            return
+        self.n_prompt = len(context)
         e.store.add_sequence(self.sid)
         e.stats[self.sid] = SeqStats(decay=e.config.stats_decay)
         step = e.config.max_batch_tokens
@@ -99,9 +107,8 @@ class Run:
 
 
 @torch.inference_mode()
-def ppl(engine, ids: list[int], strategy, keep: float, score: int) -> tuple[float, float]:
-    ctx, tail = ids[:-score], ids[-score:]
-    r = Run(engine, ctx)
+def ppl(engine, base: Run, tail: list[int], strategy, keep: float) -> tuple[float, float]:
+    r = Run(engine, None, base)
     try:
         attended = r.compress(strategy, keep) / len(engine.store.seqs[r.sid].blocks)
         nll, logits = [], r.last_logits
@@ -114,15 +121,12 @@ def ppl(engine, ids: list[int], strategy, keep: float, score: int) -> tuple[floa
 
 
 @torch.inference_mode()
-def passkey(engine, prompt, strategy, keep: float, new: int = 8) -> bool:
-    tok = engine.tokenizer
-    q = tok(" " + QUESTION)["input_ids"]
-    cut = prompt.text.rindex(QUESTION)
-    ctx = tok(prompt.text[:cut].rstrip())["input_ids"]
-    r = Run(engine, ctx)
+def passkey(engine, base: Run, question: list[int], key: str, strategy, keep: float,
+            new: int = 8) -> bool:
+    r = Run(engine, None, base)
     try:
         r.compress(strategy, keep)
-        for t in q:
+        for t in question:
             logits = r.decode(t)
         out = []
         for _ in range(new):
@@ -130,7 +134,13 @@ def passkey(engine, prompt, strategy, keep: float, new: int = 8) -> bool:
             logits = r.decode(out[-1])
     finally:
         r.close()
-    return prompt.key in tok.decode(out)
+    return key in engine.tokenizer.decode(out)
+
+
+def split_passkey(tok, prompt) -> tuple[list[int], list[int]]:
+    """(context, question) ids: the question goes through the decode path."""
+    cut = prompt.text.rindex(QUESTION)
+    return tok(prompt.text[:cut].rstrip())["input_ids"], tok(" " + QUESTION)["input_ids"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,21 +170,36 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.score} decode steps", flush=True)
     print()
     head = ["config"] + [f"PPL@{L}" for L in plens] + [f"passkey@{L}" for L in lengths]
+    res: dict[str, list] = {c[0]: [] for c in cfgs}
+    att: dict[str, list] = {c[0]: [] for c in cfgs}
+    t0 = time.time()
+    with torch.inference_mode():
+        for L in plens:
+            ids = ppl_windows(text, L, 1)[0][1]
+            base = Run(e, ids[:-a.score])
+            for label, strat, keep in cfgs:
+                p, frac = ppl(e, base, ids[-a.score:], strat, keep)
+                res[label].append(f"{p:.2f}")
+                att[label].append(frac)
+            base.close()
+            print(f"[PPL@{L} done, {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
+        for L in lengths:
+            hits = {c[0]: 0 for c in cfgs}
+            for i in range(len(depths)):
+                ctx, q = split_passkey(e.tokenizer, prompts[(L, i)])
+                base = Run(e, ctx)
+                for label, strat, keep in cfgs:
+                    hits[label] += passkey(e, base, q, prompts[(L, i)].key, strat, keep)
+                base.close()
+            for label in hits:
+                res[label].append(f"{hits[label]}/{len(depths)}")
+            print(f"[passkey@{L} done, {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
     print("| " + " | ".join(head) + " | attended blocks |")
     print("|" + "---|" * (len(head) + 1))
-    for label, strat, keep in cfgs:
-        t0 = time.time()
-        cells, att = [], []
-        for L in plens:
-            p, frac = ppl(e, ppl_windows(text, L, 1)[0][1], strat, keep, a.score)
-            cells.append(f"{p:.2f}")
-            att.append(frac)
-        for L in lengths:
-            hits = sum(passkey(e, prompts[(L, i)], strat, keep) for i in range(len(depths)))
-            cells.append(f"{hits}/{len(depths)}")
-        print(f"| {label} | " + " | ".join(cells) + f" | {sum(att) / max(1, len(att)):.0%} |",
-              flush=True)
-        print(f"[{label}: {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
+    for label, _, _ in cfgs:
+        a_ = att[label]
+        print(f"| {label} | " + " | ".join(res[label])
+              + f" | {sum(a_) / max(1, len(a_)):.0%} |", flush=True)
 
 
 if __name__ == "__main__":

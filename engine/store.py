@@ -127,6 +127,36 @@ class KVStore:
         for b in s.blocks:
             self._release(b)
 
+    def fork(self, src_id: str, dst_id: str) -> SeqKV:
+        """A new sequence holding a copy of ``src_id``'s KV: every block in its format
+        and tier (a shared prefix by copy: several continuations of one prefill)."""
+        if dst_id in self.seqs:
+            raise ValueError(f"sequence {dst_id!r} already exists")
+        src = self.seqs[src_id]
+        need: dict[str, dict[int, int]] = {}
+        for b in src.blocks:
+            if b.offset >= 0:
+                tier = HOST if b.tier in (HOST, PARKED) else GPU
+                slot = self.geom.slot_bytes(b.fmt)
+                need.setdefault(tier, {})[slot] = need.setdefault(tier, {}).get(slot, 0) + 1
+        for tier, sizes in need.items():
+            a = self.arenas[tier].alloc
+            if sum(a.pages_needed(sl, n) for sl, n in sizes.items()) > len(a._free_pages):
+                raise OutOfBlocks(f"no room in the {tier} tier to fork {src_id}")
+        dst = SeqKV(dst_id, num_tokens=src.num_tokens, fill_format=src.fill_format,
+                    decode_mode=src.decode_mode, top_k=src.top_k)
+        for b in src.blocks:
+            nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
+                       None if b.summary is None else b.summary.clone())
+            if b.offset >= 0:
+                arena = self.arenas[HOST if b.tier in (HOST, PARKED) else GPU]
+                n = self.geom.slot_bytes(b.fmt)
+                nb.offset = arena.alloc.allocate(n)
+                arena.data[:, nb.offset:nb.offset + n].copy_(arena.data[:, b.offset:b.offset + n])
+            dst.blocks.append(nb)
+        self.seqs[dst_id] = dst
+        return dst
+
     def _release(self, b: Block) -> None:
         if b.offset >= 0:
             tier = HOST if b.tier in (HOST, PARKED) else GPU

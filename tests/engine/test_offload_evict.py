@@ -183,3 +183,37 @@ def test_parking_is_bounded_by_host_memory():
     assert e.store.arenas[HOST].alloc.num_slots == cap
     e.cancel(sid)
     assert e.store.arenas[HOST].alloc.num_slots == 0
+
+
+def test_fork_copies_every_block_and_decodes_identically(engine, long_ids):
+    """A forked sequence (parked, offloaded, quantized blocks and all) continues exactly
+    like its source, and both free cleanly."""
+    from engine.plan import build_plan
+    from engine import attention
+    ids = long_ids[:300]
+    sid = engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=50,
+                                                                         ignore_eos=True)),
+                        lambda ev: None)
+    while engine.seqs[sid].state != "decode":
+        engine.step()
+    for a in (Quantize(sid, (1, 2), 4), Offload(sid, (3, 4)), Evict(sid, (5,), park=True),
+              Evict(sid, (6,))):
+        engine.handle.apply(a)
+    st = engine.store
+    used = {n: a.alloc.num_slots for n, a in st.arenas.items()}
+    st.fork(sid, "fork-1")
+    assert {n: a.alloc.num_slots for n, a in st.arenas.items()} == \
+        {n: 2 * used[n] for n in used}
+    tok = engine.seqs[sid].output_ids[-1]
+    outs = []
+    with engine.lock:
+        for s in (sid, "fork-1"):
+            st.reserve(s, 1)
+            plan = build_plan(st, [(s, tok)], [], engine.num_layers, engine.device)
+            outs.append(attention.forward(engine.model, plan.input_ids, plan.position_ids,
+                                          plan, torch.tensor([0]))[0])
+    assert torch.equal(outs[0], outs[1])
+    st.free_sequence("fork-1")
+    engine.cancel(sid)
+    for a in st.arenas.values():
+        assert a.alloc.num_slots == 0
