@@ -456,7 +456,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     ``fold``: experimental, off by default because it measured slower on the H200
     (docs/BENCHMARKS.md): key scales folded into q, codes straight into tl.dot, one block
     an iteration, fp16 dequantization of values; PTX code conversion on CUDA with fp16.
-    Only for head_dim >= 64 (its per-sub-channel dots need D / 4 >= 16); ignored below.
+    Only for head_dim >= 64 (its per-sub-channel dots need D / 4 >= 16) and with a
+    ``fmt`` hint (mixed-format tables gave wrong results on the H200 with triton 3.6,
+    2026-11-28, though right in the interpreter); ignored otherwise.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -507,7 +509,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     n = arena_row.numel() // 4 * 4
     arena_st = arena_row[:n].view(geom.store_dtype)
     arena_md = arena_row[:n].view(geom.meta_dtype)
-    fold = fold and D >= 64
+    fold = fold and D >= 64 and fmt is not None
     if fold and fmt is not None and fmt.k_bits > 0:
         blocks_per_iter = 1      # folded key scales are per block: one block an iteration
     if blocks_per_iter is None and fmt is not None:

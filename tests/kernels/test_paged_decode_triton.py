@@ -106,7 +106,8 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
 @pytest.mark.parametrize("hint", [False, True], ids=["dynamic", "hint"])
 @pytest.mark.parametrize("case", [CASES[3], CASES[8], CASES[10]], ids=_case_id)
 def test_kernel_fold_matches_reference(request, device, case, hint):
-    """The experimental folded-dequantization path (head_dim >= 64) matches too."""
+    """The experimental folded-dequantization path (head_dim >= 64, single-format tables
+    only; without a hint the kernel ignores fold) matches too."""
     pdt, _ = kernel_modules(device)
     fmts = case[7]
     if hint and not isinstance(fmts, KVFormat):
