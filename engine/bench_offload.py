@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="profile one exact-offload step")
+    ap.add_argument("--profile-topk", action="store_true", help="profile one top-k step")
     a = ap.parse_args()
     from engine.actions import Offload, SetDecodeMode
     from engine.api import Request, SamplingParams
@@ -143,6 +144,12 @@ def main() -> None:
     eng.handle.apply(SetDecodeMode(sid, "topk", k))
     timed_steps(eng, 2)
     t_topk = timed_steps(eng, a.steps)
+    if a.profile_topk:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_steps(eng, 1)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8))
     topk_bytes = k * eng.geom.slot_bytes(FULL) * eng.num_layers
     overlap = (t_gpu + t_copy - t_exact) / min(t_gpu, t_copy)
     print(f"# offload benchmark — {torch.cuda.get_device_name()}, torch {torch.__version__}, "
