@@ -524,8 +524,10 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
     # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim < 64,
     # where fp16 operands from unpacked 4/2-bit codes gave wrong results on the H200
-    # (triton 3.6; head_dim 64 and 128 were right; cause not isolated)
-    small = D < 64
+    # (triton 3.6; head_dim 64 and 128 were right; cause not isolated). Mixed-format
+    # tables (no fmt) take fp32 operands too: a K2V8/K8V4/full mix at head_dim 64 in fp16
+    # failed on the H200 for some random inputs (2026-11-28), passed for others.
+    small = D < 64 or fmt is None
     dot_dtype = torch.float32 if small else geom.store_dtype
     dt = _TL_DTYPE[dot_dtype]
     _paged_decode_kernel[(B, H, S)](

@@ -208,3 +208,17 @@ def test_reference_matches_dense_sdpa(request, case):
         M = bmax[b].double().amax(-1, keepdim=True)
         z = (torch.exp(bmax[b].double() - M) * bsum[b].double()).sum(-1)
         torch.testing.assert_close(z, torch.exp(logits - M).sum(-1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_mixed_formats_many_inputs(device, seed):
+    """Mixed-format tables (runtime format dispatch) over fresh inputs: one failure seen
+    on the H200 depended on the random inputs, so many are drawn here."""
+    pdt, _ = kernel_modules(device)
+    case = (2, 6, 2, 64, 16, 32, [40, 23], [K8V4, K2V8, FULL], 0.0)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, 1000 + seed)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, 0.125)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.125)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
