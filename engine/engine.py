@@ -301,8 +301,9 @@ class Engine:
             return True
 
     def _update_stats(self, plan) -> None:
-        if plan.mass is not None:
-            share = (plan.mass / self.num_layers).cpu()
+        shares = plan.block_shares()
+        if shares is not None:
+            share = shares.cpu()
             for i, sid in enumerate(plan.decode.seq_ids):
                 n = len(self.store.seqs[sid].blocks)
                 self.stats[sid].update(share[i, :n])

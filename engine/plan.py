@@ -59,7 +59,7 @@ class StepPlan:
     decode: DecodeBatch | None
     prefills: list[PrefillSeg]
     num_layers: int
-    mass: torch.Tensor | None = None            # [Bd, NB] summed share over layers
+    partials: list = field(default_factory=list)  # per layer (m, l) [Bd, Hq, NB]
     observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
 
@@ -116,12 +116,20 @@ class StepPlan:
         return k.index_select(1, seg.token_idx), v.index_select(1, seg.token_idx), seg.kpos
 
     def record_partials(self, layer: int, m: torch.Tensor, l: torch.Tensor) -> None:
-        """Per-block softmax partials [Bd, Hq, NB] -> each block's share of attention."""
+        """Per-block softmax partials [Bd, Hq, NB] of one layer; turned into shares once
+        per step (``block_shares``), not per layer."""
+        self.partials.append((m, l))
+
+    def block_shares(self) -> torch.Tensor | None:
+        """Each block's share of attention, mean over layers and query heads: [Bd, NB]."""
+        if not self.partials:
+            return None
+        m = torch.stack([p[0] for p in self.partials])                  # [L, Bd, Hq, NB]
+        l = torch.stack([p[1] for p in self.partials])
         gmax = m.amax(-1, keepdim=True)
         gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
         w = torch.exp(m - gmax) * l
-        share = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)   # [Bd, NB]
-        self.mass = share if self.mass is None else self.mass + share
+        return (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).mean((0, 2))
 
     def record_observation(self, layer: int, seg: PrefillSeg, q: torch.Tensor,
                            k: torch.Tensor, kpos: torch.Tensor, scale: float) -> None:

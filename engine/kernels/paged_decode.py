@@ -72,33 +72,57 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     NB = block_offsets.shape[1]
     H, T = geom.num_kv_heads, geom.block_size
     g = Hq // H
-    k, v = gather_dense(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
-                        geom, torch.float32, fmt)                          # [B, NB, H, T, D]
-    # batched over (sequence, block, kv head) in the blocks' own layout: no transposed
-    # copies of K or V
-    qf = q.float().reshape(B, 1, H, g, D)
-    s = torch.matmul(qf, k.transpose(-1, -2)) * sm_scale                  # [B, NB, H, g, T]
+    k, v = gather_headmajor(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
+                            geom, fmt)                                   # [B, H, NB*T, D]
+    # one matmul per (sequence, kv head) over all its tokens; few passes over the scores
+    # (this is the CPU decode path: every op here runs once per layer per step)
+    qf = (q.float() * sm_scale).reshape(B, H, g, D)
+    s = torch.matmul(qf, k.transpose(-1, -2)).view(B, H, g, NB, T)
     tok = torch.arange(T, device=q.device)
     mask = tok.view(1, 1, T) < block_ntok.view(B, NB, 1)                   # [B, NB, T]
-    s.masked_fill_(~mask.view(B, NB, 1, 1, T), float("-inf"))
+    s.masked_fill_(~mask.view(B, 1, 1, NB, T), float("-inf"))
     # rows past ntok are unwritten arena bytes (maybe NaN), and 0 * NaN would poison
     # p @ v: zero them in the (few) entries that have any
     part = torch.nonzero(block_ntok < T)
     if part.numel():
-        bi, ni = part[:, 0], part[:, 1]
-        v[bi, ni] = v[bi, ni].masked_fill(~mask[bi, ni].view(-1, 1, T, 1), 0.0)
-    m = s.amax(-1)                                                         # [B, NB, H, g]
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m_safe.unsqueeze(-1))
-    l = p.sum(-1)                                                          # [B, NB, H, g]
-    gmax = m.amax(1, keepdim=True)                                         # [B, 1, H, g]
+        v5 = v.view(B, H, NB, T, D)
+        for b, n in part.tolist():
+            v5[b, :, n, int(block_ntok[b, n]):] = 0.0
+    m = s.amax(-1)                                                         # [B, H, g, NB]
+    gmax = m.amax(-1, keepdim=True)                                        # [B, H, g, 1]
     gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
-    w = torch.exp(m_safe - gmax) * (l > 0)                                 # block weights
-    denom = (w * l).sum(1, keepdim=True).clamp_min(1e-30)
-    pv = torch.matmul(p, v)                                                # [B, NB, H, g, D]
-    out = (pv * (w / denom).unsqueeze(-1)).sum(1)                          # [B, H, g, D]
-    return (out.reshape(B, Hq, D).to(q.dtype), m.permute(0, 2, 3, 1).reshape(B, Hq, NB),
-            l.permute(0, 2, 3, 1).reshape(B, Hq, NB))
+    p = s.sub_(gmax.unsqueeze(-1)).exp_()          # exp(logit - global max), in place
+    psum = p.sum(-1)                                                       # [B, H, g, NB]
+    pv = torch.matmul(p.view(B, H, g, NB * T), v)                          # [B, H, g, D]
+    out = pv / psum.sum(-1, keepdim=True).clamp_min(1e-30)
+    # per block: l = sum exp(logit - m) = psum * exp(gmax - m); holes: m = -inf, l = 0
+    l = torch.where(psum > 0, psum * torch.exp(gmax - m), torch.zeros_like(psum))
+    return (out.reshape(B, Hq, D).to(q.dtype), m.reshape(B, Hq, NB), l.reshape(B, Hq, NB))
+
+
+def gather_headmajor(arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
+                     fmt: KVFormat | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v as [B, H, NB*T, D] fp32: each kv head's tokens contiguous across blocks.
+
+    Full-precision tables gather each (block, head) tile straight into that order (the
+    slot layout is head-major); other formats are dequantized, then transposed.
+    """
+    B, NB = block_offsets.shape
+    H, T, D = geom.num_kv_heads, geom.block_size, geom.head_dim
+    if fmt is not None and fmt.is_full:
+        esize = geom.store_elem
+        offs = torch.where(block_ntok > 0, block_offsets, torch.zeros_like(block_offsets))
+        sec = geom.sections(fmt)
+        heads = torch.arange(H, device=offs.device).view(1, H, 1) * (T * D)
+        base = (offs // esize).view(B, 1, NB) + heads                     # [B, H, NB]
+        win = arena_row.view(geom.store_dtype).unfold(0, T * D, 1)
+        k = win.index_select(0, (base + sec["k"][0] // esize).reshape(-1))
+        v = win.index_select(0, (base + sec["v"][0] // esize).reshape(-1))
+        return (k.view(B, H, NB * T, D).float(), v.view(B, H, NB * T, D).float())
+    k, v = gather_dense(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
+                        geom, torch.float32, fmt)                         # [B, NB, H, T, D]
+    return (k.transpose(1, 2).reshape(B, H, NB * T, D),
+            v.transpose(1, 2).reshape(B, H, NB * T, D))
 
 
 def _pow2(n: int) -> bool:
