@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup run test bench bench-accuracy clean proto
+.PHONY: setup run test bench bench-accuracy bench-gpu clean proto
 
 setup: $(STAMP)
 
@@ -29,10 +29,17 @@ test: setup
 bench: setup
 	$(BIN)/python -m engine.bench
 	$(BIN)/python -m engine.evaluate
+	$(BIN)/python -m controller.bench_compression
 
 # KV quantization accuracy: perplexity, passkey, KV bytes per format (long on CPU)
 bench-accuracy: setup
 	$(BIN)/python -m engine.evaluate
+
+# on a CUDA machine: the paged decode kernel, offload, and engine throughput (H200 shapes)
+bench-gpu: setup
+	$(BIN)/python -m engine.kernels.bench_decode
+	$(BIN)/python -m engine.bench_offload --context 32768
+	$(BIN)/python -m engine.bench --model random:llama3-8b --device cuda --dtype bfloat16 --batches 1,4,8,16
 
 # regenerate kvctl_proto/ from proto/ with the pinned grpcio-tools
 proto: setup
