@@ -2,18 +2,21 @@
 
 ``PolicyState`` is what GetPolicy/SetPolicy/Pin/Unpin serve. ``DecisionLog`` keeps the
 recent decisions in a ring buffer and fans new ones out to WatchDecisions subscribers.
-``Controller.tick(snapshot)`` is called on the telemetry timer; today it records
-watermark crossings only. Choosing and applying actions is a later issue and plugs in here.
+``Controller.tick(snapshot)`` is called on the telemetry timer: it records watermark
+crossings and, given the engine's handle, runs the policy loop (controller/loop.py).
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
+
+_log = logging.getLogger("kvctl.controller")
 
 PROFILES = ("balanced", "accuracy-critical", "streaming", "long-context", "throughput",
             "multi-turn")
@@ -172,14 +175,21 @@ class DecisionLog:
 class Controller:
     """The policy loop's seat. ``tick`` gets every telemetry snapshot.
 
-    Today it only notes when GPU-tier KV bytes cross the high watermark of the budget
-    and when they fall back under the low one; it proposes and applies no actions yet.
+    It notes when GPU-tier KV bytes cross the high watermark of the budget and when they
+    fall back under the low one; with an engine handle it also acts: above the high
+    watermark the loop (controller/loop.py) applies the cheapest moves that bring the
+    KV back to the low watermark, under the low watermark it fetches offloaded blocks
+    back. Every move is logged with its reason, predicted cost and measured effect.
     """
 
-    def __init__(self, policy: PolicyState, log: DecisionLog) -> None:
+    def __init__(self, policy: PolicyState, log: DecisionLog, handle=None) -> None:
         self.policy = policy
         self.log = log
         self._above = False
+        self.loop = None
+        if handle is not None:
+            from controller.loop import PolicyLoop   # imports torch: daemon side only
+            self.loop = PolicyLoop(handle)
 
     @staticmethod
     def budget_of(snapshot, policy: PolicyView) -> int:
@@ -193,7 +203,7 @@ class Controller:
         gpu = snapshot.tiers.get("gpu")
         return gpu.used_bytes if gpu else 0
 
-    def tick(self, snapshot) -> list[Decision]:
+    def tick(self, snapshot, bus_busy: float = 0.0) -> list[Decision]:
         p = self.policy.view()
         budget = self.budget_of(snapshot, p)
         if budget <= 0:
@@ -206,12 +216,46 @@ class Controller:
             out.append(self.log.record(Decision(
                 kind="pressure", profile=p.profile,
                 reason=f"GPU-tier KV at {frac:.0%} of the {budget} B budget, above the high "
-                       f"watermark {p.high_watermark:.0%}; no actions taken (policy loop not "
-                       f"implemented yet)")))
+                       f"watermark {p.high_watermark:.0%}"
+                       + ("" if self.loop else "; no engine handle, no actions taken"))))
         elif self._above and frac < p.low_watermark:
             self._above = False
             out.append(self.log.record(Decision(
                 kind="pressure_cleared", profile=p.profile,
                 reason=f"GPU-tier KV at {frac:.0%} of budget, under the low watermark "
                        f"{p.low_watermark:.0%}")))
+        if self.loop is None:
+            return out
+        try:
+            out += self._act(snapshot, p, budget, used, frac, bus_busy)
+        except Exception:  # a policy bug must not take the telemetry thread down
+            _log.exception("policy loop failed on this snapshot; no moves applied")
+        return out
+
+    def _act(self, snapshot, p: PolicyView, budget: int, used: int, frac: float,
+             bus_busy: float) -> list[Decision]:
+        out: list[Decision] = []
+        if frac > p.high_watermark:
+            need = used - int(p.low_watermark * budget)
+            for move, effect in self.loop.relieve(snapshot, need, p.profile, p.pins, bus_busy):
+                c = move.candidate
+                ok = isinstance(effect, dict)
+                out.append(self.log.record(Decision(
+                    kind=c.kind if ok else "refused", seq_id=c.seq_id, profile=p.profile,
+                    action=f"{c.strategy} blocks {list(c.blocks)}",
+                    predicted_cost=move.accuracy, freed_bytes=effect.get("gpu", 0) if ok else 0,
+                    reason=(f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}: need "
+                            f"{need} B; cheapest move (accuracy cost {move.accuracy:.4f}, "
+                            f"+{move.latency_s * 1e3:.2f} ms/step)"
+                            + ("" if ok else f"; engine refused: {effect}")))))
+        elif frac < p.low_watermark:
+            room = int(p.low_watermark * budget) - used
+            for seq_id, n, effect in self.loop.restore(snapshot, room):
+                ok = isinstance(effect, dict)
+                out.append(self.log.record(Decision(
+                    kind="fetch" if ok else "refused", seq_id=seq_id, profile=p.profile,
+                    action=f"fetch {n} blocks",
+                    freed_bytes=effect.get("gpu", 0) if ok else 0,
+                    reason=f"KV at {frac:.0%} < low watermark {p.low_watermark:.0%}: undo "
+                           "offload while it fits" + ("" if ok else f"; refused: {effect}"))))
         return out

@@ -36,7 +36,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         self.telemetry = telemetry
         self.policy = policy
         self.decisions = decisions
-        self.controller = Controller(policy, decisions)
+        self.controller = Controller(policy, decisions, getattr(engine, "handle", None))
         self.metrics = metrics
         self.log_prompts = log_prompts
         self.started_at = time.monotonic()

@@ -1,0 +1,57 @@
+"""The heuristic predictor: what a candidate move would cost, from the sequence's own
+attention statistics and the accuracy measured per format on the default model.
+
+Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
+* quantization: the measured PPL increase of the format (docs/BENCHMARKS.md, CPU,
+  SmolLM2: int8 +0.02%, int4 +0.4%, k4v2 +4%, int2 +25%) scaled by how much of the
+  sequence's attention the touched blocks carry (plus their share of blocks, since
+  attention moves);
+* eviction: the attention mass removed, which is gone for good;
+* top-k offload: a fraction of the offloaded blocks' mass (pages not picked in a step);
+* exact offload: none; its price is latency: the bytes streamed per step over the bus.
+
+A learned predictor (scikit-learn, trained from engine traces) replaces this where it
+exists; this one always exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.strategies import Candidate
+from engine.actions import SequenceView
+from engine.layout import KVFormat
+
+# measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
+FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.042, "int2": 0.25}
+PCIE_BYTES_PER_S = 55.3e9        # H200 host<->device, measured (FACTS.md)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    accuracy: float                  # PPL-fraction equivalent
+    latency_s: float                 # added seconds per decode step
+
+    def total(self, latency_weight: float) -> float:
+        return self.accuracy + latency_weight * self.latency_s
+
+
+class HeuristicPredictor:
+    name = "heuristic"
+
+    def predict(self, seq: SequenceView, cand: Candidate,
+                bus_busy_fraction: float = 0.0) -> Prediction:
+        touched = [b for b in seq.blocks if b.index in set(cand.blocks)]
+        attended = [b for b in seq.blocks if b.tier in ("gpu", "host")] or seq.blocks
+        total_mass = sum(b.mass for b in attended) or 1.0
+        mass = sum(b.mass for b in touched) / total_mass
+        share = len(touched) / max(1, len(attended))
+        if cand.kind == "quantize":
+            fmt = KVFormat.parse(cand.strategy.removeprefix("quantize_")).name
+            return Prediction(FORMAT_COST.get(fmt, 0.25) * (mass + share) / 2, 0.0)
+        if cand.kind == "evict":
+            return Prediction(mass + 0.02 * share, 0.0)
+        streamed = sum(b.nbytes for b in touched)
+        bw = PCIE_BYTES_PER_S * max(0.05, 1.0 - bus_busy_fraction)
+        if cand.strategy == "offload_topk":
+            return Prediction(0.3 * mass, streamed * 0.125 / bw)
+        return Prediction(0.0, streamed / bw)
