@@ -21,7 +21,7 @@ decode kernel. Sections start on ``ALIGN``-byte boundaries, so typed views of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -105,16 +105,21 @@ class BlockGeometry:
     def meta_dtype(self) -> torch.dtype:
         return meta_dtype_for(self.store_dtype)
 
-    @property
+    @cached_property
     def store_elem(self) -> int:
         return torch.tensor([], dtype=self.store_dtype).element_size()
 
-    @property
+    @cached_property
     def meta_elem(self) -> int:
         return torch.tensor([], dtype=self.meta_dtype).element_size()
 
     def sections(self, fmt: KVFormat) -> dict[str, tuple[int, int]]:
-        """Name -> (byte offset in slot, byte length) of each section of a slot."""
+        """Name -> (byte offset in slot, byte length) of each section of a slot.
+
+        Memoized: this sits on the decode path (every layer of every step)."""
+        return _sections(self, fmt)
+
+    def _compute_sections(self, fmt: KVFormat) -> dict[str, tuple[int, int]]:
         T, H, D, G = self.block_size, self.num_kv_heads, self.head_dim, self.value_group
         out: dict[str, tuple[int, int]] = {}
         off = 0
@@ -142,6 +147,11 @@ class BlockGeometry:
     def slot_bytes(self, fmt: KVFormat) -> int:
         """Bytes of one block in one layer, alignment padding included."""
         return self.sections(fmt)["_total"][1]
+
+
+@lru_cache(maxsize=None)
+def _sections(geom: BlockGeometry, fmt: KVFormat) -> dict[str, tuple[int, int]]:
+    return geom._compute_sections(fmt)
 
 
 def section_offsets(geom: BlockGeometry, fmt: KVFormat) -> tuple[int, int, int, int, int, int]:
