@@ -45,7 +45,8 @@ def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dro
         d = plan.decode
         qd = q.index_select(0, d.rows).contiguous()
         offs, kb, vb, nt = plan.decode_table(layer, qd)
-        o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale, fmt=d.fmt)
+        o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale, fmt=d.fmt,
+                               cache=plan.layer_cache)
         plan.decode_done(layer)
         out.index_copy_(0, d.rows, o.to(out.dtype))
         plan.record_partials(layer, m, l)

@@ -60,6 +60,7 @@ class StepPlan:
     prefills: list[PrefillSeg]
     num_layers: int
     partials: list = field(default_factory=list)  # per layer (m, l) [Bd, Hq, NB]
+    layer_cache: dict = field(default_factory=dict)  # table-only facts the layers share
     observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
 

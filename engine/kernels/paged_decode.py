@@ -56,7 +56,7 @@ def gather_dense(arena_row: torch.Tensor, block_offsets: torch.Tensor,
 def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                      block_kbits: torch.Tensor, block_vbits: torch.Tensor,
                      block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float,
-                     fmt: KVFormat | None = None
+                     fmt: KVFormat | None = None, cache: dict | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode attention of one token per sequence over its paged KV.
 
@@ -66,28 +66,35 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     block_kbits:   [B, NB] int32     0 (full precision), 8, 4 or 2
     block_vbits:   [B, NB] int32
     block_ntok:    [B, NB] int32     valid tokens per block (0 = hole)
+    fmt:           the one format of every valid entry, when the caller knows it
+    cache:         a dict that lives for one step: what depends only on the table (gather
+                   indices, masks) is computed by the first layer and reused by the rest
     returns out [B, Hq, D] (q.dtype), block_max / block_sumexp [B, Hq, NB] fp32
     """
     B, Hq, D = q.shape
     NB = block_offsets.shape[1]
     H, T = geom.num_kv_heads, geom.block_size
     g = Hq // H
-    k, v = gather_headmajor(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
-                            geom, fmt)                                   # [B, H, NB*T, D]
+    tab = _table_facts(block_offsets, block_ntok, geom, fmt, cache)
+    if tab.k_idx is not None:           # full precision: gather (block, head) tiles
+        win = arena_row.view(geom.store_dtype).unfold(0, T * D, 1)
+        k = win.index_select(0, tab.k_idx).view(B, H, NB * T, D).float()
+        v = win.index_select(0, tab.v_idx).view(B, H, NB * T, D).float()
+    else:
+        k, v = gather_dense(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
+                            geom, torch.float32, fmt)                     # [B, NB, H, T, D]
+        k = k.transpose(1, 2).reshape(B, H, NB * T, D)
+        v = v.transpose(1, 2).reshape(B, H, NB * T, D)
     # one matmul per (sequence, kv head) over all its tokens; few passes over the scores
     # (this is the CPU decode path: every op here runs once per layer per step)
     qf = (q.float() * sm_scale).reshape(B, H, g, D)
     s = torch.matmul(qf, k.transpose(-1, -2)).view(B, H, g, NB, T)
-    tok = torch.arange(T, device=q.device)
-    mask = tok.view(1, 1, T) < block_ntok.view(B, NB, 1)                   # [B, NB, T]
-    s.masked_fill_(~mask.view(B, 1, 1, NB, T), float("-inf"))
+    s.masked_fill_(tab.masked, float("-inf"))
     # rows past ntok are unwritten arena bytes (maybe NaN), and 0 * NaN would poison
     # p @ v: zero them in the (few) entries that have any
-    part = torch.nonzero(block_ntok < T)
-    if part.numel():
-        v5 = v.view(B, H, NB, T, D)
-        for b, n in part.tolist():
-            v5[b, :, n, int(block_ntok[b, n]):] = 0.0
+    v5 = v.view(B, H, NB, T, D)
+    for b, n, nt in tab.partial:
+        v5[b, :, n, nt:] = 0.0
     m = s.amax(-1)                                                         # [B, H, g, NB]
     gmax = m.amax(-1, keepdim=True)                                        # [B, H, g, 1]
     gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
@@ -100,29 +107,37 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     return (out.reshape(B, Hq, D).to(q.dtype), m.reshape(B, Hq, NB), l.reshape(B, Hq, NB))
 
 
-def gather_headmajor(arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
-                     fmt: KVFormat | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v as [B, H, NB*T, D] fp32: each kv head's tokens contiguous across blocks.
+class _TableFacts:
+    __slots__ = ("k_idx", "v_idx", "masked", "partial", "refs")
 
-    Full-precision tables gather each (block, head) tile straight into that order (the
-    slot layout is head-major); other formats are dequantized, then transposed.
-    """
+
+def _table_facts(block_offsets, block_ntok, geom, fmt, cache) -> _TableFacts:
+    """What depends on the block table only (not on the layer): gather indices of
+    full-precision tables in head-major order, the score mask, the partial entries."""
+    key = ("facts", id(block_offsets), id(block_ntok), fmt)
+    if cache is not None and key in cache:
+        return cache[key]
     B, NB = block_offsets.shape
     H, T, D = geom.num_kv_heads, geom.block_size, geom.head_dim
+    f = _TableFacts()
+    f.refs = (block_offsets, block_ntok)   # keep the ids above alive while cached
+    f.k_idx = f.v_idx = None
     if fmt is not None and fmt.is_full:
         esize = geom.store_elem
-        offs = torch.where(block_ntok > 0, block_offsets, torch.zeros_like(block_offsets))
         sec = geom.sections(fmt)
+        # holes' offsets are unspecified: read slot 0 for them instead (masked anyway)
+        offs = torch.where(block_ntok > 0, block_offsets, torch.zeros_like(block_offsets))
         heads = torch.arange(H, device=offs.device).view(1, H, 1) * (T * D)
         base = (offs // esize).view(B, 1, NB) + heads                     # [B, H, NB]
-        win = arena_row.view(geom.store_dtype).unfold(0, T * D, 1)
-        k = win.index_select(0, (base + sec["k"][0] // esize).reshape(-1))
-        v = win.index_select(0, (base + sec["v"][0] // esize).reshape(-1))
-        return (k.view(B, H, NB * T, D).float(), v.view(B, H, NB * T, D).float())
-    k, v = gather_dense(arena_row, block_offsets, block_kbits, block_vbits, block_ntok,
-                        geom, torch.float32, fmt)                         # [B, NB, H, T, D]
-    return (k.transpose(1, 2).reshape(B, H, NB * T, D),
-            v.transpose(1, 2).reshape(B, H, NB * T, D))
+        f.k_idx = (base + sec["k"][0] // esize).reshape(-1)
+        f.v_idx = (base + sec["v"][0] // esize).reshape(-1)
+    tok = torch.arange(T, device=block_ntok.device)
+    f.masked = ~(tok.view(1, 1, T) < block_ntok.view(B, NB, 1)).view(B, 1, 1, NB, T)
+    f.partial = [(b, n, int(block_ntok[b, n])) for b, n in
+                 torch.nonzero(block_ntok < T).tolist()]
+    if cache is not None:
+        cache[key] = f
+    return f
 
 
 def _pow2(n: int) -> bool:
@@ -136,7 +151,7 @@ def triton_supports(geom: BlockGeometry) -> bool:
 
 
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
-                 sm_scale, fmt: KVFormat | None = None):
+                 sm_scale, fmt: KVFormat | None = None, cache: dict | None = None):
     """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
     reference. ``fmt``: a promise that every attended block has this format (the caller
     knows it from its block list; no device sync here): the kernel compiles it in."""
@@ -145,4 +160,4 @@ def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_nt
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
                                    block_ntok, geom, sm_scale, fmt=fmt)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
-                            block_ntok, geom, sm_scale, fmt)
+                            block_ntok, geom, sm_scale, fmt, cache)
