@@ -86,6 +86,7 @@ def test_end_of_pressure_fetches_offloaded_blocks_back(eng):
 def test_a_sequence_moved_recently_waits(eng):
     fill(eng)
     c = controller(eng, "balanced", frac_used=1.0)
+    c.loop.min_interval_s = 3600.0                    # no timing in the test: "recently"
     first = [d.seq_id for d in c.tick(eng.handle.snapshot()) if d.kind in MOVES]
     c.policy.update(budget_bytes=1)                   # still (hugely) over budget
     second = [d.seq_id for d in c.tick(eng.handle.snapshot()) if d.kind in MOVES]
