@@ -332,6 +332,8 @@ class Engine:
         elif len(s.output_ids) >= p.max_tokens or \
                 len(s.prompt_ids) + len(s.output_ids) >= self.max_positions:
             reason = "length"
+        if reason and not hit:
+            s.flush_text(self.tokenizer)
         try:
             s.emit_token(final=bool(reason))
         except Exception:  # a broken consumer must not break the engine

@@ -26,6 +26,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0              # characters of text already streamed
+    prefix_off: int = 0           # detokenization window over output_ids
+    read_off: int = 0
     moves: list[str] = field(default_factory=list)
     finish_reason: str = ""
 
@@ -43,9 +45,15 @@ class Sequence:
         self.output_ids.append(token_id)
         if tokenizer is None:
             return False
-        full = tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
-            return False
+        # incremental detokenization (as TGI and vLLM do): decode a short window, not the
+        # whole output each token; this runs for every sequence of every step
+        ids = self.output_ids
+        prefix = tokenizer.decode(ids[self.prefix_off:self.read_off], skip_special_tokens=True)
+        new = tokenizer.decode(ids[self.prefix_off:], skip_special_tokens=True)
+        if len(new) <= len(prefix) or new.endswith("\ufffd"):
+            return False  # nothing visible yet, or an incomplete character
+        self.prefix_off, self.read_off = self.read_off, len(ids)
+        full = self.text + new[len(prefix):]
         hit = False
         for s in self.sampling.stop:
             i = full.find(s, max(0, len(self.text) - len(s)))
@@ -54,6 +62,17 @@ class Sequence:
                 break
         self.text = full
         return hit
+
+    def flush_text(self, tokenizer) -> None:
+        """At the end (not on a stop string): text still held back as an incomplete
+        character joins, as decoding all the ids at once would show it."""
+        if tokenizer is None or self.read_off == len(self.output_ids):
+            return
+        ids = self.output_ids
+        prefix = tokenizer.decode(ids[self.prefix_off:self.read_off], skip_special_tokens=True)
+        new = tokenizer.decode(ids[self.prefix_off:], skip_special_tokens=True)
+        self.text += new[len(prefix):]
+        self.prefix_off = self.read_off = len(ids)
 
     def emit_token(self, final: bool) -> None:
         """Stream the newest token with its text delta. Text that could still turn into

@@ -63,4 +63,19 @@ def test_chat_messages_produce_a_coherent_answer(engine):
                                   sampling=SamplingParams(max_tokens=24)))
     text = "".join(ev.text for ev in evs[:-1])
     assert text == evs[-1].text
+    # incremental detokenization gives exactly what decoding all the ids at once gives
+    assert text == engine.tokenizer.decode(evs[-1].token_ids, skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_streamed_text_equals_full_decode_on_long_generations(engine, long_ids):
+    """Multi-byte characters and long outputs: the incremental deltas add up to the
+    whole-ids decode."""
+    for prompt in ("Écris un poème sur la mer, avec des accents: é, è, à, ç.",
+                   "List ten emoji and their meanings:"):
+        evs = list(engine.generate(Request(
+            messages=[{"role": "user", "content": prompt}],
+            sampling=SamplingParams(max_tokens=60, temperature=0.8, seed=3))))
+        text = "".join(ev.text for ev in evs[:-1])
+        assert text == evs[-1].text
+        assert text == engine.tokenizer.decode(evs[-1].token_ids, skip_special_tokens=True)
