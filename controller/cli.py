@@ -252,10 +252,29 @@ def _not_yet(what: str) -> None:
     raise typer.Exit(2)
 
 
+BENCHMARKS = {
+    "engine": ("engine.bench", "decode tok/s vs transformers generate"),
+    "accuracy": ("engine.evaluate", "KV quantization: perplexity, passkey, bytes"),
+    "compression": ("controller.bench_compression", "eviction / top-k offload accuracy"),
+    "offload": ("engine.bench_offload", "exact vs top-k offload (CUDA)"),
+    "kernel": ("engine.kernels.bench_decode", "paged decode kernel vs SDPA (CUDA)"),
+    "status": ("controller.bench_status", "GetStatus latency under 64 streams"),
+}
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Benchmarks (not available yet)."""
-    _not_yet("bench")
+def bench(ctx: typer.Context, name: str = typer.Argument(
+        ..., help="one of: " + ", ".join(f"{k} ({v[1]})" for k, v in BENCHMARKS.items()))
+          ) -> None:
+    """Run one of the project's benchmarks; extra arguments go to it (try --help)."""
+    import subprocess
+    if name not in BENCHMARKS:
+        print(f"kvctl: unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}",
+              file=sys.stderr)
+        raise typer.Exit(2)
+    # a child process: the benchmarks import torch, the CLI never does
+    rc = subprocess.call([sys.executable, "-m", BENCHMARKS[name][0], *ctx.args])
+    raise typer.Exit(rc)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -92,7 +92,8 @@ def test_generate_plain_text_and_summary(served):
     (["policy", "set", "--low", "0.99"], 1, "INVALID_ARGUMENT"),
     (["pin", "nope", "quantize_int4"], 1, "NOT_FOUND"),
     (["generate", "needs a tokenizer"], 1, "prompt_ids"),
-    (["bench"], 2, "not available yet"),
+    (["bench"], 2, "Missing argument"),
+    (["bench", "nope"], 2, "unknown benchmark"),
     (["train"], 2, "not available yet"),
     (["status", "--no-such-flag"], 2, "No such option"),
 ])
