@@ -160,7 +160,3 @@ class Arena:
     def staging_base(self, layer: int) -> int:
         """Offset of the staging area relative to ``row(layer)``."""
         return (self.num_layers - layer) * self.row_bytes
-
-    def view(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """1-D typed view of one layer's bytes (sections are ALIGN-aligned)."""
-        return self.data[layer].view(dtype)

@@ -28,6 +28,15 @@ def timed_steps(eng, n: int) -> float:
     return statistics.median(ts)
 
 
+def profile_step(eng) -> None:
+    """Print where one engine step spends CPU and GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_steps(eng, 1)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10))
+
+
 def copy_only(eng, sid: str, reps: int = 5) -> tuple[float, int]:
     """Seconds and bytes to stream one step's offloaded blocks for all layers, alone."""
     from engine.plan import _table
@@ -136,20 +145,12 @@ def main() -> None:
     timed_steps(eng, 2)
     t_exact = timed_steps(eng, a.steps)
     if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_steps(eng, 1)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        profile_step(eng)
     eng.handle.apply(SetDecodeMode(sid, "topk", k))
     timed_steps(eng, 2)
     t_topk = timed_steps(eng, a.steps)
     if a.profile_topk:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_steps(eng, 1)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8))
+        profile_step(eng)
     topk_bytes = k * eng.geom.slot_bytes(FULL) * eng.num_layers
     overlap = (t_gpu + t_copy - t_exact) / min(t_gpu, t_copy)
     print(f"# offload benchmark — {torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -152,14 +152,3 @@ class BlockGeometry:
 @lru_cache(maxsize=None)
 def _sections(geom: BlockGeometry, fmt: KVFormat) -> dict[str, tuple[int, int]]:
     return geom._compute_sections(fmt)
-
-
-def section_offsets(geom: BlockGeometry, fmt: KVFormat) -> tuple[int, int, int, int, int, int]:
-    """(k, k_scale, k_zero, v, v_scale, v_zero) byte offsets inside a slot; -1 if absent.
-
-    For full-precision keys/values the data offset goes in the k / v position.
-    """
-    s = geom.sections(fmt)
-    get = lambda *names: next((s[n][0] for n in names if n in s), -1)  # noqa: E731
-    return (get("k", "k_codes"), get("k_scale"), get("k_zero"),
-            get("v", "v_codes"), get("v_scale"), get("v_zero"))

@@ -108,11 +108,6 @@ class KVStore:
         a = self.arenas.get(tier)
         return a.capacity_bytes - a.used_bytes if a else 0
 
-    def can_grow(self, seq_ids_new_tokens: list[tuple[str, int]]) -> bool:
-        """Whether full-precision slots exist for all these appends together."""
-        need = sum(self._new_blocks_needed(self.seqs[s], n) for s, n in seq_ids_new_tokens)
-        return self.arenas[GPU].alloc.can_allocate(self.geom.slot_bytes(FULL), need)
-
     # -- sequences ------------------------------------------------------------------------
     def add_sequence(self, seq_id: str) -> SeqKV:
         if seq_id in self.seqs:
@@ -194,10 +189,6 @@ class KVStore:
         return offs, rows
 
     # -- views ----------------------------------------------------------------------------
-    def attended_blocks(self, seq_id: str) -> list[Block]:
-        """Blocks attention reads directly this step (GPU tier)."""
-        return [b for b in self.seqs[seq_id].blocks if b.tier == GPU and b.num_tokens > 0]
-
     def host_blocks(self, seq_id: str) -> list[Block]:
         return [b for b in self.seqs[seq_id].blocks if b.tier == HOST]
 

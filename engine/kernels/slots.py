@@ -92,24 +92,3 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
         _put(arena, torch.uint8, offsets, s["v_codes"][0], flat(c))
         _put(arena, md, offsets, s["v_scale"][0], flat(sc))
         _put(arena, md, offsets, s["v_zero"][0], flat(z))
-
-
-def write_tokens(arena_row: torch.Tensor, geom: BlockGeometry, slot_offsets: torch.Tensor,
-                 token_in_block: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Append tokens to full-precision slots of one layer.
-
-    slot_offsets, token_in_block: [n] (the slot and row of each token);
-    k, v: [n, H, D] (after RoPE). Only full-precision slots take single tokens: the
-    newest, partial block of a sequence always is one.
-    """
-    H, T, D = geom.num_kv_heads, geom.block_size, geom.head_dim
-    esize = geom.store_elem
-    typed = arena_row.view(geom.store_dtype)
-    s = geom.sections(KVFormat(0, 0))
-    dev = arena_row.device
-    # element index of [token, head, dim] in the [H, T, D] slot layout
-    base = (slot_offsets // esize).unsqueeze(1) + token_in_block.unsqueeze(1) * D \
-        + torch.arange(H, device=dev).unsqueeze(0) * (T * D)          # [n, H]
-    idx = base.unsqueeze(-1) + torch.arange(D, device=dev)            # [n, H, D]
-    typed[(idx + s["k"][0] // esize).reshape(-1)] = k.reshape(-1).to(geom.store_dtype)
-    typed[(idx + s["v"][0] // esize).reshape(-1)] = v.reshape(-1).to(geom.store_dtype)

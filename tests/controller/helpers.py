@@ -45,3 +45,12 @@ def child_env(**extra) -> dict:
 
 
 KVCTL = [sys.executable, "-m", "controller.cli"]
+
+
+def tiny_engine(**overrides):
+    """The 2-layer random Llama behind a real Engine, with small arenas and pages."""
+    from engine.engine import Engine, EngineConfig
+    cfg = dict(model="random:tiny", device="cpu", dtype="float32", block_size=4,
+               kv_budget_bytes=2 << 20, host_budget_bytes=2 << 20, page_bytes=4096,
+               staging_bytes=256 << 10)
+    return Engine(EngineConfig(**{**cfg, **overrides}))

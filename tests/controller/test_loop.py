@@ -4,16 +4,14 @@ import pytest
 
 from controller.policy import Controller, DecisionLog, PolicyState
 from engine.api import Request, SamplingParams
-from engine.engine import Engine, EngineConfig
+from tests.controller.helpers import tiny_engine
 
 MOVES = {"quantize", "evict", "offload"}
 
 
 @pytest.fixture
 def eng():
-    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
-                            kv_budget_bytes=2 << 20, host_budget_bytes=2 << 20,
-                            page_bytes=4096, staging_bytes=256 << 10))
+    e = tiny_engine()
     yield e
     e.stop()
 

@@ -8,16 +8,14 @@ import torch
 
 from controller.strategies import Context, registry
 from engine.api import Request, SamplingParams
-from engine.engine import Engine, EngineConfig
+from tests.controller.helpers import tiny_engine
 
 NAMES = sorted(registry())
 
 
 @pytest.fixture
 def eng():
-    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
-                            kv_budget_bytes=2 << 20, host_budget_bytes=2 << 20,
-                            page_bytes=4096, staging_bytes=64 << 10))
+    e = tiny_engine(staging_bytes=64 << 10)
     yield e
     e.stop()
 
