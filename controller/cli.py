@@ -246,12 +246,6 @@ def generate(ctx: typer.Context,
         raise typer.Exit(130)
 
 
-def _not_yet(what: str) -> None:
-    print(f"kvctl {what} is not available yet: the engine does not provide it in this "
-          "version.", file=sys.stderr)
-    raise typer.Exit(2)
-
-
 BENCHMARKS = {
     "engine": ("engine.bench", "decode tok/s vs transformers generate"),
     "accuracy": ("engine.evaluate", "KV quantization: perplexity, passkey, bytes"),
@@ -277,10 +271,15 @@ def bench(ctx: typer.Context, name: str = typer.Argument(
     raise typer.Exit(rc)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train() -> None:
-    """Train the learned cost predictor from traces (not available yet)."""
-    _not_yet("train")
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def train(ctx: typer.Context) -> None:
+    """Learned cost predictor: `train record --out T.jsonl` records traces on the engine,
+    `train fit --traces T.jsonl --out P.skops` fits and saves it (try `train --help`)."""
+    import subprocess
+    # a child process: recording imports torch, the CLI never does
+    rc = subprocess.call([sys.executable, "-m", "controller.train", *ctx.args])
+    raise typer.Exit(rc)
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 back to the low watermark; under the low watermark, undo reversible moves.
 
 Each tick reads one engine snapshot. Candidates come from the strategies a sequence may
-use (its pin, else its profile's list), each priced by the predictor as accuracy cost +
-latency weight x added step latency, per byte freed; the cheapest go first, one move per
+use (its pin, else its profile's list), each priced by the predictor (the learned one
+when the loaded model has an artifact, else the heuristic) as accuracy cost + latency
+weight x added step latency, per byte freed; the cheapest go first, one move per
 sequence per tick, and a sequence moved recently waits (hysteresis against flapping).
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from controller.predictors import HeuristicPredictor
+from controller.predictors.heuristic import HeuristicPredictor
+from controller.predictors.learned import LearnedPredictor
 from controller.strategies import Candidate, Context, registry
 from engine.actions import ActionError, Fetch, SetDecodeMode
 
@@ -36,12 +38,15 @@ class Move:
     cost: float
     accuracy: float
     latency_s: float
+    source: str = "heuristic"                       # the predictor that priced it
 
 
 @dataclass
 class PolicyLoop:
     handle: object                                  # engine.handle.EngineHandle
-    predictor: HeuristicPredictor = field(default_factory=HeuristicPredictor)
+    # HeuristicPredictor or LearnedPredictor (controller.predictors.predictor_for)
+    predictor: HeuristicPredictor | LearnedPredictor = field(
+        default_factory=HeuristicPredictor)
     min_interval_s: float = 1.0                     # per sequence, between two moves
     _last_move: dict[str, float] = field(default_factory=dict)
 
@@ -57,6 +62,7 @@ class PolicyLoop:
         ctx = Context.from_snapshot(snapshot)
         strategies = registry()
         weight = LATENCY_WEIGHT.get(profile, 1.0)
+        items: list[tuple[object, Candidate]] = []
         moves = []
         for seq in snapshot.sequences:
             if seq.state not in ("decode", "prefill", "stalled") or not seq.blocks:
@@ -68,9 +74,11 @@ class PolicyLoop:
                 cand = strat.propose(seq, need, ctx) if strat else None
                 if cand is None or cand.freed_bytes <= 0:
                     continue
-                p = self.predictor.predict(seq, cand, bus_busy)
-                moves.append(Move(cand, p.total(weight) / cand.freed_bytes, p.accuracy,
-                                  p.latency_s))
+                items.append((seq, cand))
+        # one call for the whole tick: the learned model predicts a batch at once
+        for (_, cand), p in zip(items, self.predictor.predict_many(items, bus_busy)):
+            moves.append(Move(cand, p.total(weight) / cand.freed_bytes, p.accuracy,
+                              p.latency_s, p.source))
         return sorted(moves, key=lambda m: m.cost)
 
     def relieve(self, snapshot, need: int, profile: str, pins: dict[str, str],

@@ -5,6 +5,8 @@ import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from controller.predictors.counters import FALLBACKS   # torch-free
+
 
 class Metrics:
     def __init__(self, decisions=None) -> None:
@@ -38,6 +40,7 @@ class Metrics:
         self.cpu_mode = Gauge("kvctl_cpu_mode", "1 when no GPU/NVML is usable", registry=r)
         self._decision_log = decisions
         self._seen_decisions: collections.Counter[str] = collections.Counter()
+        self._seen_fallbacks = FALLBACKS.value     # process-wide; count from here on
         self._server = None
 
     def on_token(self, interval_s: float) -> None:
@@ -65,6 +68,10 @@ class Metrics:
                 if n > self._seen_decisions[kind]:
                     self.decisions.labels(kind).inc(n - self._seen_decisions[kind])
                     self._seen_decisions[kind] = n
+        n = FALLBACKS.value
+        if n > self._seen_fallbacks:
+            self.predictor_fallbacks.inc(n - self._seen_fallbacks)
+            self._seen_fallbacks = n
         if snap is None:
             return
         self.tokens_per_s.set(snap.tokens_per_s)

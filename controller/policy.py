@@ -189,7 +189,9 @@ class Controller:
         self.loop = None
         if handle is not None:
             from controller.loop import PolicyLoop   # imports torch: daemon side only
-            self.loop = PolicyLoop(handle)
+            from controller.predictors.learned import predictor_for
+
+            self.loop = PolicyLoop(handle, predictor_for(handle.snapshot().model))
 
     @staticmethod
     def budget_of(snapshot, policy: PolicyView) -> int:
@@ -245,7 +247,8 @@ class Controller:
                     action=f"{c.strategy} blocks {list(c.blocks)}",
                     predicted_cost=move.accuracy, freed_bytes=effect.get("gpu", 0) if ok else 0,
                     reason=(f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}: need "
-                            f"{need} B; cheapest move (accuracy cost {move.accuracy:.4f}, "
+                            f"{need} B; cheapest move by the {move.source} predictor "
+                            f"(accuracy cost {move.accuracy:.4f}, "
                             f"+{move.latency_s * 1e3:.2f} ms/step)"
                             + ("" if ok else f"; engine refused: {effect}")))))
         elif frac < p.low_watermark:

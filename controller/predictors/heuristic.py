@@ -10,8 +10,8 @@ Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
 * top-k offload: a fraction of the offloaded blocks' mass (pages not picked in a step);
 * exact offload: none; its price is latency: the bytes streamed per step over the bus.
 
-A learned predictor (scikit-learn, trained from engine traces) replaces this where it
-exists; this one always exists.
+A learned predictor (controller/predictors/learned.py, trained from engine traces)
+replaces this where an artifact for the loaded model exists; this one always exists.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ PCIE_BYTES_PER_S = 55.3e9        # H200 host<->device, measured (FACTS.md)
 
 @dataclass(frozen=True)
 class Prediction:
-    accuracy: float                  # PPL-fraction equivalent
+    accuracy: float                  # PPL-fraction equivalent (learned: mean KL, nats)
     latency_s: float                 # added seconds per decode step
+    source: str = "heuristic"        # which predictor priced the accuracy
 
     def total(self, latency_weight: float) -> float:
         return self.accuracy + latency_weight * self.latency_s
@@ -37,6 +38,10 @@ class Prediction:
 
 class HeuristicPredictor:
     name = "heuristic"
+
+    def predict_many(self, items: list[tuple[SequenceView, Candidate]],
+                     bus_busy_fraction: float = 0.0) -> list[Prediction]:
+        return [self.predict(s, c, bus_busy_fraction) for s, c in items]
 
     def predict(self, seq: SequenceView, cand: Candidate,
                 bus_busy_fraction: float = 0.0) -> Prediction:

@@ -94,7 +94,9 @@ def test_generate_plain_text_and_summary(served):
     (["generate", "needs a tokenizer"], 1, "prompt_ids"),
     (["bench"], 2, "Missing argument"),
     (["bench", "nope"], 2, "unknown benchmark"),
-    (["train"], 2, "not available yet"),
+    (["train"], 2, "required: {record,fit}"),
+    (["train", "fit", "--traces", "/no/such/traces.jsonl", "--out", "/tmp/x.skops"], 1,
+     "traces file /no/such/traces.jsonl does not exist"),
     (["status", "--no-such-flag"], 2, "No such option"),
 ])
 def test_cli_errors_are_messages_not_tracebacks(served, args, code, msg):

@@ -1,0 +1,126 @@
+"""The learned predictor's file: a skops archive plus a JSON header, never a pickle.
+
+A skops file is a zip; we add ``kvctl_header.json`` to it (format version, feature
+schema, model id, the trained features' ranges, held-out scores). Loading reads and
+checks the header first (plain JSON), then the archive's types against an explicit
+list (``TRUSTED_TYPES``: what a HistGradientBoostingRegressor needs beyond skops'
+defaults) and refuses anything else — ``trusted=True`` is never used, so a file from
+an untrusted path cannot run code. A wrong version, schema or model is a clear error.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from controller.predictors.features import SCHEMA, SCHEMA_VERSION
+
+FORMAT = "kvctl-predictor"
+FORMAT_VERSION = 1
+HEADER_NAME = "kvctl_header.json"
+KL_FLOOR = 1e-6             # the model fits log10(KL + KL_FLOOR)
+RANGE_SLACK = 0.25          # features may leave the trained [lo, hi] by this x span
+TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+
+
+class ArtifactError(ValueError):
+    """A predictor file this kvctl refuses (the message says why and what to do)."""
+
+
+@dataclass
+class Artifact:
+    model: object                     # sklearn HistGradientBoostingRegressor
+    model_id: str                     # engine model name the traces came from
+    lo: np.ndarray                    # [F] trained feature minimum
+    hi: np.ndarray                    # [F] trained feature maximum
+    strategies: list[str]
+    info: dict = field(default_factory=dict)   # rows, held-out scores, versions
+
+    def predict_kl(self, X: np.ndarray) -> np.ndarray:
+        """X [n, F] in SCHEMA order -> predicted mean KL (nats), >= 0."""
+        y = self.model.predict(np.asarray(X, dtype=np.float64))
+        return np.maximum(0.0, 10.0 ** y - KL_FLOOR)
+
+    def in_range(self, x: np.ndarray) -> bool:
+        slack = RANGE_SLACK * np.maximum(self.hi - self.lo, 0.2)
+        return bool(np.all((x >= self.lo - slack) & (x <= self.hi + slack)))
+
+    def header(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "schema_version": SCHEMA_VERSION,
+                "features": list(SCHEMA), "model_id": self.model_id,
+                "target": f"log10(mean KL + {KL_FLOOR})",
+                "feature_lo": self.lo.tolist(), "feature_hi": self.hi.tolist(),
+                "strategies": self.strategies, **self.info}
+
+
+def save(art: Artifact, path: str | Path) -> Path:
+    import skops.io as sio
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    sio.dump(art.model, tmp)
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr(HEADER_NAME, json.dumps(art.header(), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"predictor file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as z:
+            if HEADER_NAME not in z.namelist():
+                raise ArtifactError(f"{path} has no {HEADER_NAME}: not a kvctl predictor "
+                                    "(make one with `kvctl train fit`)")
+            header = json.loads(z.read(HEADER_NAME))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not a kvctl predictor file ({e}); make one with "
+                            "`kvctl train fit`") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a kvctl predictor file (format "
+                            f"{header.get('format') if isinstance(header, dict) else None!r})")
+    return header
+
+
+def load(path: str | Path, model_id: str | None = None) -> Artifact:
+    """Load and check a predictor file; ``model_id``: the model it must be for."""
+    header = read_header(path)
+    if header.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} is predictor format version {header.get('version')}; "
+                            f"this kvctl reads version {FORMAT_VERSION}: retrain with "
+                            "`kvctl train`")
+    if header.get("schema_version") != SCHEMA_VERSION or header.get("features") != list(SCHEMA):
+        raise ArtifactError(f"{path} was trained on feature schema "
+                            f"v{header.get('schema_version')} {header.get('features')}; this "
+                            f"kvctl computes schema v{SCHEMA_VERSION}: retrain with `kvctl train`")
+    if model_id is not None and header.get("model_id") != model_id:
+        raise ArtifactError(f"{path} was trained for model {header.get('model_id')!r}, not "
+                            f"{model_id!r}")
+    import skops.io as sio
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as e:   # a damaged archive: skops raises several kinds
+        raise ArtifactError(f"{path}: cannot read the model archive ({e})") from None
+    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if refused:
+        raise ArtifactError(f"{path} holds types kvctl does not trust: {refused}; refusing "
+                            "to load it")
+    model = sio.load(path, trusted=[t for t in untrusted if t in TRUSTED_TYPES])
+    if not isinstance(model, HistGradientBoostingRegressor):
+        raise ArtifactError(f"{path} holds a {type(model).__name__}, not a "
+                            "HistGradientBoostingRegressor")
+    lo, hi = np.asarray(header["feature_lo"], float), np.asarray(header["feature_hi"], float)
+    if lo.shape != (len(SCHEMA),) or hi.shape != lo.shape:
+        raise ArtifactError(f"{path}: feature ranges do not match the schema")
+    info = {k: v for k, v in header.items() if k not in {
+        "format", "version", "schema_version", "features", "model_id", "target",
+        "feature_lo", "feature_hi", "strategies"}}
+    return Artifact(model, header["model_id"], lo, hi, list(header.get("strategies", [])),
+                    info)

@@ -1,0 +1,244 @@
+"""Record predictor traces: what each strategy's move really costs, on the real engine.
+
+    python -m controller.train record --out traces.jsonl [--model default] [--sequences N]
+
+Per sequence: prefill a window of ``pydoc_data.topics`` text (varied lengths and
+offsets), decode a few teacher-forced tokens so the decode-time statistics exist, then
+take the snapshot (``SequenceView``). Every strategy in the registry proposes moves at
+several byte targets; each move is applied to its own copy of the sequence
+(``KVStore.fork``, as controller/bench_compression.py does), and the copies plus the
+untouched sequence decode the next ``horizon`` text tokens teacher-forced, batched.
+The target is the mean KL(full || moved) of next-token distributions over those steps,
+with top-1 agreement and the NLL change. Rows are JSON lines (never pickle): features
+from ``candidate_features`` (the same function prediction uses) plus the measurements,
+plus the heuristic predictor's output for the same move. Prompt text is never logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from controller.bench_compression import Run
+from controller.predictors.features import SCHEMA_VERSION, candidate_features
+from controller.predictors.heuristic import HeuristicPredictor
+from controller.strategies import Candidate, ColdQuantization, Context, registry
+from controller.strategies.base import ScoredStrategy
+from engine import attention
+from engine.plan import build_plan
+from engine.staging import staging_need
+
+TRACE_VERSION = 1
+
+
+@dataclass
+class RecordConfig:
+    model: str = "default"
+    sequences: int = 24
+    min_tokens: int = 256
+    max_tokens: int = 2048
+    targets: int = 3              # byte targets per strategy, fractions in [0.03, 0.9]
+    horizon: int = 24             # teacher-forced tokens scored after the move
+    warmup: int = 8               # decode steps before the snapshot
+    batch: int = 8                # forks decoded together
+    threads: int = 1
+    seed: int = 0
+    prior_share: float = 0.3      # sequences quantized in part before the snapshot
+    block_size: int = 32          # the serving engine's (features depend on it)
+
+    def __post_init__(self) -> None:
+        if self.sequences < 1:
+            raise ValueError(f"--sequences must be >= 1, got {self.sequences}")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"need 1 <= --min-tokens <= --max-tokens, got "
+                             f"{self.min_tokens}, {self.max_tokens}")
+        if self.block_size < 1:
+            raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
+        if self.horizon < 2 or self.targets < 1 or self.batch < 1 or self.warmup < 1:
+            raise ValueError("--horizon must be >= 2; --targets, --batch, --warmup >= 1")
+
+
+def make_engine(cfg: RecordConfig):
+    from engine.engine import Engine, EngineConfig
+
+    torch.set_num_threads(cfg.threads)
+    # room for a batch of forks at the longest length, and for streaming their
+    # offloaded blocks in one step
+    return Engine(EngineConfig(model=cfg.model, device="cpu", dtype="float32",
+                               block_size=cfg.block_size,
+                               max_batch_tokens=1024, kv_budget_bytes=4 << 30,
+                               host_budget_bytes=4 << 30, staging_bytes=512 << 20,
+                               seed=cfg.seed))
+
+
+def text_ids(engine) -> list[int]:
+    """Token ids of the stdlib's pydoc topics (bytes folded into the vocabulary when the
+    model has no tokenizer: random-weight models)."""
+    from engine.evaluate import ppl_text_ids
+
+    if engine.tokenizer is not None:
+        return ppl_text_ids(engine.tokenizer)
+    import pydoc_data.topics as t
+    vocab = engine.model.config.vocab_size
+    return [b % vocab for b in "\n\n".join(t.topics.values()).encode()[:300_000]]
+
+
+def decode_group(engine, runs: list[Run], token: int) -> torch.Tensor:
+    """One teacher-forced decode step of several sequences together: logits [n, V]."""
+    e = engine
+    for r in runs:
+        e.store.reserve(r.sid, 1)
+    plan = build_plan(e.store, [(r.sid, token) for r in runs], [], e.num_layers, e.device)
+    rows = plan.decode.rows
+    order = {sid: i for i, sid in enumerate(plan.decode.seq_ids)}
+    logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan, rows)
+    e._update_stats(plan)
+    return logits[[order[r.sid] for r in runs]]
+
+
+def compare(ref: torch.Tensor, moved: torch.Tensor, targets: list[int]) -> dict[str, float]:
+    """ref, moved [N, V] logits of the same steps; targets: the N-1 next tokens."""
+    lp, lq = ref.double().log_softmax(-1), moved.double().log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
+    t = torch.tensor(targets)
+    rows = torch.arange(len(targets))
+    nll = float((lp[rows, t] - lq[rows, t]).mean())
+    return {"kl": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((lp.argmax(-1) == lq.argmax(-1)).double().mean()),
+            "nll_delta": nll}
+
+
+def propose_all(seq, ctx: Context, fracs: list[float]) -> list[tuple[float, Candidate]]:
+    out, gpu = [], seq.bytes_by_tier.get("gpu", 0)
+    for strat in registry().values():
+        seen: set[tuple[int, ...]] = set()
+        for f in fracs:
+            c = strat.propose(seq, int(f * gpu), ctx)
+            if c is None or c.freed_bytes <= 0 or c.blocks in seen:
+                continue
+            seen.add(c.blocks)
+            out.append((f, c))
+    return out
+
+
+def groups(engine, runs: list[Run], size: int) -> list[list[Run]]:
+    """Batches of at most ``size`` whose offloaded blocks fit one staging buffer."""
+    out: list[list[Run]] = [[]]
+    room = engine.store.staging_half
+    left = room
+    for r in runs:
+        need = staging_need(engine.store, r.sid)
+        if out[-1] and (len(out[-1]) >= size or need > left):
+            out.append([])
+            left = room
+        out[-1].append(r)
+        left -= need
+    return out
+
+
+@torch.inference_mode()
+def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
+                    fracs: list[float], prior: tuple[ScoredStrategy, float] | None = None
+                    ) -> list[dict]:
+    """Rows for one window ``ids`` = context + warmup + horizon tokens. ``prior``: a
+    strategy and byte fraction applied right after the prefill, so that moves are also
+    measured on a sequence that was already moved (the cost is then relative to it)."""
+    h, heur = engine.handle, HeuristicPredictor()
+    ctx_ids = ids[:n_prompt]
+    warm = ids[n_prompt:n_prompt + cfg.warmup]
+    tail = ids[n_prompt + cfg.warmup:]
+    base = Run(engine, ctx_ids)
+    try:
+        if prior is not None:   # an earlier move: traces then price the next one
+            pv = h.sequence_view(base.sid, n_prompt)
+            c = prior[0].propose(pv, int(prior[1] * pv.bytes_by_tier.get("gpu", 0)),
+                                 Context.from_snapshot(h.snapshot()))
+            for a in c.actions if c else ():
+                h.apply(a)
+        for t in warm:
+            base.last_logits = base.decode(t)
+        view = h.sequence_view(base.sid, n_prompt)
+        ctx = Context.from_snapshot(h.snapshot())
+        cands = propose_all(view, ctx, fracs)
+        prior_name = f"{prior[0].name}@{prior[1]:.2f}" if prior else None
+        ref: list[torch.Tensor] = []
+        rows: list[dict] = []
+        pending = list(cands)
+        first = True
+        while pending or first:
+            chunk, pending = pending[:cfg.batch], pending[cfg.batch:]
+            forks = []
+            # the reference is a copy too: ``base`` itself must stay as it was snapshotted
+            refrun = Run(engine, None, base) if first else None
+            for frac, c in chunk:
+                r = Run(engine, None, base)
+                for a in c.actions:     # the move, on the copy
+                    h.apply(dataclasses.replace(a, seq_id=r.sid))
+                forks.append((frac, c, r))
+            runs = ([refrun] if refrun else []) + [r for _, _, r in forks]
+            outs: dict[str, list[torch.Tensor]] = {r.sid: [] for r in runs}
+            try:
+                for grp in groups(engine, runs, cfg.batch + 1):
+                    for t in tail:
+                        for r, lg in zip(grp, decode_group(engine, grp, t)):
+                            outs[r.sid].append(lg)
+                if refrun is not None:
+                    ref = outs[refrun.sid]
+                    first = False
+                R = torch.stack(ref)
+                for frac, c, r in forks:
+                    m = compare(R, torch.stack(outs[r.sid]), tail[1:])
+                    p = heur.predict(view, c)
+                    rows.append({
+                        "v": TRACE_VERSION, "schema": SCHEMA_VERSION, "model": engine.model_name,
+                        "tokens": view.num_tokens, "strategy": c.strategy, "kind": c.kind,
+                        "target_frac": round(frac, 4), "prior": prior_name, "num_touched": len(c.blocks),
+                        "freed_bytes": c.freed_bytes,
+                        "features": candidate_features(view, c), **m,
+                        "heuristic": p.accuracy})
+            finally:
+                for r in runs:
+                    r.close()
+    finally:
+        base.close()
+    return rows
+
+
+def record(cfg: RecordConfig, out, log=sys.stderr) -> int:
+    """Record ``cfg.sequences`` windows into the open text file ``out``; returns rows."""
+    rng = random.Random(cfg.seed)
+    e = make_engine(cfg)
+    try:
+        ids = text_ids(e)
+        extra = cfg.warmup + cfg.horizon
+        lo, hi = math.log2(cfg.min_tokens), math.log2(cfg.max_tokens)
+        total, t0 = 0, time.time()
+        for i in range(cfg.sequences):
+            n = int(round(2 ** rng.uniform(lo, hi)))   # lengths spread on a log scale
+            if n + extra > len(ids):
+                raise ValueError(f"the text has {len(ids)} tokens, fewer than "
+                                 f"{n + extra} for one sequence")
+            off = rng.randrange(0, len(ids) - n - extra + 1)
+            fracs = sorted(rng.uniform(0.03, 0.9) for _ in range(cfg.targets))
+            prior = None
+            if rng.random() < cfg.prior_share:
+                prior = (ColdQuantization(rng.choice((8, 4))), rng.uniform(0.2, 0.6))
+            rows = record_sequence(e, ids[off:off + n + extra], n, cfg, fracs, prior)
+            for r in rows:
+                r["seq"] = i
+                out.write(json.dumps(r) + "\n")
+            out.flush()
+            total += len(rows)
+            print(f"[sequence {i + 1}/{cfg.sequences}: {n} tokens"
+                  + (f" (after {rows[0]['prior']})" if prior and rows else "")
+                  + f", {len(rows)} moves, "
+                  f"{total} rows, {time.time() - t0:.0f}s]", file=log, flush=True)
+        return total
+    finally:
+        e.stop()

@@ -1,0 +1,181 @@
+"""Train the learned accuracy-cost predictor (`kvctl train` runs this in a child process).
+
+    python -m controller.train record --out traces.jsonl [--model default] [--sequences N]
+    python -m controller.train fit --traces traces.jsonl --out model.skops
+
+``fit`` holds out whole sequences (moves of one sequence are correlated), fits a
+HistGradientBoostingRegressor on log10(KL + 1e-6) over the rest, reports the held-out
+error and Spearman rank correlation of predicted vs measured KL next to the heuristic
+predictor's on the same rows, then refits on every row and saves the artifact
+(controller/predictors/artifact.py: skops + JSON header, no pickle).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from controller.predictors import artifact as art
+from controller.predictors.features import SCHEMA_VERSION, vector
+
+MIN_ROWS = 20
+
+
+def read_traces(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"traces file {path} does not exist; record one with "
+                         "`kvctl train record --out FILE`")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                if r.get("schema") != SCHEMA_VERSION:
+                    raise ValueError(f"feature schema v{r.get('schema')}, this kvctl "
+                                     f"computes v{SCHEMA_VERSION}: record the traces again")
+                x, kl = vector(r["features"]), float(r["kl"])
+                if not np.isfinite(x).all() or not np.isfinite(kl) or kl < 0:
+                    raise ValueError("a feature or the KL is not finite, or the KL is negative")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"{path}:{n}: not a kvctl trace row: {what}") from None
+            rows.append(r)
+    models = {r["model"] for r in rows}
+    if len(models) > 1:
+        raise ValueError(f"{path} mixes traces of several models: {sorted(models)}")
+    if len(rows) < MIN_ROWS:
+        raise ValueError(f"{path} has {len(rows)} trace rows; fitting needs >= {MIN_ROWS}")
+    return rows
+
+
+def _target(kl) -> np.ndarray:
+    return np.log10(np.asarray(kl, dtype=np.float64) + art.KL_FLOOR)
+
+
+def make_model(seed: int = 0):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    # small trees, many of them, slow learning: a few hundred to a few thousand rows
+    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
+                                         min_samples_leaf=8, l2_regularization=1.0,
+                                         random_state=seed)
+
+
+def scores(kl: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Spearman over all rows and within each sequence (how the loop ranks moves), and
+    the mean absolute error of log10(KL + floor)."""
+    from scipy.stats import spearmanr
+
+    within = [spearmanr(kl[groups == g], pred[groups == g]).statistic
+              for g in np.unique(groups) if (groups == g).sum() >= 3]
+    within = [w for w in within if np.isfinite(w)]
+    return {"spearman": float(spearmanr(kl, pred).statistic),
+            "spearman_within_sequence": float(np.mean(within)) if within else float("nan"),
+            "mae_log10": float(np.mean(np.abs(_target(kl) - _target(pred))))}
+
+
+def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0) -> tuple[art.Artifact, dict]:
+    X = np.array([vector(r["features"]) for r in rows])
+    kl = np.array([float(r["kl"]) for r in rows])
+    heur = np.array([float(r.get("heuristic", np.nan)) for r in rows])
+    groups = np.array([int(r.get("seq", 0)) for r in rows])
+    seqs = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    n_test = max(1, int(round(holdout * len(seqs)))) if len(seqs) > 1 else 0
+    test_seqs = set(rng.permutation(seqs)[:n_test].tolist())
+    test = np.array([g in test_seqs for g in groups])
+    report: dict = {"rows": len(rows), "sequences": int(len(seqs)),
+                    "heldout_rows": int(test.sum()), "heldout_sequences": n_test}
+    if n_test and (~test).sum() >= MIN_ROWS // 2:
+        m = make_model(seed).fit(X[~test], _target(kl[~test]))
+        pred = np.maximum(0.0, 10.0 ** m.predict(X[test]) - art.KL_FLOOR)
+        report["learned"] = scores(kl[test], pred, groups[test])
+        if np.isfinite(heur[test]).all():
+            report["heuristic"] = scores(kl[test], heur[test], groups[test])
+    model = make_model(seed).fit(X, _target(kl))      # the shipped model sees every row
+    import sklearn
+
+    info = {"trained_on": {k: report[k] for k in ("rows", "sequences")},
+            "heldout": {k: report[k] for k in ("learned", "heuristic") if k in report},
+            "sklearn": sklearn.__version__}
+    a = art.Artifact(model, rows[0]["model"], X.min(0), X.max(0),
+                     sorted({r["strategy"] for r in rows}), info)
+    return a, report
+
+
+def print_report(rep: dict, out=sys.stdout) -> None:
+    print(f"{rep['rows']} rows from {rep['sequences']} sequences; held out "
+          f"{rep['heldout_rows']} rows of {rep['heldout_sequences']} sequences", file=out)
+    if "learned" not in rep:
+        print("too few sequences to hold any out: no held-out scores", file=out)
+        return
+    print(f"{'predictor':<10} {'spearman':>9} {'within-seq':>11} {'MAE log10 KL':>13}", file=out)
+    for name in ("learned", "heuristic"):
+        if name in rep:
+            s = rep[name]
+            print(f"{name:<10} {s['spearman']:>9.3f} {s['spearman_within_sequence']:>11.3f} "
+                  f"{s['mae_log10']:>13.3f}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvctl train", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{record,fit}")
+    r = sub.add_parser("record", help="record traces on the engine (slow on CPU)")
+    r.add_argument("--out", required=True, help="JSON-lines file to write")
+    r.add_argument("--model", default="default", help="'default', a local HF dir, 'random:tiny'")
+    r.add_argument("--sequences", type=int, default=24)
+    r.add_argument("--min-tokens", type=int, default=256)
+    r.add_argument("--max-tokens", type=int, default=2048)
+    r.add_argument("--horizon", type=int, default=24, help="teacher-forced tokens scored")
+    r.add_argument("--targets", type=int, default=3, help="byte targets per strategy")
+    r.add_argument("--block-size", type=int, default=32, help="as the serving engine's")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("fit", help="fit the predictor on traces and save it")
+    f.add_argument("--traces", required=True, nargs="+", help="JSON-lines trace files")
+    f.add_argument("--out", required=True, help="predictor file to write (.skops)")
+    f.add_argument("--holdout", type=float, default=0.25, help="share of sequences held out")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "record":
+            from controller.traces import RecordConfig, record   # torch loads here
+
+            cfg = RecordConfig(model=a.model, sequences=a.sequences, min_tokens=a.min_tokens,
+                               max_tokens=a.max_tokens, horizon=a.horizon, targets=a.targets,
+                               block_size=a.block_size, threads=a.threads, seed=a.seed)
+            with open(a.out, "w") as out:
+                n = record(cfg, out)
+            print(f"wrote {n} trace rows to {a.out}")
+            return 0
+        if not 0 <= a.holdout < 1:
+            raise ValueError(f"--holdout must be in [0, 1), got {a.holdout}")
+        rows = []
+        for i, path in enumerate(a.traces):  # sequence ids stay distinct across files
+            for row in read_traces(path):
+                row["seq"] = i * 1_000_000 + int(row.get("seq", 0))
+                rows.append(row)
+        if len({r["model"] for r in rows}) > 1:
+            raise ValueError("the trace files are of different models")
+        artifact, rep = fit(rows, a.holdout, a.seed)
+        art.save(artifact, a.out)
+        if a.json:
+            print(json.dumps(rep, indent=2))
+        else:
+            print_report(rep)
+            print(f"saved the predictor for {artifact.model_id!r} to {a.out}")
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"kvctl train: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

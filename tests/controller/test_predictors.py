@@ -1,0 +1,261 @@
+"""The learned predictor: features, traces, fitting, the artifact format and its checks,
+fallback to the heuristic, the policy loop's choice of predictor, and `kvctl train`."""
+import functools
+import io
+import json
+import pickle
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+
+from controller.predictors import artifact as art
+from controller.predictors.counters import FALLBACKS
+from controller.predictors.features import SCHEMA, candidate_features, vector
+from controller.predictors.heuristic import HeuristicPredictor
+from controller.predictors.learned import LearnedPredictor, artifact_path, predictor_for
+from controller.strategies import (ColdOffload, ColdQuantization, Context, HeavyHitterEviction,
+                                   SinkWindowEviction)
+from controller.train import fit, read_traces
+from engine.actions import BlockView, SequenceView
+from tests.controller.helpers import KVCTL, ROOT, child_env
+
+FULL, INT8 = 1000, 520
+CTX = Context({"full": FULL, "int8": INT8, "int4": 280, "int2": 160, "k4v2": 220,
+               "k8v4": 400}, num_sink_blocks=1)
+MASS = [0.4, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.2, 0.26]
+
+
+def view(mass=MASS, fmt="full") -> SequenceView:
+    blocks = [BlockView(i, 32, fmt if 0 < i < len(mass) - 1 else "full", "gpu", FULL, m,
+                        observed=m) for i, m in enumerate(mass)]
+    return SequenceView("s", "decode", 300, 32 * len(mass), 20, 0, "exact", 0,
+                        {"gpu": FULL * len(mass)}, {"full": FULL * len(mass)}, blocks,
+                        entropy=1.5, sink_mass=0.4, recent_mass=0.46)
+
+
+# ---------------------------------------------------------------- features
+def test_features_of_a_cold_int8_move():
+    seq = view()
+    c = ColdQuantization(8).propose(seq, 2 * (FULL - INT8), CTX)
+    assert c.blocks == (1, 2)                      # the two coldest, lowest index first
+    f = candidate_features(seq, c)
+    assert list(f) == list(SCHEMA) and len(vector(f)) == len(SCHEMA)
+    assert (f["is_quantize"], f["is_evict"], f["is_offload"]) == (1, 0, 0)
+    assert (f["k_bits_after"], f["v_bits_after"], f["topk_keep"]) == (8, 8, 1)
+    assert f["mass_frac"] == pytest.approx(0.04) and f["share"] == pytest.approx(0.2)
+    assert f["heat"] == pytest.approx(0.2) and f["touches_sink"] == 0
+    assert f["min_dist_blocks"] == 7 and f["mean_dist_frac"] == pytest.approx(0.75)
+    assert f["freed_frac"] == pytest.approx(2 * (FULL - INT8) / (10 * FULL))
+    assert f["log2_tokens"] == pytest.approx(np.log2(320)) and f["already_lowered"] == 0
+
+
+def test_features_of_eviction_topk_and_lowered_blocks():
+    seq = view()
+    ev = SinkWindowEviction().propose(seq, 8 * FULL, CTX)
+    f = candidate_features(seq, ev)
+    assert f["is_evict"] == 1 and f["k_bits_after"] == 0 and f["touches_sink"] == 0
+    assert f["mass_frac"] == pytest.approx(sum(MASS[1:9]))
+    tk = ColdOffload(top_k_fraction=0.25).propose(seq, 4 * FULL, CTX)
+    g = candidate_features(seq, tk)
+    assert g["is_topk"] == 1 and g["topk_keep"] == pytest.approx(1 / 4)
+    low = candidate_features(view(fmt="int8"), ColdQuantization(4).propose(
+        view(fmt="int8"), 1, CTX))
+    assert low["already_lowered"] == 1 and low["k_bits_after"] == 4
+    with pytest.raises(ValueError, match="missing"):
+        vector({k: 0.0 for k in SCHEMA[1:]})
+
+
+# ---------------------------------------------------------------- traces + fit
+@pytest.fixture(scope="module")
+def tiny_traces(tmp_path_factory):
+    """Real traces of the 2-layer random model (a few seconds)."""
+    from controller.traces import RecordConfig, record
+
+    path = tmp_path_factory.mktemp("traces") / "tiny.jsonl"
+    with path.open("w") as f:
+        # block size and lengths as the policy-loop tests' tiny engine has them
+        n = record(RecordConfig(model="random:tiny", sequences=8, min_tokens=100,
+                                max_tokens=400, horizon=8, seed=3, prior_share=0.4,
+                                block_size=4),
+                   f, log=io.StringIO())
+    assert n > 8 * 9
+    return path
+
+
+def test_traces_measure_what_moves_cost(tiny_traces):
+    rows = read_traces(tiny_traces)
+    assert {r["strategy"] for r in rows} >= {"quantize_int8", "quantize_int2", "sink_window",
+                                             "offload_exact", "offload_topk", "heavy_hitter"}
+    assert all(set(r["features"]) == set(SCHEMA) and 0 <= r["top1"] <= 1 for r in rows)
+    assert all(r["kl"] == 0 for r in rows if r["strategy"] == "offload_exact")   # lossless
+    assert any(r["prior"] for r in rows) and any(r["features"]["already_lowered"] > 0
+                                                 for r in rows)
+    by = {}
+    for r in rows:     # the same blocks at lower precision cost more
+        by.setdefault((r["seq"], r["target_frac"], r["num_touched"]), {})[r["strategy"]] = r["kl"]
+    pairs = [(d["quantize_int8"], d["quantize_int2"]) for d in by.values()
+             if "quantize_int8" in d and "quantize_int2" in d]
+    assert pairs and all(a < b for a, b in pairs)
+
+
+def test_fit_reports_both_predictors_and_round_trips(tiny_traces, tmp_path):
+    rows = read_traces(tiny_traces)
+    a, rep = fit(rows, holdout=0.25)
+    assert rep["rows"] == len(rows) and rep["heldout_sequences"] == 2
+    for name in ("learned", "heuristic"):
+        assert -1 <= rep[name]["spearman"] <= 1 and rep[name]["mae_log10"] >= 0
+    assert rep["learned"]["spearman"] > 0.5          # it learned something real
+    path = art.save(a, tmp_path / "p.skops")
+    b = art.load(path, model_id="random:tiny")
+    X = np.array([vector(r["features"]) for r in rows])
+    assert np.array_equal(a.predict_kl(X), b.predict_kl(X))
+    assert b.strategies == a.strategies and np.array_equal(b.lo, X.min(0))
+    assert b.info["heldout"]["learned"]["spearman"] == rep["learned"]["spearman"]
+
+
+def _rewrite_header(src, dst, **changes):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == art.HEADER_NAME:
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            zout.writestr(name, data)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_traces, tmp_path_factory):
+    a, _ = fit(read_traces(tiny_traces))
+    return art.save(a, tmp_path_factory.mktemp("art") / "tiny.skops")
+
+
+@pytest.mark.parametrize("changes, msg", [
+    (dict(schema_version=99), "feature schema"),
+    (dict(features=list(SCHEMA[:-1])), "feature schema"),
+    (dict(version=2), "format version 2"),
+    (dict(format="other"), "not a kvctl predictor"),
+    (dict(model_id="SmolLM2-135M-Instruct"), "trained for model"),
+])
+def test_load_refuses_mismatched_artifacts(tiny_artifact, tmp_path, changes, msg):
+    bad = _rewrite_header(tiny_artifact, tmp_path / "bad.skops", **changes)
+    with pytest.raises(art.ArtifactError, match=msg):
+        art.load(bad, model_id="random:tiny")
+
+
+def test_load_refuses_untrusted_content_and_pickles(tiny_artifact, tmp_path):
+    import skops.io as sio
+
+    evil = tmp_path / "evil.skops"       # code a loader would run: functools.partial(print)
+    sio.dump(functools.partial(print, "owned"), evil)
+    header = zipfile.ZipFile(tiny_artifact).read(art.HEADER_NAME)
+    with zipfile.ZipFile(evil, "a") as z:
+        z.writestr(art.HEADER_NAME, header)
+    with pytest.raises(art.ArtifactError, match="does not trust"):
+        art.load(evil)
+    other = tmp_path / "linear.skops"    # trusted by skops, but not a predictor model
+    from sklearn.linear_model import LinearRegression
+    sio.dump(LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), other)
+    with zipfile.ZipFile(other, "a") as z:
+        z.writestr(art.HEADER_NAME, header)
+    with pytest.raises(art.ArtifactError, match="not a HistGradientBoostingRegressor"):
+        art.load(other)
+    pkl = tmp_path / "model.skops"
+    pkl.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(art.ArtifactError, match="not a kvctl predictor file"):
+        art.load(pkl)
+    with pytest.raises(art.ArtifactError, match="does not exist"):
+        art.load(tmp_path / "missing.skops")
+
+
+# ---------------------------------------------------------------- fallback + wiring
+def test_learned_predictor_falls_back_to_the_heuristic(tiny_artifact, tmp_path, monkeypatch):
+    seq = view()
+    cands = [s.propose(seq, 3 * FULL, CTX) for s in (ColdQuantization(4), HeavyHitterEviction(),
+                                                     ColdOffload())]
+    items = [(seq, c) for c in cands]
+    heur = HeuristicPredictor().predict_many(items)
+    before = FALLBACKS.value
+    none = LearnedPredictor.from_file(tmp_path / "missing.skops")
+    assert none.artifact is None and "does not exist" in none.reason
+    assert none.predict_many(items) == heur and none.num_fallbacks == 3
+    assert FALLBACKS.value - before == 3
+    # a real artifact, but this hand-made sequence is far outside what it was trained on
+    learned = LearnedPredictor.from_file(tiny_artifact, "random:tiny")
+    x = np.array(vector(candidate_features(seq, cands[0])))
+    assert not learned.artifact.in_range(x)
+    assert learned.predict(seq, cands[0]) == heur[0] and learned.num_fallbacks == 1
+    # no artifact for the model: the heuristic itself (random:tiny ships none)
+    monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
+    assert not artifact_path("random:tiny").exists()
+    assert isinstance(predictor_for("random:tiny"), HeuristicPredictor)
+    monkeypatch.setenv("KVCTL_PREDICTOR", str(tmp_path / "missing.skops"))
+    p = predictor_for("random:tiny")            # an operator's file that is not there
+    assert isinstance(p, LearnedPredictor) and p.artifact is None
+
+
+def test_fallbacks_reach_the_prometheus_counter():
+    from controller.metrics import Metrics
+    from controller.telemetry import GpuSample, HostSample, Sample
+
+    m = Metrics()
+    sample = Sample(0.0, GpuSample(available=False), HostSample(1, 1, 1, 1))
+    m.update(sample)
+    base = m.predictor_fallbacks._value.get()
+    FALLBACKS.inc(2)
+    m.update(sample)
+    assert m.predictor_fallbacks._value.get() - base == 2
+
+
+def test_policy_loop_uses_the_learned_predictor_when_the_model_has_one(tiny_artifact,
+                                                                        monkeypatch):
+    from controller.policy import Controller, DecisionLog, PolicyState
+    from tests.controller.helpers import tiny_engine
+    from tests.controller.test_loop import fill
+
+    e = tiny_engine()
+    try:
+        fill(e)
+        used = e.handle.snapshot().tiers["gpu"].used_bytes
+        monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
+        plain = Controller(PolicyState(budget_bytes=used), DecisionLog(), e.handle)
+        assert isinstance(plain.loop.predictor, HeuristicPredictor)
+        monkeypatch.setenv("KVCTL_PREDICTOR", str(tiny_artifact))
+        c = Controller(PolicyState(budget_bytes=used), DecisionLog(), e.handle)
+        assert isinstance(c.loop.predictor, LearnedPredictor) and c.loop.predictor.artifact
+        snap = e.handle.snapshot()
+        moves = c.loop.candidates(snap, used // 4, "balanced", {}, now=1e9)
+        assert moves and any(m.source == "learned" for m in moves)
+        decisions = [d for d in c.tick(snap) if d.kind in ("quantize", "evict", "offload")]
+        assert decisions and all("predictor" in d.reason for d in decisions)
+    finally:
+        e.stop()
+
+
+# ---------------------------------------------------------------- kvctl train
+def test_kvctl_train_records_fits_and_explains_errors(tmp_path):
+    env = child_env()
+    traces, model = tmp_path / "t.jsonl", tmp_path / "m.skops"
+
+    def kvctl(*args):
+        return subprocess.run(KVCTL + ["train", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = kvctl("record", "--out", str(traces), "--model", "random:tiny", "--sequences", "4",
+              "--min-tokens", "128", "--max-tokens", "256", "--horizon", "6")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and len(traces.read_text().splitlines()) > 20
+    r = kvctl("fit", "--traces", str(traces), "--out", str(model), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert {"learned", "heuristic"} <= set(rep) and art.load(model, "random:tiny")
+    r = kvctl("fit", "--traces", str(tmp_path / "nope.jsonl"), "--out", str(model))
+    assert r.returncode == 1 and "nope.jsonl does not exist" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(traces.read_text().splitlines()[0] + "\n{\"not\": \"a row\"}\n")
+    r = kvctl("fit", "--traces", str(bad), "--out", str(model))
+    assert r.returncode == 1 and "bad.jsonl:2: not a kvctl trace row" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = kvctl("record", "--out", str(traces), "--sequences", "0")
+    assert r.returncode == 1 and "--sequences must be >= 1" in r.stderr
