@@ -60,13 +60,14 @@ def main():
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--fold", type=int, default=0, help="1: the experimental fold path")
-    ap.add_argument("--asm", type=int, default=1, help="PTX code conversion (fold only)")
+    ap.add_argument("--asm", type=int, default=1, help="PTX code conversion")
+    ap.add_argument("--fast", type=int, default=1, help="fp16 dequantization (FAST)")
     ap.add_argument("--extra", default="", help="k=v,... more constexprs")
     ap.add_argument("--sass")
     a = ap.parse_args()
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
                   VB=a.vb, NBI=a.nbi, DT=tl.float16, UPCAST=False, IEEE=False, FOLD=a.fold,
-                  ASM=a.asm and a.fold)
+                  ASM=a.asm and (a.fold or a.fast), FAST=a.fast or a.fold)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)

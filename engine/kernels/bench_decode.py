@@ -126,7 +126,8 @@ VARIANTS = {
 
 
 def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
-                device: torch.device, seed: int = 0, variants: list[str] | None = None
+                device: torch.device, seed: int = 0, variants: list[str] | None = None,
+                configs_: list | None = None, mults: list[int] | None = None
                 ) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(seed)
     gen_cpu = torch.Generator().manual_seed(seed)
@@ -160,7 +161,8 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
         nbytes = B * NB * slot_bytes_read(geom, fmt)
         # without --sweep: the kernel's own launch defaults (cfg "default")
-        configs = [(c, m) for c in SWEEP for m in SPLIT_MULTS] if sweep else [("default", None)]
+        configs = [(c, m) for c in (configs_ or SWEEP) for m in (mults or SPLIT_MULTS)] \
+            if sweep else [("default", None)]
         if variants:
             configs = [(v, None) for v in variants
                        if not (fmt.is_full and v in ("nofold",))]
@@ -178,6 +180,8 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
                         kw["num_splits"] = max(1, math.ceil(kw.pop("split_mult") * sms / (B * H)))
             elif cfg is not None:
                 kw = dict(fmt=fmt, blocks_per_iter=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                if len(cfg) > 3:
+                    kw["maxnreg"] = cfg[3]
                 if mult is not None:
                     kw["num_splits"] = max(1, math.ceil(mult * sms / (B * H)))
             try:
@@ -212,6 +216,9 @@ def main(argv=None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--sweep", action="store_true", help="try several launch configs")
     ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--configs", nargs="+", help="with --sweep: nbi,warps,stages triples "
+                    "(default: the built-in list)")
+    ap.add_argument("--mults", type=int, nargs="+", help="with --sweep: programs = mult x SMs")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                     help="time these named launch variants (table shows all of them)")
@@ -223,7 +230,9 @@ def main(argv=None) -> None:
     for B in args.batches:
         for L in args.contexts:
             rows += bench_shape(B, L, args.formats, args.sweep, args.iters, device,
-                                variants=args.variants)
+                                variants=args.variants, mults=args.mults,
+                                configs_=[tuple(map(int, c.split(","))) for c in args.configs]
+                                if args.configs else None)
     print("\n| batch | context | kernel | format | config (nbi, warps, stages) x splits "
           "| us | vs SDPA | GB/s | % of 4.46 TB/s |")
     print("|---|---|---|---|---|---|---|---|---|")

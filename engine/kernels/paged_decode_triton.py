@@ -25,6 +25,8 @@ of 16 bytes (engine/layout.py guarantees it).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -119,8 +121,12 @@ def _split_codes(raw, BITS: tl.constexpr):
 def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
-            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked)."""
+            DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+            FAST: tl.constexpr = False, ASM: tl.constexpr = False):
+    """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked).
+
+    FAST (fp16 dot operands): codes become exact fp16 (PTX when ASM) and are dequantized
+    with one packed fp16 fma per two elements, as the values are; else fp32 arithmetic."""
     t3 = tl.arange(0, T)[None, :, None]                            # [1, T, 1]
     off3 = off[:, None, None]                                      # [NBI, 1, 1] slot bytes
     valid3 = t3 < ntok[:, None, None]                              # [NBI, T, 1]
@@ -137,15 +143,29 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
         CODE_BYTES: tl.constexpr = (H * T * DB + 15) // 16 * 16
         META_BYTES: tl.constexpr = (H * D * MSIZE + 15) // 16 * 16
         j3 = tl.arange(0, DB)[None, None, :]
-        raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=valid3, other=0)
-        c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
         d3 = tl.arange(0, D)[None, None, :]
         has = ntok[:, None, None] > 0
         m0 = tl.multiple_of((off + CODE_BYTES) // MSIZE, 16 // MSIZE)    # [NBI] elements
         m_el = m0[:, None, None] + kvh * D + d3
-        sc = tl.load(arena_md + m_el, mask=has, other=0.0).to(tl.float32)         # [NBI,1,D]
-        zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0).to(tl.float32)
-        k = (_code_f32(c) * sc + zr).to(DT)
+        # masked per block only (holes), not per token: a mask constant over the tile keeps
+        # the loads 16 bytes wide. Codes of tokens past ntok are inside the slot; their
+        # logits are masked by the caller
+        raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
+        sc = tl.load(arena_md + m_el, mask=has, other=0.0)                         # [NBI,1,D]
+        zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0)
+        if FAST:
+            if BITS == 8:
+                c = _u8_codes(raw, 0, 8, DT, ASM)
+            elif BITS == 4:
+                c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
+            else:
+                c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
+                            tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
+            c = tl.reshape(c, (NBI, T, D))
+            k = c * sc.to(DT) + zr.to(DT)
+        else:
+            c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
+            k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
     k2 = tl.reshape(k, (NBI * T, D))
     return _dot(qd, tl.trans(k2), IEEE)
 
@@ -211,9 +231,10 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         t4 = tl.arange(0, T)[None, :, None, None]
         g4 = tl.arange(0, NG)[None, None, :, None]
         j4 = tl.arange(0, GB)[None, None, None, :]
-        valid4 = t4 < ntok[:, None, None, None]                      # [NBI, T, 1, 1]
+        # masked per block only (holes; keeps the loads wide); tokens past ntok read codes
+        # inside the slot and get scale = zero = 0
         raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER) + g4 * GB + j4,
-                      mask=valid4, other=0)                          # [NBI, T, NG, GB]
+                      mask=ntok[:, None, None, None] > 0, other=0)        # [NBI, T, NG, GB]
         if FAST:
             if BITS == 8:
                 c = _u8_codes(raw, 0, 8, DT, ASM)
@@ -226,9 +247,14 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         else:
             c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
-        m_el = m0[:, None, None, None] + kvh * T * NG + t4 * NG + g4
-        sc = tl.load(arena_md + m_el, mask=valid4, other=0.0).to(tl.float32)       # [NBI,T,NG,1]
-        zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=valid4, other=0.0).to(tl.float32)
+        # scale / zero as [NBI, T, NG] tiles (contiguous along NG), then a size-1 axis
+        t3 = tl.arange(0, T)[None, :, None]
+        g3 = tl.arange(0, NG)[None, None, :]
+        m_el = m0[:, None, None] + kvh * T * NG + t3 * NG + g3
+        valid3 = t3 < ntok[:, None, None]
+        sc = tl.expand_dims(tl.load(arena_md + m_el, mask=valid3, other=0.0), 3).to(tl.float32)
+        zr = tl.expand_dims(tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=valid3,
+                                    other=0.0), 3).to(tl.float32)
         if FAST:
             # in the dot dtype: codes convert exactly, one fma per element
             v = c * sc.to(DT) + zr.to(DT)
@@ -270,7 +296,7 @@ def _paged_decode_kernel(
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FOLD: tl.constexpr, ASM: tl.constexpr,
+    FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -302,7 +328,7 @@ def _paged_decode_kernel(
             voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
         elif KB >= 0:
             s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
-                        ESIZE, MSIZE, DT, UPCAST, IEEE)
+                        ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
         else:
             kb = tl.load(kbits_ptr + b * NB + blk0)
@@ -315,21 +341,21 @@ def _paged_decode_kernel(
                                      8, T, D, H, MSIZE, DT, IEEE, ASM)
                 else:
                     s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 8, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             elif kb == 4:
                 if FOLD:
                     s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
                                      4, T, D, H, MSIZE, DT, IEEE, ASM)
                 else:
                     s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 4, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             else:
                 if FOLD:
                     s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
                                      2, T, D, H, MSIZE, DT, IEEE, ASM)
                 else:
                     s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 2, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE)
+                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             voff = off + _k_section_end(kb, T, D, H, ESIZE, MSIZE)
         voff = tl.multiple_of(voff, 16)
         # ---- per-block softmax partials (log2 units)
@@ -353,21 +379,21 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(lb * w, axis=1)
         if VB >= 0:
             pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
-                         ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
+                         ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
         else:
             vb = tl.load(vbits_ptr + b * NB + blk0)
             if vb == 0:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 0, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             elif vb == 8:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 8, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             elif vb == 4:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 4, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
             else:
                 pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 2, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FOLD, ASM)
+                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     part = (b * HQ + head) * S + sp
@@ -397,6 +423,10 @@ def _reduce_kernel(
     den = tl.maximum(tl.sum(w * l, axis=0), 1e-30)
     out = tl.sum(acc * w[:, None], axis=0) / den
     tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+# KVCTL_TRITON_PTX=0 turns the PTX code conversion off (plain Triton conversion instead)
+_PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 
 
 def _pow2(n: int) -> bool:
@@ -441,7 +471,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float, *,
                         fmt: KVFormat | None = None, num_splits: int | None = None,
                         blocks_per_iter: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, fold: bool = False
+                        num_stages: int | None = None, fold: bool = False,
+                        fast: bool | None = None, maxnreg: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -512,16 +543,6 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     fold = fold and D >= 64 and fmt is not None
     if fold and fmt is not None and fmt.k_bits > 0:
         blocks_per_iter = 1      # folded key scales are per block: one block an iteration
-    if blocks_per_iter is None and fmt is not None:
-        # measured on the H200 (docs/BENCHMARKS.md): 2 blocks an iteration for fp16/int8
-        # tiles, 4 for the smaller int4/int2 ones
-        blocks_per_iter = 2 if fmt.k_bits in (0, 8) and fmt.v_bits in (0, 8) else 4
-    S, bps, nbi, warps, stages = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
-                                                blocks_per_iter, num_warps, num_stages)
-    g = Hq // H
-    pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
     # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim < 64,
     # where fp16 operands from unpacked 4/2-bit codes gave wrong results on the H200
     # (triton 3.6; head_dim 64 and 128 were right; cause not isolated). Mixed-format
@@ -530,6 +551,28 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     small = D < 64 or fmt is None
     dot_dtype = torch.float32 if small else geom.store_dtype
     dt = _TL_DTYPE[dot_dtype]
+    # fp16 operands: codes -> exact fp16 and one packed fma per two elements (PTX code
+    # conversion on CUDA); otherwise dequantization in fp32
+    fast = dot_dtype == torch.float16 if fast is None else fast and dot_dtype == torch.float16
+    if fmt is not None and (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
+        # launch sweeps on the H200 (docs/BENCHMARKS.md, 2026-11-28 third engineer): fp16
+        # and int2 tiles 2 blocks an iteration, 2 stages; int8/int4 4 blocks, 3 stages; a
+        # cap of 168 registers (3 programs an SM instead of 2) except for int2
+        wide = max(fmt.k_bits, fmt.v_bits) >= 4
+        blocks_per_iter, num_stages = (4, 3) if wide else (2, 2)
+        maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
+    if (fast and not fold and fmt is not None and not fmt.is_full
+            and (blocks_per_iter or 2) * T < 32):
+        # tiles of fewer than 32 tokens (16-token blocks one at a time) gave wrong int4
+        # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with and
+        # without the PTX conversion): at least 32 tokens an iteration
+        blocks_per_iter = 32 // T
+    S, bps, nbi, warps, stages = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
+                                                blocks_per_iter, num_warps, num_stages)
+    g = Hq // H
+    pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
     _paged_decode_kernel[(B, H, S)](
         q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc,
         NB, bps, float(sm_scale) * LOG2E,
@@ -538,7 +581,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
         NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != dot_dtype,
         IEEE=dot_dtype == torch.float32, FOLD=fold,
-        ASM=fold and q.is_cuda and dot_dtype == torch.float16, num_warps=warps, num_stages=stages)
+        ASM=_PTX and q.is_cuda and dot_dtype == torch.float16 and (fast or fold),
+        FAST=fast or fold, num_warps=warps, num_stages=stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     # one program per (sequence, query head); the split axis fits in registers
     _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
                               num_warps=4)

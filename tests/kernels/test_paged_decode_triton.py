@@ -32,6 +32,9 @@ CASES = [
     (2, 6, 2, 64, 16, 32, [40, 23], [K8V4, K2V8, FULL], 0.0),
     (3, 6, 2, 64, 32, 32, [1025, 1027, 65], MIXED, 0.1),
     (2, 4, 2, 128, 32, 32, [300, 129], [INT4, FULL], 0.1),
+    # the Llama head_dim with one format: fp16 dequantization (FAST) path when hinted
+    (2, 8, 2, 128, 32, 32, [1027, 300], INT8, 0.1),
+    (1, 8, 2, 128, 16, 32, [1025], INT4, 0.1),
 ]
 DTYPES = [torch.float32, torch.float16]
 # (out atol, out rtol, block_max atol, block_max rtol, block_sumexp atol, block_sumexp rtol);
