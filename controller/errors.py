@@ -3,6 +3,7 @@ that applies it (plus bearer-token auth for mutating RPCs arriving over TCP)."""
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 
 import grpc
@@ -60,16 +61,17 @@ def _is_local(peer: str) -> bool:
     return peer.startswith("unix:")
 
 
-class KvctlInterceptor(grpc.ServerInterceptor):
+class KvctlInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions from kvctl's handlers to status codes; over TCP, checks
     ``authorization: Bearer <token>`` on mutating RPCs (constant-time compare).
-    Unix-socket peers are trusted: the socket's file mode is the guard."""
+    Unix-socket peers are trusted: the socket's file mode is the guard.
+    For the `grpc.aio` server: kvctl's handlers are coroutines (controller/service.py)."""
 
     def __init__(self, token: str | None = None) -> None:
         self._token = token.encode() if token else None
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE}/"):
             return handler
@@ -86,43 +88,31 @@ class KvctlInterceptor(grpc.ServerInterceptor):
                     f"{method.rsplit('/', 1)[1]} over TCP needs 'authorization: Bearer <token>' "
                     "with the daemon's token (kvctl --token-file PATH)")
 
-        def abort(context, exc):
+        async def abort(context, exc):
             code, msg = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("unhandled error in %s", method)
-            context.abort(code, msg)
+                log.error("unhandled error in %s", method, exc_info=exc)
+            await context.abort(code, msg)
+
+        # unary-unary handlers return the response; unary-stream ones write with
+        # context.write and return None: the same wrapper serves both
+        inner = handler.unary_unary or handler.unary_stream
+        if inner is None:
+            return handler
+        if not inspect.iscoroutinefunction(inner):
+            raise TypeError(f"{method}: kvctl handlers must be coroutines on the aio server")
+
+        async def guarded(request, context):
+            try:
+                check(context)
+                return await inner(request, context)
+            except grpc.aio.AbortError:   # the handler aborted itself: let that status stand
+                raise
+            except Exception as e:
+                await abort(context, e)
 
         if handler.unary_unary:
-            inner = handler.unary_unary
-
-            def unary(request, context):
-                try:
-                    check(context)
-                    return inner(request, context)
-                except Exception as e:
-                    if _is_abort(context):
-                        raise
-                    abort(context, e)
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_s = handler.unary_stream
-
-            def stream(request, context):
-                try:
-                    check(context)
-                    yield from inner_s(request, context)
-                except Exception as e:
-                    if _is_abort(context):
-                        raise
-                    abort(context, e)
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer)
-        return handler
-
-
-def _is_abort(context) -> bool:
-    """True once the handler itself called context.abort (let that status stand)."""
-    state = getattr(context, "_state", None)
-    return state is not None and getattr(state, "code", None) is not None \
-        and state.code != grpc.StatusCode.OK
+                guarded, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            guarded, handler.request_deserializer, handler.response_serializer)

@@ -4,6 +4,9 @@ Listens on a Unix socket (mode 0660) by default; TCP only with TLS and a bearer 
 SIGTERM/SIGINT: health NOT_SERVING, admit nothing new (UNAVAILABLE), let in-flight
 generations finish within ``server.drain_grace_s``, cancel the rest, stop.
 Under systemd (Type=notify) it sends READY=1, WATCHDOG=1 and STOPPING=1.
+
+The gRPC server is `grpc.aio` on one event-loop thread (controller/aio.py says why);
+blocking work runs on a worker pool of ``server.max_workers`` threads.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller.aio import LoopThread
 from controller.config import Config
 from controller.errors import SERVICE, KvctlInterceptor
 from controller.metrics import Metrics
@@ -130,14 +134,16 @@ class Daemon:
         self.metrics = Metrics(self.decisions)
         self.telemetry = Telemetry(self.engine.handle.snapshot, cfg.telemetry.interval_s,
                                    cfg.telemetry.history)
+        self.pool = futures.ThreadPoolExecutor(cfg.server.max_workers, "kvctl-work")
         self.service = KvctlService(self.engine, self.telemetry, self.policy, self.decisions,
-                                    self.metrics, cfg.log.log_prompts)
+                                    self.metrics, cfg.log.log_prompts, pool=self.pool)
         self.telemetry.on_sample.append(self._on_sample)
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.socket_path = Path(cfg.server.socket)
         self.tcp_port: int | None = None
         self.metrics_port: int | None = None
-        self.server: grpc.Server | None = None
+        self.server: grpc.aio.Server | None = None
+        self.loop: LoopThread | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -154,16 +160,43 @@ class Daemon:
         token = Path(s.token_file).read_text().strip() if s.token_file else None
         if s.tcp_address and not token:
             raise ValueError(f"server.token_file {s.token_file} is empty")
-        self.server = grpc.server(futures.ThreadPoolExecutor(s.max_workers, "kvctl-rpc"),
-                                  interceptors=[KvctlInterceptor(token)],
-                                  maximum_concurrent_rpcs=s.max_workers)
+        prepare_socket(self.socket_path)
+        self.loop = LoopThread("kvctl-grpc")
+        try:
+            self.loop.run(self._bind(token))
+        except BaseException:
+            self.loop.close()
+            raise
+        if hasattr(self.engine, "start"):
+            self.engine.start()
+        self.telemetry.start()
+        self.loop.run(self.server.start())
+        if self.cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
+        for name in ("", SERVICE):
+            self.loop.run(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        log.info("serving", extra={"kv": {
+            "socket": str(self.socket_path), "tcp": s.tcp_address or None, "tcp_port": self.tcp_port,
+            "metrics_port": self.metrics_port, "model": getattr(self.engine, "model_name", ""),
+            "mode": self.telemetry.mode, "gpu": self.telemetry.nvml.reason or "ok"}})
+        sd_notify(f"READY=1\nSTATUS=serving on {self.socket_path}\nMAINPID={os.getpid()}")
+        wd = watchdog_interval_s()
+        if wd:
+            threading.Thread(target=self._watchdog, args=(wd,), name="kvctl-watchdog",
+                             daemon=True).start()
+
+    async def _bind(self, token: str | None) -> None:
+        """Build the server and bind its ports (on the loop: aio servers belong to one)."""
+        s = self.cfg.server
+        self.server = grpc.aio.server(migration_thread_pool=self.pool,
+                                      interceptors=[KvctlInterceptor(token)],
+                                      maximum_concurrent_rpcs=s.max_workers)
         kvctl_pb2_grpc.add_KvctlServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (kvctl_pb2.DESCRIPTOR.services_by_name["Kvctl"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        prepare_socket(self.socket_path)
         old = os.umask(0o117)          # the socket is born 0660, never briefly world-writable
         try:
             self.server.add_insecure_port(f"unix:{self.socket_path}")
@@ -174,23 +207,6 @@ class Daemon:
             creds = grpc.ssl_server_credentials(
                 [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
             self.tcp_port = self.server.add_secure_port(s.tcp_address, creds)
-        if hasattr(self.engine, "start"):
-            self.engine.start()
-        self.telemetry.start()
-        self.server.start()
-        if self.cfg.metrics.enabled:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"kv": {
-            "socket": str(self.socket_path), "tcp": s.tcp_address or None, "tcp_port": self.tcp_port,
-            "metrics_port": self.metrics_port, "model": getattr(self.engine, "model_name", ""),
-            "mode": self.telemetry.mode, "gpu": self.telemetry.nvml.reason or "ok"}})
-        sd_notify(f"READY=1\nSTATUS=serving on {self.socket_path}\nMAINPID={os.getpid()}")
-        wd = watchdog_interval_s()
-        if wd:
-            threading.Thread(target=self._watchdog, args=(wd,), name="kvctl-watchdog",
-                             daemon=True).start()
 
     def _watchdog(self, interval: float) -> None:
         while not self._stopped.wait(interval):
@@ -204,12 +220,17 @@ class Daemon:
                 return
             grace = self.cfg.server.drain_grace_s if grace_s is None else grace_s
             sd_notify("STOPPING=1")
-            self.health.enter_graceful_shutdown()   # every service NOT_SERVING
+            live = self.loop is not None and self.loop.is_running
+            if live:
+                self.loop.run(self.health.enter_graceful_shutdown())   # every service NOT_SERVING
             n_inflight = self.service.num_inflight
             log.info("draining", extra={"kv": {"in_flight": n_inflight, "grace_s": grace}})
             cancelled = self.service.drain(grace)
-            if self.server is not None:
-                self.server.stop(grace=2).wait()
+            if live:
+                if self.server is not None:
+                    self.loop.run(self.server.stop(grace=2))
+                self.loop.close()
+            self.pool.shutdown(wait=True)    # pending cancels of abandoned streams still run
             self.telemetry.stop()
             if hasattr(self.engine, "stop"):
                 self.engine.stop(timeout=10)

@@ -1,14 +1,24 @@
-"""The kvctl.v1.Kvctl servicer. Handlers raise the project's exceptions; the interceptor
-in controller/errors.py turns them into status codes."""
+"""The kvctl.v1.Kvctl servicer for the `grpc.aio` server. Handlers raise the project's
+exceptions; the interceptor in controller/errors.py turns them into status codes.
+
+Every handler is a coroutine on the daemon's one event loop (controller/aio.py). Work
+that can block (the engine's lock is held for a whole engine step: snapshots, submit,
+cancel, tokenizing) runs on the worker pool, never on the loop: the loop must stay free
+to stream tokens and answer GetStatus.
+"""
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from controller import convert
+from controller.aio import EventStream, Outbox
 from controller.errors import CapacityExceeded, Draining, UnknownSequence
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
@@ -17,13 +27,21 @@ from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
 
 log = logging.getLogger("kvctl.server")
 VERSION = "0.1.0"
-_POLL_S = 0.25        # how often a waiting stream checks that its client is still there
+_POLL_S = 0.25        # how often a decision watcher checks for shutdown
+
+
+def off_loop(method):
+    """A handler whose body may block: run it on the worker pool, not the event loop."""
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        return await self.blocking(method, self, request, context)
+    return handler
 
 
 @dataclass
 class InFlight:
     seq_id: str
-    events: queue.Queue
+    stream: EventStream
     started: float = field(default_factory=time.monotonic)
     shutdown_cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
@@ -31,7 +49,8 @@ class InFlight:
 
 class KvctlService(kvctl_pb2_grpc.KvctlServicer):
     def __init__(self, engine, telemetry, policy: PolicyState, decisions: DecisionLog,
-                 metrics=None, log_prompts: bool = False) -> None:
+                 metrics=None, log_prompts: bool = False,
+                 pool: ThreadPoolExecutor | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
         self.policy = policy
@@ -44,6 +63,19 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         self._lock = threading.Lock()
         self._inflight: dict[str, InFlight] = {}
         self._status_cache: tuple | None = None
+        self.pool = pool if pool is not None else ThreadPoolExecutor(16, "kvctl-work")
+        self._outbox: Outbox | None = None
+
+    async def blocking(self, fn, *args):
+        """``fn(*args)`` on the worker pool, awaited from the loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(fn, *args))
+
+    def _outbox_here(self) -> Outbox:
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        return self._outbox
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -127,15 +159,15 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                 "max_tokens or use a node with more memory")
 
     # ------------------------------------------------------------ generation
-    def Generate(self, request, context):
+    async def Generate(self, request, context):
         self._admit()
         req = convert.request_from_proto(request)
-        num_prompt = self._count_prompt_tokens(req)
+        num_prompt = await self.blocking(self._count_prompt_tokens, req)
         if num_prompt is not None:
             self._check_capacity(num_prompt, req.sampling.max_tokens)
-        events: queue.Queue = queue.Queue()
-        seq_id = self.engine.submit(req, events.put)
-        flight = InFlight(seq_id, events)
+        stream = self._outbox_here().stream()
+        seq_id = await self._submit(req, stream)
+        flight = InFlight(seq_id, stream)
         with self._lock:
             self._inflight[seq_id] = flight
         log.info("generate", extra={"kv": {
@@ -144,48 +176,55 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             **({"prompt": req.prompt or req.messages} if self.log_prompts else {})}})
         if req.strategy:
             self.policy.pin(seq_id, req.strategy)
-        context.add_callback(lambda: self._client_gone(flight))
+        done = False
         try:
-            yield pb.GenerateResponse(started=pb.Started(seq_id=seq_id,
-                                                         num_prompt_tokens=num_prompt or 0))
+            await context.write(pb.GenerateResponse(started=pb.Started(
+                seq_id=seq_id, num_prompt_tokens=num_prompt or 0)))
             last = time.monotonic()
-            while True:
-                try:
-                    ev = events.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not context.is_active():
-                        self.engine.cancel(seq_id)
-                        return
-                    continue
-                if isinstance(ev, TokenEvent):
-                    now = time.monotonic()
-                    if self.metrics is not None:
-                        self.metrics.on_token(now - last)
-                    last = now
-                    yield convert.token_to_proto(ev)
-                elif isinstance(ev, FinishEvent):
-                    if flight.shutdown_cancelled:
-                        raise Draining(f"kvctl shut down: sequence {seq_id} was cancelled after "
-                                       f"{ev.num_generated} tokens when the drain grace period "
-                                       "ran out; retry on another node")
-                    secs = time.monotonic() - flight.started
-                    if self.metrics is not None:
-                        self.metrics.on_finish(ev.reason)
-                    log.info("finished", extra={"kv": {
-                        "seq_id": seq_id, "reason": ev.reason, "generated": ev.num_generated,
-                        "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
-                    yield convert.finish_to_proto(ev, secs)
-                    return
+            while not done:
+                for ev in await stream.get_all():
+                    if isinstance(ev, TokenEvent):
+                        now = time.monotonic()
+                        if self.metrics is not None:
+                            self.metrics.on_token(now - last)
+                        last = now
+                        await context.write(convert.token_to_proto(ev))
+                    elif isinstance(ev, FinishEvent):
+                        done = True
+                        await self._finished(flight, ev, context)
+                        break
         finally:
             with self._lock:
                 self._inflight.pop(seq_id, None)
             self.policy.unpin(seq_id)
+            if not done:                 # the client hung up (the RPC was cancelled): free its blocks
+                self.pool.submit(self.engine.cancel, seq_id)
             flight.finished.set()
 
-    def _client_gone(self, flight: InFlight) -> None:
-        if not flight.finished.is_set():
-            self.engine.cancel(flight.seq_id)   # client hung up: free its blocks
+    async def _submit(self, req, stream: EventStream) -> str:
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.engine.submit, req,
+                                                         stream.put)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:   # the client left while the engine took the request
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                  or self.pool.submit(self.engine.cancel, f.result()))
+            raise
 
+    async def _finished(self, flight: InFlight, ev: FinishEvent, context) -> None:
+        if flight.shutdown_cancelled:
+            raise Draining(f"kvctl shut down: sequence {flight.seq_id} was cancelled after "
+                           f"{ev.num_generated} tokens when the drain grace period ran out; "
+                           "retry on another node")
+        secs = time.monotonic() - flight.started
+        if self.metrics is not None:
+            self.metrics.on_finish(ev.reason)
+        log.info("finished", extra={"kv": {
+            "seq_id": flight.seq_id, "reason": ev.reason, "generated": ev.num_generated,
+            "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
+        await context.write(convert.finish_to_proto(ev, secs))
+
+    @off_loop
     def Cancel(self, request, context):
         if not request.seq_id:
             raise ValueError("seq_id is required")
@@ -197,28 +236,44 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         return pb.CancelResponse(seq_id=request.seq_id, cancelled=ok)
 
     # ------------------------------------------------------------ status
-    def GetStatus(self, request, context):
-        sample = self.telemetry.sample_now() if request.fresh else self.telemetry.latest()
+    async def GetStatus(self, request, context):
+        """On the loop: the telemetry thread has built this sample's NodeStatus already,
+        so the call only copies it (in C). A fresh sample reads the engine: off the loop."""
+        if request.fresh:
+            sample = await self.blocking(self.telemetry.sample_now)
+        else:
+            sample = self.telemetry.latest()
+        msg = self._cached_status(sample)
+        if msg is None:
+            msg = await self.blocking(self.status_of, sample)
         out = pb.NodeStatus()
-        out.CopyFrom(self.status_of(sample))     # a copy in C: the cached one is shared
+        out.CopyFrom(msg)                # the cached one is shared
         out.uptime_s = time.monotonic() - self.started_at
         out.draining = self.draining
         return out
 
+    def _cached_status(self, sample) -> pb.NodeStatus | None:
+        cached = self._status_cache
+        if cached is not None and cached[0] is sample and cached[1] == self.policy.view():
+            return cached[2]
+        return None
+
     def status_of(self, sample) -> pb.NodeStatus:
         """NodeStatus of one telemetry sample, built once per (sample, policy): building
         it walks every sequence's blocks, too slow to repeat on every call under load.
-        The telemetry thread warms it, so GetStatus itself only copies."""
+        The telemetry thread warms it, so GetStatus itself only copies. Blocking-free
+        but not cheap: call it off the event loop."""
+        cached = self._cached_status(sample)
+        if cached is not None:
+            return cached
         view = self.policy.view()
-        cached = self._status_cache
-        if cached is not None and cached[0] is sample and cached[1] == view:
-            return cached[2]
         msg = convert.status_to_proto(
             sample, view, self._budget(sample.snapshot, view), self.telemetry.mode,
             0.0, False, VERSION, getattr(self.engine, "model_name", ""))
         self._status_cache = (sample, view, msg)
         return msg
 
+    @off_loop
     def ListSequences(self, request, context):
         pins = self.policy.view().pins
         seqs = [v for v in self._snapshot().sequences if v.state != "finished"
@@ -226,17 +281,20 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         return pb.ListSequencesResponse(
             sequences=[convert.sequence_to_proto(v, pins.get(v.seq_id)) for v in seqs])
 
+    @off_loop
     def GetSequence(self, request, context):
         v = self._find(request.seq_id)
         return convert.sequence_to_proto(v, self.policy.view().pins.get(v.seq_id), with_blocks=True)
 
     # ------------------------------------------------------------ policy
+    @off_loop
     def GetPolicy(self, request, context):
         view = self.policy.view()
         out = convert.policy_to_proto(view)
         out.budget_bytes = self._budget(self.telemetry.latest().snapshot, view)
         return out
 
+    @off_loop
     def SetPolicy(self, request, context):
         self._admit()
         f = {k: getattr(request, k) for k in ("profile", "budget_bytes", "high_watermark",
@@ -251,6 +309,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         out.budget_bytes = self._budget(self.telemetry.latest().snapshot, view)
         return out
 
+    @off_loop
     def Pin(self, request, context):
         self._admit()
         with self._lock:
@@ -263,6 +322,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                                        profile=self.policy.view().profile))
         return pb.PinResponse(seq_id=request.seq_id, strategy=request.strategy, previous=prev or "")
 
+    @off_loop
     def Unpin(self, request, context):
         self._admit()
         if not request.seq_id:
@@ -284,20 +344,19 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             return False
 
     # ------------------------------------------------------------ decisions, capacity
-    def WatchDecisions(self, request, context):
+    async def WatchDecisions(self, request, context):
         q = self.decisions.subscribe()
         try:
             for d in self.decisions.recent(request.history) if request.history else []:
-                yield convert.decision_to_proto(d)
-            while context.is_active() and not self.draining:
-                try:
-                    d = q.get(timeout=_POLL_S)
-                except queue.Empty:
-                    continue
-                yield convert.decision_to_proto(d)
+                await context.write(convert.decision_to_proto(d))
+            while not self.draining:     # the client leaving cancels this coroutine
+                d = await self.blocking(_get, q, _POLL_S)
+                if d is not None:
+                    await context.write(convert.decision_to_proto(d))
         finally:
             self.decisions.unsubscribe(q)
 
+    @off_loop
     def EstimateCapacity(self, request, context):
         if request.num_tokens < 1:
             raise ValueError("num_tokens must be >= 1 (prompt + max new tokens)")
@@ -320,3 +379,10 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         return pb.EstimateCapacityResponse(
             can_admit=ok, bytes_needed=need, bytes_free=free, budget_bytes=budget, reason=reason,
             predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
+
+
+def _get(q: queue.Queue, timeout: float):
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return None

@@ -1,33 +1,43 @@
+import queue
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from controller.aio import LoopThread
 from tests.controller.fakes import FakeEngine
 
+
 class FakeContext:
-    """Enough of grpc.ServicerContext for calling servicers directly."""
+    """Enough of grpc.aio.ServicerContext for calling servicers directly: what a
+    streaming handler writes lands in ``written`` (a thread-safe queue)."""
 
     def __init__(self, peer: str = "unix:") -> None:
         self._peer = peer
-        self.callbacks = []
-        self.active = True
+        self.written: queue.Queue = queue.Queue()
 
     def peer(self):
         return self._peer
 
-    def is_active(self):
-        return self.active
+    async def write(self, message):
+        self.written.put(message)
 
-    def add_callback(self, cb):
-        self.callbacks.append(cb)
-        return True
+    async def abort(self, code, details=""):
+        raise AssertionError("kvctl's handlers raise; only the interceptor aborts")
 
 
 @pytest.fixture
 def ctx():
     return FakeContext()
+
+
+@pytest.fixture
+def loop():
+    """An event loop on its own thread, as the daemon runs its servicer."""
+    lt = LoopThread("test-loop")
+    yield lt
+    lt.close()
 
 
 @pytest.fixture

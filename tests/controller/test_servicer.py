@@ -1,4 +1,9 @@
-"""Servicers called directly (no network) over tables of cases, with the fake engine."""
+"""Servicers called directly (no network) over tables of cases, with the fake engine.
+The servicer's handlers are coroutines: they run on an event loop thread, as in the
+daemon (the ``loop`` fixture)."""
+import asyncio
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +16,8 @@ from controller.service import KvctlService
 from controller.telemetry import Nvml, Telemetry
 from engine.actions import ActionError
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+from tests.controller.fakes import FakeEngine
+from tests.controller.helpers import wait_for
 
 OK = grpc.StatusCode.OK
 E = grpc.StatusCode
@@ -33,14 +40,27 @@ def svc(fake_engine):
     return s
 
 
-def call(svc, method, request, ctx):
+def call(svc, method, request, ctx, loop):
+    """Run one handler to its end; a stream's result is the list of what it wrote."""
     try:
-        out = getattr(svc, method)(request, ctx)
-        if method in ("Generate", "WatchDecisions"):
-            out = list(out) if method == "Generate" else out
+        out = loop.run(getattr(svc, method)(request, ctx), timeout=30)
+        if method == "Generate":
+            out = drain(ctx.written)
         return OK, out
     except Exception as e:     # what the interceptor would send
         return status_for(e)[0], e
+
+
+def drain(q: queue.Queue) -> list:
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
+
+
+def start_stream(svc, method, request, ctx, loop):
+    """Start a streaming handler; read its messages from ``ctx.written``."""
+    return asyncio.run_coroutine_threadsafe(getattr(svc, method)(request, ctx), loop.loop)
 
 
 def gen(**kw):
@@ -82,8 +102,8 @@ GENERATE = [
 
 
 @pytest.mark.parametrize("case", GENERATE, ids=[c.reason for c in GENERATE])
-def test_generate(case, svc, ctx):
-    code, out = call(svc, "Generate", case.request, ctx)
+def test_generate(case, svc, ctx, loop):
+    code, out = call(svc, "Generate", case.request, ctx, loop)
     assert code == case.want, out
     if case.check:
         assert case.check(out)
@@ -125,53 +145,113 @@ UNARY = [
 
 
 @pytest.mark.parametrize("case", UNARY, ids=[c.reason for c in UNARY])
-def test_unary(case, svc, ctx):
+def test_unary(case, svc, ctx, loop):
     method, request = case.request
-    code, out = call(svc, method, request, ctx)
+    code, out = call(svc, method, request, ctx, loop)
     assert code == case.want, out
     if case.check:
         assert case.check(out), out
 
 
-def test_live_sequence_pin_cancel_and_lookup(svc, ctx, fake_engine):
-    it = svc.Generate(gen(prompt="hello", sampling=pb.SamplingParams(max_tokens=1000)), ctx)
-    seq_id = next(it).started.seq_id
-    next(it)
-    seqs = svc.ListSequences(pb.ListSequencesRequest(), ctx).sequences
+def test_live_sequence_pin_cancel_and_lookup(svc, ctx, loop, fake_engine):
+    run = lambda m, r: loop.run(getattr(svc, m)(r, ctx), timeout=10)  # noqa: E731
+    fut = start_stream(svc, "Generate", gen(prompt="hello", sampling=pb.SamplingParams(max_tokens=1000)),
+                       ctx, loop)
+    seq_id = ctx.written.get(timeout=10).started.seq_id
+    ctx.written.get(timeout=10)
+    seqs = run("ListSequences", pb.ListSequencesRequest()).sequences
     assert [s.seq_id for s in seqs] == [seq_id] and seqs[0].strategy == "full"
-    r = svc.Pin(pb.PinRequest(seq_id=seq_id, strategy="quantize_int4"), ctx)
+    r = run("Pin", pb.PinRequest(seq_id=seq_id, strategy="quantize_int4"))
     assert r.strategy == "quantize_int4" and not r.previous
-    one = svc.GetSequence(pb.GetSequenceRequest(seq_id=seq_id), ctx)
+    one = run("GetSequence", pb.GetSequenceRequest(seq_id=seq_id))
     assert one.pinned_strategy == "quantize_int4" and len(one.blocks) == one.num_blocks > 0
-    assert svc.Unpin(pb.UnpinRequest(seq_id=seq_id), ctx).previous == "quantize_int4"
-    code, _ = call(svc, "Unpin", pb.UnpinRequest(seq_id=seq_id), ctx)
+    assert run("Unpin", pb.UnpinRequest(seq_id=seq_id)).previous == "quantize_int4"
+    code, _ = call(svc, "Unpin", pb.UnpinRequest(seq_id=seq_id), ctx, loop)
     assert code == E.INVALID_ARGUMENT                  # live but not pinned
-    assert svc.Cancel(pb.CancelRequest(seq_id=seq_id), ctx).cancelled
-    rest = list(it)
+    assert run("Cancel", pb.CancelRequest(seq_id=seq_id)).cancelled
+    fut.result(timeout=10)
+    rest = drain(ctx.written)
     assert rest[-1].finished.reason == pb.FINISH_REASON_CANCELLED
-    assert svc.ListSequences(pb.ListSequencesRequest(), ctx).sequences == []
+    assert run("ListSequences", pb.ListSequencesRequest()).sequences == []
     kinds = [d.kind for d in svc.decisions.recent()]
     assert kinds == ["pin", "unpin"]
 
 
-def test_client_hang_up_cancels_the_sequence(svc, ctx, fake_engine):
-    it = svc.Generate(gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)), ctx)
-    next(it)
-    next(it)
-    for cb in ctx.callbacks:          # what grpc runs when the RPC ends early
-        cb()
-    it.close()
-    assert fake_engine.num_cancelled == 1 and not fake_engine.seqs
+def test_stream_delivers_every_token_in_order(svc, ctx, loop):
+    _, out = call(svc, "Generate", gen(prompt="abc", sampling=pb.SamplingParams(max_tokens=40)), ctx, loop)
+    assert events(out) == ["started"] + ["token"] * 40 + ["finished"]
+    toks = [r.token for r in out[1:-1]]
+    assert [t.index for t in toks] == list(range(40))
+    assert [t.token_id for t in toks] == list(out[-1].finished.token_ids)
+    assert "".join(t.text for t in toks) == out[-1].finished.text
 
 
-def test_draining_refuses_new_work(svc, ctx):
+def test_client_hang_up_cancels_the_sequence(svc, ctx, loop, fake_engine):
+    fut = start_stream(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)),
+                       ctx, loop)
+    ctx.written.get(timeout=10)
+    ctx.written.get(timeout=10)
+    fut.cancel()                      # what grpc.aio does when the client goes away
+    wait_for(lambda: fake_engine.num_cancelled == 1 and not fake_engine.seqs, 5, "the cancel")
+    assert svc.num_inflight == 0
+
+
+class SlowSubmitEngine(FakeEngine):
+    """submit waits until released: the client can leave while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(token_interval_s=0.005)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def submit(self, req, on_event):
+        self.entered.set()
+        self.release.wait(10)
+        return super().submit(req, on_event)
+
+
+def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):
+    eng = SlowSubmitEngine()
+    eng.start()
+    try:
+        svc = KvctlService(eng, Telemetry(eng.handle.snapshot, nvml=Nvml()), PolicyState(), DecisionLog())
+        fut = start_stream(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)),
+                           ctx, loop)
+        assert eng.entered.wait(10)
+        fut.cancel()
+        eng.release.set()
+        wait_for(lambda: eng.num_cancelled == 1 and not eng.seqs, 5, "the late cancel")
+    finally:
+        eng.stop()
+
+
+def test_status_and_streams_do_not_wait_for_the_engine_lock(svc, ctx, loop, fake_engine):
+    """Blocking work runs on the worker pool: while a handler waits for the engine's
+    lock, the loop still answers GetStatus."""
+    with fake_engine.lock:
+        listing = asyncio.run_coroutine_threadsafe(svc.ListSequences(pb.ListSequencesRequest(), ctx),
+                                                   loop.loop)
+        st = loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx), timeout=5)
+        assert st.model == "fake" and not listing.done()
+    assert listing.result(timeout=5).sequences == []
+
+
+def test_watch_decisions_streams_then_stops_on_cancel(svc, ctx, loop):
+    fut = start_stream(svc, "WatchDecisions", pb.WatchDecisionsRequest(), ctx, loop)
+    loop.run(svc.SetPolicy(pb.SetPolicyRequest(profile="streaming"), ctx), timeout=5)
+    d = ctx.written.get(timeout=5)
+    assert d.kind == "policy" and d.profile == "streaming"
+    fut.cancel()
+    wait_for(lambda: svc.decisions.num_subscribers == 0, 5, "the watcher to unsubscribe")
+
+
+def test_draining_refuses_new_work(svc, ctx, loop):
     svc.begin_drain()
     for method, req in (("Generate", gen(prompt="x")), ("SetPolicy", pb.SetPolicyRequest(profile="streaming")),
                         ("Pin", pb.PinRequest(seq_id="a", strategy="quantize_int4"))):
-        code, err = call(svc, method, req, ctx)
+        code, err = call(svc, method, req, ctx, loop)
         assert code == E.UNAVAILABLE and "shutting down" in str(err)
-    assert call(svc, "GetStatus", pb.GetStatusRequest(), ctx)[0] == OK
-    assert svc.GetStatus(pb.GetStatusRequest(), ctx).draining
+    code, st = call(svc, "GetStatus", pb.GetStatusRequest(), ctx, loop)
+    assert code == OK and st.draining
 
 
 @pytest.mark.parametrize("exc, want", [
