@@ -47,6 +47,7 @@ class DecodeBatch:
     stage_mask: torch.Tensor | None = None  # [Bd, NB] offsets relative to the staging buffer
     stager: Stager | None = None
     fmt: KVFormat | None = None  # the one format of every block in the table, if only one
+    formats: tuple[KVFormat, ...] = ()  # every format in the table
 
 
 @dataclass
@@ -214,7 +215,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
         (offs, torch.int64), (kb, torch.int32), (vb, torch.int32), (nt, torch.int32),
         (staged, torch.int64))]
     return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager,
-                       fmt=next(iter(fmts)) if len(fmts) == 1 else None)
+                       fmt=next(iter(fmts)) if len(fmts) == 1 else None,
+                       formats=tuple(sorted(fmts, key=lambda f: (f.k_bits, f.v_bits))))
 
 
 def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

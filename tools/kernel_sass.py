@@ -71,6 +71,8 @@ def main():
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)
+    if consts.pop("DT32", 0):
+        consts["DT"] = tl.float32
     fn_args = pdt._paged_decode_kernel.arg_names
     consts = {k: v for k, v in consts.items() if k in fn_args}
     ck = compile_kernel(consts, a.warps, a.stages)

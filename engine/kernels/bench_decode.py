@@ -116,6 +116,39 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
     return arena, tables.to(torch.int64) * slot
 
 
+def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_scale, t_sdpa,
+                 iters) -> list[dict]:
+    """``base+last`` (e.g. int4+full): every block in ``base`` but each sequence's newest
+    block in ``last`` (a quantized sequence with its full-precision residual block); the
+    runtime-dispatch kernel (``formats=None``) against one launch per format."""
+    base, last = (KVFormat.parse(x) for x in name.split("+"))
+    NB = L // T
+    arena_a, tab_a = _build_arena(geom, base, k, v, reps, gen_cpu, device)
+    arena_b, tab_b = _build_arena(geom, last, k[:, :, -T:], v[:, :, -T:], reps, gen_cpu, device)
+    arena = torch.cat([arena_a, arena_b])
+    tables = tab_a.clone()
+    tables[:, :, -1] = tab_b[:, :, 0] + arena_a.numel()
+    del arena_a, arena_b
+    kb = torch.full((B, NB), base.k_bits, dtype=torch.int32, device=device)
+    vb = torch.full((B, NB), base.v_bits, dtype=torch.int32, device=device)
+    kb[:, -1], vb[:, -1] = last.k_bits, last.v_bits
+    nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
+    nbytes = B * ((NB - 1) * slot_bytes_read(geom, base) + slot_bytes_read(geom, last))
+    rows = []
+    for label, kw in (("per-format", dict(formats=[base, last])), ("dynamic", {})):
+        out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
+        err = (out.float() - ref.squeeze(2).float()).abs().max().item()
+        calls = [lambda t=t: paged_decode_triton(qd, arena, t, kb, vb, nt, geom, sm_scale, **kw)
+                 for t in tables]
+        t = _timeit(_graphed(calls, device), iters, device) / reps
+        rows.append(dict(B=B, L=L, kernel=f"paged-{label}", fmt=name, cfg=label, split_mult=None,
+                         us=t * 1e6, speedup=t_sdpa / t, bytes=nbytes, gbs=nbytes / t / 1e9,
+                         max_err_vs_sdpa=err))
+        print(f"  {name:10s} {label:10s}: {t * 1e6:8.1f} us {t_sdpa / t:5.2f}x  "
+              f"{nbytes / t / 1e9:6.0f} GB/s  err {err:.2e}", flush=True)
+    return rows
+
+
 # named launch variants for --variants (kwargs on top of fmt=; "dyn": runtime dispatch)
 VARIANTS = {
     "default": {}, "nofold": dict(fold=False), "w2": dict(num_warps=2),
@@ -154,6 +187,10 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
     sms = torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4
     for name in formats:
+        if "+" in name:
+            rows += _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref,
+                                 sm_scale, t_sdpa, iters)
+            continue
         fmt = KVFormat.parse(name)
         arena, tables = _build_arena(geom, fmt, k, v, reps, gen_cpu, device)
         kb = torch.full((B, NB), fmt.k_bits, dtype=torch.int32, device=device)

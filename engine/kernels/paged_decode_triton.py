@@ -286,6 +286,7 @@ def _paged_decode_kernel(
     kbits_ptr,     # [B, NB] int32 key bits (read only when KB < 0)
     vbits_ptr,     # [B, NB] int32 value bits (read only when VB < 0)
     ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
+    nrow_ptr,      # [B] int32 table length per sequence (read only when ROWLEN)
     bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
     bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
     pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
@@ -296,7 +297,7 @@ def _paged_decode_kernel(
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr,
+    FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -315,6 +316,8 @@ def _paged_decode_kernel(
     acc = tl.zeros([GP, D], tl.float32)
     start = sp * blocks_per_split
     end = tl.minimum(start + blocks_per_split, NB)
+    if ROWLEN:
+        end = tl.minimum(end, tl.load(nrow_ptr + b))
     tcol = tl.arange(0, T)
     for blk0 in range(start, end, NBI):
         bi = blk0 + tl.arange(0, NBI)
@@ -429,6 +432,9 @@ def _reduce_kernel(
 _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 
 
+MAX_FORMAT_LAUNCHES = 8
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -472,7 +478,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         fmt: KVFormat | None = None, num_splits: int | None = None,
                         blocks_per_iter: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, fold: bool = False,
-                        fast: bool | None = None, maxnreg: int | None = None
+                        fast: bool | None = None, maxnreg: int | None = None,
+                        formats: list[KVFormat] | tuple[KVFormat, ...] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -482,6 +489,10 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
 
     ``fmt``: promise that every non-hole block has this format (compiles it in, reads no
     bits tensors, several blocks per iteration); None reads each block's format.
+    ``formats``: without ``fmt``, the formats the table may hold (the caller knows them
+    from its block list). Then each format gets its own compiled-in launch over its blocks
+    (at most MAX_FORMAT_LAUNCHES formats) instead of the runtime-dispatch
+    kernel, which is 5-15x slower (docs/BENCHMARKS.md).
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
     ``fold``: experimental, off by default because it measured slower on the H200
@@ -535,7 +546,45 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     q = q.contiguous()
     offs, kbits = block_offsets.contiguous(), block_kbits.contiguous()
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
+    kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
+              num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg)
+    if fmt is None and formats is not None and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
+        # one compiled-in launch per format over that format's blocks, moved to the front
+        # of each row (stable order); partials merged by the one reduce
+        code = kbits * 16 + vbits
+        bmax.fill_(float("-inf"))
+        bsum.zero_()
+        parts = []
+        for f in formats:
+            sel = (code == f.k_bits * 16 + f.v_bits) & (ntok > 0)
+            perm = torch.sort((~sel).to(torch.int8), dim=1, stable=True)[1]
+            nrow = sel.sum(1, dtype=torch.int32)
+            ntok_f = torch.where(sel, ntok, 0).gather(1, perm).contiguous()
+            bm = torch.full_like(bmax, float("-inf"))
+            bs = torch.zeros_like(bsum)
+            parts.append(_launch(q, arena_row, offs.gather(1, perm).contiguous(), kbits, vbits,
+                                 ntok_f, nrow, geom, sm_scale, f, bm, bs, **kw))
+            idx = perm.unsqueeze(1).expand(B, Hq, NB)
+            bmax.copy_(torch.maximum(bmax, torch.empty_like(bm).scatter_(2, idx, bm)))
+            bsum.add_(torch.empty_like(bs).scatter_(2, idx, bs))
+        pm, pl, pacc = (torch.cat(x, dim=2) for x in zip(*parts))
+    else:
+        pm, pl, pacc = _launch(q, arena_row, offs, kbits, vbits, ntok, None, geom, sm_scale,
+                               fmt, bmax, bsum, **kw)
+    # one program per (sequence, query head); the split axis fits in registers
+    S = pm.shape[2]
+    _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
+                              num_warps=4)
+    return out, bmax, bsum
 
+
+def _launch(q, arena_row, offs, kbits, vbits, ntok, nrow, geom, sm_scale, fmt, bmax, bsum, *,
+            num_splits, blocks_per_iter, num_warps, num_stages, fold, fast, maxnreg):
+    """One decode-kernel launch; returns the split partials (pm, pl, pacc)."""
+    B, Hq, D = q.shape
+    H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
+    NB = offs.shape[1]
+    dev = q.device
     esize, msize = geom.store_elem, geom.meta_elem
     n = arena_row.numel() // 4 * 4
     arena_st = arena_row[:n].view(geom.store_dtype)
@@ -574,7 +623,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
     _paged_decode_kernel[(B, H, S)](
-        q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc,
+        q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok,
+        nrow if nrow is not None else ntok, bmax, bsum, pm, pl, pacc,
         NB, bps, float(sm_scale) * LOG2E,
         HQ=Hq, H=H, GQ=g, GP=max(16, triton.next_power_of_2(g)), T=T, D=D, G=G,
         ESIZE=esize, MSIZE=msize,
@@ -582,12 +632,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != dot_dtype,
         IEEE=dot_dtype == torch.float32, FOLD=fold,
         ASM=_PTX and q.is_cuda and dot_dtype == torch.float16 and (fast or fold),
-        FAST=fast or fold, num_warps=warps, num_stages=stages,
+        FAST=fast or fold, ROWLEN=nrow is not None, num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
-    # one program per (sequence, query head); the split axis fits in registers
-    _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
-                              num_warps=4)
-    return out, bmax, bsum
+    return pm, pl, pacc
 
 
 def slot_bytes_read(geom: BlockGeometry, fmt: KVFormat) -> int:

@@ -106,6 +106,25 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if not isinstance(c[7], KVFormat)],
+                         ids=_case_id)
+def test_kernel_per_format_launches_match_reference(request, device, case, dtype):
+    """Mixed tables with the formats named: one compiled-in launch per format over that
+    format's blocks, partials merged; same results (and per-block partials) as the
+    reference, holes included. Also with a format named that the table does not hold."""
+    pdt, _ = kernel_modules(device)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed_of(request))
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, sm_scale)
+    formats = list(case[7]) + [KVFormat(8, 2)]
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
+                                  formats=formats)
+    _compare(tuple(t.cpu() for t in got), want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hint", [False, True], ids=["dynamic", "hint"])
 @pytest.mark.parametrize("case", [CASES[3], CASES[8], CASES[10]], ids=_case_id)
 def test_kernel_fold_matches_reference(request, device, case, hint):
