@@ -14,6 +14,7 @@ wake-up of the loop), the rest of the step's events ride along with it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import Coroutine
 
@@ -99,8 +100,9 @@ class Outbox:
     to the loop), and a GetStatus arriving then waits behind that whole exchange. So the
     first event of a burst schedules a look; the loop only looks again ``settle_s``
     later while events keep arriving, and delivers the whole burst once it has settled.
-    Delivery wakes ``chunk`` streams per loop iteration, so a request that arrives
-    meanwhile is served between chunks instead of after every stream's write.
+    Delivery hands out ``chunk`` events per loop iteration, so a request that arrives
+    meanwhile is served between chunks instead of after every stream's write. Bursts
+    are delivered first in, first out: a stream sees its events in the order put.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settle_s: float = 0.001,
@@ -111,6 +113,8 @@ class Outbox:
         self._lock = threading.Lock()
         self._pending: list[tuple[EventStream, object]] = []
         self._scheduled = False
+        self._ready: collections.deque[tuple[EventStream, object]] = collections.deque()
+        self._delivering = False                 # loop side: a _deliver is scheduled
         self.num_wakeups = 0                     # bursts delivered: how well events were batched
 
     def stream(self) -> EventStream:
@@ -138,11 +142,17 @@ class Outbox:
             self.loop.call_later(self.settle_s, self._settle, n)
             return
         self.num_wakeups += 1
-        self._deliver(batch, 0)
+        self._ready.extend(batch)
+        if not self._delivering:
+            self._delivering = True
+            self._deliver()
 
-    def _deliver(self, batch: list, start: int) -> None:   # on the loop
-        end = start + self.chunk
-        for stream, event in batch[start:end]:
+    def _deliver(self) -> None:                  # on the loop
+        ready = self._ready
+        for _ in range(min(self.chunk, len(ready))):
+            stream, event = ready.popleft()
             stream._deliver(event)
-        if end < len(batch):
-            self.loop.call_soon(self._deliver, batch, end)
+        if ready:
+            self.loop.call_soon(self._deliver)
+        else:
+            self._delivering = False
