@@ -12,6 +12,7 @@ predictor's on the same rows, then refits on every row and saves the artifact
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -24,13 +25,16 @@ from controller.predictors.features import SCHEMA_VERSION, vector
 MIN_ROWS = 20
 
 
-def read_traces(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"traces file {path} does not exist; record one with "
-                         "`kvctl train record --out FILE`")
+def open_text(path: str | Path, mode: str):
+    """A trace file, gzip-compressed when its name ends in .gz."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def _parse(path: Path) -> list[dict]:
     rows = []
-    with path.open() as f:
+    with open_text(path, "r") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -42,10 +46,24 @@ def read_traces(path: str | Path) -> list[dict]:
                 x, kl = vector(r["features"]), float(r["kl"])
                 if not np.isfinite(x).all() or not np.isfinite(kl) or kl < 0:
                     raise ValueError("a feature or the KL is not finite, or the KL is negative")
+                str(r["model"]), str(r["strategy"])
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
                 raise ValueError(f"{path}:{n}: not a kvctl trace row: {what}") from None
             rows.append(r)
+    return rows
+
+
+def read_traces(path: str | Path) -> list[dict]:
+    """Rows of one trace file (JSON lines, .gz allowed), each checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"traces file {path} does not exist; record one with "
+                         "`kvctl train record --out FILE`")
+    try:
+        rows = _parse(path)
+    except (OSError, EOFError, UnicodeDecodeError) as e:   # damaged or not text/gzip
+        raise ValueError(f"cannot read traces from {path}: {e}") from None
     models = {r["model"] for r in rows}
     if len(models) > 1:
         raise ValueError(f"{path} mixes traces of several models: {sorted(models)}")
@@ -67,16 +85,22 @@ def make_model(seed: int = 0):
                                          random_state=seed)
 
 
-def scores(kl: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Spearman over all rows and within each sequence (how the loop ranks moves), and
-    the mean absolute error of log10(KL + floor)."""
+def scores(kl: np.ndarray, pred: np.ndarray, groups: np.ndarray,
+           freed: np.ndarray) -> dict[str, float]:
+    """Spearman over all rows; within each sequence, of cost and of cost per byte freed
+    (what the policy loop ranks one sequence's moves by); mean absolute error of
+    log10(KL + floor)."""
     from scipy.stats import spearmanr
 
-    within = [spearmanr(kl[groups == g], pred[groups == g]).statistic
+    def within(a, b):
+        rs = [spearmanr(a[groups == g], b[groups == g]).statistic
               for g in np.unique(groups) if (groups == g).sum() >= 3]
-    within = [w for w in within if np.isfinite(w)]
+        rs = [r for r in rs if np.isfinite(r)]
+        return float(np.mean(rs)) if rs else float("nan")
+
     return {"spearman": float(spearmanr(kl, pred).statistic),
-            "spearman_within_sequence": float(np.mean(within)) if within else float("nan"),
+            "spearman_within_sequence": within(kl, pred),
+            "spearman_per_byte_within": within(kl / freed, pred / freed),
             "mae_log10": float(np.mean(np.abs(_target(kl) - _target(pred))))}
 
 
@@ -85,6 +109,7 @@ def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0) -> tuple[art.Art
     kl = np.array([float(r["kl"]) for r in rows])
     heur = np.array([float(r.get("heuristic", np.nan)) for r in rows])
     groups = np.array([int(r.get("seq", 0)) for r in rows])
+    freed = np.array([max(1, int(r.get("freed_bytes", 1))) for r in rows], dtype=np.float64)
     seqs = np.unique(groups)
     rng = np.random.default_rng(seed)
     n_test = max(1, int(round(holdout * len(seqs)))) if len(seqs) > 1 else 0
@@ -95,9 +120,9 @@ def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0) -> tuple[art.Art
     if n_test and (~test).sum() >= MIN_ROWS // 2:
         m = make_model(seed).fit(X[~test], _target(kl[~test]))
         pred = np.maximum(0.0, 10.0 ** m.predict(X[test]) - art.KL_FLOOR)
-        report["learned"] = scores(kl[test], pred, groups[test])
+        report["learned"] = scores(kl[test], pred, groups[test], freed[test])
         if np.isfinite(heur[test]).all():
-            report["heuristic"] = scores(kl[test], heur[test], groups[test])
+            report["heuristic"] = scores(kl[test], heur[test], groups[test], freed[test])
     model = make_model(seed).fit(X, _target(kl))      # the shipped model sees every row
     import sklearn
 
@@ -115,19 +140,20 @@ def print_report(rep: dict, out=sys.stdout) -> None:
     if "learned" not in rep:
         print("too few sequences to hold any out: no held-out scores", file=out)
         return
-    print(f"{'predictor':<10} {'spearman':>9} {'within-seq':>11} {'MAE log10 KL':>13}", file=out)
+    print(f"{'predictor':<10} {'spearman':>9} {'within-seq':>11} {'per-byte':>9} "
+          f"{'MAE log10 KL':>13}", file=out)
     for name in ("learned", "heuristic"):
         if name in rep:
             s = rep[name]
             print(f"{name:<10} {s['spearman']:>9.3f} {s['spearman_within_sequence']:>11.3f} "
-                  f"{s['mae_log10']:>13.3f}", file=out)
+                  f"{s['spearman_per_byte_within']:>9.3f} {s['mae_log10']:>13.3f}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvctl train", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{record,fit}")
     r = sub.add_parser("record", help="record traces on the engine (slow on CPU)")
-    r.add_argument("--out", required=True, help="JSON-lines file to write")
+    r.add_argument("--out", required=True, help="JSON-lines file to write (.gz: compressed)")
     r.add_argument("--model", default="default", help="'default', a local HF dir, 'random:tiny'")
     r.add_argument("--sequences", type=int, default=24)
     r.add_argument("--min-tokens", type=int, default=256)
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = RecordConfig(model=a.model, sequences=a.sequences, min_tokens=a.min_tokens,
                                max_tokens=a.max_tokens, horizon=a.horizon, targets=a.targets,
                                block_size=a.block_size, threads=a.threads, seed=a.seed)
-            with open(a.out, "w") as out:
+            with open_text(a.out, "w") as out:
                 n = record(cfg, out)
             print(f"wrote {n} trace rows to {a.out}")
             return 0

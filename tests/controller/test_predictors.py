@@ -1,6 +1,7 @@
 """The learned predictor: features, traces, fitting, the artifact format and its checks,
 fallback to the heuristic, the policy loop's choice of predictor, and `kvctl train`."""
 import functools
+import gzip
 import io
 import json
 import pickle
@@ -84,8 +85,11 @@ def tiny_traces(tmp_path_factory):
     return path
 
 
-def test_traces_measure_what_moves_cost(tiny_traces):
+def test_traces_measure_what_moves_cost(tiny_traces, tmp_path):
     rows = read_traces(tiny_traces)
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(tiny_traces.read_bytes()))
+    assert read_traces(gz) == rows
     assert {r["strategy"] for r in rows} >= {"quantize_int8", "quantize_int2", "sink_window",
                                              "offload_exact", "offload_topk", "heavy_hitter"}
     assert all(set(r["features"]) == set(SCHEMA) and 0 <= r["top1"] <= 1 for r in rows)
@@ -105,7 +109,9 @@ def test_fit_reports_both_predictors_and_round_trips(tiny_traces, tmp_path):
     a, rep = fit(rows, holdout=0.25)
     assert rep["rows"] == len(rows) and rep["heldout_sequences"] == 2
     for name in ("learned", "heuristic"):
-        assert -1 <= rep[name]["spearman"] <= 1 and rep[name]["mae_log10"] >= 0
+        s = rep[name]
+        assert -1 <= s["spearman"] <= 1 and -1 <= s["spearman_per_byte_within"] <= 1
+        assert s["mae_log10"] >= 0
     assert rep["learned"]["spearman"] > 0.5          # it learned something real
     path = art.save(a, tmp_path / "p.skops")
     b = art.load(path, model_id="random:tiny")
