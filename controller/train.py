@@ -6,7 +6,8 @@
 ``fit`` holds out whole sequences (moves of one sequence are correlated), fits a
 HistGradientBoostingRegressor on log10(KL + 1e-6) over the rest, reports the held-out
 error and Spearman rank correlation of predicted vs measured KL next to the heuristic
-predictor's on the same rows, then refits on every row and saves the artifact
+predictor's on the same rows (averaged over ``--splits`` random splits), then refits on
+every row and saves the artifact
 (controller/predictors/artifact.py: skops + JSON header, no pickle).
 """
 from __future__ import annotations
@@ -104,25 +105,38 @@ def scores(kl: np.ndarray, pred: np.ndarray, groups: np.ndarray,
             "mae_log10": float(np.mean(np.abs(_target(kl) - _target(pred))))}
 
 
-def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0) -> tuple[art.Artifact, dict]:
+def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0,
+        splits: int = 1) -> tuple[art.Artifact, dict]:
+    """Held-out scores averaged over ``splits`` random splits by sequence, then the
+    model refitted on every row."""
     X = np.array([vector(r["features"]) for r in rows])
     kl = np.array([float(r["kl"]) for r in rows])
     heur = np.array([float(r.get("heuristic", np.nan)) for r in rows])
     groups = np.array([int(r.get("seq", 0)) for r in rows])
     freed = np.array([max(1, int(r.get("freed_bytes", 1))) for r in rows], dtype=np.float64)
     seqs = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    n_test = max(1, int(round(holdout * len(seqs)))) if len(seqs) > 1 else 0
-    test_seqs = set(rng.permutation(seqs)[:n_test].tolist())
-    test = np.array([g in test_seqs for g in groups])
-    report: dict = {"rows": len(rows), "sequences": int(len(seqs)),
-                    "heldout_rows": int(test.sum()), "heldout_sequences": n_test}
-    if n_test and (~test).sum() >= MIN_ROWS // 2:
+    n_test = max(1, int(round(holdout * len(seqs)))) if len(seqs) > 1 and holdout else 0
+    report: dict = {"rows": len(rows), "sequences": int(len(seqs)), "splits": 0,
+                    "heldout_rows": 0, "heldout_sequences": n_test}
+    runs: dict[str, list[dict]] = {"learned": [], "heuristic": []}
+    for k in range(splits if n_test else 0):
+        rng = np.random.default_rng(seed + k)
+        test_seqs = set(rng.permutation(seqs)[:n_test].tolist())
+        test = np.array([g in test_seqs for g in groups])
+        if (~test).sum() < MIN_ROWS // 2:
+            break
         m = make_model(seed).fit(X[~test], _target(kl[~test]))
         pred = np.maximum(0.0, 10.0 ** m.predict(X[test]) - art.KL_FLOOR)
-        report["learned"] = scores(kl[test], pred, groups[test], freed[test])
+        runs["learned"].append(scores(kl[test], pred, groups[test], freed[test]))
         if np.isfinite(heur[test]).all():
-            report["heuristic"] = scores(kl[test], heur[test], groups[test], freed[test])
+            runs["heuristic"].append(scores(kl[test], heur[test], groups[test], freed[test]))
+        report["splits"] += 1
+        report["heldout_rows"] += int(test.sum())
+    for name, rs in runs.items():
+        if rs and len(rs) == report["splits"]:
+            report[name] = {key: float(np.mean([r[key] for r in rs])) for key in rs[0]}
+    if report["splits"]:
+        report["heldout_rows"] = round(report["heldout_rows"] / report["splits"])
     model = make_model(seed).fit(X, _target(kl))      # the shipped model sees every row
     import sklearn
 
@@ -136,7 +150,8 @@ def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0) -> tuple[art.Art
 
 def print_report(rep: dict, out=sys.stdout) -> None:
     print(f"{rep['rows']} rows from {rep['sequences']} sequences; held out "
-          f"{rep['heldout_rows']} rows of {rep['heldout_sequences']} sequences", file=out)
+          f"{rep['heldout_sequences']} sequences (~{rep['heldout_rows']} rows) in each of "
+          f"{rep['splits']} random splits; scores are means over the splits", file=out)
     if "learned" not in rep:
         print("too few sequences to hold any out: no held-out scores", file=out)
         return
@@ -167,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--traces", required=True, nargs="+", help="JSON-lines trace files")
     f.add_argument("--out", required=True, help="predictor file to write (.skops)")
     f.add_argument("--holdout", type=float, default=0.25, help="share of sequences held out")
+    f.add_argument("--splits", type=int, default=5, help="held-out splits to average")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not 0 <= a.holdout < 1:
             raise ValueError(f"--holdout must be in [0, 1), got {a.holdout}")
+        if a.splits < 1:
+            raise ValueError(f"--splits must be >= 1, got {a.splits}")
         rows = []
         for i, path in enumerate(a.traces):  # sequence ids stay distinct across files
             for row in read_traces(path):
@@ -190,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         if len({r["model"] for r in rows}) > 1:
             raise ValueError("the trace files are of different models")
-        artifact, rep = fit(rows, a.holdout, a.seed)
+        artifact, rep = fit(rows, a.holdout, a.seed, a.splits)
         art.save(artifact, a.out)
         if a.json:
             print(json.dumps(rep, indent=2))

@@ -61,7 +61,7 @@ def save(art: Artifact, path: str | Path) -> Path:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    sio.dump(art.model, tmp)
+    sio.dump(art.model, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
     with zipfile.ZipFile(tmp, "a") as z:
         z.writestr(HEADER_NAME, json.dumps(art.header(), indent=1))
     tmp.replace(path)
