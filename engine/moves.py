@@ -83,23 +83,26 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
                 alloc.free(b.offset, old_slot)
             if not alloc.can_allocate(new_slot, len(group)):
                 back = [alloc.allocate(old_slot) for _ in group]
-                _write(store, back, old_fmt, k, v)
+                _write(store, back, old_fmt, k, v, group)
                 for b, o in zip(group, back):
                     b.offset = o
                 raise ActionError("the GPU arena is too fragmented to re-store these blocks; "
                                   "free or move other blocks first")
             new = [alloc.allocate(new_slot) for _ in group]
-        _write(store, new, fmt, k, v)
+        _write(store, new, fmt, k, v, group)
         for b, o in zip(group, new):
             b.offset, b.fmt = o, fmt
         freed += (old_slot - new_slot) * store.num_layers * len(group)
     return freed
 
 
-def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v) -> None:
+def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
+           blocks: list[Block]) -> None:
     arena = store.arenas[GPU]
     offs = torch.tensor(offsets, dtype=torch.int64, device=arena.device)
-    write_blocks(arena.data, offs, store.geom, fmt, k, v)
+    # the sequence's first block holds the attention sink: its keys get sink-aware rounding
+    anchor = torch.tensor([b.index == 0 for b in blocks], dtype=torch.bool)
+    write_blocks(arena.data, offs, store.geom, fmt, k, v, anchor)
 
 
 def fill_candidates(store: KVStore, seq_id: str) -> list[int]:

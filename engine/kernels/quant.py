@@ -1,16 +1,38 @@
 """Block quantization (KIVI, Liu et al. 2024): keys per channel, values per token.
 
-Asymmetric codes: ``scale = (max - min) / (2^bits - 1)``, ``zero = min``,
-``code = clamp(round((x - zero) / scale), 0, 2^bits - 1)``, ``x ~ code * scale + zero``.
-Scale and zero are rounded to the meta dtype *before* codes are computed, so that
-dequantization with the stored meta is the exact inverse the codes were made for.
-Codes pack ``8 // bits`` channels per byte, low bits first (see engine/layout.py).
+Asymmetric codes: ``x ~ code * scale + zero``, ``code = clamp(round((x - zero) / scale),
+0, 2^bits - 1)``. Scale and zero are rounded to the meta dtype *before* codes are
+computed, so that dequantization with the stored meta is the exact inverse the codes
+were made for. Codes pack ``8 // bits`` channels per byte, low bits first (see
+engine/layout.py).
+
+How scale and zero are chosen (the layout is the same either way):
+
+* 8 and 4 bits: the group's min/max, ``scale = (max - min) / (2^bits - 1)``, ``zero = min``.
+* 2 bits, where min/max wastes most of the 4 levels on the group's extremes:
+  - values: the best of a grid of clipped ranges (each end moved in by 0, 5%, ..., 30% of
+    the range; least squared error), then ``LS_ITERS`` alternating least-squares steps
+    (codes fixed: scale/zero are the linear fit of x on the codes; then re-round). Each
+    step is kept only where it lowers the group's squared error.
+  - keys: min/max, then the same least-squares steps. No clipping: a key channel's
+    extremes are the tokens attention picks out (measured: MSE-clipping keys raised PPL).
+  - *anchor* blocks (the block holding the sequence's first token, the attention sink;
+    Xiao et al. 2023, StreamingLLM): keys use a grid that puts token 0 exactly on a code
+    level in every channel (the smallest scale covering the channel's min/max with one
+    level at token 0's value). Same bytes, different rounding.
+  In every case the result's squared error per group is never above min/max's, except
+  in anchor blocks (token 0 exact, the rest a slightly wider grid).
 
 Shapes: blocks come batched as ``[N, H, T, D]`` (N blocks, H kv heads, T tokens, D dims).
 """
 from __future__ import annotations
 
 import torch
+
+REFINED_BITS = (2,)   # widths that get clipping / least-squares fits (see above)
+CLIP_STEPS = 7        # clip candidates per end: 0, CLIP_STEP, ..., 6 * CLIP_STEP of the range
+CLIP_STEP = 0.05
+LS_ITERS = 8
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,26 +55,101 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def _codes(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
-           meta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _assign(g, scale, zero, qmax):
+    """Nearest codes of groups ``g [..., n]`` for fp32 scale/zero ``[..., 1]``, and the
+    groups' squared errors ``[..., 1]``."""
+    s = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: codes 0
+    c = torch.round((g - zero) / s).clamp_(0, qmax)
+    e = c * scale + zero - g
+    return c, (e * e).sum(-1, keepdim=True)
+
+
+def _meta(scale, zero, md):
+    return scale.to(md).float(), zero.to(md).float()
+
+
+def _keep_better(best, cand):
+    m = cand[3] < best[3]
+    return tuple(torch.where(m, x, y) for x, y in zip(cand, best))
+
+
+def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype, clip: bool = False,
+               ls_iters: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (fp32 integers) and fp32 scale/zero (meta-rounded) of groups ``g [..., n]``
+    along the last dim: min/max, optionally the clip grid, then least-squares steps."""
+    g = g.float()
     qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).to(meta_dtype)
-    zero = lo.to(meta_dtype)
-    s = scale.float()
-    s = torch.where(s > 0, s, torch.ones_like(s))  # constant channel: every code 0
-    codes = torch.round((x.float() - zero.float()) / s).clamp_(0, qmax).to(torch.uint8)
-    return codes, scale, zero
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s, z = _meta((hi - lo) / qmax, lo, meta_dtype)
+    c, e = _assign(g, s, z, qmax)
+    best = (c, s, z, e)
+    if clip:
+        r = hi - lo
+        for ia in range(CLIP_STEPS):
+            for ib in range(CLIP_STEPS):
+                if ia == 0 and ib == 0:
+                    continue
+                l2, h2 = lo + (ia * CLIP_STEP) * r, hi - (ib * CLIP_STEP) * r
+                s2, z2 = _meta((h2 - l2) / qmax, l2, meta_dtype)
+                c2, e2 = _assign(g, s2, z2, qmax)
+                best = _keep_better(best, (c2, s2, z2, e2))
+    n = g.shape[-1]
+    xm = g.sum(-1, keepdim=True) / n
+    for _ in range(ls_iters):
+        c, s, z, _e = best
+        cm = c.sum(-1, keepdim=True) / n
+        dc = c - cm
+        var = (dc * dc).sum(-1, keepdim=True) / n
+        cov = (dc * (g - xm)).sum(-1, keepdim=True) / n
+        ok = var > 0
+        s2 = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), s).clamp_min(0)
+        s2, z2 = _meta(s2, torch.where(ok, xm - s2 * cm, z), meta_dtype)
+        c2, e2 = _assign(g, s2, z2, qmax)
+        best = _keep_better(best, (c2, s2, z2, e2))
+    return best[0], best[1], best[2]
 
 
-def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype
+def fit_anchored(g: torch.Tensor, bits: int, meta_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like ``fit_groups``, but element 0 of every group lies on a code level: for each
+    level c0 the smallest scale that covers [min, max] with level c0 at ``g[..., 0]``;
+    the smallest of those."""
+    g = g.float()
+    qmax = (1 << bits) - 1
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    x0 = g[..., :1]
+    inf = torch.full_like(lo, float("inf"))
+    best_s, best_z = inf, x0
+    for c0 in range(qmax + 1):
+        s = torch.zeros_like(lo)
+        s = torch.maximum(s, (x0 - lo) / c0) if c0 > 0 else torch.where(x0 > lo, inf, s)
+        s = (torch.maximum(s, (hi - x0) / (qmax - c0)) if c0 < qmax
+             else torch.where(x0 < hi, inf, s))
+        m = s < best_s
+        z = x0 - c0 * torch.where(m, s, torch.zeros_like(s))   # (no 0 * inf)
+        best_s, best_z = torch.where(m, s, best_s), torch.where(m, z, best_z)
+    s, z = _meta(best_s, best_z, meta_dtype)
+    return _assign(g, s, z, qmax)[0], s, z
+
+
+def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
+                      anchor: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k [N, H, T, D] -> codes [N, H, T, D*bits/8] uint8, scale/zero [N, H, D] meta.
 
-    Per channel over the block's T tokens (keys have outlier channels).
+    Per channel over the block's T tokens (keys have outlier channels). ``anchor``:
+    [N] bool, blocks whose token 0 is the sequence's first (2 bits: kept on the grid).
     """
-    lo, hi = k.float().amin(dim=2, keepdim=True), k.float().amax(dim=2, keepdim=True)
-    codes, scale, zero = _codes(k, lo, hi, bits, meta_dtype)
-    return pack_codes(codes, bits), scale.squeeze(2), zero.squeeze(2)
+    g = k.float().transpose(2, 3)                                   # [N, H, D, T]
+    refine = bits in REFINED_BITS
+    c, s, z = fit_groups(g, bits, meta_dtype, clip=False, ls_iters=LS_ITERS if refine else 0)
+    if refine and anchor is not None and bool(anchor.any()):
+        ca, sa, za = fit_anchored(g, bits, meta_dtype)
+        m = anchor.to(torch.bool).view(-1, 1, 1, 1)
+        c, s, z = torch.where(m, ca, c), torch.where(m, sa, s), torch.where(m, za, z)
+    codes = c.to(torch.uint8).transpose(2, 3)
+    return (pack_codes(codes, bits), s.squeeze(-1).to(meta_dtype),
+            z.squeeze(-1).to(meta_dtype))
 
 
 def dequantize_keys_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -67,10 +164,10 @@ def quantize_values_ref(v: torch.Tensor, bits: int, group: int, meta_dtype: torc
     """v [N, H, T, D] -> codes [N, H, T, D*bits/8], scale/zero [N, H, T, D/group]."""
     N, H, T, D = v.shape
     g = v.float().reshape(N, H, T, D // group, group)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    codes, scale, zero = _codes(g, lo, hi, bits, meta_dtype)
-    return (pack_codes(codes.reshape(N, H, T, D), bits),
-            scale.squeeze(-1), zero.squeeze(-1))
+    refine = bits in REFINED_BITS
+    c, s, z = fit_groups(g, bits, meta_dtype, clip=refine, ls_iters=LS_ITERS if refine else 0)
+    return (pack_codes(c.to(torch.uint8).reshape(N, H, T, D), bits),
+            s.squeeze(-1).to(meta_dtype), z.squeeze(-1).to(meta_dtype))
 
 
 def dequantize_values_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

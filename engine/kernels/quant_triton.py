@@ -15,29 +15,135 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.quant import CLIP_STEP, CLIP_STEPS, LS_ITERS, REFINED_BITS
+
 _META = (torch.float16, torch.float32)
 
 
 @triton.jit
-def _quant_rows(x, lo, hi, QMAX: tl.constexpr, MD: tl.constexpr):
-    """Codes (int32) and rounded scale/zero (fp32) for x given its group min/max."""
+def _gred(x, OP: tl.constexpr, KEYS: tl.constexpr):
+    """Reduce over the quantization group, keeping dims: keys tiles are
+    ``[TP, DB, PER]`` grouped over axis 0 (tokens), value tiles ``[RB, GB, PER]`` over
+    axes 1 and 2 (a row's channels). OP: 0 sum, 1 min, 2 max."""
+    if KEYS:
+        if OP == 0:
+            r = tl.sum(x, axis=0)[None, :, :]
+        elif OP == 1:
+            r = tl.min(x, axis=0)[None, :, :]
+        else:
+            r = tl.max(x, axis=0)[None, :, :]
+    else:
+        if OP == 0:
+            r = tl.sum(tl.sum(x, axis=2), axis=1)[:, None, None]
+        elif OP == 1:
+            r = tl.min(tl.min(x, axis=2), axis=1)[:, None, None]
+        else:
+            r = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
+    return r
+
+
+@triton.jit
+def _div(a, b):
     # IEEE divisions (div_rn): '/' on the GPU is approximate, and the fp32 scale must
-    # equal torch's bit for bit
-    scale = tl.math.div_rn(hi - lo, tl.full(hi.shape, QMAX, tl.float32)).to(MD).to(tl.float32)
-    zero = lo.to(MD).to(tl.float32)
+    # equal torch's bit for bit where no choice between candidates intervenes
+    return tl.math.div_rn(a, b + tl.zeros_like(a))
+
+
+@triton.jit
+def _assign(x, w, scale, zero, QMAX: tl.constexpr, KEYS: tl.constexpr):
+    """Nearest codes (fp32) for meta-rounded scale/zero, and the group's squared error
+    (``w`` = 1 for real elements, 0 for padding)."""
     s = tl.where(scale > 0, scale, 1.0)  # constant group: every code 0
-    c = tl.floor(tl.math.div_rn(x - zero, s) + 0.5)
-    c = tl.minimum(tl.maximum(c, 0.0), QMAX).to(tl.int32)
+    c = tl.floor(_div(x - zero, s) + 0.5)
+    c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+    e = (c * scale + zero - x) * w
+    return c, _gred(e * e, 0, KEYS)
+
+
+@triton.jit
+def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
+         CLIP_STEPS: tl.constexpr, CLIP_STEP: tl.constexpr, LS_ITERS: tl.constexpr):
+    """Codes (fp32), scale, zero (fp32, meta-rounded) of each group: min/max, then (if
+    CLIP_STEPS > 1) the best of the clipped ranges, then LS_ITERS least-squares steps,
+    each kept where it lowers the squared error (engine/kernels/quant.py, fit_groups)."""
+    lo = _gred(tl.where(w > 0, x, float("inf")), 1, KEYS)
+    hi = _gred(tl.where(w > 0, x, float("-inf")), 2, KEYS)
+    scale = _div(hi - lo, QMAX).to(MD).to(tl.float32)
+    zero = lo.to(MD).to(tl.float32)
+    c, err = _assign(x, w, scale, zero, QMAX, KEYS)
+    if CLIP_STEPS > 1:
+        r = hi - lo
+        for ia in tl.static_range(CLIP_STEPS):
+            for ib in tl.static_range(CLIP_STEPS):
+                if ia + ib > 0:
+                    l2 = lo + (ia * CLIP_STEP) * r
+                    h2 = hi - (ib * CLIP_STEP) * r
+                    s2 = _div(h2 - l2, QMAX).to(MD).to(tl.float32)
+                    z2 = l2.to(MD).to(tl.float32)
+                    c2, e2 = _assign(x, w, s2, z2, QMAX, KEYS)
+                    m = e2 < err
+                    c = tl.where(m, c2, c)
+                    scale = tl.where(m, s2, scale)
+                    zero = tl.where(m, z2, zero)
+                    err = tl.where(m, e2, err)
+    if LS_ITERS > 0:
+        n = _gred(w, 0, KEYS)
+        xm = _div(_gred(x * w, 0, KEYS), n)
+        for _ in tl.static_range(LS_ITERS):
+            cm = _div(_gred(c * w, 0, KEYS), n)
+            dc = (c - cm) * w
+            var = _div(_gred(dc * dc, 0, KEYS), n)
+            cov = _div(_gred(dc * (x - xm), 0, KEYS), n)
+            ok = var > 0
+            s2 = tl.maximum(tl.where(ok, _div(cov, tl.where(ok, var, 1.0)), scale), 0.0)
+            z2 = tl.where(ok, xm - s2 * cm, zero)
+            s2 = s2.to(MD).to(tl.float32)
+            z2 = z2.to(MD).to(tl.float32)
+            c2, e2 = _assign(x, w, s2, z2, QMAX, KEYS)
+            m = e2 < err
+            c = tl.where(m, c2, c)
+            scale = tl.where(m, s2, scale)
+            zero = tl.where(m, z2, zero)
+            err = tl.where(m, e2, err)
+    return c, scale, zero
+
+
+@triton.jit
+def _fit_anchored(x, w, x0, QMAX: tl.constexpr, MD: tl.constexpr):
+    """Keys only: the grid with token 0 (``x0`` [1, DB, PER]) on a code level
+    (engine/kernels/quant.py, fit_anchored)."""
+    lo = _gred(tl.where(w > 0, x, float("inf")), 1, True)
+    hi = _gred(tl.where(w > 0, x, float("-inf")), 2, True)
+    best_s = tl.full(lo.shape, float("inf"), tl.float32)
+    best_z = x0
+    for c0 in tl.static_range(QMAX + 1):
+        s = tl.zeros_like(lo)
+        if c0 > 0:
+            s = tl.maximum(s, _div(x0 - lo, c0 * 1.0))
+        else:
+            s = tl.where(x0 > lo, float("inf"), s)
+        if c0 < QMAX:
+            s = tl.maximum(s, _div(hi - x0, (QMAX - c0) * 1.0))
+        else:
+            s = tl.where(x0 < hi, float("inf"), s)
+        m = s < best_s
+        best_z = tl.where(m, x0 - c0 * tl.where(m, s, 0.0), best_z)   # (no 0 * inf)
+        best_s = tl.where(m, s, best_s)
+    scale = best_s.to(MD).to(tl.float32)
+    zero = best_z.to(MD).to(tl.float32)
+    c, _e = _assign(x, w, scale, zero, QMAX, True)
     return c, scale, zero
 
 
 @triton.jit
 def _quantize_keys_kernel(
     x_ptr,       # [N * H, T, D] input (any float dtype)
+    anchor_ptr,  # [N] int8: 1 = the block's token 0 is the sequence's first (2 bits)
     codes_ptr,   # [N * H, T, D // PER] uint8 out
     scale_ptr,   # [N * H, D] meta dtype out
     zero_ptr,    # [N * H, D] meta dtype out
-    T, TP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MD: tl.constexpr,
+    T, H, TP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MD: tl.constexpr,
+    LS_ITERS: tl.constexpr, ANCHOR: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // PER
@@ -48,10 +154,16 @@ def _quantize_keys_kernel(
     i = tl.arange(0, PER)[None, None, :]
     tmask = t < T
     x = tl.load(x_ptr + nh * T * D + t * D + j * PER + i, mask=tmask, other=0.0).to(tl.float32)
-    lo = tl.min(tl.where(tmask, x, float("inf")), axis=0)[None, :, :]        # [1, DB, PER]
-    hi = tl.max(tl.where(tmask, x, float("-inf")), axis=0)[None, :, :]
-    c, scale, zero = _quant_rows(x, lo, hi, QMAX, MD)
-    packed = tl.sum(c << (i * BITS), axis=2).to(tl.uint8)                    # [TP, DB]
+    w = tl.where(tmask, 1.0, 0.0)
+    c, scale, zero = _fit(x, w, QMAX, MD, True, 1, 0.0, LS_ITERS)
+    if ANCHOR:
+        x0 = tl.load(x_ptr + nh * T * D + j * PER + i).to(tl.float32)           # [1, DB, PER]
+        ca, sa, za = _fit_anchored(x, w, x0, QMAX, MD)
+        a = tl.load(anchor_ptr + nh // H) != 0
+        c = tl.where(a, ca, c)
+        scale = tl.where(a, sa, scale)
+        zero = tl.where(a, za, zero)
+    packed = tl.sum(c.to(tl.int32) << (i * BITS), axis=2).to(tl.uint8)      # [TP, DB]
     tt = tl.arange(0, TP)[:, None]
     jj = tl.arange(0, DB)[None, :]
     tl.store(codes_ptr + nh * T * DB + tt * DB + jj, packed, mask=tt < T)
@@ -66,6 +178,7 @@ def _quantize_rows_kernel(
     scale_ptr,   # [N * H * T * NG] meta dtype out
     zero_ptr,    # [N * H * T * NG] meta dtype out
     R, RB: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, MD: tl.constexpr,
+    CLIP_STEPS: tl.constexpr, CLIP_STEP: tl.constexpr, LS_ITERS: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // PER
@@ -75,10 +188,9 @@ def _quantize_rows_kernel(
     i = tl.arange(0, PER)[None, None, :]
     rmask = r < R
     x = tl.load(x_ptr + r * G + j * PER + i, mask=rmask, other=0.0).to(tl.float32)
-    lo = tl.min(tl.min(x, axis=2), axis=1)[:, None, None]                     # [RB, 1, 1]
-    hi = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
-    c, scale, zero = _quant_rows(x, lo, hi, QMAX, MD)
-    packed = tl.sum(c << (i * BITS), axis=2).to(tl.uint8)                    # [RB, GB]
+    w = tl.full(x.shape, 1.0, tl.float32)   # masked rows are whole groups: never stored
+    c, scale, zero = _fit(x, w, QMAX, MD, False, CLIP_STEPS, CLIP_STEP, LS_ITERS)
+    packed = tl.sum(c.to(tl.int32) << (i * BITS), axis=2).to(tl.uint8)      # [RB, GB]
     rr = tl.program_id(0) * RB + tl.arange(0, RB)
     tl.store(codes_ptr + rr[:, None] * GB + tl.arange(0, GB)[None, :], packed,
              mask=rr[:, None] < R)
@@ -135,19 +247,31 @@ def _meta_dt(meta_dtype: torch.dtype):
     return tl.float16 if meta_dtype == torch.float16 else tl.float32
 
 
-def quantize_keys_triton(k: torch.Tensor, bits: int, meta_dtype: torch.dtype
+def quantize_keys_triton(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
+                         anchor: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k [N, H, T, D] -> codes [N, H, T, D*bits/8] uint8, scale/zero [N, H, D] meta."""
+    """k [N, H, T, D] -> codes [N, H, T, D*bits/8] uint8, scale/zero [N, H, D] meta.
+
+    ``anchor``: [N] bool, blocks whose token 0 is the sequence's first (quant.py)."""
     _check(k, "k", bits)
     N, H, T, D = k.shape
+    if anchor is not None and tuple(anchor.shape) != (N,):
+        raise ValueError(f"anchor must be [N] = [{N}], got {tuple(anchor.shape)}")
     k = k.contiguous()
     codes = torch.empty(N, H, T, D * bits // 8, dtype=torch.uint8, device=k.device)
     scale = torch.empty(N, H, D, dtype=meta_dtype, device=k.device)
     zero = torch.empty_like(scale)
+    refine = bits in REFINED_BITS
+    use_anchor = refine and anchor is not None
+    flags = (anchor.to(device=k.device, dtype=torch.int8).contiguous() if use_anchor
+             else torch.zeros(1, dtype=torch.int8, device=k.device))
     if k.numel():
-        # one program per (block, head): the whole [T, D] tile, min/max over T in registers
-        _quantize_keys_kernel[(N * H,)](k, codes, scale, zero, T, TP=triton.next_power_of_2(T),
-                                        D=D, BITS=bits, MD=_meta_dt(meta_dtype), num_warps=4)
+        # one program per (block, head): the whole [T, D] tile, the fit over T in registers
+        _quantize_keys_kernel[(N * H,)](k, flags, codes, scale, zero, T, H,
+                                        TP=triton.next_power_of_2(T), D=D, BITS=bits,
+                                        MD=_meta_dt(meta_dtype),
+                                        LS_ITERS=LS_ITERS if refine else 0,
+                                        ANCHOR=use_anchor, num_warps=4)
     return codes, scale, zero
 
 
@@ -163,9 +287,11 @@ def quantize_values_triton(v: torch.Tensor, bits: int, group: int, meta_dtype: t
     R = N * H * T * (D // group)
     if R:
         RB = 64  # 64 groups a program: a 16 KiB fp32 tile at G = 64
-        _quantize_rows_kernel[(triton.cdiv(R, RB),)](v, codes, scale, zero, R, RB=RB, G=group,
-                                                     BITS=bits, MD=_meta_dt(meta_dtype),
-                                                     num_warps=4)
+        refine = bits in REFINED_BITS
+        _quantize_rows_kernel[(triton.cdiv(R, RB),)](
+            v, codes, scale, zero, R, RB=RB, G=group, BITS=bits, MD=_meta_dt(meta_dtype),
+            CLIP_STEPS=CLIP_STEPS if refine else 1, CLIP_STEP=CLIP_STEP,
+            LS_ITERS=LS_ITERS if refine else 0, num_warps=4)
     return codes, scale, zero
 
 

@@ -70,8 +70,12 @@ def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
 
 
 def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
-                 fmt: KVFormat, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Dense k, v ``[..., N, H, T, D]`` -> slots of format ``fmt`` (quantizing)."""
+                 fmt: KVFormat, k: torch.Tensor, v: torch.Tensor,
+                 anchor: torch.Tensor | None = None) -> None:
+    """Dense k, v ``[..., N, H, T, D]`` -> slots of format ``fmt`` (quantizing).
+
+    ``anchor``: [N] bool, blocks that hold their sequence's first token (the attention
+    sink): their keys are quantized with token 0 on the grid (engine/kernels/quant.py)."""
     H, T, D, G = geom.num_kv_heads, geom.block_size, geom.head_dim, geom.value_group
     lead = arena.shape[:-1]
     N = offsets.numel()
@@ -81,7 +85,10 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
     if fmt.k_bits == 0:
         _put(arena, geom.store_dtype, offsets, s["k"][0], flat(k))
     else:
-        c, sc, z = quantize_keys_ref(k.reshape(-1, H, T, D), fmt.k_bits, md)
+        if anchor is not None:   # one flag per block, repeated over the leading dims
+            anchor = anchor.to(device=k.device, dtype=torch.bool).reshape(1, N)
+            anchor = anchor.expand(max(1, k.numel() // (N * H * T * D)), N).reshape(-1)
+        c, sc, z = quantize_keys_ref(k.reshape(-1, H, T, D), fmt.k_bits, md, anchor)
         _put(arena, torch.uint8, offsets, s["k_codes"][0], flat(c))
         _put(arena, md, offsets, s["k_scale"][0], flat(sc))
         _put(arena, md, offsets, s["k_zero"][0], flat(z))
