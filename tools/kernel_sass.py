@@ -31,6 +31,7 @@ from engine.kernels import paged_decode_triton as pdt  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*fp16",
        "off_ptr": "*i64", "kbits_ptr": "*i32", "vbits_ptr": "*i32", "ntok_ptr": "*i32",
+       "perm_ptr": "*i64", "rstart_ptr": "*i32", "rlen_ptr": "*i32", "S0": "i32", "STOT": "i32",
        "bmax_ptr": "*fp32", "bsum_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
        "pacc_ptr": "*fp32", "NB": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
 
@@ -67,7 +68,7 @@ def main():
     a = ap.parse_args()
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
                   VB=a.vb, NBI=a.nbi, DT=tl.float16, UPCAST=False, IEEE=False, FOLD=a.fold,
-                  ASM=a.asm and (a.fold or a.fast), FAST=a.fast or a.fold)
+                  ASM=a.asm and (a.fold or a.fast), FAST=a.fast or a.fold, ROWLEN=0)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)

@@ -152,14 +152,16 @@ def triton_supports(geom: BlockGeometry) -> bool:
 
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
                  sm_scale, fmt: KVFormat | None = None, cache: dict | None = None,
-                 formats=None):
+                 formats=None, groups=None):
     """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
     reference. ``fmt``: a promise that every attended block has this format (the caller
     knows it from its block list; no device sync here): the kernel compiles it in.
-    ``formats``: the formats a mixed table holds; the kernel then runs once per format."""
+    ``formats``: the formats a mixed table holds; the kernel then runs once per format
+    (``groups``: that grouping, made by the caller on the host)."""
     if q.is_cuda and triton_supports(geom):
         from engine.kernels.paged_decode_triton import paged_decode_triton
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
-                                   block_ntok, geom, sm_scale, fmt=fmt, formats=formats)
+                                   block_ntok, geom, sm_scale, fmt=fmt, formats=formats,
+                                   groups=groups)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale, fmt, cache)

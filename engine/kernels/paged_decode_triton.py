@@ -26,6 +26,7 @@ of 16 bytes (engine/layout.py guarantees it).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -286,13 +287,15 @@ def _paged_decode_kernel(
     kbits_ptr,     # [B, NB] int32 key bits (read only when KB < 0)
     vbits_ptr,     # [B, NB] int32 value bits (read only when VB < 0)
     ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
-    nrow_ptr,      # [B] int32 table length per sequence (read only when ROWLEN)
+    perm_ptr,      # [B, NB] int64 original column of each entry (read only when ROWLEN)
+    rstart_ptr,    # [B] int32 first entry of this launch's run in each row (ROWLEN)
+    rlen_ptr,      # [B] int32 entries in that run (ROWLEN)
     bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
     bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
     pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
     pl_ptr,        # [B, Hq, S] fp32 out: split sum of exp2
     pacc_ptr,      # [B, Hq, S, D] fp32 out: split unnormalized output
-    NB, blocks_per_split, qk_scale,
+    NB, blocks_per_split, qk_scale, S0, STOT,
     HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
@@ -302,7 +305,6 @@ def _paged_decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    S = tl.num_programs(2)
     rows = tl.arange(0, GP)
     hmask = rows < GQ
     head = kvh * GQ + rows
@@ -314,10 +316,14 @@ def _paged_decode_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    start = sp * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, NB)
     if ROWLEN:
-        end = tl.minimum(end, tl.load(nrow_ptr + b))
+        # this launch covers one run of each row (the blocks of one format)
+        rs = tl.load(rstart_ptr + b)
+        start = rs + sp * blocks_per_split
+        end = tl.minimum(start + blocks_per_split, rs + tl.load(rlen_ptr + b))
+    else:
+        start = sp * blocks_per_split
+        end = tl.minimum(start + blocks_per_split, NB)
     tcol = tl.arange(0, T)
     for blk0 in range(start, end, NBI):
         bi = blk0 + tl.arange(0, NBI)
@@ -369,7 +375,11 @@ def _paged_decode_kernel(
         mb_safe = tl.where(mb == float("-inf"), 0.0, mb)
         p3 = tl.exp2(s3 - mb_safe[:, :, None])
         lb = tl.sum(p3, axis=2)                                          # [GP, NBI]
-        st_ptr = (b * HQ + head)[:, None] * NB + bi[None, :]
+        if ROWLEN:
+            col = tl.load(perm_ptr + b * NB + bi, mask=bmask, other=0).to(tl.int32)
+        else:
+            col = bi
+        st_ptr = (b * HQ + head)[:, None] * NB + col[None, :]
         st_mask = hmask[:, None] & bmask[None, :]
         tl.store(bmax_ptr + st_ptr, mb * LN2, mask=st_mask)
         tl.store(bsum_ptr + st_ptr, lb, mask=st_mask)
@@ -399,7 +409,7 @@ def _paged_decode_kernel(
                              G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    part = (b * HQ + head) * S + sp
+    part = (b * HQ + head) * STOT + S0 + sp
     tl.store(pm_ptr + part, m_i, mask=hmask)
     tl.store(pl_ptr + part, l_i, mask=hmask)
     tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
@@ -445,10 +455,30 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: few programs, each is ~1 ms of Python
 
 
+# programs of one compiled decode kernel that fit on an SM at once, from its registers and
+# shared memory (found after its first launch; keyed by its compile-time configuration)
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_programs(ck, device: torch.device) -> int | None:
+    """How many programs of compiled kernel ``ck`` an SM holds at once (None: unknown)."""
+    try:
+        props = torch.cuda.get_device_properties(device)
+        warps = ck.metadata.num_warps
+        regs = max(1, ck.n_regs) * 32 * warps
+        by_regs = props.regs_per_multiprocessor // regs
+        smem = ck.metadata.shared + 1024          # the driver reserves 1 KB a block
+        by_smem = props.shared_memory_per_multiprocessor // max(1, smem)
+        by_warps = props.max_threads_per_multi_processor // (32 * warps)
+        return max(1, min(by_regs, by_smem, by_warps))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
 def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
                    num_splits: int | None, blocks_per_iter: int | None,
-                   num_warps: int | None, num_stages: int | None
-                   ) -> tuple[int, int, int, int, int]:
+                   num_warps: int | None, num_stages: int | None,
+                   resident: int | None = None) -> tuple[int, int, int, int, int]:
     """(num_splits, blocks_per_split, blocks_per_iter, num_warps, num_stages).
 
     Heuristics instead of autotuning (decode shapes change every step): enough programs
@@ -460,8 +490,17 @@ def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
     if not uniform:
         nbi = 1  # runtime format dispatch is per block
     if num_splits is None:
-        target = 8 * _num_sms(device)   # 8 x SMs was best of 2/4/8 x in the H200 sweep
-        num_splits = max(1, min(-(-target // (B * H)), -(-NB // (4 * nbi))))
+        sms = _num_sms(device)
+        target = 8 * sms                # 8 x SMs was best of 2/4/8 x in the H200 sweep
+        if resident:
+            # whole waves: a last, partial wave of programs leaves SMs idle at the end
+            # (ncu on the H200: 2.75 waves at b8/128K); the whole number of waves nearest
+            # the target, as many programs as fit in them
+            waves = max(1, round(target / (resident * sms)))
+            target = waves * resident * sms
+            num_splits = max(1, min(target // (B * H), -(-NB // (4 * nbi))))
+        else:
+            num_splits = max(1, min(-(-target // (B * H)), -(-NB // (4 * nbi))))
     num_splits = max(1, min(num_splits, NB))
     bps = -(-NB // num_splits)
     bps = -(-bps // nbi) * nbi          # whole iterations per split
@@ -479,7 +518,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         blocks_per_iter: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, fold: bool = False,
                         fast: bool | None = None, maxnreg: int | None = None,
-                        formats: list[KVFormat] | tuple[KVFormat, ...] | None = None
+                        formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
+                        groups: "FormatGroups | None" = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -493,6 +533,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     from its block list). Then each format gets its own compiled-in launch over its blocks
     (at most MAX_FORMAT_LAUNCHES formats) instead of the runtime-dispatch
     kernel, which is 5-15x slower (docs/BENCHMARKS.md).
+    ``groups``: the same from the caller's host-side grouping (FormatGroups.from_rows;
+    sizes each launch by its longest run, no sort on the device).
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
     ``fold``: experimental, off by default because it measured slower on the H200
@@ -548,29 +590,42 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
     kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
               num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg)
-    if fmt is None and formats is not None and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
-        # one compiled-in launch per format over that format's blocks, moved to the front
-        # of each row (stable order); partials merged by the one reduce
-        code = kbits * 16 + vbits
-        bmax.fill_(float("-inf"))
+    if fmt is None and groups is None and formats is not None \
+            and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
+        groups = FormatGroups.from_table(kbits, vbits, formats)
+    if fmt is None and groups is not None:
+        # one compiled-in launch per format over that format's run of each (grouped) row;
+        # per-block partials go to the blocks' own columns, split partials to one buffer
+        offs_g = offs.gather(1, groups.perm)
+        ntok_g = ntok.gather(1, groups.perm)
+        bmax.fill_(float("-inf"))   # columns in no run (holes, padding) stay (-inf, 0)
         bsum.zero_()
-        parts = []
-        for f in formats:
-            sel = (code == f.k_bits * 16 + f.v_bits) & (ntok > 0)
-            perm = torch.sort((~sel).to(torch.int8), dim=1, stable=True)[1]
-            nrow = sel.sum(1, dtype=torch.int32)
-            ntok_f = torch.where(sel, ntok, 0).gather(1, perm).contiguous()
-            bm = torch.full_like(bmax, float("-inf"))
-            bs = torch.zeros_like(bsum)
-            parts.append(_launch(q, arena_row, offs.gather(1, perm).contiguous(), kbits, vbits,
-                                 ntok_f, nrow, geom, sm_scale, f, bm, bs, **kw))
-            idx = perm.unsqueeze(1).expand(B, Hq, NB)
-            bmax.copy_(torch.maximum(bmax, torch.empty_like(bm).scatter_(2, idx, bm)))
-            bsum.add_(torch.empty_like(bs).scatter_(2, idx, bs))
-        pm, pl, pacc = (torch.cat(x, dim=2) for x in zip(*parts))
+        launches = []
+        for i, f in enumerate(groups.formats):
+            n = groups.max_length[i] if groups.max_length else NB
+            if n > 0:
+                launches.append(_Launch(q, geom, f, B, n, **kw))
+        stot = sum(x.S for x in launches) or 1
+        pm = torch.empty(B, Hq, stot, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B, Hq, stot, D, dtype=torch.float32, device=q.device)
+        if not launches:
+            pm.fill_(float("-inf"))
+            pl.zero_()
+            pacc.zero_()
+        s0 = 0
+        for x in launches:
+            i = groups.formats.index(x.fmt)
+            x.run(q, arena_row, offs_g, kbits, vbits, ntok_g, bmax, bsum, pm, pl, pacc, s0,
+                  stot, run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale)
+            s0 += x.S
     else:
-        pm, pl, pacc = _launch(q, arena_row, offs, kbits, vbits, ntok, None, geom, sm_scale,
-                               fmt, bmax, bsum, **kw)
+        x = _Launch(q, geom, fmt, B, NB, **kw)
+        pm = torch.empty(B, Hq, x.S, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B, Hq, x.S, D, dtype=torch.float32, device=q.device)
+        x.run(q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, 0, x.S,
+              run=None, sm_scale=sm_scale)
     # one program per (sequence, query head); the split axis fits in registers
     S = pm.shape[2]
     _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
@@ -578,63 +633,135 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     return out, bmax, bsum
 
 
-def _launch(q, arena_row, offs, kbits, vbits, ntok, nrow, geom, sm_scale, fmt, bmax, bsum, *,
-            num_splits, blocks_per_iter, num_warps, num_stages, fold, fast, maxnreg):
-    """One decode-kernel launch; returns the split partials (pm, pl, pacc)."""
-    B, Hq, D = q.shape
-    H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
-    NB = offs.shape[1]
-    dev = q.device
-    esize, msize = geom.store_elem, geom.meta_elem
-    n = arena_row.numel() // 4 * 4
-    arena_st = arena_row[:n].view(geom.store_dtype)
-    arena_md = arena_row[:n].view(geom.meta_dtype)
-    fold = fold and D >= 64 and fmt is not None
-    if fold and fmt is not None and fmt.k_bits > 0:
-        blocks_per_iter = 1      # folded key scales are per block: one block an iteration
-    # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim < 64,
-    # where fp16 operands from unpacked 4/2-bit codes gave wrong results on the H200
-    # (triton 3.6; head_dim 64 and 128 were right; cause not isolated). Mixed-format
-    # tables (no fmt) take fp32 operands too: a K2V8/K8V4/full mix at head_dim 64 in fp16
-    # failed on the H200 for some random inputs (2026-11-28), passed for others.
-    small = D < 64 or fmt is None
-    dot_dtype = torch.float32 if small else geom.store_dtype
-    dt = _TL_DTYPE[dot_dtype]
-    # fp16 operands: codes -> exact fp16 and one packed fma per two elements (PTX code
-    # conversion on CUDA); otherwise dequantization in fp32
-    fast = dot_dtype == torch.float16 if fast is None else fast and dot_dtype == torch.float16
-    if fmt is not None and (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
-        # launch sweeps on the H200 (docs/BENCHMARKS.md, 2026-11-28 third engineer): fp16
-        # and int2 tiles 2 blocks an iteration, 2 stages; int8/int4 4 blocks, 3 stages; a
-        # cap of 168 registers (3 programs an SM instead of 2) except for int2
-        wide = max(fmt.k_bits, fmt.v_bits) >= 4
-        blocks_per_iter, num_stages = (4, 3) if wide else (2, 2)
-        maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
-    if (fast and not fold and fmt is not None and not fmt.is_full
-            and (blocks_per_iter or 2) * T < 32):
-        # tiles of fewer than 32 tokens (16-token blocks one at a time) gave wrong int4
-        # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with and
-        # without the PTX conversion): at least 32 tokens an iteration
-        blocks_per_iter = 32 // T
-    S, bps, nbi, warps, stages = _launch_config(B, H, NB, dev, fmt is not None, num_splits,
-                                                blocks_per_iter, num_warps, num_stages)
-    g = Hq // H
-    pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
-    _paged_decode_kernel[(B, H, S)](
-        q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok,
-        nrow if nrow is not None else ntok, bmax, bsum, pm, pl, pacc,
-        NB, bps, float(sm_scale) * LOG2E,
-        HQ=Hq, H=H, GQ=g, GP=max(16, triton.next_power_of_2(g)), T=T, D=D, G=G,
-        ESIZE=esize, MSIZE=msize,
-        KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
-        NBI=nbi, DT=dt, UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != dot_dtype,
-        IEEE=dot_dtype == torch.float32, FOLD=fold,
-        ASM=_PTX and q.is_cuda and dot_dtype == torch.float16 and (fast or fold),
-        FAST=fast or fold, ROWLEN=nrow is not None, num_warps=warps, num_stages=stages,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
-    return pm, pl, pacc
+@dataclass(frozen=True)
+class FormatGroups:
+    """A mixed-format block table's columns grouped by format, for one launch per format.
+
+    ``perm [B, NB]`` int64: row ``b`` of the grouped table is ``table[b, perm[b]]``; the
+    blocks of ``formats[i]`` are its entries ``start[i, b] .. start[i, b] + length[i, b]``
+    (``start`` / ``length`` [F, B] int32, on the table's device). ``max_length``: per
+    format, the longest run over the rows when known on the host (sizes the launch); None:
+    the table width. Columns in no run are not attended.
+    """
+    formats: tuple[KVFormat, ...]
+    perm: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    max_length: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_table(cls, kbits: torch.Tensor, vbits: torch.Tensor,
+                   formats) -> "FormatGroups":
+        """On the device (no sync): a stable sort of the columns by format."""
+        formats = tuple(formats)
+        code = kbits * 16 + vbits
+        order = torch.full_like(code, len(formats))
+        for i, f in enumerate(formats):
+            order = torch.where(code == f.k_bits * 16 + f.v_bits, i, order)
+        perm = torch.sort(order, dim=1, stable=True)[1]
+        counts = torch.stack([(order == i).sum(1, dtype=torch.int32)
+                              for i in range(len(formats))])
+        start = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+        return cls(formats, perm.contiguous(), start, counts.contiguous())
+
+    @classmethod
+    def from_rows(cls, rows: list[list[tuple[int, KVFormat]]], width: int,
+                  device: torch.device) -> "FormatGroups":
+        """On the host: ``rows[b]`` lists (column, format) of row b's attended entries."""
+        formats = tuple(sorted({f for r in rows for _, f in r},
+                               key=lambda f: (f.k_bits, f.v_bits)))
+        index = {f: i for i, f in enumerate(formats)}
+        F, B = len(formats), len(rows)
+        perm, start, length = [], [[0] * B for _ in range(F)], [[0] * B for _ in range(F)]
+        for b, r in enumerate(rows):
+            by = [[] for _ in range(F)]
+            for col, f in r:
+                by[index[f]].append(col)
+            row, seen = [], set()
+            for i in range(F):
+                start[i][b], length[i][b] = len(row), len(by[i])
+                row += by[i]
+            seen = set(row)
+            row += [c for c in range(width) if c not in seen]
+            perm.append(row)
+        t = lambda x, dt: torch.tensor(x, dtype=dt).to(device, non_blocking=True)  # noqa: E731
+        return cls(formats, t(perm, torch.int64).reshape(B, width),
+                   t(start, torch.int32).reshape(F, B), t(length, torch.int32).reshape(F, B),
+                   tuple(max(x) if x else 0 for x in length))
+
+
+class _Launch:
+    """One decode-kernel launch: its configuration (from the format and the launch
+    heuristics) and ``run``, which writes split partials at ``s0`` of buffers ``stot``
+    wide."""
+
+    def __init__(self, q, geom, fmt, B, NB, *, num_splits, blocks_per_iter, num_warps,
+                 num_stages, fold, fast, maxnreg):
+        Hq, D = q.shape[1], q.shape[2]
+        H, T = geom.num_kv_heads, geom.block_size
+        dev = q.device
+        self.fmt = fmt
+        fold = fold and D >= 64 and fmt is not None
+        if fold and fmt is not None and fmt.k_bits > 0:
+            blocks_per_iter = 1  # folded key scales are per block: one block an iteration
+        # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim
+        # < 64, where fp16 operands from unpacked 4/2-bit codes gave wrong results on the
+        # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated). The
+        # runtime-dispatch kernel (no fmt) takes fp32 operands too: a K2V8/K8V4/full mix at
+        # head_dim 64 in fp16 failed on the H200 for some random inputs (2026-11-28).
+        small = D < 64 or fmt is None
+        self.dot_dtype = torch.float32 if small else geom.store_dtype
+        # fp16 operands: codes -> exact fp16 and one packed fma per two elements (PTX code
+        # conversion on CUDA); otherwise dequantization in fp32
+        f16 = self.dot_dtype == torch.float16
+        fast = f16 if fast is None else fast and f16
+        if fmt is not None and (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
+            # launch sweeps on the H200 (docs/BENCHMARKS.md, 2026-11-28 third engineer):
+            # fp16 and int2 tiles 2 blocks an iteration, 2 stages; int8 4 blocks, 2 stages;
+            # int4 4 blocks, 3 stages; a cap of 168 registers (3 programs an SM, not 2)
+            wide = max(fmt.k_bits, fmt.v_bits) >= 4
+            blocks_per_iter = 4 if wide else 2
+            num_stages = 3 if wide and fmt.k_bits != 8 and fmt.v_bits != 8 else 2
+            maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
+        if (fast and not fold and fmt is not None and not fmt.is_full
+                and (blocks_per_iter or 2) * T < 32):
+            # tiles of fewer than 32 tokens (16-token blocks one at a time) gave wrong int4
+            # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with
+            # and without the PTX conversion): at least 32 tokens an iteration
+            blocks_per_iter = 32 // T
+        self.key = (dev, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype,
+                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast)
+        self.S, self.bps, self.nbi, self.warps, self.stages = _launch_config(
+            B, H, NB, dev, fmt is not None, num_splits, blocks_per_iter, num_warps,
+            num_stages, _RESIDENT.get(self.key))
+        self.fold, self.fast, self.maxnreg, self.geom = fold, fast, maxnreg, geom
+
+    def run(self, q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, s0, stot,
+            *, run, sm_scale):
+        geom, fmt = self.geom, self.fmt
+        B, Hq, D = q.shape
+        H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
+        n = arena_row.numel() // 4 * 4
+        arena_st = arena_row[:n].view(geom.store_dtype)
+        arena_md = arena_row[:n].view(geom.meta_dtype)
+        perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
+        f16 = self.dot_dtype == torch.float16
+        ck = _paged_decode_kernel[(B, H, self.S)](
+            q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, perm, rstart, rlen,
+            bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot,
+            HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
+            G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
+            KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
+            NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
+            UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
+            IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
+            ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
+            FAST=self.fast or self.fold, ROWLEN=run is not None, num_warps=self.warps,
+            num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
+        if q.is_cuda and self.key not in _RESIDENT:
+            res = _resident_programs(ck, q.device)
+            if res:
+                _RESIDENT[self.key] = res
 
 
 def slot_bytes_read(geom: BlockGeometry, fmt: KVFormat) -> int:

@@ -122,6 +122,12 @@ def test_kernel_per_format_launches_match_reference(request, device, case, dtype
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
                                   formats=formats)
     _compare(tuple(t.cpu() for t in got), want, dtype)
+    # grouped on the host, as the engine's plan does (attended entries only)
+    rows = [[(j, KVFormat(int(kb[b, j]), int(vb[b, j]))) for j in range(kb.shape[1])
+             if int(ntok[b, j]) > 0] for b in range(kb.shape[0])]
+    groups = pdt.FormatGroups.from_rows(rows, kb.shape[1], q.device)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, groups=groups)
+    _compare(tuple(t.cpu() for t in got), want, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
