@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.paged_decode_triton import paged_decode_triton, slot_bytes_read
+from engine.kernels.paged_decode_triton import (FormatGroups, paged_decode_triton,
+                                                slot_bytes_read)
 from engine.kernels.quant import quantize_keys_ref, quantize_values_ref
 from engine.layout import BlockGeometry, KVFormat
 
@@ -135,7 +136,10 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
     nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
     nbytes = B * ((NB - 1) * slot_bytes_read(geom, base) + slot_bytes_read(geom, last))
     rows = []
-    for label, kw in (("per-format", dict(formats=[base, last])), ("dynamic", {})):
+    rows_g = [[(j, base) for j in range(NB - 1)] + [(NB - 1, last)] for _ in range(B)]
+    groups = FormatGroups.from_rows(rows_g, NB, device)      # as the engine's plan makes it
+    for label, kw in (("grouped", dict(groups=groups)), ("per-format", dict(formats=[base, last])),
+                      ("dynamic", {})):
         out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
         err = (out.float() - ref.squeeze(2).float()).abs().max().item()
         calls = [lambda t=t: paged_decode_triton(qd, arena, t, kb, vb, nt, geom, sm_scale, **kw)
