@@ -1,0 +1,51 @@
+"""The predictor shipped for the default model: it loads, the policy loop picks it, and
+on a real snapshot it prices a clearly cheap move far below a clearly expensive one."""
+import pytest
+
+from controller.predictors import artifact as art
+from controller.predictors.features import candidate_features
+from controller.predictors.learned import LearnedPredictor, artifact_path, predictor_for
+from controller.strategies import Candidate, ColdQuantization, Context
+from engine.actions import Evict
+
+
+@pytest.mark.model
+def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch):
+    import pydoc_data.topics as t
+
+    from controller.bench_compression import Run
+    from engine.engine import Engine, EngineConfig
+
+    monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
+    e = Engine(EngineConfig(model="default", device="cpu", dtype="float32",
+                            kv_budget_bytes=512 << 20, host_budget_bytes=256 << 20))
+    r = None
+    try:
+        header = art.read_header(artifact_path(e.model_name))
+        assert header["model_id"] == e.model_name and header["trained_on"]["rows"] > 0
+        learned = predictor_for(e.model_name)
+        assert isinstance(learned, LearnedPredictor) and learned.artifact is not None
+        text = " ".join(list(t.topics.values())[20:40])
+        ids = e.tokenizer(text)["input_ids"][:772]
+        assert len(ids) == 772
+        r = Run(e, ids[:-4])
+        for tok in ids[-4:]:          # a few decode steps: the decode-time statistics
+            r.decode(tok)
+        seq = e.handle.sequence_view(r.sid, len(ids) - 4)
+        ctx = Context.from_snapshot(e.handle.snapshot())
+        cheap = ColdQuantization(8).propose(
+            seq, 2 * (ctx.format_bytes["full"] - ctx.format_bytes["int8"]), ctx)
+        # evict every block eviction may touch (all but the sink and the newest)
+        ev = tuple(b.index for b in seq.blocks[1:-1])
+        heavy = Candidate("heavy_hitter", seq.seq_id, (Evict(seq.seq_id, ev),), ev,
+                          len(ev) * ctx.format_bytes["full"], False, "evict")
+        assert len(cheap.blocks) <= 3
+        f = candidate_features(seq, heavy)
+        assert f["share"] > 0.9 and f["mass_frac"] > 0.5       # most of the attention
+        p_cheap, p_heavy = learned.predict(seq, cheap), learned.predict(seq, heavy)
+        assert p_cheap.source == p_heavy.source == "learned"     # no fallback
+        assert p_cheap.accuracy * 10 < p_heavy.accuracy
+    finally:
+        if r is not None:
+            r.close()
+        e.stop()
