@@ -31,9 +31,9 @@ from controller.config import Config
 from controller.errors import SERVICE, KvctlInterceptor
 from controller.metrics import Metrics
 from controller.policy import DecisionLog, PolicyState
-from controller.service import KvctlService
+from controller.service import KvctlService, add_to_server
 from controller.telemetry import Telemetry
-from kvctl_proto.kvctl.v1 import kvctl_pb2, kvctl_pb2_grpc
+from kvctl_proto.kvctl.v1 import kvctl_pb2
 
 log = logging.getLogger("kvctl.server")
 
@@ -191,7 +191,7 @@ class Daemon:
         self.server = grpc.aio.server(migration_thread_pool=self.pool,
                                       interceptors=[KvctlInterceptor(token)],
                                       maximum_concurrent_rpcs=s.max_workers)
-        kvctl_pb2_grpc.add_KvctlServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (kvctl_pb2.DESCRIPTOR.services_by_name["Kvctl"].full_name,

@@ -17,9 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
+
 from controller import convert
 from controller.aio import EventStream, Outbox
-from controller.errors import CapacityExceeded, Draining, UnknownSequence
+from controller.errors import SERVICE, CapacityExceeded, Draining, UnknownSequence
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
@@ -236,42 +238,46 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         return pb.CancelResponse(seq_id=request.seq_id, cancelled=ok)
 
     # ------------------------------------------------------------ status
-    async def GetStatus(self, request, context):
-        """On the loop: the telemetry thread has built this sample's NodeStatus already,
-        so the call only copies it (in C). A fresh sample reads the engine: off the loop."""
+    async def GetStatus(self, request, context) -> bytes:
+        """The NodeStatus, already serialized: served with an identity response serializer
+        (``add_to_server``). On the loop: the telemetry thread has built and serialized
+        this sample's status, so the call appends the two per-call fields to those bytes
+        (a later field wins when protobuf parses concatenated messages). A fresh sample
+        reads the engine: off the loop."""
         if request.fresh:
             sample = await self.blocking(self.telemetry.sample_now)
         else:
             sample = self.telemetry.latest()
-        msg = self._cached_status(sample)
-        if msg is None:
-            msg = await self.blocking(self.status_of, sample)
-        out = pb.NodeStatus()
-        out.CopyFrom(msg)                # the cached one is shared
-        out.uptime_s = time.monotonic() - self.started_at
-        out.draining = self.draining
-        return out
+        raw = self._cached_status(sample)
+        if raw is None:
+            raw = (await self.blocking(self._status_entry, sample))[3]
+        live = pb.NodeStatus(uptime_s=time.monotonic() - self.started_at, draining=self.draining)
+        return raw + live.SerializeToString()
 
-    def _cached_status(self, sample) -> pb.NodeStatus | None:
+    def _cached_status(self, sample) -> bytes | None:
         cached = self._status_cache
         if cached is not None and cached[0] is sample and cached[1] == self.policy.view():
-            return cached[2]
+            return cached[3]
         return None
 
     def status_of(self, sample) -> pb.NodeStatus:
-        """NodeStatus of one telemetry sample, built once per (sample, policy): building
-        it walks every sequence's blocks, too slow to repeat on every call under load.
-        The telemetry thread warms it, so GetStatus itself only copies. Blocking-free
-        but not cheap: call it off the event loop."""
-        cached = self._cached_status(sample)
-        if cached is not None:
-            return cached
+        """NodeStatus of one telemetry sample, built (and serialized) once per (sample,
+        policy): building it walks every sequence's blocks, too slow to repeat on every
+        call under load. The telemetry thread warms it. Not cheap: off the event loop."""
+        return self._status_entry(sample)[2]
+
+    def _status_entry(self, sample) -> tuple:
+        """(sample, policy view, NodeStatus, its bytes), cached."""
         view = self.policy.view()
+        cached = self._status_cache
+        if cached is not None and cached[0] is sample and cached[1] == view:
+            return cached
         msg = convert.status_to_proto(
             sample, view, self._budget(sample.snapshot, view), self.telemetry.mode,
             0.0, False, VERSION, getattr(self.engine, "model_name", ""))
-        self._status_cache = (sample, view, msg)
-        return msg
+        entry = (sample, view, msg, msg.SerializeToString())
+        self._status_cache = entry
+        return entry
 
     @off_loop
     def ListSequences(self, request, context):
@@ -386,3 +392,27 @@ def _get(q: queue.Queue, timeout: float):
         return q.get(timeout=timeout)
     except queue.Empty:
         return None
+
+
+def add_to_server(service: KvctlService, server) -> None:
+    """Register ``service`` as kvctl.v1.Kvctl: the generated registration, except that
+    GetStatus's response goes out as the bytes the handler returns."""
+    class Capture:
+        handlers: dict | None = None
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+            self.handlers = dict(handlers)
+
+    cap = Capture()
+    kvctl_pb2_grpc.add_KvctlServicer_to_server(service, cap)
+    if cap.handlers is None:
+        raise RuntimeError("kvctl_pb2_grpc no longer registers method handlers; regenerate "
+                           "the stubs with the pinned grpcio-tools")
+    h = cap.handlers["GetStatus"]
+    cap.handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
+        h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, cap.handlers),))
+    server.add_registered_method_handlers(SERVICE, cap.handlers)

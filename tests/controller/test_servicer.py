@@ -46,6 +46,8 @@ def call(svc, method, request, ctx, loop):
         out = loop.run(getattr(svc, method)(request, ctx), timeout=30)
         if method == "Generate":
             out = drain(ctx.written)
+        elif method == "GetStatus":         # served pre-serialized (identity serializer)
+            out = pb.NodeStatus.FromString(out)
         return OK, out
     except Exception as e:     # what the interceptor would send
         return status_for(e)[0], e
@@ -230,7 +232,7 @@ def test_status_and_streams_do_not_wait_for_the_engine_lock(svc, ctx, loop, fake
     with fake_engine.lock:
         listing = asyncio.run_coroutine_threadsafe(svc.ListSequences(pb.ListSequencesRequest(), ctx),
                                                    loop.loop)
-        st = loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx), timeout=5)
+        st = pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx), timeout=5))
         assert st.model == "fake" and not listing.done()
     assert listing.result(timeout=5).sequences == []
 
@@ -252,6 +254,23 @@ def test_draining_refuses_new_work(svc, ctx, loop):
         assert code == E.UNAVAILABLE and "shutting down" in str(err)
     code, st = call(svc, "GetStatus", pb.GetStatusRequest(), ctx, loop)
     assert code == OK and st.draining
+
+
+def test_status_bytes_are_the_cached_status_plus_live_fields(svc, ctx, loop):
+    sample = svc.telemetry.latest()
+    want = svc.status_of(sample)
+    got = pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx)))
+    assert got.uptime_s > 0 and not got.draining
+    got.uptime_s = 0.0
+    assert got == want
+    svc.begin_drain()
+    assert pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx))).draining
+
+
+def test_status_follows_a_policy_change_without_a_new_sample(svc, ctx, loop):
+    loop.run(svc.SetPolicy(pb.SetPolicyRequest(profile="throughput"), ctx))
+    st = pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx)))
+    assert st.policy.profile == "throughput"
 
 
 @pytest.mark.parametrize("exc, want", [
