@@ -159,6 +159,7 @@ VARIANTS = {
     "w8": dict(num_warps=8), "s3": dict(num_stages=3), "s1": dict(num_stages=1),
     "nbi1": dict(blocks_per_iter=1), "nbi4": dict(blocks_per_iter=4),
     "x4": dict(split_mult=4), "x16": dict(split_mult=16), "dyn": None,
+    "words": dict(word_codes=True),
 }
 
 

@@ -105,6 +105,58 @@ def _u8_codes(raw, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
         return _codes_to(c, DT)
 
 
+_ASM_W8 = tl.constexpr(
+    "{ .reg .b32 t0, t1, m; mov.b32 m, 0x64646464; prmt.b32 t0, $4, m, 0x4140;"
+    " prmt.b32 t1, $4, m, 0x4342; mov.b32 m, 0x64006400; sub.f16x2 t0, t0, m;"
+    " sub.f16x2 t1, t1, m; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1; }")
+_ASM_W4 = tl.constexpr(
+    "{ .reg .b32 x, t0, t1, t2, t3, m, s; and.b32 x, $8, 0x0F0F0F0F; mov.b32 m, 0x64646464;"
+    " prmt.b32 t0, x, m, 0x4140; prmt.b32 t1, x, m, 0x4342; shr.b32 x, $8, 4;"
+    " and.b32 x, x, 0x0F0F0F0F; prmt.b32 t2, x, m, 0x4140; prmt.b32 t3, x, m, 0x4342;"
+    " mov.b32 s, 0x64006400; sub.f16x2 t0, t0, s; sub.f16x2 t1, t1, s; sub.f16x2 t2, t2, s;"
+    " sub.f16x2 t3, t3, s; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1;"
+    " mov.b32 {$4, $5}, t2; mov.b32 {$6, $7}, t3; }")
+
+
+@triton.jit
+def _word_codes(w, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int32 words [..., W] of packed codes -> exact fp16 codes [..., W * 32 / BITS], in
+    memory order (BITS 8: byte k of word i is element 4 i + k; BITS 4: the low nibble of
+    byte k is element 8 i + 2 k, the high one 8 i + 2 k + 1). ASM: PTX per word (prmt
+    under an fp16 exponent, one sub.f16x2 per two codes); else plain Triton."""
+    # the order of the PTX outputs is checked by tests/kernels/test_ptx_strings.py
+    if BITS == 8:
+        if ASM:
+            e0, e1, e2, e3 = tl.inline_asm_elementwise(
+                _ASM_W8, "=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+        else:
+            e0 = _codes_to(w & 255, tl.float16)
+            e1 = _codes_to((w >> 8) & 255, tl.float16)
+            e2 = _codes_to((w >> 16) & 255, tl.float16)
+            e3 = _codes_to((w >> 24) & 255, tl.float16)
+        # join(x, y) adds a minor axis: element 2 i + j of the pair axis is join level j
+        # (outer) of level i (inner), so the inner joins pair elements two apart
+        c = tl.join(tl.join(e0, e2), tl.join(e1, e3))
+        return tl.reshape(c, c.shape[:-3] + (c.shape[-3] * 4,))
+    else:
+        if ASM:
+            e0, e2, e4, e6, e1, e3, e5, e7 = tl.inline_asm_elementwise(
+                _ASM_W4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8,
+                is_pure=True, pack=1)
+        else:
+            e0 = _codes_to(w & 15, tl.float16)
+            e1 = _codes_to((w >> 4) & 15, tl.float16)
+            e2 = _codes_to((w >> 8) & 15, tl.float16)
+            e3 = _codes_to((w >> 12) & 15, tl.float16)
+            e4 = _codes_to((w >> 16) & 15, tl.float16)
+            e5 = _codes_to((w >> 20) & 15, tl.float16)
+            e6 = _codes_to((w >> 24) & 15, tl.float16)
+            e7 = _codes_to((w >> 28) & 15, tl.float16)
+        c = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)),
+                    tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+        return tl.reshape(c, c.shape[:-4] + (c.shape[-4] * 8,))
+
+
 @triton.jit
 def _split_codes(raw, BITS: tl.constexpr):
     """raw [..., C] uint8 -> int32 [..., C, 8 // BITS] codes (low bits first); BITS 8: [..., C]."""
@@ -123,7 +175,7 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-            FAST: tl.constexpr = False, ASM: tl.constexpr = False):
+            FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = False):
     """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked).
 
     FAST (fp16 dot operands): codes become exact fp16 (PTX when ASM) and are dequantized
@@ -151,10 +203,17 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
         # masked per block only (holes), not per token: a mask constant over the tile keeps
         # the loads 16 bytes wide. Codes of tokens past ntok are inside the slot; their
         # logits are masked by the caller
-        raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
         sc = tl.load(arena_md + m_el, mask=has, other=0.0)                         # [NBI,1,D]
         zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0)
-        if FAST:
+        if WORDS and FAST and BITS >= 4:
+            # codes read and converted as int32 words (no byte unpacking)
+            w3 = tl.arange(0, DB // 4)[None, None, :]
+            arena_w = arena_u8.to(tl.pointer_type(tl.int32), bitcast=True)
+            wd = tl.load(arena_w + (off // 4)[:, None, None] + kvh * T * (DB // 4)
+                         + t3 * (DB // 4) + w3, mask=has, other=0)
+            k = _word_codes(wd, BITS, ASM) * sc.to(DT) + zr.to(DT)
+        elif FAST:
+            raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
             if BITS == 8:
                 c = _u8_codes(raw, 0, 8, DT, ASM)
             elif BITS == 4:
@@ -165,6 +224,7 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             c = tl.reshape(c, (NBI, T, D))
             k = c * sc.to(DT) + zr.to(DT)
         else:
+            raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
             c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
             k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
     k2 = tl.reshape(k, (NBI * T, D))
@@ -211,7 +271,7 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-            ASM: tl.constexpr):
+            ASM: tl.constexpr, WORDS: tl.constexpr = False):
     """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes."""
     if BITS == 0:
         t3 = tl.arange(0, T)[None, :, None]
@@ -234,9 +294,18 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         j4 = tl.arange(0, GB)[None, None, None, :]
         # masked per block only (holes; keeps the loads wide); tokens past ntok read codes
         # inside the slot and get scale = zero = 0
-        raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER) + g4 * GB + j4,
-                      mask=ntok[:, None, None, None] > 0, other=0)        # [NBI, T, NG, GB]
-        if FAST:
+        if WORDS and FAST and BITS >= 4:
+            # codes read and converted as int32 words (no byte unpacking)
+            DW: tl.constexpr = D // PER // 4                         # words per row
+            w3 = tl.arange(0, DW)[None, None, :]
+            t3w = tl.arange(0, T)[None, :, None]
+            arena_w = arena_u8.to(tl.pointer_type(tl.int32), bitcast=True)
+            wd = tl.load(arena_w + (voff // 4)[:, None, None] + kvh * T * DW + t3w * DW + w3,
+                         mask=ntok[:, None, None] > 0, other=0)
+            c = tl.reshape(_word_codes(wd, BITS, ASM), (NBI, T, NG, G))
+        elif FAST:
+            raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
+                          + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
             if BITS == 8:
                 c = _u8_codes(raw, 0, 8, DT, ASM)
             elif BITS == 4:
@@ -246,6 +315,8 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
                             tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
             c = tl.reshape(c, (NBI, T, NG, G))
         else:
+            raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
+                          + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
             c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
         # scale / zero as [NBI, T, NG] tiles (contiguous along NG), then a size-1 axis
@@ -301,6 +372,7 @@ def _paged_decode_kernel(
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -337,7 +409,7 @@ def _paged_decode_kernel(
             voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
         elif KB >= 0:
             s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
-                        ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
+                        ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
             voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
         else:
             kb = tl.load(kbits_ptr + b * NB + blk0)
@@ -392,7 +464,7 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(lb * w, axis=1)
         if VB >= 0:
             pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
-                         ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
+                         ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
         else:
             vb = tl.load(vbits_ptr + b * NB + blk0)
             if vb == 0:
@@ -519,7 +591,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         num_stages: int | None = None, fold: bool = False,
                         fast: bool | None = None, maxnreg: int | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
-                        groups: "FormatGroups | None" = None
+                        groups: "FormatGroups | None" = None, word_codes: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -535,6 +607,10 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     kernel, which is 5-15x slower (docs/BENCHMARKS.md).
     ``groups``: the same from the caller's host-side grouping (FormatGroups.from_rows;
     sizes each launch by its longest run, no sort on the device).
+    ``word_codes``: experimental, off until timed on the H200: int8/int4 codes read as
+    int32 words and converted per word (fp16 operands only). Compiled for sm_90 here it
+    has 15-24% fewer instructions per loop iteration, no byte loads from shared memory and
+    20-50 fewer registers (docs/BENCHMARKS.md); its PTX has not run on a GPU yet.
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
     ``fold``: experimental, off by default because it measured slower on the H200
@@ -589,7 +665,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     offs, kbits = block_offsets.contiguous(), block_kbits.contiguous()
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
     kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
-              num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg)
+              num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg,
+              word_codes=word_codes)
     if fmt is None and groups is None and formats is not None \
             and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
         groups = FormatGroups.from_table(kbits, vbits, formats)
@@ -696,7 +773,7 @@ class _Launch:
     wide."""
 
     def __init__(self, q, geom, fmt, B, NB, *, num_splits, blocks_per_iter, num_warps,
-                 num_stages, fold, fast, maxnreg):
+                 num_stages, fold, fast, maxnreg, word_codes):
         Hq, D = q.shape[1], q.shape[2]
         H, T = geom.num_kv_heads, geom.block_size
         dev = q.device
@@ -729,8 +806,9 @@ class _Launch:
             # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with
             # and without the PTX conversion): at least 32 tokens an iteration
             blocks_per_iter = 32 // T
+        self.words = bool(word_codes and fast and not fold)
         self.key = (dev, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype,
-                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast)
+                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast, self.words)
         self.S, self.bps, self.nbi, self.warps, self.stages = _launch_config(
             B, H, NB, dev, fmt is not None, num_splits, blocks_per_iter, num_warps,
             num_stages, _RESIDENT.get(self.key))
@@ -756,7 +834,8 @@ class _Launch:
             UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
             IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
             ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
-            FAST=self.fast or self.fold, ROWLEN=run is not None, num_warps=self.warps,
+            FAST=self.fast or self.fold, ROWLEN=run is not None, WORDS=self.words,
+            num_warps=self.warps,
             num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
         if q.is_cuda and self.key not in _RESIDENT:
             res = _resident_programs(ck, q.device)

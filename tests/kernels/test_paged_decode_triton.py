@@ -106,6 +106,25 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nbi", [1, 2])
+@pytest.mark.parametrize("case", [c for c in CASES if isinstance(c[7], KVFormat)
+                                  and c[7].k_bits in (4, 8) and c[3] >= 64]
+                         + [(2, 4, 2, 64, 16, 32, [77, 40], KVFormat(8, 4), 0.2)],
+                         ids=_case_id)
+def test_kernel_word_codes_match_reference(request, device, case, nbi):
+    """int8/int4 codes read and converted as int32 words (fp16 operands)."""
+    pdt, _ = kernel_modules(device)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
+                                                   seed_of(request))
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, sm_scale)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, fmt=case[7],
+                                  blocks_per_iter=nbi, word_codes=True)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if not isinstance(c[7], KVFormat)],
                          ids=_case_id)
