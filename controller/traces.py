@@ -173,17 +173,18 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
         first = True
         while pending or first:
             chunk, pending = pending[:cfg.batch], pending[cfg.batch:]
-            forks = []
-            # the reference is a copy too: ``base`` itself must stay as it was snapshotted
-            refrun = Run(engine, None, base) if first else None
-            for frac, c in chunk:
-                r = Run(engine, None, base)
-                for a in c.actions:     # the move, on the copy
-                    h.apply(dataclasses.replace(a, seq_id=r.sid))
-                forks.append((frac, c, r))
-            runs = ([refrun] if refrun else []) + [r for _, _, r in forks]
-            outs: dict[str, list[torch.Tensor]] = {r.sid: [] for r in runs}
+            forks, runs = [], []
             try:
+                # the reference is a copy too: ``base`` must stay as it was snapshotted
+                refrun = Run(engine, None, base) if first else None
+                runs += [refrun] if refrun else []
+                for frac, c in chunk:
+                    r = Run(engine, None, base)
+                    runs.append(r)
+                    for a in c.actions:     # the move, on the copy
+                        h.apply(dataclasses.replace(a, seq_id=r.sid))
+                    forks.append((frac, c, r))
+                outs: dict[str, list[torch.Tensor]] = {r.sid: [] for r in runs}
                 for grp in groups(engine, runs, cfg.batch + 1):
                     for t in tail:
                         for r, lg in zip(grp, decode_group(engine, grp, t)):
@@ -198,8 +199,8 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
                     rows.append({
                         "v": TRACE_VERSION, "schema": SCHEMA_VERSION, "model": engine.model_name,
                         "tokens": view.num_tokens, "strategy": c.strategy, "kind": c.kind,
-                        "target_frac": round(frac, 4), "prior": prior_name, "num_touched": len(c.blocks),
-                        "freed_bytes": c.freed_bytes,
+                        "target_frac": round(frac, 4), "prior": prior_name,
+                        "num_touched": len(c.blocks), "freed_bytes": c.freed_bytes,
                         "features": candidate_features(view, c), **m,
                         "heuristic": p.accuracy})
             finally:
