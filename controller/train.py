@@ -165,7 +165,8 @@ def print_report(rep: dict, out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvctl train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="kvctl train", description="Record cost traces on the "
+                                 "engine; fit and save the learned accuracy-cost predictor.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{record,fit}")
     r = sub.add_parser("record", help="record traces on the engine (slow on CPU)")
     r.add_argument("--out", required=True, help="JSON-lines file to write (.gz: compressed)")
