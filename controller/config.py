@@ -72,7 +72,8 @@ class ServerConfig:
     tls_cert: str = ""               # PEM; required with tcp_address
     tls_key: str = ""
     token_file: str = ""             # bearer token for mutating RPCs over TCP
-    max_workers: int = 128           # one per open stream: 64 streams + status calls fit
+    max_workers: int = 128           # most RPCs at once (open streams included); also the
+                                     # worker threads for blocking work (engine lock, snapshots)
     drain_grace_s: float = 30.0      # SIGTERM: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
