@@ -14,14 +14,16 @@ How scale and zero are chosen (the layout is the same either way):
     the range; least squared error), then ``LS_ITERS`` alternating least-squares steps
     (codes fixed: scale/zero are the linear fit of x on the codes; then re-round). Each
     step is kept only where it lowers the group's squared error.
-  - keys: min/max, then the same least-squares steps. No clipping: a key channel's
-    extremes are the tokens attention picks out (measured: MSE-clipping keys raised PPL).
+  - keys: the same clip grid and least-squares steps, but on a *weighted* squared error:
+    a token weighs ``0.05 + |x - channel mean| / mean |x - channel mean|`` (key_weights).
+    A key channel's extremes are the tokens attention picks out: unweighted MSE
+    clipping of keys raised PPL (measured, see docs/BENCHMARKS.md).
   - *anchor* blocks (the block holding the sequence's first token, the attention sink;
     Xiao et al. 2023, StreamingLLM): keys use a grid that puts token 0 exactly on a code
     level in every channel (the smallest scale covering the channel's min/max with one
     level at token 0's value). Same bytes, different rounding.
-  In every case the result's squared error per group is never above min/max's, except
-  in anchor blocks (token 0 exact, the rest a slightly wider grid).
+  In every case the result's (weighted) squared error per group is never above
+  min/max's, except in anchor blocks (token 0 exact, the rest a slightly wider grid).
 
 Shapes: blocks come batched as ``[N, H, T, D]`` (N blocks, H kv heads, T tokens, D dims).
 """
@@ -33,6 +35,7 @@ REFINED_BITS = (2,)   # widths that get clipping / least-squares fits (see above
 CLIP_STEPS = 7        # clip candidates per end: 0, CLIP_STEP, ..., 6 * CLIP_STEP of the range
 CLIP_STEP = 0.05
 LS_ITERS = 8
+KEY_WEIGHT_EPS = 0.05  # floor of a key token's weight (key_weights)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,13 +58,24 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def _assign(g, scale, zero, qmax):
+def key_weights(g: torch.Tensor) -> torch.Tensor:
+    """Weights of the 2-bit key fit, ``[..., T]`` -> ``[..., T]``: a channel's tokens
+    count by their distance from the channel's mean (in units of the mean distance) plus
+    ``KEY_WEIGHT_EPS``. A token far out in a channel makes a large logit there, and the
+    large logits are the ones softmax keeps."""
+    n = g.shape[-1]
+    dev = (g - g.sum(-1, keepdim=True) / n).abs()
+    mad = dev.sum(-1, keepdim=True) / n
+    return dev / torch.where(mad > 0, mad, torch.ones_like(mad)) + KEY_WEIGHT_EPS
+
+
+def _assign(g, w, scale, zero, qmax):
     """Nearest codes of groups ``g [..., n]`` for fp32 scale/zero ``[..., 1]``, and the
-    groups' squared errors ``[..., 1]``."""
+    groups' weighted squared errors ``[..., 1]``."""
     s = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: codes 0
     c = torch.round((g - zero) / s).clamp_(0, qmax)
     e = c * scale + zero - g
-    return c, (e * e).sum(-1, keepdim=True)
+    return c, (w * e * e).sum(-1, keepdim=True)
 
 
 def _meta(scale, zero, md):
@@ -74,14 +88,17 @@ def _keep_better(best, cand):
 
 
 def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype, clip: bool = False,
-               ls_iters: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ls_iters: int = 0, w: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (fp32 integers) and fp32 scale/zero (meta-rounded) of groups ``g [..., n]``
-    along the last dim: min/max, optionally the clip grid, then least-squares steps."""
+    along the last dim: min/max, optionally the clip grid, then least-squares steps, each
+    kept where it lowers the (``w``-weighted) squared error."""
     g = g.float()
+    w = torch.ones_like(g) if w is None else w.float()
     qmax = (1 << bits) - 1
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     s, z = _meta((hi - lo) / qmax, lo, meta_dtype)
-    c, e = _assign(g, s, z, qmax)
+    c, e = _assign(g, w, s, z, qmax)
     best = (c, s, z, e)
     if clip:
         r = hi - lo
@@ -91,20 +108,20 @@ def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype, clip: bool =
                     continue
                 l2, h2 = lo + (ia * CLIP_STEP) * r, hi - (ib * CLIP_STEP) * r
                 s2, z2 = _meta((h2 - l2) / qmax, l2, meta_dtype)
-                c2, e2 = _assign(g, s2, z2, qmax)
+                c2, e2 = _assign(g, w, s2, z2, qmax)
                 best = _keep_better(best, (c2, s2, z2, e2))
-    n = g.shape[-1]
-    xm = g.sum(-1, keepdim=True) / n
+    sw = w.sum(-1, keepdim=True)
+    xm = (w * g).sum(-1, keepdim=True) / sw
     for _ in range(ls_iters):
         c, s, z, _e = best
-        cm = c.sum(-1, keepdim=True) / n
+        cm = (w * c).sum(-1, keepdim=True) / sw
         dc = c - cm
-        var = (dc * dc).sum(-1, keepdim=True) / n
-        cov = (dc * (g - xm)).sum(-1, keepdim=True) / n
+        var = (w * dc * dc).sum(-1, keepdim=True)
+        cov = (w * dc * (g - xm)).sum(-1, keepdim=True)
         ok = var > 0
         s2 = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), s).clamp_min(0)
         s2, z2 = _meta(s2, torch.where(ok, xm - s2 * cm, z), meta_dtype)
-        c2, e2 = _assign(g, s2, z2, qmax)
+        c2, e2 = _assign(g, w, s2, z2, qmax)
         best = _keep_better(best, (c2, s2, z2, e2))
     return best[0], best[1], best[2]
 
@@ -129,7 +146,7 @@ def fit_anchored(g: torch.Tensor, bits: int, meta_dtype: torch.dtype
         z = x0 - c0 * torch.where(m, s, torch.zeros_like(s))   # (no 0 * inf)
         best_s, best_z = torch.where(m, s, best_s), torch.where(m, z, best_z)
     s, z = _meta(best_s, best_z, meta_dtype)
-    return _assign(g, s, z, qmax)[0], s, z
+    return _assign(g, torch.ones_like(g), s, z, qmax)[0], s, z
 
 
 def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
@@ -142,7 +159,8 @@ def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
     """
     g = k.float().transpose(2, 3)                                   # [N, H, D, T]
     refine = bits in REFINED_BITS
-    c, s, z = fit_groups(g, bits, meta_dtype, clip=False, ls_iters=LS_ITERS if refine else 0)
+    c, s, z = fit_groups(g, bits, meta_dtype, clip=refine, ls_iters=LS_ITERS if refine else 0,
+                         w=key_weights(g) if refine else None)
     if refine and anchor is not None and bool(anchor.any()):
         ca, sa, za = fit_anchored(g, bits, meta_dtype)
         m = anchor.to(torch.bool).view(-1, 1, 1, 1)

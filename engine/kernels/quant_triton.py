@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.quant import CLIP_STEP, CLIP_STEPS, LS_ITERS, REFINED_BITS
+from engine.kernels.quant import CLIP_STEP, CLIP_STEPS, KEY_WEIGHT_EPS, LS_ITERS, REFINED_BITS
 
 _META = (torch.float16, torch.float32)
 
@@ -51,13 +51,13 @@ def _div(a, b):
 
 @triton.jit
 def _assign(x, w, scale, zero, QMAX: tl.constexpr, KEYS: tl.constexpr):
-    """Nearest codes (fp32) for meta-rounded scale/zero, and the group's squared error
-    (``w`` = 1 for real elements, 0 for padding)."""
+    """Nearest codes (fp32) for meta-rounded scale/zero, and the group's weighted squared
+    error (``w``: the fit's weights, 0 for padding)."""
     s = tl.where(scale > 0, scale, 1.0)  # constant group: every code 0
     c = tl.floor(_div(x - zero, s) + 0.5)
     c = tl.minimum(tl.maximum(c, 0.0), QMAX)
-    e = (c * scale + zero - x) * w
-    return c, _gred(e * e, 0, KEYS)
+    e = c * scale + zero - x
+    return c, _gred(w * e * e, 0, KEYS)
 
 
 @triton.jit
@@ -65,7 +65,8 @@ def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
          CLIP_STEPS: tl.constexpr, CLIP_STEP: tl.constexpr, LS_ITERS: tl.constexpr):
     """Codes (fp32), scale, zero (fp32, meta-rounded) of each group: min/max, then (if
     CLIP_STEPS > 1) the best of the clipped ranges, then LS_ITERS least-squares steps,
-    each kept where it lowers the squared error (engine/kernels/quant.py, fit_groups)."""
+    each kept where it lowers the ``w``-weighted squared error (quant.py, fit_groups).
+    Min/max ignore elements of weight 0 (padding)."""
     lo = _gred(tl.where(w > 0, x, float("inf")), 1, KEYS)
     hi = _gred(tl.where(w > 0, x, float("-inf")), 2, KEYS)
     scale = _div(hi - lo, QMAX).to(MD).to(tl.float32)
@@ -87,13 +88,13 @@ def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
                     zero = tl.where(m, z2, zero)
                     err = tl.where(m, e2, err)
     if LS_ITERS > 0:
-        n = _gred(w, 0, KEYS)
-        xm = _div(_gred(x * w, 0, KEYS), n)
+        sw = _gred(w, 0, KEYS)
+        xm = _div(_gred(w * x, 0, KEYS), sw)
         for _ in tl.static_range(LS_ITERS):
-            cm = _div(_gred(c * w, 0, KEYS), n)
-            dc = (c - cm) * w
-            var = _div(_gred(dc * dc, 0, KEYS), n)
-            cov = _div(_gred(dc * (x - xm), 0, KEYS), n)
+            cm = _div(_gred(w * c, 0, KEYS), sw)
+            dc = c - cm
+            var = _gred(w * dc * dc, 0, KEYS)
+            cov = _gred(w * dc * (x - xm), 0, KEYS)
             ok = var > 0
             s2 = tl.maximum(tl.where(ok, _div(cov, tl.where(ok, var, 1.0)), scale), 0.0)
             z2 = tl.where(ok, xm - s2 * cm, zero)
@@ -143,7 +144,8 @@ def _quantize_keys_kernel(
     scale_ptr,   # [N * H, D] meta dtype out
     zero_ptr,    # [N * H, D] meta dtype out
     T, H, TP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MD: tl.constexpr,
-    LS_ITERS: tl.constexpr, ANCHOR: tl.constexpr,
+    CLIP_STEPS: tl.constexpr, CLIP_STEP: tl.constexpr, LS_ITERS: tl.constexpr,
+    KEY_WEIGHT_EPS: tl.constexpr, ANCHOR: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // PER
@@ -155,7 +157,13 @@ def _quantize_keys_kernel(
     tmask = t < T
     x = tl.load(x_ptr + nh * T * D + t * D + j * PER + i, mask=tmask, other=0.0).to(tl.float32)
     w = tl.where(tmask, 1.0, 0.0)
-    c, scale, zero = _fit(x, w, QMAX, MD, True, 1, 0.0, LS_ITERS)
+    if LS_ITERS > 0:
+        # key_weights (quant.py): distance from the channel mean in units of its mean
+        n = _gred(w, 0, True)
+        dev = tl.abs(x - _div(_gred(x * w, 0, True), n)) * w
+        mad = _div(_gred(dev, 0, True), n)
+        w = (_div(dev, tl.where(mad > 0, mad, 1.0)) + KEY_WEIGHT_EPS) * w
+    c, scale, zero = _fit(x, w, QMAX, MD, True, CLIP_STEPS, CLIP_STEP, LS_ITERS)
     if ANCHOR:
         x0 = tl.load(x_ptr + nh * T * D + j * PER + i).to(tl.float32)           # [1, DB, PER]
         ca, sa, za = _fit_anchored(x, w, x0, QMAX, MD)
@@ -270,8 +278,10 @@ def quantize_keys_triton(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
         _quantize_keys_kernel[(N * H,)](k, flags, codes, scale, zero, T, H,
                                         TP=triton.next_power_of_2(T), D=D, BITS=bits,
                                         MD=_meta_dt(meta_dtype),
-                                        LS_ITERS=LS_ITERS if refine else 0,
-                                        ANCHOR=use_anchor, num_warps=4)
+                                        CLIP_STEPS=CLIP_STEPS if refine else 1,
+                                        CLIP_STEP=CLIP_STEP, LS_ITERS=LS_ITERS if refine else 0,
+                                        KEY_WEIGHT_EPS=KEY_WEIGHT_EPS, ANCHOR=use_anchor,
+                                        num_warps=4)
     return codes, scale, zero
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.kernels.quant import (REFINED_BITS, dequantize_keys_ref, dequantize_values_ref,
-                                  fit_groups, pack_codes, quantize_keys_ref,
+                                  fit_groups, key_weights, pack_codes, quantize_keys_ref,
                                   quantize_values_ref, unpack_codes)
 from kernel_cases import DEVICES, kernel_modules, seed_of
 
@@ -44,12 +44,19 @@ def _close_codes(got, want, bits):
     assert (diff > 0).float().mean() < 0.01, "too many codes off by one"
 
 
+def _key_w(x, bits):
+    """The key fit's weights [N, H, T, D] (1 where the fit is unweighted)."""
+    if bits not in REFINED_BITS:
+        return torch.ones_like(x.cpu().float())
+    return key_weights(x.cpu().float().transpose(2, 3)).transpose(2, 3)
+
+
 def _group_sse(x, c, s, z, bits, keys, G=None):
-    """Squared reconstruction error per quantization group: keys [N, H, D] (over T),
-    values [N, H, T, D/G]."""
+    """(Weighted, as the fit weighs it) squared reconstruction error per quantization
+    group: keys [N, H, D] (over T), values [N, H, T, D/G]."""
     if keys:
         e = dequantize_keys_ref(c.cpu(), s.cpu(), z.cpu(), bits, torch.float32) - x.cpu().float()
-        return (e * e).sum(2)
+        return (_key_w(x, bits) * e * e).sum(2)
     e = dequantize_values_ref(c.cpu(), s.cpu(), z.cpu(), bits, G, torch.float32) - x.cpu().float()
     N, H, T, D = e.shape
     return (e * e).reshape(N, H, T, D // G, G).sum(-1)
@@ -61,11 +68,13 @@ def _minmax_sse(x, bits, keys, G=None):
     xf = x.cpu().float()
     if keys:
         g = xf.transpose(2, 3)                                            # [N, H, D, T]
+        w = _key_w(x, bits).transpose(2, 3)
     else:
         N, H, T, D = xf.shape
         g = xf.reshape(N, H, T, D // G, G)
+        w = torch.ones_like(g)
     c, s, z = fit_groups(g, bits, md)
-    return ((c * s + z - g) ** 2).sum(-1)
+    return (w * (c * s + z - g) ** 2).sum(-1)
 
 
 def _close_fit(x, got, want, bits, keys, G=None, anchor=None):
@@ -234,8 +243,9 @@ def test_reference_roundtrip_error_bound(request, shape, bits, dtype):
 @pytest.mark.parametrize("bits", REFINED_BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_reference_refined_fit_beats_minmax(request, shape, bits, dtype):
-    """Refined fits: no group's error above min/max's, the total clearly below it on
-    Gaussian data (an outlier channel included), and codes nearest for the stored meta.
+    """Refined fits: no group's (weighted, for keys) error above min/max's, the total
+    clearly below it on Gaussian data (an outlier channel included), and codes nearest for
+    the stored meta.
     Anchored key blocks: token 0 on the grid, nothing clipped (|err| <= scale / 2)."""
     G = shape[-1]
     x = _blocks(shape, dtype, seed_of(request), "cpu")
