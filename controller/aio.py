@@ -106,7 +106,7 @@ class Outbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settle_s: float = 0.001,
-                 chunk: int = 8) -> None:
+                 chunk: int = 2) -> None:
         self.loop = loop
         self.settle_s = settle_s
         self.chunk = chunk
