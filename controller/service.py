@@ -17,11 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import grpc
-
 from controller import convert
 from controller.aio import EventStream, Outbox
-from controller.errors import SERVICE, CapacityExceeded, Draining, UnknownSequence
+from controller.errors import CapacityExceeded, Draining, UnknownSequence
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
@@ -240,7 +238,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
     # ------------------------------------------------------------ status
     async def GetStatus(self, request, context) -> bytes:
         """The NodeStatus, already serialized: served with an identity response serializer
-        (``add_to_server``). On the loop: the telemetry thread has built and serialized
+        (``controller.server.add_to_server``). On the loop: the telemetry thread has built and serialized
         this sample's status, so the call appends the two per-call fields to those bytes
         (a later field wins when protobuf parses concatenated messages). A fresh sample
         reads the engine: off the loop."""
@@ -393,26 +391,3 @@ def _get(q: queue.Queue, timeout: float):
     except queue.Empty:
         return None
 
-
-def add_to_server(service: KvctlService, server) -> None:
-    """Register ``service`` as kvctl.v1.Kvctl: the generated registration, except that
-    GetStatus's response goes out as the bytes the handler returns."""
-    class Capture:
-        handlers: dict | None = None
-
-        def add_generic_rpc_handlers(self, handlers) -> None:
-            pass
-
-        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
-            self.handlers = dict(handlers)
-
-    cap = Capture()
-    kvctl_pb2_grpc.add_KvctlServicer_to_server(service, cap)
-    if cap.handlers is None:
-        raise RuntimeError("kvctl_pb2_grpc no longer registers method handlers; regenerate "
-                           "the stubs with the pinned grpcio-tools")
-    h = cap.handlers["GetStatus"]
-    cap.handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
-        h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, cap.handlers),))
-    server.add_registered_method_handlers(SERVICE, cap.handlers)
