@@ -3,9 +3,9 @@ attention statistics and the accuracy measured per format on the default model.
 
 Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
 * quantization: the measured PPL increase of the format (docs/BENCHMARKS.md, CPU,
-  SmolLM2: int8 +0.02%, int4 +0.4%, k4v2 +4%, int2 +25%) scaled by how much of the
-  sequence's attention the touched blocks carry (plus their share of blocks, since
-  attention moves);
+  SmolLM2, the worse of 2K and 4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%)
+  scaled by how much of the sequence's attention the touched blocks carry (plus their
+  share of blocks, since attention moves);
 * eviction: the attention mass removed, which is gone for good;
 * top-k offload: a fraction of the offloaded blocks' mass (pages not picked in a step);
 * exact offload: none; its price is latency: the bytes streamed per step over the bus.
@@ -22,7 +22,7 @@ from engine.actions import SequenceView
 from engine.layout import KVFormat
 
 # measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
-FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.042, "int2": 0.25}
+FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036, "int2": 0.077}
 PCIE_BYTES_PER_S = 55.3e9        # H200 host<->device, measured (FACTS.md)
 
 
