@@ -46,8 +46,7 @@ def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dro
         qd = q.index_select(0, d.rows).contiguous()
         offs, kb, vb, nt = plan.decode_table(layer, qd)
         o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale, fmt=d.fmt,
-                               cache=plan.layer_cache, formats=d.formats or None,
-                               groups=d.groups)
+                               cache=plan.layer_cache, groups=d.groups)
         plan.decode_done(layer)
         out.index_copy_(0, d.rows, o.to(out.dtype))
         plan.record_partials(layer, m, l)

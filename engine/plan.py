@@ -47,7 +47,6 @@ class DecodeBatch:
     stage_mask: torch.Tensor | None = None  # [Bd, NB] offsets relative to the staging buffer
     stager: Stager | None = None
     fmt: KVFormat | None = None  # the one format of every block in the table, if only one
-    formats: tuple[KVFormat, ...] = ()  # every format in the table
     groups: object | None = None  # FormatGroups of a mixed table, for the CUDA kernel
 
 
@@ -174,7 +173,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     staged = [[0] * nb for _ in range(B)]
     stager = Stager(store, store.num_layers)
     fmts = set()  # formats in the table: one lets the kernel compile it in
-    attended: list[list] = [[] for _ in range(B)]  # (column, format) of each row's entries
+    cuda = torch.device(device).type == "cuda"
+    attended: list[list] = [[] for _ in range(B)]  # (column, format) per row, for CUDA only
     cur = 0  # next free byte of each staging buffer
     for i, sid in enumerate(seq_ids):
         kv = store.seqs[sid]
@@ -191,7 +191,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
             v_i[b.index] = b.fmt.v_bits
             n_i[b.index] = b.num_tokens
             fmts.add(b.fmt)
-            attended[i].append((b.index, b.fmt))
+            if cuda:
+                attended[i].append((b.index, b.fmt))
         if not host:
             continue
         if kv.decode_mode == "topk":
@@ -218,13 +219,11 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
         (offs, torch.int64), (kb, torch.int32), (vb, torch.int32), (nt, torch.int32),
         (staged, torch.int64))]
     groups = None
-    if len(fmts) > 1 and torch.device(device).type == "cuda":
+    if len(fmts) > 1 and cuda:
         from engine.kernels.paged_decode_triton import FormatGroups
         groups = FormatGroups.from_rows(attended, nb, device)
     return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager,
-                       fmt=next(iter(fmts)) if len(fmts) == 1 else None,
-                       formats=tuple(sorted(fmts, key=lambda f: (f.k_bits, f.v_bits))),
-                       groups=groups)
+                       fmt=next(iter(fmts)) if len(fmts) == 1 else None, groups=groups)
 
 
 def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -152,16 +152,15 @@ def triton_supports(geom: BlockGeometry) -> bool:
 
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
                  sm_scale, fmt: KVFormat | None = None, cache: dict | None = None,
-                 formats=None, groups=None):
+                 groups=None):
     """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
     reference. ``fmt``: a promise that every attended block has this format (the caller
     knows it from its block list; no device sync here): the kernel compiles it in.
-    ``formats``: the formats a mixed table holds; the kernel then runs once per format
-    (``groups``: that grouping, made by the caller on the host)."""
+    ``groups``: a mixed table's blocks grouped by format (FormatGroups, made by the caller
+    on the host): the kernel then runs once per format."""
     if q.is_cuda and triton_supports(geom):
         from engine.kernels.paged_decode_triton import paged_decode_triton
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
-                                   block_ntok, geom, sm_scale, fmt=fmt, formats=formats,
-                                   groups=groups)
+                                   block_ntok, geom, sm_scale, fmt=fmt, groups=groups)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale, fmt, cache)

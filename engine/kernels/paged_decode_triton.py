@@ -158,6 +158,20 @@ def _word_codes(w, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _byte_codes(raw, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """uint8 tile [..., C] of packed codes -> exact DT codes [..., C, 8 // BITS] in memory
+    order (BITS 8: [..., C]); the caller reshapes the last two axes into one."""
+    if BITS == 8:
+        c = _u8_codes(raw, 0, 8, DT, ASM)
+    elif BITS == 4:
+        c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
+    else:
+        c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
+                    tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
+    return c
+
+
+@triton.jit
 def _split_codes(raw, BITS: tl.constexpr):
     """raw [..., C] uint8 -> int32 [..., C, 8 // BITS] codes (low bits first); BITS 8: [..., C]."""
     x = raw.to(tl.int32)
@@ -212,21 +226,14 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             wd = tl.load(arena_w + (off // 4)[:, None, None] + kvh * T * (DB // 4)
                          + t3 * (DB // 4) + w3, mask=has, other=0)
             k = _word_codes(wd, BITS, ASM) * sc.to(DT) + zr.to(DT)
-        elif FAST:
-            raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
-            if BITS == 8:
-                c = _u8_codes(raw, 0, 8, DT, ASM)
-            elif BITS == 4:
-                c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
-            else:
-                c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
-                            tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
-            c = tl.reshape(c, (NBI, T, D))
-            k = c * sc.to(DT) + zr.to(DT)
         else:
             raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
-            c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
-            k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
+            if FAST:
+                c = tl.reshape(_byte_codes(raw, BITS, DT, ASM), (NBI, T, D))
+                k = c * sc.to(DT) + zr.to(DT)
+            else:
+                c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
+                k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
     k2 = tl.reshape(k, (NBI * T, D))
     return _dot(qd, tl.trans(k2), IEEE)
 
@@ -303,21 +310,13 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             wd = tl.load(arena_w + (voff // 4)[:, None, None] + kvh * T * DW + t3w * DW + w3,
                          mask=ntok[:, None, None] > 0, other=0)
             c = tl.reshape(_word_codes(wd, BITS, ASM), (NBI, T, NG, G))
-        elif FAST:
-            raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
-                          + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
-            if BITS == 8:
-                c = _u8_codes(raw, 0, 8, DT, ASM)
-            elif BITS == 4:
-                c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
-            else:
-                c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
-                            tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
-            c = tl.reshape(c, (NBI, T, NG, G))
         else:
             raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
                           + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
-            c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
+            if FAST:
+                c = tl.reshape(_byte_codes(raw, BITS, DT, ASM), (NBI, T, NG, G))
+            else:
+                c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
         # scale / zero as [NBI, T, NG] tiles (contiguous along NG), then a size-1 axis
         t3 = tl.arange(0, T)[None, :, None]
@@ -577,8 +576,8 @@ def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
     bps = -(-NB // num_splits)
     bps = -(-bps // nbi) * nbi          # whole iterations per split
     num_splits = -(-NB // bps)
-    # 2 stages lets Triton prefetch the next iteration's tiles (cp.async); 3 fails to
-    # compile uint8 tiles in triton 3.9 ("cp.async ... smaller than 4 bytes")
+    # 2 stages lets Triton prefetch the next iteration's tiles (cp.async); the format
+    # defaults in _Launch pick 3 where the H200 sweeps found it faster
     stages = num_stages or (2 if uniform else 1)
     return num_splits, bps, nbi, num_warps or 4, stages
 
@@ -754,7 +753,7 @@ class FormatGroups:
             by = [[] for _ in range(F)]
             for col, f in r:
                 by[index[f]].append(col)
-            row, seen = [], set()
+            row = []
             for i in range(F):
                 start[i][b], length[i][b] = len(row), len(by[i])
                 row += by[i]

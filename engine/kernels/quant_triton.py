@@ -61,6 +61,14 @@ def _assign(x, w, scale, zero, QMAX: tl.constexpr, KEYS: tl.constexpr):
 
 
 @triton.jit
+def _better(c, scale, zero, err, c2, s2, z2, e2):
+    """Per group, the candidate (codes, scale, zero, error) with the lower error."""
+    m = e2 < err
+    return (tl.where(m, c2, c), tl.where(m, s2, scale), tl.where(m, z2, zero),
+            tl.where(m, e2, err))
+
+
+@triton.jit
 def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
          CLIP_STEPS: tl.constexpr, CLIP_STEP: tl.constexpr, LS_ITERS: tl.constexpr):
     """Codes (fp32), scale, zero (fp32, meta-rounded) of each group: min/max, then (if
@@ -82,11 +90,7 @@ def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
                     s2 = _div(h2 - l2, QMAX).to(MD).to(tl.float32)
                     z2 = l2.to(MD).to(tl.float32)
                     c2, e2 = _assign(x, w, s2, z2, QMAX, KEYS)
-                    m = e2 < err
-                    c = tl.where(m, c2, c)
-                    scale = tl.where(m, s2, scale)
-                    zero = tl.where(m, z2, zero)
-                    err = tl.where(m, e2, err)
+                    c, scale, zero, err = _better(c, scale, zero, err, c2, s2, z2, e2)
     if LS_ITERS > 0:
         sw = _gred(w, 0, KEYS)
         xm = _div(_gred(w * x, 0, KEYS), sw)
@@ -101,11 +105,7 @@ def _fit(x, w, QMAX: tl.constexpr, MD: tl.constexpr, KEYS: tl.constexpr,
             s2 = s2.to(MD).to(tl.float32)
             z2 = z2.to(MD).to(tl.float32)
             c2, e2 = _assign(x, w, s2, z2, QMAX, KEYS)
-            m = e2 < err
-            c = tl.where(m, c2, c)
-            scale = tl.where(m, s2, scale)
-            zero = tl.where(m, z2, zero)
-            err = tl.where(m, e2, err)
+            c, scale, zero, err = _better(c, scale, zero, err, c2, s2, z2, e2)
     return c, scale, zero
 
 
