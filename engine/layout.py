@@ -11,6 +11,12 @@ its values, each in the block's format:
       ``codes [H, T, D * bits / 8] uint8``, ``scale [H, D] meta``, ``zero [H, D] meta``
   - values, per token over groups of ``G`` channels:
       ``codes [H, T, D * bits / 8] uint8``, ``scale [H, T, D/G] meta``, ``zero [H, T, D/G] meta``
+      except 8-bit value codes, stored channel-major: ``codes [H, D, T] uint8``
+      (``values_channel_major``). The decode kernel reads value codes along the tokens
+      (the reduction axis of p @ V); token-major bytes had to be gathered one by one from
+      shared memory, channel-major ones are read 8-16 bytes at a time (int8 decode
+      0.85x -> 0.94x of SDPA on the H200; 4- and 2-bit codes measured no gain or a loss,
+      docs/BENCHMARKS.md).
   Codes pack ``8 / bits`` channels per byte, low bits first: channel ``d`` sits in byte
   ``d // (8 // bits)`` at bit ``(d % (8 // bits)) * bits``. ``x = code * scale + zero``.
 
@@ -75,6 +81,12 @@ class KVFormat:
 
 
 FULL = KVFormat(0, 0)
+
+
+def values_channel_major(bits: int) -> bool:
+    """Whether value codes of this width are stored channel-major (``[H, D, T * bits / 8]``)
+    instead of token-major (``[H, T, D * bits / 8]``); see the module docstring."""
+    return bits == 8
 
 
 def meta_dtype_for(store_dtype: torch.dtype) -> torch.dtype:

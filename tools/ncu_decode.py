@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--L", type=int, default=131072)
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--words", action="store_true", help="word_codes=True (int32 code loads)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -43,7 +44,8 @@ def main() -> None:
     vb = torch.full((a.B, NB), fmt.v_bits, dtype=torch.int32, device=dev)
     nt = torch.full((a.B, NB), T, dtype=torch.int32, device=dev)
     for _ in range(a.calls):
-        paged_decode_triton(q, arena, tables[0], kb, vb, nt, geom, 1 / math.sqrt(D), fmt=fmt)
+        paged_decode_triton(q, arena, tables[0], kb, vb, nt, geom, 1 / math.sqrt(D), fmt=fmt,
+                            word_codes=a.words)
     torch.cuda.synchronize()
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from engine.kernels.paged_decode_triton import (FormatGroups, paged_decode_triton,
                                                 slot_bytes_read)
 from engine.kernels.quant import quantize_keys_ref, quantize_values_ref
+from engine.kernels.slots import value_codes_to_slot
 from engine.layout import BlockGeometry, KVFormat
 
 HQ, H, D, T, G = 32, 8, 128, 32, 32
@@ -109,6 +110,7 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
                 put(ids, "v", vb)
             else:
                 c, s, z = quantize_values_ref(vb, fmt.v_bits, G, md)
+                c = value_codes_to_slot(c, fmt.v_bits)
                 for n_, x_ in (("v_codes", c), ("v_scale", s), ("v_zero", z)):
                     put(ids, n_, x_)
     for r in range(1, reps):
@@ -159,8 +161,23 @@ VARIANTS = {
     "w8": dict(num_warps=8), "s3": dict(num_stages=3), "s1": dict(num_stages=1),
     "nbi1": dict(blocks_per_iter=1), "nbi4": dict(blocks_per_iter=4),
     "x4": dict(split_mult=4), "x16": dict(split_mult=16), "dyn": None,
-    "words": dict(word_codes=True),
+    "words": dict(word_codes=True), "nbi2": dict(blocks_per_iter=2),
+    "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
+    "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
+    "wv": dict(word_codes="v"), "nowords": dict(word_codes=False),
 }
+
+
+def _variant(name: str) -> dict | None:
+    """Named variant, or several joined by '+' (e.g. words+nbi4+s3); None: runtime dispatch."""
+    if name == "dyn":
+        return None
+    kw = {}
+    for part in name.split("+"):
+        if part not in VARIANTS or VARIANTS[part] is None:
+            raise SystemExit(f"unknown variant {part!r} in {name!r}: one of {sorted(VARIANTS)}")
+        kw.update(VARIANTS[part])
+    return kw
 
 
 def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
@@ -213,11 +230,11 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         best = None
         for cfg, mult in configs:
             kw = {}
-            if isinstance(cfg, str) and cfg in VARIANTS:
-                if VARIANTS[cfg] is None:
+            if isinstance(cfg, str):
+                if _variant(cfg) is None:
                     cfg = None                      # runtime dispatch
                 else:
-                    kw = dict(fmt=fmt, **VARIANTS[cfg])
+                    kw = dict(fmt=fmt, **_variant(cfg))
                     if "split_mult" in kw:
                         kw["num_splits"] = max(1, math.ceil(kw.pop("split_mult") * sms / (B * H)))
             elif cfg is not None:
@@ -262,9 +279,12 @@ def main(argv=None) -> None:
                     "(default: the built-in list)")
     ap.add_argument("--mults", type=int, nargs="+", help="with --sweep: programs = mult x SMs")
     ap.add_argument("--json", help="write all rows here")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                    help="time these named launch variants (table shows all of them)")
+    ap.add_argument("--variants", nargs="+",
+                    help=f"time these named launch variants, or several joined by '+' "
+                    f"(words+nbi4); the table shows all of them. Names: {', '.join(VARIANTS)}")
     args = ap.parse_args(argv)
+    for v in args.variants or []:
+        _variant(v)                                  # unknown names fail before any work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         print(torch.cuda.get_device_name(device), "torch", torch.__version__, flush=True)

@@ -189,7 +189,7 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-            FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = False):
+            FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = 0):
     """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked).
 
     FAST (fp16 dot operands): codes become exact fp16 (PTX when ASM) and are dequantized
@@ -219,7 +219,7 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
         # logits are masked by the caller
         sc = tl.load(arena_md + m_el, mask=has, other=0.0)                         # [NBI,1,D]
         zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0)
-        if WORDS and FAST and BITS >= 4:
+        if WORDS % 2 == 1 and FAST and BITS >= 4:
             # codes read and converted as int32 words (no byte unpacking)
             w3 = tl.arange(0, DB // 4)[None, None, :]
             arena_w = arena_u8.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -278,8 +278,11 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-            ASM: tl.constexpr, WORDS: tl.constexpr = False):
-    """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes."""
+            ASM: tl.constexpr, WORDS: tl.constexpr = 0):
+    """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes.
+
+    8-bit value codes are channel-major in the slot (``[H, D, T]``, engine/layout.py): the
+    PV operand is then read along its reduction axis (tokens), as the keys are."""
     if BITS == 0:
         t3 = tl.arange(0, T)[None, :, None]
         d3 = tl.arange(0, D)[None, None, :]
@@ -301,7 +304,18 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         j4 = tl.arange(0, GB)[None, None, None, :]
         # masked per block only (holes; keeps the loads wide); tokens past ntok read codes
         # inside the slot and get scale = zero = 0
-        if WORDS and FAST and BITS >= 4:
+        if BITS == 8:
+            # channel-major codes [D, T] (engine/layout.py values_channel_major)
+            d3v = tl.arange(0, D)[None, :, None]
+            t3v = tl.arange(0, T)[None, None, :]
+            raw = tl.load(arena_u8 + voff[:, None, None] + kvh * D * T + d3v * T + t3v,
+                          mask=ntok[:, None, None] > 0, other=0)     # [NBI, D, T]
+            if FAST:
+                ct = _byte_codes(raw, BITS, DT, ASM)
+            else:
+                ct = _split_codes(raw, BITS)
+            c = tl.reshape(tl.permute(ct, (0, 2, 1)), (NBI, T, NG, G))
+        elif WORDS // 2 == 1 and FAST and BITS >= 4:
             # codes read and converted as int32 words (no byte unpacking)
             DW: tl.constexpr = D // PER // 4                         # words per row
             w3 = tl.arange(0, DW)[None, None, :]
@@ -371,7 +385,7 @@ def _paged_decode_kernel(
     ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
-    WORDS: tl.constexpr = False,
+    WORDS: tl.constexpr = 0,      # code words (int32 loads): 1 keys, 2 values (4-bit), 3 both
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -590,8 +604,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         num_stages: int | None = None, fold: bool = False,
                         fast: bool | None = None, maxnreg: int | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
-                        groups: "FormatGroups | None" = None, word_codes: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        groups: "FormatGroups | None" = None,
+                        word_codes: bool | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
     q [B, Hq, D]; arena_row [bytes] uint8; block_offsets [B, NB] int64;
@@ -606,10 +620,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     kernel, which is 5-15x slower (docs/BENCHMARKS.md).
     ``groups``: the same from the caller's host-side grouping (FormatGroups.from_rows;
     sizes each launch by its longest run, no sort on the device).
-    ``word_codes``: experimental, off until timed on the H200: int8/int4 codes read as
-    int32 words and converted per word (fp16 operands only). Compiled for sm_90 here it
-    has 15-24% fewer instructions per loop iteration, no byte loads from shared memory and
-    20-50 fewer registers (docs/BENCHMARKS.md); its PTX has not run on a GPU yet.
+    ``word_codes``: int8/int4 codes read as int32 words and converted per word (fp16
+    operands only): True (keys and 4-bit values), "k", "v", False; None (default): keys
+    of int8 tables on CUDA, where the H200 measured it faster (docs/BENCHMARKS.md).
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
     ``fold``: experimental, off by default because it measured slower on the H200
@@ -791,21 +804,37 @@ class _Launch:
         # conversion on CUDA); otherwise dequantization in fp32
         f16 = self.dot_dtype == torch.float16
         fast = f16 if fast is None else fast and f16
+        same = fmt is not None and fmt.k_bits == fmt.v_bits
         if fmt is not None and (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
-            # launch sweeps on the H200 (docs/BENCHMARKS.md, 2026-11-28 third engineer):
-            # fp16 and int2 tiles 2 blocks an iteration, 2 stages; int8 4 blocks, 2 stages;
-            # int4 4 blocks, 3 stages; a cap of 168 registers (3 programs an SM, not 2)
+            # launch sweeps on the H200 (docs/BENCHMARKS.md): int8 and int4 tiles 2 blocks
+            # an iteration, 2 stages, 128 registers (4 programs an SM); fp16 and int2 2
+            # blocks, 2 stages; other mixes 4 blocks, 3 stages (2 with 8-bit codes), 168
+            # registers
             wide = max(fmt.k_bits, fmt.v_bits) >= 4
-            blocks_per_iter = 4 if wide else 2
-            num_stages = 3 if wide and fmt.k_bits != 8 and fmt.v_bits != 8 else 2
-            maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
+            if same and fmt.k_bits in (8, 4):
+                blocks_per_iter, num_stages = 2, 2
+                maxnreg = 128 if q.is_cuda else None
+            else:
+                blocks_per_iter = 4 if wide else 2
+                num_stages = 3 if wide and fmt.k_bits != 8 and fmt.v_bits != 8 else 2
+                maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
+        if word_codes is None:
+            # int8 keys as int32 words: measured faster on the H200 (0.94x -> 0.96x of SDPA
+            # at batch 8 / 128K); int4 words were slower (more shared-memory traffic)
+            word_codes = "k" if same and fmt.k_bits == 8 and q.is_cuda else False
         if (fast and not fold and fmt is not None and not fmt.is_full
                 and (blocks_per_iter or 2) * T < 32):
             # tiles of fewer than 32 tokens (16-token blocks one at a time) gave wrong int4
             # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with
             # and without the PTX conversion): at least 32 tokens an iteration
             blocks_per_iter = 32 // T
-        self.words = bool(word_codes and fast and not fold)
+        if isinstance(word_codes, str):
+            if word_codes not in ("k", "v", "kv"):
+                raise ValueError(f"word_codes must be a bool, 'k', 'v' or 'kv', not {word_codes!r}")
+            words = ("k" in word_codes) + 2 * ("v" in word_codes)
+        else:
+            words = 3 if word_codes else 0
+        self.words = words if fast and not fold else 0
         self.key = (dev, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype,
                     blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast, self.words)
         self.S, self.bps, self.nbi, self.warps, self.stages = _launch_config(

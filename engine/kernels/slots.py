@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.layout import BlockGeometry, KVFormat
+from engine.layout import BlockGeometry, KVFormat, values_channel_major
 from engine.kernels.quant import (dequantize_keys_ref, dequantize_values_ref,
                                   quantize_keys_ref, quantize_values_ref)
 
@@ -36,6 +36,20 @@ def _put(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_off
     typed.index_copy_(-1, idx.reshape(-1), values.to(dtype).reshape(*values.shape[:-2], -1))
 
 
+def value_codes_to_slot(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Value codes ``[..., T, D * bits / 8]`` (token-major, as quantize_values_ref makes
+    them) -> the slot's byte order (channel-major ``[..., D, T]`` for 8 bits)."""
+    return codes.transpose(-1, -2) if values_channel_major(bits) else codes
+
+
+def value_codes_from_slot(raw: torch.Tensor, T: int, bits: int) -> torch.Tensor:
+    """A slot's value code bytes ``[..., T * D * bits / 8]`` -> ``[..., T, D * bits / 8]``."""
+    n = raw.shape[-1] // T
+    if values_channel_major(bits):
+        return raw.reshape(*raw.shape[:-1], n, T).transpose(-1, -2)
+    return raw.reshape(*raw.shape[:-1], T, n)
+
+
 def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
                 fmt: KVFormat, out_dtype: torch.dtype | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +75,8 @@ def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
     if fmt.v_bits == 0:
         v = sec("v", geom.store_dtype).reshape(*lead, N, H, T, D).to(out_dtype)
     else:
-        codes = sec("v_codes", torch.uint8).reshape(-1, H, T, D * fmt.v_bits // 8)
+        raw = sec("v_codes", torch.uint8).reshape(-1, H, T * D * fmt.v_bits // 8)
+        codes = value_codes_from_slot(raw, T, fmt.v_bits)
         v = dequantize_values_ref(codes, sec("v_scale", md).reshape(-1, H, T, D // G),
                                   sec("v_zero", md).reshape(-1, H, T, D // G),
                                   fmt.v_bits, G, out_dtype)
@@ -96,6 +111,7 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
         _put(arena, geom.store_dtype, offsets, s["v"][0], flat(v))
     else:
         c, sc, z = quantize_values_ref(v.reshape(-1, H, T, D), fmt.v_bits, G, md)
-        _put(arena, torch.uint8, offsets, s["v_codes"][0], flat(c))
+        _put(arena, torch.uint8, offsets, s["v_codes"][0],
+             flat(value_codes_to_slot(c, fmt.v_bits)))
         _put(arena, md, offsets, s["v_scale"][0], flat(sc))
         _put(arena, md, offsets, s["v_zero"][0], flat(z))

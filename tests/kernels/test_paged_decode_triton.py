@@ -110,8 +110,10 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
                                   and c[7].k_bits in (4, 8) and c[3] >= 64]
                          + [(2, 4, 2, 64, 16, 32, [77, 40], KVFormat(8, 4), 0.2)],
                          ids=_case_id)
-def test_kernel_word_codes_match_reference(request, device, case, nbi):
-    """int8/int4 codes read and converted as int32 words (fp16 operands)."""
+@pytest.mark.parametrize("words", [True, "k", "v"], ids=str)
+def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
+    """int8/int4 codes read and converted as int32 words (fp16 operands): keys, values
+    or both."""
     pdt, _ = kernel_modules(device)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
                                                    seed_of(request))
@@ -119,7 +121,7 @@ def test_kernel_word_codes_match_reference(request, device, case, nbi):
     want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
                             geom, sm_scale)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, fmt=case[7],
-                                  blocks_per_iter=nbi, word_codes=True)
+                                  blocks_per_iter=nbi, word_codes=words)
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
 
 
