@@ -543,6 +543,7 @@ def _num_sms(device: torch.device) -> int:
 # programs of one compiled decode kernel that fit on an SM at once, from its registers and
 # shared memory (found after its first launch; keyed by its compile-time configuration)
 _RESIDENT: dict[tuple, int] = {}
+MIN_ITERS = 8
 
 
 def _resident_programs(ck, device: torch.device) -> int | None:
@@ -577,15 +578,18 @@ def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
     if num_splits is None:
         sms = _num_sms(device)
         target = 8 * sms                # 8 x SMs was best of 2/4/8 x in the H200 sweep
+        # at least MIN_ITERS loop iterations a program: shorter runs are mostly prologue
+        # (b1/32K on the H200: 4 iterations a program 45.9 us, 11 iterations 42.1)
+        most = max(1, -(-NB // (MIN_ITERS * nbi)))
         if resident:
             # whole waves: a last, partial wave of programs leaves SMs idle at the end
             # (ncu on the H200: 2.75 waves at b8/128K); the whole number of waves nearest
-            # the target, as many programs as fit in them
-            waves = max(1, round(target / (resident * sms)))
-            target = waves * resident * sms
-            num_splits = max(1, min(target // (B * H), -(-NB // (4 * nbi))))
+            # the target, no more than the runs allow, as many programs as fit in them
+            wave = resident * sms
+            waves = max(1, min(round(target / wave), most * B * H // wave))
+            num_splits = max(1, min(waves * wave // (B * H), most))
         else:
-            num_splits = max(1, min(-(-target // (B * H)), -(-NB // (4 * nbi))))
+            num_splits = max(1, min(-(-target // (B * H)), most))
     num_splits = max(1, min(num_splits, NB))
     bps = -(-NB // num_splits)
     bps = -(-bps // nbi) * nbi          # whole iterations per split
