@@ -65,22 +65,33 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions from kvctl's handlers to status codes; over TCP, checks
     ``authorization: Bearer <token>`` on mutating RPCs (constant-time compare).
     Unix-socket peers are trusted: the socket's file mode is the guard.
-    For the `grpc.aio` server: kvctl's handlers are coroutines (controller/service.py)."""
+    For the `grpc.aio` server: kvctl's handlers are coroutines (controller/service.py).
+
+    Each method's guarded handler is built once and reused (it reads the caller's
+    metadata from the call's context): every call, GetStatus included, runs on the one
+    event loop, and rebuilding closures and a handler per call was work on that path."""
 
     def __init__(self, token: str | None = None) -> None:
         self._token = token.encode() if token else None
+        self._guarded: dict = {}          # method -> (its handler, that handler guarded)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE}/"):
             return handler
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._guarded[method] = (handler, self._guard(method, handler))
+        return cached[1]
+
+    def _guard(self, method: str, handler):
         needs_auth = method in MUTATING
-        meta = handler_call_details.invocation_metadata or ()
 
         def check(context) -> None:
             if not needs_auth or _is_local(context.peer()):
                 return
+            meta = context.invocation_metadata() or ()
             got = next((v for k, v in meta if k == "authorization"), "")
             given = got[7:].encode() if got.startswith("Bearer ") else b""
             if self._token is None or not hmac.compare_digest(given, self._token):

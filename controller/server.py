@@ -124,7 +124,7 @@ def make_engine(cfg: Config):
 
 def add_to_server(service: KvctlService, server) -> None:
     """Register ``service`` as kvctl.v1.Kvctl: the generated registration, except that
-    GetStatus's response goes out as the bytes the handler returns."""
+    GetStatus's response and Generate's stream go out as the bytes the handler gives."""
     class Capture:
         handlers: dict | None = None
 
@@ -139,9 +139,14 @@ def add_to_server(service: KvctlService, server) -> None:
     if cap.handlers is None:
         raise RuntimeError("kvctl_pb2_grpc no longer registers method handlers; regenerate "
                            "the stubs with the pinned grpcio-tools")
+    # no response_serializer: GetStatus returns the cached status bytes, Generate writes
+    # each message serialized (a token's by a refilled message, controller.convert)
     h = cap.handlers["GetStatus"]
     cap.handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
         h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=None)
+    h = cap.handlers["Generate"]
+    cap.handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
+        h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, cap.handlers),))
     server.add_registered_method_handlers(SERVICE, cap.handlers)
 

@@ -177,18 +177,23 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         if req.strategy:
             self.policy.pin(seq_id, req.strategy)
         done = False
+        # messages go out as bytes (Generate is registered with an identity serializer,
+        # controller.server.add_to_server): each token's is made by one refilled message
+        encode = convert.TokenEncoder()
+        observe = self.metrics.token_times.observe if self.metrics is not None else None
+        write = context.write
+        monotonic = time.monotonic
         try:
-            await context.write(pb.GenerateResponse(started=pb.Started(
-                seq_id=seq_id, num_prompt_tokens=num_prompt or 0)))
-            last = time.monotonic()
+            await write(convert.started_to_proto(seq_id, num_prompt or 0).SerializeToString())
+            last = monotonic()
             while not done:
                 for ev in await stream.get_all():
                     if isinstance(ev, TokenEvent):
-                        now = time.monotonic()
-                        if self.metrics is not None:
-                            self.metrics.on_token(now - last)
-                        last = now
-                        await context.write(convert.token_to_proto(ev))
+                        if observe is not None:
+                            now = monotonic()
+                            observe(now - last)
+                            last = now
+                        await write(encode(ev))
                     elif isinstance(ev, FinishEvent):
                         done = True
                         await self._finished(flight, ev, context)
@@ -222,7 +227,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         log.info("finished", extra={"kv": {
             "seq_id": flight.seq_id, "reason": ev.reason, "generated": ev.num_generated,
             "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
-        await context.write(convert.finish_to_proto(ev, secs))
+        await context.write(convert.finish_to_proto(ev, secs).SerializeToString())
 
     @off_loop
     def Cancel(self, request, context):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from controller.aio import LoopThread
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 from tests.controller.fakes import FakeEngine
 
 
@@ -21,6 +22,8 @@ class FakeContext:
         return self._peer
 
     async def write(self, message):
+        if isinstance(message, bytes):   # Generate writes its messages serialized (identity
+            message = pb.GenerateResponse.FromString(message)   # serializer in the daemon)
         self.written.put(message)
 
     async def abort(self, code, details=""):

@@ -164,7 +164,7 @@ def test_plaintext_tcp_is_refused(daemon):
 
 def test_metrics_endpoint(daemon, unix_stub):
     list(unix_stub.Generate(long_request(3)))
-    wait_for(lambda: daemon.metrics.tokens._value.get() >= 3, 5, "token counter")
+    wait_for(lambda: daemon.metrics.token_times.count >= 3, 5, "token counter")
     body = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5).read().decode()
     for name in ("kvctl_kv_bytes", "kvctl_tier_capacity_bytes", "kvctl_time_per_token_seconds_bucket",
                  "kvctl_generated_tokens_total", "kvctl_cpu_mode 1.0", "kvctl_host_memory_bytes",
