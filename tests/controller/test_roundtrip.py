@@ -95,6 +95,28 @@ def test_generate_status_policy_over_unix(daemon, unix_stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_ids" in e.value.details()
 
 
+def test_streamed_messages_equal_the_engines_events(daemon, unix_stub):
+    """What a client receives (pre-serialized on the daemon) is, message for message, the
+    engine's own events for the same seeded request built as protobuf messages."""
+    from controller import convert
+    from engine.api import FinishEvent, TokenEvent
+
+    def req(seq_id):
+        return pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[9, 8, 7, 6, 5]), seq_id=seq_id,
+                                  sampling=pb.SamplingParams(max_tokens=12, ignore_eos=True,
+                                                             temperature=0.9, seed=11))
+    wire = list(unix_stub.Generate(req("wire-1")))
+    engine = list(daemon.engine.generate(convert.request_from_proto(req("wire-1")), timeout=30))
+    toks = [e for e in engine if isinstance(e, TokenEvent)]
+    fin = next(e for e in engine if isinstance(e, FinishEvent))
+    assert wire[0] == convert.started_to_proto("wire-1", 5)
+    assert wire[1:-1] == [convert.token_to_proto(e) for e in toks] and len(toks) == 12
+    got = wire[-1]
+    assert got.finished.seconds > 0
+    got.finished.seconds = 0.0
+    assert got == convert.finish_to_proto(fin, 0.0)
+
+
 def test_cancel_mid_stream_frees_blocks(daemon, unix_stub):
     stream = unix_stub.Generate(long_request())
     seq_id = next(stream).started.seq_id
