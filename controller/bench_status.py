@@ -3,8 +3,15 @@
     python -m controller.bench_status --clients 64 --seconds 20 --model random:tiny
 
 Starts `kvctl serve` as a subprocess on a temporary Unix socket (real engine), runs the
-streaming clients as threads of this process, and calls GetStatus every ``--period-ms``
-from one more thread. Prints latency percentiles idle and under load. Not a test.
+streaming clients in a second process, and calls GetStatus every ``--period-ms`` from
+this one. Prints latency percentiles idle and under load. Not a test.
+
+``--load threads`` (the first harness): one thread and one blocking stub per client,
+a shared counter bumped under a process-shared lock per token. ``--load aio`` (default):
+the same clients, each on its own channel and stream, as coroutines of one asyncio loop,
+token counts published every 50 ms. On a 2-core box the load generator shares the
+daemon's cores, so what it spends per token is taken from the daemon: the threads
+harness spends more per token than the daemon does (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -80,6 +87,60 @@ def run_clients(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors)
         t.join()
 
 
+def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors) -> None:
+    """n streaming clients (own channel, generations back to back) on one asyncio loop."""
+    import asyncio
+
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    counts = {"tokens": 0, "ready": 0}
+    done = asyncio.Event()            # binds to the loop asyncio.run makes, on first use
+
+    async def client(i: int) -> None:
+        ch = grpc.aio.insecure_channel(f"unix:{sock}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
+        s = kvctl_pb2_grpc.KvctlStub(ch)
+        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=list(range(1 + i, 33 + i))),
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        first = True
+        try:
+            while not done.is_set():
+                call = s.Generate(req)
+                async for ev in call:
+                    if ev.WhichOneof("event") == "token":
+                        counts["tokens"] += 1
+                        if first:
+                            first = False
+                            counts["ready"] += 1
+                    if done.is_set():
+                        call.cancel()
+                        break
+        except grpc.aio.AioRpcError as e:
+            if not done.is_set():
+                errors.append(f"{e.code().name}: {e.details()}")
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await ch.close()
+
+    async def publish() -> None:
+        while not stop.is_set():
+            tokens.value, ready.value = counts["tokens"], counts["ready"]
+            await asyncio.sleep(0.05)
+        tokens.value, ready.value = counts["tokens"], counts["ready"]
+        done.set()
+
+    async def main_() -> None:
+        tasks = [asyncio.create_task(client(i)) for i in range(n)]
+        await publish()
+        await asyncio.wait(tasks, timeout=20)
+
+    asyncio.run(main_())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=64)
@@ -89,6 +150,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads")
     ap.add_argument("--socket", help="measure this running daemon instead of starting one")
+    ap.add_argument("--load", choices=("aio", "threads"), default="aio",
+                    help="load generator: coroutines of one loop, or a thread per client")
     args = ap.parse_args()
 
     if args.socket:
@@ -117,7 +180,7 @@ def main() -> None:
         stop, ready = ctx.Event(), ctx.Value("i", 0)
         tokens = ctx.Value("q", 0)
         errors = ctx.Manager().list()
-        proc = ctx.Process(target=run_clients, args=(str(sock), args.clients, args.max_tokens,
+        proc = ctx.Process(target=run_clients_aio if args.load == "aio" else run_clients, args=(str(sock), args.clients, args.max_tokens,
                                                       stop, ready, tokens, errors))
         proc.start()
         t_wait = time.monotonic()
@@ -136,7 +199,7 @@ def main() -> None:
         if proc.exitcode not in (0, None):
             errors.append(f"client process exited with code {proc.exitcode}")
         result = {
-            "clients": args.clients, "clients_streaming": streaming,
+            "clients": args.clients, "load": args.load, "clients_streaming": streaming,
             "model": st.model or args.model,
             "seconds": args.seconds, "period_ms": args.period_ms, "cpus": os.cpu_count(),
             "live_sequences_at_start": st.counts.total, "streamed_tokens_per_s": round(tok_rate, 1),

@@ -114,6 +114,7 @@ class EngineSection:
     host_budget_bytes: int = 0       # 0 = engine default
     max_batch_tokens: int = 512
     num_threads: int = 0             # 0 = engine default
+    thread_nice: int = 10            # engine step thread's nice: server threads run first
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -140,6 +141,8 @@ class EngineSection:
             raise ValueError(f"engine.max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
         if self.num_threads < 0:
             raise ValueError(f"engine.num_threads must be >= 0, got {self.num_threads}")
+        if not 0 <= self.thread_nice <= 19:
+            raise ValueError(f"engine.thread_nice must be in 0..19, got {self.thread_nice}")
 
 
 @dataclass

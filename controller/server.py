@@ -119,7 +119,7 @@ def make_engine(cfg: Config):
         model=e.model, device=e.device, dtype=e.dtype, block_size=e.block_size,
         kv_budget_bytes=e.kv_budget_bytes or None, kv_budget_fraction=e.kv_budget_fraction,
         host_budget_bytes=e.host_budget_bytes or None, max_batch_tokens=e.max_batch_tokens,
-        num_threads=e.num_threads or None))
+        num_threads=e.num_threads or None, thread_nice=e.thread_nice))
 
 
 def add_to_server(service: KvctlService, server) -> None:

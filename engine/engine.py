@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -48,6 +49,7 @@ class EngineConfig:
     max_batch_tokens: int = 1024           # tokens one step packs (decode + prefill chunks)
     max_running: int = 256
     num_threads: int | None = None         # CPU threads for torch (None: leave as is)
+    thread_nice: int = 0                   # nice of the step thread (Linux; 0: unchanged)
     observe_window: int = 32               # SnapKV window over the prompt's last tokens
     stats_decay: float = 0.9
     value_group: int = 32
@@ -63,6 +65,8 @@ class EngineConfig:
             raise ValueError("kv_budget_fraction must be in (0, 1]")
         if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
             raise ValueError("kv_budget_bytes must be positive")
+        if not 0 <= self.thread_nice <= 19:
+            raise ValueError(f"thread_nice must be in 0..19, got {self.thread_nice}")
         if self.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be >= 1")
 
@@ -203,6 +207,15 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
+        if self.config.thread_nice:
+            # a lower CPU priority for the step thread only: where the engine computes on
+            # the CPU, the server's threads (token writes, status calls) run first when they
+            # have work (docs/BENCHMARKS.md: GetStatus p99 under 64 streams). Linux: a
+            # thread id with PRIO_PROCESS sets that thread's nice.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.thread_nice)
+            except (OSError, AttributeError) as e:
+                log.warning("engine thread priority not lowered: %s", e)
         while True:
             with self.lock:
                 if self._stop:

@@ -30,6 +30,8 @@ CASES = [
     Case("unknown profile", {"policy.profile": "fast"}, "policy.profile"),
     Case("metrics port out of range", {"metrics.port": "70000"}, "metrics.port"),
     Case("bad log level", {"log.level": "loud"}, "log.level"),
+    Case("engine thread nice above 19", {"engine.thread_nice": "25"}, "engine.thread_nice"),
+    Case("negative engine thread nice", {"engine.thread_nice": "-5"}, "engine.thread_nice"),
     Case("not a number", {"engine.block_size": "big"}, "integer"),
     Case("not a bool", {"log.log_prompts": "maybe"}, "true or false"),
     Case("unknown key", {"engine.modle": "x"}, "unknown key"),

@@ -1,8 +1,11 @@
 """Continuous batching, sampling, stopping, cancel, budgets: what a user notices."""
+import time
+
 import pytest
 import torch
 
 from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
+from engine.engine import Engine, EngineConfig
 from engine.store import GPU
 
 
@@ -139,3 +142,27 @@ def test_bad_sampling_params_are_refused():
             SamplingParams(**kw)
     with pytest.raises(ValueError):
         Request(prompt="a", prompt_ids=[1])
+
+
+def test_engine_step_thread_runs_at_the_configured_nice():
+    """thread_nice lowers the step thread's CPU priority only (the server's threads keep
+    theirs); 0 leaves it alone; out of range is refused."""
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, want in ((7, min(19, base + 7)), (0, base)):
+        e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                                block_size=4, kv_budget_bytes=2 << 20, page_bytes=4096,
+                                thread_nice=nice))
+        e.start()
+        try:
+            deadline = time.time() + 5
+            tid = e._thread.native_id
+            while os.getpriority(os.PRIO_PROCESS, tid) != want and time.time() < deadline:
+                time.sleep(0.01)
+            assert os.getpriority(os.PRIO_PROCESS, tid) == want
+            assert os.getpriority(os.PRIO_PROCESS, 0) == base
+        finally:
+            e.stop()
+    with pytest.raises(ValueError, match="thread_nice"):
+        EngineConfig(model="random:tiny", thread_nice=20)
