@@ -91,13 +91,10 @@ def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, err
     """n streaming clients (own channel, generations back to back) on one asyncio loop."""
     import asyncio
 
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    from controller.aio import new_event_loop      # uvloop's when installed, as the daemon's
+
     counts = {"tokens": 0, "ready": 0}
-    done = asyncio.Event()            # binds to the loop asyncio.run makes, on first use
+    done = asyncio.Event()            # binds to the loop it is first used on
 
     async def client(i: int) -> None:
         ch = grpc.aio.insecure_channel(f"unix:{sock}",
@@ -121,8 +118,6 @@ def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, err
         except grpc.aio.AioRpcError as e:
             if not done.is_set():
                 errors.append(f"{e.code().name}: {e.details()}")
-        except asyncio.CancelledError:
-            pass
         finally:
             await ch.close()
 
@@ -138,7 +133,11 @@ def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, err
         await publish()
         await asyncio.wait(tasks, timeout=20)
 
-    asyncio.run(main_())
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main_())
+    finally:
+        loop.close()
 
 
 def main() -> None:
@@ -180,8 +179,9 @@ def main() -> None:
         stop, ready = ctx.Event(), ctx.Value("i", 0)
         tokens = ctx.Value("q", 0)
         errors = ctx.Manager().list()
-        proc = ctx.Process(target=run_clients_aio if args.load == "aio" else run_clients, args=(str(sock), args.clients, args.max_tokens,
-                                                      stop, ready, tokens, errors))
+        load = run_clients_aio if args.load == "aio" else run_clients
+        proc = ctx.Process(target=load, args=(str(sock), args.clients, args.max_tokens,
+                                              stop, ready, tokens, errors))
         proc.start()
         t_wait = time.monotonic()
         while ready.value < args.clients and time.monotonic() - t_wait < 60 and proc.is_alive():

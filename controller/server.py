@@ -129,7 +129,9 @@ def add_to_server(service: KvctlService, server) -> None:
         handlers: dict | None = None
 
         def add_generic_rpc_handlers(self, handlers) -> None:
-            pass
+            """Ignored: the generated code offers the same methods here as one generic
+            handler; the per-method handlers it passes to add_registered_method_handlers
+            are registered below, both ways, with the changes."""
 
         def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
             self.handlers = dict(handlers)

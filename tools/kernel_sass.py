@@ -69,7 +69,7 @@ def main():
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
                   VB=a.vb, NBI=a.nbi, DT=tl.float16, UPCAST=False, IEEE=False, FOLD=a.fold,
                   ASM=a.asm and (a.fold or a.fast), FAST=a.fast or a.fold, ROWLEN=0,
-                  WORDS=0, VT=0)
+                  WORDS=0)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)

@@ -185,6 +185,17 @@ def _split_codes(raw, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unpack(raw, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr):
+    """uint8 tile [..., C] of packed codes -> codes [..., C, 8 // BITS] in memory order
+    (BITS 8: [..., C]): exact DT when FAST (_byte_codes), else int32 (_split_codes)."""
+    if FAST:
+        c = _byte_codes(raw, BITS, DT, ASM)
+    else:
+        c = _split_codes(raw, BITS)
+    return c
+
+
+@triton.jit
 def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
@@ -228,11 +239,10 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             k = _word_codes(wd, BITS, ASM) * sc.to(DT) + zr.to(DT)
         else:
             raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
+            c = tl.reshape(_unpack(raw, BITS, DT, ASM, FAST), (NBI, T, D))
             if FAST:
-                c = tl.reshape(_byte_codes(raw, BITS, DT, ASM), (NBI, T, D))
                 k = c * sc.to(DT) + zr.to(DT)
             else:
-                c = tl.reshape(_split_codes(raw, BITS), (NBI, T, D))
                 k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
     k2 = tl.reshape(k, (NBI * T, D))
     return _dot(qd, tl.trans(k2), IEEE)
@@ -310,10 +320,7 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             t3v = tl.arange(0, T)[None, None, :]
             raw = tl.load(arena_u8 + voff[:, None, None] + kvh * D * T + d3v * T + t3v,
                           mask=ntok[:, None, None] > 0, other=0)     # [NBI, D, T]
-            if FAST:
-                ct = _byte_codes(raw, BITS, DT, ASM)
-            else:
-                ct = _split_codes(raw, BITS)
+            ct = _unpack(raw, BITS, DT, ASM, FAST)
             c = tl.reshape(tl.permute(ct, (0, 2, 1)), (NBI, T, NG, G))
         elif WORDS // 2 == 1 and FAST and BITS >= 4:
             # codes read and converted as int32 words (no byte unpacking)
@@ -327,10 +334,7 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         else:
             raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
                           + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
-            if FAST:
-                c = tl.reshape(_byte_codes(raw, BITS, DT, ASM), (NBI, T, NG, G))
-            else:
-                c = tl.reshape(_split_codes(raw, BITS), (NBI, T, NG, G))
+            c = tl.reshape(_unpack(raw, BITS, DT, ASM, FAST), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
         # scale / zero as [NBI, T, NG] tiles (contiguous along NG), then a size-1 axis
         t3 = tl.arange(0, T)[None, :, None]
@@ -609,7 +613,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         fast: bool | None = None, maxnreg: int | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
                         groups: "FormatGroups | None" = None,
-                        word_codes: bool | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        word_codes: bool | str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
     q [B, Hq, D]; arena_row [bytes] uint8; block_offsets [B, NB] int64;

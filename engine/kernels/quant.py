@@ -29,6 +29,8 @@ Shapes: blocks come batched as ``[N, H, T, D]`` (N blocks, H kv heads, T tokens,
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 REFINED_BITS = (2,)   # widths that get clipping / least-squares fits (see above)
@@ -87,12 +89,15 @@ def _keep_better(best, cand):
     return tuple(torch.where(m, x, y) for x, y in zip(cand, best))
 
 
-def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype, clip: bool = False,
-               ls_iters: int = 0, w: torch.Tensor | None = None
+def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype,
+               clip: bool | Sequence[float] = False, ls_iters: int = 0,
+               w: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (fp32 integers) and fp32 scale/zero (meta-rounded) of groups ``g [..., n]``
     along the last dim: min/max, optionally the clip grid, then least-squares steps, each
-    kept where it lowers the (``w``-weighted) squared error."""
+    kept where it lowers the (``w``-weighted) squared error. ``clip``: True for the grid
+    above (each end moved in by 0, CLIP_STEP, ... of the range), or the fractions to try
+    (tools/int2_study)."""
     g = g.float()
     w = torch.ones_like(g) if w is None else w.float()
     qmax = (1 << bits) - 1
@@ -102,11 +107,12 @@ def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype, clip: bool =
     best = (c, s, z, e)
     if clip:
         r = hi - lo
-        for ia in range(CLIP_STEPS):
-            for ib in range(CLIP_STEPS):
-                if ia == 0 and ib == 0:
+        grid = [i * CLIP_STEP for i in range(CLIP_STEPS)] if clip is True else list(clip)
+        for a in grid:
+            for b in grid:
+                if a == 0 and b == 0:
                     continue
-                l2, h2 = lo + (ia * CLIP_STEP) * r, hi - (ib * CLIP_STEP) * r
+                l2, h2 = lo + a * r, hi - b * r
                 s2, z2 = _meta((h2 - l2) / qmax, l2, meta_dtype)
                 c2, e2 = _assign(g, w, s2, z2, qmax)
                 best = _keep_better(best, (c2, s2, z2, e2))

@@ -17,6 +17,7 @@ from engine.plan import build_plan
 from engine.layout import FULL
 from engine.store import GPU
 from engine.kernels.slots import read_blocks, write_blocks
+from engine.kernels.quant import fit_groups
 
 eng = Engine(EngineConfig(model="default", device="cpu", dtype="float32", block_size=32, max_batch_tokens=256, seed=1234))
 text = ev.ppl_text_ids(eng.tokenizer)
@@ -57,33 +58,9 @@ def ppl(fn, L=2048, nw=3):
 
 # ---- fake quantizers on groups along the last dim --------------------------------
 def fq(g, bits, clip=None, iters=0, md=torch.float32):
-    qmax = (1 << bits) - 1
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    def q(lo, hi):
-        s = ((hi - lo) / qmax).to(md).float(); z = lo.to(md).float()
-        s1 = torch.where(s > 0, s, torch.ones_like(s))
-        c = torch.round((g - z) / s1).clamp(0, qmax)
-        return c, s, z, ((c * s + z) - g).pow(2).sum(-1, keepdim=True)
-    c, s, z, err = q(lo, hi)
-    if clip:
-        r = hi - lo
-        for a in clip:
-            for b in clip:
-                if a == 0 and b == 0: continue
-                c2, s2, z2, e2 = q(lo + a * r, hi - b * r)
-                m = e2 < err
-                c, s, z, err = (torch.where(m, c2, c), torch.where(m, s2, s), torch.where(m, z2, z), torch.where(m, e2, err))
-    for _ in range(iters):
-        cm = c.mean(-1, keepdim=True); xm = g.mean(-1, keepdim=True)
-        var = (c - cm).pow(2).mean(-1, keepdim=True); cov = ((c - cm) * (g - xm)).mean(-1, keepdim=True)
-        ok = var > 0
-        s2 = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), s).clamp_min(0)
-        z2 = torch.where(ok, xm - s2 * cm, z)
-        s1 = torch.where(s2 > 0, s2, torch.ones_like(s2))
-        c2 = torch.round((g - z2) / s1).clamp(0, qmax)
-        e2 = ((c2 * s2 + z2) - g).pow(2).sum(-1, keepdim=True)
-        m = e2 < err
-        c, s, z, err = (torch.where(m, c2, c), torch.where(m, s2, s), torch.where(m, z2, z), torch.where(m, e2, err))
+    """Quantize-dequantize groups along the last dim: engine/kernels/quant.py's fit_groups
+    (min/max, the ``clip`` fractions at each end, ``iters`` least-squares steps)."""
+    c, s, z = fit_groups(g, bits, md, clip=clip or False, ls_iters=iters)
     return c * s + z
 
 def keys_fq(k, bits, tg=None, **kw):

@@ -14,38 +14,10 @@ from engine import evaluate as ev
 from engine.kernels import slots, quant as Q
 
 def fit_groups(g, bits, md, method="minmax", clip_grid=None, iters=0):
-    """g [..., n] float32 groups along last dim -> (codes uint8 [...,n], scale [...,1], zero [...,1])"""
-    qmax = (1 << bits) - 1
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    def q(lo, hi):
-        s = ((hi - lo) / qmax).to(md).float(); z = lo.to(md).float()
-        s1 = torch.where(s > 0, s, torch.ones_like(s))
-        c = torch.round((g - z) / s1).clamp(0, qmax)
-        err = ((c * s + z) - g).pow(2).sum(-1, keepdim=True)
-        return c, s, z, err
-    best = q(lo, hi)
-    if clip_grid:
-        r = hi - lo
-        for a in clip_grid:
-            for b in clip_grid:
-                if a == 0 and b == 0: continue
-                cand = q(lo + a * r, hi - b * r)
-                m = cand[3] < best[3]
-                best = tuple(torch.where(m, x, y) if x.shape == y.shape else torch.where(m, x, y) for x, y in zip(cand, best))
-    c, s, z, err = best
-    for _ in range(iters):
-        cm = c.mean(-1, keepdim=True); xm = g.mean(-1, keepdim=True)
-        var = (c - cm).pow(2).mean(-1, keepdim=True)
-        cov = ((c - cm) * (g - xm)).mean(-1, keepdim=True)
-        ok = var > 0
-        s2 = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), s)
-        z2 = torch.where(ok, xm - s2 * cm, z)
-        s2 = s2.clamp_min(0).to(md).float(); z2 = z2.to(md).float()
-        s1 = torch.where(s2 > 0, s2, torch.ones_like(s2))
-        c2 = torch.round((g - z2) / s1).clamp(0, qmax)
-        err2 = ((c2 * s2 + z2) - g).pow(2).sum(-1, keepdim=True)
-        m = err2 < err
-        c = torch.where(m, c2, c); s = torch.where(m, s2, s); z = torch.where(m, z2, z); err = torch.where(m, err2, err)
+    """g [..., n] float32 groups along last dim -> (codes uint8 [...,n], scale [...,1], zero [...,1]):
+    engine/kernels/quant.py's fit_groups with the variant's clip grid and least-squares steps
+    (``method`` only names the variant)."""
+    c, s, z = Q.fit_groups(g, bits, md, clip=clip_grid or False, ls_iters=iters)
     return c.to(torch.uint8), s, z
 
 VARIANT = {}
