@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--socket", help="measure this running daemon instead of starting one")
     ap.add_argument("--load", choices=("aio", "threads"), default="aio",
                     help="load generator: coroutines of one loop, or a thread per client")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for the daemon (e.g. engine.device=cuda)")
     args = ap.parse_args()
 
     if args.socket:
@@ -161,7 +163,8 @@ def main() -> None:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "serve", "--socket", str(sock), "--model",
              args.model, "--set", f"engine.num_threads={args.threads}", "--set",
-             "log.level=warning", "--set", "server.drain_grace_s=2"], env=env)
+             "log.level=warning", "--set", "server.drain_grace_s=2"]
+            + [x for kv in args.sets for x in ("--set", kv)], env=env)
     try:
         while not sock.exists():
             if daemon is None or daemon.poll() is not None:
@@ -200,7 +203,7 @@ def main() -> None:
             errors.append(f"client process exited with code {proc.exitcode}")
         result = {
             "clients": args.clients, "load": args.load, "clients_streaming": streaming,
-            "model": st.model or args.model,
+            "model": st.model or args.model, "device": st.device, "daemon_sets": args.sets,
             "seconds": args.seconds, "period_ms": args.period_ms, "cpus": os.cpu_count(),
             "live_sequences_at_start": st.counts.total, "streamed_tokens_per_s": round(tok_rate, 1),
             "client_errors": errors[:5], "idle": percentiles(idle), "under_load": percentiles(loaded),

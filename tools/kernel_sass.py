@@ -36,8 +36,8 @@ PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*f
        "pacc_ptr": "*fp32", "NB": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
 
 
-def compile_kernel(consts: dict, warps: int, stages: int, fn=None):
-    fn = fn or pdt._paged_decode_kernel
+def compile_kernel(consts: dict, warps: int, stages: int):
+    fn = pdt._paged_decode_kernel
     sig, cx = {}, {}
     for name in fn.arg_names:
         if name in consts:
@@ -64,8 +64,6 @@ def main():
     ap.add_argument("--asm", type=int, default=1, help="PTX code conversion")
     ap.add_argument("--fast", type=int, default=1, help="fp16 dequantization (FAST)")
     ap.add_argument("--extra", default="", help="k=v,... more constexprs")
-    ap.add_argument("--swap", type=int, default=0, help="1: the transposed-dot kernel")
-    ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--sass")
     a = ap.parse_args()
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
@@ -77,9 +75,9 @@ def main():
         consts[k] = int(v)
     if consts.pop("DT32", 0):
         consts["DT"] = tl.float32
-    fn = pdt._paged_decode_kernel_t if a.swap else pdt._paged_decode_kernel
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    ck = compile_kernel(consts, a.warps, a.stages, fn)
+    fn_args = pdt._paged_decode_kernel.arg_names
+    consts = {k: v for k, v in consts.items() if k in fn_args}
+    ck = compile_kernel(consts, a.warps, a.stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()

@@ -164,7 +164,7 @@ VARIANTS = {
     "words": dict(word_codes=True), "nbi2": dict(blocks_per_iter=2),
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
     "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
-    "wv": dict(word_codes="v"), "nowords": dict(word_codes=False), "swap": dict(swap=True),
+    "wv": dict(word_codes="v"), "nowords": dict(word_codes=False),
 }
 
 

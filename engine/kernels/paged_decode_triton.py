@@ -201,19 +201,7 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
             FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = 0):
-    """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked)."""
-    k2 = _key_tile(arena_u8, arena_st, arena_md, off, ntok, kvh, BITS, NBI, T, D, H, ESIZE,
-                   MSIZE, DT, UPCAST, FAST, ASM, WORDS)
-    return _dot(qd, tl.trans(k2), IEEE)
-
-
-@triton.jit
-def _key_tile(arena_u8, arena_st, arena_md, off, ntok, kvh,
-              BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
-              H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
-              DT: tl.constexpr, UPCAST: tl.constexpr,
-              FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = 0):
-    """NBI blocks' keys as a [NBI * T, D] DT tile (tokens past ntok: whatever the slot holds).
+    """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked).
 
     FAST (fp16 dot operands): codes become exact fp16 (PTX when ASM) and are dequantized
     with one packed fp16 fma per two elements, as the values are; else fp32 arithmetic."""
@@ -256,7 +244,8 @@ def _key_tile(arena_u8, arena_st, arena_md, off, ntok, kvh,
                 k = c * sc.to(DT) + zr.to(DT)
             else:
                 k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
-    return tl.reshape(k, (NBI * T, D))
+    k2 = tl.reshape(k, (NBI * T, D))
+    return _dot(qd, tl.trans(k2), IEEE)
 
 
 @triton.jit
@@ -300,19 +289,7 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
             ASM: tl.constexpr, WORDS: tl.constexpr = 0):
-    """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes."""
-    v2 = _value_tile(arena_u8, arena_st, arena_md, voff, ntok, kvh, BITS, NBI, T, D, G, H,
-                     ESIZE, MSIZE, DT, UPCAST, FAST, ASM, WORDS)
-    return _dot(p.to(DT), v2, IEEE)
-
-
-@triton.jit
-def _value_tile(arena_u8, arena_st, arena_md, voff, ntok, kvh,
-                BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
-                G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
-                DT: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
-                ASM: tl.constexpr, WORDS: tl.constexpr = 0):
-    """NBI blocks' values as a [NBI * T, D] DT tile (tokens past ntok: zeros when quantized).
+    """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes.
 
     8-bit value codes are channel-major in the slot (``[H, D, T]``, engine/layout.py): the
     PV operand is then read along its reduction axis (tokens), as the keys are."""
@@ -372,7 +349,8 @@ def _value_tile(arena_u8, arena_st, arena_md, voff, ntok, kvh,
             v = c * sc.to(DT) + zr.to(DT)
         else:
             v = (_code_f32(c) * sc + zr).to(DT)
-    return tl.reshape(v, (NBI * T, D))
+    v2 = tl.reshape(v, (NBI * T, D))
+    return _dot(p.to(DT), v2, IEEE)
 
 
 @triton.jit
@@ -527,82 +505,6 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _paged_decode_kernel_t(
-    q_ptr, arena_u8, arena_st, arena_md, off_ptr, ntok_ptr, perm_ptr, rstart_ptr, rlen_ptr,
-    bmax_ptr, bsum_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    NB, blocks_per_split, qk_scale, S0, STOT,
-    HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
-    T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-    NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr, WORDS: tl.constexpr = 0,
-):
-    """_paged_decode_kernel for one compiled-in format with the dots transposed: the
-    block's tokens are the M side of both products (``s^T = K q^T``, ``o^T = V^T p^T``),
-    the GP query rows the N side, so an iteration's NBI * T >= 64 tokens fill Hopper's
-    64-row warpgroup MMA from registers (the dequantized tile) instead of padding the
-    4 query heads of a kv head to 16 MMA rows."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-    cols = tl.arange(0, GP)
-    hmask = cols < GQ
-    head = kvh * GQ + cols
-    d = tl.arange(0, D)
-    qt = tl.load(q_ptr + (b * HQ + head)[None, :] * D + d[:, None], mask=hmask[None, :],
-                 other=0.0).to(tl.float32).to(DT)                            # [D, GP]
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([D, GP], tl.float32)
-    if ROWLEN:
-        rs = tl.load(rstart_ptr + b)
-        start = rs + sp * blocks_per_split
-        end = tl.minimum(start + blocks_per_split, rs + tl.load(rlen_ptr + b))
-    else:
-        start = sp * blocks_per_split
-        end = tl.minimum(start + blocks_per_split, NB)
-    trow = tl.arange(0, T)
-    for blk0 in range(start, end, NBI):
-        bi = blk0 + tl.arange(0, NBI)
-        bmask = bi < end
-        ntok = tl.load(ntok_ptr + b * NB + bi, mask=bmask, other=0)           # [NBI]
-        off = tl.multiple_of(tl.load(off_ptr + b * NB + bi, mask=bmask, other=0), 16)
-        k2 = _key_tile(arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H, ESIZE,
-                       MSIZE, DT, UPCAST, FAST, ASM, WORDS)
-        st = _dot(k2, qt, IEEE)                                              # [NBI * T, GP]
-        voff = tl.multiple_of(off + _k_section_end(KB, T, D, H, ESIZE, MSIZE), 16)
-        s3 = tl.reshape(st * qk_scale, (NBI, T, GP))
-        tok_ok = trow[None, :, None] < tl.reshape(ntok, (NBI, 1, 1))
-        s3 = tl.where(tok_ok, s3, float("-inf"))
-        mb = tl.max(s3, axis=1)                                              # [NBI, GP]
-        mb_safe = tl.where(mb == float("-inf"), 0.0, mb)
-        p3 = tl.exp2(s3 - mb_safe[:, None, :])
-        lb = tl.sum(p3, axis=1)                                              # [NBI, GP]
-        if ROWLEN:
-            col = tl.load(perm_ptr + b * NB + bi, mask=bmask, other=0).to(tl.int32)
-        else:
-            col = bi
-        st_ptr = (b * HQ + head)[None, :] * NB + col[:, None]
-        st_mask = hmask[None, :] & bmask[:, None]
-        tl.store(bmax_ptr + st_ptr, mb * LN2, mask=st_mask)
-        tl.store(bsum_ptr + st_ptr, lb, mask=st_mask)
-        m_new = tl.maximum(m_i, tl.max(mb, axis=0))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new_safe)
-        w = tl.exp2(mb - m_new_safe[None, :])                                # [NBI, GP]
-        pt = tl.reshape(p3 * w[:, None, :], (NBI * T, GP))
-        l_i = l_i * alpha + tl.sum(lb * w, axis=0)
-        v2 = _value_tile(arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
-                         ESIZE, MSIZE, DT, UPCAST, FAST, ASM, WORDS)
-        acc = _dot(tl.trans(v2), pt.to(DT), IEEE, acc * alpha[None, :])       # [D, GP]
-        m_i = m_new
-    part = (b * HQ + head) * STOT + S0 + sp
-    tl.store(pm_ptr + part, m_i, mask=hmask)
-    tl.store(pl_ptr + part, l_i, mask=hmask)
-    tl.store(pacc_ptr + part[None, :] * D + d[:, None], acc, mask=hmask[None, :])
-
-
-@triton.jit
 def _reduce_kernel(
     pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
     pl_ptr,        # [B * Hq, S] fp32 split sumexp
@@ -711,7 +613,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         fast: bool | None = None, maxnreg: int | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
                         groups: "FormatGroups | None" = None,
-                        word_codes: bool | str | None = None, swap: bool = False
+                        word_codes: bool | str | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -785,7 +687,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
     kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
               num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg,
-              word_codes=word_codes, swap=swap)
+              word_codes=word_codes)
     if fmt is None and groups is None and formats is not None \
             and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
         groups = FormatGroups.from_table(kbits, vbits, formats)
@@ -892,7 +794,7 @@ class _Launch:
     wide."""
 
     def __init__(self, q, geom, fmt, B, NB, *, num_splits, blocks_per_iter, num_warps,
-                 num_stages, fold, fast, maxnreg, word_codes, swap=False):
+                 num_stages, fold, fast, maxnreg, word_codes):
         Hq, D = q.shape[1], q.shape[2]
         H, T = geom.num_kv_heads, geom.block_size
         dev = q.device
@@ -942,10 +844,8 @@ class _Launch:
         else:
             words = 3 if word_codes else 0
         self.words = words if fast and not fold else 0
-        self.swap = bool(swap) and fmt is not None and not fold
         self.key = (dev, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype,
-                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast, self.words,
-                    self.swap)
+                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast, self.words)
         self.S, self.bps, self.nbi, self.warps, self.stages = _launch_config(
             B, H, NB, dev, fmt is not None, num_splits, blocks_per_iter, num_warps,
             num_stages, _RESIDENT.get(self.key))
@@ -961,32 +861,19 @@ class _Launch:
         arena_md = arena_row[:n].view(geom.meta_dtype)
         perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
         f16 = self.dot_dtype == torch.float16
-        if self.swap:
-            ck = _paged_decode_kernel_t[(B, H, self.S)](
-                q, arena_row, arena_st, arena_md, offs, ntok, perm, rstart, rlen,
-                bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E,
-                s0, stot, HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)),
-                T=T, D=D, G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
-                KB=fmt.k_bits, VB=fmt.v_bits, NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
-                UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
-                IEEE=self.dot_dtype == torch.float32,
-                ASM=_PTX and q.is_cuda and f16 and self.fast, FAST=self.fast,
-                ROWLEN=run is not None, WORDS=self.words, num_warps=self.warps,
-                num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
-        else:
-            ck = _paged_decode_kernel[(B, H, self.S)](
-                q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, perm, rstart, rlen,
-                bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot,
-                HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
-                G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
-                KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
-                NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
-                UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
-                IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
-                ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
-                FAST=self.fast or self.fold, ROWLEN=run is not None, WORDS=self.words,
-                num_warps=self.warps,
-                num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
+        ck = _paged_decode_kernel[(B, H, self.S)](
+            q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, perm, rstart, rlen,
+            bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot,
+            HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
+            G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
+            KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
+            NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
+            UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
+            IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
+            ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
+            FAST=self.fast or self.fold, ROWLEN=run is not None, WORDS=self.words,
+            num_warps=self.warps,
+            num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
         if q.is_cuda and self.key not in _RESIDENT:
             res = _resident_programs(ck, q.device)
             if res:

@@ -127,26 +127,6 @@ def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("nbi", [1, 2])
-@pytest.mark.parametrize("case", [c for c in CASES if isinstance(c[7], KVFormat)]
-                         + [CASES[6], CASES[8]], ids=_case_id)
-def test_kernel_transposed_matches_reference(request, device, case, dtype, nbi):
-    """The transposed-dot kernel (tokens on the MMA's M side): one format per launch, and
-    mixed tables as one launch per format."""
-    pdt, _ = kernel_modules(device)
-    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed_of(request))
-    sm_scale = 1.0 / math.sqrt(geom.head_dim)
-    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
-                            geom, sm_scale)
-    fmts = case[7]
-    kw = dict(fmt=fmts) if isinstance(fmts, KVFormat) else dict(formats=fmts)
-    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, swap=True,
-                                  blocks_per_iter=nbi, **kw)
-    _compare(tuple(t.cpu() for t in got), want, dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if not isinstance(c[7], KVFormat)],
                          ids=_case_id)
 def test_kernel_per_format_launches_match_reference(request, device, case, dtype):
