@@ -26,10 +26,10 @@ from engine.arena import OutOfBlocks
 from engine.layout import FULL, BlockGeometry
 from engine.models import load_model
 from engine.plan import build_plan
-from engine.sampler import make_generator, sample
+from engine.sampler import make_generator, sample_batch
 from engine.staging import staging_need
 from engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
-from engine.stats import SeqStats
+from engine.stats import SeqStats, update_batch
 from engine.store import GPU, KVStore
 
 log = logging.getLogger("kvctl.engine")
@@ -303,7 +303,8 @@ class Engine:
                 self.on_logits([s.seq_id for s in sampled], logits)
             self._update_stats(plan)
             self._fill_quantize()
-            toks = [sample(logits[i], s.sampling, s.generator) for i, s in enumerate(sampled)]
+            toks = sample_batch(logits, [s.sampling for s in sampled],
+                                [s.generator for s in sampled])
             for s, t in zip(sampled, toks):
                 if s.state == PREFILL:
                     s.state = DECODE
@@ -316,10 +317,9 @@ class Engine:
     def _update_stats(self, plan) -> None:
         shares = plan.block_shares()
         if shares is not None:
-            share = shares.cpu()
-            for i, sid in enumerate(plan.decode.seq_ids):
-                n = len(self.store.seqs[sid].blocks)
-                self.stats[sid].update(share[i, :n])
+            sids = plan.decode.seq_ids
+            update_batch([self.stats[sid] for sid in sids], shares.cpu(),
+                         [len(self.store.seqs[sid].blocks) for sid in sids])
         for sid, scores in plan.observed.items():
             self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu())
 

@@ -14,11 +14,32 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> int:
-    """logits [V] -> token id."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """logits [R, V] -> one token id per row, row i with params[i] / generators[i].
+
+    Greedy rows take one argmax together; sampled rows are drawn one by one (each has its
+    own generator) into a device tensor; the ids reach the host in one copy, not one
+    synchronizing read per row."""
+    R = len(params)
+    if R == 0:
+        return []
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if len(greedy) == R:
+        return torch.argmax(logits, dim=-1).tolist()
+    out = torch.empty(R, dtype=torch.long, device=logits.device)
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        out.index_copy_(0, idx, torch.argmax(logits.index_select(0, idx), dim=-1))
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature != 0:
+            out[i:i + 1] = _draw(logits[i], p, g)
+    return out.tolist()
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """logits [V] -> [1] token id on the logits' device (temperature > 0)."""
     x = logits.float() / params.temperature
     if params.top_k and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
@@ -30,4 +51,4 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         drop = (torch.cumsum(probs, -1) - probs) >= params.top_p
         x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = torch.softmax(x, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)

@@ -32,16 +32,16 @@ class SeqStats:
 
     def update(self, share: torch.Tensor) -> None:
         """share [NB] (cpu, sums to 1 over attended blocks): one decode step."""
-        n = share.numel()
-        self.mass = self._fit(self.mass, n) * self.decay + (1 - self.decay) * share
+        update_batch([self], share.unsqueeze(0), [share.numel()])
+
+    def _step(self, share: torch.Tensor, ent: float, sink: float, recent: float) -> None:
+        self.mass = self._fit(self.mass, share.numel()) * self.decay + (1 - self.decay) * share
         self.last_share = share
-        p = share[share > 0]
-        ent = float(-(p * p.log()).sum()) if p.numel() else 0.0
         # statistics themselves are smoothed with the same decay
         a = self.decay if self.steps else 0.0
         self.entropy = a * self.entropy + (1 - a) * ent
-        self.sink_mass = a * self.sink_mass + (1 - a) * float(share[0]) if n else 0.0
-        self.recent_mass = a * self.recent_mass + (1 - a) * float(share[-self.recent_blocks:].sum())
+        self.sink_mass = a * self.sink_mass + (1 - a) * sink if share.numel() else 0.0
+        self.recent_mass = a * self.recent_mass + (1 - a) * recent
         self.steps += 1
 
     def observe(self, window: torch.Tensor, accumulated: torch.Tensor) -> None:
@@ -49,3 +49,31 @@ class SeqStats:
         query's accumulated attention (H2O), which also seeds the decayed mass."""
         self.observed = window / window.sum().clamp_min(1e-30)
         self.mass = accumulated / accumulated.sum().clamp_min(1e-30)
+
+
+def update_batch(stats: list[SeqStats], share: torch.Tensor, ns: list[int]) -> None:
+    """One decode step for several sequences: ``share`` [B, NB] (cpu), row i holding
+    sequence i's ``ns[i]`` block shares (columns past it are not its blocks). Entropy,
+    sink and recent-window mass of all rows at once, then one host read: per sequence
+    only its decayed mass is a tensor operation."""
+    if not stats:
+        return
+    B = len(stats)
+    n = torch.tensor([min(k, share.shape[1]) for k in ns], dtype=torch.long)
+    col = torch.arange(share.shape[1])
+    inside = col[None, :] < n[:, None]
+    x = torch.where(inside, share, torch.zeros((), dtype=share.dtype))
+    pos = x > 0
+    ent = -torch.where(pos, x * torch.log(torch.where(pos, x, torch.ones_like(x))),
+                       torch.zeros_like(x)).sum(1)
+    sink = x[:, 0] if x.shape[1] else torch.zeros(B)
+    # each row's newest blocks: columns n - 1, n - 2, ... (as many as recent_blocks)
+    r = max(s.recent_blocks for s in stats)
+    back = n[:, None] - 1 - torch.arange(r)[None, :]                          # [B, r]
+    want = (back >= 0) & (torch.arange(r)[None, :] <
+                          torch.tensor([s.recent_blocks for s in stats])[:, None])
+    recent = torch.where(want, x.gather(1, back.clamp_min(0)) if x.shape[1] else
+                         torch.zeros(B, r, dtype=x.dtype), torch.zeros((), dtype=x.dtype)).sum(1)
+    ent_l, sink_l, recent_l = ent.tolist(), sink.tolist(), recent.tolist()
+    for i, (st, k) in enumerate(zip(stats, n.tolist())):
+        st._step(x[i, :k], ent_l[i], sink_l[i], recent_l[i])
