@@ -15,6 +15,7 @@ from engine.store import GPU, HOST, KVStore
 
 
 ACCUMULATE = 256  # prompt queries whose attention seeds the heavy-hitter scores
+OBSERVE_ELEMS = 1 << 24  # prompt-time scores computed at once (fp32 elements: 64 MiB)
 
 
 @dataclass
@@ -139,17 +140,21 @@ class StepPlan:
         q [Hq, n, D] over all keys k [Hq, M, D]: the last ``seg.observe`` queries'
         attention (SnapKV, Li et al. 2024) and the accumulated attention of the chunk's
         last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023).
-        One head at a time: memory stays at [ACCUMULATE, M]."""
+        As many heads at a time as keep the scores under OBSERVE_ELEMS elements (all of
+        them for short prompts: one launch instead of a few per head)."""
         n = min(q.shape[1], ACCUMULATE)
+        Hq, M = q.shape[0], k.shape[1]
         qpos = seg.positions[-n:]
-        win = torch.zeros(k.shape[1], device=k.device)
-        acc = torch.zeros(k.shape[1], device=k.device)
+        win = torch.zeros(M, device=k.device)
+        acc = torch.zeros(M, device=k.device)
         future = kpos.view(1, -1) > qpos.view(-1, 1)                       # [n, M]
-        for h in range(q.shape[0]):
-            s = (q[h, -n:].float() @ k[h].float().T) * scale               # [n, M]
-            p = torch.softmax(s.masked_fill(future, float("-inf")), -1)
-            acc += p.sum(0)
-            win += p[-seg.observe:].sum(0)
+        per = max(1, min(Hq, OBSERVE_ELEMS // max(1, n * M)))
+        for h in range(0, Hq, per):
+            qs = q[h:h + per, -n:].float()                                 # [h, n, D]
+            s = torch.matmul(qs, k[h:h + per].float().transpose(1, 2)) * scale   # [h, n, M]
+            p = torch.softmax(s.masked_fill_(future, float("-inf")), -1)
+            acc += p.sum((0, 1))
+            win += p[:, -seg.observe:].sum((0, 1))
         for store, per_key in ((self.observed, win), (self.accumulated, acc)):
             per_block = torch.zeros(seg.num_logical, device=k.device).index_add_(
                 0, seg.block_of_key, per_key)

@@ -47,3 +47,50 @@ def test_block_shares_match_eager_attention(engine, hf_model, long_ids):
         assert stats.observed.numel() == -(-len(prompt) // engine.geom.block_size)
     finally:
         engine.cancel(sid)
+
+
+def _prompt_scores_eager(hf_model, ids, T, window, accumulate):
+    """SnapKV window scores and H2O accumulated scores per block, from eager attention:
+    the last ``window`` (resp. ``accumulate``) queries' attention summed over layers and
+    heads, normalized to sum to one."""
+    hf_model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = hf_model(input_ids=torch.tensor([ids]), output_attentions=True)
+    finally:
+        hf_model.set_attn_implementation("sdpa")
+    n = len(ids)
+    nb = -(-n // T)
+    res = []
+    for last in (window, accumulate):
+        per_key = sum(a[0, :, -last:, :].sum((0, 1)) for a in out.attentions)   # [n]
+        per_block = torch.nn.functional.pad(per_key, (0, nb * T - n)).view(nb, T).sum(-1)
+        res.append(per_block / per_block.sum())
+    return res
+
+
+def test_prompt_scores_match_eager_attention_in_any_head_grouping(engine, hf_model, long_ids,
+                                                                    monkeypatch):
+    """SnapKV / H2O prompt scores equal eager attention's, whether the heads are scored
+    all at once (short prompts) or in groups (long ones: OBSERVE_ELEMS)."""
+    import engine.plan as plan_mod
+    from engine.plan import ACCUMULATE
+    prompt = long_ids[:300]          # one prefill chunk (max_batch_tokens 512)
+    want_win, want_acc = _prompt_scores_eager(hf_model, prompt, engine.geom.block_size,
+                                              engine.config.observe_window, ACCUMULATE)
+    got = []
+    for elems in (plan_mod.OBSERVE_ELEMS, 256 * 300 * 2, 1):   # all heads, 2, 1 at a time
+        monkeypatch.setattr(plan_mod, "OBSERVE_ELEMS", elems)
+        sid = engine.submit(Request(prompt_ids=prompt,
+                                    sampling=SamplingParams(max_tokens=5, ignore_eos=True)),
+                            lambda ev: None)
+        try:
+            engine.step()                # the prefill: observation, no decode step yet
+            st = engine.stats[sid]
+            assert st.steps == 0
+            got.append((st.observed.clone(), st.mass.clone()))
+        finally:
+            engine.cancel(sid)
+    for win, acc in got:
+        assert float((win - want_win).abs().max()) < 1e-5
+        assert float((acc - want_acc).abs().max()) < 1e-5
