@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--ab-launch-cache", type=int, default=0, metavar="ROUNDS",
+                    help="instead: alternate Triton launches with and without the per-step "
+                    "reuse, ROUNDS rounds of --steps steps each, and print both medians")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from engine.api import Request, SamplingParams
@@ -54,11 +57,33 @@ def main() -> None:
     for _ in range(3):
         eng.step()
     sync()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        eng.step()
-    sync()
-    plain = (time.perf_counter() - t0) / a.steps
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            eng.step()
+        sync()
+        return (time.perf_counter() - t0) / a.steps
+
+    if a.ab_launch_cache:
+        from engine.kernels import paged_decode_triton as pdt
+        launch, plan = pdt._launch, pdt._plan_launch
+        on, off = [], []
+        for _ in range(a.ab_launch_cache):
+            on.append(timed())
+            pdt._launch = lambda fn, grid, args, consts, options, cache: launch(
+                fn, grid, args, consts, options, None)
+            pdt._plan_launch = lambda q, geom, fmt, B, NB, kw, cache: plan(
+                q, geom, fmt, B, NB, kw, None)
+            off.append(timed())
+            pdt._launch, pdt._plan_launch = launch, plan
+        med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
+        print(f"{eng.model_name} on {eng.device}, batch {a.batch}, prompt {a.prompt}: "
+              f"launch reuse {med(on):.2f} ms/step, without {med(off):.2f} ms/step "
+              f"(medians of {a.ab_launch_cache} interleaved rounds of {a.steps} steps; "
+              f"{med(off) / med(on):.3f}x)")
+        return
+    plain = timed()
     print(f"{eng.model_name} on {eng.device}, batch {a.batch}, prompt {a.prompt}: "
           f"{plain * 1e3:.2f} ms/step, {a.batch / plain:.0f} tokens/s")
     pr = cProfile.Profile()

@@ -161,6 +161,7 @@ def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_nt
     if q.is_cuda and triton_supports(geom):
         from engine.kernels.paged_decode_triton import paged_decode_triton
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
-                                   block_ntok, geom, sm_scale, fmt=fmt, groups=groups)
+                                   block_ntok, geom, sm_scale, fmt=fmt, groups=groups,
+                                   launch_cache=cache)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale, fmt, cache)

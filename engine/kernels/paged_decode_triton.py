@@ -534,6 +534,31 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 MAX_FORMAT_LAUNCHES = 8
 
 
+def _launch(fn, grid, args: tuple, consts: dict, options: dict, cache: dict | None):
+    """``fn[grid](*args, **consts, **options)``; returns the compiled kernel.
+
+    With ``cache`` (a dict that lives for one engine step, CUDA): the compiled kernel of an
+    earlier launch whose arguments specialize the same way (same scalars, constexprs and
+    options; tensors of the same dtype and 16-byte alignment) is launched directly, without
+    Triton's per-call argument binding and cache lookup. The layers of a step launch with
+    the same table and scalars, so only the first layer pays for that lookup."""
+    if cache is None:
+        return fn[grid](*args, **consts, **options)
+    spec = ("triton-launch", fn.fn.__name__, grid) + tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+        for a in args) + tuple(consts.items()) + tuple(options.items())
+    hit = cache.get(spec)
+    if hit is None:
+        ck = fn[grid](*args, **consts, **options)
+        tail = tuple(consts[p.name] if p.name in consts else p.default
+                     for p in fn.params[len(args):])
+        cache[spec] = (ck, tail)
+        return ck
+    ck, tail = hit
+    ck[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)   # the runner takes 3 dims
+    return ck
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -613,7 +638,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         fast: bool | None = None, maxnreg: int | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
                         groups: "FormatGroups | None" = None,
-                        word_codes: bool | str | None = None
+                        word_codes: bool | str | None = None, launch_cache: dict | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -634,6 +659,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     of int8 tables on CUDA, where the H200 measured it faster (docs/BENCHMARKS.md).
     ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
     launch heuristics.
+    ``launch_cache``: a dict that lives for one engine step (CUDA): launch plans and
+    compiled kernels are reused across the step's layers (``_launch``).
     ``fold``: experimental, off by default because it measured slower on the H200
     (docs/BENCHMARKS.md): key scales folded into q, codes straight into tl.dot, one block
     an iteration, fp16 dequantization of values; PTX code conversion on CUDA with fp16.
@@ -676,6 +703,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         raise ValueError(f"arena_row on {arena_row.device}, q on {q.device}")
     NB = block_offsets.shape[1]
     dev = q.device
+    if not q.is_cuda:
+        launch_cache = None   # the interpreter has no compiled kernels to reuse
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     bmax = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
     bsum = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
@@ -702,7 +731,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         for i, f in enumerate(groups.formats):
             n = groups.max_length[i] if groups.max_length else NB
             if n > 0:
-                launches.append(_Launch(q, geom, f, B, n, **kw))
+                launches.append(_plan_launch(q, geom, f, B, n, kw, launch_cache))
         stot = sum(x.S for x in launches) or 1
         pm = torch.empty(B, Hq, stot, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
@@ -715,19 +744,20 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         for x in launches:
             i = groups.formats.index(x.fmt)
             x.run(q, arena_row, offs_g, kbits, vbits, ntok_g, bmax, bsum, pm, pl, pacc, s0,
-                  stot, run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale)
+                  stot, run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale,
+                  cache=launch_cache)
             s0 += x.S
     else:
-        x = _Launch(q, geom, fmt, B, NB, **kw)
+        x = _plan_launch(q, geom, fmt, B, NB, kw, launch_cache)
         pm = torch.empty(B, Hq, x.S, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         pacc = torch.empty(B, Hq, x.S, D, dtype=torch.float32, device=q.device)
         x.run(q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, 0, x.S,
-              run=None, sm_scale=sm_scale)
+              run=None, sm_scale=sm_scale, cache=launch_cache)
     # one program per (sequence, query head); the split axis fits in registers
     S = pm.shape[2]
-    _reduce_kernel[(B * Hq,)](pm, pl, pacc, out, S, SP=triton.next_power_of_2(S), D=D,
-                              num_warps=4)
+    _launch(_reduce_kernel, (B * Hq,), (pm, pl, pacc, out, S),
+            dict(SP=triton.next_power_of_2(S), D=D), dict(num_warps=4), launch_cache)
     return out, bmax, bsum
 
 
@@ -786,6 +816,17 @@ class FormatGroups:
         return cls(formats, t(perm, torch.int64).reshape(B, width),
                    t(start, torch.int32).reshape(F, B), t(length, torch.int32).reshape(F, B),
                    tuple(max(x) if x else 0 for x in length))
+
+
+def _plan_launch(q, geom, fmt, B, NB, kw: dict, cache: dict | None) -> "_Launch":
+    """_Launch(q, geom, fmt, B, NB, **kw), shared by the layers of a step via ``cache``."""
+    if cache is None:
+        return _Launch(q, geom, fmt, B, NB, **kw)
+    key = ("triton-plan", q.shape, q.dtype, q.device, geom, fmt, B, NB, tuple(kw.items()))
+    x = cache.get(key)
+    if x is None:
+        x = cache[key] = _Launch(q, geom, fmt, B, NB, **kw)
+    return x
 
 
 class _Launch:
@@ -852,7 +893,7 @@ class _Launch:
         self.fold, self.fast, self.maxnreg, self.geom = fold, fast, maxnreg, geom
 
     def run(self, q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, s0, stot,
-            *, run, sm_scale):
+            *, run, sm_scale, cache=None):
         geom, fmt = self.geom, self.fmt
         B, Hq, D = q.shape
         H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
@@ -861,9 +902,10 @@ class _Launch:
         arena_md = arena_row[:n].view(geom.meta_dtype)
         perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
         f16 = self.dot_dtype == torch.float16
-        ck = _paged_decode_kernel[(B, H, self.S)](
+        ck = _launch(_paged_decode_kernel, (B, H, self.S), (
             q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, perm, rstart, rlen,
-            bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot,
+            bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot
+        ), dict(
             HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
             G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
             KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
@@ -872,8 +914,8 @@ class _Launch:
             IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
             ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
             FAST=self.fast or self.fold, ROWLEN=run is not None, WORDS=self.words,
-            num_warps=self.warps,
-            num_stages=self.stages, **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
+        ), dict(num_warps=self.warps, num_stages=self.stages,
+                **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
         if q.is_cuda and self.key not in _RESIDENT:
             res = _resident_programs(ck, q.device)
             if res:

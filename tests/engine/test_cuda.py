@@ -64,3 +64,36 @@ def test_exact_offload_identical_and_quantized_decode_close_on_gpu(gpu_engine):
     assert float((ref[1] - q8[1]).abs().max()) < 0.05 * float(ref[1].abs().max())
     for a in e.store.arenas.values():
         assert a.alloc.num_slots == 0
+
+
+def test_decode_logits_match_transformers_on_gpu(gpu_engine):
+    """Two sequences decoding together on the GPU (the Triton kernel, its launches shared
+    by the layers of each step): every step's logits equal transformers' over the same
+    tokens."""
+    from engine.api import FinishEvent
+    e = gpu_engine
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (300, 77)]
+    logits, done = {}, {}
+    e.on_logits = lambda sids, lg: [logits.setdefault(s, []).append(lg[i].float().cpu())
+                                    for i, s in enumerate(sids)]
+    sids = [e.submit(Request(prompt_ids=p, sampling=SamplingParams(max_tokens=6,
+                                                                   ignore_eos=True)),
+                     lambda ev: done.__setitem__(ev.seq_id, ev.token_ids)
+                     if isinstance(ev, FinishEvent) else None) for p in prompts]
+    try:
+        while len(done) < 2:
+            e.step()
+    finally:
+        e.on_logits = None
+    e.model.set_attn_implementation("sdpa")
+    try:
+        for sid, p in zip(sids, prompts):
+            out = done[sid]
+            assert len(out) == 6 and len(logits[sid]) == 6
+            with torch.inference_mode():
+                ref = e.model(input_ids=torch.tensor([p + out[:-1]], device="cuda")).logits[0]
+            ref = ref[len(p) - 1:].float().cpu()                       # [6, V]
+            assert float((torch.stack(logits[sid]) - ref).abs().max()) < 1e-3
+    finally:
+        e.model.set_attn_implementation("kvctl")

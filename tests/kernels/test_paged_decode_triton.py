@@ -271,3 +271,51 @@ def test_kernel_mixed_formats_many_inputs(device, seed):
                             geom, 0.125)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.125)
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: ``fn[grid](...)`` "compiles" (counted) and returns a
+    compiled kernel whose ``ck[grid](*all_args)`` launches are recorded."""
+
+    class _Param:
+        def __init__(self, name, default):
+            self.name, self.default = name, default
+
+    def __init__(self):
+        import inspect
+        self.fn = type("f", (), {"__name__": "fake"})
+        self.params = [self._Param(n, inspect.Parameter.empty) for n in ("x", "n", "A")] + \
+            [self._Param("B", 7)]
+        self.jit_calls, self.direct = [], []
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.jit_calls.append((grid, args, kw))
+            outer = self
+
+            class CK:
+                def __getitem__(self, g):
+                    return lambda *a: outer.direct.append((g, a))
+            return CK()
+        return call
+
+
+def test_launch_cache_reuses_a_compiled_kernel_only_for_the_same_specialization():
+    from engine.kernels.paged_decode_triton import _launch
+    fn, cache = _FakeKernel(), {}
+    x = torch.zeros(64, dtype=torch.float16)
+    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=4), cache)
+    _launch(fn, (2, 1), (x.clone(), 5), dict(A=3), dict(num_warps=4), cache)   # layer 2
+    assert len(fn.jit_calls) == 1 and len(fn.direct) == 1
+    g, args = fn.direct[0]
+    assert g == (2, 1, 1) and args[1:] == (5, 3, 7)       # 3-d grid; runtime args, constexprs
+    # anything that specializes differently goes through Triton again
+    _launch(fn, (2, 1), (x, 6), dict(A=3), dict(num_warps=4), cache)            # a scalar
+    _launch(fn, (2, 1), (x[1:], 5), dict(A=3), dict(num_warps=4), cache)        # alignment
+    _launch(fn, (2, 1), (x.float(), 5), dict(A=3), dict(num_warps=4), cache)    # dtype
+    _launch(fn, (2, 1), (x, 5), dict(A=4), dict(num_warps=4), cache)            # constexpr
+    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=8), cache)            # option
+    _launch(fn, (3, 1), (x, 5), dict(A=3), dict(num_warps=4), cache)            # grid
+    assert len(fn.jit_calls) == 7 and len(fn.direct) == 1
+    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=4), None)             # no cache
+    assert len(fn.jit_calls) == 8
