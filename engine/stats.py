@@ -63,17 +63,14 @@ def update_batch(stats: list[SeqStats], share: torch.Tensor, ns: list[int]) -> N
     col = torch.arange(share.shape[1])
     inside = col[None, :] < n[:, None]
     x = torch.where(inside, share, torch.zeros((), dtype=share.dtype))
-    pos = x > 0
-    ent = -torch.where(pos, x * torch.log(torch.where(pos, x, torch.ones_like(x))),
-                       torch.zeros_like(x)).sum(1)
+    ent = -torch.special.xlogy(x, x).sum(1)                                   # 0 log 0 = 0
     sink = x[:, 0] if x.shape[1] else torch.zeros(B)
-    # each row's newest blocks: columns n - 1, n - 2, ... (as many as recent_blocks)
-    r = max(s.recent_blocks for s in stats)
-    back = n[:, None] - 1 - torch.arange(r)[None, :]                          # [B, r]
-    want = (back >= 0) & (torch.arange(r)[None, :] <
-                          torch.tensor([s.recent_blocks for s in stats])[:, None])
-    recent = torch.where(want, x.gather(1, back.clamp_min(0)) if x.shape[1] else
-                         torch.zeros(B, r, dtype=x.dtype), torch.zeros((), dtype=x.dtype)).sum(1)
+    # each row's newest blocks: columns n - 1, n - 2, ... (as many as its recent_blocks)
+    j = torch.arange(max(s.recent_blocks for s in stats))
+    back = n[:, None] - 1 - j                                                 # [B, r]
+    want = (back >= 0) & (j < torch.tensor([s.recent_blocks for s in stats])[:, None])
+    picked = x.gather(1, back.clamp_min(0)) if x.shape[1] else torch.zeros(want.shape)
+    recent = (picked * want).sum(1)
     ent_l, sink_l, recent_l = ent.tolist(), sink.tolist(), recent.tolist()
     for i, (st, k) in enumerate(zip(stats, n.tolist())):
         st._step(x[i, :k], ent_l[i], sink_l[i], recent_l[i])

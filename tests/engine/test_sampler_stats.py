@@ -87,3 +87,11 @@ def test_update_batch_equals_sequence_by_sequence(seed):
         torch.testing.assert_close(a.last_share, b.last_share)
         for f in ("entropy", "sink_mass", "recent_mass"):
             assert math.isclose(getattr(a, f), getattr(b, f), rel_tol=1e-5, abs_tol=1e-7), f
+
+
+def test_update_batch_with_no_blocks_attended():
+    stats = [SeqStats(), SeqStats()]
+    update_batch(stats, torch.zeros(2, 0), [0, 3])
+    for st in stats:
+        assert st.steps == 1 and st.mass.numel() == 0
+        assert st.entropy == st.sink_mass == st.recent_mass == 0.0
