@@ -15,7 +15,7 @@ from engine.store import GPU, HOST, KVStore
 
 
 ACCUMULATE = 256  # prompt queries whose attention seeds the heavy-hitter scores
-OBSERVE_ELEMS = 1 << 24  # prompt-time scores computed at once (fp32 elements: 64 MiB)
+OBSERVE_ELEMS = 1 << 24  # prompt-time score temporaries at once (fp32 elements: 64 MiB)
 
 
 @dataclass
@@ -140,15 +140,16 @@ class StepPlan:
         q [Hq, n, D] over all keys k [Hq, M, D]: the last ``seg.observe`` queries'
         attention (SnapKV, Li et al. 2024) and the accumulated attention of the chunk's
         last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023).
-        As many heads at a time as keep the scores under OBSERVE_ELEMS elements (all of
-        them for short prompts: one launch instead of a few per head)."""
+        As many heads at a time as keep their temporaries under OBSERVE_ELEMS elements (all
+        of them for short prompts: one launch instead of a few per head)."""
         n = min(q.shape[1], ACCUMULATE)
         Hq, M = q.shape[0], k.shape[1]
         qpos = seg.positions[-n:]
         win = torch.zeros(M, device=k.device)
         acc = torch.zeros(M, device=k.device)
         future = kpos.view(1, -1) > qpos.view(-1, 1)                       # [n, M]
-        per = max(1, min(Hq, OBSERVE_ELEMS // max(1, n * M)))
+        # per head: the scores and their softmax (n x M each) and k's fp32 copy (M x D)
+        per = max(1, min(Hq, OBSERVE_ELEMS // max(1, M * (2 * n + k.shape[2]))))
         for h in range(0, Hq, per):
             qs = q[h:h + per, -n:].float()                                 # [h, n, D]
             s = torch.matmul(qs, k[h:h + per].float().transpose(1, 2)) * scale   # [h, n, M]

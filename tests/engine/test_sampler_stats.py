@@ -95,3 +95,10 @@ def test_update_batch_with_no_blocks_attended():
     for st in stats:
         assert st.steps == 1 and st.mass.numel() == 0
         assert st.entropy == st.sink_mass == st.recent_mass == 0.0
+
+
+def test_update_batch_without_a_recent_window():
+    """recent_blocks 0: no recent-window mass (not the whole row)."""
+    st = SeqStats(recent_blocks=0)
+    update_batch([st], torch.tensor([[0.5, 0.25, 0.25]]), [3])
+    assert st.recent_mass == 0.0 and math.isclose(st.sink_mass, 0.5)

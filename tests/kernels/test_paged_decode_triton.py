@@ -283,7 +283,6 @@ class _FakeKernel:
 
     def __init__(self):
         import inspect
-        self.fn = type("f", (), {"__name__": "fake"})
         self.params = [self._Param(n, inspect.Parameter.empty) for n in ("x", "n", "A")] + \
             [self._Param("B", 7)]
         self.jit_calls, self.direct = [], []
@@ -319,3 +318,28 @@ def test_launch_cache_reuses_a_compiled_kernel_only_for_the_same_specialization(
     assert len(fn.jit_calls) == 7 and len(fn.direct) == 1
     _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=4), None)             # no cache
     assert len(fn.jit_calls) == 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_launch_cache_across_layers_matches_reference(request, device):
+    """The engine shares one launch cache between a step's layers: several "layers"
+    (different q, same table) through one cache, uniform and mixed-format (grouped, one
+    launch per format; an odd batch), all equal to the reference."""
+    pdt, _ = kernel_modules(device)
+    seed = seed_of(request)
+    for case, kw in ((CASES[11], dict(fmt=INT8)), (CASES[9], dict(formats=MIXED)),
+                     ((3, 8, 2, 128, 32, 32, [300, 129, 77], [INT4, FULL], 0.1),
+                      dict(formats=[INT4, FULL]))):
+        geom, _, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed)
+        sm_scale = 1.0 / math.sqrt(geom.head_dim)
+        cache = {}
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            q = torch.randn(case[0], case[1], case[3], generator=gen).half().to(device)
+            want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(),
+                                    ntok.cpu(), geom, sm_scale)
+            got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
+                                          launch_cache=cache, **kw)
+            _compare(tuple(t.cpu() for t in got), want, torch.float16)
+        if device == "cuda":
+            assert any(k[0] == "triton-launch" for k in cache)
