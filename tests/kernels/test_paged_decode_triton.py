@@ -223,7 +223,7 @@ def test_reference_matches_dense_sdpa(request, case):
     """paged_decode_ref == SDPA over the dequantized valid tokens of each sequence."""
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float32, "cpu", seed_of(request))
     B, Hq, D = q.shape
-    H, T = geom.num_kv_heads, geom.block_size
+    H = geom.num_kv_heads
     sm_scale = 0.7 / math.sqrt(D)
     out, bmax, bsum = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm_scale)
     k, v = gather_dense(arena, offs, kb, vb, ntok, geom, torch.float64)   # [B, NB, H, T, D]
