@@ -290,7 +290,8 @@ class Engine:
             if not decode and not chunks:
                 return False
             plan = build_plan(self.store, decode, chunks, self.num_layers, self.device)
-            rows = [int(r) for r in plan.decode.rows] if plan.decode is not None else []
+            # host copies: reading the device tensor row by row would sync once a row
+            rows = list(plan.decode.row_list) if plan.decode is not None else []
             sampled = list(dec_seqs)
             for seg, (s, last) in zip(plan.prefills, pre_seqs):
                 s.num_prefilled += seg.length

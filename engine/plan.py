@@ -49,6 +49,7 @@ class DecodeBatch:
     stager: Stager | None = None
     fmt: KVFormat | None = None  # the one format of every block in the table, if only one
     groups: object | None = None  # FormatGroups of a mixed table, for the CUDA kernel
+    row_list: list[int] = field(default_factory=list)  # ``rows`` on the host
 
 
 @dataclass
@@ -308,6 +309,7 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
     if decode_ids:
         decode = _table(store, [s for s, _ in decode_ids], device)
         decode.rows = torch.tensor(dec_rows, device=device)
+        decode.row_list = dec_rows
     return StepPlan(
         store=store,
         input_ids=torch.tensor([ids], device=device),
