@@ -539,9 +539,9 @@ def _launch(fn, grid, args: tuple, consts: dict, options: dict, cache: dict | No
 
     With ``cache`` (a dict that lives for one engine step, CUDA): the compiled kernel of an
     earlier launch whose arguments specialize the same way (same scalars, constexprs and
-    options; tensors of the same dtype, device and 16-byte alignment) is launched directly, without
-    Triton's per-call argument binding and cache lookup. The layers of a step launch with
-    the same table and scalars, so only the first layer pays for that lookup."""
+    options; tensors of the same dtype, device and 16-byte alignment) is launched
+    directly, without Triton's per-call argument binding and cache lookup. The layers of a
+    step launch with the same table and scalars, so only the first layer pays for that."""
     if cache is None:
         return fn[grid](*args, **consts, **options)
     spec = ("triton-launch", fn, grid) + tuple(

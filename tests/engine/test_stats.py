@@ -4,21 +4,26 @@ import torch
 from engine.api import Request, SamplingParams
 
 
-def block_shares_eager(hf_model, ids, T):
-    """Mean over layers and heads of the last query's attention summed per block."""
+def _eager_attentions(hf_model, ids):
+    """Each layer's attention probabilities [1, Hq, n, n] from transformers' eager path."""
     hf_model.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
-            out = hf_model(input_ids=torch.tensor([ids]), output_attentions=True)
+            return hf_model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
     finally:
         hf_model.set_attn_implementation("sdpa")
-    n = len(ids)
+
+
+def _per_block(x, T):
+    """[..., n] per key -> [..., ceil(n / T)] per block of T keys."""
+    n = x.shape[-1]
     nb = -(-n // T)
-    shares = []
-    for a in out.attentions:                      # [1, Hq, n, n]
-        p = a[0, :, -1, :]                        # [Hq, n]
-        p = torch.nn.functional.pad(p, (0, nb * T - n)).view(p.shape[0], nb, T).sum(-1)
-        shares.append(p.mean(0))
+    return torch.nn.functional.pad(x, (0, nb * T - n)).view(*x.shape[:-1], nb, T).sum(-1)
+
+
+def block_shares_eager(hf_model, ids, T):
+    """Mean over layers and heads of the last query's attention summed per block."""
+    shares = [_per_block(a[0, :, -1, :], T).mean(0) for a in _eager_attentions(hf_model, ids)]
     return torch.stack(shares).mean(0)
 
 
@@ -53,18 +58,11 @@ def _prompt_scores_eager(hf_model, ids, T, window, accumulate):
     """SnapKV window scores and H2O accumulated scores per block, from eager attention:
     the last ``window`` (resp. ``accumulate``) queries' attention summed over layers and
     heads, normalized to sum to one."""
-    hf_model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = hf_model(input_ids=torch.tensor([ids]), output_attentions=True)
-    finally:
-        hf_model.set_attn_implementation("sdpa")
-    n = len(ids)
-    nb = -(-n // T)
+    attentions = _eager_attentions(hf_model, ids)
     res = []
     for last in (window, accumulate):
-        per_key = sum(a[0, :, -last:, :].sum((0, 1)) for a in out.attentions)   # [n]
-        per_block = torch.nn.functional.pad(per_key, (0, nb * T - n)).view(nb, T).sum(-1)
+        per_key = sum(a[0, :, -last:, :].sum((0, 1)) for a in attentions)      # [n]
+        per_block = _per_block(per_key, T)
         res.append(per_block / per_block.sum())
     return res
 
