@@ -27,22 +27,22 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python -m engine.bench
-	$(BIN)/python -m engine.evaluate
-	$(BIN)/python -m controller.bench_compression
-	OMP_NUM_THREADS=1 $(BIN)/python -m controller.bench_status --clients 64 --seconds 15 --model default --max-tokens 128
+	$(BIN)/python -m benchmarks.engine_speed
+	$(BIN)/python -m benchmarks.evaluate
+	$(BIN)/python -m benchmarks.compression
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model default --max-tokens 128
 
 # KV quantization accuracy: perplexity, passkey, KV bytes per format (long on CPU)
 bench-accuracy: setup
-	$(BIN)/python -m engine.evaluate
+	$(BIN)/python -m benchmarks.evaluate
 
 # on a CUDA machine: the paged decode kernel, offload, and engine throughput (H200 shapes)
 bench-gpu: setup
-	$(BIN)/python -m engine.kernels.bench_decode
-	$(BIN)/python -m engine.bench_offload --context 32768
-	$(BIN)/python -m engine.bench --model random:llama3-8b --device cuda --dtype bfloat16 --batches 1,4,8,16
-	$(BIN)/python tools/profile_step.py --model random:llama3-8b --batch 8 --prompt 1024 --top 20
-	$(BIN)/python -m controller.bench_status --clients 64 --seconds 15 --model random:llama3-8b --max-tokens 128
+	$(BIN)/python -m benchmarks.decode_kernel
+	$(BIN)/python -m benchmarks.offload --context 32768
+	$(BIN)/python -m benchmarks.engine_speed --model random:llama3-8b --device cuda --dtype bfloat16 --batches 1,4,8,16
+	$(BIN)/python benchmarks/profile_step.py --model random:llama3-8b --batch 8 --prompt 1024 --top 20
+	$(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model random:llama3-8b --max-tokens 128
 
 # regenerate kvctl_proto/ from proto/ with the pinned grpcio-tools
 proto: setup

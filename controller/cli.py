@@ -247,12 +247,12 @@ def generate(ctx: typer.Context,
 
 
 BENCHMARKS = {
-    "engine": ("engine.bench", "decode tok/s vs transformers generate"),
-    "accuracy": ("engine.evaluate", "KV quantization: perplexity, passkey, bytes"),
-    "compression": ("controller.bench_compression", "eviction / top-k offload accuracy"),
-    "offload": ("engine.bench_offload", "exact vs top-k offload (CUDA)"),
-    "kernel": ("engine.kernels.bench_decode", "paged decode kernel vs SDPA (CUDA)"),
-    "status": ("controller.bench_status", "GetStatus latency under 64 streams"),
+    "engine": ("benchmarks.engine_speed", "decode tok/s vs transformers generate"),
+    "accuracy": ("benchmarks.evaluate", "KV quantization: perplexity, passkey, bytes"),
+    "compression": ("benchmarks.compression", "eviction / top-k offload accuracy"),
+    "offload": ("benchmarks.offload", "exact vs top-k offload (CUDA)"),
+    "kernel": ("benchmarks.decode_kernel", "paged decode kernel vs SDPA (CUDA)"),
+    "status": ("benchmarks.status_latency", "GetStatus latency under 64 streams"),
 }
 
 
@@ -266,8 +266,15 @@ def bench(ctx: typer.Context, name: str = typer.Argument(
         print(f"kvctl: unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}",
               file=sys.stderr)
         raise typer.Exit(2)
-    # a child process: the benchmarks import torch, the CLI never does
-    rc = subprocess.call([sys.executable, "-m", BENCHMARKS[name][0], *ctx.args])
+    from pathlib import Path
+    # benchmarks live beside the product packages in the source tree, never imported by
+    # them: a child process from the checkout's root (they import torch; the CLI never does)
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        print("kvctl: the benchmarks ship with the source tree (benchmarks/), not with this "
+              "installation; run them from a checkout: make bench", file=sys.stderr)
+        raise typer.Exit(2)
+    rc = subprocess.call([sys.executable, "-m", BENCHMARKS[name][0], *ctx.args], cwd=root)
     raise typer.Exit(rc)
 
 

@@ -2,7 +2,7 @@
 overrides, into a dataclass tree validated in ``__post_init__``.
 
     [server]  socket, tcp_address, tls_cert, tls_key, token_file, max_workers, drain_grace_s
-    [engine]  model, device, dtype, block_size, kv_budget_bytes, kv_budget_fraction, ...
+    [engine]  every field of engine.config.EngineConfig (model, device, budgets, ...)
     [policy]  profile, budget_bytes, high_watermark, low_watermark
     [metrics] enabled, address, port
     [log]     level, format, log_prompts
@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from controller.policy import PROFILES, check_watermarks
+from controller.policy import check_watermarks
+from controller.profiles import PROFILE_NAMES
+from engine.config import EngineConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvctl/kvctl.toml")
 
@@ -72,8 +74,8 @@ class ServerConfig:
     tls_cert: str = ""               # PEM; required with tcp_address
     tls_key: str = ""
     token_file: str = ""             # bearer token for mutating RPCs over TCP
-    max_workers: int = 128           # most RPCs at once (open streams included); also the
-                                     # worker threads for blocking work (engine lock, snapshots)
+    max_workers: int = 32            # worker threads for blocking work (tokenizing, ...)
+    max_watchers: int = 64           # WatchDecisions streams at once; beyond: RESOURCE_EXHAUSTED
     drain_grace_s: float = 30.0      # SIGTERM: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
@@ -99,50 +101,10 @@ class ServerConfig:
             _check_file("server.token_file", self.token_file)
         if self.max_workers < 4:
             raise ValueError(f"server.max_workers must be >= 4, got {self.max_workers}")
+        if self.max_watchers < 1:
+            raise ValueError(f"server.max_watchers must be >= 1, got {self.max_watchers}")
         if self.drain_grace_s < 0:
             raise ValueError(f"server.drain_grace_s must be >= 0, got {self.drain_grace_s}")
-
-
-@dataclass
-class EngineSection:
-    model: str = "default"           # "default" | local HF dir | "random:tiny" | "random:llama3-8b"
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"              # auto | float32 | float16 | bfloat16
-    block_size: int = 32
-    kv_budget_bytes: int = 0         # 0 = use kv_budget_fraction
-    kv_budget_fraction: float = 0.9
-    host_budget_bytes: int = 0       # 0 = engine default
-    max_batch_tokens: int = 512
-    num_threads: int = 0             # 0 = engine default
-    thread_nice: int = 10            # engine step thread's nice: server threads run first
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("engine.model must be set ('default', a local model dir or 'random:tiny')")
-        if not (self.model in ("default",) or self.model.startswith("random:")
-                or Path(self.model).is_dir()):
-            raise ValueError(f"engine.model {self.model!r} is not 'default', 'random:<shape>' "
-                             "or an existing local model directory")
-        dev = self.device
-        if not (dev in ("auto", "cpu", "cuda") or
-                (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise ValueError(f"engine.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"engine.dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"engine.block_size must be a power of two, got {self.block_size}")
-        if self.kv_budget_bytes < 0:
-            raise ValueError(f"engine.kv_budget_bytes must be >= 0, got {self.kv_budget_bytes}")
-        if not 0 < self.kv_budget_fraction <= 1:
-            raise ValueError(f"engine.kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
-        if self.host_budget_bytes < 0:
-            raise ValueError(f"engine.host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
-        if self.max_batch_tokens < 1:
-            raise ValueError(f"engine.max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
-        if self.num_threads < 0:
-            raise ValueError(f"engine.num_threads must be >= 0, got {self.num_threads}")
-        if not 0 <= self.thread_nice <= 19:
-            raise ValueError(f"engine.thread_nice must be in 0..19, got {self.thread_nice}")
 
 
 @dataclass
@@ -153,8 +115,9 @@ class PolicySection:
     low_watermark: float = 0.75
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"policy.profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.profile not in PROFILE_NAMES:
+            raise ValueError(f"policy.profile must be one of {', '.join(PROFILE_NAMES)}, "
+                             f"got {self.profile!r}")
         if self.budget_bytes < 0:
             raise ValueError(f"policy.budget_bytes must be >= 0, got {self.budget_bytes}")
         check_watermarks(self.high_watermark, self.low_watermark)
@@ -199,7 +162,7 @@ class TelemetrySection:
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
-    engine: EngineSection = field(default_factory=EngineSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)   # engine/config.py
     policy: PolicySection = field(default_factory=PolicySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)

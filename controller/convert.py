@@ -120,7 +120,7 @@ def sequence_to_proto(v, pinned: str | None, with_blocks: bool = False) -> pb.Se
         bytes_by_tier={k: max(0, int(b)) for k, b in v.bytes_by_tier.items()},
         bytes_by_format={k: max(0, int(b)) for k, b in v.bytes_by_format.items()},
         entropy=v.entropy, sink_mass=v.sink_mass, recent_mass=v.recent_mass,
-        pinned_strategy=pinned or v.pinned or "", strategy=strategy_of(v),
+        pinned_strategy=pinned or "", strategy=strategy_of(v),
         num_blocks=len(v.blocks))
     if with_blocks:
         out.blocks.extend(pb.Block(index=b.index, num_tokens=b.num_tokens, format=b.fmt,

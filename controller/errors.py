@@ -9,6 +9,7 @@ import logging
 import grpc
 
 from engine.actions import ActionError
+from engine.api import EngineStopped, OutOfBlocks, Overloaded
 
 log = logging.getLogger("kvctl.server")
 
@@ -48,9 +49,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, f"not found: {exc.args[0] if exc.args else exc}"
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, CapacityExceeded):
+    if isinstance(exc, (CapacityExceeded, OutOfBlocks, Overloaded)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, Draining):
+    if isinstance(exc, (Draining, EngineStopped)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
@@ -101,6 +102,9 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
 
         async def abort(context, exc):
             code, msg = status_for(exc)
+            if isinstance(exc, Overloaded):   # gRPC clients' retry policies honour this
+                context.set_trailing_metadata(
+                    (("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1000))),))
             if code == grpc.StatusCode.INTERNAL:
                 log.error("unhandled error in %s", method, exc_info=exc)
             await context.abort(code, msg)

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor
+from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
-from engine.actions import ActionError, Fetch, SetDecodeMode
+from engine.actions import Fetch, SetDecodeMode
 
-# Which strategies each profile may use, in the order of preference that breaks ties.
-PROFILE_STRATEGIES: dict[str, tuple[str, ...]] = {
-    "accuracy-critical": ("quantize_int8", "offload_exact"),
-    "streaming": ("sink_window", "quantize_int8", "quantize_int4"),
-    "long-context": ("offload_topk", "quantize_int4", "offload_exact"),
-    "throughput": ("quantize_int4", "heavy_hitter", "quantize_k4v2"),
-    "multi-turn": ("offload_exact", "quantize_int8", "quantize_int4"),
-    "balanced": ("quantize_int8", "quantize_int4", "offload_exact", "offload_topk",
-                 "snapkv", "heavy_hitter", "quantize_k4v2", "sink_window", "quantize_int2"),
-}
-# seconds of added decode-step latency worth one unit of accuracy cost (PPL fraction)
-LATENCY_WEIGHT = {"accuracy-critical": 0.01, "long-context": 0.1, "multi-turn": 0.1,
-                  "balanced": 1.0, "streaming": 2.0, "throughput": 5.0}
+# moves only go to sequences in these states: the engine refuses the rest (a prompt still
+# being written, a preempted or waiting sequence)
+MOVABLE_STATES = ("decode", "stalled", "held")
 
 
 @dataclass
@@ -42,34 +34,44 @@ class Move:
 
 
 @dataclass
+class Restore:
+    """Offloaded blocks of one sequence to fetch back (and exact decode when all are)."""
+
+    seq_id: str
+    blocks: tuple[int, ...]
+    actions: tuple
+
+
+@dataclass
 class PolicyLoop:
-    handle: object                                  # engine.handle.EngineHandle
     # HeuristicPredictor or LearnedPredictor (controller.predictors.predictor_for)
     predictor: HeuristicPredictor | LearnedPredictor = field(
         default_factory=HeuristicPredictor)
     min_interval_s: float = 1.0                     # per sequence, between two moves
+    clock: Callable[[], float] = time.monotonic
     _last_move: dict[str, float] = field(default_factory=dict)
 
     def allowed(self, seq_pin: str | None, profile: str) -> tuple[str, ...]:
-        if seq_pin in PROFILE_STRATEGIES:
-            return PROFILE_STRATEGIES[seq_pin]
+        if seq_pin in PROFILES:
+            return PROFILES[seq_pin].strategies
         if seq_pin:
             return (seq_pin,)
-        return PROFILE_STRATEGIES[profile]
+        return get_profile(profile).strategies
+
+    def _resting(self, seq_id: str, now: float) -> bool:
+        return now - self._last_move.get(seq_id, -1e9) < self.min_interval_s
 
     def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],
                    now: float, bus_busy: float = 0.0) -> list[Move]:
         ctx = Context.from_snapshot(snapshot)
         strategies = registry()
-        weight = LATENCY_WEIGHT.get(profile, 1.0)
+        weight = get_profile(profile).latency_weight
         items: list[tuple[object, Candidate]] = []
         moves = []
         for seq in snapshot.sequences:
-            if seq.state not in ("decode", "prefill", "stalled") or not seq.blocks:
+            if seq.state not in MOVABLE_STATES or not seq.blocks or self._resting(seq.seq_id, now):
                 continue
-            if now - self._last_move.get(seq.seq_id, -1e9) < self.min_interval_s:
-                continue
-            for name in self.allowed(pins.get(seq.seq_id) or seq.pinned, profile):
+            for name in self.allowed(pins.get(seq.seq_id), profile):
                 strat = strategies.get(name)
                 cand = strat.propose(seq, need, ctx) if strat else None
                 if cand is None or cand.freed_bytes <= 0:
@@ -81,39 +83,31 @@ class PolicyLoop:
                               p.latency_s, p.source))
         return sorted(moves, key=lambda m: m.cost)
 
-    def relieve(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                bus_busy: float = 0.0) -> list[tuple[Move, dict[str, int] | str]]:
-        """Apply the cheapest moves until ``need`` GPU bytes are freed. Returns each move
-        with the engine's measured effect (bytes freed per tier) or its refusal."""
-        now = time.monotonic()
-        done: list[tuple[Move, dict[str, int] | str]] = []
-        freed, moved = 0, set()
+    def plan_relief(self, snapshot, need: int, profile: str, pins: dict[str, str],
+                    bus_busy: float = 0.0) -> list[Move]:
+        """The cheapest moves, one per sequence, whose predicted effect frees ``need``
+        GPU bytes (fewer if the allowed moves run out). The engine applies them."""
+        now = self.clock()
+        chosen: list[Move] = []
+        freed, seen = 0, set()
         for m in self.candidates(snapshot, need, profile, pins, now, bus_busy):
             if freed >= need:
                 break
-            if m.candidate.seq_id in moved:
+            if m.candidate.seq_id in seen:
                 continue
-            effect: dict[str, int] = {}
-            try:
-                for a in m.candidate.actions:
-                    for tier, n in self.handle.apply(a).freed_bytes.items():
-                        effect[tier] = effect.get(tier, 0) + n
-            except (ActionError, KeyError) as err:  # the sequence moved on meanwhile
-                done.append((m, str(err)))
-                continue
-            moved.add(m.candidate.seq_id)
+            seen.add(m.candidate.seq_id)
             self._last_move[m.candidate.seq_id] = now
-            freed += effect.get("gpu", 0)
-            done.append((m, effect))
-        return done
+            freed += m.candidate.freed_bytes
+            chosen.append(m)
+        return chosen
 
-    def restore(self, snapshot, room: int) -> list[tuple[str, int, dict[str, int] | str]]:
-        """Under the low watermark: fetch offloaded blocks back while ``room`` lasts."""
+    def plan_restore(self, snapshot, room: int) -> list[Restore]:
+        """Under the low watermark: offloaded blocks to fetch back while ``room`` lasts."""
         out = []
-        now = time.monotonic()
+        now = self.clock()
         for seq in snapshot.sequences:
             host = [b for b in seq.blocks if b.tier == "host"]
-            if not host or now - self._last_move.get(seq.seq_id, -1e9) < self.min_interval_s:
+            if not host or seq.state not in MOVABLE_STATES or self._resting(seq.seq_id, now):
                 continue
             take = []
             for b in host:
@@ -123,12 +117,9 @@ class PolicyLoop:
                 room -= b.nbytes
             if not take:
                 break
-            try:
-                res = self.handle.apply(Fetch(seq.seq_id, tuple(take)))
-                if len(take) == len(host):
-                    self.handle.apply(SetDecodeMode(seq.seq_id, "exact"))
-                out.append((seq.seq_id, len(take), res.freed_bytes))
-                self._last_move[seq.seq_id] = now
-            except (ActionError, KeyError) as err:
-                out.append((seq.seq_id, len(take), str(err)))
+            actions = (Fetch(seq.seq_id, tuple(take)),)
+            if len(take) == len(host):
+                actions += (SetDecodeMode(seq.seq_id, "exact"),)
+            self._last_move[seq.seq_id] = now
+            out.append(Restore(seq.seq_id, tuple(take), actions))
         return out

@@ -10,16 +10,17 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import queue
 import re
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field, replace
+
+from controller.profiles import PROFILE_NAMES
 
 _log = logging.getLogger("kvctl.controller")
 
-PROFILES = ("balanced", "accuracy-critical", "streaming", "long-context", "throughput",
-            "multi-turn")
+PROFILES = PROFILE_NAMES
 _STRATEGY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:+-]{0,63}$")
 
 
@@ -128,14 +129,18 @@ class Decision:
 
 
 class DecisionLog:
-    """Ring buffer of decisions + fan-out to subscribers (one bounded queue each)."""
+    """Ring buffer of decisions + fan-out to subscribers.
 
-    def __init__(self, capacity: int = 1024, subscriber_queue: int = 1024) -> None:
+    A subscriber is a callback, called on the recording thread with each new decision;
+    it must not block (the daemon's watchers hand the decision to the event loop and
+    keep a bounded queue there, controller/service.py)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
         self._lock = threading.Lock()
         self._ring: collections.deque[Decision] = collections.deque(maxlen=capacity)
         self._ids = itertools.count(1)
-        self._subscribers: set[queue.Queue] = set()
-        self._qsize = subscriber_queue
+        self._subscribers: dict[int, Callable[[Decision], None]] = {}
+        self._tokens = itertools.count(1)
         self.counts: collections.Counter[str] = collections.Counter()
 
     def record(self, d: Decision) -> Decision:
@@ -143,12 +148,12 @@ class DecisionLog:
             d.id = next(self._ids)
             self._ring.append(d)
             self.counts[d.kind] += 1
-            subs = list(self._subscribers)
-        for q in subs:
+            subs = list(self._subscribers.values())
+        for fn in subs:
             try:
-                q.put_nowait(d)
-            except queue.Full:   # a stalled watcher loses decisions, never blocks the loop
-                pass
+                fn(d)
+            except Exception:   # a broken watcher never stops the policy
+                _log.exception("decision subscriber failed")
         return d
 
     def recent(self, n: int | None = None) -> list[Decision]:
@@ -156,15 +161,17 @@ class DecisionLog:
             items = list(self._ring)
         return items if n is None else items[len(items) - n:] if n else []
 
-    def subscribe(self) -> queue.Queue:
-        q: queue.Queue = queue.Queue(maxsize=self._qsize)
+    def subscribe(self, fn: Callable[[Decision], None]) -> int:
+        """Call ``fn(decision)`` for every decision recorded from now on; returns a token
+        for ``unsubscribe``."""
         with self._lock:
-            self._subscribers.add(q)
-        return q
+            token = next(self._tokens)
+            self._subscribers[token] = fn
+        return token
 
-    def unsubscribe(self, q: queue.Queue) -> None:
+    def unsubscribe(self, token: int) -> None:
         with self._lock:
-            self._subscribers.discard(q)
+            self._subscribers.pop(token, None)
 
     @property
     def num_subscribers(self) -> int:
@@ -173,32 +180,44 @@ class DecisionLog:
 
 
 class Controller:
-    """The policy loop's seat. ``tick`` gets every telemetry snapshot.
+    """The policy loop's seat. ``tick`` gets every telemetry snapshot, on one thread.
 
-    It notes when GPU-tier KV bytes cross the high watermark of the budget and when they
-    fall back under the low one; with an engine handle it also acts: above the high
-    watermark the loop (controller/loop.py) applies the cheapest moves that bring the
-    KV back to the low watermark, under the low watermark it fetches offloaded blocks
-    back. Every move is logged with its reason, predicted cost and measured effect.
+    It notes when GPU-tier KV bytes cross the high watermark of the budget (never more
+    than the GPU tier holds) and when they fall back under the low one. With an engine
+    handle it also acts: above the high watermark, or while sequences are stalled for
+    want of a block, the loop (controller/loop.py) picks the cheapest moves that bring
+    the KV back to the low watermark and hands them to the engine, which applies each
+    whole or not at all between two steps; under the low watermark it fetches offloaded
+    blocks back. Each outcome is logged with its reason, predicted cost and the bytes it
+    really freed, on the tick after the engine applied it (at once when the engine runs
+    inline). A budget no allowed move can reach is logged as such, once.
     """
 
-    def __init__(self, policy: PolicyState, log: DecisionLog, handle=None) -> None:
+    def __init__(self, policy: PolicyState, log: DecisionLog, handle=None,
+                 clock=time.monotonic) -> None:
         self.policy = policy
         self.log = log
+        self.handle = handle
+        self._lock = threading.Lock()
         self._above = False
+        self._unmet = False
+        self._pending: tuple | None = None      # (future, kind, items, context)
+        self._min_version = 0
         self.loop = None
         if handle is not None:
             from controller.loop import PolicyLoop   # imports torch: daemon side only
             from controller.predictors.learned import predictor_for
 
-            self.loop = PolicyLoop(handle, predictor_for(handle.snapshot().model))
+            self.loop = PolicyLoop(predictor_for(handle.snapshot().model), clock=clock)
 
     @staticmethod
     def budget_of(snapshot, policy: PolicyView) -> int:
+        """The budget in force: the operator's, never more than the GPU tier holds."""
+        gpu = snapshot.tiers.get("gpu") if snapshot is not None else None
+        cap = gpu.capacity_bytes if gpu else 0
         if policy.budget_bytes:
-            return policy.budget_bytes
-        gpu = snapshot.tiers.get("gpu")
-        return gpu.capacity_bytes if gpu else 0
+            return min(policy.budget_bytes, cap) if cap else policy.budget_bytes
+        return cap
 
     @staticmethod
     def used_of(snapshot) -> int:
@@ -206,59 +225,109 @@ class Controller:
         return gpu.used_bytes if gpu else 0
 
     def tick(self, snapshot, bus_busy: float = 0.0) -> list[Decision]:
+        if not self._lock.acquire(blocking=False):
+            return []                 # a tick is running: one at a time, never queued
+        try:
+            return self._tick(snapshot, bus_busy)
+        finally:
+            self._lock.release()
+
+    def _tick(self, snapshot, bus_busy: float) -> list[Decision]:
+        out = self._collect()
         p = self.policy.view()
         budget = self.budget_of(snapshot, p)
         if budget <= 0:
-            return []
+            return out
         used = self.used_of(snapshot)
         frac = used / budget
-        out = []
-        if not self._above and frac > p.high_watermark:
+        stalled = snapshot.num_stalled
+        above = frac > p.high_watermark or stalled > 0
+        if not self._above and above:
             self._above = True
+            why = (f"GPU-tier KV at {frac:.0%} of the {budget} B budget, above the high "
+                   f"watermark {p.high_watermark:.0%}" if frac > p.high_watermark else
+                   f"{stalled} sequence(s) stalled waiting for a KV block")
             out.append(self.log.record(Decision(
                 kind="pressure", profile=p.profile,
-                reason=f"GPU-tier KV at {frac:.0%} of the {budget} B budget, above the high "
-                       f"watermark {p.high_watermark:.0%}"
-                       + ("" if self.loop else "; no engine handle, no actions taken"))))
-        elif self._above and frac < p.low_watermark:
-            self._above = False
+                reason=why + ("" if self.loop else "; no engine handle, no actions taken"))))
+        elif self._above and frac < p.low_watermark and not stalled:
+            self._above = self._unmet = False
             out.append(self.log.record(Decision(
                 kind="pressure_cleared", profile=p.profile,
                 reason=f"GPU-tier KV at {frac:.0%} of budget, under the low watermark "
                        f"{p.low_watermark:.0%}")))
-        if self.loop is None:
-            return out
+        if self.loop is None or self._pending is not None \
+                or snapshot.version < self._min_version:
+            return out                # the engine has not shown the last moves yet
         try:
-            out += self._act(snapshot, p, budget, used, frac, bus_busy)
+            if above:
+                need = max(used - int(p.low_watermark * budget), snapshot.pressure_bytes)
+                out += self._relieve(snapshot, p, need, frac, bus_busy)
+            elif frac < p.low_watermark:
+                self._restore(snapshot, p, frac, int(p.low_watermark * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down
             _log.exception("policy loop failed on this snapshot; no moves applied")
-        return out
+        return out + self._collect()
 
-    def _act(self, snapshot, p: PolicyView, budget: int, used: int, frac: float,
-             bus_busy: float) -> list[Decision]:
-        out: list[Decision] = []
-        if frac > p.high_watermark:
-            need = used - int(p.low_watermark * budget)
-            for move, effect in self.loop.relieve(snapshot, need, p.profile, p.pins, bus_busy):
-                c = move.candidate
-                ok = isinstance(effect, dict)
+    def _relieve(self, snapshot, p: PolicyView, need: int, frac: float,
+                 bus_busy: float) -> list[Decision]:
+        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus_busy)
+        if not moves:
+            if self._unmet:
+                return []
+            self._unmet = True
+            return [self.log.record(Decision(
+                kind="unmet", profile=p.profile,
+                reason=f"need {need} B of GPU-tier KV freed, but no move the "
+                       f"{p.profile!r} profile (and pins) allow frees more now; sequences "
+                       "wait for room and the engine preempts if they stall"))]
+        why = (f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}" if
+               frac > p.high_watermark else f"{snapshot.num_stalled} sequence(s) stalled")
+        self._submit("relieve", moves, (p, why, need))
+        return []
+
+    def _restore(self, snapshot, p: PolicyView, frac: float, room: int) -> None:
+        items = self.loop.plan_restore(snapshot, room)
+        if items:
+            self._submit("restore", items, (p, frac))
+
+    def _submit(self, kind: str, items: list, context) -> None:
+        actions = [m.candidate.actions if kind == "relieve" else m.actions for m in items]
+        self._pending = (self.handle.submit_candidates(actions), kind, items, context)
+
+    def _collect(self) -> list[Decision]:
+        """Decisions for the last submission, once the engine has applied it."""
+        if self._pending is None or not self._pending[0].done():
+            return []
+        fut, kind, items, context = self._pending
+        self._pending = None
+        try:
+            results = fut.result()
+        except Exception as e:   # the engine stopped: nothing was applied
+            _log.warning("moves not applied: %s", e)
+            return []
+        self._min_version = self.handle.snapshot().version
+        out = []
+        for item, res in zip(items, results):
+            gpu = res.freed_bytes.get("gpu", 0) if res.ok else 0
+            if kind == "relieve":
+                p, why, need = context
+                c = item.candidate
                 out.append(self.log.record(Decision(
-                    kind=c.kind if ok else "refused", seq_id=c.seq_id, profile=p.profile,
+                    kind=c.kind if res.ok else "refused", seq_id=c.seq_id, profile=p.profile,
                     action=f"{c.strategy} blocks {list(c.blocks)}",
-                    predicted_cost=move.accuracy, freed_bytes=effect.get("gpu", 0) if ok else 0,
-                    reason=(f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}: need "
-                            f"{need} B; cheapest move by the {move.source} predictor "
-                            f"(accuracy cost {move.accuracy:.4f}, "
-                            f"+{move.latency_s * 1e3:.2f} ms/step)"
-                            + ("" if ok else f"; engine refused: {effect}")))))
-        elif frac < p.low_watermark:
-            room = int(p.low_watermark * budget) - used
-            for seq_id, n, effect in self.loop.restore(snapshot, room):
-                ok = isinstance(effect, dict)
+                    predicted_cost=item.accuracy, freed_bytes=gpu,
+                    reason=(f"{why}: need {need} B; cheapest move by the {item.source} "
+                            f"predictor (accuracy cost {item.accuracy:.4f}, "
+                            f"+{item.latency_s * 1e3:.2f} ms/step)"
+                            + ("" if res.ok else f"; engine refused: {res.error}")))))
+            else:
+                p, frac = context
                 out.append(self.log.record(Decision(
-                    kind="fetch" if ok else "refused", seq_id=seq_id, profile=p.profile,
-                    action=f"fetch {n} blocks",
-                    freed_bytes=effect.get("gpu", 0) if ok else 0,
+                    kind="fetch" if res.ok else "refused", seq_id=item.seq_id,
+                    profile=p.profile, action=f"fetch {len(item.blocks)} blocks",
+                    freed_bytes=gpu,
                     reason=f"KV at {frac:.0%} < low watermark {p.low_watermark:.0%}: undo "
-                           "offload while it fits" + ("" if ok else f"; refused: {effect}"))))
+                           "offload while it fits"
+                           + ("" if res.ok else f"; refused: {res.error}"))))
         return out

@@ -112,14 +112,9 @@ def prepare_socket(path: Path) -> None:
 
 
 def make_engine(cfg: Config):
-    from engine.engine import Engine, EngineConfig   # heavy (torch): only when serving
+    from engine.handle import open_engine   # heavy (torch): only when serving
 
-    e = cfg.engine
-    return Engine(EngineConfig(
-        model=e.model, device=e.device, dtype=e.dtype, block_size=e.block_size,
-        kv_budget_bytes=e.kv_budget_bytes or None, kv_budget_fraction=e.kv_budget_fraction,
-        host_budget_bytes=e.host_budget_bytes or None, max_batch_tokens=e.max_batch_tokens,
-        num_threads=e.num_threads or None, thread_nice=e.thread_nice))
+    return open_engine(cfg.engine)
 
 
 def add_to_server(service: KvctlService, server) -> None:
@@ -167,7 +162,8 @@ class Daemon:
                                    cfg.telemetry.history)
         self.pool = futures.ThreadPoolExecutor(cfg.server.max_workers, "kvctl-work")
         self.service = KvctlService(self.engine, self.telemetry, self.policy, self.decisions,
-                                    self.metrics, cfg.log.log_prompts, pool=self.pool)
+                                    self.metrics, cfg.log.log_prompts, pool=self.pool,
+                                    max_watchers=cfg.server.max_watchers)
         self.telemetry.on_sample.append(self._on_sample)
         self.health = health.aio.HealthServicer()
         self.socket_path = Path(cfg.server.socket)
@@ -219,9 +215,11 @@ class Daemon:
     async def _bind(self, token: str | None) -> None:
         """Build the server and bind its ports (on the loop: aio servers belong to one)."""
         s = self.cfg.server
+        # no maximum_concurrent_rpcs: it counts open streams too, so with that many
+        # generations streaming even health checks were refused. Generations are bounded
+        # by the engine's waiting queue, decision watchers by server.max_watchers.
         self.server = grpc.aio.server(migration_thread_pool=self.pool,
-                                      interceptors=[KvctlInterceptor(token)],
-                                      maximum_concurrent_rpcs=s.max_workers)
+                                      interceptors=[KvctlInterceptor(token)])
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

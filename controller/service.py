@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from controller import convert
 from controller.aio import EventStream, Outbox
 from controller.errors import CapacityExceeded, Draining, UnknownSequence
+from engine.api import Overloaded
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
@@ -27,7 +27,7 @@ from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
 
 log = logging.getLogger("kvctl.server")
 VERSION = "0.1.0"
-_POLL_S = 0.25        # how often a decision watcher checks for shutdown
+WATCH_QUEUE = 1024    # decisions a watcher may have unsent before it misses some
 
 
 def off_loop(method):
@@ -50,7 +50,7 @@ class InFlight:
 class KvctlService(kvctl_pb2_grpc.KvctlServicer):
     def __init__(self, engine, telemetry, policy: PolicyState, decisions: DecisionLog,
                  metrics=None, log_prompts: bool = False,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 pool: ThreadPoolExecutor | None = None, max_watchers: int = 64) -> None:
         self.engine = engine
         self.telemetry = telemetry
         self.policy = policy
@@ -65,6 +65,9 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         self._status_cache: tuple | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(16, "kvctl-work")
         self._outbox: Outbox | None = None
+        self.max_watchers = max_watchers
+        self._num_watchers = 0
+        self._watch_feeds: dict[int, object] = {}
 
     async def blocking(self, fn, *args):
         """``fn(*args)`` on the worker pool, awaited from the loop."""
@@ -93,6 +96,10 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
 
     def begin_drain(self) -> None:
         self._draining.set()
+        with self._lock:
+            feeds = list(self._watch_feeds.values())
+        for feed in feeds:              # wake every watcher: its stream ends
+            feed(None)
 
     def drain(self, grace_s: float) -> int:
         """Stop admitting, wait up to ``grace_s`` for in-flight generations, then cancel
@@ -130,17 +137,21 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                 return v
         raise UnknownSequence(seq_id)
 
-    def _count_prompt_tokens(self, req) -> int | None:
-        tokenize = getattr(self.engine, "tokenize", None)
-        if tokenize is not None:
-            return len(tokenize(req))     # ValueError (e.g. no tokenizer) -> INVALID_ARGUMENT
-        return len(req.prompt_ids) if req.prompt_ids is not None else None
+    def _tokenize(self, req) -> list[int]:
+        """The request's token ids, computed once (the engine gets them as they are).
+        Runs on a pool thread: the engine gives each thread its own tokenizer."""
+        return self.engine.tokenize(req)     # ValueError (e.g. no tokenizer) -> INVALID_ARGUMENT
 
     def _check_capacity(self, num_prompt: int, max_tokens: int) -> None:
-        """RESOURCE_EXHAUSTED for requests this node can never hold, whatever moves."""
+        """Refuse up front what can never run here: beyond the model's context
+        (INVALID_ARGUMENT, on any node) or beyond this node's KV memory whatever moves
+        (RESOURCE_EXHAUSTED)."""
         snap = self.telemetry.latest().snapshot
         if snap is None or "gpu" not in snap.tiers:
             return
+        if snap.max_positions and num_prompt >= snap.max_positions:
+            raise ValueError(f"prompt of {num_prompt} tokens exceeds the model's context of "
+                             f"{snap.max_positions}")
         est = self.engine.handle.estimate_bytes
         gpu_cap = snap.tiers["gpu"].capacity_bytes
         need_prompt = est(num_prompt + 1, "full")
@@ -162,11 +173,11 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
     async def Generate(self, request, context):
         self._admit()
         req = convert.request_from_proto(request)
-        num_prompt = await self.blocking(self._count_prompt_tokens, req)
-        if num_prompt is not None:
-            self._check_capacity(num_prompt, req.sampling.max_tokens)
+        ids = await self.blocking(self._tokenize, req)
+        num_prompt = len(ids)
+        self._check_capacity(num_prompt, req.sampling.max_tokens)
         stream = self._outbox_here().stream()
-        seq_id = await self._submit(req, stream)
+        seq_id = await self._submit(req, stream, ids)
         flight = InFlight(seq_id, stream)
         with self._lock:
             self._inflight[seq_id] = flight
@@ -206,9 +217,9 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                 self.pool.submit(self.engine.cancel, seq_id)
             flight.finished.set()
 
-    async def _submit(self, req, stream: EventStream) -> str:
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.engine.submit, req,
-                                                         stream.put)
+    async def _submit(self, req, stream: EventStream, ids: list[int]) -> str:
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(self.engine.submit, req, stream.put, prompt_ids=ids))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:   # the client left while the engine took the request
@@ -247,8 +258,8 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         this sample's status, so the call appends the two per-call fields to those bytes
         (a later field wins when protobuf parses concatenated messages). A fresh sample
         reads the engine: off the loop."""
-        if request.fresh:
-            sample = await self.blocking(self.telemetry.sample_now)
+        if request.fresh:   # new NVML/psutil readings and the newest engine snapshot; reads only
+            sample = await self.blocking(self.telemetry.sample_now, False)
         else:
             sample = self.telemetry.latest()
         raw = self._cached_status(sample)
@@ -354,16 +365,52 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
 
     # ------------------------------------------------------------ decisions, capacity
     async def WatchDecisions(self, request, context):
-        q = self.decisions.subscribe()
+        """Decisions as they are made. Fed by the event loop: the recording thread hands
+        each decision to the loop, which queues it for this stream (bounded: a watcher
+        that reads too slowly is told how many it missed, never blocks the policy)."""
+        with self._lock:
+            if self._num_watchers >= self.max_watchers:
+                raise Overloaded(f"{self._num_watchers} decision watchers are open (the "
+                                 f"limit is server.max_watchers = {self.max_watchers}); "
+                                 "close one or retry later", retry_after_s=5.0)
+            self._num_watchers += 1
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        dropped = 0
+
+        def put(d) -> None:                        # on the loop
+            nonlocal dropped
+            if d is not None and q.qsize() >= WATCH_QUEUE:
+                dropped += 1
+            else:
+                q.put_nowait(d)
+
+        def feed(d) -> None:                       # the recording thread
+            try:
+                loop.call_soon_threadsafe(put, d)
+            except RuntimeError:                   # the loop is closed: daemon stopped
+                pass
+        token = self.decisions.subscribe(feed)
+        with self._lock:
+            self._watch_feeds[token] = feed
         try:
             for d in self.decisions.recent(request.history) if request.history else []:
                 await context.write(convert.decision_to_proto(d))
             while not self.draining:     # the client leaving cancels this coroutine
-                d = await self.blocking(_get, q, _POLL_S)
-                if d is not None:
-                    await context.write(convert.decision_to_proto(d))
+                d = await q.get()
+                if d is None:            # the daemon is draining
+                    break
+                if dropped:
+                    await context.write(convert.decision_to_proto(Decision(
+                        kind="dropped", reason=f"{dropped} decisions were not sent: this "
+                        "watcher read too slowly (WatchDecisions history has the recent ones)")))
+                    dropped = 0
+                await context.write(convert.decision_to_proto(d))
         finally:
-            self.decisions.unsubscribe(q)
+            self.decisions.unsubscribe(token)
+            with self._lock:
+                self._watch_feeds.pop(token, None)
+                self._num_watchers -= 1
 
     @off_loop
     def EstimateCapacity(self, request, context):
@@ -390,9 +437,4 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
 
 
-def _get(q: queue.Queue, timeout: float):
-    try:
-        return q.get(timeout=timeout)
-    except queue.Empty:
-        return None
 

@@ -137,7 +137,10 @@ class Telemetry:
     def mode(self) -> str:
         return "gpu" if self.nvml.available else "cpu"
 
-    def sample_now(self) -> Sample:
+    def sample_now(self, callbacks: bool = True) -> Sample:
+        """A sample now. With ``callbacks`` (the timer's samples) it joins the history and
+        runs the ``on_sample`` callbacks (the policy tick among them); without (a client
+        asking for fresh readings) it is only returned: reading never acts."""
         snap, err = None, ""
         if self.snapshot_fn is not None:
             try:
@@ -146,6 +149,8 @@ class Telemetry:
                 err = f"{type(e).__name__}: {e}"
         s = Sample(time=time.time(), gpu=self.nvml.sample(), host=host_sample(self._proc),
                    snapshot=snap, snapshot_error=err)
+        if not callbacks:
+            return s
         self.ring.append(s)
         self._latest = s
         for cb in list(self.on_sample):

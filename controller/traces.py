@@ -3,11 +3,12 @@
     python -m controller.train record --out traces.jsonl [--model default] [--sequences N]
 
 Per sequence: prefill a window of ``pydoc_data.topics`` text (varied lengths and
-offsets), decode a few teacher-forced tokens so the decode-time statistics exist, then
-take the snapshot (``SequenceView``). Every strategy in the registry proposes moves at
-several byte targets; each move is applied to its own copy of the sequence
-(``KVStore.fork``, as controller/bench_compression.py does), and the copies plus the
-untouched sequence decode the next ``horizon`` text tokens teacher-forced, batched.
+offsets) as a held sequence (``Engine.prefill``), decode a few teacher-forced tokens so
+the decode-time statistics exist, then take the snapshot (``SequenceView``). Every
+strategy in the registry proposes moves at several byte targets; each move is applied
+(as a candidate, whole or not at all) to its own copy of the sequence (``Engine.fork``),
+and the copies plus the untouched sequence decode the next ``horizon`` text tokens
+teacher-forced, batched (``Engine.append``).
 The target is the mean KL(full || moved) of next-token distributions over those steps,
 with top-1 agreement and the NLL change. Rows are JSON lines (never pickle): features
 from ``candidate_features`` (the same function prediction uses) plus the measurements,
@@ -16,6 +17,7 @@ plus the heuristic predictor's output for the same move. Prompt text is never lo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -25,14 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from controller.bench_compression import Run
 from controller.predictors.features import SCHEMA_VERSION, candidate_features
 from controller.predictors.heuristic import HeuristicPredictor
 from controller.strategies import Candidate, ColdQuantization, Context, registry
 from controller.strategies.base import ScoredStrategy
-from engine import attention
-from engine.plan import build_plan
-from engine.staging import staging_need
+from engine.config import EngineConfig
+from engine.handle import open_engine
 
 TRACE_VERSION = 1
 
@@ -65,41 +65,46 @@ class RecordConfig:
 
 
 def make_engine(cfg: RecordConfig):
-    from engine.engine import Engine, EngineConfig
-
     torch.set_num_threads(cfg.threads)
     # room for a batch of forks at the longest length, and for streaming their
     # offloaded blocks in one step
-    return Engine(EngineConfig(model=cfg.model, device="cpu", dtype="float32",
-                               block_size=cfg.block_size,
-                               max_batch_tokens=1024, kv_budget_bytes=4 << 30,
-                               host_budget_bytes=4 << 30, staging_bytes=512 << 20,
-                               seed=cfg.seed))
+    return open_engine(EngineConfig(model=cfg.model, device="cpu", dtype="float32",
+                                    block_size=cfg.block_size, num_threads=cfg.threads,
+                                    max_batch_tokens=1024, kv_budget_bytes=4 << 30,
+                                    host_budget_bytes=4 << 30, staging_bytes=512 << 20,
+                                    seed=cfg.seed))
 
 
 def text_ids(engine) -> list[int]:
     """Token ids of the stdlib's pydoc topics (bytes folded into the vocabulary when the
     model has no tokenizer: random-weight models)."""
-    from engine.evaluate import ppl_text_ids
-
-    if engine.tokenizer is not None:
-        return ppl_text_ids(engine.tokenizer)
     import pydoc_data.topics as t
+    text = "\n\n".join(t.topics.values())
+    if engine.tokenizer is not None:
+        return engine.tokenizer(text)["input_ids"]
     vocab = engine.model.config.vocab_size
-    return [b % vocab for b in "\n\n".join(t.topics.values()).encode()[:300_000]]
+    return [b % vocab for b in text.encode()[:300_000]]
 
 
-def decode_group(engine, runs: list[Run], token: int) -> torch.Tensor:
-    """One teacher-forced decode step of several sequences together: logits [n, V]."""
-    e = engine
-    for r in runs:
-        e.store.reserve(r.sid, 1)
-    plan = build_plan(e.store, [(r.sid, token) for r in runs], [], e.num_layers, e.device)
-    rows = plan.decode.rows
-    order = {sid: i for i, sid in enumerate(plan.decode.seq_ids)}
-    logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan, rows)
-    e._update_stats(plan)
-    return logits[[order[r.sid] for r in runs]]
+_ids = itertools.count()
+
+
+def _sid(kind: str) -> str:
+    return f"trace-{kind}-{next(_ids)}"
+
+
+def seq_view(engine, seq_id: str):
+    return next(v for v in engine.handle.snapshot().sequences if v.seq_id == seq_id)
+
+
+def staging_need(view, num_layers: int) -> int:
+    """Bytes per layer a decode step of this sequence streams from the host tier."""
+    host = [b.nbytes // num_layers for b in view.blocks if b.tier == "host"]
+    if not host:
+        return 0
+    if view.decode_mode == "topk":
+        return min(view.top_k, len(host)) * max(host)
+    return sum(host)
 
 
 def compare(ref: torch.Tensor, moved: torch.Tensor, targets: list[int]) -> dict[str, float]:
@@ -127,19 +132,27 @@ def propose_all(seq, ctx: Context, fracs: list[float]) -> list[tuple[float, Cand
     return out
 
 
-def groups(engine, runs: list[Run], size: int) -> list[list[Run]]:
+def groups(engine, sids: list[str], size: int) -> list[list[str]]:
     """Batches of at most ``size`` whose offloaded blocks fit one staging buffer."""
-    out: list[list[Run]] = [[]]
+    out: list[list[str]] = [[]]
     room = engine.store.staging_half
     left = room
-    for r in runs:
-        need = staging_need(engine.store, r.sid)
+    snap = engine.handle.snapshot()
+    views = {v.seq_id: v for v in snap.sequences}
+    for sid in sids:
+        need = staging_need(views[sid], snap.num_layers)
         if out[-1] and (len(out[-1]) >= size or need > left):
             out.append([])
             left = room
-        out[-1].append(r)
+        out[-1].append(sid)
         left -= need
     return out
+
+
+def apply_moves(engine, seq_id: str, cand: Candidate) -> str:
+    """The candidate's actions on ``seq_id``, whole or not at all; '' or why not."""
+    actions = tuple(dataclasses.replace(a, seq_id=seq_id) for a in cand.actions)
+    return engine.handle.apply_candidates([actions])[0].error
 
 
 @torch.inference_mode()
@@ -149,22 +162,23 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
     """Rows for one window ``ids`` = context + warmup + horizon tokens. ``prior``: a
     strategy and byte fraction applied right after the prefill, so that moves are also
     measured on a sequence that was already moved (the cost is then relative to it)."""
-    h, heur = engine.handle, HeuristicPredictor()
+    heur = HeuristicPredictor()
     ctx_ids = ids[:n_prompt]
     warm = ids[n_prompt:n_prompt + cfg.warmup]
     tail = ids[n_prompt + cfg.warmup:]
-    base = Run(engine, ctx_ids)
+    base = _sid("base")
+    engine.prefill(base, ctx_ids)
     try:
         if prior is not None:   # an earlier move: traces then price the next one
-            pv = h.sequence_view(base.sid, n_prompt)
+            pv = seq_view(engine, base)
             c = prior[0].propose(pv, int(prior[1] * pv.bytes_by_tier.get("gpu", 0)),
-                                 Context.from_snapshot(h.snapshot()))
-            for a in c.actions if c else ():
-                h.apply(a)
+                                 Context.from_snapshot(engine.handle.snapshot()))
+            if c is not None:
+                apply_moves(engine, base, c)
         for t in warm:
-            base.last_logits = base.decode(t)
-        view = h.sequence_view(base.sid, n_prompt)
-        ctx = Context.from_snapshot(h.snapshot())
+            engine.append([base], [t])
+        view = seq_view(engine, base)
+        ctx = Context.from_snapshot(engine.handle.snapshot())
         cands = propose_all(view, ctx, fracs)
         prior_name = f"{prior[0].name}@{prior[1]:.2f}" if prior else None
         ref: list[torch.Tensor] = []
@@ -173,28 +187,30 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
         first = True
         while pending or first:
             chunk, pending = pending[:cfg.batch], pending[cfg.batch:]
-            forks, runs = [], []
+            forks, sids = [], []
             try:
                 # the reference is a copy too: ``base`` must stay as it was snapshotted
-                refrun = Run(engine, None, base) if first else None
-                runs += [refrun] if refrun else []
+                refsid = _sid("ref") if first else None
+                if refsid:
+                    engine.fork(base, refsid)
+                    sids.append(refsid)
                 for frac, c in chunk:
-                    r = Run(engine, None, base)
-                    runs.append(r)
-                    for a in c.actions:     # the move, on the copy
-                        h.apply(dataclasses.replace(a, seq_id=r.sid))
-                    forks.append((frac, c, r))
-                outs: dict[str, list[torch.Tensor]] = {r.sid: [] for r in runs}
-                for grp in groups(engine, runs, cfg.batch + 1):
+                    sid = _sid("move")
+                    engine.fork(base, sid)
+                    sids.append(sid)
+                    if not apply_moves(engine, sid, c):    # the move, on the copy
+                        forks.append((frac, c, sid))
+                outs: dict[str, list[torch.Tensor]] = {sid: [] for sid in sids}
+                for grp in groups(engine, sids, cfg.batch + 1):
                     for t in tail:
-                        for r, lg in zip(grp, decode_group(engine, grp, t)):
-                            outs[r.sid].append(lg)
-                if refrun is not None:
-                    ref = outs[refrun.sid]
+                        for sid, lg in zip(grp, engine.append(grp, [t] * len(grp))):
+                            outs[sid].append(lg)
+                if refsid is not None:
+                    ref = outs[refsid]
                     first = False
                 R = torch.stack(ref)
-                for frac, c, r in forks:
-                    m = compare(R, torch.stack(outs[r.sid]), tail[1:])
+                for frac, c, sid in forks:
+                    m = compare(R, torch.stack(outs[sid]), tail[1:])
                     p = heur.predict(view, c)
                     rows.append({
                         "v": TRACE_VERSION, "schema": SCHEMA_VERSION, "model": engine.model_name,
@@ -204,10 +220,10 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
                         "features": candidate_features(view, c), **m,
                         "heuristic": p.accuracy})
             finally:
-                for r in runs:
-                    r.close()
+                for sid in sids:
+                    engine.release(sid)
     finally:
-        base.close()
+        engine.release(base)
     return rows
 
 

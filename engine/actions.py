@@ -89,6 +89,29 @@ class ActionResult:
 
 
 @dataclass
+class CandidateResult:
+    """What the engine did with one candidate (a strategy's actions on one sequence):
+    all of them (``results``) or none (``error`` says why)."""
+
+    actions: tuple[Action, ...]
+    results: list[ActionResult] = field(default_factory=list)
+    error: str = ""
+    snapshot_version: int = 0   # the first published snapshot that shows the outcome
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def freed_bytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.results:
+            for tier, n in r.freed_bytes.items():
+                out[tier] = out.get(tier, 0) + n
+        return out
+
+
+@dataclass
 class BlockView:
     index: int            # logical block index
     num_tokens: int
@@ -102,7 +125,7 @@ class BlockView:
 @dataclass
 class SequenceView:
     seq_id: str
-    state: str            # 'waiting' | 'prefill' | 'decode' | 'stalled' | 'finished'
+    state: str            # 'waiting' | 'prefill' | 'decode' | 'stalled' | 'preempted' | 'held'
     num_prompt_tokens: int
     num_tokens: int       # tokens written so far (prompt + generated)
     num_generated: int
@@ -115,7 +138,7 @@ class SequenceView:
     entropy: float        # entropy (nats) of the block-level attention distribution
     sink_mass: float      # share of attention on the first block
     recent_mass: float    # share on the newest ``recent_blocks`` blocks
-    pinned: str | None = None
+    num_preemptions: int = 0
 
 
 @dataclass
@@ -145,3 +168,7 @@ class EngineSnapshot:
     tokens_per_s: float
     format_bytes: dict[str, int] = field(default_factory=dict)  # one block, all layers
     num_sink_blocks: int = 1
+    version: int = 0      # publication counter: a later snapshot has a larger one
+    max_positions: int = 0  # the model's context (tokens)
+    num_preemptions: int = 0  # since start: sequences swapped out or dropped for room
+    num_step_failures: int = 0  # steps that raised (their sequences ended in error)

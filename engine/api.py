@@ -4,6 +4,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Overloaded(RuntimeError):
+    """The engine's waiting queue is full: retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OutOfBlocks(RuntimeError):
+    """No room in the KV store for the requested blocks."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is stopping or stopped and takes no more work."""
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens. temperature 0 = greedy."""

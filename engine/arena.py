@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.api import OutOfBlocks  # re-exported: defined torch-free for the daemon
 
-class OutOfBlocks(RuntimeError):
-    """The arena has no room for the requested slots."""
+__all__ = ["Arena", "OutOfBlocks", "SlabAllocator"]
 
 
 class SlabAllocator:

@@ -1,12 +1,26 @@
 """The engine: a model, a paged KV store, a continuous-batching step loop.
 
-Mechanism only. It admits requests while the KV budget has room, packs the decode
-tokens of all running sequences with chunks of prefill into one varlen batch per step,
-samples, streams events, and keeps attention statistics. It never decides what to
-compress or move: the controller does, through ``EngineHandle`` (engine/handle.py).
+Mechanism only. It admits requests while the KV store has room, packs the decode tokens
+of all running sequences with chunks of prefill into one varlen batch per step
+(schedule -> runner.run -> postprocess), samples, streams events and keeps attention
+statistics. It never decides what to compress or move: the controller does, through
+``EngineHandle`` (engine/handle.py).
+
+One writer: the engine thread is the only code that changes engine state. Other threads
+post commands (a request, a cancellation, the controller's candidates) to an inbox that
+the engine thread drains between steps, and read the snapshot it publishes
+(engine/snapshot.py). Without a running thread (tests, offline evaluation) the caller is
+the writer: commands run at once, under the step lock.
+
+Under memory pressure nothing accepted is lost: a sequence that cannot get a block
+waits ("stalled", which the snapshot reports as pressure for the controller's moves);
+one stalled for ``preempt_after_s`` makes the engine preempt the lowest-priority running
+sequence (as vLLM does): its KV is swapped to the host tier, or dropped and recomputed
+when the host cannot take it, and it resumes when room returns.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -14,175 +28,265 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator
 
 import torch
 
-from engine import attention, moves
-from engine.actions import ActionError
-from engine.api import Event, FinishEvent, Request
+from engine import apply as apply_mod
+from engine import attention, moves, snapshot
+from engine.actions import ActionError, CandidateResult
+from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
+from engine.config import EngineConfig
 from engine.layout import FULL, BlockGeometry
 from engine.models import load_model
-from engine.plan import build_plan
+from engine.offline import OfflineMixin
+from engine.runner import Chunk, ModelRunner
 from engine.sampler import make_generator, sample_batch
+from engine.sequence import DECODE, FINISHED, HELD, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
-from engine.sequence import DECODE, FINISHED, PREFILL, WAITING, Sequence
-from engine.stats import SeqStats, update_batch
+from engine.stats import SeqStats
 from engine.store import GPU, KVStore
 
 log = logging.getLogger("kvctl.engine")
 
 CPU_DEFAULT_BUDGET = 2 << 30
+IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
 
 
-@dataclass
-class EngineConfig:
-    model: str = "default"
-    device: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 32
-    kv_budget_bytes: int | None = None     # device arena; default: fraction of free memory
-    kv_budget_fraction: float = 0.9        # of free GPU memory after loading the model
-    host_budget_bytes: int | None = None   # host arena (offload / parking); default 4 GiB
-    max_batch_tokens: int = 1024           # tokens one step packs (decode + prefill chunks)
-    max_running: int = 256
-    num_threads: int | None = None         # CPU threads for torch (None: leave as is)
-    thread_nice: int = 0                   # nice of the step thread (Linux; 0: unchanged)
-    observe_window: int = 32               # SnapKV window over the prompt's last tokens
-    stats_decay: float = 0.9
-    value_group: int = 32
-    page_bytes: int | None = None
-    staging_bytes: int | None = None       # device buffer for streaming offloaded blocks
-    num_sink_blocks: int = 1               # leading blocks eviction may not touch
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0 < self.kv_budget_fraction <= 1:
-            raise ValueError("kv_budget_fraction must be in (0, 1]")
-        if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
-            raise ValueError("kv_budget_bytes must be positive")
-        if not 0 <= self.thread_nice <= 19:
-            raise ValueError(f"thread_nice must be in 0..19, got {self.thread_nice}")
-        if self.max_batch_tokens < 1:
-            raise ValueError("max_batch_tokens must be >= 1")
-
-
-class Engine:
+class Engine(OfflineMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         cfg = config or EngineConfig(**overrides)
         self.config = cfg
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         lm = load_model(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed)
+        if lm.device.type == "cpu" or cfg.num_threads:
+            torch.set_num_threads(cfg.threads)
         self.model = attention.prepare_model(lm.model)
-        self.tokenizer = lm.tokenizer
+        self.tokenizer = lm.tokenizer        # the engine thread's; others get copies
         self.model_name = lm.name
         self.device = lm.device
         self.dtype = lm.dtype
         mc = self.model.config
         self.num_layers = mc.num_hidden_layers
+        self.vocab_size = mc.vocab_size
         self.max_positions = getattr(mc, "max_position_embeddings", 1 << 30)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.geom = BlockGeometry(cfg.block_size, mc.num_key_value_heads, head_dim,
                                   self.dtype, value_group=min(cfg.value_group, head_dim))
         self.store = KVStore(self.geom, self.num_layers, self.device, self._gpu_budget(),
-                             self._host_budget(), cfg.page_bytes, cfg.staging_bytes,
-                             cfg.num_sink_blocks)
+                             cfg.host_budget_bytes, cfg.page_bytes or None,
+                             cfg.staging_bytes or None, cfg.num_sink_blocks)
+        self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
+        # engine-thread state
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}
         self.seqs: dict[str, Sequence] = {}
         self.stats: dict[str, SeqStats] = {}
-        self._ids = itertools.count(1)
         self.step_count = 0
         self.tokens_out = 0
+        self.num_preemptions = 0
+        self.num_step_failures = 0
+        self.num_oom_retries = 0
+        self._token_cap = cfg.max_batch_tokens   # halved after an out-of-memory step
         self._tok_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self._dirty = True         # something changed since the last snapshot
+        self._changed = True       # ... that readers must see at once (not just progress)
+        self._published_at = 0.0
+        self._version = itertools.count(1)
+        self._snapshot = None
+        # cross-thread
+        self._step_lock = threading.RLock()      # held by the writer through a step
+        self._cv = threading.Condition()         # inbox + wake-ups
+        self._inbox: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._ids_lock = threading.Lock()
+        self._live: set[str] = set()             # ids submitted and not finished
+        self._num_queued = 0                     # submitted, never admitted
+        self._ids = itertools.count(1)
+        self._tls = threading.local()
         self._thread: threading.Thread | None = None
         self._stop = False
         # optional tap on every sampled row: (seq_ids, logits [n, V]); traces, tests
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         from engine.handle import EngineHandle
         self.handle = EngineHandle(self)
+        self._publish(force=True)
 
     # -- budgets --------------------------------------------------------------------------
     def _gpu_budget(self) -> int:
         cfg = self.config
-        if cfg.kv_budget_bytes is not None:
+        if cfg.kv_budget_bytes:
             return cfg.kv_budget_bytes
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * cfg.kv_budget_fraction)
         return CPU_DEFAULT_BUDGET
 
-    def _host_budget(self) -> int:
-        if self.config.host_budget_bytes is not None:
-            return self.config.host_budget_bytes
-        return 4 << 30
+    # -- threads and commands -------------------------------------------------------------
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    # -- requests -------------------------------------------------------------------------
+    def _on_engine_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def post(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` as the writer: on the engine thread between steps, or at once (under
+        the step lock) when no engine thread runs. The future holds its result."""
+        fut: Future = Future()
+        if not self.threaded:
+            with self._step_lock:
+                _run_into(fn, fut)
+                self._changed = True
+            return fut
+        with self._cv:
+            if self._stop:
+                raise EngineStopped("the engine is stopping")
+            self._inbox.append((fn, fut))
+            self._cv.notify_all()
+        return fut
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """``post`` and wait for the result (never from the engine thread)."""
+        if self._on_engine_thread():
+            return fn()
+        return self.post(fn).result(timeout)
+
+    def _drain_inbox(self) -> None:
+        with self._cv:
+            items = list(self._inbox)
+            self._inbox.clear()
+        if not items:
+            return
+        done = []
+        for fn, fut in items:
+            res = Future()
+            _run_into(fn, res)
+            done.append((fut, res))
+        self._changed = True
+        self._publish(force=True)      # readers see the outcome before the poster does
+        for fut, res in done:
+            if res.exception() is not None:
+                fut.set_exception(res.exception())
+            else:
+                fut.set_result(res.result())
+
+    # -- tokenization ---------------------------------------------------------------------
+    def _tokenizer_here(self):
+        """Fast tokenizers are not safe to share between threads ("Already borrowed"):
+        each thread other than the writer gets its own copy, made once."""
+        if self.tokenizer is None or self._on_engine_thread():
+            return self.tokenizer
+        tok = getattr(self._tls, "tokenizer", None)
+        if tok is None:
+            tok = self._tls.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
+
     def tokenize(self, req: Request) -> list[int]:
         if req.prompt_ids is not None:
             ids = [int(t) for t in req.prompt_ids]
-            vocab = self.model.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+                raise ValueError(f"token ids out of the vocabulary [0, {self.vocab_size}): "
+                                 f"{bad[:5]}")
             return ids
-        if self.tokenizer is None:
+        tok = self._tokenizer_here()
+        if tok is None:
             raise ValueError(f"model {self.model_name} has no tokenizer: give prompt_ids")
         if req.messages is not None:
-            out = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
-                                                     tokenize=True)
+            out = tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                          tokenize=True)
             return list(out["input_ids"] if hasattr(out, "keys") else out)
-        return self.tokenizer(req.prompt)["input_ids"]
+        return tok(req.prompt)["input_ids"]
 
-    def submit(self, req: Request, on_event: Callable[[Event], None]) -> str:
-        """Queue a request; events arrive on ``on_event`` from the engine thread."""
-        ids = self.tokenize(req)
-        if not ids:
+    def check_prompt(self, num_tokens: int) -> None:
+        """ValueError for a prompt this engine can never run."""
+        if num_tokens == 0:
             raise ValueError("empty prompt")
-        if len(ids) >= self.max_positions:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's context of "
+        if num_tokens >= self.max_positions:
+            raise ValueError(f"prompt of {num_tokens} tokens exceeds the model's context of "
                              f"{self.max_positions}")
-        need = self.store.estimate_bytes(len(ids) + 1)
-        cap = self.store.arenas[GPU].capacity_bytes
-        if need > cap:
-            raise ValueError(f"prompt of {len(ids)} tokens needs {need} bytes of KV at full "
-                             f"precision; the budget is {cap} bytes")
-        with self.lock:
-            sid = req.seq_id or f"seq-{next(self._ids)}"
-            if sid in self.seqs:
+
+    def prompt_fits(self, num_tokens: int) -> bool:
+        """Whether the prompt's KV at full precision (+1 block to grow) fits the GPU tier
+        at all: prefill writes the whole prompt there before any move can run."""
+        need = self.store.estimate_bytes(num_tokens + 1)
+        return need <= self.store.arenas[GPU].capacity_bytes
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, req: Request, on_event: Callable[[Event], None],
+               prompt_ids: list[int] | None = None) -> str:
+        """Queue a request; events arrive on ``on_event`` from the engine thread.
+        ``prompt_ids``: the request's tokens when the caller has tokenized it already."""
+        ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
+        self.check_prompt(len(ids))
+        if not self.prompt_fits(len(ids)):
+            raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
+                              f"{self.store.estimate_bytes(len(ids) + 1)} bytes of KV at full "
+                              f"precision; the GPU tier holds "
+                              f"{self.store.arenas[GPU].capacity_bytes}")
+        with self._ids_lock:
+            if self._stop:
+                raise EngineStopped("the engine is stopping")
+            if self._num_queued >= self.config.max_waiting:
+                raise Overloaded(f"{self._num_queued} requests are already waiting (the "
+                                 f"limit is {self.config.max_waiting}); retry shortly",
+                                 retry_after_s=1.0)
+            sid = req.seq_id or self._new_id()
+            if sid in self._live:
                 raise ValueError(f"sequence id {sid!r} is already in use")
-            s = Sequence(sid, req, ids, on_event, make_generator(req.sampling, self.device))
-            self.seqs[sid] = s
-            self.waiting.append(s)
-            self._wake.notify_all()
+            self._live.add(sid)
+            self._num_queued += 1
+        s = Sequence(sid, req, ids, on_event, make_generator(req.sampling, self.device))
+        try:
+            self.post(lambda: self._enqueue(s))
+        except EngineStopped:
+            with self._ids_lock:
+                self._live.discard(sid)
+                self._num_queued -= 1
+            raise
         return sid
 
+    def _new_id(self) -> str:
+        while True:
+            sid = f"seq-{next(self._ids)}"
+            if sid not in self._live:
+                return sid
+
+    def _enqueue(self, s: Sequence) -> None:
+        self.seqs[s.seq_id] = s
+        self.waiting.append(s)
+        self._changed = True
+
     def cancel(self, seq_id: str) -> bool:
-        with self.lock:
-            s = self.seqs.get(seq_id)
-            if s is None or s.state == FINISHED:
+        """Ask for a live sequence to end with reason 'cancelled'; False if unknown or
+        finished. Takes effect between steps (the finish event says when)."""
+        with self._ids_lock:
+            if seq_id not in self._live:
                 return False
+        try:
+            self.post(lambda: self._cancel(seq_id))
+        except EngineStopped:
+            return False
+        return True
+
+    def _cancel(self, seq_id: str) -> None:
+        s = self.seqs.get(seq_id)
+        if s is not None and s.state != FINISHED:
             self._finish(s, "cancelled")
-            return True
 
     def generate(self, req: Request, timeout: float | None = None) -> Iterator[Event]:
         """Blocking iterator over a request's events (runs the loop inline if no thread)."""
         q: queue.Queue = queue.Queue()
         sid = self.submit(req, q.put)
         while True:
-            if self._thread is None:
+            if not self.threaded:
                 while q.empty():
                     self.step()
             ev = q.get(timeout=timeout)
@@ -199,12 +303,18 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self.lock:
+        with self._cv:
             self._stop = True
-            self._wake.notify_all()
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cv:
+            pending = list(self._inbox)
+            self._inbox.clear()
+        for _, fut in pending:
+            if not fut.done():
+                fut.set_exception(EngineStopped("the engine stopped"))
 
     def _loop(self) -> None:
         if self.config.thread_nice:
@@ -217,118 +327,181 @@ class Engine:
             except (OSError, AttributeError) as e:
                 log.warning("engine thread priority not lowered: %s", e)
         while True:
-            with self.lock:
+            with self._cv:
                 if self._stop:
                     return
-                if not self.waiting and not self.running:
-                    self._wake.wait(0.5)
-                    continue
+                idle = not self._inbox and not self.waiting and not self.running
+            if idle:
+                with self._step_lock:
+                    self._publish(force=self._dirty)
+                with self._cv:
+                    if not self._inbox and not self._stop:
+                        self._cv.wait(0.5)
+                continue
             try:
                 worked = self.step()
-            except Exception:  # a bad step must not kill the daemon: fail its sequences
-                log.exception("engine step failed; failing the sequences in it")
-                with self.lock:
-                    for s in list(self.running):
-                        self._finish(s, "error", error="internal error in the engine step")
-                continue
+            except Exception:       # a bug outside the forward pass: keep the daemon up
+                log.exception("engine step failed outside the model run")
+                worked = False
             if not worked:
-                with self.lock:
-                    self._wake.wait(0.05)  # stalled on memory: wait for the controller
+                with self._cv:
+                    if not self._inbox and not self._stop:
+                        self._cv.wait(0.05)   # stalled on memory: wait for a move
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def step(self) -> bool:
+        """One engine step; False when nothing could run (idle or stalled on memory)."""
+        with self._step_lock:
+            self._drain_inbox()
+            self._admit()
+            work = self._schedule()
+            if work is None:
+                self._check_stalls()
+                self._publish()
+                return False
+            decode, dec_seqs, chunks, pre_seqs = work
+            out = self._run(decode, dec_seqs, chunks, pre_seqs)
+            if out is not None:
+                self._postprocess(out, dec_seqs, chunks, pre_seqs)
+            self._check_stalls()
+            self._publish()
+            return True
+
+    # -- schedule -------------------------------------------------------------------------
     def _admit(self) -> None:
+        if any(s.stalled for s in self.running):
+            return      # room that frees up goes to the sequences already running first
         alloc = self.store.arenas[GPU].alloc
         slot = self.geom.slot_bytes(FULL)
         while self.waiting and len(self.running) < self.config.max_running:
             s = max(self.waiting, key=lambda x: (x.priority, -x.arrival))
-            # the whole prompt plus one block of growth must fit now
-            if not alloc.can_allocate(slot, self.store.blocks_for(len(s.prompt_ids)) + 1):
-                return
+            if s.swapped:   # preempted by swapping: its blocks come back, +1 to grow
+                if not moves.can_swap_in(self.store, s.seq_id, s.swapped, 1):
+                    return
+                moves.swap_in(self.store, s.seq_id, s.swapped)
+                s.swapped = []
+                s.state = DECODE
+                s.moves.append("resumed (swapped in)")
+            else:           # the whole context plus one block of growth must fit now
+                if not alloc.can_allocate(slot, self.store.blocks_for(len(s.context_ids)) + 1):
+                    return
+                self.store.add_sequence(s.seq_id)
+                self.store.reserve(s.seq_id, len(s.context_ids))
+                self.stats[s.seq_id] = SeqStats(decay=self.config.stats_decay)
+                if s.state == PREEMPTED:
+                    s.moves.append("resumed (recomputing its KV)")
+                s.state = PREFILL
             self.waiting.remove(s)
-            self.store.add_sequence(s.seq_id)
-            self.store.reserve(s.seq_id, len(s.prompt_ids))
-            self.stats[s.seq_id] = SeqStats(decay=self.config.stats_decay)
-            s.state = PREFILL
             self.running.append(s)
+            self._changed = True
+            if not s.admitted:
+                s.admitted = True
+                with self._ids_lock:
+                    self._num_queued -= 1
 
-    def step(self) -> bool:
-        """One engine step; False when nothing could run (idle or stalled on memory)."""
-        with self.lock:
-            self._admit()
-            decode: list[tuple[str, int]] = []
-            dec_seqs: list[Sequence] = []
-            staging_left = self.store.staging_half
-            for s in self.running:
-                if s.state != DECODE:
-                    continue
-                need = staging_need(self.store, s.seq_id)
-                if need > staging_left:  # offloaded blocks of others fill staging now
-                    s.stalled = True
-                    continue
-                staging_left -= need
+    def _schedule(self):
+        decode: list[tuple[str, int]] = []
+        dec_seqs: list[Sequence] = []
+        staging_left = self.store.staging_half
+        now = time.monotonic()
+        for s in self.running:
+            if s.state != DECODE:
+                continue
+            need = staging_need(self.store, s.seq_id)
+            room = need <= staging_left
+            if room:
                 try:
                     self.store.reserve(s.seq_id, 1)
                 except OutOfBlocks:
-                    s.stalled = True
-                    continue
+                    room = False
+            if not room:      # no block to grow into, or offloaded blocks fill staging
+                if not s.stalled:
+                    s.stalled, s.stalled_since = True, now
+                    self._changed = True
+                continue
+            staging_left -= need
+            if s.stalled:
                 s.stalled = False
-                decode.append((s.seq_id, s.output_ids[-1]))
-                dec_seqs.append(s)
-            budget = max(0, self.config.max_batch_tokens - len(decode))
-            chunks: list[tuple[str, list[int], int]] = []
-            pre_seqs: list[tuple[Sequence, bool]] = []
-            for s in self.running:
-                if s.state != PREFILL or budget == 0:
-                    continue
-                toks = s.prompt_ids[s.num_prefilled:s.num_prefilled + budget]
-                last = s.num_prefilled + len(toks) == len(s.prompt_ids)
-                chunks.append((s.seq_id, toks, self.config.observe_window if last else 0))
-                pre_seqs.append((s, last))
-                budget -= len(toks)
-            if not decode and not chunks:
-                return False
-            plan = build_plan(self.store, decode, chunks, self.num_layers, self.device)
-            # host copies: reading the device tensor row by row would sync once a row
-            rows = list(plan.decode.row_list) if plan.decode is not None else []
-            sampled = list(dec_seqs)
-            for seg, (s, last) in zip(plan.prefills, pre_seqs):
-                s.num_prefilled += seg.length
-                if last:
-                    rows.append(seg.start + seg.length - 1)
-                    sampled.append(s)
-            logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
-                                       torch.tensor(rows, dtype=torch.long, device=self.device))
-            if self.on_logits is not None and sampled:
-                self.on_logits([s.seq_id for s in sampled], logits)
-            self._update_stats(plan)
-            self._fill_quantize()
-            toks = sample_batch(logits, [s.sampling for s in sampled],
-                                [s.generator for s in sampled])
-            for s, t in zip(sampled, toks):
-                if s.state == PREFILL:
-                    s.state = DECODE
-                self._on_token(s, t)
-            self.step_count += 1
-            self.tokens_out += len(toks)
-            self._tok_window.append((time.monotonic(), len(toks)))
-            return True
+                self._changed = True
+            decode.append((s.seq_id, s.output_ids[-1]))
+            dec_seqs.append(s)
+        budget = max(0, min(self.config.max_batch_tokens, self._token_cap) - len(decode))
+        chunks: list[Chunk] = []
+        pre_seqs: list[Sequence] = []
+        for s in self.running:
+            if s.state != PREFILL or budget == 0:
+                continue
+            toks = s.context_ids[s.num_prefilled:s.num_prefilled + budget]
+            last = s.num_prefilled + len(toks) == len(s.context_ids)
+            chunks.append(Chunk(s.seq_id, toks, self.config.observe_window if last else 0,
+                                "last" if last else "none"))
+            pre_seqs.append(s)
+            budget -= len(toks)
+        if not decode and not chunks:
+            return None
+        return decode, dec_seqs, chunks, pre_seqs
 
-    def _update_stats(self, plan) -> None:
-        shares = plan.block_shares()
-        if shares is not None:
-            sids = plan.decode.seq_ids
-            update_batch([self.stats[sid] for sid in sids], shares.cpu(),
-                         [len(self.store.seqs[sid].blocks) for sid in sids])
-        for sid, scores in plan.observed.items():
-            self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu())
+    # -- run ------------------------------------------------------------------------------
+    def _run(self, decode, dec_seqs, chunks, pre_seqs):
+        """The forward pass. If it raises, every length it advanced is rolled back; an
+        out-of-memory step is retried with fewer tokens, any other failure ends only the
+        sequences that were in the step, with reason 'error'."""
+        seqs = dec_seqs + pre_seqs
+        lengths = {s.seq_id: self.store.seqs[s.seq_id].num_tokens for s in seqs}
+        try:
+            out = self.runner.run(decode, chunks)
+            self._token_cap = min(self.config.max_batch_tokens, self._token_cap * 2)
+            return out
+        except Exception as err:
+            for sid, n in lengths.items():
+                self.store.truncate(sid, n)
+            if _is_oom(err) and self._token_cap > 1:
+                self._token_cap = max(1, self._token_cap // 2)
+                self.num_oom_retries += 1
+                log.warning("out of memory in a step of %d tokens; retrying with at most %d",
+                            len(decode) + sum(len(c.token_ids) for c in chunks),
+                            self._token_cap)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return None
+            self.num_step_failures += 1
+            log.exception("engine step failed; ending the %d sequences in it", len(seqs))
+            for s in seqs:
+                self._finish(s, "error", error=f"internal error in the engine step: "
+                                               f"{type(err).__name__}")
+            return None
+
+    def _postprocess(self, out, dec_seqs, chunks, pre_seqs) -> None:
+        plan = out.plan
+        sampled = list(dec_seqs)
+        for c, s in zip(chunks, pre_seqs):
+            s.num_prefilled += len(c.token_ids)
+            if c.logits == "last":
+                sampled.append(s)
+        logits = out.logits
+        if self.on_logits is not None and sampled:
+            self.on_logits([s.seq_id for s in sampled], logits)
+        self._after(plan)
+        self._fill_quantize()
+        toks = sample_batch(logits, [s.sampling for s in sampled],
+                            [s.generator for s in sampled])
+        for s, t in zip(sampled, toks):
+            if s.state == PREFILL:
+                s.state = DECODE
+                self._changed = True
+            self._on_token(s, t)
+        self.step_count += 1
+        self._dirty = True
+        self.tokens_out += len(toks)
+        self._tok_window.append((time.monotonic(), len(toks)))
 
     def _fill_quantize(self) -> None:
         """Blocks that filled in a sequence with a fill format take that format."""
         for s in self.running:
             kv = self.store.seqs.get(s.seq_id)
-            if kv is None or kv.fill_format == FULL:
+            if kv is None or kv.fill_format == FULL or s.state != DECODE:
                 continue
             idx = moves.fill_candidates(self.store, s.seq_id)
             if idx:
@@ -356,29 +529,150 @@ class Engine:
         if reason:
             self._finish(s, reason)
 
+    # -- pressure -------------------------------------------------------------------------
+    def _check_stalls(self) -> None:
+        """A sequence stalled for ``preempt_after_s`` (the controller's moves did not make
+        room in time) preempts the lowest-priority running sequence, newest first."""
+        stalled = [s for s in self.running if s.stalled]
+        if not stalled:
+            return
+        now = time.monotonic()
+        if now - min(s.stalled_since for s in stalled) < self.config.preempt_after_s:
+            return
+        if len(self.running) == 1:
+            # alone and still no room: nothing else holds GPU blocks to give back
+            s = self.running[0]
+            s.moves.append("stopped: the GPU tier holds no more of its KV")
+            self._finish(s, "length")
+            return
+        victim = min(self.running, key=lambda x: (x.priority, -x.arrival))
+        self.preempt(victim)
+        for s in self.running:
+            if s.stalled:
+                s.stalled_since = now
+
+    def preempt(self, s: Sequence) -> str:
+        """Take a running sequence off the GPU until there is room again: its KV swapped
+        to the host tier (exact), or dropped and recomputed from its tokens when the
+        host cannot hold it (or it is still in prefill). Returns 'swap' or 'recompute'."""
+        mode = "recompute"
+        if s.state == DECODE and self.store.has_host():
+            try:
+                s.swapped = moves.swap_out(self.store, s.seq_id)
+                mode = "swap"
+            except ActionError:
+                pass
+        if mode == "recompute":
+            self.store.free_sequence(s.seq_id)
+            self.stats.pop(s.seq_id, None)
+            s.context_ids = s.prompt_ids + s.output_ids
+            s.num_prefilled = 0
+            s.swapped = []
+        self.running.remove(s)
+        s.state, s.stalled = PREEMPTED, False
+        s.num_preemptions += 1
+        self.num_preemptions += 1
+        s.moves.append(f"preempted ({mode})")
+        self.waiting.appendleft(s)
+        self._changed = True
+        log.info("preempted %s (%s) to make room", s.seq_id, mode)
+        return mode
+
+    # -- finish ---------------------------------------------------------------------------
     def _finish(self, s: Sequence, reason: str, error: str = "") -> None:
         if s.state == FINISHED:
             return
         by_tier, by_fmt = ({}, {})
         if s.seq_id in self.store.seqs:
             by_tier, by_fmt = self.store.bytes_by(s.seq_id)
-        if s.state == WAITING:
+        if s in self.waiting:
             self.waiting.remove(s)
         elif s in self.running:
             self.running.remove(s)
+        self.held.pop(s.seq_id, None)
         s.state = FINISHED
         s.finish_reason = reason
         self.store.free_sequence(s.seq_id)
         self.stats.pop(s.seq_id, None)
         self.seqs.pop(s.seq_id, None)
+        self._changed = True
+        with self._ids_lock:
+            self._live.discard(s.seq_id)
+            if not s.admitted:
+                self._num_queued -= 1
+                s.admitted = True
         try:
             s.on_event(s.finish_event(reason, by_tier, by_fmt, error))
         except Exception:  # a broken consumer must not break the engine
             log.exception("event consumer of %s failed", s.seq_id)
 
+    # -- candidates (the controller's moves) ----------------------------------------------
+    def apply_candidates(self, candidates) -> list[CandidateResult]:
+        """Engine thread: each candidate whole or not at all, in order."""
+        out = []
+        for actions in candidates:
+            actions = tuple(actions)
+            res = CandidateResult(actions)
+            try:
+                for sid in {a.seq_id for a in actions}:
+                    self._check_movable_seq(sid)
+                res.results = apply_mod.apply_candidate(self.store, actions, self._note)
+            except ActionError as err:
+                res.error = str(err)
+            out.append(res)
+        self._changed = True
+        return out
+
+    def _check_movable_seq(self, seq_id: str) -> None:
+        s = self.seqs.get(seq_id)
+        if s is None or seq_id not in self.store.seqs:
+            raise ActionError(f"unknown sequence {seq_id!r} (finished, or never admitted)")
+        if s.state not in (DECODE, HELD):
+            raise ActionError(f"{seq_id} is {s.state}: only sequences past their prompt "
+                              "(decoding) can be moved")
+
+    def _note(self, seq_id: str, what: str) -> None:
+        s = self.seqs.get(seq_id)
+        if s is not None:
+            s.moves.append(what)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _publish(self, force: bool = False) -> None:
+        """A new snapshot for readers: at once after a structural change (admission,
+        state change, finish, preemption, a move), else at most every
+        ``snapshot_interval_s`` while steps only make progress."""
+        now = time.monotonic()
+        if not (force or self._changed) and not (
+                self._dirty and now - self._published_at >= self.config.snapshot_interval_s):
+            return
+        self._snapshot = snapshot.build(self, next(self._version))
+        self._published_at = now
+        self._dirty = self._changed = False
+
+    def snapshot(self):
+        """The newest published snapshot (never waits for a step). Without an engine
+        thread the caller is the writer: the snapshot is built now."""
+        if not self.threaded:
+            with self._step_lock:
+                self._publish(force=True)
+        return self._snapshot
+
     def tokens_per_s(self) -> float:
         w = self._tok_window
-        if len(w) < 2:
+        if len(w) < 2 or time.monotonic() - w[-1][0] > IDLE_RATE_S:
             return 0.0
         dt = w[-1][0] - w[0][0]
         return sum(n for _, n in list(w)[1:]) / dt if dt > 0 else 0.0
+
+
+
+def _run_into(fn: Callable[[], Any], fut: Future) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as e:      # delivered to whoever posted it
+        fut.set_exception(e)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or \
+        "out of memory" in str(err).lower()

@@ -5,12 +5,14 @@ state when the action is illegal; then it moves bytes and updates the block tabl
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from engine.actions import ActionError
 from engine.kernels.slots import read_blocks, write_blocks
 from engine.layout import FULL, KVFormat
-from engine.store import EVICTED, GPU, HOST, PARKED, Block, KVStore
+from engine.store import EVICTED, GPU, HOST, PARKED, SWAPPED, Block, KVStore
 
 BATCH = 64  # blocks converted per batch: bounds the dense staging memory
 
@@ -52,11 +54,53 @@ def quantize(store: KVStore, seq_id: str, indices, fmt: KVFormat) -> int:
             if old and old < new:
                 raise ActionError(f"{seq_id}: block {b.index} is {b.fmt.name}; raising it to "
                                   f"{fmt.name} cannot bring back lost precision")
+    _check_written(store, seq_id, blocks)
     todo = [b for b in blocks if b.fmt != fmt]
+    _check_convertible(store, todo, fmt)
     freed = 0
     for i in range(0, len(todo), BATCH):
         freed += _convert(store, todo[i:i + BATCH], fmt)
     return freed
+
+
+def _check_written(store: KVStore, seq_id: str, blocks: list[Block]) -> None:
+    """Only blocks whose every row is written may change format or place: a prompt block
+    that chunked prefill has not reached yet (or reached part-way) is still being written."""
+    T = store.block_size
+    for b in blocks:
+        if b.num_tokens < T:
+            raise ActionError(f"{seq_id}: block {b.index} is not fully written "
+                              f"({b.num_tokens} of {T} tokens); only full blocks can move")
+
+
+def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> None:
+    """Raise ActionError, changing nothing, unless every batch of ``_convert`` finds its
+    slots: the allocator's steps are replayed on a copy first, so a quantize never stops
+    half-way with some batches converted."""
+    if not blocks:
+        return
+    sim = copy.deepcopy(store.arenas[GPU].alloc)
+    new_slot = store.geom.slot_bytes(fmt)
+    fake = {id(b): b.offset for b in blocks}
+    for i in range(0, len(blocks), BATCH):
+        by_fmt: dict[KVFormat, list[Block]] = {}
+        for b in blocks[i:i + BATCH]:
+            by_fmt.setdefault(b.fmt, []).append(b)
+        for old_fmt, group in by_fmt.items():
+            old_slot = store.geom.slot_bytes(old_fmt)
+            if not sim.can_allocate(new_slot, len(group)):
+                for b in group:
+                    sim.free(fake[id(b)], old_slot)
+                if not sim.can_allocate(new_slot, len(group)):
+                    raise ActionError("the GPU arena is too fragmented to re-store these "
+                                      "blocks; free or move other blocks first")
+                for b in group:
+                    fake[id(b)] = sim.allocate(new_slot)
+            else:
+                new = [sim.allocate(new_slot) for _ in group]
+                for b, o in zip(group, new):
+                    sim.free(fake[id(b)], old_slot)
+                    fake[id(b)] = o
 
 
 def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
@@ -136,6 +180,11 @@ def _check_movable(store: KVStore, seq_id: str, blocks: list[Block], what: str,
                    allowed: tuple[str, ...], protect_sinks: bool) -> None:
     s = store.seqs[seq_id]
     for b in blocks:
+        if b.tier in (GPU, HOST) and b.num_tokens < store.block_size \
+                and b.index != len(s.blocks) - 1:
+            raise ActionError(f"{seq_id}: block {b.index} is not fully written "
+                              f"({b.num_tokens} of {store.block_size} tokens); only full "
+                              "blocks can move")
         if b.index == len(s.blocks) - 1:
             raise ActionError(f"{seq_id}: block {b.index} is the newest block; new tokens "
                               f"are written there, it cannot be {what}")
@@ -272,3 +321,38 @@ def set_decode_mode(store: KVStore, seq_id: str, mode: str, top_k: int) -> None:
                               f"layer) exceed the staging buffer ({store.staging_half})")
     s = store.seqs[seq_id]
     s.decode_mode, s.top_k = mode, top_k if mode == "topk" else 0
+
+
+# -- preemption: the engine's own moves, never a policy's --------------------------------
+
+def swap_out(store: KVStore, seq_id: str) -> list[int]:
+    """Every GPU block of a preempted sequence (tail included) to the host tier, as
+    ``swapped``; returns their indices. Raises ActionError, changing nothing, when the
+    host tier cannot hold them."""
+    blocks = [b for b in store.seqs[seq_id].blocks if b.tier == GPU and b.offset >= 0]
+    if blocks:
+        _room(_host(store), blocks, store, "host")
+        _move(store, blocks, GPU, HOST, SWAPPED)
+    return [b.index for b in blocks]
+
+
+def can_swap_in(store: KVStore, seq_id: str, indices: list[int], growth_blocks: int) -> bool:
+    """Room on the GPU tier for a preempted sequence's swapped blocks plus
+    ``growth_blocks`` new full-precision blocks."""
+    s = store.seqs[seq_id]
+    need: dict[int, int] = {}
+    for i in indices:
+        slot = store.geom.slot_bytes(s.blocks[i].fmt)
+        need[slot] = need.get(slot, 0) + 1
+    full = store.geom.slot_bytes(FULL)
+    need[full] = need.get(full, 0) + growth_blocks
+    alloc = store.arenas[GPU].alloc
+    return sum(alloc.pages_needed(slot, n) for slot, n in need.items()) <= len(alloc._free_pages)
+
+
+def swap_in(store: KVStore, seq_id: str, indices: list[int]) -> None:
+    """The swapped blocks back on the GPU tier (check ``can_swap_in`` first)."""
+    s = store.seqs[seq_id]
+    blocks = sorted((s.blocks[i] for i in indices), key=lambda b: b.index)
+    if blocks:
+        _move(store, blocks, HOST, GPU, GPU)

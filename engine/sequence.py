@@ -10,6 +10,8 @@ import torch
 from engine.api import Event, FinishEvent, Request, TokenEvent
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
+HELD = "held"            # prefilled and kept, never scheduled: driven by prefill/append
+PREEMPTED = "preempted"  # in the waiting queue again: KV swapped to host or dropped
 
 
 @dataclass
@@ -22,7 +24,13 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     state: str = WAITING
     stalled: bool = False         # wanted a block this step and none was free
-    num_prefilled: int = 0
+    stalled_since: float = 0.0    # monotonic time the current stall began
+    num_prefilled: int = 0        # tokens of ``context_ids`` already in the KV store
+    context_ids: list[int] = field(default_factory=list)  # what prefill writes: the
+    # prompt; after a preemption that dropped the KV, prompt + tokens generated so far
+    swapped: list[int] = field(default_factory=list)  # blocks preemption moved to host
+    num_preemptions: int = 0
+    admitted: bool = False        # admitted once (it no longer counts as queued)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0              # characters of text already streamed
@@ -30,6 +38,10 @@ class Sequence:
     read_off: int = 0
     moves: list[str] = field(default_factory=list)
     finish_reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.context_ids:
+            self.context_ids = list(self.prompt_ids)
 
     @property
     def priority(self) -> int:

@@ -8,7 +8,8 @@ before storage). Each block has a format (engine/layout.py) and a tier:
 * ``gpu``     — in the device arena (the CPU arena in CPU mode), attended directly;
 * ``host``    — in the host arena (offloaded), attended after a fetch (issue 4);
 * ``parked``  — evicted from attention but kept on host for ``Restore``;
-* ``evicted`` — gone.
+* ``evicted`` — gone;
+* ``swapped`` — on host while its sequence is preempted (the engine's, not a policy move).
 
 The newest block of a sequence is always full precision (the residual window).
 """
@@ -21,7 +22,8 @@ import torch
 from engine.arena import Arena, OutOfBlocks
 from engine.layout import FULL, BlockGeometry, KVFormat
 
-GPU, HOST, PARKED, EVICTED = "gpu", "host", "parked", "evicted"
+GPU, HOST, PARKED, EVICTED, SWAPPED = "gpu", "host", "parked", "evicted", "swapped"
+ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena holding it
 
 
 @dataclass
@@ -131,7 +133,7 @@ class KVStore:
         need: dict[str, dict[int, int]] = {}
         for b in src.blocks:
             if b.offset >= 0:
-                tier = HOST if b.tier in (HOST, PARKED) else GPU
+                tier = ARENA_OF[b.tier]
                 slot = self.geom.slot_bytes(b.fmt)
                 need.setdefault(tier, {})[slot] = need.setdefault(tier, {}).get(slot, 0) + 1
         for tier, sizes in need.items():
@@ -144,7 +146,7 @@ class KVStore:
             nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
                        None if b.summary is None else b.summary.clone())
             if b.offset >= 0:
-                arena = self.arenas[HOST if b.tier in (HOST, PARKED) else GPU]
+                arena = self.arenas[ARENA_OF[b.tier]]
                 n = self.geom.slot_bytes(b.fmt)
                 nb.offset = arena.alloc.allocate(n)
                 arena.data[:, nb.offset:nb.offset + n].copy_(arena.data[:, b.offset:b.offset + n])
@@ -154,8 +156,7 @@ class KVStore:
 
     def _release(self, b: Block) -> None:
         if b.offset >= 0:
-            tier = HOST if b.tier in (HOST, PARKED) else GPU
-            self.arenas[tier].alloc.free(b.offset, self.geom.slot_bytes(b.fmt))
+            self.arenas[ARENA_OF[b.tier]].alloc.free(b.offset, self.geom.slot_bytes(b.fmt))
             b.offset = -1
 
     def _new_blocks_needed(self, s: SeqKV, n: int) -> int:
@@ -181,12 +182,26 @@ class KVStore:
         offs, rows = [], []
         for p in range(s.num_tokens, s.num_tokens + n):
             b = s.blocks[p // T]
-            assert b.tier == GPU and b.fmt.is_full, "writes go to the full-precision tail"
+            if b.tier != GPU or not b.fmt.is_full:  # moves refuse unwritten blocks: a bug
+                raise RuntimeError(f"{seq_id}: token {p} would be written into block "
+                                   f"{b.index}, which is {b.tier}/{b.fmt.name}")
             offs.append(b.offset)
             rows.append(p % T)
             b.num_tokens = p % T + 1
         s.num_tokens += n
         return offs, rows
+
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Forget tokens written at positions >= ``num_tokens`` (a step that failed after
+        its plan advanced the lengths). Their blocks stay reserved."""
+        s = self.seqs.get(seq_id)
+        if s is None or num_tokens >= s.num_tokens:
+            return
+        T = self.geom.block_size
+        for b in s.blocks[num_tokens // T:]:
+            if b.tier == GPU:
+                b.num_tokens = min(T, max(0, num_tokens - b.index * T))
+        s.num_tokens = num_tokens
 
     # -- views ----------------------------------------------------------------------------
     def host_blocks(self, seq_id: str) -> list[Block]:

@@ -7,7 +7,9 @@ import itertools
 import threading
 import time
 
-from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
+from concurrent.futures import Future
+
+from engine.actions import BlockView, CandidateResult, EngineSnapshot, SequenceView, TierView
 from engine.api import FinishEvent, Request, TokenEvent
 
 BLOCK_SIZE = 4
@@ -25,6 +27,13 @@ class FakeHandle:
         blocks = -(-num_tokens // BLOCK_SIZE)
         return blocks * BLOCK_SIZE * BYTES_PER_TOKEN // div
 
+    def submit_candidates(self, candidates) -> Future:
+        """The fake holds no KV to move: every candidate is refused."""
+        fut: Future = Future()
+        fut.set_result([CandidateResult(tuple(c), error="the fake engine applies no moves")
+                        for c in candidates])
+        return fut
+
     def snapshot(self) -> EngineSnapshot:
         e = self._e
         with e.lock:
@@ -35,7 +44,7 @@ class FakeHandle:
             return EngineSnapshot(time.time(), e.step, "cpu", e.model_name, BLOCK_SIZE, 2, tiers,
                                   seqs, sum(s["state"] == "waiting" for s in e.seqs.values()),
                                   sum(s["state"] == "decode" for s in e.seqs.values()), 0, 0,
-                                  e.rate)
+                                  e.rate, version=e.step, max_positions=e.max_context)
 
 
 class FakeTokenizer:
@@ -69,8 +78,8 @@ class FakeEngine:
             return self.tokenizer.encode("".join(m["content"] for m in req.messages)) + [1]
         return self.tokenizer.encode(req.prompt)
 
-    def submit(self, req: Request, on_event) -> str:
-        ids = self.tokenize(req)
+    def submit(self, req: Request, on_event, prompt_ids=None) -> str:
+        ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
         if len(ids) >= self.max_context:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's context of "
                              f"{self.max_context}")
@@ -106,7 +115,7 @@ class FakeEngine:
         nbytes = nblocks * BLOCK_SIZE * BYTES_PER_TOKEN
         return SequenceView(s["id"], s["state"], len(s["prompt"]), n, len(s["out"]),
                             s["req"].priority, "exact", 0, {"gpu": nbytes}, {"full": nbytes},
-                            blocks, 0.0, 0.0, 0.0, s["pinned"])
+                            blocks, 0.0, 0.0, 0.0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -13,13 +13,12 @@ from engine.actions import Evict
 def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch):
     import pydoc_data.topics as t
 
-    from controller.bench_compression import Run
     from engine.engine import Engine, EngineConfig
 
     monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
     e = Engine(EngineConfig(model="default", device="cpu", dtype="float32",
                             kv_budget_bytes=512 << 20, host_budget_bytes=256 << 20))
-    r = None
+    sid = None
     try:
         header = art.read_header(artifact_path(e.model_name))
         assert header["model_id"] == e.model_name and header["trained_on"]["rows"] > 0
@@ -28,10 +27,11 @@ def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch)
         text = " ".join(list(t.topics.values())[20:40])
         ids = e.tokenizer(text)["input_ids"][:772]
         assert len(ids) == 772
-        r = Run(e, ids[:-4])
+        sid = "probe"
+        e.prefill(sid, ids[:-4])
         for tok in ids[-4:]:          # a few decode steps: the decode-time statistics
-            r.decode(tok)
-        seq = e.handle.sequence_view(r.sid, len(ids) - 4)
+            e.append([sid], [tok])
+        seq = next(v for v in e.handle.snapshot().sequences if v.seq_id == sid)
         ctx = Context.from_snapshot(e.handle.snapshot())
         cheap = ColdQuantization(8).propose(
             seq, 2 * (ctx.format_bytes["full"] - ctx.format_bytes["int8"]), ctx)
@@ -46,6 +46,6 @@ def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch)
         assert p_cheap.source == p_heavy.source == "learned"     # no fallback
         assert p_cheap.accuracy * 10 < p_heavy.accuracy
     finally:
-        if r is not None:
-            r.close()
+        if sid is not None:
+            e.release(sid)
         e.stop()

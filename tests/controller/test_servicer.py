@@ -205,10 +205,10 @@ class SlowSubmitEngine(FakeEngine):
         super().__init__(token_interval_s=0.005)
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def submit(self, req, on_event):
+    def submit(self, req, on_event, **kw):
         self.entered.set()
         self.release.wait(10)
-        return super().submit(req, on_event)
+        return super().submit(req, on_event, **kw)
 
 
 def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):

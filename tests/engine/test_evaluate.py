@@ -1,10 +1,10 @@
-"""The accuracy harness (engine/evaluate.py): chunked teacher-forced NLL through the
+"""The accuracy harness (benchmarks/evaluate.py): chunked teacher-forced NLL through the
 engine equals a plain transformers forward; quantized formats really are used and
 freed; passkey prompts have the asked length and depth."""
 import pytest
 import torch
 
-from engine import evaluate as ev
+from benchmarks import evaluate as ev
 from engine.engine import Engine, EngineConfig
 from engine.layout import KVFormat
 from engine.models import load_model

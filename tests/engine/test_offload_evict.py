@@ -188,32 +188,20 @@ def test_parking_is_bounded_by_host_memory():
 def test_fork_copies_every_block_and_decodes_identically(engine, long_ids):
     """A forked sequence (parked, offloaded, quantized blocks and all) continues exactly
     like its source, and both free cleanly."""
-    from engine.plan import build_plan
-    from engine import attention
-    ids = long_ids[:300]
-    sid = engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=50,
-                                                                         ignore_eos=True)),
-                        lambda ev: None)
-    while engine.seqs[sid].state != "decode":
-        engine.step()
+    sid = "fork-src"
+    engine.prefill(sid, long_ids[:300])
     for a in (Quantize(sid, (1, 2), 4), Offload(sid, (3, 4)), Evict(sid, (5,), park=True),
               Evict(sid, (6,))):
         engine.handle.apply(a)
     st = engine.store
     used = {n: a.alloc.num_slots for n, a in st.arenas.items()}
-    st.fork(sid, "fork-1")
+    engine.fork(sid, "fork-1")
     assert {n: a.alloc.num_slots for n, a in st.arenas.items()} == \
         {n: 2 * used[n] for n in used}
-    tok = engine.seqs[sid].output_ids[-1]
-    outs = []
-    with engine.lock:
-        for s in (sid, "fork-1"):
-            st.reserve(s, 1)
-            plan = build_plan(st, [(s, tok)], [], engine.num_layers, engine.device)
-            outs.append(attention.forward(engine.model, plan.input_ids, plan.position_ids,
-                                          plan, torch.tensor([0]))[0])
+    tok = long_ids[300]
+    outs = [engine.append([s], [tok])[0] for s in (sid, "fork-1")]
     assert torch.equal(outs[0], outs[1])
-    st.free_sequence("fork-1")
-    engine.cancel(sid)
+    engine.release("fork-1")
+    engine.release(sid)
     for a in st.arenas.values():
         assert a.alloc.num_slots == 0

@@ -1,7 +1,7 @@
 """Benchmark: paged decode kernel vs torch SDPA at a Llama-3-8B layer shape.
 
-    python -m engine.kernels.bench_decode [--sweep] [--json PATH]
-    python -m engine.kernels.bench_decode --batches 8 --contexts 131072 \
+    python -m benchmarks.decode_kernel [--sweep] [--json PATH]
+    python -m benchmarks.decode_kernel --batches 8 --contexts 131072 \
         --formats int8 int4 --variants default nofold dyn     # named variants only
 
 32 query heads, 8 KV heads, head_dim 128, block size 32, fp16; batch 1 and 8, context

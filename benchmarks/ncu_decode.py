@@ -1,7 +1,7 @@
 """Run the paged decode kernel a few times per format at one shape, for a profiler.
 
     ncu --clock-control none -k regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \
-        --section WarpStateStats ... python tools/ncu_decode.py --fmt int4 [--B 8 --L 131072]
+        --section WarpStateStats ... python benchmarks/ncu_decode.py --fmt int4 [--B 8 --L 131072]
 
 Builds the same paged arena as engine/kernels/bench_decode.py (random permutation of
 slots, every block in one format) and calls the kernel with its launch defaults.
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine.kernels.bench_decode import D, G, H, HQ, T, _build_arena  # noqa: E402
+from benchmarks.decode_kernel import D, G, H, HQ, T, _build_arena  # noqa: E402
 from engine.kernels.paged_decode_triton import paged_decode_triton  # noqa: E402
 from engine.layout import BlockGeometry, KVFormat  # noqa: E402
 

@@ -1,8 +1,8 @@
 """What KV-cache compression costs in accuracy: perplexity, passkey retrieval, KV bytes.
 
-    python -m engine.evaluate --formats full,int8,int4,int2,k4v2 \\
+    python -m benchmarks.evaluate --formats full,int8,int4,int2,k4v2 \\
         --ppl-lengths 2048,4096 --passkey-lengths 1024,2048,4096 --depths 10 --threads 2
-    python -m engine.evaluate --quick          # smoke run (minutes)
+    python -m benchmarks.evaluate --quick          # smoke run (minutes)
 
 Everything runs through kvctl's own engine (store, plans, kvctl attention, quantize
 moves), so the numbers are what a user of the engine gets, not a simulation.
@@ -52,11 +52,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine import attention, moves
-from engine.actions import Quantize, SetFillFormat
-from engine.api import FinishEvent, Request, SamplingParams
-from engine.layout import FULL, KVFormat
-from engine.plan import build_plan
+from engine.actions import Quantize
+from engine.layout import KVFormat
 from engine.store import GPU
 
 _ids = itertools.count(1)
@@ -105,44 +102,52 @@ class NLLResult:
 @torch.inference_mode()
 def teacher_forced_nll(engine, ids: list[int], fmt: str | KVFormat = "full",
                        chunk: int = 256) -> NLLResult:
-    """Chunked teacher-forced prefill through the engine's store/plan/attention (see the
-    module docstring). The sequence is freed afterwards; the engine must be otherwise idle
-    or at least not stepping concurrently (the engine lock is held throughout)."""
+    """Chunked teacher-forced prefill of a held sequence (engine.prefill / extend: the
+    engine's store, plans and attention; see the module docstring), blocks re-stored in
+    ``fmt`` as they fill between chunks. The sequence is released afterwards."""
     fmt = _fmt(fmt)
     if len(ids) < 2:
         raise ValueError("need at least 2 tokens")
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
-    store = engine.store
-    dev = engine.device
     sid = f"eval-nll-{next(_ids)}"
     nll = torch.empty(len(ids) - 1, dtype=torch.float32)
     target = torch.tensor(ids, dtype=torch.long)
-    with engine.lock:
-        kv = store.add_sequence(sid)
-        try:
-            kv.fill_format = fmt
-            for c0 in range(0, len(ids), chunk):
-                toks = ids[c0:c0 + chunk]
-                store.reserve(sid, len(toks))
-                plan = build_plan(store, [], [(sid, toks, 0)], engine.num_layers, dev)
-                rows = torch.arange(len(toks), device=dev)
-                logits = attention.forward(engine.model, plan.input_ids, plan.position_ids,
-                                           plan, rows)
-                n = min(len(toks), len(ids) - 1 - c0)      # rows that predict a next token
-                if n > 0:
-                    lp = torch.log_softmax(logits[:n].float(), -1).cpu()
-                    nll[c0:c0 + n] = -lp.gather(1, target[c0 + 1:c0 + 1 + n].view(-1, 1))[:, 0]
-                if not fmt.is_full:
-                    idx = moves.fill_candidates(store, sid)
-                    if idx:
-                        moves.quantize(store, sid, idx, fmt)
-            _, by_fmt = store.bytes_by(sid)
-            nq = sum(b.fmt == fmt for b in kv.blocks) if not fmt.is_full else 0
-            nb = len(kv.blocks)
-        finally:
-            store.free_sequence(sid)
+    try:
+        for c0 in range(0, len(ids), chunk):
+            toks = ids[c0:c0 + chunk]
+            logits = (engine.prefill(sid, toks, observe=False, logits="all") if c0 == 0
+                      else engine.extend(sid, toks, logits="all"))
+            n = min(len(toks), len(ids) - 1 - c0)      # rows that predict a next token
+            if n > 0:
+                lp = torch.log_softmax(logits[:n].float(), -1).cpu()
+                nll[c0:c0 + n] = -lp.gather(1, target[c0 + 1:c0 + 1 + n].view(-1, 1))[:, 0]
+            if not fmt.is_full:
+                quantize_filled(engine, sid, fmt)
+        view = seq_view(engine, sid)
+        by_fmt = dict(view.bytes_by_format)
+        nq = sum(b.fmt == fmt.name for b in view.blocks) if not fmt.is_full else 0
+        nb = len(view.blocks)
+    finally:
+        if sid in engine.held:
+            engine.release(sid)
     return NLLResult(fmt.name, len(ids), chunk, nll, by_fmt, sum(by_fmt.values()), nq, nb)
+
+
+def seq_view(engine, seq_id: str):
+    """The engine's published view of one sequence."""
+    return next(v for v in engine.handle.snapshot().sequences if v.seq_id == seq_id)
+
+
+def quantize_filled(engine, seq_id: str, fmt: KVFormat) -> None:
+    """Re-store a sequence's full-precision blocks that are fully written (all but the
+    newest) in ``fmt``, as a fill format would."""
+    view = seq_view(engine, seq_id)
+    T = engine.store.block_size
+    idx = tuple(b.index for b in view.blocks[:-1]
+                if b.tier == "gpu" and b.fmt == "full" and b.num_tokens == T)
+    if idx:
+        engine.handle.apply(Quantize(seq_id, idx, fmt.k_bits, fmt.v_bits))
 
 
 def ppl_text_ids(tokenizer) -> list[int]:
@@ -240,39 +245,40 @@ class PasskeyTrial:
 
 def passkey_trial(engine, prompt: PasskeyPrompt, fmt: str | KVFormat = "full",
                   max_new: int = 10) -> PasskeyTrial:
-    """One greedy generation through the normal engine loop (the engine must be idle and
-    not running its own thread). With a quantized ``fmt`` the sequence gets
-    ``SetFillFormat`` right after its first step (and the blocks filled so far are
-    quantized at once), so later prefill chunks and all decode steps read quantized KV."""
+    """One greedy answer of a held sequence: the prompt prefilled in chunks of the
+    engine's ``max_batch_tokens`` (blocks re-stored in ``fmt`` as they fill, so later
+    chunks and every decode step read quantized KV), then up to ``max_new`` tokens by
+    the decode path (engine.append), stopping at EOS."""
     fmt = _fmt(fmt)
-    if engine.has_work() or engine._thread is not None:
-        raise RuntimeError("passkey_trial needs an idle engine driven inline")
-    events: list = []
-    sid = engine.submit(Request(prompt_ids=prompt.ids,
-                                sampling=SamplingParams(temperature=0.0, max_tokens=max_new)),
-                        events.append)
-    seq = engine.seqs[sid]
-    engine.step()
-    if not fmt.is_full and sid in engine.store.seqs:
-        engine.handle.apply(SetFillFormat(sid, fmt.k_bits, fmt.v_bits))
-        idx = moves.fill_candidates(engine.store, sid)
-        if idx:
-            engine.handle.apply(Quantize(sid, tuple(idx), fmt.k_bits, fmt.v_bits))
-    q_at, n_at = -1, -1
-    while not any(isinstance(e, FinishEvent) for e in events):
-        if q_at < 0 and seq.output_ids and sid in engine.store.seqs:
-            blocks = engine.store.seqs[sid].blocks
-            q_at, n_at = sum(b.fmt == fmt for b in blocks[:-1]), len(blocks)
-        if not engine.step():
-            raise RuntimeError("engine stalled during a passkey trial")
-    fin = next(e for e in events if isinstance(e, FinishEvent))
-    if fin.reason == "error":
-        raise RuntimeError(f"passkey trial failed: {fin.error}")
-    if q_at < 0:  # finished on its first token: no decode step ran
-        q_at, n_at = 0, 0
-    return PasskeyTrial(fmt.name, len(prompt.ids), prompt.depth, prompt.key, fin.text,
-                        prompt.key in fin.text, len(prompt.ids), q_at, n_at,
-                        dict(fin.kv_bytes_by_format))
+    sid = f"eval-pk-{next(_ids)}"
+    ids, step = prompt.ids, engine.config.max_batch_tokens
+    out: list[int] = []
+    try:
+        for c0 in range(0, len(ids), step):
+            toks = ids[c0:c0 + step]
+            logits = (engine.prefill(sid, toks) if c0 == 0
+                      else engine.extend(sid, toks, logits="last")[-1])
+            if not fmt.is_full:
+                quantize_filled(engine, sid, fmt)
+        view = seq_view(engine, sid)
+        q_at, n_at = sum(b.fmt == fmt.name for b in view.blocks[:-1]), len(view.blocks)
+        tok = int(logits.argmax())
+        while True:
+            out.append(tok)
+            if tok in engine.eos_ids or len(out) >= max_new:
+                break
+            logits = engine.append([sid], [tok])[0]
+            if not fmt.is_full:
+                quantize_filled(engine, sid, fmt)
+            tok = int(logits.argmax())
+        by_fmt = dict(seq_view(engine, sid).bytes_by_format)
+    finally:
+        if sid in engine.held:
+            engine.release(sid)
+    tok = engine.tokenizer
+    text = tok.decode(out, skip_special_tokens=True) if tok is not None else ""
+    return PasskeyTrial(fmt.name, len(ids), prompt.depth, prompt.key, text, prompt.key in text,
+                        len(ids), q_at, n_at, by_fmt)
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
               a.depths, a.chunk, a.new, a.seed)
     dt = time.perf_counter() - t0
     used = eng.store.arenas[GPU].alloc.num_slots
-    cmd = "python -m engine.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     res["meta"] = dict(command=cmd, date=datetime.date.today().isoformat(),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores",
                        torch=torch.__version__, threads=a.threads, model=eng.model_name,

@@ -1,7 +1,7 @@
 """Compile the paged decode kernel for sm_90 on a machine without a GPU and report
 registers, spills and a SASS instruction histogram (no device time needed).
 
-    python tools/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--fold 1]
+    python benchmarks/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--fold 1]
                                 [--sass FILE]
 
 Prints registers / shared memory / local memory, the whole kernel's SASS opcode counts

@@ -1,8 +1,8 @@
 """Where an engine decode step's time goes: ms per step, then the Python profile of some
 steps (cProfile, by own time) and, on CUDA, the kernels launched per step.
 
-    python tools/profile_step.py --model random:smollm2-135m --batch 64 --prompt 32
-    python tools/profile_step.py --model random:thin30 --device cpu     # Python overhead only
+    python benchmarks/profile_step.py --model random:smollm2-135m --batch 64 --prompt 32
+    python benchmarks/profile_step.py --model random:thin30 --device cpu     # Python overhead only
 
 ``random:thin30`` is a 30-layer model with hidden size 64 (compute is negligible, so what
 is left is the engine's and the model's per-layer overhead). Not a test.

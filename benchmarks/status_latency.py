@@ -1,6 +1,6 @@
 """Benchmark: GetStatus latency while N clients stream generations (goal p99 <= 5 ms).
 
-    python -m controller.bench_status --clients 64 --seconds 20 --model random:tiny
+    python -m benchmarks.status_latency --clients 64 --seconds 20 --model random:tiny
 
 Starts `kvctl serve` as a subprocess on a temporary Unix socket (real engine), runs the
 streaming clients in a second process, and calls GetStatus every ``--period-ms`` from

@@ -1,6 +1,6 @@
 """Engine speed benchmark: decode tokens/s vs transformers ``generate``, side by side.
 
-    python -m engine.bench [--batches 1,4,8,16] [--prompt 1024] [--new 64] [--threads 2]
+    python -m benchmarks.engine_speed [--batches 1,4,8,16] [--prompt 1024] [--new 64] [--threads 2]
 
 Same model, same machine, same run. Prints a markdown table (docs/BENCHMARKS.md).
 """

@@ -1,6 +1,6 @@
 """What eviction and top-k offload cost in accuracy (CPU, default model).
 
-    python -m controller.bench_compression [--lengths 1024,2048,4096] [--depths 10]
+    python -m benchmarks.compression [--lengths 1024,2048,4096] [--depths 10]
 
 Each run: prefill a context at full precision, compress it once with a strategy to
 keep a fraction of its blocks (kvpress-style "compress, then ask"), then every later
@@ -18,7 +18,6 @@ Strategies come from the controller's registry; the bench only applies their pro
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import math
 import sys
@@ -28,12 +27,9 @@ import torch
 
 from controller.strategies import (ColdOffload, Context, HeavyHitterEviction,
                                    SinkWindowEviction, SnapKVEviction)
-from engine import attention
+from benchmarks.evaluate import (QUESTION, build_passkey_prompt, passkey_keys, ppl_text_ids,
+                                 ppl_windows)
 from engine.engine import Engine, EngineConfig
-from engine.evaluate import (QUESTION, build_passkey_prompt, passkey_keys, ppl_text_ids,
-                             ppl_windows)
-from engine.plan import build_plan
-from engine.stats import SeqStats
 
 _ids = itertools.count()
 
@@ -48,69 +44,52 @@ def configs(keeps: list[float]):
 
 
 class Run:
-    """One sequence driven below the scheduler: prefill, compress, decode-forced."""
+    """One held sequence (Engine.prefill): prefill, compress, decode teacher-forced."""
 
     def __init__(self, engine: Engine, context: list[int] | None, base: "Run | None" = None):
         self.e = engine
         self.sid = f"bench-{next(_ids)}"
-        e = engine
         if base is not None:  # continue from a copy of base's prefilled context
-            e.store.fork(base.sid, self.sid)
-            e.stats[self.sid] = copy.deepcopy(e.stats[base.sid])
+            engine.fork(base.sid, self.sid)
             self.n_prompt, self.last_logits = base.n_prompt, base.last_logits
             return
         self.n_prompt = len(context)
-        e.store.add_sequence(self.sid)
-        e.stats[self.sid] = SeqStats(decay=e.config.stats_decay)
-        step = e.config.max_batch_tokens
-        logits = None
-        for c0 in range(0, len(context), step):
-            toks = context[c0:c0 + step]
-            last = c0 + step >= len(context)
-            e.store.reserve(self.sid, len(toks))
-            plan = build_plan(e.store, [], [(self.sid, toks, e.config.observe_window
-                                             if last else 0)], e.num_layers, e.device)
-            logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan,
-                                       torch.tensor([len(toks) - 1]))
-            e._update_stats(plan)
-        self.last_logits = logits[-1]
+        self.last_logits = engine.prefill(self.sid, context)
+
+    def view(self):
+        return next(v for v in self.e.handle.snapshot().sequences if v.seq_id == self.sid)
 
     def compress(self, strategy, keep: float) -> int:
         """Apply the strategy's proposal; returns attended blocks after it."""
+        view = self.view()
         if strategy is None:
-            return len(self.e.store.seqs[self.sid].blocks)
+            return len(view.blocks)
         h = self.e.handle
-        view = h.sequence_view(self.sid, self.n_prompt)
         ctx = Context.from_snapshot(h.snapshot())
         gpu = view.bytes_by_tier.get("gpu", 0)
         target = 10**18 if strategy.kind == "offload" else int((1 - keep) * gpu)
         cand = strategy.propose(view, target, ctx)
-        for a in cand.actions if cand else ():
-            h.apply(a)
-        kv = self.e.store.seqs[self.sid]
-        return sum(b.tier == "gpu" for b in kv.blocks) + (
-            min(kv.top_k, sum(b.tier == "host" for b in kv.blocks)) if kv.decode_mode == "topk"
-            else sum(b.tier == "host" for b in kv.blocks))
+        if cand is not None:
+            res = h.apply_candidates([cand.actions])[0]
+            if not res.ok:
+                raise RuntimeError(f"{strategy.name} refused: {res.error}")
+        v = self.view()
+        host = sum(b.tier == "host" for b in v.blocks)
+        return sum(b.tier == "gpu" for b in v.blocks) + (
+            min(v.top_k, host) if v.decode_mode == "topk" else host)
 
     def decode(self, token: int) -> torch.Tensor:
-        e = self.e
-        e.store.reserve(self.sid, 1)
-        plan = build_plan(e.store, [(self.sid, token)], [], e.num_layers, e.device)
-        logits = attention.forward(e.model, plan.input_ids, plan.position_ids, plan,
-                                   torch.tensor([0]))
-        e._update_stats(plan)
-        return logits[0]
+        return self.e.append([self.sid], [token])[0]
 
     def close(self) -> None:
-        self.e.store.free_sequence(self.sid)
-        self.e.stats.pop(self.sid, None)
+        self.e.release(self.sid)
 
 
 @torch.inference_mode()
 def ppl(engine, base: Run, tail: list[int], strategy, keep: float) -> tuple[float, float]:
     r = Run(engine, None, base)
     try:
-        attended = r.compress(strategy, keep) / len(engine.store.seqs[r.sid].blocks)
+        attended = r.compress(strategy, keep) / len(r.view().blocks)
         nll, logits = [], r.last_logits
         for t in tail:
             nll.append(-float(torch.log_softmax(logits.float(), -1)[t]))

@@ -1,6 +1,6 @@
 """Offload benchmark (GPU): decode with a long context on the host tier.
 
-    python -m engine.bench_offload --model random:llama3-8b --context 32768
+    python -m benchmarks.offload --model random:llama3-8b --context 32768
 
 One run, side by side: all blocks on the GPU; exact offload (every offloaded block
 streamed in per layer, overlapped with compute); top-k pages (Quest) at k = 1/8 of the

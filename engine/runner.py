@@ -1,0 +1,63 @@
+"""The model runner: the one way to run a step's work through the model.
+
+The scheduler decides what runs (engine/engine.py); the runner turns it into logits: it
+builds the step's plan (engine/plan.py: rows, write slots, block tables), runs the
+model with kvctl's attention (engine/attention.py) and hands back the plan, whose
+per-block partials and prompt-time scores feed the attention statistics. The engine's
+step, its offline ``prefill``/``append`` and every benchmark go through ``run``; the
+store must already have room for the tokens (``KVStore.reserve``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import attention
+from engine.plan import StepPlan, build_plan
+from engine.store import KVStore
+
+
+@dataclass
+class Chunk:
+    """Tokens of one sequence written in a step with causal attention over its KV."""
+
+    seq_id: str
+    token_ids: list[int]
+    observe: int = 0            # SnapKV window: score the last ``observe`` queries
+    logits: str = "last"        # 'last' | 'all' | 'none': which rows come back
+
+
+@dataclass
+class StepOutput:
+    plan: StepPlan
+    logits: torch.Tensor        # [R, V]: decode rows in order, then chunk rows asked for
+    chunk_rows: list[slice]     # per chunk, its rows in ``logits``
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, store: KVStore, num_layers: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.store = store
+        self.num_layers = num_layers
+        self.device = device
+
+    def run(self, decode: list[tuple[str, int]], chunks: list[Chunk]) -> StepOutput:
+        """One packed forward pass: ``decode`` (sequence, token) pairs attend over their
+        block tables, ``chunks`` over their stored prefix plus themselves."""
+        plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
+                                               for c in chunks],
+                          self.num_layers, self.device)
+        rows = list(plan.decode.row_list) if plan.decode is not None else []
+        spans = []
+        for seg, c in zip(plan.prefills, chunks):
+            start = len(rows)
+            if c.logits == "all":
+                rows.extend(range(seg.start, seg.start + seg.length))
+            elif c.logits == "last":
+                rows.append(seg.start + seg.length - 1)
+            spans.append(slice(start, len(rows)))
+        logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
+                                   torch.tensor(rows, dtype=torch.long, device=self.device))
+        return StepOutput(plan, logits, spans)

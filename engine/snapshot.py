@@ -1,0 +1,66 @@
+"""Immutable views of the engine's state, built on the engine thread and published.
+
+Readers (status, capacity, the controller) take the newest published ``EngineSnapshot``
+and never wait for a forward pass. Building one walks every block of every sequence, so
+the engine publishes after every change it must show at once (moves, admissions,
+finishes) and otherwise at most every ``snapshot_interval_s`` while busy.
+"""
+from __future__ import annotations
+
+import time
+
+from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
+from engine.layout import FULL, KVFormat
+from engine.store import GPU
+
+FORMATS = ("full", "int8", "int4", "int2", "k4v2", "k8v4")
+
+
+def sequence_view(engine, s, state: str) -> SequenceView:
+    st = engine.store
+    kv = st.seqs.get(s.seq_id)
+    stats = engine.stats.get(s.seq_id)
+    blocks = []
+    by_tier, by_fmt = {}, {}
+    if kv is not None:
+        mass = stats.mass.tolist() if stats is not None else []
+        obs = stats.observed.tolist() if stats is not None else []
+        for b in kv.blocks:
+            blocks.append(BlockView(
+                b.index, b.num_tokens, b.fmt.name, b.tier,
+                st.block_bytes(b.fmt) if b.offset >= 0 else 0,
+                mass[b.index] if b.index < len(mass) else 0.0,
+                obs[b.index] if b.index < len(obs) else 0.0))
+        by_tier, by_fmt = st.bytes_by(s.seq_id)
+    return SequenceView(
+        s.seq_id, state, len(s.prompt_ids), kv.num_tokens if kv else 0, len(s.output_ids),
+        s.priority, kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier,
+        by_fmt, blocks, stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
+        stats.recent_mass if stats else 0.0, num_preemptions=s.num_preemptions)
+
+
+def build(engine, version: int) -> EngineSnapshot:
+    """The engine's state now (engine thread, or the caller when no thread runs)."""
+    st = engine.store
+    tiers = {name: TierView(name, str(a.device), a.capacity_bytes, a.used_bytes,
+                            a.block_bytes, a.capacity_bytes - a.used_bytes)
+             for name, a in st.arenas.items()}
+    seqs = []
+    pressure = 0
+    full_block = st.block_bytes(FULL)
+    for s in list(engine.waiting) + engine.running + list(engine.held.values()):
+        if s.stalled:
+            pressure += full_block
+        state = "stalled" if s.stalled else s.state
+        seqs.append(sequence_view(engine, s, state))
+    if engine.waiting:
+        s = max(engine.waiting, key=lambda x: (x.priority, -x.arrival))
+        need = st.estimate_bytes(len(s.context_ids)) + full_block
+        pressure += max(0, need - tiers[GPU].free_bytes)
+    return EngineSnapshot(
+        time.time(), engine.step_count, str(engine.device), engine.model_name,
+        st.block_size, engine.num_layers, tiers, seqs, len(engine.waiting),
+        len(engine.running), sum(s.stalled for s in engine.running), pressure,
+        engine.tokens_per_s(), {f: st.block_bytes(KVFormat.parse(f)) for f in FORMATS},
+        st.num_sink_blocks, version=version, max_positions=engine.max_positions,
+        num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures)
