@@ -11,6 +11,53 @@ from dataclasses import dataclass, field
 from typing import Union
 
 
+VALID_BITS = (0, 8, 4, 2)  # 0 = full precision (the store dtype)
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A block's storage format; keys and values may differ (e.g. K4V2)."""
+
+    k_bits: int = 0
+    v_bits: int = 0
+
+    def __post_init__(self) -> None:
+        for b in (self.k_bits, self.v_bits):
+            if b not in VALID_BITS:
+                raise ValueError(f"bits must be one of 8, 4, 2 (or 0 = full precision), got {b}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.k_bits == 0 and self.v_bits == 0
+
+    @property
+    def name(self) -> str:
+        if self.k_bits == self.v_bits:
+            return "full" if self.k_bits == 0 else f"int{self.k_bits}"
+        return f"k{self.k_bits or 'full'}v{self.v_bits or 'full'}"
+
+    @staticmethod
+    def parse(name: str) -> "KVFormat":
+        """'full', 'int8', 'int4', 'int2', or 'k4v2'-style mixes."""
+        name = name.strip().lower()
+        if name in ("full", "fp", "fp16", "bf16", "fp32"):
+            return FULL
+        if name.startswith("int") and name[3:].isdigit():
+            b = int(name[3:])
+            return KVFormat(b, b)
+        if name.startswith("k") and "v" in name:
+            k, v = name[1:].split("v", 1)
+            conv = lambda s: 0 if s == "full" else int(s)  # noqa: E731
+            try:
+                return KVFormat(conv(k), conv(v))
+            except ValueError as e:
+                raise ValueError(f"unknown KV format {name!r}: {e}") from None
+        raise ValueError(f"unknown KV format {name!r}; use full, int8, int4, int2 or kXvY")
+
+
+FULL = KVFormat(0, 0)
+
+
 class ActionError(ValueError):
     """An action the engine refuses; nothing was changed."""
 
@@ -172,3 +219,4 @@ class EngineSnapshot:
     max_positions: int = 0  # the model's context (tokens)
     num_preemptions: int = 0  # since start: sequences swapped out or dropped for room
     num_step_failures: int = 0  # steps that raised (their sequences ended in error)
+    staging_bytes: int = 0  # per layer: what one step may stream of offloaded blocks

@@ -63,4 +63,5 @@ def build(engine, version: int) -> EngineSnapshot:
         len(engine.running), sum(s.stalled for s in engine.running), pressure,
         engine.tokens_per_s(), {f: st.block_bytes(KVFormat.parse(f)) for f in FORMATS},
         st.num_sink_blocks, version=version, max_positions=engine.max_positions,
-        num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures)
+        num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures,
+        staging_bytes=st.staging_half)

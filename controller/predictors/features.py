@@ -14,7 +14,7 @@ import math
 
 from controller.strategies import Candidate
 from engine.actions import Quantize, SequenceView, SetDecodeMode
-from engine.layout import KVFormat
+from engine.actions import KVFormat
 
 SCHEMA_VERSION = 1
 FULL_BITS = 16                   # "bits" of a full-precision block, whatever the dtype

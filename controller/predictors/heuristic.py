@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from controller.strategies import Candidate
 from engine.actions import SequenceView
-from engine.layout import KVFormat
+from engine.actions import KVFormat
 
 # measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
 FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036, "int2": 0.077}

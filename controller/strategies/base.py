@@ -20,10 +20,13 @@ class Context:
 
     format_bytes: dict[str, int]      # bytes of one block (all layers) per format name
     num_sink_blocks: int = 1
+    staging_bytes: int = 0            # per layer a step may stream from host; 0 = no limit
+    num_layers: int = 1
 
     @classmethod
     def from_snapshot(cls, snap) -> "Context":
-        return cls(dict(snap.format_bytes), snap.num_sink_blocks)
+        return cls(dict(snap.format_bytes), snap.num_sink_blocks,
+                   getattr(snap, "staging_bytes", 0), max(1, snap.num_layers))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 lossless) or top-k pages (Quest, Tang et al. 2024: only the k most promising blocks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.actions import Offload, SetDecodeMode
 from controller.strategies.base import ScoredStrategy, movable
@@ -26,6 +26,27 @@ class ColdOffload(ScoredStrategy):
 
     def score(self, seq, block):
         return block.mass
+
+    def propose(self, seq, target_bytes, ctx):
+        cand = super().propose(seq, target_bytes, ctx)
+        if cand is None or self.top_k_fraction or not ctx.staging_bytes:
+            return cand
+        # exact decode streams every offloaded block each step: no more than staging holds
+        per_layer = lambda b: b.nbytes // ctx.num_layers  # noqa: E731
+        room = ctx.staging_bytes - sum(per_layer(b) for b in seq.blocks if b.tier == "host")
+        by_index = {b.index: b for b in seq.blocks}
+        ranked = sorted(cand.blocks, key=lambda i: (self.score(seq, by_index[i]), i))
+        keep = []
+        for i in ranked:
+            if per_layer(by_index[i]) > room:
+                break
+            keep.append(i)
+            room -= per_layer(by_index[i])
+        if not keep:
+            return None
+        blocks = tuple(sorted(keep))
+        return replace(cand, blocks=blocks, actions=self.actions(seq, blocks),
+                       freed_bytes=sum(by_index[i].nbytes for i in blocks))
 
     def actions(self, seq, blocks):
         if not self.top_k_fraction:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.actions import Quantize
-from engine.layout import KVFormat
+from engine.actions import KVFormat
 from controller.strategies.base import ScoredStrategy, movable
 
 

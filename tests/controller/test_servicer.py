@@ -281,3 +281,60 @@ def test_status_follows_a_policy_change_without_a_new_sample(svc, ctx, loop):
 ])
 def test_status_mapping(exc, want):
     assert status_for(exc)[0] == want
+
+
+class CountingEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__(token_interval_s=0.005)
+        self.tokenized = 0
+
+    def tokenize(self, req):
+        self.tokenized += 1
+        return super().tokenize(req)
+
+
+def test_generate_tokenizes_each_prompt_once(ctx, loop):
+    """6eb73dd tokenized twice: once to count for the capacity check, once in submit."""
+    eng = CountingEngine()
+    eng.start()
+    try:
+        svc = KvctlService(eng, Telemetry(eng.handle.snapshot, nvml=Nvml()), PolicyState(),
+                           DecisionLog())
+        code, out = call(svc, "Generate", gen(prompt="hello there"), ctx, loop)
+        assert code == OK and out[0].started.num_prompt_tokens == len("hello there")
+        assert eng.tokenized == 1
+    finally:
+        eng.stop()
+
+
+def test_fresh_status_reads_and_never_acts(svc, ctx, loop):
+    """6eb73dd ran the telemetry callbacks (the policy tick) for GetStatus(fresh=True) on a
+    pool thread, beside the telemetry thread's own tick."""
+    ticks = []
+    svc.telemetry.on_sample.append(ticks.append)
+    code, st = call(svc, "GetStatus", pb.GetStatusRequest(fresh=True), ctx, loop)
+    assert code == OK and st.model == "fake" and ticks == []
+
+
+def test_controller_ticks_one_at_a_time():
+    """Two threads ticking at once: one runs, the other returns at once with nothing
+    (6eb73dd ran both, each freeing the same bytes)."""
+    from controller.policy import Controller
+
+    inside, release = threading.Event(), threading.Event()
+    eng = FakeEngine()
+    c = Controller(PolicyState(), DecisionLog(), eng.handle)
+    snap = eng.handle.snapshot()
+    real = c._tick
+
+    def slow(*a):
+        inside.set()
+        release.wait(5)
+        return real(*a)
+    c._tick = slow
+    t = threading.Thread(target=c.tick, args=(snap,))
+    t.start()
+    assert inside.wait(5)
+    assert c.tick(snap) == []
+    release.set()
+    t.join(5)
