@@ -3,6 +3,7 @@ fallback to the heuristic, the policy loop's choice of predictor, and `kvctl tra
 import functools
 import gzip
 import io
+import itertools
 import json
 import pickle
 import subprocess
@@ -10,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from controller.predictors import artifact as art
 from controller.predictors.counters import FALLBACKS
@@ -18,7 +20,7 @@ from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor, artifact_path, predictor_for
 from controller.strategies import (ColdOffload, ColdQuantization, Context, HeavyHitterEviction,
                                    SinkWindowEviction)
-from controller.train import fit, read_traces
+from controller.train import fit, read_traces, scores
 from engine.actions import BlockView, SequenceView
 from tests.controller.helpers import KVCTL, ROOT, child_env
 
@@ -69,6 +71,9 @@ def test_features_of_eviction_topk_and_lowered_blocks():
 
 
 # ---------------------------------------------------------------- traces + fit
+HORIZON = 8   # teacher-forced steps each trace row compares
+
+
 @pytest.fixture(scope="module")
 def tiny_traces(tmp_path_factory):
     """Real traces of the 2-layer random model (a few seconds)."""
@@ -78,7 +83,7 @@ def tiny_traces(tmp_path_factory):
     with path.open("w") as f:
         # block size and lengths as the policy-loop tests' tiny engine has them
         n = record(RecordConfig(model="random:tiny", sequences=8, min_tokens=100,
-                                max_tokens=400, horizon=8, seed=3, prior_share=0.4,
+                                max_tokens=400, horizon=HORIZON, seed=3, prior_share=0.4,
                                 block_size=4),
                    f, log=io.StringIO())
     assert n > 8 * 9
@@ -92,8 +97,17 @@ def test_traces_measure_what_moves_cost(tiny_traces, tmp_path):
     assert read_traces(gz) == rows
     assert {r["strategy"] for r in rows} >= {"quantize_int8", "quantize_int2", "sink_window",
                                              "offload_exact", "offload_topk", "heavy_hitter"}
-    assert all(set(r["features"]) == set(SCHEMA) and 0 <= r["top1"] <= 1 for r in rows)
-    assert all(r["kl"] == 0 for r in rows if r["strategy"] == "offload_exact")   # lossless
+    assert all(set(r["features"]) == set(SCHEMA) for r in rows)
+    # top-1 agreement is a share of the HORIZON steps compared: a whole number of them
+    assert all(r["top1"] * HORIZON == round(r["top1"] * HORIZON) for r in rows)
+    # offload_exact moves the bytes unchanged: lossless. Its KL is not always exactly 0:
+    # attention over the offloaded blocks reduces in another order, and with transformers
+    # 5.25 a few rows measured KL ~3e-15 (float rounding). The tolerance sits between
+    # that and the mildest lossy move here (int8 quantization: 4e-9 and up)
+    exact = [r for r in rows if r["strategy"] == "offload_exact"]
+    assert exact and all(r["kl"] < 1e-12 and r["kl_max"] < 1e-12 and r["top1"] == 1
+                         for r in exact)
+    assert all(r["kl"] > 1e-12 for r in rows if r["strategy"].startswith("quantize_"))
     assert any(r["prior"] for r in rows) and any(r["features"]["already_lowered"] > 0
                                                  for r in rows)
     by = {}
@@ -104,15 +118,90 @@ def test_traces_measure_what_moves_cost(tiny_traces, tmp_path):
     assert pairs and all(a < b for a, b in pairs)
 
 
+def test_compare_matches_an_independent_reference():
+    """KL(ref || moved), top-1 agreement and NLL change of the trace rows, against numpy
+    in float64 over random logits; rows 1 and 4 of ``moved`` have another argmax."""
+    from controller.traces import compare
+
+    g = np.random.default_rng(5)
+    ref = (g.normal(size=(6, 11)) * 2).astype(np.float32)
+    moved = ref + (g.normal(size=ref.shape) * 0.3).astype(np.float32)
+    for i in (1, 4):
+        moved[i, ref[i].argmax()] = ref[i].min() - 1
+    targets = [3, 0, 10, 7, 5]
+    got = compare(torch.from_numpy(ref), torch.from_numpy(moved), targets)
+    ref, moved = ref.astype(np.float64), moved.astype(np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(moved)
+    kl = [sum(np.exp(lp[i, j]) * (lp[i, j] - lq[i, j]) for j in range(11)) for i in range(6)]
+    nll = np.mean([lp[i, t] - lq[i, t] for i, t in enumerate(targets)])
+    assert got["top1"] == 4 / 6
+    assert got["kl"] == pytest.approx(np.mean(kl), rel=1e-9)
+    assert got["kl_max"] == pytest.approx(max(kl), rel=1e-9)
+    assert got["nll_delta"] == pytest.approx(nll, rel=1e-9)
+    same = compare(torch.from_numpy(moved), torch.from_numpy(moved), targets)
+    assert same == {"kl": 0.0, "kl_max": 0.0, "top1": 1.0, "nll_delta": 0.0}
+
+
+def _spearman(a, b) -> float:
+    """Pearson correlation of the ranks (ties share their mean rank)."""
+    from scipy.stats import rankdata
+    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
+
+
+def _reference_scores(rows, pred) -> dict[str, float]:
+    """train.scores written out directly: Spearman over all rows, mean Spearman within
+    each sequence of >= 3 rows, of KL and of KL per byte freed; MAE of log10(KL + 1e-6)."""
+    kl = np.array([r["kl"] for r in rows])
+    freed = np.array([max(1, r["freed_bytes"]) for r in rows], dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    within, per_byte = [], []
+    for seq in sorted({r["seq"] for r in rows}):
+        i = [k for k, r in enumerate(rows) if r["seq"] == seq]
+        if len(i) >= 3:
+            within.append(_spearman(kl[i], pred[i]))
+            per_byte.append(_spearman(kl[i] / freed[i], pred[i] / freed[i]))
+    return {"spearman": _spearman(kl, pred), "spearman_within_sequence": np.mean(within),
+            "spearman_per_byte_within": np.mean(per_byte),
+            "mae_log10": np.mean(np.abs(np.log10(kl + 1e-6) - np.log10(pred + 1e-6)))}
+
+
+def test_scores_match_an_independent_reference():
+    g = np.random.default_rng(11)
+    rows = [{"seq": s, "kl": float(k), "freed_bytes": int(f)}
+            for s, k, f in zip([0] * 5 + [1] * 4 + [2] * 2, 10 ** g.uniform(-7, -2, 11),
+                               g.integers(1, 5, 11) * 1000)]
+    pred = 10 ** g.uniform(-7, -2, 11)
+    pred[:2] = pred[2]                                     # ties
+    got = scores(np.array([r["kl"] for r in rows]), pred, np.array([r["seq"] for r in rows]),
+                 np.array([r["freed_bytes"] for r in rows], dtype=np.float64))
+    assert got == pytest.approx(_reference_scores(rows, pred), rel=1e-9)
+    kl = np.array([r["kl"] for r in rows])                # a perfect and a reversed ranking
+    assert scores(kl, kl * 3, np.zeros(11), np.ones(11))["spearman"] == pytest.approx(1)
+    assert scores(kl, 1 / kl, np.zeros(11), np.ones(11))["spearman"] == pytest.approx(-1)
+
+
 def test_fit_reports_both_predictors_and_round_trips(tiny_traces, tmp_path):
     rows = read_traces(tiny_traces)
     a, rep = fit(rows, holdout=0.25)
     assert rep["rows"] == len(rows) and rep["heldout_sequences"] == 2
-    for name in ("learned", "heuristic"):
-        s = rep[name]
-        assert -1 <= s["spearman"] <= 1 and -1 <= s["spearman_per_byte_within"] <= 1
-        assert s["mae_log10"] >= 0
+    # the heuristic's held-out scores, recomputed from the rows: they are those of exactly
+    # one pair of held-out sequences, whose rows the report counts
+    seqs = sorted({r["seq"] for r in rows})
+    matches = []
+    for pair in itertools.combinations(seqs, 2):
+        held = [r for r in rows if r["seq"] in pair]
+        want = _reference_scores(held, [r["heuristic"] for r in held])
+        if rep["heuristic"] == pytest.approx(want, rel=1e-9):
+            matches.append((pair, len(held)))
+    assert len(matches) == 1 and rep["heldout_rows"] == matches[0][1]
     assert rep["learned"]["spearman"] > 0.5          # it learned something real
+    # and prices moves closer than the heuristic, whose numbers are PPL fractions, not KL
+    assert rep["learned"]["mae_log10"] < rep["heuristic"]["mae_log10"] / 2
     path = art.save(a, tmp_path / "p.skops")
     b = art.load(path, model_id="random:tiny")
     X = np.array([vector(r["features"]) for r in rows])

@@ -1,6 +1,9 @@
 """The accuracy harness (benchmarks/evaluate.py): chunked teacher-forced NLL through the
 engine equals a plain transformers forward; quantized formats really are used and
-freed; passkey prompts have the asked length and depth."""
+freed; passkey prompts have the asked length and depth; a passkey hit is the key in
+the generated text."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,8 +87,23 @@ def test_passkey_trial_decodes_over_quantized_cache(eng):
     # prefill is one step here (30 < max_batch_tokens): the quantize happens after it
     assert t.blocks_at_decode == 8 and t.quantized_at_decode == 7
     assert t.kv_bytes_by_format.get("int4", 0) > 0
-    assert not t.hit                                        # no tokenizer: empty text
-    assert _empty(eng)
+    assert _empty(eng)      # hits need a tokenizer: the default model's test below
+
+
+def test_passkey_trial_hit_is_the_key_in_the_generated_text(engine):
+    """The default model repeats a passkey from 512 tokens over int4 KV (a hit); the same
+    generation cut before the key is written, or judged for another key, is a miss."""
+    before = set(engine.store.seqs)      # the engine is shared with other test files
+    p = ev.build_passkey_prompt(engine.tokenizer, 512, 0.5, "40213")
+    t = ev.passkey_trial(engine, p, "int4", max_new=8)
+    assert t.output.startswith(" 40213") and t.hit
+    n = -(-(len(p.ids) + 1) // engine.store.block_size)   # prompt + first token
+    assert t.blocks_at_decode == n > 1 and t.quantized_at_decode == n - 1
+    cut = ev.passkey_trial(engine, p, "int4", max_new=3)   # stops inside the key
+    assert t.output.startswith(cut.output) and "40213" in p.text and not cut.hit
+    other = ev.passkey_trial(engine, dataclasses.replace(p, key="40214"), "int4", max_new=8)
+    assert other.output == t.output and not other.hit
+    assert set(engine.store.seqs) == before
 
 
 @pytest.fixture(scope="module")

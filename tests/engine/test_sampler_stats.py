@@ -1,4 +1,5 @@
-"""Batched sampling and statistics give what one row at a time gives."""
+"""Sampling follows a plain reference distribution (temperature, top-k, top-p, greedy);
+batched statistics give what one sequence at a time gives."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from engine.api import SamplingParams
-from engine.sampler import _draw, make_generator, sample_batch
+from engine.sampler import make_generator, sample_batch
 from engine.stats import SeqStats, update_batch
 
 CPU = torch.device("cpu")
@@ -21,20 +22,44 @@ PARAMS = [
 ]
 
 
+def _reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V] -> the distribution sampling must follow, float64, written out plainly:
+    softmax of logits / temperature; top-k keeps the k highest; top-p then keeps the
+    fewest most likely of those whose (renormalized) mass reaches top_p."""
+    x = logits.double() / p.temperature
+    order = sorted(range(x.numel()), key=lambda j: -float(x[j]))
+    kept = order[:p.top_k] if p.top_k else order
+    w = {j: math.exp(float(x[j]) - float(x[order[0]])) for j in kept}
+    total = sum(w.values())
+    nucleus, mass = [], 0.0
+    for j in kept:                       # most likely first
+        if mass >= p.top_p:
+            break
+        nucleus.append(j)
+        mass += w[j] / total
+    probs = torch.zeros(x.numel(), dtype=torch.float64)
+    for j in nucleus:
+        probs[j] = w[j]
+    return probs / probs.sum()
+
+
+def _reference_token(logits: torch.Tensor, p: SamplingParams) -> int:
+    """Greedy: the argmax; else one draw from _reference_probs with a fresh generator
+    seeded as the request's (the sampler's stream: torch.multinomial)."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    g = torch.Generator().manual_seed(p.seed)
+    return int(torch.multinomial(_reference_probs(logits, p).float(), 1, generator=g))
+
+
 @pytest.mark.parametrize("rows", [[0], [0, 3], [1], [1, 2, 4, 5], list(range(6))],
                          ids=str)
-def test_sample_batch_equals_rows_one_at_a_time(rows):
+def test_sample_batch_equals_a_reference_drawn_with_the_same_generators(rows):
     gen = torch.Generator().manual_seed(len(rows))
     logits = torch.randn(len(rows), 97, generator=gen) * 3
     params = [PARAMS[r] for r in rows]
     got = sample_batch(logits, params, [make_generator(p, CPU) for p in params])
-    want = []
-    for i, p in enumerate(params):   # fresh generators with the same seeds
-        if p.temperature == 0:
-            want.append(int(torch.argmax(logits[i])))
-        else:
-            want.append(int(_draw(logits[i], p, make_generator(p, CPU))))
-    assert got == want
+    assert got == [_reference_token(logits[i], p) for i, p in enumerate(params)]
     assert all(isinstance(t, int) for t in got)
 
 
@@ -46,9 +71,49 @@ def test_sample_batch_draws_follow_each_rows_generator():
     a = sample_batch(logits, [p] * 3, gens)
     b = sample_batch(logits, [p] * 3, gens)
     assert a[0] == a[1] == a[2] and b[0] == b[1] == b[2]   # same seed, same stream
-    solo = make_generator(p, CPU)
-    assert [int(_draw(logits[0], p, solo)) for _ in range(2)] == [a[0], b[0]]
+    solo = torch.Generator().manual_seed(7)
+    uniform = torch.full((50,), 1 / 50)
+    assert [int(torch.multinomial(uniform, 1, generator=solo)) for _ in range(2)] \
+        == [a[0], b[0]]
     assert sample_batch(logits[:0], [], []) == []
+
+
+NUM_DRAWS = 10000
+
+
+@pytest.mark.parametrize("p", [
+    SamplingParams(temperature=0.5, seed=11),
+    SamplingParams(temperature=1.5, top_k=4, seed=12),
+    SamplingParams(temperature=1.0, top_p=0.6, seed=13),
+    SamplingParams(temperature=0.8, top_k=6, top_p=0.7, seed=14),
+], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
+def test_sampled_tokens_follow_the_reference_distribution(p):
+    """Many draws (fixed seed) of one row: no token outside top-k / the top-p nucleus,
+    the nucleus holds at least top_p of the mass, and every token's frequency is within
+    4.5 standard errors of the reference probability (temperature included)."""
+    logits = torch.randn(24, generator=torch.Generator().manual_seed(p.seed)) * 1.5
+    want = _reference_probs(logits, p)
+    g = make_generator(p, CPU)
+    got = sample_batch(logits.expand(NUM_DRAWS, -1), [p] * NUM_DRAWS, [g] * NUM_DRAWS)
+    freq = torch.bincount(torch.tensor(got), minlength=24).double() / NUM_DRAWS
+    support = set(torch.nonzero(want).flatten().tolist())
+    assert set(got) <= support
+    if p.top_k:
+        assert len(support) <= p.top_k
+    if p.top_p < 1:
+        topk = _reference_probs(logits, SamplingParams(temperature=p.temperature,
+                                                       top_k=p.top_k))
+        assert float(topk[list(support)].sum()) >= p.top_p
+    se = (want * (1 - want) / NUM_DRAWS).sqrt()
+    assert ((freq - want).abs() <= 4.5 * se + 1e-12).all(), (freq, want)
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = torch.randn(5, 31, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(),
+              SamplingParams(), SamplingParams(temperature=0.5, top_k=3, seed=2)]
+    got = sample_batch(logits, params, [make_generator(p, CPU) for p in params])
+    assert [got[i] for i in (0, 2, 3)] == logits[[0, 2, 3]].argmax(-1).tolist()
 
 
 def _reference_update(st: SeqStats, share: torch.Tensor) -> None:

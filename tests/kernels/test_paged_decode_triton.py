@@ -125,29 +125,68 @@ def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
 
 
+def _decode_launches(pdt, monkeypatch) -> list[tuple[int, int]]:
+    """Records (KB, VB) of every decode-kernel launch: a format's bits when it is compiled
+    in, (-1, -1) for the runtime-dispatch kernel, which reads each block's bits."""
+    seen, real = [], pdt._launch
+
+    def spy(fn, grid, args, consts, options, cache):
+        if fn is pdt._paged_decode_kernel:
+            seen.append((consts["KB"], consts["VB"]))
+        return real(fn, grid, args, consts, options, cache)
+
+    monkeypatch.setattr(pdt, "_launch", spy)
+    return seen
+
+
+RUNTIME = [(-1, -1)]   # one launch of the runtime-dispatch kernel
+K8V2 = KVFormat(8, 2)
+# Mixed tables and the path ``formats=`` (their formats, plus K8V2 when they lack it)
+# takes: one compiled-in launch per format, or -- more than MAX_FORMAT_LAUNCHES (8)
+# formats named -- the runtime-dispatch kernel, by design.
+PER_FORMAT_CASES = [
+    (CASES[5], "runtime"),                # all 16 formats
+    (CASES[6], "grouped"),
+    (CASES[7], "runtime"),
+    (CASES[8], "grouped"),
+    (CASES[9], "runtime"),
+    (CASES[10], "grouped"),
+    ((2, 4, 2, 32, 16, 16, [81, 49], MIXED[:8], 0.2), "grouped"),   # exactly 8
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [c for c in CASES if not isinstance(c[7], KVFormat)],
-                         ids=_case_id)
-def test_kernel_per_format_launches_match_reference(request, device, case, dtype):
+@pytest.mark.parametrize("case,path", PER_FORMAT_CASES,
+                         ids=lambda x: _case_id(x) if isinstance(x, tuple) else x)
+def test_kernel_per_format_launches_match_reference(request, monkeypatch, device, case, path,
+                                                   dtype):
     """Mixed tables with the formats named: one compiled-in launch per format over that
-    format's blocks, partials merged; same results (and per-block partials) as the
-    reference, holes included. Also with a format named that the table does not hold."""
+    format's blocks, partials merged (or, past MAX_FORMAT_LAUNCHES formats, the
+    runtime-dispatch kernel); same results (and per-block partials) as the reference,
+    holes included. Also with a format named that the table does not hold."""
     pdt, _ = kernel_modules(device)
+    launches = _decode_launches(pdt, monkeypatch)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed_of(request))
     sm_scale = 1.0 / math.sqrt(geom.head_dim)
     want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
                             geom, sm_scale)
-    formats = list(case[7]) + [KVFormat(8, 2)]
+    formats = list(case[7]) + ([K8V2] if K8V2 not in case[7] else [])
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
                                   formats=formats)
     _compare(tuple(t.cpu() for t in got), want, dtype)
-    # grouped on the host, as the engine's plan does (attended entries only)
+    assert launches == (RUNTIME if path == "runtime" else
+                        [(f.k_bits, f.v_bits) for f in formats])
+    # grouped on the host, as the engine's plan does (attended entries only): one launch
+    # per format the table holds, whatever their number
+    launches.clear()
     rows = [[(j, KVFormat(int(kb[b, j]), int(vb[b, j]))) for j in range(kb.shape[1])
              if int(ntok[b, j]) > 0] for b in range(kb.shape[0])]
+    held = sorted({f for r in rows for _, f in r}, key=lambda f: (f.k_bits, f.v_bits))
     groups = pdt.FormatGroups.from_rows(rows, kb.shape[1], q.device)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, groups=groups)
     _compare(tuple(t.cpu() for t in got), want, dtype)
+    assert launches == [(f.k_bits, f.v_bits) for f in held] and len(held) > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,26 +359,57 @@ def test_launch_cache_reuses_a_compiled_kernel_only_for_the_same_specialization(
     assert len(fn.jit_calls) == 8
 
 
+def test_launch_cache_keys_on_the_kernel_and_tensor_devices():
+    """One cache serves every kernel of a step: a kernel never launches another kernel's
+    compiled code, nor code compiled for tensors on another device."""
+    from engine.kernels.paged_decode_triton import _launch
+    decode, reduce, cache = _FakeKernel(), _FakeKernel(), {}
+    x = torch.zeros(64, dtype=torch.float16)
+    meta = torch.empty(64, dtype=torch.float16, device="meta")   # aligned, other device
+    for _ in range(2):
+        for fn, t in ((decode, x), (reduce, x), (decode, meta)):
+            _launch(fn, (2, 1), (t, 5), dict(A=3), dict(num_warps=4), cache)
+    # each (kernel, device) compiled once, then launched directly by its own kernel
+    assert [a[0].device.type for _, a, _ in decode.jit_calls] == ["cpu", "meta"]
+    assert [a[0].device.type for _, a, _ in reduce.jit_calls] == ["cpu"]
+    assert [a[0].device.type for _, a in decode.direct] == ["cpu", "meta"]
+    assert [a[0].device.type for _, a in reduce.direct] == ["cpu"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_shared_launch_cache_across_layers_matches_reference(request, device):
+def test_shared_launch_cache_across_layers_matches_reference(request, monkeypatch, device):
     """The engine shares one launch cache between a step's layers: several "layers"
-    (different q, same table) through one cache, uniform and mixed-format (grouped, one
-    launch per format; an odd batch), all equal to the reference."""
+    (different q, same table) through one cache, uniform, mixed-format with 16 formats
+    named (runtime dispatch) and with two (one launch per format; an odd batch), all
+    equal to the reference; only the first layer adds to the cache."""
     pdt, _ = kernel_modules(device)
+    if device == "cpu":
+        pytest.skip("the launch cache reuses compiled kernels, and the interpreter has none "
+                    "(a launch returns None; InterpretedFunction has no .params), so "
+                    "paged_decode_triton ignores launch_cache on CPU. Its keying is tested "
+                    "on CPU by the test_launch_cache_* tests with a stand-in kernel")
+    launches = _decode_launches(pdt, monkeypatch)
     seed = seed_of(request)
-    for case, kw in ((CASES[11], dict(fmt=INT8)), (CASES[9], dict(formats=MIXED)),
-                     ((3, 8, 2, 128, 32, 32, [300, 129, 77], [INT4, FULL], 0.1),
-                      dict(formats=[INT4, FULL]))):
+    for case, kw, want_launches in (
+            (CASES[11], dict(fmt=INT8), [(8, 8)]),
+            (CASES[9], dict(formats=MIXED), RUNTIME),
+            ((3, 8, 2, 128, 32, 32, [300, 129, 77], [INT4, FULL], 0.1),
+             dict(formats=[INT4, FULL]), [(4, 4), (0, 0)])):
         geom, _, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed)
         sm_scale = 1.0 / math.sqrt(geom.head_dim)
         cache = {}
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(3):
+        for layer in range(3):
+            launches.clear()
             q = torch.randn(case[0], case[1], case[3], generator=gen).half().to(device)
             want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(),
                                     ntok.cpu(), geom, sm_scale)
             got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
                                           launch_cache=cache, **kw)
             _compare(tuple(t.cpu() for t in got), want, torch.float16)
-        if device == "cuda":
-            assert any(k[0] == "triton-launch" for k in cache)
+            assert launches == want_launches
+            if layer == 0:
+                first = dict(cache)
+        # the later layers specialize as the first: they reuse its plans and kernels
+        assert cache.keys() == first.keys() and all(cache[k] is first[k] for k in first)
+        assert sum(k[0] == "triton-launch" for k in cache) == len(want_launches) + 1
