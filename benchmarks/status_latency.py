@@ -41,23 +41,29 @@ def percentiles(xs: list[float]) -> dict[str, float]:
             "max_ms": xs[-1] * 1e3, "mean_ms": statistics.fmean(xs) * 1e3}
 
 
-def measure(stub, seconds: float, period_s: float) -> list[float]:
+def measure(stub, seconds: float, period_s: float, fresh: bool = False) -> list[float]:
     out = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.perf_counter()
-        stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+        stub.GetStatus(pb.GetStatusRequest(fresh=fresh), timeout=10)
         out.append(time.perf_counter() - t0)
         time.sleep(period_s)
     return out
 
 
-def run_clients(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors) -> None:
+def prompt_ids(i: int, n: int) -> list[int]:
+    """Client ``i``'s prompt: ``n`` distinct token ids (a long ``n``: long prefill steps)."""
+    return [(i + 1 + 7 * j) % 40000 + 1 for j in range(n)]
+
+
+def run_clients(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors,
+                prompt_tokens: int = 32) -> None:
     """n threads, each streaming generations back to back over its own connection."""
     def client(i: int) -> None:
         ch = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.use_local_subchannel_pool", 1)])
         s = kvctl_pb2_grpc.KvctlStub(ch)
-        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=list(range(1 + i, 33 + i))),
+        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt_ids(i, prompt_tokens)),
                                  sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         first = True
         while not stop.is_set():
@@ -87,7 +93,8 @@ def run_clients(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors)
         t.join()
 
 
-def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors) -> None:
+def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, errors,
+                    prompt_tokens: int = 32) -> None:
     """n streaming clients (own channel, generations back to back) on one asyncio loop."""
     import asyncio
 
@@ -100,7 +107,7 @@ def run_clients_aio(sock: str, n: int, max_tokens: int, stop, ready, tokens, err
         ch = grpc.aio.insecure_channel(f"unix:{sock}",
                                        options=[("grpc.use_local_subchannel_pool", 1)])
         s = kvctl_pb2_grpc.KvctlStub(ch)
-        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=list(range(1 + i, 33 + i))),
+        req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=prompt_ids(i, prompt_tokens)),
                                  sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         first = True
         try:
@@ -147,6 +154,10 @@ def main() -> None:
     ap.add_argument("--period-ms", type=float, default=10)
     ap.add_argument("--model", default="random:tiny")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=32,
+                    help="each client's prompt length (long prompts: long prefill steps)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure GetStatus(fresh=True): new readings, not the cached sample")
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads")
     ap.add_argument("--socket", help="measure this running daemon instead of starting one")
     ap.add_argument("--load", choices=("aio", "threads"), default="aio",
@@ -173,8 +184,8 @@ def main() -> None:
         channel = grpc.insecure_channel(f"unix:{sock}")
         stub = kvctl_pb2_grpc.KvctlStub(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
-        measure(stub, 1.0, args.period_ms / 1e3)   # warm-up
-        idle = measure(stub, min(5.0, args.seconds), args.period_ms / 1e3)
+        measure(stub, 1.0, args.period_ms / 1e3, args.fresh)   # warm-up
+        idle = measure(stub, min(5.0, args.seconds), args.period_ms / 1e3, args.fresh)
 
         # the streaming clients live in their own process, so that their GIL is not the
         # measuring thread's: what is measured is the daemon
@@ -184,7 +195,7 @@ def main() -> None:
         errors = ctx.Manager().list()
         load = run_clients_aio if args.load == "aio" else run_clients
         proc = ctx.Process(target=load, args=(str(sock), args.clients, args.max_tokens,
-                                              stop, ready, tokens, errors))
+                                              stop, ready, tokens, errors, args.prompt_tokens))
         proc.start()
         t_wait = time.monotonic()
         while ready.value < args.clients and time.monotonic() - t_wait < 60 and proc.is_alive():
@@ -193,7 +204,7 @@ def main() -> None:
             print(f"warning: only {ready.value} of {args.clients} clients streaming", file=sys.stderr)
         st = stub.GetStatus(pb.GetStatusRequest(fresh=True))
         tok0, t0 = tokens.value, time.monotonic()
-        loaded = measure(stub, args.seconds, args.period_ms / 1e3)
+        loaded = measure(stub, args.seconds, args.period_ms / 1e3, args.fresh)
         tok_rate = (tokens.value - tok0) / (time.monotonic() - t0)
         streaming = ready.value
         stop.set()
@@ -205,6 +216,7 @@ def main() -> None:
             "clients": args.clients, "load": args.load, "clients_streaming": streaming,
             "model": st.model or args.model, "device": st.device, "daemon_sets": args.sets,
             "seconds": args.seconds, "period_ms": args.period_ms, "cpus": os.cpu_count(),
+            "prompt_tokens": args.prompt_tokens, "fresh": args.fresh,
             "live_sequences_at_start": st.counts.total, "streamed_tokens_per_s": round(tok_rate, 1),
             "client_errors": errors[:5], "idle": percentiles(idle), "under_load": percentiles(loaded),
         }

@@ -323,10 +323,14 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             raise ValueError("SetPolicy changes nothing: set at least one of profile, "
                              "budget_bytes, high_watermark, low_watermark")
         view = self.policy.update(**f)
-        self.decisions.record(Decision(kind="policy", profile=view.profile,
-                                       reason="operator set " + ", ".join(f"{k}={v}" for k, v in f.items())))
+        in_force = self._budget(self.telemetry.latest().snapshot, view)
+        reason = "operator set " + ", ".join(f"{k}={v}" for k, v in f.items())
+        if view.budget_bytes and in_force < view.budget_bytes:
+            reason += (f"; the budget exceeds this node's GPU tier, so the budget in force "
+                       f"is {in_force} B")
+        self.decisions.record(Decision(kind="policy", profile=view.profile, reason=reason))
         out = convert.policy_to_proto(view)
-        out.budget_bytes = self._budget(self.telemetry.latest().snapshot, view)
+        out.budget_bytes = in_force
         return out
 
     @off_loop

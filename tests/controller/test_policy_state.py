@@ -95,3 +95,21 @@ def test_controller_uses_policy_budget_over_capacity():
     log = DecisionLog()
     c = Controller(PolicyState(budget_bytes=500), log)
     assert c.tick(snap(460, capacity=1000))      # 92% of the 500 B budget
+
+
+def test_budget_above_the_gpu_tier_is_the_gpu_tier():
+    """6eb73dd: a budget above the arena (the README's own 8 GB example on a 16 MiB node)
+    hid the pressure: sequences stalled for good with no move and no error."""
+    view = PolicyState(budget_bytes=8_000_000_000).view()
+    assert Controller.budget_of(snap(0, capacity=1000), view) == 1000
+    c = Controller(PolicyState(budget_bytes=8_000_000_000), DecisionLog())
+    d = c.tick(snap(995, capacity=1000))
+    assert [x.kind for x in d] == ["pressure"] and "100%" in d[0].reason
+
+
+def test_stalled_sequences_are_pressure_under_the_watermark():
+    c = Controller(PolicyState(high_watermark=0.9, low_watermark=0.5), DecisionLog())
+    s = snap(100, capacity=1000)
+    s.num_stalled, s.pressure_bytes = 2, 64
+    d = c.tick(s)
+    assert [x.kind for x in d] == ["pressure"] and "stalled" in d[0].reason

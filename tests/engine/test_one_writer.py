@@ -294,3 +294,23 @@ def test_swapped_blocks_live_on_host():
         e.release("s")
     finally:
         e.stop()
+
+
+def test_default_threads_follow_the_cpus_really_available(monkeypatch, tmp_path):
+    """6eb73dd left torch at every core: with one other busy process on a 2-core node
+    OpenMP collapsed to 1.8-2.0 tok/s (15.3-15.6 with 1 thread)."""
+    from engine import config as cfg
+
+    monkeypatch.setattr(cfg.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    real = cfg.Path
+
+    def fake_path(p):
+        return tmp_path / "cpu.max" if p == "/sys/fs/cgroup/cpu.max" else real(p)
+    monkeypatch.setattr(cfg, "Path", fake_path)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cfg.available_cpus() == 8 and cfg.default_num_threads() == 7
+    (tmp_path / "cpu.max").write_text("250000 100000\n")        # a 2.5-CPU quota
+    assert cfg.available_cpus() == 2 and cfg.default_num_threads() == 1
+    monkeypatch.setattr(cfg.os, "sched_getaffinity", lambda pid: {3})
+    assert cfg.default_num_threads() == 1
+    assert cfg.EngineConfig(num_threads=3).threads == 3
