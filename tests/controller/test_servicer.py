@@ -97,6 +97,19 @@ GENERATE = [
     Case("unknown strategy", gen(prompt="x", strategy="int5"), E.INVALID_ARGUMENT),
     Case("strategy pin from the registry", gen(prompt="x", strategy="snapkv")),
     Case("prompt longer than the context", gen(prompt="x" * 600), E.INVALID_ARGUMENT),
+    Case("client-chosen seq_id", gen(prompt="x", seq_id="job-7:a.b_c"),
+         check=lambda out: out[0].started.seq_id == out[-1].finished.seq_id == "job-7:a.b_c"),
+    Case("seq_id of 64 characters", gen(prompt="x", seq_id="a" * 64)),
+    Case("seq_id of 65 characters", gen(prompt="x", seq_id="a" * 65), E.INVALID_ARGUMENT,
+         check=lambda e: "at most 64 characters" in str(e)),
+    Case("seq_id of 10 kB: refused with a short message", gen(prompt="x", seq_id="a" * 10_000),
+         E.INVALID_ARGUMENT, check=lambda e: len(str(e)) < 300),
+    Case("seq_id with rich markup", gen(prompt="x", seq_id="[/x]"), E.INVALID_ARGUMENT,
+         check=lambda e: "A-Z a-z 0-9 . _ : -" in str(e)),
+    Case("seq_id with a newline", gen(prompt="x", seq_id="a\nb"), E.INVALID_ARGUMENT),
+    Case("seq_id in the form the daemon assigns", gen(prompt="x", seq_id="seq-12"), E.INVALID_ARGUMENT,
+         check=lambda e: "reserved for ids the daemon assigns" in str(e)),
+    Case("seq_id merely like the daemon's", gen(prompt="x", seq_id="seq-12a")),
     Case("can never fit the budget", gen(prompt_ids=pb.TokenIds(ids=[1] * 400),
                                          sampling=pb.SamplingParams(max_tokens=2000)),
          E.RESOURCE_EXHAUSTED),
@@ -177,6 +190,18 @@ def test_live_sequence_pin_cancel_and_lookup(svc, ctx, loop, fake_engine):
     assert run("ListSequences", pb.ListSequencesRequest()).sequences == []
     kinds = [d.kind for d in svc.decisions.recent()]
     assert kinds == ["pin", "unpin"]
+
+
+def test_a_client_id_cannot_take_the_daemons_next_one(svc, ctx, loop):
+    """Issue 12 #6: a client that chose "seq-1" made the next unnamed request fail with
+    "already in use"."""
+    first = start_stream(svc, "Generate", gen(prompt="x", seq_id="seq-1",
+                                               sampling=pb.SamplingParams(max_tokens=400)), ctx, loop)
+    wait_for(lambda: first.done() or svc.num_inflight, 5, "the first request to start or fail")
+    code, out = call(svc, "Generate", gen(prompt="y"), ctx, loop)
+    assert code == OK, out
+    with pytest.raises(ValueError, match="reserved for ids the daemon assigns"):
+        first.result(timeout=10)
 
 
 def test_stream_delivers_every_token_in_order(svc, ctx, loop):
