@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -97,18 +98,28 @@ def watchdog_interval_s() -> float | None:
 
 # ---------------------------------------------------------------- sockets
 def prepare_socket(path: Path) -> None:
+    """Make ``path`` free for the daemon's socket: remove a dead daemon's socket; refuse
+    (FileExistsError) a live one and anything that is not a socket."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()              # stale socket of a dead daemon
-        else:
-            raise FileExistsError(f"another kvctl daemon is already serving on {path}; stop it "
-                                  "first (`systemctl stop kvctl`) or pick another --socket")
-        finally:
-            probe.close()
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):        # only a dead daemon's socket is ours to remove
+        what = "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) \
+            else "a regular file" if stat.S_ISREG(mode) else "some other file"
+        raise FileExistsError(f"{path} is not a socket but {what}; kvctl leaves it alone: "
+                              "remove it yourself or pick another --socket (server.socket)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()                  # stale socket of a dead daemon
+    else:
+        raise FileExistsError(f"another kvctl daemon is already serving on {path}; stop it "
+                              "first (`systemctl stop kvctl`) or pick another --socket")
+    finally:
+        probe.close()
 
 
 def make_engine(cfg: Config):

@@ -124,6 +124,32 @@ def test_second_daemon_on_the_same_socket_refuses(served):
     assert kvctl(served, "status", "--json").returncode == 0       # the first one is untouched
 
 
+def test_serve_leaves_a_file_that_is_not_a_socket_alone(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("precious\n")
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(f), "--model", "random:tiny"], cwd=ROOT,
+                       env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not a socket" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert f.read_text() == "precious\n"
+
+
+def test_prepare_socket_removes_only_a_stale_socket(tmp_path):
+    from controller.server import prepare_socket
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()                       # a socket file nobody listens on: a dead daemon's
+    prepare_socket(stale)
+    assert not stale.exists()
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for other in (tmp_path / "dir", tmp_path / "link"):
+        with pytest.raises(FileExistsError, match="is not a socket"):
+            prepare_socket(other)
+        assert other.is_symlink() or other.is_dir()
+
+
 def test_serve_refuses_tcp_without_tls(tmp_path):
     r = subprocess.run(KVCTL + ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7999",
                                 "--model", "random:tiny"], cwd=ROOT, env=child_env(),
