@@ -236,13 +236,18 @@ def generate(ctx: typer.Context,
             elif kind == "token" and not as_json:
                 sys.stdout.write(ev.token.text)
                 sys.stdout.flush()
-            elif kind == "finished" and not as_json:
+            elif kind == "finished":
                 f = ev.finished
-                reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()
-                sys.stdout.write("\n")
-                print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt + "
-                      f"{f.usage.completion_tokens} generated tokens in {f.seconds:.2f}s]"
-                      + (f" error: {f.error}" if f.error else ""), file=sys.stderr)
+                if not as_json:
+                    reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()
+                    sys.stdout.write("\n")
+                    print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt + "
+                          f"{f.usage.completion_tokens} generated tokens in {f.seconds:.2f}s]"
+                          + (f" error: {f.error}" if f.error else ""), file=sys.stderr)
+                if f.reason == pb.FINISH_REASON_ERROR:
+                    print(f"kvctl: generation {f.seq_id} failed: {f.error or 'no detail given'}",
+                          file=sys.stderr)
+                    raise typer.Exit(1)
     except KeyboardInterrupt:
         if seq_id:
             c.call("Cancel", pb.CancelRequest(seq_id=seq_id))

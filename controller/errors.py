@@ -38,6 +38,12 @@ class Unauthenticated(PermissionError):
     pass
 
 
+class GenerationFailed(RuntimeError):
+    """The engine ended a sequence with an error (its final message, reason ERROR, is
+    already sent): the stream ends INTERNAL with the engine's error text. The engine
+    logged the failure itself."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     if isinstance(exc, ActionError):          # before ValueError: it is one
@@ -54,6 +60,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, GenerationFailed):
+        return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc} (see the daemon's log)"
 
 
@@ -101,7 +109,7 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
 
         async def abort(context, exc):
             code, msg = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, GenerationFailed):
                 log.error("unhandled error in %s", method, exc_info=exc)
             await context.abort(code, msg)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from controller import convert
 from controller.aio import EventStream, Outbox
-from controller.errors import CapacityExceeded, Draining, UnknownSequence
+from controller.errors import CapacityExceeded, Draining, GenerationFailed, UnknownSequence
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
@@ -228,6 +228,9 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             "seq_id": flight.seq_id, "reason": ev.reason, "generated": ev.num_generated,
             "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
         await context.write(convert.finish_to_proto(ev, secs).SerializeToString())
+        if ev.reason == "error":         # the final message is out; the status tells it too
+            raise GenerationFailed(f"sequence {flight.seq_id} failed in the engine: "
+                                   f"{ev.error or 'no detail given'}")
 
     @off_loop
     def Cancel(self, request, context):

@@ -61,6 +61,7 @@ class FakeEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_cancelled = 0
+        self.fail_next: str | None = None   # the next submitted sequence fails with this error
 
     def tokenize(self, req: Request) -> list[int]:
         if req.prompt_ids is not None:
@@ -79,7 +80,8 @@ class FakeEngine:
             if sid in self.seqs:
                 raise ValueError(f"sequence id {sid!r} is already in use")
             self.seqs[sid] = {"id": sid, "req": req, "prompt": ids, "out": [], "state": "decode",
-                              "cb": on_event, "pinned": req.strategy}
+                              "cb": on_event, "pinned": req.strategy, "fail": self.fail_next}
+            self.fail_next = None
         return sid
 
     def cancel(self, seq_id: str) -> bool:
@@ -91,12 +93,12 @@ class FakeEngine:
             self._finish(s, "cancelled")
             return True
 
-    def _finish(self, s: dict, reason: str) -> None:
+    def _finish(self, s: dict, reason: str, error: str = "") -> None:
         v = self._view(s)
         del self.seqs[s["id"]]
         s["cb"](FinishEvent(s["id"], reason, "".join(chr(97 + t % 26) for t in s["out"]),
                             list(s["out"]), len(s["prompt"]), len(s["out"]),
-                            v.bytes_by_tier, v.bytes_by_format, []))
+                            v.bytes_by_tier, v.bytes_by_format, [], error))
 
     def _view(self, s: dict) -> SequenceView:
         n = len(s["prompt"]) + len(s["out"])
@@ -116,7 +118,9 @@ class FakeEngine:
                     t = (len(s["out"]) * 7 + 3) % 50
                     s["out"].append(t)
                     s["cb"](TokenEvent(s["id"], t, chr(97 + t % 26), len(s["out"]) - 1))
-                    if len(s["out"]) >= s["req"].sampling.max_tokens:
+                    if s["fail"]:              # as Engine fails the sequences of a bad step
+                        self._finish(s, "error", s["fail"])
+                    elif len(s["out"]) >= s["req"].sampling.max_tokens:
                         self._finish(s, "length")
                 self.rate = 1.0 / self.interval if self.seqs else 0.0
 

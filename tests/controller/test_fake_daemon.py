@@ -5,12 +5,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import grpc
 import pytest
 
 from controller.config import load_config
 from controller.policy import Decision
 from controller.server import Daemon
 from engine.api import Request, SamplingParams
+from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
 from tests.controller.fakes import FakeEngine
 from tests.controller.helpers import KVCTL, ROOT, child_env
 
@@ -38,7 +41,7 @@ def kvctl(dm, *args, timeout=30):
 MARKUP_IDS = ["[/x]", "[bold]red"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def markup_sequences(fake_daemon):
     eng = fake_daemon.engine
     for sid in MARKUP_IDS:
@@ -73,3 +76,27 @@ def test_watch_shows_markup_in_a_decision_literally(markup_sequences):
     w.terminate()
     _, err = w.communicate(timeout=10)
     assert "pin [/x] quantize_int4: operator pinned [/x] [bold]" in line, (line, err)
+
+
+def test_a_stream_failing_in_the_engine_ends_internal(fake_daemon):
+    """After its final message (reason ERROR), not with OK."""
+    fake_daemon.engine.fail_next = "internal error in the engine step"
+    ch = grpc.insecure_channel(f"unix:{fake_daemon.socket_path}")
+    stream = kvctl_pb2_grpc.KvctlStub(ch).Generate(pb.GenerateRequest(prompt="hi"))
+    got = []
+    with pytest.raises(grpc.RpcError) as e:
+        for msg in stream:
+            got.append(msg)
+    ch.close()
+    assert [m.WhichOneof("event") for m in got] == ["started", "token", "finished"]
+    assert got[-1].finished.reason == pb.FINISH_REASON_ERROR
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert "internal error in the engine step" in e.value.details()
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_kvctl_generate_failing_in_the_engine_exits_non_zero(fake_daemon, json_flag):
+    fake_daemon.engine.fail_next = "internal error in the engine step"
+    r = kvctl(fake_daemon, "generate", "hi", *json_flag)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "internal error in the engine step" in r.stderr and "Traceback" not in r.stderr

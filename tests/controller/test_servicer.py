@@ -204,6 +204,18 @@ def test_a_client_id_cannot_take_the_daemons_next_one(svc, ctx, loop):
         first.result(timeout=10)
 
 
+def test_a_generation_failing_in_the_engine_ends_internal_after_its_final_message(
+        svc, ctx, loop, fake_engine):
+    fake_engine.fail_next = "internal error in the engine step"
+    code, err = call(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=50)), ctx, loop)
+    out = err if code == OK else drain(ctx.written)
+    assert events(out) == ["started", "token", "finished"]
+    assert out[-1].finished.reason == pb.FINISH_REASON_ERROR
+    assert out[-1].finished.error == "internal error in the engine step"
+    assert code == E.INTERNAL and "internal error in the engine step" in status_for(err)[1]
+    assert svc.num_inflight == 0
+
+
 def test_stream_delivers_every_token_in_order(svc, ctx, loop):
     _, out = call(svc, "Generate", gen(prompt="abc", sampling=pb.SamplingParams(max_tokens=40)), ctx, loop)
     assert events(out) == ["started"] + ["token"] * 40 + ["finished"]
