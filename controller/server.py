@@ -10,6 +10,7 @@ blocking work runs on a worker pool of ``server.max_workers`` threads.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -24,6 +25,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -133,9 +135,42 @@ def make_engine(cfg: Config):
         num_threads=e.num_threads or None, thread_nice=e.thread_nice))
 
 
+class Malformed:
+    """What a request's deserializer gives for bytes that do not parse (_lenient)."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _lenient(deserialize, type_name: str):
+    """``deserialize``, but bytes that are not a ``type_name`` give a Malformed instead
+    of raising: an exception there would reach the client as UNKNOWN with Python's
+    exception text."""
+    def parse(raw: bytes):
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            return Malformed(type_name)
+    return parse
+
+
+def _refuse_malformed(behavior):
+    @functools.wraps(behavior)
+    async def handler(request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed request: the bytes are not a valid "
+                                f"{request.type_name} message")
+        return await behavior(request, context)
+    return handler
+
+
 def add_to_server(service: KvctlService, server) -> None:
     """Register ``service`` as kvctl.v1.Kvctl: the generated registration, except that
-    GetStatus's response and Generate's stream go out as the bytes the handler gives."""
+    GetStatus's response and Generate's stream go out as the bytes the handler gives,
+    and a request that does not parse is answered INVALID_ARGUMENT."""
     class Capture:
         handlers: dict | None = None
 
@@ -152,14 +187,19 @@ def add_to_server(service: KvctlService, server) -> None:
     if cap.handlers is None:
         raise RuntimeError("kvctl_pb2_grpc no longer registers method handlers; regenerate "
                            "the stubs with the pinned grpcio-tools")
+    methods = kvctl_pb2.DESCRIPTOR.services_by_name["Kvctl"].methods_by_name
     # no response_serializer: GetStatus returns the cached status bytes, Generate writes
     # each message serialized (a token's by a refilled message, controller.convert)
-    h = cap.handlers["GetStatus"]
-    cap.handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
-        h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=None)
-    h = cap.handlers["Generate"]
-    cap.handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
-        h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=None)
+    as_bytes = {"GetStatus", "Generate"}
+    for name, h in cap.handlers.items():
+        deserialize = _lenient(h.request_deserializer, methods[name].input_type.full_name)
+        serialize = None if name in as_bytes else h.response_serializer
+        if h.unary_unary is not None:
+            cap.handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _refuse_malformed(h.unary_unary), deserialize, serialize)
+        else:
+            cap.handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _refuse_malformed(h.unary_stream), deserialize, serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, cap.handlers),))
     server.add_registered_method_handlers(SERVICE, cap.handlers)
 

@@ -100,3 +100,24 @@ def test_kvctl_generate_failing_in_the_engine_exits_non_zero(fake_daemon, json_f
     r = kvctl(fake_daemon, "generate", "hi", *json_flag)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "internal error in the engine step" in r.stderr and "Traceback" not in r.stderr
+
+
+METHODS = list(pb.DESCRIPTOR.services_by_name["Kvctl"].methods)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x0a\x05ab"], ids=["bad varint", "truncated field"])
+def test_malformed_request_bytes_are_invalid_argument(fake_daemon, method, raw):
+    ch = grpc.insecure_channel(f"unix:{fake_daemon.socket_path}")
+    path = f"/kvctl.v1.Kvctl/{method.name}"
+    # identity serializers: the bytes go out as they are
+    call = ch.unary_stream(path) if method.server_streaming else ch.unary_unary(path)
+    with pytest.raises(grpc.RpcError) as e:
+        out = call(raw, timeout=10)
+        if method.server_streaming:
+            list(out)
+    ch.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    details = e.value.details()
+    assert details.startswith("malformed request: ") and method.input_type.full_name in details
+    assert "Error" not in details and "Exception" not in details and "Traceback" not in details
