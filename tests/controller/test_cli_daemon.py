@@ -157,6 +157,18 @@ def test_serve_refuses_tcp_without_tls(tmp_path):
     assert r.returncode == 1 and "needs TLS and a token" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_with_an_empty_token_file_fails_before_loading_the_model(tmp_path):
+    for n in ("c.pem", "k.pem", "token"):
+        (tmp_path / n).write_text("x" if n != "token" else "")
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7999",
+                                "--model", "random:tiny", "--set", f"server.tls_cert={tmp_path}/c.pem",
+                                "--set", f"server.tls_key={tmp_path}/k.pem",
+                                "--set", f"server.token_file={tmp_path}/token"],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "server.token_file" in r.stderr and "is empty" in r.stderr, r.stderr
+    assert "engine loaded" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_no_daemon_is_a_clear_message(tmp_path):
     r = kvctl(tmp_path / "absent.sock", "status")
     assert r.returncode == 1 and "not running" in r.stderr and "Traceback" not in r.stderr

@@ -92,6 +92,18 @@ def test_tcp_with_tls_and_token_files(tmp_path):
                                "server.token_file": str(tmp_path / "tok")}, env={})
 
 
+@pytest.mark.parametrize("content", ["", "  \n"], ids=["empty", "blank"])
+def test_empty_token_file_is_a_config_error(tmp_path, content):
+    for n in ("c.pem", "k.pem"):
+        (tmp_path / n).write_text("x")
+    (tmp_path / "tok").write_text(content)
+    with pytest.raises(ValueError, match=r"server.token_file .*tok is empty"):
+        load_config(overrides={"server.tcp_address": "127.0.0.1:7443",
+                               "server.tls_cert": str(tmp_path / "c.pem"),
+                               "server.tls_key": str(tmp_path / "k.pem"),
+                               "server.token_file": str(tmp_path / "tok")}, env={})
+
+
 def test_shipped_example_config_and_unit():
     from pathlib import Path
 
