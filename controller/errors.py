@@ -101,7 +101,9 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
                 return
             meta = context.invocation_metadata() or ()
             got = next((v for k, v in meta if k == "authorization"), "")
-            given = got[7:].encode() if got.startswith("Bearer ") else b""
+            scheme, _, credentials = got.partition(" ")
+            # the scheme is case-insensitive (RFC 7235 section 2.1); the token is not
+            given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
             if self._token is None or not hmac.compare_digest(given, self._token):
                 raise Unauthenticated(
                     f"{method.rsplit('/', 1)[1]} over TCP needs 'authorization: Bearer <token>' "
