@@ -204,6 +204,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             self.policy.unpin(seq_id)
             if not done:                 # the client hung up (the RPC was cancelled): free its blocks
                 self.pool.submit(self.engine.cancel, seq_id)
+                _log_hang_up(seq_id, "client hung up during the stream")
             flight.finished.set()
 
     async def _submit(self, req, stream: EventStream) -> str:
@@ -212,8 +213,11 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:   # the client left while the engine took the request
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
-                                  or self.pool.submit(self.engine.cancel, f.result()))
+            def cancel_late(f) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.pool.submit(self.engine.cancel, f.result())
+                    _log_hang_up(f.result(), "client hung up while the request was submitted")
+            fut.add_done_callback(cancel_late)
             raise
 
     async def _finished(self, flight: InFlight, ev: FinishEvent, context) -> None:
@@ -391,6 +395,10 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         return pb.EstimateCapacityResponse(
             can_admit=ok, bytes_needed=need, bytes_free=free, budget_bytes=budget, reason=reason,
             predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
+
+
+def _log_hang_up(seq_id: str, reason: str) -> None:
+    log.info("cancelled", extra={"kv": {"seq_id": seq_id, "reason": reason}})
 
 
 def _get(q: queue.Queue, timeout: float):

@@ -2,6 +2,7 @@
 The servicer's handlers are coroutines: they run on an event loop thread, as in the
 daemon (the ``loop`` fixture)."""
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -231,14 +232,24 @@ def test_stream_delivers_every_token_in_order(svc, ctx, loop):
     assert "".join(t.text for t in toks) == out[-1].finished.text
 
 
-def test_client_hang_up_cancels_the_sequence(svc, ctx, loop, fake_engine):
-    fut = start_stream(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)),
-                       ctx, loop)
-    ctx.written.get(timeout=10)
+def cancel_logs(caplog) -> list[dict]:
+    return [{"msg": r.getMessage(), **getattr(r, "kv", {})} for r in caplog.records
+            if r.name == "kvctl.server" and r.getMessage() == "cancelled"]
+
+
+def test_client_hang_up_cancels_the_sequence(svc, ctx, loop, fake_engine, caplog):
+    caplog.set_level(logging.INFO, logger="kvctl.server")
+    fut = start_stream(svc, "Generate", gen(prompt="secret prompt text",
+                                            sampling=pb.SamplingParams(max_tokens=1000)), ctx, loop)
+    seq_id = ctx.written.get(timeout=10).started.seq_id
     ctx.written.get(timeout=10)
     fut.cancel()                      # what grpc.aio does when the client goes away
     wait_for(lambda: fake_engine.num_cancelled == 1 and not fake_engine.seqs, 5, "the cancel")
     assert svc.num_inflight == 0
+    logged = cancel_logs(caplog)      # one line with the id and why; never the prompt
+    assert len(logged) == 1 and logged[0]["seq_id"] == seq_id
+    assert "client" in logged[0]["reason"]
+    assert "secret" not in caplog.text and not any("secret" in str(v) for v in logged[0].values())
 
 
 class SlowSubmitEngine(FakeEngine):
@@ -254,7 +265,8 @@ class SlowSubmitEngine(FakeEngine):
         return super().submit(req, on_event)
 
 
-def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):
+def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop, caplog):
+    caplog.set_level(logging.INFO, logger="kvctl.server")
     eng = SlowSubmitEngine()
     eng.start()
     try:
@@ -265,6 +277,8 @@ def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):
         fut.cancel()
         eng.release.set()
         wait_for(lambda: eng.num_cancelled == 1 and not eng.seqs, 5, "the late cancel")
+        logged = cancel_logs(caplog)
+        assert len(logged) == 1 and logged[0]["seq_id"] == "seq-1" and "client" in logged[0]["reason"]
     finally:
         eng.stop()
 
