@@ -384,8 +384,12 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         used = snap.tiers["gpu"].used_bytes if snap is not None and "gpu" in snap.tiers else 0
         free = max(0, int(budget * view.high_watermark) - used)
         rate = snap.tokens_per_s if snap is not None else 0.0
-        ok = need <= free and not self.draining
-        if self.draining:
+        context_len = getattr(self.engine, "max_positions", None)
+        too_long = context_len is not None and request.num_tokens > context_len
+        ok = need <= free and not self.draining and not too_long
+        if too_long:                     # no move or wait ever makes it fit
+            reason = f"never fits: exceeds the model's context of {context_len} tokens"
+        elif self.draining:
             reason = "node is draining for shutdown"
         elif ok:
             reason = f"fits: {need} B needed, {free} B free under the high watermark"

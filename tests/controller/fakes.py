@@ -63,6 +63,11 @@ class FakeEngine:
         self.num_cancelled = 0
         self.fail_next: str | None = None   # the next submitted sequence fails with this error
 
+    @property
+    def max_positions(self) -> int:
+        """The model's context in tokens, as Engine.max_positions."""
+        return self.max_context
+
     def tokenize(self, req: Request) -> list[int]:
         if req.prompt_ids is not None:
             return list(req.prompt_ids)

@@ -30,7 +30,7 @@ class Case:
     request: Any
     want: grpc.StatusCode = OK
     check: Any = None            # callable(result) -> None, for OK cases
-    setup: dict = field(default_factory=dict)
+    setup: dict = field(default_factory=dict)   # policy fields set before the call
 
 
 @pytest.fixture
@@ -156,10 +156,18 @@ UNARY = [
     Case("unpin unknown sequence", ("Unpin", pb.UnpinRequest(seq_id="nope")), E.NOT_FOUND),
     Case("capacity fits", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=100)),
          check=lambda r: r.can_admit and r.bytes_needed == 100_000 and r.bytes_free == 900_000),
-    Case("capacity too big", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000)),
-         check=lambda r: not r.can_admit and "does not fit" in r.reason),
-    Case("capacity int4", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000, format="int4")),
-         check=lambda r: r.can_admit and r.bytes_needed == 250_000),
+    Case("capacity too big", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=500)),
+         setup={"budget_bytes": 400_000},
+         check=lambda r: not r.can_admit and r.reason.startswith("does not fit now") and r.bytes_free == 360_000),
+    Case("capacity int4", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=500, format="int4")),
+         setup={"budget_bytes": 400_000}, check=lambda r: r.can_admit and r.bytes_needed == 125_000),
+    Case("capacity at the model's context", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=512)),
+         check=lambda r: r.can_admit),
+    Case("capacity beyond the model's context", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=513)),
+         check=lambda r: not r.can_admit and r.reason == "never fits: exceeds the model's context of 512 tokens"),
+    Case("capacity far beyond the model's context",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=5000)),
+         check=lambda r: not r.can_admit and r.reason.startswith("never fits")),
     Case("capacity zero tokens", ("EstimateCapacity", pb.EstimateCapacityRequest()), E.INVALID_ARGUMENT),
     Case("capacity unknown format", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1, format="fp3")),
          E.INVALID_ARGUMENT),
@@ -169,6 +177,8 @@ UNARY = [
 @pytest.mark.parametrize("case", UNARY, ids=[c.reason for c in UNARY])
 def test_unary(case, svc, ctx, loop):
     method, request = case.request
+    if case.setup:
+        svc.policy.update(**case.setup)
     code, out = call(svc, method, request, ctx, loop)
     assert code == case.want, out
     if case.check:
