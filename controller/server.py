@@ -62,6 +62,20 @@ def _logfmt(v) -> str:
     return json.dumps(s) if (not s or any(c in s for c in ' ="\n')) else s
 
 
+def silence_progress_bars() -> None:
+    """No tqdm bars on stderr, where the log's JSON lines go: transformers draws one
+    while it loads weights ("Loading weights: 100%|...") and huggingface_hub for
+    downloads. Both read HF_HUB_DISABLE_PROGRESS_BARS when first imported; for a library
+    imported already, switch its bars off directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def setup_logging(level: str, fmt: str) -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(_Formatter(fmt))
@@ -340,6 +354,7 @@ class Daemon:
 
 def serve(cfg: Config) -> None:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
+    silence_progress_bars()
 
     prepare_socket(Path(cfg.server.socket))   # fail before the slow engine load
     t0 = time.monotonic()

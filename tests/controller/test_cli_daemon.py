@@ -181,6 +181,44 @@ def test_no_daemon_is_a_clear_message(tmp_path):
     assert r.returncode == 1 and "cannot reach the kvctl daemon" in r.stderr, r.stderr
 
 
+def save_tiny_model_dir(d):
+    """random:tiny's shape with a word-level tokenizer, saved as a local HF model dir:
+    loading it from disk is what prints transformers' progress bars."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from engine.models import RANDOM_CONFIGS
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(d)
+    AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_CONFIGS["tiny"])).save_pretrained(d)
+
+
+def test_serve_log_is_json_lines_while_a_model_loads_from_disk(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    save_tiny_model_dir(tmp_path / "tiny")
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    p = subprocess.Popen(KVCTL + ["serve", "--socket", f"{d}/kvctl.sock", "--model", str(tmp_path / "tiny"),
+                                  "--set", "engine.num_threads=1"],
+                         cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or '"serving"' not in lines[-1]:
+            line = p.stderr.readline()
+            assert line, f"the daemon exited: {''.join(lines)}"
+            lines.append(line)
+        for line in lines:               # a tqdm bar here would break `journalctl -o cat | jq`
+            json.loads(line)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        p.stderr.close()
+
+
 def test_sigterm_drains_and_notifies_systemd():
     import tempfile
     from pathlib import Path
