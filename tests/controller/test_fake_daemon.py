@@ -3,7 +3,6 @@ subprocesses against it: what a user sees at the edges (odd strings from the dae
 malformed requests, failed generations), fast because no model loads."""
 import subprocess
 import tempfile
-from pathlib import Path
 
 import grpc
 import pytest
