@@ -13,6 +13,9 @@ import typer
 
 from controller.client import Client, DaemonUnreachable, Target, explain, pb
 from controller.config import client_socket_path
+from rich.markup import escape
+from rich.text import Text
+
 from controller.render import (SEQ_COLUMNS, console, emit, human_bytes, sequence_rows,
                                status_screen, to_dict)
 
@@ -157,14 +160,15 @@ def policy_set(ctx: typer.Context, profile: Optional[Profile] = typer.Option(Non
 def pin(ctx: typer.Context, seq_id: str, strategy: str) -> None:
     """Pin a sequence to a strategy."""
     r = _client(ctx).call("Pin", pb.PinRequest(seq_id=seq_id, strategy=strategy))
-    console.print(f"pinned {r.seq_id} to {r.strategy}" + (f" (was {r.previous})" if r.previous else ""))
+    console.print(f"pinned {r.seq_id} to {r.strategy}" + (f" (was {r.previous})" if r.previous else ""),
+                  markup=False)
 
 
 @app.command()
 def unpin(ctx: typer.Context, seq_id: str) -> None:
     """Remove a sequence's pin."""
     r = _client(ctx).call("Unpin", pb.UnpinRequest(seq_id=seq_id))
-    console.print(f"unpinned {r.seq_id} (was {r.previous})")
+    console.print(f"unpinned {r.seq_id} (was {r.previous})", markup=False)
 
 
 @app.command()
@@ -178,7 +182,7 @@ def watch(ctx: typer.Context, history: int = typer.Option(20, help="past decisio
             when = time.strftime("%H:%M:%S", time.localtime(d.time))
             seq = f" {d.seq_id}" if d.seq_id else ""
             act = f" {d.action}" if d.action else ""
-            console.print(f"{when} [bold]{d.kind}[/]{seq}{act}: {d.reason}")
+            console.print(Text.assemble(f"{when} ", (d.kind, "bold"), f"{seq}{act}: {d.reason}"))
 
 
 @app.command()
@@ -189,7 +193,7 @@ def capacity(ctx: typer.Context, num_tokens: int, fmt: str = typer.Option("full"
     if as_json:
         print(json.dumps(to_dict(r), indent=2))
     else:
-        console.print(("[green]yes[/]: " if r.can_admit else "[red]no[/]: ") + r.reason)
+        console.print(("[green]yes[/]: " if r.can_admit else "[red]no[/]: ") + escape(r.reason))
     raise typer.Exit(0 if r.can_admit else 3)
 
 
@@ -232,13 +236,18 @@ def generate(ctx: typer.Context,
             elif kind == "token" and not as_json:
                 sys.stdout.write(ev.token.text)
                 sys.stdout.flush()
-            elif kind == "finished" and not as_json:
+            elif kind == "finished":
                 f = ev.finished
-                reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()
-                sys.stdout.write("\n")
-                print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt + "
-                      f"{f.usage.completion_tokens} generated tokens in {f.seconds:.2f}s]"
-                      + (f" error: {f.error}" if f.error else ""), file=sys.stderr)
+                if not as_json:
+                    reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()
+                    sys.stdout.write("\n")
+                    print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt + "
+                          f"{f.usage.completion_tokens} generated tokens in {f.seconds:.2f}s]"
+                          + (f" error: {f.error}" if f.error else ""), file=sys.stderr)
+                if f.reason == pb.FINISH_REASON_ERROR:
+                    print(f"kvctl: generation {f.seq_id} failed: {f.error or 'no detail given'}",
+                          file=sys.stderr)
+                    raise typer.Exit(1)
     except KeyboardInterrupt:
         if seq_id:
             c.call("Cancel", pb.CancelRequest(seq_id=seq_id))

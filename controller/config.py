@@ -99,6 +99,13 @@ class ServerConfig:
             _check_file("server.tls_cert", self.tls_cert)
             _check_file("server.tls_key", self.tls_key)
             _check_file("server.token_file", self.token_file)
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"server.token_file {self.token_file} cannot be read: {e}") from None
+            if not token:    # found here, before the model loads, not after
+                raise ValueError(f"server.token_file {self.token_file} is empty: put the bearer "
+                                 "token in it (one line)")
         if self.max_workers < 4:
             raise ValueError(f"server.max_workers must be >= 4, got {self.max_workers}")
         if self.max_watchers < 1:

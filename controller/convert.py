@@ -1,6 +1,7 @@
 """Between kvctl_proto messages and the engine's / controller's plain dataclasses."""
 from __future__ import annotations
 
+import re
 import socket
 
 from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
@@ -14,6 +15,20 @@ FINISH_REASONS = {
 }
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
+# a client-chosen seq_id is logged, listed and typed back into the CLI: short and plain
+SEQ_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+ASSIGNED_SEQ_ID = re.compile(r"seq-[0-9]+")    # engine.Engine.submit's form for unnamed requests
+
+
+def check_seq_id(seq_id: str) -> None:
+    """Raises ValueError unless ``seq_id`` may be chosen by a client."""
+    if not SEQ_ID.fullmatch(seq_id):
+        shown = seq_id if len(seq_id) <= 40 else seq_id[:40] + "..."
+        raise ValueError(f"seq_id must be at most 64 characters of A-Z a-z 0-9 . _ : - "
+                         f"(got {len(seq_id)} characters: {shown!r})")
+    if ASSIGNED_SEQ_ID.fullmatch(seq_id):
+        raise ValueError(f"seq_id {seq_id!r}: the form seq-<number> is reserved for ids the "
+                         "daemon assigns; choose another id or leave seq_id empty")
 
 
 def request_from_proto(r: pb.GenerateRequest) -> Request:
@@ -48,6 +63,8 @@ def request_from_proto(r: pb.GenerateRequest) -> Request:
         if not r.prompt_ids.ids:
             raise ValueError("prompt_ids is empty")
         kw["prompt_ids"] = list(r.prompt_ids.ids)
+    if r.seq_id:
+        check_seq_id(r.seq_id)
     if r.strategy:
         from controller.policy import check_strategy_name
         check_strategy_name(r.strategy)

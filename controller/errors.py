@@ -39,6 +39,12 @@ class Unauthenticated(PermissionError):
     pass
 
 
+class GenerationFailed(RuntimeError):
+    """The engine ended a sequence with an error (its final message, reason ERROR, is
+    already sent): the stream ends INTERNAL with the engine's error text. The engine
+    logged the failure itself."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     if isinstance(exc, ActionError):          # before ValueError: it is one
@@ -55,6 +61,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, GenerationFailed):
+        return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc} (see the daemon's log)"
 
 
@@ -94,7 +102,9 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
                 return
             meta = context.invocation_metadata() or ()
             got = next((v for k, v in meta if k == "authorization"), "")
-            given = got[7:].encode() if got.startswith("Bearer ") else b""
+            scheme, _, credentials = got.partition(" ")
+            # the scheme is case-insensitive (RFC 7235 section 2.1); the token is not
+            given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
             if self._token is None or not hmac.compare_digest(given, self._token):
                 raise Unauthenticated(
                     f"{method.rsplit('/', 1)[1]} over TCP needs 'authorization: Bearer <token>' "
@@ -105,7 +115,7 @@ class KvctlInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(exc, Overloaded):   # gRPC clients' retry policies honour this
                 context.set_trailing_metadata(
                     (("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1000))),))
-            if code == grpc.StatusCode.INTERNAL:
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, GenerationFailed):
                 log.error("unhandled error in %s", method, exc_info=exc)
             await context.abort(code, msg)
 

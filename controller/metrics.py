@@ -13,6 +13,10 @@ from prometheus_client.utils import floatToGoString
 from controller.predictors.counters import FALLBACKS   # torch-free
 
 
+# sequence states (engine.handle's views) whose series exist from the first sample on
+SEQUENCE_STATES = ("waiting", "prefill", "decode", "stalled")
+
+
 class Metrics:
     def __init__(self, decisions=None) -> None:
         r = self.registry = CollectorRegistry()
@@ -41,6 +45,11 @@ class Metrics:
             "kvctl_predictor_fallbacks", "Times the learned predictor fell back to the heuristic",
             registry=r)
         self.cpu_mode = Gauge("kvctl_cpu_mode", "1 when no GPU/NVML is usable", registry=r)
+        # every label set exported so far: a series stays, at 0, when nothing has it any
+        # more (dashboards and sum() see 0, not a gap); tiers' full-precision series and
+        # each state's "full" series are there from the first sample
+        self._kv_keys: set[tuple[str, str]] = set()
+        self._seq_keys: set[tuple[str, str]] = {(s, "full") for s in SEQUENCE_STATES}
         self._decision_log = decisions
         self._seen_decisions: collections.Counter[str] = collections.Counter()
         self._seen_fallbacks = FALLBACKS.value     # process-wide; count from here on
@@ -85,12 +94,12 @@ class Metrics:
             counts[(v.state, strategy_of(v))] += 1
             for b in v.blocks:
                 by[(b.tier, b.fmt)] += b.nbytes
-        self.kv_bytes.clear()
-        for (tier, fmt), n in by.items():
-            self.kv_bytes.labels(tier, fmt).set(n)
-        self.sequences.clear()
-        for (state, strat), n in counts.items():
-            self.sequences.labels(state, strat).set(n)
+        self._kv_keys.update(by, ((t, "full") for t in snap.tiers))
+        for tier, fmt in self._kv_keys:
+            self.kv_bytes.labels(tier, fmt).set(by[(tier, fmt)])
+        self._seq_keys.update(counts)
+        for state, strat in self._seq_keys:
+            self.sequences.labels(state, strat).set(counts[(state, strat)])
 
     def serve(self, address: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""

@@ -1,4 +1,8 @@
-"""Rich rendering for the CLI: one listing helper (table or JSON) and the status screen."""
+"""Rich rendering for the CLI: one listing helper (table or JSON) and the status screen.
+
+Every string from the daemon (sequence ids, model and host names, reasons) is shown as
+plain text, never parsed as rich markup: an id such as ``[/x]`` would otherwise raise
+MarkupError, and ``[bold]`` would vanish into a style."""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +40,11 @@ def bar(frac: float, width: int = 24) -> Text:
     return Text("█" * full, style=style) + Text("░" * (width - full), style="dim")
 
 
+def cell(value: Any) -> Text:
+    """A table cell shown as it is (no markup)."""
+    return value if isinstance(value, Text) else Text(str(value))
+
+
 def emit(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], as_json: bool,
          title: str | None = None, raw: Any = None) -> None:
     """Print a listing: a rich table of ``columns`` ((key, header) pairs), or with
@@ -46,7 +56,7 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], as_
     for _, header in columns:
         t.add_column(header)
     for r in rows:
-        t.add_row(*(str(r.get(k, "")) for k, _ in columns))
+        t.add_row(*(cell(r.get(k, "")) for k, _ in columns))
     if not rows:
         t.caption = "(none)"
     console.print(t)
@@ -67,9 +77,9 @@ def sequence_rows(seqs: Iterable) -> list[dict]:
 def status_screen(st) -> Group:
     """Everything `kvctl status` shows, readable at a glance."""
     node = Table.grid(padding=(0, 2))
-    node.add_row("node", f"[bold]{st.hostname}[/]  kvctl {st.version}  up {st.uptime_s:.0f}s"
+    node.add_row("node", f"[bold]{escape(st.hostname)}[/]  kvctl {escape(st.version)}  up {st.uptime_s:.0f}s"
                  + ("  [red bold]DRAINING[/]" if st.draining else ""))
-    node.add_row("model", f"{st.model or '?'} on {st.device or '?'} "
+    node.add_row("model", f"{escape(st.model or '?')} on {escape(st.device or '?')} "
                  f"(block {st.block_size} tokens, step {st.step}, {st.tokens_per_s:.1f} tok/s)")
     g = st.gpu
     if g.available:
@@ -80,7 +90,7 @@ def status_screen(st) -> Group:
         node.add_row("pcie", f"gen{g.pcie_generation} x{g.pcie_width}  "
                      f"tx {human_bytes(g.pcie_tx_bytes_per_s)}/s  rx {human_bytes(g.pcie_rx_bytes_per_s)}/s")
     else:
-        node.add_row("gpu", f"[yellow]cpu mode[/] — {g.reason.removesuffix(' (cpu mode)')}")
+        node.add_row("gpu", f"[yellow]cpu mode[/] — {escape(g.reason.removesuffix(' (cpu mode)'))}")
         node.add_row("pcie", "[dim]n/a (no GPU)[/]")
     h = st.host
     hfrac = 1 - h.memory_available_bytes / h.memory_total_bytes if h.memory_total_bytes else 0
@@ -93,24 +103,24 @@ def status_screen(st) -> Group:
         tiers.add_column(c)
     for t in st.tiers:
         frac = t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
-        tiers.add_row(t.name, t.device, human_bytes(t.used_bytes), bar(frac),
+        tiers.add_row(cell(t.name), cell(t.device), human_bytes(t.used_bytes), bar(frac),
                       human_bytes(t.capacity_bytes), human_bytes(t.block_bytes))
 
     p = st.policy
     pol = Table.grid(padding=(0, 2))
-    pol.add_row("profile", f"[bold]{p.profile}[/]")
+    pol.add_row("profile", Text(p.profile, style="bold"))
     pol.add_row("budget", Text.assemble(bar(st.budget_used_fraction),
                                         f" {st.budget_used_fraction:.0%} of {human_bytes(p.budget_bytes)}"
                                         f"  (high {p.high_watermark:.0%}, low {p.low_watermark:.0%})"))
     pol.add_row("sequences", f"{st.counts.running} running, {st.counts.waiting} waiting, "
                  f"{st.counts.stalled} stalled; pressure {human_bytes(st.pressure_bytes)}")
-    pol.add_row("pins", ", ".join(f"{x.seq_id}→{x.strategy}" for x in p.pins) or "-")
+    pol.add_row("pins", cell(", ".join(f"{x.seq_id}→{x.strategy}" for x in p.pins) or "-"))
 
     seqs = Table(title="Sequences", header_style="bold", title_justify="left")
     for _, header in SEQ_COLUMNS:
         seqs.add_column(header)
     for r in sequence_rows(st.sequences):
-        seqs.add_row(*(str(r[k]) for k, _ in SEQ_COLUMNS))
+        seqs.add_row(*(cell(r[k]) for k, _ in SEQ_COLUMNS))
     if not st.sequences:
         seqs.caption = "(no live sequences)"
     return Group(Panel(node, title="kvctl", title_align="left"), tiers,

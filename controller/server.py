@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -29,11 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from controller.aio import LoopThread
 from controller.config import Config
 from controller.errors import SERVICE, KvctlInterceptor
+from controller.handlers import add_to_server
 from controller.metrics import Metrics
 from controller.policy import DecisionLog, PolicyState
 from controller.service import KvctlService
 from controller.telemetry import Telemetry
-from kvctl_proto.kvctl.v1 import kvctl_pb2, kvctl_pb2_grpc
+from kvctl_proto.kvctl.v1 import kvctl_pb2
 
 log = logging.getLogger("kvctl.server")
 
@@ -57,6 +59,20 @@ class _Formatter(logging.Formatter):
 def _logfmt(v) -> str:
     s = str(v)
     return json.dumps(s) if (not s or any(c in s for c in ' ="\n')) else s
+
+
+def silence_progress_bars() -> None:
+    """No tqdm bars on stderr, where the log's JSON lines go: transformers draws one
+    while it loads weights ("Loading weights: 100%|...") and huggingface_hub for
+    downloads. Both read HF_HUB_DISABLE_PROGRESS_BARS when first imported; for a library
+    imported already, switch its bars off directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -97,55 +113,34 @@ def watchdog_interval_s() -> float | None:
 
 # ---------------------------------------------------------------- sockets
 def prepare_socket(path: Path) -> None:
+    """Make ``path`` free for the daemon's socket: remove a dead daemon's socket; refuse
+    (FileExistsError) a live one and anything that is not a socket."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()              # stale socket of a dead daemon
-        else:
-            raise FileExistsError(f"another kvctl daemon is already serving on {path}; stop it "
-                                  "first (`systemctl stop kvctl`) or pick another --socket")
-        finally:
-            probe.close()
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):        # only a dead daemon's socket is ours to remove
+        what = "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) \
+            else "a regular file" if stat.S_ISREG(mode) else "some other file"
+        raise FileExistsError(f"{path} is not a socket but {what}; kvctl leaves it alone: "
+                              "remove it yourself or pick another --socket (server.socket)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()                  # stale socket of a dead daemon
+    else:
+        raise FileExistsError(f"another kvctl daemon is already serving on {path}; stop it "
+                              "first (`systemctl stop kvctl`) or pick another --socket")
+    finally:
+        probe.close()
 
 
 def make_engine(cfg: Config):
     from engine.handle import open_engine   # heavy (torch): only when serving
 
     return open_engine(cfg.engine)
-
-
-def add_to_server(service: KvctlService, server) -> None:
-    """Register ``service`` as kvctl.v1.Kvctl: the generated registration, except that
-    GetStatus's response and Generate's stream go out as the bytes the handler gives."""
-    class Capture:
-        handlers: dict | None = None
-
-        def add_generic_rpc_handlers(self, handlers) -> None:
-            """Ignored: the generated code offers the same methods here as one generic
-            handler; the per-method handlers it passes to add_registered_method_handlers
-            are registered below, both ways, with the changes."""
-
-        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
-            self.handlers = dict(handlers)
-
-    cap = Capture()
-    kvctl_pb2_grpc.add_KvctlServicer_to_server(service, cap)
-    if cap.handlers is None:
-        raise RuntimeError("kvctl_pb2_grpc no longer registers method handlers; regenerate "
-                           "the stubs with the pinned grpcio-tools")
-    # no response_serializer: GetStatus returns the cached status bytes, Generate writes
-    # each message serialized (a token's by a refilled message, controller.convert)
-    h = cap.handlers["GetStatus"]
-    cap.handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
-        h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=None)
-    h = cap.handlers["Generate"]
-    cap.handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
-        h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, cap.handlers),))
-    server.add_registered_method_handlers(SERVICE, cap.handlers)
 
 
 class Daemon:
@@ -287,6 +282,7 @@ class Daemon:
 
 def serve(cfg: Config) -> None:
     setup_logging(cfg.log.level.value, cfg.log.format.value)
+    silence_progress_bars()
 
     prepare_socket(Path(cfg.server.socket))   # fail before the slow engine load
     t0 = time.monotonic()

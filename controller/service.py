@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from controller import convert
 from controller.aio import EventStream, Outbox
-from controller.errors import CapacityExceeded, Draining, UnknownSequence
+from controller.errors import CapacityExceeded, Draining, GenerationFailed, UnknownSequence
 from engine.api import Overloaded
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
@@ -215,6 +215,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             self.policy.unpin(seq_id)
             if not done:                 # the client hung up (the RPC was cancelled): free its blocks
                 self.pool.submit(self.engine.cancel, seq_id)
+                _log_hang_up(seq_id, "client hung up during the stream")
             flight.finished.set()
 
     async def _submit(self, req, stream: EventStream, ids: list[int]) -> str:
@@ -223,8 +224,11 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:   # the client left while the engine took the request
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
-                                  or self.pool.submit(self.engine.cancel, f.result()))
+            def cancel_late(f) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.pool.submit(self.engine.cancel, f.result())
+                    _log_hang_up(f.result(), "client hung up while the request was submitted")
+            fut.add_done_callback(cancel_late)
             raise
 
     async def _finished(self, flight: InFlight, ev: FinishEvent, context) -> None:
@@ -239,6 +243,9 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             "seq_id": flight.seq_id, "reason": ev.reason, "generated": ev.num_generated,
             "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
         await context.write(convert.finish_to_proto(ev, secs).SerializeToString())
+        if ev.reason == "error":         # the final message is out; the status tells it too
+            raise GenerationFailed(f"sequence {flight.seq_id} failed in the engine: "
+                                   f"{ev.error or 'no detail given'}")
 
     @off_loop
     def Cancel(self, request, context):
@@ -428,8 +435,12 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         used = snap.tiers["gpu"].used_bytes if snap is not None and "gpu" in snap.tiers else 0
         free = max(0, int(budget * view.high_watermark) - used)
         rate = snap.tokens_per_s if snap is not None else 0.0
-        ok = need <= free and not self.draining
-        if self.draining:
+        context_len = getattr(self.engine, "max_positions", None)
+        too_long = context_len is not None and request.num_tokens > context_len
+        ok = need <= free and not self.draining and not too_long
+        if too_long:                     # no move or wait ever makes it fit
+            reason = f"never fits: exceeds the model's context of {context_len} tokens"
+        elif self.draining:
             reason = "node is draining for shutdown"
         elif ok:
             reason = f"fits: {need} B needed, {free} B free under the high watermark"
@@ -441,4 +452,6 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
 
 
+def _log_hang_up(seq_id: str, reason: str) -> None:
+    log.info("cancelled", extra={"kv": {"seq_id": seq_id, "reason": reason}})
 

@@ -1,6 +1,7 @@
 """Requests and the events the engine streams back for them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -63,6 +63,7 @@ class EngineConfig:
     num_sink_blocks: int = 1       # leading blocks eviction may not touch
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority
     snapshot_interval_s: float = 0.02  # snapshots published at most this often while busy
+    cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
     seed: int = 0
 
     def __post_init__(self) -> None:

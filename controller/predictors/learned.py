@@ -10,9 +10,11 @@ answers instead and ``counters.FALLBACKS`` counts it (kvctl_predictor_fallbacks_
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +41,60 @@ class LearnedPredictor:
     name = "learned"
 
     def __init__(self, artifact: art.Artifact | None, reason: str = "") -> None:
-        self.artifact = artifact
+        self._artifact = artifact
+        self._reason = reason if artifact is None else ""
+        self._loader: threading.Thread | None = None
         self.heuristic = HeuristicPredictor()
-        self.reason = reason if artifact is None else ""
         self.num_fallbacks = 0
+
+    @property
+    def artifact(self) -> art.Artifact | None:
+        """The model; waits for a background load (``in_background``) to end."""
+        if self._loader is not None:
+            self._loader.join()
+        return self._artifact
+
+    @property
+    def reason(self) -> str:
+        """Why there is no artifact ("" when there is one)."""
+        return "" if self.artifact is not None else self._reason
 
     @classmethod
     def from_file(cls, path: str | Path, model_id: str | None = None) -> "LearnedPredictor":
         """A predictor from ``path``; when it cannot be used, one that always falls back
         (the reason is logged once and kept in ``reason``)."""
+        p = cls(None)
+        p._load(path, model_id)
+        return p
+
+    @classmethod
+    def in_background(cls, path: str | Path, model_id: str | None = None) -> "LearnedPredictor":
+        """``from_file`` on a thread: importing scikit-learn and skops and reading the
+        file take ~1.8 s of a ~6 s daemon start on a 2-core box (README), and the
+        daemon can serve meanwhile. The first use of ``artifact`` (the first priced
+        move) waits for the load."""
+        p = cls(None)
+        p._loader = threading.Thread(target=p._load, args=(path, model_id, True),
+                                     name="kvctl-predictor-load", daemon=True)
+        p._loader.start()
+        return p
+
+    def _load(self, path: str | Path, model_id: str | None, background: bool = False) -> None:
         try:
-            return cls(art.load(path, model_id))
+            self._artifact = art.load(path, model_id)
+            log.info("learned predictor for %r from %s", model_id, path)
         except art.ArtifactError as e:
             log.warning("learned predictor unusable, the heuristic decides: %s", e)
-            return cls(None, str(e))
+            self._reason = str(e)
+        except Exception as e:   # on a thread: say so rather than end the thread silently
+            if not background:
+                raise
+            log.exception("learned predictor failed to load, the heuristic decides")
+            self._reason = f"{path}: failed to load ({type(e).__name__}: {e})"
+        if background and gc.get_freeze_count():
+            # the daemon froze its long-lived objects once started (controller/server.py:
+            # full collections stall every thread); freeze the modules loaded here too
+            gc.freeze()
 
     def _fallback(self, n: int = 1) -> None:
         self.num_fallbacks += n
@@ -83,7 +125,8 @@ def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
     """The policy loop's predictor for the loaded model: the learned one when a predictor
     file for it exists ($KVCTL_PREDICTOR, else the one shipped in ``DATA_DIR``), else
     the heuristic. A file that exists but does not fit gives a learned predictor that
-    falls back on every call (and counts it), so the mismatch shows in the metrics."""
+    falls back on every call (and counts it), so the mismatch shows in the metrics.
+    The file loads on a thread (``LearnedPredictor.in_background``)."""
     env = os.environ.get(ENV_PATH, "").strip()
     if env == "heuristic":
         return HeuristicPredictor()
@@ -97,7 +140,4 @@ def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
         if env:
             return LearnedPredictor(None, f"{path} does not exist")
         return HeuristicPredictor()
-    p = LearnedPredictor.from_file(path, model_id)
-    if p.artifact is not None:
-        log.info("learned predictor for %r from %s", model_id, path)
-    return p
+    return LearnedPredictor.in_background(path, model_id)

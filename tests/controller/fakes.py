@@ -70,6 +70,12 @@ class FakeEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_cancelled = 0
+        self.fail_next: str | None = None   # the next submitted sequence fails with this error
+
+    @property
+    def max_positions(self) -> int:
+        """The model's context in tokens, as Engine.max_positions."""
+        return self.max_context
 
     def tokenize(self, req: Request) -> list[int]:
         if req.prompt_ids is not None:
@@ -88,7 +94,8 @@ class FakeEngine:
             if sid in self.seqs:
                 raise ValueError(f"sequence id {sid!r} is already in use")
             self.seqs[sid] = {"id": sid, "req": req, "prompt": ids, "out": [], "state": "decode",
-                              "cb": on_event, "pinned": req.strategy}
+                              "cb": on_event, "pinned": req.strategy, "fail": self.fail_next}
+            self.fail_next = None
         return sid
 
     def cancel(self, seq_id: str) -> bool:
@@ -100,12 +107,12 @@ class FakeEngine:
             self._finish(s, "cancelled")
             return True
 
-    def _finish(self, s: dict, reason: str) -> None:
+    def _finish(self, s: dict, reason: str, error: str = "") -> None:
         v = self._view(s)
         del self.seqs[s["id"]]
         s["cb"](FinishEvent(s["id"], reason, "".join(chr(97 + t % 26) for t in s["out"]),
                             list(s["out"]), len(s["prompt"]), len(s["out"]),
-                            v.bytes_by_tier, v.bytes_by_format, []))
+                            v.bytes_by_tier, v.bytes_by_format, [], error))
 
     def _view(self, s: dict) -> SequenceView:
         n = len(s["prompt"]) + len(s["out"])
@@ -125,7 +132,9 @@ class FakeEngine:
                     t = (len(s["out"]) * 7 + 3) % 50
                     s["out"].append(t)
                     s["cb"](TokenEvent(s["id"], t, chr(97 + t % 26), len(s["out"]) - 1))
-                    if len(s["out"]) >= s["req"].sampling.max_tokens:
+                    if s["fail"]:              # as Engine fails the sequences of a bad step
+                        self._finish(s, "error", s["fail"])
+                    elif len(s["out"]) >= s["req"].sampling.max_tokens:
                         self._finish(s, "length")
                 self.rate = 1.0 / self.interval if self.seqs else 0.0
 

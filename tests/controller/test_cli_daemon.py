@@ -124,11 +124,49 @@ def test_second_daemon_on_the_same_socket_refuses(served):
     assert kvctl(served, "status", "--json").returncode == 0       # the first one is untouched
 
 
+def test_serve_leaves_a_file_that_is_not_a_socket_alone(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("precious\n")
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(f), "--model", "random:tiny"], cwd=ROOT,
+                       env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not a socket" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert f.read_text() == "precious\n"
+
+
+def test_prepare_socket_removes_only_a_stale_socket(tmp_path):
+    from controller.server import prepare_socket
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()                       # a socket file nobody listens on: a dead daemon's
+    prepare_socket(stale)
+    assert not stale.exists()
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for other in (tmp_path / "dir", tmp_path / "link"):
+        with pytest.raises(FileExistsError, match="is not a socket"):
+            prepare_socket(other)
+        assert other.is_symlink() or other.is_dir()
+
+
 def test_serve_refuses_tcp_without_tls(tmp_path):
     r = subprocess.run(KVCTL + ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7999",
                                 "--model", "random:tiny"], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "needs TLS and a token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_with_an_empty_token_file_fails_before_loading_the_model(tmp_path):
+    for n in ("c.pem", "k.pem", "token"):
+        (tmp_path / n).write_text("x" if n != "token" else "")
+    r = subprocess.run(KVCTL + ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7999",
+                                "--model", "random:tiny", "--set", f"server.tls_cert={tmp_path}/c.pem",
+                                "--set", f"server.tls_key={tmp_path}/k.pem",
+                                "--set", f"server.token_file={tmp_path}/token"],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "server.token_file" in r.stderr and "is empty" in r.stderr, r.stderr
+    assert "engine loaded" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_no_daemon_is_a_clear_message(tmp_path):
@@ -141,6 +179,44 @@ def test_no_daemon_is_a_clear_message(tmp_path):
     r = subprocess.run(KVCTL + ["--socket", str(stale), "--timeout", "3", "status"], cwd=ROOT,
                        env=child_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach the kvctl daemon" in r.stderr, r.stderr
+
+
+def save_tiny_model_dir(d):
+    """random:tiny's shape with a word-level tokenizer, saved as a local HF model dir:
+    loading it from disk is what prints transformers' progress bars."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from engine.models import RANDOM_CONFIGS
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(d)
+    AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_CONFIGS["tiny"])).save_pretrained(d)
+
+
+def test_serve_log_is_json_lines_while_a_model_loads_from_disk(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    save_tiny_model_dir(tmp_path / "tiny")
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    p = subprocess.Popen(KVCTL + ["serve", "--socket", f"{d}/kvctl.sock", "--model", str(tmp_path / "tiny"),
+                                  "--set", "engine.num_threads=1"],
+                         cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or '"serving"' not in lines[-1]:
+            line = p.stderr.readline()
+            assert line, f"the daemon exited: {''.join(lines)}"
+            lines.append(line)
+        for line in lines:               # a tqdm bar here would break `journalctl -o cat | jq`
+            json.loads(line)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        p.stderr.close()
 
 
 def test_sigterm_drains_and_notifies_systemd():

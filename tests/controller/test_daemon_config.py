@@ -92,6 +92,18 @@ def test_tcp_with_tls_and_token_files(tmp_path):
                                "server.token_file": str(tmp_path / "tok")}, env={})
 
 
+@pytest.mark.parametrize("content", ["", "  \n"], ids=["empty", "blank"])
+def test_empty_token_file_is_a_config_error(tmp_path, content):
+    for n in ("c.pem", "k.pem"):
+        (tmp_path / n).write_text("x")
+    (tmp_path / "tok").write_text(content)
+    with pytest.raises(ValueError, match=r"server.token_file .*tok is empty"):
+        load_config(overrides={"server.tcp_address": "127.0.0.1:7443",
+                               "server.tls_cert": str(tmp_path / "c.pem"),
+                               "server.tls_key": str(tmp_path / "k.pem"),
+                               "server.token_file": str(tmp_path / "tok")}, env={})
+
+
 def test_shipped_example_config_and_unit():
     from pathlib import Path
 
@@ -103,3 +115,28 @@ def test_shipped_example_config_and_unit():
                  "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
                  "PrivateTmp=yes", "--socket /run/kvctl/kvctl.sock"):
         assert line in unit, line
+
+
+def test_shipped_config_lists_every_key_with_its_default():
+    """deploy/kvctl.toml shows every key of every section (commented out where the default
+    depends on the machine or the key turns a feature on), with its default."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from controller.config import _sections
+
+    text = (Path(__file__).resolve().parents[2] / "deploy/kvctl.toml").read_text()
+    listed: dict[str, set[str]] = {}
+    section = None
+    for line in text.splitlines():
+        if m := re.match(r"\[(\w+)\]\s*(#.*)?$", line):
+            section = m.group(1)
+            listed[section] = set()
+        elif section and (m := re.match(r"#?\s*(\w+)\s*=", line)):
+            listed[section].add(m.group(1))
+    for name, cls in _sections().items():
+        want = {f.name for f in dataclasses.fields(cls)}
+        assert want <= listed.get(name, set()), (name, sorted(want - listed.get(name, set())))
+    assert load_config(Path(__file__).resolve().parents[2] / "deploy/kvctl.toml", env={}) == \
+        load_config(env={})

@@ -290,6 +290,35 @@ def test_learned_predictor_falls_back_to_the_heuristic(tiny_artifact, tmp_path, 
     assert isinstance(p, LearnedPredictor) and p.artifact is None
 
 
+def test_predictor_for_does_not_wait_for_the_file_to_load(tiny_artifact, tmp_path, monkeypatch):
+    """The daemon serves while the predictor file loads (scikit-learn + skops: ~1.8 s of
+    its start); the first use of the artifact waits for it."""
+    import threading
+
+    release = threading.Event()
+    real_load = art.load
+
+    def slow_load(*a, **kw):
+        assert release.wait(10)
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(art, "load", slow_load)
+    monkeypatch.setenv("KVCTL_PREDICTOR", str(tiny_artifact))
+    got = []
+    caller = threading.Thread(target=lambda: got.append(predictor_for("random:tiny")), daemon=True)
+    caller.start()
+    caller.join(5)
+    release.set()
+    assert got, "predictor_for waited for the file to load"
+    assert isinstance(got[0], LearnedPredictor) and got[0].artifact is not None
+    assert got[0].reason == ""
+    bad = tmp_path / "bad.skops"
+    bad.write_bytes(b"not a zip")
+    monkeypatch.setenv("KVCTL_PREDICTOR", str(bad))
+    p = predictor_for("random:tiny")            # a file that does not load: the heuristic decides
+    assert p.artifact is None and "not a kvctl predictor" in p.reason
+
+
 def test_fallbacks_reach_the_prometheus_counter():
     from controller.metrics import Metrics
     from controller.telemetry import GpuSample, HostSample, Sample

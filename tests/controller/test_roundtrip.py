@@ -176,6 +176,21 @@ def test_tcp_tls_token(daemon):
     ch.close()
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_bearer_scheme_is_case_insensitive(daemon, scheme):
+    """RFC 7235: the auth scheme is case-insensitive (the token is not)."""
+    ch = tls_channel(daemon)
+    stub = kvctl_pb2_grpc.KvctlStub(ch)
+    p = stub.SetPolicy(pb.SetPolicyRequest(profile="streaming"),
+                       metadata=(("authorization", f"{scheme} {TOKEN}"),))
+    assert p.profile == "streaming"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SetPolicy(pb.SetPolicyRequest(profile="streaming"),
+                       metadata=(("authorization", f"{scheme} {TOKEN.upper()}"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+
+
 def test_plaintext_tcp_is_refused(daemon):
     ch = grpc.insecure_channel(daemon.cfg.server.tcp_address)
     with pytest.raises(grpc.RpcError) as e:

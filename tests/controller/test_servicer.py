@@ -2,6 +2,7 @@
 The servicer's handlers are coroutines: they run on an event loop thread, as in the
 daemon (the ``loop`` fixture)."""
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class Case:
     request: Any
     want: grpc.StatusCode = OK
     check: Any = None            # callable(result) -> None, for OK cases
-    setup: dict = field(default_factory=dict)
+    setup: dict = field(default_factory=dict)   # policy fields set before the call
 
 
 @pytest.fixture
@@ -91,12 +92,31 @@ GENERATE = [
     Case("top_p out of range", gen(prompt="x", sampling=pb.SamplingParams(top_p=1.5)), E.INVALID_ARGUMENT),
     Case("negative temperature", gen(prompt="x", sampling=pb.SamplingParams(temperature=-1)),
          E.INVALID_ARGUMENT),
+    Case("temperature Inf", gen(prompt="x", sampling=pb.SamplingParams(temperature=float("inf"))),
+         E.INVALID_ARGUMENT, check=lambda e: "temperature" in str(e) and "finite" in str(e)),
+    Case("temperature NaN", gen(prompt="x", sampling=pb.SamplingParams(temperature=float("nan"))),
+         E.INVALID_ARGUMENT, check=lambda e: "temperature" in str(e) and "finite" in str(e)),
+    Case("top_p NaN", gen(prompt="x", sampling=pb.SamplingParams(top_p=float("nan"))),
+         E.INVALID_ARGUMENT, check=lambda e: "top_p" in str(e) and "finite" in str(e)),
     Case("too many stop strings", gen(prompt="x", sampling=pb.SamplingParams(stop=["a"] * 17)),
          E.INVALID_ARGUMENT),
     Case("bad strategy name", gen(prompt="x", strategy="No Such!"), E.INVALID_ARGUMENT),
     Case("unknown strategy", gen(prompt="x", strategy="int5"), E.INVALID_ARGUMENT),
     Case("strategy pin from the registry", gen(prompt="x", strategy="snapkv")),
     Case("prompt longer than the context", gen(prompt="x" * 600), E.INVALID_ARGUMENT),
+    Case("client-chosen seq_id", gen(prompt="x", seq_id="job-7:a.b_c"),
+         check=lambda out: out[0].started.seq_id == out[-1].finished.seq_id == "job-7:a.b_c"),
+    Case("seq_id of 64 characters", gen(prompt="x", seq_id="a" * 64)),
+    Case("seq_id of 65 characters", gen(prompt="x", seq_id="a" * 65), E.INVALID_ARGUMENT,
+         check=lambda e: "at most 64 characters" in str(e)),
+    Case("seq_id of 10 kB: refused with a short message", gen(prompt="x", seq_id="a" * 10_000),
+         E.INVALID_ARGUMENT, check=lambda e: len(str(e)) < 300),
+    Case("seq_id with rich markup", gen(prompt="x", seq_id="[/x]"), E.INVALID_ARGUMENT,
+         check=lambda e: "A-Z a-z 0-9 . _ : -" in str(e)),
+    Case("seq_id with a newline", gen(prompt="x", seq_id="a\nb"), E.INVALID_ARGUMENT),
+    Case("seq_id in the form the daemon assigns", gen(prompt="x", seq_id="seq-12"), E.INVALID_ARGUMENT,
+         check=lambda e: "reserved for ids the daemon assigns" in str(e)),
+    Case("seq_id merely like the daemon's", gen(prompt="x", seq_id="seq-12a")),
     Case("can never fit the budget", gen(prompt_ids=pb.TokenIds(ids=[1] * 400),
                                          sampling=pb.SamplingParams(max_tokens=2000)),
          E.RESOURCE_EXHAUSTED),
@@ -136,10 +156,18 @@ UNARY = [
     Case("unpin unknown sequence", ("Unpin", pb.UnpinRequest(seq_id="nope")), E.NOT_FOUND),
     Case("capacity fits", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=100)),
          check=lambda r: r.can_admit and r.bytes_needed == 100_000 and r.bytes_free == 900_000),
-    Case("capacity too big", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000)),
-         check=lambda r: not r.can_admit and "does not fit" in r.reason),
-    Case("capacity int4", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1000, format="int4")),
-         check=lambda r: r.can_admit and r.bytes_needed == 250_000),
+    Case("capacity too big", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=500)),
+         setup={"budget_bytes": 400_000},
+         check=lambda r: not r.can_admit and r.reason.startswith("does not fit now") and r.bytes_free == 360_000),
+    Case("capacity int4", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=500, format="int4")),
+         setup={"budget_bytes": 400_000}, check=lambda r: r.can_admit and r.bytes_needed == 125_000),
+    Case("capacity at the model's context", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=512)),
+         check=lambda r: r.can_admit),
+    Case("capacity beyond the model's context", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=513)),
+         check=lambda r: not r.can_admit and r.reason == "never fits: exceeds the model's context of 512 tokens"),
+    Case("capacity far beyond the model's context",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=5000)),
+         check=lambda r: not r.can_admit and r.reason.startswith("never fits")),
     Case("capacity zero tokens", ("EstimateCapacity", pb.EstimateCapacityRequest()), E.INVALID_ARGUMENT),
     Case("capacity unknown format", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1, format="fp3")),
          E.INVALID_ARGUMENT),
@@ -149,6 +177,8 @@ UNARY = [
 @pytest.mark.parametrize("case", UNARY, ids=[c.reason for c in UNARY])
 def test_unary(case, svc, ctx, loop):
     method, request = case.request
+    if case.setup:
+        svc.policy.update(**case.setup)
     code, out = call(svc, method, request, ctx, loop)
     assert code == case.want, out
     if case.check:
@@ -179,6 +209,30 @@ def test_live_sequence_pin_cancel_and_lookup(svc, ctx, loop, fake_engine):
     assert kinds == ["pin", "unpin"]
 
 
+def test_a_client_id_cannot_take_the_daemons_next_one(svc, ctx, loop):
+    """Issue 12 #6: a client that chose "seq-1" made the next unnamed request fail with
+    "already in use"."""
+    first = start_stream(svc, "Generate", gen(prompt="x", seq_id="seq-1",
+                                               sampling=pb.SamplingParams(max_tokens=400)), ctx, loop)
+    wait_for(lambda: first.done() or svc.num_inflight, 5, "the first request to start or fail")
+    code, out = call(svc, "Generate", gen(prompt="y"), ctx, loop)
+    assert code == OK, out
+    with pytest.raises(ValueError, match="reserved for ids the daemon assigns"):
+        first.result(timeout=10)
+
+
+def test_a_generation_failing_in_the_engine_ends_internal_after_its_final_message(
+        svc, ctx, loop, fake_engine):
+    fake_engine.fail_next = "internal error in the engine step"
+    code, err = call(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=50)), ctx, loop)
+    out = err if code == OK else drain(ctx.written)
+    assert events(out) == ["started", "token", "finished"]
+    assert out[-1].finished.reason == pb.FINISH_REASON_ERROR
+    assert out[-1].finished.error == "internal error in the engine step"
+    assert code == E.INTERNAL and "internal error in the engine step" in status_for(err)[1]
+    assert svc.num_inflight == 0
+
+
 def test_stream_delivers_every_token_in_order(svc, ctx, loop):
     _, out = call(svc, "Generate", gen(prompt="abc", sampling=pb.SamplingParams(max_tokens=40)), ctx, loop)
     assert events(out) == ["started"] + ["token"] * 40 + ["finished"]
@@ -188,14 +242,24 @@ def test_stream_delivers_every_token_in_order(svc, ctx, loop):
     assert "".join(t.text for t in toks) == out[-1].finished.text
 
 
-def test_client_hang_up_cancels_the_sequence(svc, ctx, loop, fake_engine):
-    fut = start_stream(svc, "Generate", gen(prompt="x", sampling=pb.SamplingParams(max_tokens=1000)),
-                       ctx, loop)
-    ctx.written.get(timeout=10)
+def cancel_logs(caplog) -> list[dict]:
+    return [{"msg": r.getMessage(), **getattr(r, "kv", {})} for r in caplog.records
+            if r.name == "kvctl.server" and r.getMessage() == "cancelled"]
+
+
+def test_client_hang_up_cancels_the_sequence(svc, ctx, loop, fake_engine, caplog):
+    caplog.set_level(logging.INFO, logger="kvctl.server")
+    fut = start_stream(svc, "Generate", gen(prompt="secret prompt text",
+                                            sampling=pb.SamplingParams(max_tokens=1000)), ctx, loop)
+    seq_id = ctx.written.get(timeout=10).started.seq_id
     ctx.written.get(timeout=10)
     fut.cancel()                      # what grpc.aio does when the client goes away
     wait_for(lambda: fake_engine.num_cancelled == 1 and not fake_engine.seqs, 5, "the cancel")
     assert svc.num_inflight == 0
+    logged = cancel_logs(caplog)      # one line with the id and why; never the prompt
+    assert len(logged) == 1 and logged[0]["seq_id"] == seq_id
+    assert "client" in logged[0]["reason"]
+    assert "secret" not in caplog.text and not any("secret" in str(v) for v in logged[0].values())
 
 
 class SlowSubmitEngine(FakeEngine):
@@ -211,7 +275,8 @@ class SlowSubmitEngine(FakeEngine):
         return super().submit(req, on_event, **kw)
 
 
-def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):
+def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop, caplog):
+    caplog.set_level(logging.INFO, logger="kvctl.server")
     eng = SlowSubmitEngine()
     eng.start()
     try:
@@ -222,6 +287,8 @@ def test_client_leaving_during_submit_still_frees_the_sequence(ctx, loop):
         fut.cancel()
         eng.release.set()
         wait_for(lambda: eng.num_cancelled == 1 and not eng.seqs, 5, "the late cancel")
+        logged = cancel_logs(caplog)
+        assert len(logged) == 1 and logged[0]["seq_id"] == "seq-1" and "client" in logged[0]["reason"]
     finally:
         eng.stop()
 

@@ -184,7 +184,7 @@ def test_health_and_status_answer_with_130_streams_open(daemon, stub):
 
 
 def test_watchers_are_limited_and_never_lock_others_out(daemon, stub):
-    watchers = [stub.WatchDecisions(pb.WatchDecisionsRequest()) for _ in range(3)]
+    watchers = [stub.WatchDecisions(pb.WatchDecisionsRequest(), timeout=30) for _ in range(3)]
     try:
         wait_for(lambda: daemon.service._num_watchers == 3, 10, "3 watchers")
         extra = stub.WatchDecisions(pb.WatchDecisionsRequest())
@@ -198,7 +198,10 @@ def test_watchers_are_limited_and_never_lock_others_out(daemon, stub):
         assert out[-1].finished.reason == pb.FINISH_REASON_LENGTH
         stub.SetPolicy(pb.SetPolicyRequest(profile="throughput"))
         for w in watchers:      # fed by the event loop: each sees the new decision
-            assert next(w).kind == "policy"
+            kinds = []
+            while "policy" not in kinds and len(kinds) < 50:   # after any pressure news
+                kinds.append(next(w).kind)
+            assert "policy" in kinds
     finally:
         for w in watchers:
             w.cancel()

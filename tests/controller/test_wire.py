@@ -64,3 +64,29 @@ def test_daemon_metrics_register_the_token_series():
     assert "kvctl_generated_tokens_total 1.0" in body
     assert 'kvctl_time_per_token_seconds_bucket{le="0.25"} 1.0' in body
     assert 'kvctl_time_per_token_seconds_bucket{le="0.1"} 0.0' in body
+
+
+def test_kv_bytes_and_sequences_read_zero_when_idle():
+    """Series a dashboard plotted do not vanish when the node goes idle: they read 0."""
+    from controller.telemetry import Nvml, Telemetry
+    from engine.api import Request
+    from tests.controller.fakes import FakeEngine
+
+    eng = FakeEngine()
+    tel = Telemetry(eng.handle.snapshot, nvml=Nvml())
+    m = Metrics()
+    m.update(tel.sample_now())                      # idle from the start: the series exist
+    idle = scrape(m.registry)
+    assert idle["kvctl_kv_bytes[('format', 'full'), ('tier', 'gpu')]"] == 0
+    assert idle["kvctl_kv_bytes[('format', 'full'), ('tier', 'host')]"] == 0
+    assert idle["kvctl_sequences[('state', 'decode'), ('strategy', 'full')]"] == 0
+    sid = eng.submit(Request(prompt_ids=[1, 2, 3]), lambda ev: None)
+    m.update(tel.sample_now())
+    busy = scrape(m.registry)
+    assert busy["kvctl_kv_bytes[('format', 'full'), ('tier', 'gpu')]"] > 0
+    assert busy["kvctl_sequences[('state', 'decode'), ('strategy', 'full')]"] == 1
+    eng.cancel(sid)
+    m.update(tel.sample_now())
+    after = scrape(m.registry)
+    assert after["kvctl_kv_bytes[('format', 'full'), ('tier', 'gpu')]"] == 0
+    assert after["kvctl_sequences[('state', 'decode'), ('strategy', 'full')]"] == 0

@@ -2,7 +2,6 @@
 import time
 
 import pytest
-import torch
 
 from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
 from engine.engine import Engine, EngineConfig

@@ -1,5 +1,4 @@
 """Full precision through kvctl's engine equals transformers with its own cache."""
-import pytest
 import torch
 from transformers import DynamicCache
 

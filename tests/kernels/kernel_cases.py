@@ -50,7 +50,6 @@ def make_table(geom, ctx_lens: list[int], fmts, gen: torch.Generator, holes: flo
     Tokens past ntok in full-precision slots are NaN, which must be ignored too.
     """
     from engine.kernels.slots import write_blocks
-    from engine.layout import KVFormat
 
     T, H, D = geom.block_size, geom.num_kv_heads, geom.head_dim
     B = len(ctx_lens)
