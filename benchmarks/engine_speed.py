@@ -1,12 +1,22 @@
-"""Engine speed benchmark: decode tokens/s vs transformers ``generate``, side by side.
+"""Engine decode speed against the strongest peer and the physical floor, in one process.
 
-    python -m benchmarks.engine_speed [--batches 1,4,8,16] [--prompt 1024] [--new 64] [--threads 2]
+    python -m benchmarks.engine_speed --model random:llama3-8b --device cuda \
+        --dtype bfloat16 --batches 1,8,32,64 --prompt 1024 --new 64 [--json out.json]
 
-Same model, same machine, same run. Prints a markdown table (docs/BENCHMARKS.md).
+Same weights, same GPU, same run:
+* kvctl, decode steps replayed as CUDA graphs (the default) and eager;
+* transformers ``generate`` with ``cache_implementation="static"`` (it compiles its
+  decode step with torch.compile) and with its default dynamic cache;
+* the floor: the bytes a decode step must read (weights once, plus every sequence's KV)
+  at the read bandwidth a plain reduction over a large buffer reaches on this GPU.
+Decode rates exclude prefill: transformers' are timed per token with a streamer (each
+token synchronizes), kvctl's over its decode steps. On CPU only kvctl eager and
+transformers' dynamic cache run (no compile, no graphs).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -14,96 +24,182 @@ import time
 import torch
 
 
-def texts(tokenizer, n: int, count: int) -> list[list[int]]:
-    import pydoc_data.topics as t
-    body = " ".join(t.topics.values())
-    ids = tokenizer(body)["input_ids"]
-    return [ids[i * 997:i * 997 + n] for i in range(count)]
+def prompts_for(engine, n: int, count: int) -> list[list[int]]:
+    if engine.tokenizer is not None:
+        import pydoc_data.topics as t
+        ids = engine.tokenizer(" ".join(t.topics.values()))["input_ids"]
+        return [ids[i * 997:i * 997 + n] for i in range(count)]
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(count)]
 
 
-def bench_hf(model, prompt: list[int], new: int) -> float:
-    """transformers generate (sdpa, its own cache), batch 1: decode tok/s (prefill time
-    subtracted). Runs the engine's own model object with attention switched back."""
-    x = torch.tensor([prompt], device=model.device)
-    kw = dict(do_sample=False, pad_token_id=0, use_cache=True)
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def read_bandwidth(dev, gib: float = 4.0) -> float:
+    """Bytes/s of a plain reduction over a ``gib`` GiB buffer (best of 5)."""
+    x = torch.ones(int(gib * (1 << 30)) // 2, dtype=torch.bfloat16, device=dev)
+    best = float("inf")
+    for _ in range(6):
+        sync(dev)
+        t0 = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return x_bytes(gib) / best
+
+
+def x_bytes(gib: float) -> int:
+    return int(gib * (1 << 30)) // 2 * 2
+
+
+class Clock:
+    """A transformers streamer: the time of every generated token (synchronized)."""
+
+    def __init__(self, dev) -> None:
+        self.dev, self.times, self.first = dev, [], True
+
+    def put(self, value) -> None:
+        if self.first:              # the prompt
+            self.first = False
+            return
+        sync(self.dev)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def rate(self, batch: int) -> float:
+        t = self.times
+        return batch * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+
+
+def bench_hf(model, prompts: list[list[int]], new: int, static: bool) -> float:
+    """transformers generate over the batch; aggregate decode tok/s. The first call
+    compiles (static cache); the second is timed."""
+    x = torch.tensor(prompts, device=model.device)
+    kw = dict(do_sample=False, pad_token_id=0, use_cache=True, max_new_tokens=new,
+              min_new_tokens=new)
+    if static:
+        kw["cache_implementation"] = "static"
     impl = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
+    model.config.use_cache = True
     try:
-        return _time_generate(model, x, new, kw)
+        with torch.inference_mode():
+            model.generate(x, **kw)                     # warm-up (compile)
+            clock = Clock(model.device)
+            model.generate(x, streamer=clock, **kw)
+        return clock.rate(len(prompts))
     finally:
         model.set_attn_implementation(impl)
         model.config.use_cache = False
 
 
-def _time_generate(model, x, new, kw) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    with torch.inference_mode():
-        model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm up
-        sync()
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-        sync()
-        t1 = time.perf_counter()
-        model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
-        sync()
-        t2 = time.perf_counter()
-    return (new - 1) / ((t2 - t1) - (t1 - t0))
-
-
-def bench_kvctl(engine, prompts: list[list[int]], new: int) -> float:
-    """kvctl, all prompts running together: aggregate decode tok/s."""
+def bench_kvctl(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """kvctl, all prompts running together: (aggregate decode tok/s, ms per step)."""
     from engine.api import Request, SamplingParams
     sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)  # cancelled below
     ids = [engine.submit(Request(prompt_ids=p, sampling=sp), lambda ev: None) for p in prompts]
     while any(engine.seqs[i].state != "decode" for i in ids):
         engine.step()
-    engine.step()  # warm
+    for _ in range(3):          # warm: graphs captured, kernels compiled
+        engine.step()
+    sync(engine.device)
     t0 = time.perf_counter()
     made0 = sum(len(engine.seqs[i].output_ids) for i in ids)
-    for _ in range(new - 2):
+    steps = max(1, new - 4)
+    for _ in range(steps):
         engine.step()
-    made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
+    sync(engine.device)
     dt = time.perf_counter() - t0
+    made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
     for i in ids:
         engine.cancel(i)
-    return made / dt
+    engine.step()               # the cancellations take effect
+    return made / dt, dt / steps * 1e3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,4,8,16")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--prompt", type=int, default=1024)
-    ap.add_argument("--new", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-budget-gb", type=float, default=0,
+                    help="kvctl's KV arena (leave room for transformers' caches)")
+    ap.add_argument("--hf", default="static,dynamic", help="transformers baselines to run")
+    ap.add_argument("--no-eager", action="store_true", help="skip kvctl without graphs")
+    ap.add_argument("--json", default="")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     from engine.engine import Engine, EngineConfig
-    batches = [int(b) for b in a.batches.split(",")]
+    from engine.layout import FULL
+    batches = [int(b) for b in a.batches.split(",") if b]
     eng = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
-                              max_batch_tokens=2048))
-    if eng.tokenizer is not None:
-        prompts = texts(eng.tokenizer, a.prompt, max(batches))
-    else:  # random-weight model: random ids
-        g = torch.Generator().manual_seed(0)
-        vocab = eng.model.config.vocab_size
-        prompts = [torch.randint(0, vocab, (a.prompt,), generator=g).tolist()
-                   for _ in range(max(batches))]
-    hf1 = bench_hf(eng.model, prompts[0], a.new)
-    where = torch.cuda.get_device_name() if eng.device.type == "cuda" else \
+                              num_threads=a.threads, max_batch_tokens=4096,
+                              kv_budget_bytes=int(a.kv_budget_gb * (1 << 30))))
+    dev = eng.device
+    prompts = prompts_for(eng, a.prompt, max(batches))
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         (platform.processor() or platform.machine())
-    print(f"# engine decode benchmark — {where}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, threads {a.threads}, "
-          f"model {eng.model_name} ({eng.dtype}), prompt {a.prompt} tokens, {a.new} new")
-    print()
-    print("| system | batch | decode tok/s (aggregate) | vs transformers batch 1 |")
-    print("|---|---|---|---|")
-    print(f"| transformers generate | 1 | {hf1:.1f} | 1.00x |")
+    wbytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    kv_tok = eng.store.block_bytes(FULL) / eng.store.block_size      # bytes of KV a token
+    bw = read_bandwidth(dev) if dev.type == "cuda" else 0.0
+    hf = [x for x in a.hf.split(",") if x] if dev.type == "cuda" else ["dynamic"]
+    rows = []
     for b in batches:
-        r = bench_kvctl(eng, prompts[:b], a.new)
-        print(f"| kvctl | {b} | {r:.1f} | {r / hf1:.2f}x |", flush=True)
+        ctx = a.prompt + a.new // 2
+        floor_ms = (wbytes + b * ctx * kv_tok) / bw * 1e3 if bw else 0.0
+        row = dict(batch=b, floor_ms=floor_ms, floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
+        r, ms = bench_kvctl(eng, prompts[:b], a.new)
+        row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
+        if not a.no_eager and eng.runner.graphs is not None:
+            saved, eng.runner.graphs = eng.runner.graphs, None
+            try:
+                r, ms = bench_kvctl(eng, prompts[:b], a.new)
+            finally:
+                eng.runner.graphs = saved
+            row.update(kvctl_eager_tok_s=r, kvctl_eager_ms=ms)
+        for kind in hf:
+            try:
+                row[f"hf_{kind}_tok_s"] = bench_hf(eng.model, prompts[:b], a.new,
+                                                   kind == "static")
+            except Exception as e:      # e.g. out of memory: say so, go on
+                row[f"hf_{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    g = eng.runner.graphs.stats.__dict__ if eng.runner.graphs is not None else {}
+    meta = dict(gpu=where, torch=torch.__version__, model=eng.model_name, dtype=str(eng.dtype),
+                prompt=a.prompt, new=a.new, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
+                read_bandwidth=bw, cpus=os.cpu_count(), graphs=g)
+    print(f"\n# decode — {where}, {eng.model_name} ({eng.dtype}), prompt {a.prompt}, "
+          f"{a.new} new; read bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB\n")
+    print("| batch | floor tok/s | kvctl graphs tok/s (ms/step, % floor) | kvctl eager | "
+          "hf static | hf dynamic | graphs / static |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        st = r.get("hf_static_tok_s")
+        pct = f", {r['floor_ms'] / r['kvctl_graphs_ms']:.0%}" if r["floor_ms"] else ""
+        ratio = f"{r['kvctl_graphs_tok_s'] / st:.2f}x" if st else "-"
+        print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | {r['kvctl_graphs_tok_s']:.1f} "
+              f"({r['kvctl_graphs_ms']:.2f}{pct}) | {r.get('kvctl_eager_tok_s', 0):.1f} | "
+              f"{_num(st, r.get('hf_static_error'))} | "
+              f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {ratio} |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+
+
+def _num(x, err) -> str:
+    return f"{x:.1f}" if x else (err or "-")
 
 
 if __name__ == "__main__":

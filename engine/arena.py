@@ -22,10 +22,14 @@ class SlabAllocator:
         if page_bytes <= 0 or page_bytes % 16:
             raise ValueError(f"page_bytes must be a positive multiple of 16, got {page_bytes}")
         self.page_bytes = page_bytes
-        self.num_pages = capacity_bytes // page_bytes
+        # reserved pages sit after the allocatable ones, outside every count (scratch)
+        self.row_pages = capacity_bytes // page_bytes
+        self.num_pages = self.row_pages - reserve_pages
         if self.num_pages < 1:
             raise ValueError(
-                f"arena of {capacity_bytes} bytes per layer holds no page of {page_bytes} bytes")
+                f"arena of {capacity_bytes} bytes per layer holds no page of {page_bytes} bytes"
+                + (f" beside {reserve_pages} reserved" if reserve_pages else ""))
+        self.reserved_base = self.num_pages * page_bytes
         self._free_pages: list[int] = list(range(self.num_pages - 1, -1, -1))
         self._page_slot: dict[int, int] = {}          # page -> slot size it serves
         self._page_free: dict[int, list[int]] = {}    # page -> free slot indices
@@ -126,12 +130,13 @@ class Arena:
     """
 
     def __init__(self, name: str, num_layers: int, capacity_bytes: int, page_bytes: int,
-                 device: torch.device, pin: bool = False, staging_bytes: int = 0):
+                 device: torch.device, pin: bool = False, staging_bytes: int = 0,
+                 reserve_pages: int = 0):
         per_layer = capacity_bytes // num_layers
         self.name = name
         self.num_layers = num_layers
-        self.alloc = SlabAllocator(per_layer, page_bytes)
-        self.row_bytes = self.alloc.capacity_bytes
+        self.alloc = SlabAllocator(per_layer, page_bytes, reserve_pages)
+        self.row_bytes = self.alloc.row_pages * page_bytes
         self.staging_bytes = staging_bytes // 32 * 32
         self.device = torch.device(device)
         # empty, not zeros: the OS maps pages lazily; we never read an unwritten slot

@@ -62,7 +62,7 @@ class EngineConfig:
     staging_bytes: int = 0         # device buffer streaming offloaded blocks; 0 = auto
     num_sink_blocks: int = 1       # leading blocks eviction may not touch
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority
-    snapshot_interval_s: float = 0.02  # snapshots published at most this often while busy
+    snapshot_interval_s: float = 0.1   # while steps only make progress, snapshots this often
     cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
     seed: int = 0
 

@@ -53,6 +53,7 @@ log = logging.getLogger("kvctl.engine")
 
 CPU_DEFAULT_BUDGET = 2 << 30
 IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
+STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this often
 
 
 class Engine(OfflineMixin):
@@ -72,12 +73,15 @@ class Engine(OfflineMixin):
         self.vocab_size = mc.vocab_size
         self.max_positions = getattr(mc, "max_position_embeddings", 1 << 30)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.geom = BlockGeometry(cfg.block_size, mc.num_key_value_heads, head_dim,
                                   self.dtype, value_group=min(cfg.value_group, head_dim))
         self.store = KVStore(self.geom, self.num_layers, self.device, self._gpu_budget(),
                              cfg.host_budget_bytes, cfg.page_bytes or None,
-                             cfg.staging_bytes or None, cfg.num_sink_blocks)
-        self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device)
+                             cfg.staging_bytes or None, cfg.num_sink_blocks,
+                             scratch=graphs)
+        self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device,
+                                  cuda_graphs=graphs, max_batch=cfg.max_running)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -638,12 +642,15 @@ class Engine(OfflineMixin):
 
     # -- snapshots ------------------------------------------------------------------------
     def _publish(self, force: bool = False) -> None:
-        """A new snapshot for readers: at once after a structural change (admission,
-        state change, finish, preemption, a move), else at most every
-        ``snapshot_interval_s`` while steps only make progress."""
+        """A new snapshot for readers: after a structural change (admission, state change,
+        finish, preemption, a move) at the end of the step, unless one was published in
+        the last STRUCTURAL_GAP_S; else at most every ``snapshot_interval_s`` while steps
+        only make progress. Building one walks every block of every sequence (~5 ms at 64
+        sequences x 33 blocks on the H100 host), so it must not happen every step."""
         now = time.monotonic()
-        if not (force or self._changed) and not (
-                self._dirty and now - self._published_at >= self.config.snapshot_interval_s):
+        since = now - self._published_at
+        if not force and not (self._changed and since >= STRUCTURAL_GAP_S) and not (
+                self._dirty and since >= self.config.snapshot_interval_s):
             return
         self._snapshot = snapshot.build(self, next(self._version))
         self._published_at = now

@@ -66,6 +66,7 @@ class StepPlan:
     layer_cache: dict = field(default_factory=dict)  # table-only facts the layers share
     observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
+    shares: torch.Tensor | None = None  # block_shares, when computed already (CUDA graphs)
 
     @property
     def geom(self):
@@ -126,6 +127,8 @@ class StepPlan:
 
     def block_shares(self) -> torch.Tensor | None:
         """Each block's share of attention, mean over layers and query heads: [Bd, NB]."""
+        if self.shares is not None:
+            return self.shares
         if not self.partials:
             return None
         m = torch.stack([p[0] for p in self.partials])                  # [L, Bd, Hq, NB]

@@ -37,15 +37,26 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, store: KVStore, num_layers: int,
-                 device: torch.device) -> None:
+                 device: torch.device, cuda_graphs: bool = False, max_batch: int = 256) -> None:
         self.model = model
         self.store = store
         self.num_layers = num_layers
         self.device = device
+        self.graphs = None
+        if cuda_graphs and device.type == "cuda":
+            from engine.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, store, num_layers, device, max_batch)
 
     def run(self, decode: list[tuple[str, int]], chunks: list[Chunk]) -> StepOutput:
         """One packed forward pass: ``decode`` (sequence, token) pairs attend over their
-        block tables, ``chunks`` over their stored prefix plus themselves."""
+        block tables, ``chunks`` over their stored prefix plus themselves. On CUDA a
+        decode-only step replays a captured graph where one covers it."""
+        if self.graphs is not None and decode and not chunks:
+            key = self.graphs.key(decode)
+            if isinstance(key, tuple):
+                plan, logits = self.graphs.run(key, decode)
+                return StepOutput(plan, logits, [])
+            self.graphs.note_eager(key)
         plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
                                                for c in chunks],
                           self.num_layers, self.device)

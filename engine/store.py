@@ -54,7 +54,8 @@ class SeqKV:
 class KVStore:
     def __init__(self, geom: BlockGeometry, num_layers: int, device: torch.device,
                  gpu_bytes: int, host_bytes: int = 0, page_bytes: int | None = None,
-                 staging_bytes: int | None = None, num_sink_blocks: int = 1):
+                 staging_bytes: int | None = None, num_sink_blocks: int = 1,
+                 scratch: bool = False):
         self.geom = geom
         self.num_layers = num_layers
         self.device = torch.device(device)
@@ -73,7 +74,10 @@ class KVStore:
         self.num_sink_blocks = num_sink_blocks
         self.arenas: dict[str, Arena] = {
             GPU: Arena(GPU, num_layers, gpu_bytes, page_bytes, self.device,
-                       staging_bytes=staging_bytes)}
+                       staging_bytes=staging_bytes, reserve_pages=int(scratch))}
+        # ``scratch``: one page per layer outside the accounting, where padded rows of a
+        # CUDA-graph step write and read (engine/cuda_graphs.py)
+        self.scratch_offset = self.arenas[GPU].alloc.reserved_base if scratch else -1
         if host_bytes >= page_bytes * num_layers:
             self.arenas[HOST] = Arena(HOST, num_layers, host_bytes, page_bytes,
                                       torch.device("cpu"), pin=self.device.type == "cuda")

@@ -1,0 +1,222 @@
+"""Decode steps replayed as CUDA graphs.
+
+A decode step of the eager runner launches ~30 kernels a layer from Python; at batch 1
+on an 8B model that launch overhead, not the GPU, set the step time (45 ms against a
+5.5 ms weight-read floor, issue 13). Here a decode-only step runs as one captured CUDA
+graph: the whole model forward (transformers' modules with kvctl attention and the
+paged decode kernel inside) reads static input buffers that each step fills with one
+host-to-device copy from pinned memory.
+
+A graph is captured per (batch bucket, table-width bucket, KV format) the first time
+such a step comes, into one memory pool shared by all graphs; padded rows write their
+K/V into a scratch slot and attend over it. A step outside what graphs cover (prefill
+chunks, offloaded blocks streamed through staging, a table mixing formats) runs eager
+for that step and is counted (``num_eager``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import attention
+from engine.layout import FULL, KVFormat
+from engine.plan import DecodeBatch, StepPlan, build_plan
+from engine.store import GPU, HOST, KVStore
+
+log = logging.getLogger("kvctl.engine.graphs")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_WIDTH = 16          # table columns of the narrowest graph
+
+
+def _bucket(n: int, buckets) -> int | None:
+    for b in buckets:
+        if n <= b:
+            return b
+    return None
+
+
+def _width(nb: int) -> int:
+    w = MIN_WIDTH
+    while w < nb:
+        w *= 2
+    return w
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    plan: StepPlan              # its tensors are the static buffers the graph reads
+    flat: torch.Tensor          # [n] int64 device: every input, packed
+    pinned: torch.Tensor        # [n] int64 pinned host twin of ``flat``
+    pad: torch.Tensor           # [n] int64 host: the buffers of an all-padding batch
+    views: dict                 # name -> (start, shape) in ``flat``
+    logits: torch.Tensor        # [B, V] static output
+    B: int
+    NB: int
+
+
+@dataclass
+class GraphStats:
+    num_graphs: int = 0
+    num_replays: int = 0
+    num_eager: int = 0          # decode-only steps that graphs could not take
+    capture_seconds: float = 0.0
+    capture_bytes: int = 0      # device memory the graph pool took
+    eager_reasons: dict = field(default_factory=dict)
+
+
+class DecodeGraphs:
+    def __init__(self, model, store: KVStore, num_layers: int, device: torch.device,
+                 max_batch: int) -> None:
+        self.model = model
+        self.store = store
+        self.num_layers = num_layers
+        self.device = device
+        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (
+            _bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        self.max_width = max(MIN_WIDTH, _width(store.blocks_for(
+            getattr(model.config, "max_position_embeddings", 1 << 17))))
+        self.graphs: dict[tuple, _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stats = GraphStats()
+        if store.scratch_offset < 0:
+            raise ValueError("CUDA graphs need the store's scratch page (KVStore(scratch=True))")
+        self.scratch = store.scratch_offset  # padded rows write and read here
+
+    # -- which steps -----------------------------------------------------------------------
+    def key(self, decode: list[tuple[str, int]]) -> tuple | str:
+        """The graph for this decode-only step, or why it must run eager."""
+        B = _bucket(len(decode), self.buckets)
+        if B is None:
+            return "batch beyond the largest graph"
+        fmt, nb = None, 1
+        for sid, _ in decode:
+            kv = self.store.seqs[sid]
+            nb = max(nb, len(kv.blocks) + 1)
+            for b in kv.blocks:
+                if b.tier == HOST:
+                    return "offloaded blocks stream through staging"
+                if b.tier != GPU:
+                    continue
+                if fmt is None:
+                    fmt = b.fmt
+                elif b.fmt != fmt:
+                    return "blocks of several formats"
+        width = _width(nb)
+        if width > self.max_width:
+            return "table wider than the model's context"
+        return (B, width, fmt or FULL)
+
+    def note_eager(self, why: str) -> None:
+        self.stats.num_eager += 1
+        self.stats.eager_reasons[why] = self.stats.eager_reasons.get(why, 0) + 1
+
+    # -- replay ----------------------------------------------------------------------------
+    def run(self, key: tuple, decode: list[tuple[str, int]]):
+        """One decode step through the graph for ``key``; returns (plan, logits [n, V])
+        where the plan carries this step's block shares (static tensors, valid until the
+        next replay)."""
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(*key)
+        host = build_plan(self.store, decode, [], self.num_layers, torch.device("cpu"))
+        n, nb = len(decode), host.decode.offsets.shape[1]
+        buf = g.pad.clone()
+        for name, t in (("ids", host.input_ids[0]), ("pos", host.position_ids[0]),
+                        ("widx", host.write_idx)):
+            s, _ = g.views[name]
+            buf[s:s + t.numel()] = t
+        for name, t in (("offs", host.decode.offsets), ("kb", host.decode.kbits),
+                        ("vb", host.decode.vbits), ("nt", host.decode.ntok)):
+            s, shape = g.views[name]
+            view = buf[s:s + shape[0] * shape[1]].view(shape)
+            view[:n] = 0
+            view[:n, :nb] = t
+        g.pinned.copy_(buf)
+        g.flat.copy_(g.pinned, non_blocking=True)
+        g.graph.replay()
+        self.stats.num_replays += 1
+        host.shares = g.plan.shares[:n, :nb]
+        return host, g.logits[:n]
+
+    # -- capture ---------------------------------------------------------------------------
+    def _capture(self, B: int, NB: int, fmt: KVFormat) -> _Graph:
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device)
+        st, geom = self.store, self.store.geom
+        H, D, T, esize = geom.num_kv_heads, geom.head_dim, geom.block_size, geom.store_elem
+        sec = geom.sections(FULL)
+        views, sizes = {}, [("ids", (B,)), ("pos", (B,)), ("widx", (B * H * D,)),
+                            ("offs", (B, NB)), ("kb", (B, NB)), ("vb", (B, NB)),
+                            ("nt", (B, NB))]
+        n = 0
+        for name, shape in sizes:
+            views[name] = (n, shape)
+            n += int(torch.tensor(shape).prod())
+        # an all-padding batch: token 0 at position 0 writing into the scratch slot and
+        # attending over its one row
+        pad = torch.zeros(n, dtype=torch.int64)
+        s, _ = views["widx"]
+        k0 = self.scratch // esize + sec["k"][0] // esize
+        pad[s:s + B * H * D] = (k0 + torch.arange(H).view(1, H, 1) * (T * D)
+                                + torch.arange(D).view(1, 1, D)).expand(B, H, D).reshape(-1)
+        s, _ = views["offs"]
+        pad[s:s + B * NB].view(B, NB)[:, 0] = self.scratch
+        for name, bits in (("kb", fmt.k_bits), ("vb", fmt.v_bits)):
+            s, _ = views[name]
+            pad[s:s + B * NB] = bits
+        s, _ = views["nt"]
+        pad[s:s + B * NB].view(B, NB)[:, 0] = 1
+        flat = pad.to(self.device)
+        pinned = torch.empty(n, dtype=torch.int64).pin_memory()
+
+        def v(name):
+            s, shape = views[name]
+            t = flat[s:s + int(torch.tensor(shape).prod())].view(shape)
+            return t
+        i32 = {name: torch.empty(B, NB, dtype=torch.int32, device=self.device)
+               for name in ("kb", "vb", "nt")}
+        rows = torch.arange(B, device=self.device)
+        dec = DecodeBatch([""] * B, rows, v("offs"), i32["kb"], i32["vb"], i32["nt"],
+                          fmt=fmt, row_list=list(range(B)))
+        plan = StepPlan(st, v("ids").view(1, B), v("pos").view(1, B), v("widx"),
+                        (sec["v"][0] - sec["k"][0]) // esize, dec, [], self.num_layers)
+
+        def forward():
+            # the int32 table columns come from the packed int64 buffer, inside the graph
+            for name in ("kb", "vb", "nt"):
+                i32[name].copy_(v(name))
+            plan.partials.clear()
+            plan.layer_cache = {}
+            plan.shares = None
+            logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
+                                       rows)
+            return logits, plan.block_shares()   # the statistics' input, in the graph too
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):        # compile the kernels, set up cuBLAS, outside capture
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, shares = forward()
+        plan.shares = shares
+        torch.cuda.synchronize(self.device)
+        g = _Graph(graph, plan, flat, pinned, pad, views, logits, B, NB)
+        self.graphs[(B, NB, fmt)] = g
+        dt = time.perf_counter() - t0
+        grew = torch.cuda.memory_reserved(self.device) - before
+        self.stats.num_graphs += 1
+        self.stats.capture_seconds += dt
+        self.stats.capture_bytes += max(0, grew)
+        log.info("captured a decode graph", extra={"kv": {
+            "batch": B, "table_width": NB, "format": fmt.name, "seconds": round(dt, 3),
+            "pool_growth_bytes": grew}})
+        return g
+
