@@ -13,6 +13,7 @@ import typer
 
 from controller.client import Client, DaemonUnreachable, Target, explain, pb
 from controller.config import client_socket_path
+from controller.profiles import PROFILE_NAMES
 from rich.markup import escape
 from rich.text import Text
 
@@ -26,13 +27,8 @@ policy_app = typer.Typer(help="Show or change the node's policy.", no_args_is_he
 app.add_typer(policy_app, name="policy")
 
 
-class Profile(str, Enum):
-    balanced = "balanced"
-    accuracy_critical = "accuracy-critical"
-    streaming = "streaming"
-    long_context = "long-context"
-    throughput = "throughput"
-    multi_turn = "multi-turn"
+# choices for --profile: the names of controller/profiles.py, the one record of them
+Profile = Enum("Profile", {n.replace("-", "_"): n for n in PROFILE_NAMES}, type=str)
 
 
 @app.callback()
