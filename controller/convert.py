@@ -186,7 +186,16 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
                      free_bytes=max(0, t.free_bytes))
     live = [v for v in snap.sequences if v.state != "finished"]
     st.counts.CopyFrom(pb.SequenceCounts(waiting=snap.num_waiting, running=snap.num_running,
-                                         stalled=snap.num_stalled, total=len(live)))
+                                         stalled=snap.num_stalled, total=len(live),
+                                         preempted=sum(v.state == "preempted" for v in live)))
+    g = getattr(snap, "graphs", {}) or {}
+    st.engine.CopyFrom(pb.EngineCounters(
+        preemptions=getattr(snap, "num_preemptions", 0),
+        step_failures=getattr(snap, "num_step_failures", 0),
+        cuda_graphs=g.get("num_graphs", 0), graph_replays=g.get("num_replays", 0),
+        eager_decode_steps=g.get("num_eager", 0),
+        graph_capture_seconds=g.get("capture_seconds", 0.0),
+        graph_capture_bytes=g.get("capture_bytes", 0)))
     st.sequences.extend(sequence_to_proto(v, policy.pins.get(v.seq_id)) for v in live)
     gpu = snap.tiers.get("gpu")
     if gpu is not None and effective_budget:

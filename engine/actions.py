@@ -220,3 +220,4 @@ class EngineSnapshot:
     num_preemptions: int = 0  # since start: sequences swapped out or dropped for room
     num_step_failures: int = 0  # steps that raised (their sequences ended in error)
     staging_bytes: int = 0  # per layer: what one step may stream of offloaded blocks
+    graphs: dict = field(default_factory=dict)  # CUDA graph counters (engine/cuda_graphs.py)

@@ -64,4 +64,5 @@ def build(engine, version: int) -> EngineSnapshot:
         engine.tokens_per_s(), {f: st.block_bytes(KVFormat.parse(f)) for f in FORMATS},
         st.num_sink_blocks, version=version, max_positions=engine.max_positions,
         num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures,
-        staging_bytes=st.staging_half)
+        staging_bytes=st.staging_half,
+        graphs=dict(vars(engine.runner.graphs.stats)) if engine.runner.graphs else {})

@@ -152,6 +152,9 @@ def test_concurrent_clients_under_pressure(daemon, stub):
     assert not bad, bad[:5]
     assert len(outcomes) > 20, outcomes
     wait_for(lambda: idle(daemon), 30, "every block freed")
+    st = stub.GetStatus(pb.GetStatusRequest(fresh=True))    # the engine's counters in status
+    assert st.engine.preemptions == daemon.engine.num_preemptions
+    assert st.engine.step_failures == 0 and st.counts.total == 0
     kinds = daemon.decisions.counts
     assert kinds["pressure"] > 0 and sum(kinds[k] for k in ("quantize", "offload", "evict")) > 0
     assert not daemon.errors.records, [r.getMessage() for r in daemon.errors.records[:5]]

@@ -227,19 +227,39 @@ class Tier(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class SequenceCounts(_message.Message):
-    __slots__ = ("waiting", "running", "stalled", "total")
+    __slots__ = ("waiting", "running", "stalled", "total", "preempted")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     STALLED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     stalled: int
     total: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., stalled: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    preempted: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., stalled: _Optional[int] = ..., total: _Optional[int] = ..., preempted: _Optional[int] = ...) -> None: ...
+
+class EngineCounters(_message.Message):
+    __slots__ = ("preemptions", "step_failures", "cuda_graphs", "graph_replays", "eager_decode_steps", "graph_capture_seconds", "graph_capture_bytes")
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    preemptions: int
+    step_failures: int
+    cuda_graphs: int
+    graph_replays: int
+    eager_decode_steps: int
+    graph_capture_seconds: float
+    graph_capture_bytes: int
+    def __init__(self, preemptions: _Optional[int] = ..., step_failures: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., graph_replays: _Optional[int] = ..., eager_decode_steps: _Optional[int] = ..., graph_capture_seconds: _Optional[float] = ..., graph_capture_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction")
+    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +279,7 @@ class NodeStatus(_message.Message):
     SAMPLED_AT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     model: str
@@ -278,7 +299,8 @@ class NodeStatus(_message.Message):
     sampled_at: float
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     budget_used_fraction: float
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ...) -> None: ...
+    engine: EngineCounters
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ..., engine: _Optional[_Union[EngineCounters, _Mapping]] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("index", "num_tokens", "format", "tier", "nbytes", "mass")
