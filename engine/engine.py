@@ -544,8 +544,10 @@ class Engine(OfflineMixin):
         if now - min(s.stalled_since for s in stalled) < self.config.preempt_after_s:
             return
         if len(self.running) == 1:
-            # alone and still no room: nothing else holds GPU blocks to give back
             s = self.running[0]
+            if self._has_room_alone(s):
+                return      # the others finished in this step: their blocks are free
+            # alone and still no room: nothing else holds GPU blocks to give back
             s.moves.append("stopped: the GPU tier holds no more of its KV")
             self._finish(s, "length")
             return
@@ -554,6 +556,13 @@ class Engine(OfflineMixin):
         for s in self.running:
             if s.stalled:
                 s.stalled_since = now
+
+    def _has_room_alone(self, s: Sequence) -> bool:
+        """Whether a decoding sequence's next token fits now with no other sequence in
+        the step: a block to write into and staging for its offloaded blocks. Its
+        ``stalled`` flag is from this step's schedule, before finishes freed blocks."""
+        return (staging_need(self.store, s.seq_id) <= self.store.staging_half
+                and self.store.can_reserve(s.seq_id, 1))
 
     def preempt(self, s: Sequence) -> str:
         """Take a running sequence off the GPU until there is room again: its KV swapped

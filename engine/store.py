@@ -166,6 +166,11 @@ class KVStore:
     def _new_blocks_needed(self, s: SeqKV, n: int) -> int:
         return max(0, self.blocks_for(s.num_tokens + n) - len(s.blocks))
 
+    def can_reserve(self, seq_id: str, n: int) -> bool:
+        """Whether ``reserve(seq_id, n)`` would succeed now."""
+        need = self._new_blocks_needed(self.seqs[seq_id], n)
+        return need == 0 or self.arenas[GPU].alloc.can_allocate(self.geom.slot_bytes(FULL), need)
+
     def reserve(self, seq_id: str, n: int) -> None:
         """Make room for ``n`` more tokens (full-precision slots). All or nothing."""
         s = self.seqs[seq_id]

@@ -101,3 +101,31 @@ def test_stalled_sequences_wait_for_moves_before_preemption():
         assert e.num_preemptions == 0
     finally:
         e.stop()
+
+
+def test_a_sequence_stalled_as_the_others_finish_is_not_cut_short():
+    """The step in which a sequence stalls can be the one in which every other sequence
+    finishes: their blocks are free again, so it is not "alone with no room". Main at
+    477e8c7 ended it there ('length' after 1 of its 6 tokens); benchmarks/reliability_load.py
+    found it (a request pinned to offload_exact ended after 10 of its 40 tokens)."""
+    # 2 layers x 4 pages x 2 full blocks of 4 tokens: 8 blocks. b (3 blocks) takes the
+    # last free block in the step where a (4 full blocks) needs its fifth and b finishes
+    e = tiny(kv_budget_bytes=2 * 4 * 4096, host_budget_bytes=0)
+    try:
+        events = []
+        b = e.submit(Request(prompt_ids=list(range(1, 13)), sampling=SamplingParams(
+            max_tokens=2, ignore_eos=True)), events.append)
+        a_req = Request(prompt_ids=list(range(20, 36)), sampling=SamplingParams(
+            max_tokens=6, ignore_eos=True))
+        a = e.submit(a_req, events.append)
+        for _ in range(100):
+            fins = {ev.seq_id: ev for ev in events if isinstance(ev, FinishEvent)}
+            if len(fins) == 2:
+                break
+            e.step()
+        assert fins[b].reason == "length" and len(fins[b].token_ids) == 2
+        assert fins[a].reason == "length" and not fins[a].moves
+        assert fins[a].token_ids == list(e.generate(a_req))[-1].token_ids
+        assert e.num_preemptions == 0 and e.store.arenas[GPU].alloc.num_slots == 0
+    finally:
+        e.stop()
