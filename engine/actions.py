@@ -8,7 +8,8 @@ changes nothing. Block ids in actions are *logical* block indices of the sequenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from functools import cached_property
+from typing import NamedTuple, Union
 
 
 VALID_BITS = (0, 8, 4, 2)  # 0 = full precision (the store dtype)
@@ -30,7 +31,7 @@ class KVFormat:
     def is_full(self) -> bool:
         return self.k_bits == 0 and self.v_bits == 0
 
-    @property
+    @cached_property
     def name(self) -> str:
         if self.k_bits == self.v_bits:
             return "full" if self.k_bits == 0 else f"int{self.k_bits}"
@@ -158,8 +159,9 @@ class CandidateResult:
         return out
 
 
-@dataclass
-class BlockView:
+class BlockView(NamedTuple):
+    """One block as a snapshot shows it (a tuple: snapshots make thousands of them)."""
+
     index: int            # logical block index
     num_tokens: int
     fmt: str              # 'full', 'int8', 'int4', 'int2', 'k4v2', ...

@@ -367,6 +367,9 @@ class Engine(OfflineMixin):
                 return False
             decode, dec_seqs, chunks, pre_seqs = work
             out = self._run(decode, dec_seqs, chunks, pre_seqs)
+            # on CUDA the forward is still running: a snapshot due now is built meanwhile
+            # (it shows the step's lengths, not its tokens yet)
+            self._publish()
             if out is not None:
                 self._postprocess(out, dec_seqs, chunks, pre_seqs)
             self._check_stalls()

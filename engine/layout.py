@@ -85,11 +85,21 @@ class BlockGeometry:
     def meta_elem(self) -> int:
         return torch.tensor([], dtype=self.meta_dtype).element_size()
 
+    @cached_property
+    def _memo(self) -> dict:
+        return {}
+
     def sections(self, fmt: KVFormat) -> dict[str, tuple[int, int]]:
         """Name -> (byte offset in slot, byte length) of each section of a slot.
 
-        Memoized: this sits on the decode path (every layer of every step)."""
-        return _sections(self, fmt)
+        Memoized per geometry: this sits on the decode path and under every block's
+        byte count (an lru_cache keyed on the geometry hashed all its fields per call:
+        ~5 us, 48,000 calls a snapshot at 64 sequences)."""
+        memo = self._memo
+        out = memo.get(fmt)
+        if out is None:
+            out = memo[fmt] = self._compute_sections(fmt)
+        return out
 
     def _compute_sections(self, fmt: KVFormat) -> dict[str, tuple[int, int]]:
         T, H, D, G = self.block_size, self.num_kv_heads, self.head_dim, self.value_group
@@ -119,8 +129,3 @@ class BlockGeometry:
     def slot_bytes(self, fmt: KVFormat) -> int:
         """Bytes of one block in one layer, alignment padding included."""
         return self.sections(fmt)["_total"][1]
-
-
-@lru_cache(maxsize=None)
-def _sections(geom: BlockGeometry, fmt: KVFormat) -> dict[str, tuple[int, int]]:
-    return geom._compute_sections(fmt)
