@@ -62,7 +62,7 @@ class PolicyLoop:
         return now - self._last_move.get(seq_id, -1e9) < self.min_interval_s
 
     def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                   now: float, bus_busy: float = 0.0) -> list[Move]:
+                   now: float, bus=None) -> list[Move]:
         ctx = Context.from_snapshot(snapshot)
         strategies = registry()
         weight = get_profile(profile).latency_weight
@@ -78,19 +78,19 @@ class PolicyLoop:
                     continue
                 items.append((seq, cand))
         # one call for the whole tick: the learned model predicts a batch at once
-        for (_, cand), p in zip(items, self.predictor.predict_many(items, bus_busy)):
+        for (_, cand), p in zip(items, self.predictor.predict_many(items, bus)):
             moves.append(Move(cand, p.total(weight) / cand.freed_bytes, p.accuracy,
                               p.latency_s, p.source))
         return sorted(moves, key=lambda m: m.cost)
 
     def plan_relief(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                    bus_busy: float = 0.0) -> list[Move]:
+                    bus=None) -> list[Move]:
         """The cheapest moves, one per sequence, whose predicted effect frees ``need``
         GPU bytes (fewer if the allowed moves run out). The engine applies them."""
         now = self.clock()
         chosen: list[Move] = []
         freed, seen = 0, set()
-        for m in self.candidates(snapshot, need, profile, pins, now, bus_busy):
+        for m in self.candidates(snapshot, need, profile, pins, now, bus):
             if freed >= need:
                 break
             if m.candidate.seq_id in seen:

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 from dataclasses import dataclass, field, replace
 
+from controller.predictors.bus import Bus
 from controller.profiles import PROFILE_NAMES
 
 _log = logging.getLogger("kvctl.controller")
@@ -159,7 +160,7 @@ class DecisionLog:
     def recent(self, n: int | None = None) -> list[Decision]:
         with self._lock:
             items = list(self._ring)
-        return items if n is None else items[len(items) - n:] if n else []
+        return items if n is None else items[max(0, len(items) - n):] if n else []
 
     def subscribe(self, fn: Callable[[Decision], None]) -> int:
         """Call ``fn(decision)`` for every decision recorded from now on; returns a token
@@ -224,15 +225,16 @@ class Controller:
         gpu = snapshot.tiers.get("gpu")
         return gpu.used_bytes if gpu else 0
 
-    def tick(self, snapshot, bus_busy: float = 0.0) -> list[Decision]:
+    def tick(self, snapshot, gpu=None) -> list[Decision]:
+        """``gpu``: the telemetry sample's GpuSample (the bus offload would use)."""
         if not self._lock.acquire(blocking=False):
             return []                 # a tick is running: one at a time, never queued
         try:
-            return self._tick(snapshot, bus_busy)
+            return self._tick(snapshot, Bus.of(snapshot, gpu))
         finally:
             self._lock.release()
 
-    def _tick(self, snapshot, bus_busy: float) -> list[Decision]:
+    def _tick(self, snapshot, bus) -> list[Decision]:
         out = self._collect()
         p = self.policy.view()
         budget = self.budget_of(snapshot, p)
@@ -262,7 +264,7 @@ class Controller:
         try:
             if above:
                 need = max(used - int(p.low_watermark * budget), snapshot.pressure_bytes)
-                out += self._relieve(snapshot, p, need, frac, bus_busy)
+                out += self._relieve(snapshot, p, need, frac, bus)
             elif frac < p.low_watermark:
                 self._restore(snapshot, p, frac, int(p.low_watermark * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down
@@ -270,8 +272,8 @@ class Controller:
         return out + self._collect()
 
     def _relieve(self, snapshot, p: PolicyView, need: int, frac: float,
-                 bus_busy: float) -> list[Decision]:
-        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus_busy)
+                 bus) -> list[Decision]:
+        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus)
         if not moves:
             if self._unmet:
                 return []
@@ -283,7 +285,7 @@ class Controller:
                        "wait for room and the engine preempts if they stall"))]
         why = (f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}" if
                frac > p.high_watermark else f"{snapshot.num_stalled} sequence(s) stalled")
-        self._submit("relieve", moves, (p, why, need))
+        self._submit("relieve", moves, (p, why, need, bus.source))
         return []
 
     def _restore(self, snapshot, p: PolicyView, frac: float, room: int) -> None:
@@ -311,7 +313,7 @@ class Controller:
         for item, res in zip(items, results):
             gpu = res.freed_bytes.get("gpu", 0) if res.ok else 0
             if kind == "relieve":
-                p, why, need = context
+                p, why, need, bus_source = context
                 c = item.candidate
                 out.append(self.log.record(Decision(
                     kind=c.kind if res.ok else "refused", seq_id=c.seq_id, profile=p.profile,
@@ -319,7 +321,7 @@ class Controller:
                     predicted_cost=item.accuracy, freed_bytes=gpu,
                     reason=(f"{why}: need {need} B; cheapest move by the {item.source} "
                             f"predictor (accuracy cost {item.accuracy:.4f}, "
-                            f"+{item.latency_s * 1e3:.2f} ms/step)"
+                            f"+{item.latency_s * 1e3:.2f} ms/step; bus: {bus_source})"
                             + ("" if res.ok else f"; engine refused: {res.error}")))))
             else:
                 p, frac = context

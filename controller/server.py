@@ -171,7 +171,7 @@ class Daemon:
 
     def _on_sample(self, sample) -> None:
         if sample.snapshot is not None:
-            self.service.controller.tick(sample.snapshot)
+            self.service.controller.tick(sample.snapshot, sample.gpu)
             self.policy.forget({v.seq_id for v in sample.snapshot.sequences
                                 if v.state != "finished"} | self.service.inflight_ids())
         self.metrics.update(sample)

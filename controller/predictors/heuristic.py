@@ -8,7 +8,8 @@ Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
   share of blocks, since attention moves);
 * eviction: the attention mass removed, which is gone for good;
 * top-k offload: a fraction of the offloaded blocks' mass (pages not picked in a step);
-* exact offload: none; its price is latency: the bytes streamed per step over the bus.
+* exact offload: none; its price is latency: the bytes streamed per step over this
+  node's bus (controller/predictors/bus.py; none on a CPU engine).
 
 A learned predictor (controller/predictors/learned.py, trained from engine traces)
 replaces this where an artifact for the loaded model exists; this one always exists.
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controller.predictors.bus import FALLBACK_BYTES_PER_S, Bus
 from controller.strategies import Candidate
 from engine.actions import SequenceView
 from engine.actions import KVFormat
 
 # measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
+# a GPU's PCIe when nothing says which node this is (traces, unit use)
+ASSUMED_BUS = Bus(FALLBACK_BYTES_PER_S, 0.0, "assumed 55.3 GB/s (H200)")
 FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036, "int2": 0.077}
-PCIE_BYTES_PER_S = 55.3e9        # H200 host<->device, measured (FACTS.md)
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,11 @@ class HeuristicPredictor:
     name = "heuristic"
 
     def predict_many(self, items: list[tuple[SequenceView, Candidate]],
-                     bus_busy_fraction: float = 0.0) -> list[Prediction]:
-        return [self.predict(s, c, bus_busy_fraction) for s, c in items]
+                     bus: Bus | None = None) -> list[Prediction]:
+        return [self.predict(s, c, bus) for s, c in items]
 
-    def predict(self, seq: SequenceView, cand: Candidate,
-                bus_busy_fraction: float = 0.0) -> Prediction:
+    def predict(self, seq: SequenceView, cand: Candidate, bus: Bus | None = None) -> Prediction:
+        """``bus``: the node's (Bus.of); None prices offload as on an H200's PCIe."""
         touched = [b for b in seq.blocks if b.index in set(cand.blocks)]
         attended = [b for b in seq.blocks if b.tier in ("gpu", "host")] or seq.blocks
         total_mass = sum(b.mass for b in attended) or 1.0
@@ -56,7 +59,7 @@ class HeuristicPredictor:
         if cand.kind == "evict":
             return Prediction(mass + 0.02 * share, 0.0)
         streamed = sum(b.nbytes for b in touched)
-        bw = PCIE_BYTES_PER_S * max(0.05, 1.0 - bus_busy_fraction)
+        bus = bus if bus is not None else ASSUMED_BUS
         if cand.strategy == "offload_topk":
-            return Prediction(0.3 * mass, streamed * 0.125 / bw)
-        return Prediction(0.0, streamed / bw)
+            return Prediction(0.3 * mass, bus.seconds(streamed) * 0.125)
+        return Prediction(0.0, bus.seconds(streamed))

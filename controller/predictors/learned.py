@@ -101,8 +101,8 @@ class LearnedPredictor:
         FALLBACKS.inc(n)
 
     def predict_many(self, items: list[tuple[SequenceView, Candidate]],
-                     bus_busy_fraction: float = 0.0) -> list[Prediction]:
-        out = self.heuristic.predict_many(items, bus_busy_fraction)
+                     bus=None) -> list[Prediction]:
+        out = self.heuristic.predict_many(items, bus)
         a = self.artifact
         if a is None:
             self._fallback(len(items))
@@ -117,8 +117,8 @@ class LearnedPredictor:
         return out
 
     def predict(self, seq: SequenceView, cand: Candidate,
-                bus_busy_fraction: float = 0.0) -> Prediction:
-        return self.predict_many([(seq, cand)], bus_busy_fraction)[0]
+                bus=None) -> Prediction:
+        return self.predict_many([(seq, cand)], bus)[0]
 
 
 def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:

@@ -8,6 +8,7 @@ import json
 import pickle
 import subprocess
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -383,3 +384,32 @@ def test_kvctl_train_records_fits_and_explains_errors(tmp_path):
     assert "Traceback" not in r.stderr
     r = kvctl("record", "--out", str(traces), "--sequences", "0")
     assert r.returncode == 1 and "--sequences must be >= 1" in r.stderr
+
+
+# ---------------------------------------------------------------- the bus offload crosses
+def test_offload_is_priced_by_the_node_it_runs_on():
+    """Issue 15: a CPU engine has no bus (offload is a host copy: zero added latency,
+    labelled so); a GPU's link is read from NVML (generation x width at the measured
+    copy efficiency, less the traffic on it now)."""
+    from controller.predictors.bus import Bus
+    from controller.telemetry import GpuSample
+
+    seq = view()
+    cand = ColdOffload().propose(seq, 4 * FULL, CTX)
+    cpu = Bus.of(SimpleNamespace(device="cpu"), None)
+    assert cpu.bytes_per_s is None and "cpu" in cpu.source
+    assert HeuristicPredictor().predict(seq, cand, cpu).latency_s == 0.0
+    gen5 = GpuSample(available=True, pcie_generation=5, pcie_width=16)
+    gen4 = GpuSample(available=True, pcie_generation=4, pcie_width=16,
+                     pcie_rx_bytes_per_s=int(0.5 * 1.969e9 * 16))
+    b5 = Bus.of(SimpleNamespace(device="cuda:0"), gen5)
+    b4 = Bus.of(SimpleNamespace(device="cuda:0"), gen4)
+    assert b5.bytes_per_s == pytest.approx(3.938e9 * 16 * 0.878)
+    assert b4.busy_fraction == pytest.approx(0.5)
+    streamed = sum(b.nbytes for b in seq.blocks if b.index in cand.blocks)
+    t5 = HeuristicPredictor().predict(seq, cand, b5).latency_s
+    t4 = HeuristicPredictor().predict(seq, cand, b4).latency_s
+    assert t5 == pytest.approx(streamed / (3.938e9 * 16 * 0.878))
+    assert t4 == pytest.approx(4 * t5, rel=0.01)     # half the lanes' rate, half of it busy
+    unknown = Bus.of(SimpleNamespace(device="cuda"), GpuSample(available=False))
+    assert unknown.bytes_per_s == 55.3e9 and "assumed" in unknown.source

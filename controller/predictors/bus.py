@@ -1,0 +1,48 @@
+"""What streaming offloaded blocks costs on this node: the bus between host and device
+memory, read from telemetry, never a constant for every machine.
+
+* The engine on a GPU: PCIe at the link's generation and width as NVML reports them,
+  at the share of the link a pinned host-to-device copy reaches (55.3 of 63.0 GB/s on
+  the H200's Gen5 x16, FACTS.md), less what other traffic takes now (NVML's RX rate).
+* The engine on the CPU: no bus. Its host tier is another arena in the same memory, so
+  offload costs a memory copy per step, not a transfer; priced at zero and labelled so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# GB/s per lane and direction, after line coding (PCI-SIG)
+PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
+COPY_EFFICIENCY = 0.878          # pinned H2D copies of >= 16 MiB: 55.3 of 63.0 GB/s (H200)
+FALLBACK_BYTES_PER_S = 55.3e9    # a GPU whose link NVML cannot read: the H200's measurement
+
+
+@dataclass(frozen=True)
+class Bus:
+    bytes_per_s: float | None    # None: no bus (CPU engine)
+    busy_fraction: float = 0.0   # of the link, used by other traffic now
+    source: str = ""             # where the figure comes from (for decisions and status)
+
+    @classmethod
+    def none(cls) -> "Bus":
+        return cls(None, 0.0, "cpu engine: no bus, offload is a host memory copy")
+
+    @classmethod
+    def of(cls, snapshot, gpu=None) -> "Bus":
+        """The bus for an engine snapshot and a telemetry GpuSample (or None)."""
+        device = getattr(snapshot, "device", "cpu") if snapshot is not None else "cpu"
+        if not str(device).startswith("cuda"):
+            return cls.none()
+        if gpu is not None and getattr(gpu, "available", False) and gpu.pcie_width \
+                and gpu.pcie_generation in PCIE_LANE_GBPS:
+            peak = PCIE_LANE_GBPS[gpu.pcie_generation] * gpu.pcie_width * 1e9
+            bw = peak * COPY_EFFICIENCY
+            busy = min(0.95, max(0.0, gpu.pcie_rx_bytes_per_s / peak))
+            return cls(bw, busy, f"PCIe Gen{gpu.pcie_generation} x{gpu.pcie_width} (NVML)")
+        return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s")
+
+    def seconds(self, nbytes: int) -> float:
+        """Added time per decode step to stream ``nbytes`` over this bus."""
+        if self.bytes_per_s is None:
+            return 0.0
+        return nbytes / (self.bytes_per_s * max(0.05, 1.0 - self.busy_fraction))
