@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.evaluate
 	$(BIN)/python -m benchmarks.compression
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model default --max-tokens 128
+	$(BIN)/python -m benchmarks.reliability_load
 
 # KV quantization accuracy: perplexity, passkey, KV bytes per format (long on CPU)
 bench-accuracy: setup
