@@ -22,7 +22,8 @@ class SeqStats:
     entropy: float = 0.0
     sink_mass: float = 0.0
     recent_mass: float = 0.0
-    steps: int = 0
+    steps: int = 0                # decode steps seen
+    seeded: bool = False          # statistics started from the prompt's window
 
     @staticmethod
     def _fit(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -38,7 +39,7 @@ class SeqStats:
         self.mass = self._fit(self.mass, share.numel()) * self.decay + (1 - self.decay) * share
         self.last_share = share
         # statistics themselves are smoothed with the same decay
-        a = self.decay if self.steps else 0.0
+        a = self.decay if self.steps or self.seeded else 0.0
         self.entropy = a * self.entropy + (1 - a) * ent
         self.sink_mass = a * self.sink_mass + (1 - a) * sink if share.numel() else 0.0
         self.recent_mass = a * self.recent_mass + (1 - a) * recent
@@ -49,6 +50,16 @@ class SeqStats:
         query's accumulated attention (H2O), which also seeds the decayed mass."""
         self.observed = window / window.sum().clamp_min(1e-30)
         self.mass = accumulated / accumulated.sum().clamp_min(1e-30)
+        # the decode-time statistics start from the prompt's: the last queries' attention
+        # is the best estimate of the next ones' (SnapKV's premise), so a move priced
+        # right after prefill sees the sequence's distribution, not zeros outside every
+        # range the learned predictor was trained on; decode steps then blend in
+        p = self.observed
+        if p.numel() and float(p.sum()) > 0:
+            self.entropy = float(-torch.special.xlogy(p, p).sum())
+            self.sink_mass = float(p[0])
+            self.recent_mass = float(p[-self.recent_blocks:].sum()) if self.recent_blocks else 0.0
+            self.seeded = True
 
 
 def update_batch(stats: list[SeqStats], share: torch.Tensor, ns: list[int]) -> None:

@@ -29,6 +29,17 @@ def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch)
         assert len(ids) == 772
         sid = "probe"
         e.prefill(sid, ids[:-4])
+        # right after the prefill (no decode step yet) the statistics come from the
+        # prompt's observation window, inside the model's trained ranges: no fallback
+        # (issue 15: 3,936 of 3,936 calls fell back at 6eb73dd; 81 of 81 here before)
+        seq0 = next(v for v in e.handle.snapshot().sequences if v.seq_id == sid)
+        assert seq0.entropy > 0 and 0 < seq0.sink_mass < 1 and 0 < seq0.recent_mass < 1
+        ctx0 = Context.from_snapshot(e.handle.snapshot())
+        items = [(seq0, c) for c in (ColdQuantization(4).propose(seq0, 10**9, ctx0),
+                                     ColdQuantization(8).propose(seq0, 4 * 10**5, ctx0))]
+        before = learned.num_fallbacks
+        assert all(p.source == "learned" for p in learned.predict_many(items))
+        assert learned.num_fallbacks == before
         for tok in ids[-4:]:          # a few decode steps: the decode-time statistics
             e.append([sid], [tok])
         seq = next(v for v in e.handle.snapshot().sequences if v.seq_id == sid)

@@ -1,4 +1,5 @@
 """Attention statistics from the decode kernel's partials equal eager attention's."""
+import pytest
 import torch
 
 from engine.api import Request, SamplingParams
@@ -93,3 +94,20 @@ def test_prompt_scores_match_eager_attention_in_any_head_grouping(engine, hf_mod
     for win, acc in got:
         assert float((win - want_win).abs().max()) < 1e-5
         assert float((acc - want_acc).abs().max()) < 1e-5
+
+
+def test_prompt_statistics_seed_the_decode_statistics():
+    """Right after a prefill, entropy, sink and recent-window mass come from the
+    observation window (SnapKV's last queries), and the first decode step blends into
+    them instead of replacing zeros."""
+    import math
+
+    from engine.stats import SeqStats
+    st = SeqStats(decay=0.9, recent_blocks=2)
+    window = torch.tensor([4.0, 1.0, 1.0, 2.0])
+    st.observe(window, torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    p = [0.5, 0.125, 0.125, 0.25]
+    assert st.entropy == pytest.approx(-sum(x * math.log(x) for x in p))
+    assert st.sink_mass == pytest.approx(0.5) and st.recent_mass == pytest.approx(0.375)
+    st.update(torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    assert st.sink_mass == pytest.approx(0.9 * 0.5 + 0.1 * 0.25)
