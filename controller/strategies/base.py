@@ -22,11 +22,14 @@ class Context:
     num_sink_blocks: int = 1
     staging_bytes: int = 0            # per layer a step may stream from host; 0 = no limit
     num_layers: int = 1
+    host_free_bytes: int | None = None  # room in the host tier (0: none); None = unknown
 
     @classmethod
     def from_snapshot(cls, snap) -> "Context":
+        host = snap.tiers.get("host")
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
-                   getattr(snap, "staging_bytes", 0), max(1, snap.num_layers))
+                   getattr(snap, "staging_bytes", 0), max(1, snap.num_layers),
+                   host.free_bytes if host is not None else 0)
 
 
 @dataclass(frozen=True)

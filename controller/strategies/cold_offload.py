@@ -29,21 +29,29 @@ class ColdOffload(ScoredStrategy):
 
     def propose(self, seq, target_bytes, ctx):
         cand = super().propose(seq, target_bytes, ctx)
-        if cand is None or self.top_k_fraction or not ctx.staging_bytes:
-            return cand
-        # exact decode streams every offloaded block each step: no more than staging holds
+        if cand is None:
+            return None
+        # no more than the host tier has room for (none without a host tier), and in
+        # exact mode no more than one step's staging buffer streams
+        host_room = ctx.host_free_bytes if ctx.host_free_bytes is not None else float("inf")
+        exact = not self.top_k_fraction and ctx.staging_bytes
         per_layer = lambda b: b.nbytes // ctx.num_layers  # noqa: E731
-        room = ctx.staging_bytes - sum(per_layer(b) for b in seq.blocks if b.tier == "host")
+        stage_room = (ctx.staging_bytes - sum(per_layer(b) for b in seq.blocks
+                                              if b.tier == "host")) if exact else float("inf")
         by_index = {b.index: b for b in seq.blocks}
         ranked = sorted(cand.blocks, key=lambda i: (self.score(seq, by_index[i]), i))
         keep = []
         for i in ranked:
-            if per_layer(by_index[i]) > room:
+            b = by_index[i]
+            if b.nbytes > host_room or per_layer(b) > stage_room:
                 break
             keep.append(i)
-            room -= per_layer(by_index[i])
+            host_room -= b.nbytes
+            stage_room -= per_layer(b)
         if not keep:
             return None
+        if len(keep) == len(cand.blocks):
+            return cand
         blocks = tuple(sorted(keep))
         return replace(cand, blocks=blocks, actions=self.actions(seq, blocks),
                        freed_bytes=sum(by_index[i].nbytes for i in blocks))

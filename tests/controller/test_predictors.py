@@ -413,3 +413,22 @@ def test_offload_is_priced_by_the_node_it_runs_on():
     assert t4 == pytest.approx(4 * t5, rel=0.01)     # half the lanes' rate, half of it busy
     unknown = Bus.of(SimpleNamespace(device="cuda"), GpuSample(available=False))
     assert unknown.bytes_per_s == 55.3e9 and "assumed" in unknown.source
+
+
+def test_offload_proposes_only_what_the_host_tier_and_staging_hold():
+    """No host tier: no offload proposal (the engine would refuse it: the reliability
+    load benchmark logged 196 such refusals); a host tier with room for 3 blocks: at
+    most 3; exact mode: no more than one step's staging buffer (per layer) either."""
+    from dataclasses import replace
+
+    seq = view()
+    assert ColdOffload().propose(seq, 8 * FULL, replace(CTX, host_free_bytes=0)) is None
+    assert ColdOffload(top_k_fraction=0.25).propose(
+        seq, 8 * FULL, replace(CTX, host_free_bytes=0)) is None
+    c = ColdOffload().propose(seq, 8 * FULL, replace(CTX, host_free_bytes=3 * FULL))
+    assert len(c.blocks) == 3 and c.freed_bytes == 3 * FULL
+    assert c.actions[-1].blocks == c.blocks
+    # 2 layers: a block streams FULL / 2 bytes a layer; staging for 2 of them
+    c = ColdOffload().propose(seq, 8 * FULL, replace(CTX, num_layers=2, staging_bytes=FULL))
+    assert len(c.blocks) == 2
+    assert len(ColdOffload().propose(seq, 8 * FULL, CTX).blocks) == 8     # unknown: no cap
