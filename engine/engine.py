@@ -546,11 +546,11 @@ class Engine(OfflineMixin):
         now = time.monotonic()
         if now - min(s.stalled_since for s in stalled) < self.config.preempt_after_s:
             return
+        if any(self._has_room_alone(s) for s in stalled):
+            return          # sequences finished in this step: their blocks are free now
         if len(self.running) == 1:
-            s = self.running[0]
-            if self._has_room_alone(s):
-                return      # the others finished in this step: their blocks are free
             # alone and still no room: nothing else holds GPU blocks to give back
+            s = self.running[0]
             s.moves.append("stopped: the GPU tier holds no more of its KV")
             self._finish(s, "length")
             return
