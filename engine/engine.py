@@ -371,7 +371,10 @@ class Engine(OfflineMixin):
             # (it shows the step's lengths, not its tokens yet)
             self._publish()
             if out is not None:
-                self._postprocess(out, dec_seqs, chunks, pre_seqs)
+                try:
+                    self._postprocess(out, dec_seqs, chunks, pre_seqs)
+                except Exception as err:   # their KV holds a token no event announced
+                    self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
             self._check_stalls()
             self._publish()
             return True
@@ -473,12 +476,18 @@ class Engine(OfflineMixin):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 return None
-            self.num_step_failures += 1
-            log.exception("engine step failed; ending the %d sequences in it", len(seqs))
-            for s in seqs:
-                self._finish(s, "error", error=f"internal error in the engine step: "
-                                               f"{type(err).__name__}")
+            self._fail_step(seqs, err, "in the model run")
             return None
+
+    def _fail_step(self, seqs: list[Sequence], err: Exception, where: str) -> None:
+        """End the sequences of a step that failed with reason 'error' (the others run
+        on); the daemon's log has the traceback."""
+        self.num_step_failures += 1
+        log.error("engine step failed %s; ending the %d sequences in it", where, len(seqs),
+                  exc_info=err)
+        for s in seqs:
+            self._finish(s, "error", error=f"internal error in the engine step: "
+                                           f"{type(err).__name__}")
 
     def _postprocess(self, out, dec_seqs, chunks, pre_seqs) -> None:
         plan = out.plan

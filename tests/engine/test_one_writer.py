@@ -314,3 +314,36 @@ def test_default_threads_follow_the_cpus_really_available(monkeypatch, tmp_path)
     monkeypatch.setattr(cfg.os, "sched_getaffinity", lambda pid: {3})
     assert cfg.default_num_threads() == 1
     assert cfg.EngineConfig(num_threads=3).threads == 3
+
+
+def test_failure_after_the_model_run_ends_its_sequences_not_the_others(monkeypatch):
+    """A bug after the forward pass (statistics, sampling, events) leaves KV holding a
+    token no event announced: those sequences end with reason 'error' instead of
+    generating on from a state that no longer matches; the rest run on, nothing leaks."""
+    e = tiny()
+    try:
+        events = []
+        a = e.submit(req(8, max_tokens=50), events.append)
+        e.step()                                          # a prefilled, decoding
+        b = e.submit(req(8, max_tokens=4, start=3), events.append)
+        real = e._after
+        boom = {"n": 1}
+
+        def after(plan):
+            if boom["n"] and plan.decode is not None:
+                boom["n"] -= 1
+                raise ValueError("injected bug in the statistics")
+            return real(plan)
+        monkeypatch.setattr(e, "_after", after)
+        run_to_end(e, events, [a, b])
+        fins = {ev.seq_id: ev for ev in events if type(ev).__name__ == "FinishEvent"}
+        # both were in the failing step (a decoding, b's prompt)
+        assert [fins[s].reason for s in (a, b)] == ["error", "error"]
+        assert "internal error" in fins[a].error and e.num_step_failures == 1
+        assert e.store.arenas[GPU].alloc.num_slots == 0
+        monkeypatch.setattr(e, "_after", real)
+        c = list(e.generate(req(8, max_tokens=4, start=3)))[-1]
+        d = list(e.generate(req(8, max_tokens=4, start=3)))[-1]
+        assert c.reason == "length" and len(c.token_ids) == 4 and c.token_ids == d.token_ids
+    finally:
+        e.stop()
