@@ -256,3 +256,101 @@ def test_sigterm_drains_and_notifies_systemd():
             p.kill()
         p.stderr.close()
         notify.close()
+
+
+def test_sigterm_under_pressure_ends_every_stream_deliberately():
+    """32 streams on an arena that holds a fraction of them (stalls, moves, preemption
+    in progress), then SIGTERM: each stream ends finished or UNAVAILABLE (drain grace
+    over), the daemon exits 0 and says how many it cancelled."""
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    env = child_env()
+    p = subprocess.Popen(KVCTL + ["serve", "--socket", f"{d}/kvctl.sock", "--model", "random:tiny",
+                                  "--set", "engine.num_threads=1", "--set", "engine.block_size=16",
+                                  "--set", "engine.page_bytes=16384",
+                                  "--set", f"engine.kv_budget_bytes={2 * 16 * 16384}",
+                                  "--set", "engine.preempt_after_s=0.2",
+                                  "--set", "server.drain_grace_s=1.0"],
+                         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    sock = d / "kvctl.sock"
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, 60, "the daemon's socket")
+        stub = kvctl_pb2_grpc.KvctlStub(grpc.insecure_channel(f"unix:{sock}"))
+        ends, lock = [], threading.Lock()
+
+        def stream(i):
+            try:
+                last = list(stub.Generate(pb.GenerateRequest(
+                    prompt_ids=pb.TokenIds(ids=[(7 * i + j) % 400 + 1 for j in range(40 + i)]),
+                    sampling=pb.SamplingParams(max_tokens=400 + 40 * i, ignore_eos=True))))[-1]
+                end = pb.FinishReason.Name(last.finished.reason)
+            except grpc.RpcError as e:
+                end = e.code().name
+            with lock:
+                ends.append(end)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: stub.GetStatus(pb.GetStatusRequest()).counts.total >= 16, 30,
+                 "the streams to be admitted")
+        p.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert len(ends) == 32 and set(ends) <= {"FINISH_REASON_LENGTH", "UNAVAILABLE"}, ends
+        assert p.wait(30) == 0
+        logs = [json.loads(x) for x in p.stderr.read().splitlines() if x.startswith("{")]
+        assert logs[-1]["msg"] == "stopped" and logs[-1]["cancelled"] == ends.count("UNAVAILABLE")
+        assert not any(x["level"] == "error" for x in logs), [x for x in logs if x["level"] == "error"]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+
+
+def test_sigkill_then_restart_on_the_same_socket():
+    """A daemon killed outright leaves its socket file behind; the next start finds it
+    stale (nobody answers), removes it and serves."""
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="kv-"))
+    p, sock = start_daemon(d, grace_s=1.0)
+    try:
+        stub = kvctl_pb2_grpc.KvctlStub(grpc.insecure_channel(f"unix:{sock}"))
+        stream = stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                                  sampling=pb.SamplingParams(max_tokens=4000,
+                                                                             ignore_eos=True)))
+        next(stream)
+        p.kill()
+        p.wait(30)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sock.exists()                       # left behind by the killed daemon
+    finally:
+        p.stderr.close()
+    p2, sock = start_daemon(d, grace_s=1.0)      # returns at once: the old file is there
+
+    def answers():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(sock))
+            return True
+        except OSError:
+            return p2.poll() is not None
+        finally:
+            s.close()
+    try:
+        wait_for(answers, 60, "the restarted daemon")
+        assert p2.poll() is None, p2.stderr.read()
+        out = kvctl(sock, "generate", "--ids", "1,2,3", "--max-tokens", "3")
+        assert out.returncode == 0, out.stderr
+        st = json.loads(kvctl(sock, "status", "--json").stdout)
+        assert st["model"] == "random:tiny"
+    finally:
+        p2.send_signal(signal.SIGTERM)
+        p2.wait(30)
+        p2.stderr.close()
