@@ -218,10 +218,14 @@ class Engine(OfflineMixin):
                              f"{self.max_positions}")
 
     def prompt_fits(self, num_tokens: int) -> bool:
-        """Whether the prompt's KV at full precision (+1 block to grow) fits the GPU tier
-        at all: prefill writes the whole prompt there before any move can run."""
-        need = self.store.estimate_bytes(num_tokens + 1)
+        """Whether the prompt's KV at full precision plus one block to grow into (what
+        ``_admit`` takes at once) fits the GPU tier at all: prefill writes the whole
+        prompt there before any move can run."""
+        need = self._admission_bytes(num_tokens)
         return need <= self.store.arenas[GPU].capacity_bytes
+
+    def _admission_bytes(self, num_tokens: int) -> int:
+        return (self.store.blocks_for(num_tokens) + 1) * self.store.block_bytes(FULL)
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, req: Request, on_event: Callable[[Event], None],
@@ -232,7 +236,7 @@ class Engine(OfflineMixin):
         self.check_prompt(len(ids))
         if not self.prompt_fits(len(ids)):
             raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
-                              f"{self.store.estimate_bytes(len(ids) + 1)} bytes of KV at full "
+                              f"{self._admission_bytes(len(ids))} bytes of KV at full "
                               f"precision; the GPU tier holds "
                               f"{self.store.arenas[GPU].capacity_bytes}")
         with self._ids_lock:

@@ -129,3 +129,20 @@ def test_a_sequence_stalled_as_the_others_finish_is_not_cut_short():
         assert e.num_preemptions == 0 and e.store.arenas[GPU].alloc.num_slots == 0
     finally:
         e.stop()
+
+
+def test_a_prompt_that_cannot_be_admitted_is_refused_not_queued_forever():
+    """Admission takes the prompt's blocks plus one to grow into, all at once: a prompt
+    that fits only without that block was accepted and then waited forever."""
+    from engine.api import OutOfBlocks
+
+    e = tiny(kv_budget_bytes=2 * 4 * 4096, host_budget_bytes=0)   # 8 blocks of 4 tokens
+    try:
+        with pytest.raises(OutOfBlocks, match="needs"):
+            e.submit(Request(prompt_ids=list(range(1, 31)),           # 8 blocks, +1 = 9
+                             sampling=SamplingParams(max_tokens=2)), lambda ev: None)
+        fin = list(e.generate(Request(prompt_ids=list(range(1, 29)),  # 7 blocks, +1 = 8
+                                      sampling=SamplingParams(max_tokens=1))))[-1]
+        assert fin.reason == "length"
+    finally:
+        e.stop()
