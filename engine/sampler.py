@@ -40,7 +40,11 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
 def _draw(logits: torch.Tensor, params: SamplingParams,
           generator: torch.Generator | None) -> torch.Tensor:
     """logits [V] -> [1] token id on the logits' device (temperature > 0)."""
-    x = logits.float() / params.temperature
+    x = logits.float()
+    # shift before dividing: a tiny temperature (1e-38) overflowed logits / T to inf and
+    # softmax to NaN (multinomial raised, failing the whole step); shifted, the top logit
+    # is 0 and the rest at worst -inf, the greedy limit
+    x = (x - x.max()) / params.temperature
     if params.top_k and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))

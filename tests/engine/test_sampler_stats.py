@@ -116,6 +116,17 @@ def test_greedy_rows_take_the_argmax():
     assert [got[i] for i in (0, 2, 3)] == logits[[0, 2, 3]].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1.4e-45, 1e-38, 1e-30])
+def test_a_tiny_temperature_samples_the_argmax(temperature):
+    """Found by tests/controller/test_fuzz.py: logits / 1e-38 overflowed to inf, softmax
+    gave NaN and torch.multinomial raised, failing the engine step of every sequence in
+    the batch. The limit of a temperature going to 0 is greedy."""
+    logits = torch.randn(4, 31, generator=torch.Generator().manual_seed(5)) * 50
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(4)]
+    got = sample_batch(logits, params, [make_generator(p, CPU) for p in params])
+    assert got == logits.argmax(-1).tolist()
+
+
 def _reference_update(st: SeqStats, share: torch.Tensor) -> None:
     """The per-sequence update as first written (one sequence, scalar reads)."""
     n = share.numel()
