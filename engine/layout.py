@@ -27,7 +27,7 @@ decode kernel. Sections start on ``ALIGN``-byte boundaries, so typed views of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import torch
 

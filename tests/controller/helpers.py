@@ -54,3 +54,53 @@ def tiny_engine(**overrides):
                kv_budget_bytes=2 << 20, host_budget_bytes=2 << 20, page_bytes=4096,
                staging_bytes=256 << 10)
     return Engine(EngineConfig(**{**cfg, **overrides}))
+
+
+class ErrorLog:
+    """Every ERROR record of the ``kvctl`` loggers while attached (``with ErrorLog() as e``)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        class _Handler(logging.Handler):
+            def emit(inner, record):
+                self.records.append(record)
+        self.records: list = []
+        self._handler = _Handler(logging.ERROR)
+
+    def __enter__(self) -> "ErrorLog":
+        import logging
+        logging.getLogger("kvctl").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import logging
+        logging.getLogger("kvctl").removeHandler(self._handler)
+
+    def text(self, n: int = 3) -> str:
+        import logging
+        fmt = logging.Formatter("%(name)s %(levelname)s %(message)s")
+        return "\n".join(fmt.format(r) for r in self.records[:n])
+
+
+def tiny_daemon(**overrides):
+    """An in-process daemon on the real tiny random model, on a fresh Unix socket, with
+    its ERROR log records collected in ``.errors`` (a generator for module fixtures)."""
+    import tempfile
+
+    from controller.config import load_config
+    from controller.server import Daemon
+
+    d = tempfile.mkdtemp(prefix="kv-")
+    cfg = load_config(overrides={"server.socket": f"{d}/kvctl.sock",
+                                 "engine.model": "random:tiny", "engine.num_threads": 1,
+                                 "engine.thread_nice": 0, "telemetry.interval_s": 0.05,
+                                 **overrides}, env={})
+    dm = Daemon(cfg)
+    with ErrorLog() as errors:
+        dm.start()
+        dm.errors = errors
+        try:
+            yield dm
+        finally:
+            dm.stop(grace_s=1)

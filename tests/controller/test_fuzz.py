@@ -7,8 +7,6 @@ KV block is left allocated and no decision watcher is left counted; nothing was 
 at ERROR. Examples are derandomized: CI runs the same ones every time."""
 from __future__ import annotations
 
-import logging
-import tempfile
 import threading
 
 import grpc
@@ -18,11 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from controller.config import load_config
-from controller.server import Daemon
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
-from tests.controller.helpers import wait_for
+from tests.controller.helpers import tiny_daemon, wait_for
 
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
@@ -38,38 +34,14 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-class Errors(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def text(self) -> str:
-        fmt = logging.Formatter("%(name)s %(levelname)s %(message)s")
-        return "\n".join(fmt.format(r) for r in self.records[:3])
-
-
 @pytest.fixture(scope="module")
 def daemon():
-    d = tempfile.mkdtemp(prefix="kv-")
-    cfg = load_config(overrides={
-        "server.socket": f"{d}/kvctl.sock", "engine.model": "random:tiny",
-        "engine.num_threads": 1, "engine.block_size": 16, "engine.page_bytes": 16384,
-        # 2K tokens of KV on the "GPU" tier, 4K on the host: long prompts and large
-        # max_tokens reach RESOURCE_EXHAUSTED before the model's 4096-token context
+    # 2K tokens of KV on the "GPU" tier, 4K on the host: long prompts and large max_tokens
+    # reach RESOURCE_EXHAUSTED before the model's 4096-token context
+    yield from tiny_daemon(**{
+        "engine.block_size": 16, "engine.page_bytes": 16384,
         "engine.kv_budget_bytes": 2 * 64 * 16384, "engine.host_budget_bytes": 4 << 20,
-        "engine.max_batch_tokens": 512, "engine.thread_nice": 0, "server.max_watchers": 4,
-        "telemetry.interval_s": 0.05}, env={})
-    dm = Daemon(cfg)
-    errors = Errors()
-    logging.getLogger("kvctl").addHandler(errors)
-    dm.start()
-    dm.errors = errors
-    yield dm
-    dm.stop(grace_s=1)
-    logging.getLogger("kvctl").removeHandler(errors)
+        "engine.max_batch_tokens": 512, "server.max_watchers": 4})
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ leaks, every stream ends with a status a client can act on.
 
 The concurrency test failed on main at 6eb73dd (streams ended "internal error in the
 engine step" once pressure hit a prompt in prefill)."""
-import logging
 import random
 import threading
 import time
@@ -13,47 +12,23 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.config import load_config
-from controller.server import Daemon
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 from kvctl_proto.kvctl.v1 import kvctl_pb2_grpc
-from tests.controller.helpers import wait_for
+from tests.controller.helpers import tiny_daemon, wait_for
 
 DELIBERATE = {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.FAILED_PRECONDITION}
 
 
-class Errors(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
 def daemon():
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="kv-")
-    cfg = load_config(overrides={
-        "server.socket": f"{d}/kvctl.sock", "engine.model": "random:tiny",
-        "engine.num_threads": 1, "engine.block_size": 16, "engine.page_bytes": 16384,
-        # 2 layers x 24 pages x 2 full blocks: 768 tokens of KV on the "GPU" tier
+    # 2 layers x 24 pages x 2 full blocks: 768 tokens of KV on the "GPU" tier
+    yield from tiny_daemon(**{
+        "engine.block_size": 16, "engine.page_bytes": 16384,
         "engine.kv_budget_bytes": 2 * 24 * 16384, "engine.host_budget_bytes": 4 << 20,
         "engine.max_batch_tokens": 96, "engine.preempt_after_s": 0.2,
-        "engine.thread_nice": 0, "server.max_watchers": 3,
-        "telemetry.interval_s": 0.05}, env={})
-    dm = Daemon(cfg)
-    errors = Errors()
-    logging.getLogger("kvctl").addHandler(errors)
-    dm.start()
-    dm.errors = errors
-    yield dm
-    dm.stop(grace_s=1)
-    logging.getLogger("kvctl").removeHandler(errors)
+        "server.max_watchers": 3})
 
 
 @pytest.fixture
