@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python -m benchmarks.engine_speed
+	$(BIN)/python -m benchmarks.engine_speed --batches 1,8 --prompt 1024 --new 32
 	$(BIN)/python -m benchmarks.evaluate
 	$(BIN)/python -m benchmarks.compression
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model default --max-tokens 128
@@ -41,9 +41,9 @@ bench-accuracy: setup
 bench-gpu: setup
 	$(BIN)/python -m benchmarks.decode_kernel
 	$(BIN)/python -m benchmarks.offload --context 32768
-	$(BIN)/python -m benchmarks.engine_speed --model random:llama3-8b --device cuda --dtype bfloat16 --batches 1,4,8,16
-	$(BIN)/python benchmarks/profile_step.py --model random:llama3-8b --batch 8 --prompt 1024 --top 20
-	$(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model random:llama3-8b --max-tokens 128
+	$(BIN)/python -m benchmarks.engine_speed --model random:llama3-8b --device cuda --dtype bfloat16 --batches 1,8,32,64 --kv-budget-gb 20
+	$(BIN)/python -m benchmarks.step_split --batches 1,64
+	$(BIN)/python -m benchmarks.status_latency --clients 64 --seconds 15 --model random:llama3-8b --max-tokens 128 --set engine.device=cuda --set engine.kv_budget_bytes=21474836480
 
 # regenerate kvctl_proto/ from proto/ with the pinned grpcio-tools
 proto: setup
