@@ -90,6 +90,13 @@ class Nvml:
             lambda: nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_RX_BYTES), 0)
         s.pcie_generation = _try(lambda: nv.nvmlDeviceGetCurrPcieLinkGeneration(h), 0)
         s.pcie_width = _try(lambda: nv.nvmlDeviceGetCurrPcieLinkWidth(h), 0)
+        if mem is None and util is None:
+            # a GPU that answered at start and no longer does (fallen off the bus, driver
+            # reset): say so; the figures are zeros, not last values
+            try:
+                nv.nvmlDeviceGetMemoryInfo(h)
+            except Exception as e:
+                s.reason = f"NVML stopped answering: {type(e).__name__}: {e}"
         return s
 
     def close(self) -> None:

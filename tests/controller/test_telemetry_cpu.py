@@ -97,3 +97,30 @@ def test_watchdog_interval(monkeypatch):
     assert watchdog_interval_s() == 15.0
     monkeypatch.setenv("WATCHDOG_PID", "1")          # meant for another process
     assert watchdog_interval_s() is None
+
+
+class _LostNvml(_FakeNvml):
+    """An NVML whose every device query fails, as after the GPU fell off the bus."""
+
+    def __getattribute__(self, name):
+        if name.startswith("nvmlDevice"):
+            def lost(*a):
+                raise RuntimeError("NVMLError_GpuIsLost: GPU is lost")
+            return lost
+        return object.__getattribute__(self, name)
+
+
+def test_gpu_lost_mid_run_is_reported_and_the_daemon_keeps_sampling():
+    """NVML answering at start, then failing every query: samples go on (zeros and a
+    reason, never the last values), the snapshot and the callbacks still run."""
+    n = Nvml()
+    n.available, n._nv, n._handle = True, _FakeNvml(), object()
+    assert n.sample().reason == ""
+    n._nv = _LostNvml()
+    seen = []
+    t = Telemetry(lambda: "snap", nvml=n)
+    t.on_sample.append(seen.append)
+    s = t.sample_now()
+    assert s.snapshot == "snap" and seen == [s]
+    assert s.gpu.available and "GpuIsLost" in s.gpu.reason
+    assert (s.gpu.memory_used_bytes, s.gpu.utilization_pct, s.gpu.pcie_rx_bytes_per_s) == (0, 0, 0)
