@@ -71,7 +71,7 @@ class Clock:
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
-        pass
+        """The streamer protocol's end of generation: nothing to flush."""
 
     def rate(self, batch: int) -> float:
         t = self.times
@@ -173,7 +173,8 @@ def main() -> None:
                                                    kind == "static")
             except Exception as e:      # e.g. out of memory: say so, go on
                 row[f"hf_{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            torch.cuda.empty_cache() if dev.type == "cuda" else None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
     g = eng.runner.graphs.stats.__dict__ if eng.runner.graphs is not None else {}

@@ -188,10 +188,9 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
     st.counts.CopyFrom(pb.SequenceCounts(waiting=snap.num_waiting, running=snap.num_running,
                                          stalled=snap.num_stalled, total=len(live),
                                          preempted=sum(v.state == "preempted" for v in live)))
-    g = getattr(snap, "graphs", {}) or {}
+    g = snap.graphs
     st.engine.CopyFrom(pb.EngineCounters(
-        preemptions=getattr(snap, "num_preemptions", 0),
-        step_failures=getattr(snap, "num_step_failures", 0),
+        preemptions=snap.num_preemptions, step_failures=snap.num_step_failures,
         cuda_graphs=g.get("num_graphs", 0), graph_replays=g.get("num_replays", 0),
         eager_decode_steps=g.get("num_eager", 0),
         graph_capture_seconds=g.get("capture_seconds", 0.0),

@@ -154,9 +154,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                              f"{snap.max_positions}")
         est = self.engine.handle.estimate_bytes
         gpu_cap = snap.tiers["gpu"].capacity_bytes
-        # admission (the engine's _admit) takes the prompt's blocks plus one block to grow
-        # into, all free at once: a prompt that fit only without that block waited forever
-        need_prompt = est(num_prompt + snap.block_size, "full")
+        need_prompt = self.engine.handle.admission_bytes(num_prompt)
         if need_prompt > gpu_cap:
             raise CapacityExceeded(
                 f"the prompt's {num_prompt} tokens need {need_prompt} B of KV at full precision "

@@ -109,7 +109,8 @@ def _apply(store: KVStore, a: Action) -> tuple[dict[str, int], str, Undo]:
 
 
 def _nothing() -> None:
-    pass
+    """The undo of an irreversible action, which is always a candidate's last: never run
+    after a later refusal, since nothing comes after it."""
 
 
 # Undo steps move bytes back without the checks of a fresh action: they return blocks to

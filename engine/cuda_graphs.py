@@ -16,6 +16,7 @@ for that step and is counted (``num_eager``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -156,7 +157,7 @@ class DecodeGraphs:
         n = 0
         for name, shape in sizes:
             views[name] = (n, shape)
-            n += int(torch.tensor(shape).prod())
+            n += math.prod(shape)
         # an all-padding batch: token 0 at position 0 writing into the scratch slot and
         # attending over its one row
         pad = torch.zeros(n, dtype=torch.int64)
@@ -176,7 +177,7 @@ class DecodeGraphs:
 
         def v(name):
             s, shape = views[name]
-            t = flat[s:s + int(torch.tensor(shape).prod())].view(shape)
+            t = flat[s:s + math.prod(shape)].view(shape)
             return t
         i32 = {name: torch.empty(B, NB, dtype=torch.int32, device=self.device)
                for name in ("kb", "vb", "nt")}

@@ -225,7 +225,8 @@ class Engine(OfflineMixin):
         return need <= self.store.arenas[GPU].capacity_bytes
 
     def _admission_bytes(self, num_tokens: int) -> int:
-        return (self.store.blocks_for(num_tokens) + 1) * self.store.block_bytes(FULL)
+        """Bytes ``_admit`` takes at once for a prompt: its blocks plus one to grow into."""
+        return self.store.estimate_bytes(num_tokens + self.store.block_size)
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, req: Request, on_event: Callable[[Event], None],
@@ -356,9 +357,6 @@ class Engine(OfflineMixin):
                     if not self._inbox and not self._stop:
                         self._cv.wait(0.05)   # stalled on memory: wait for a move
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def step(self) -> bool:
         """One engine step; False when nothing could run (idle or stalled on memory)."""
         with self._step_lock:
@@ -463,14 +461,11 @@ class Engine(OfflineMixin):
         out-of-memory step is retried with fewer tokens, any other failure ends only the
         sequences that were in the step, with reason 'error'."""
         seqs = dec_seqs + pre_seqs
-        lengths = {s.seq_id: self.store.seqs[s.seq_id].num_tokens for s in seqs}
         try:
-            out = self.runner.run(decode, chunks)
+            out = self._guarded([s.seq_id for s in seqs], lambda: self.runner.run(decode, chunks))
             self._token_cap = min(self.config.max_batch_tokens, self._token_cap * 2)
             return out
         except Exception as err:
-            for sid, n in lengths.items():
-                self.store.truncate(sid, n)
             if _is_oom(err) and self._token_cap > 1:
                 self._token_cap = max(1, self._token_cap // 2)
                 self.num_oom_retries += 1

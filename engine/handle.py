@@ -21,6 +21,11 @@ class EngineHandle:
     def estimate_bytes(self, num_tokens: int, fmt: str = "full") -> int:
         return self._e.store.estimate_bytes(num_tokens, KVFormat.parse(fmt))
 
+    def admission_bytes(self, num_prompt_tokens: int) -> int:
+        """GPU-tier bytes admitting a prompt takes at once (its blocks at full precision
+        plus one to grow into): a prompt above the tier's capacity can never run."""
+        return self._e._admission_bytes(num_prompt_tokens)
+
     def snapshot(self) -> EngineSnapshot:
         return self._e.snapshot()
 

@@ -142,6 +142,7 @@ class OfflineMixin:
         return out.logits
 
     def _guarded(self, seq_ids: list[str], fn):
+        """``fn()`` (a model run); if it raises, the lengths it advanced roll back."""
         lengths = {sid: self.store.seqs[sid].num_tokens for sid in seq_ids}
         try:
             return fn()
@@ -161,4 +162,4 @@ class OfflineMixin:
 
 
 def _ignore(event) -> None:
-    pass
+    """A held sequence's event sink: it is never scheduled, so it streams nothing."""

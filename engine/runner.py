@@ -32,7 +32,6 @@ class Chunk:
 class StepOutput:
     plan: StepPlan
     logits: torch.Tensor        # [R, V]: decode rows in order, then chunk rows asked for
-    chunk_rows: list[slice]     # per chunk, its rows in ``logits``
 
 
 class ModelRunner:
@@ -55,20 +54,17 @@ class ModelRunner:
             key = self.graphs.key(decode)
             if isinstance(key, tuple):
                 plan, logits = self.graphs.run(key, decode)
-                return StepOutput(plan, logits, [])
+                return StepOutput(plan, logits)
             self.graphs.note_eager(key)
         plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
                                                for c in chunks],
                           self.num_layers, self.device)
         rows = list(plan.decode.row_list) if plan.decode is not None else []
-        spans = []
         for seg, c in zip(plan.prefills, chunks):
-            start = len(rows)
             if c.logits == "all":
                 rows.extend(range(seg.start, seg.start + seg.length))
             elif c.logits == "last":
                 rows.append(seg.start + seg.length - 1)
-            spans.append(slice(start, len(rows)))
         logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
                                    torch.tensor(rows, dtype=torch.long, device=self.device))
-        return StepOutput(plan, logits, spans)
+        return StepOutput(plan, logits)

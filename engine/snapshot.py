@@ -27,21 +27,14 @@ def sequence_view(engine, s, state: str) -> SequenceView:
         mass = stats.mass.tolist() if stats is not None else []
         obs = stats.observed.tolist() if stats is not None else []
         nm, no = len(mass), len(obs)
-        sizes: dict = {}
         for b in kv.blocks:
-            fmt = b.fmt
-            name = fmt.name
-            if b.offset >= 0:
-                nb = sizes.get(fmt)
-                if nb is None:
-                    nb = sizes[fmt] = st.block_bytes(fmt)
-                by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
-                by_fmt[name] = by_fmt.get(name, 0) + nb
-            else:
-                nb = 0
-            i = b.index
+            i, name = b.index, b.fmt.name
+            nb = st.block_bytes(b.fmt) if b.offset >= 0 else 0
             blocks.append(BlockView(i, b.num_tokens, name, b.tier, nb,
                                     mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0))
+            if nb:                # the sequence's bytes by tier and format, same pass
+                by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
+                by_fmt[name] = by_fmt.get(name, 0) + nb
     return SequenceView(
         s.seq_id, state, len(s.prompt_ids), kv.num_tokens if kv else 0, len(s.output_ids),
         s.priority, kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier,

@@ -58,6 +58,7 @@ class KVStore:
                  scratch: bool = False):
         self.geom = geom
         self.num_layers = num_layers
+        self._block_bytes: dict[KVFormat, int] = {}
         self.device = torch.device(device)
         full_slot = geom.slot_bytes(FULL)
         # pages of >= 1 MiB per layer: offload copies whole runs (PCIe wants >= 1 MiB)
@@ -89,8 +90,11 @@ class KVStore:
         return self.geom.block_size
 
     def block_bytes(self, fmt: KVFormat) -> int:
-        """Exact bytes of one block in all layers."""
-        return self.geom.slot_bytes(fmt) * self.num_layers
+        """Exact bytes of one block in all layers (memoized: snapshots ask once a block)."""
+        n = self._block_bytes.get(fmt)
+        if n is None:
+            n = self._block_bytes[fmt] = self.geom.slot_bytes(fmt) * self.num_layers
+        return n
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.geom.block_size)

@@ -28,7 +28,7 @@ class Context:
     def from_snapshot(cls, snap) -> "Context":
         host = snap.tiers.get("host")
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
-                   getattr(snap, "staging_bytes", 0), max(1, snap.num_layers),
+                   snap.staging_bytes, max(1, snap.num_layers),
                    host.free_bytes if host is not None else 0)
 
 

@@ -20,6 +20,9 @@ class FakeHandle:
     def __init__(self, eng: "FakeEngine") -> None:
         self._e = eng
 
+    def admission_bytes(self, num_prompt_tokens: int) -> int:
+        return self.estimate_bytes(num_prompt_tokens + BLOCK_SIZE)
+
     def estimate_bytes(self, num_tokens: int, fmt: str = "full") -> int:
         if fmt not in ("full", "int8", "int4", "int2"):
             raise ValueError(f"unknown KV format {fmt!r}")
