@@ -21,7 +21,7 @@ from engine.actions import Fetch, SetDecodeMode
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
 # being written, a preempted or waiting sequence)
-MOVABLE_STATES = ("decode", "stalled", "held")
+MOVABLE_STATES = ("decode", "stalled", "held", "idle")
 
 
 @dataclass

@@ -198,6 +198,8 @@ class TierView:
     used_bytes: int       # pages in use (what capacity is lost to)
     block_bytes: int      # sum of live blocks' exact slot bytes
     free_bytes: int
+    cached_bytes: int = 0  # cached prefix blocks no sequence holds: given back on demand,
+                           # so counted as free, not used
 
 
 @dataclass
@@ -223,3 +225,5 @@ class EngineSnapshot:
     num_step_failures: int = 0  # steps that raised (their sequences ended in error)
     staging_bytes: int = 0  # per layer: what one step may stream of offloaded blocks
     graphs: dict = field(default_factory=dict)  # CUDA graph counters (engine/cuda_graphs.py)
+    prefix: dict = field(default_factory=dict)  # prefix reuse counters (engine/prefix.py)
+    sessions: list = field(default_factory=list)  # engine.sessions.session_views()

@@ -60,6 +60,7 @@ class Request:
     priority: int = 0
     seq_id: str | None = None      # assigned by the engine when None
     strategy: str | None = None    # operator/request pin for the controller (opaque here)
+    session_id: str | None = None  # multi-turn: the finished turn's KV is kept for the next
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids))
@@ -91,6 +92,7 @@ class FinishEvent:
     kv_bytes_by_format: dict[str, int]
     moves: list[str]               # strategy changes the sequence went through
     error: str = ""
+    cached_tokens: int = 0         # prompt tokens whose KV was reused, not prefilled
 
 
 Event = TokenEvent | FinishEvent

@@ -64,6 +64,11 @@ class EngineConfig:
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority
     snapshot_interval_s: float = 0.1   # while steps only make progress, snapshots this often
     cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
+    prefix_caching: bool = True    # reuse full blocks of matching token prefixes
+    session_ttl_s: float = 600.0   # an idle session's KV is dropped after this long
+    max_sessions: int = 256        # idle sessions kept; beyond, the least recent goes
+    kv_events: bool = False        # record block stored/removed events (the daemon's
+                                   # [events] section turns this on when it publishes)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +104,10 @@ class EngineConfig:
             raise ValueError(f"engine.stats_decay must be in (0, 1), got {self.stats_decay}")
         if not (math.isfinite(self.preempt_after_s) and self.preempt_after_s >= 0):
             raise ValueError(f"engine.preempt_after_s must be >= 0, got {self.preempt_after_s}")
+        if not (math.isfinite(self.session_ttl_s) and self.session_ttl_s >= 0):
+            raise ValueError(f"engine.session_ttl_s must be >= 0, got {self.session_ttl_s}")
+        if self.max_sessions < 0:
+            raise ValueError(f"engine.max_sessions must be >= 0, got {self.max_sessions}")
         if not (math.isfinite(self.snapshot_interval_s) and 0 <= self.snapshot_interval_s <= 5):
             raise ValueError("engine.snapshot_interval_s must be in [0, 5], got "
                              f"{self.snapshot_interval_s}")

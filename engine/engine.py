@@ -42,9 +42,10 @@ from engine.config import EngineConfig
 from engine.layout import FULL, BlockGeometry
 from engine.models import load_model
 from engine.offline import OfflineMixin
+from engine.sessions import SessionsMixin
 from engine.runner import Chunk, ModelRunner
 from engine.sampler import make_generator, sample_batch
-from engine.sequence import DECODE, FINISHED, HELD, PREEMPTED, PREFILL, Sequence
+from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
 from engine.stats import SeqStats
 from engine.store import GPU, KVStore
@@ -56,7 +57,7 @@ IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
 STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this often
 
 
-class Engine(OfflineMixin):
+class Engine(OfflineMixin, SessionsMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         cfg = config or EngineConfig(**overrides)
         self.config = cfg
@@ -79,7 +80,8 @@ class Engine(OfflineMixin):
         self.store = KVStore(self.geom, self.num_layers, self.device, self._gpu_budget(),
                              cfg.host_budget_bytes, cfg.page_bytes or None,
                              cfg.staging_bytes or None, cfg.num_sink_blocks,
-                             scratch=graphs)
+                             scratch=graphs, prefix_cache=cfg.prefix_caching)
+        self.store.prefix.record_events = cfg.kv_events
         self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device,
                                   cuda_graphs=graphs, max_batch=cfg.max_running)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -91,6 +93,11 @@ class Engine(OfflineMixin):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}
+        self.idle: dict[str, Sequence] = {}      # sessions' KV between turns
+        self.sessions: dict = {}                 # session id -> engine.sessions.Session
+        self._expired_at = 0.0
+        # a sink for the KV events of each step (the daemon's publisher), or None
+        self.on_kv_events: Callable[[list], None] | None = None
         self.seqs: dict[str, Sequence] = {}
         self.stats: dict[str, SeqStats] = {}
         self.step_count = 0
@@ -365,6 +372,7 @@ class Engine(OfflineMixin):
             work = self._schedule()
             if work is None:
                 self._check_stalls()
+                self._after_step()
                 self._publish()
                 return False
             decode, dec_seqs, chunks, pre_seqs = work
@@ -378,15 +386,28 @@ class Engine(OfflineMixin):
                 except Exception as err:   # their KV holds a token no event announced
                     self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
             self._check_stalls()
+            self._after_step()
             self._publish()
             return True
+
+    def _after_step(self) -> None:
+        """Sessions past their TTL go; this step's KV events go to the sink."""
+        if self.sessions:
+            self._expire_sessions()
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        events = self.store.prefix.drain_events() if self.store.prefix.events else None
+        if events and self.on_kv_events is not None:
+            try:
+                self.on_kv_events(events)
+            except Exception:   # a broken publisher must not break the engine
+                log.exception("KV event sink failed; %d events lost", len(events))
 
     # -- schedule -------------------------------------------------------------------------
     def _admit(self) -> None:
         if any(s.stalled for s in self.running):
             return      # room that frees up goes to the sequences already running first
-        alloc = self.store.arenas[GPU].alloc
-        slot = self.geom.slot_bytes(FULL)
         while self.waiting and len(self.running) < self.config.max_running:
             s = max(self.waiting, key=lambda x: (x.priority, -x.arrival))
             if s.swapped:   # preempted by swapping: its blocks come back, +1 to grow
@@ -394,13 +415,14 @@ class Engine(OfflineMixin):
                     return
                 moves.swap_in(self.store, s.seq_id, s.swapped)
                 s.swapped = []
+                if s.block_hashes:   # swapped blocks left the index: back in it
+                    self.store.index_blocks(s.seq_id, 0, s.block_hashes,
+                                            s.prompt_ids + s.output_ids)
                 s.state = DECODE
                 s.moves.append("resumed (swapped in)")
             else:           # the whole context plus one block of growth must fit now
-                if not alloc.can_allocate(slot, self.store.blocks_for(len(s.context_ids)) + 1):
+                if not self._admit_fresh(s):   # (a prefix it shares from the index aside)
                     return
-                self.store.add_sequence(s.seq_id)
-                self.store.reserve(s.seq_id, len(s.context_ids))
                 self.stats[s.seq_id] = SeqStats(decay=self.config.stats_decay)
                 if s.state == PREEMPTED:
                     s.moves.append("resumed (recomputing its KV)")
@@ -499,6 +521,7 @@ class Engine(OfflineMixin):
         if self.on_logits is not None and sampled:
             self.on_logits([s.seq_id for s in sampled], logits)
         self._after(plan)
+        self._index_filled(dec_seqs + pre_seqs)
         self._fill_quantize()
         toks = sample_batch(logits, [s.sampling for s in sampled],
                             [s.generator for s in sampled])
@@ -614,10 +637,16 @@ class Engine(OfflineMixin):
         elif s in self.running:
             self.running.remove(s)
         self.held.pop(s.seq_id, None)
+        kept = False
+        if s.request.session_id:         # a turn of a session: its KV may stay, idle
+            kept = s.state == DECODE and self._keep_session(s, reason)
+            if not kept:
+                self._session_done(s.request.session_id, s.seq_id)
         s.state = FINISHED
         s.finish_reason = reason
-        self.store.free_sequence(s.seq_id)
-        self.stats.pop(s.seq_id, None)
+        if not kept:
+            self.store.free_sequence(s.seq_id)
+            self.stats.pop(s.seq_id, None)
         self.seqs.pop(s.seq_id, None)
         self._changed = True
         with self._ids_lock:
@@ -648,15 +677,15 @@ class Engine(OfflineMixin):
         return out
 
     def _check_movable_seq(self, seq_id: str) -> None:
-        s = self.seqs.get(seq_id)
+        s = self.seqs.get(seq_id) or self.idle.get(seq_id)
         if s is None or seq_id not in self.store.seqs:
             raise ActionError(f"unknown sequence {seq_id!r} (finished, or never admitted)")
-        if s.state not in (DECODE, HELD):
+        if s.state not in (DECODE, HELD, IDLE):
             raise ActionError(f"{seq_id} is {s.state}: only sequences past their prompt "
                               "(decoding) can be moved")
 
     def _note(self, seq_id: str, what: str) -> None:
-        s = self.seqs.get(seq_id)
+        s = self.seqs.get(seq_id) or self.idle.get(seq_id)
         if s is not None:
             s.moves.append(what)
 

@@ -79,8 +79,9 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
     half-way with some batches converted."""
     if not blocks:
         return
-    sim = copy.deepcopy(store.arenas[GPU].alloc)
     new_slot = store.geom.slot_bytes(fmt)
+    store.make_room(GPU, {new_slot: min(len(blocks), BATCH)})  # cached prefixes go first
+    sim = copy.deepcopy(store.arenas[GPU].alloc)
     fake = {id(b): b.offset for b in blocks}
     for i in range(0, len(blocks), BATCH):
         by_fmt: dict[KVFormat, list[Block]] = {}
@@ -89,6 +90,9 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
         for old_fmt, group in by_fmt.items():
             old_slot = store.geom.slot_bytes(old_fmt)
             if not sim.can_allocate(new_slot, len(group)):
+                if any(store.is_shared(b) for b in group):   # copy on write: no room
+                    raise ActionError("no room on the GPU tier for copies of these shared "
+                                      "blocks in the new format")
                 for b in group:
                     sim.free(fake[id(b)], old_slot)
                 if not sim.can_allocate(new_slot, len(group)):
@@ -99,7 +103,8 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
             else:
                 new = [sim.allocate(new_slot) for _ in group]
                 for b, o in zip(group, new):
-                    sim.free(fake[id(b)], old_slot)
+                    if not store.is_shared(b):
+                        sim.free(fake[id(b)], old_slot)
                     fake[id(b)] = o
 
 
@@ -116,27 +121,35 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
         old_slot = store.geom.slot_bytes(old_fmt)
         offs = torch.tensor([b.offset for b in group], dtype=torch.int64, device=arena.device)
         k, v = read_blocks(arena.data, offs, store.geom, old_fmt, torch.float32)  # [L, n, H, T, D]
+        olds = [b.offset for b in group]
+        nshared = sum(store.is_shared(b) for b in group)   # copies: they free nothing
         if alloc.can_allocate(new_slot, len(group)):
             new = [alloc.allocate(new_slot) for _ in group]
-            for b in group:
-                alloc.free(b.offset, old_slot)
+            _write(store, new, fmt, k, v, group)
+            for b, o, was in zip(group, new, olds):
+                b.offset, b.fmt = o, fmt
+                store.moved_slot(b, GPU, was, old_slot)   # shared: copy on write
         else:
             # no room for the new slots beside the old ones: free first, then allocate;
             # if fragmentation still leaves no room, put the blocks back as they were
+            # (never for shared blocks: ``_check_convertible`` refused those)
             for b in group:
                 alloc.free(b.offset, old_slot)
             if not alloc.can_allocate(new_slot, len(group)):
                 back = [alloc.allocate(old_slot) for _ in group]
                 _write(store, back, old_fmt, k, v, group)
-                for b, o in zip(group, back):
+                for b, o, was in zip(group, back, olds):
                     b.offset = o
+                    store.prefix.retarget((GPU, was), (GPU, o), b.tier, b.fmt)
                 raise ActionError("the GPU arena is too fragmented to re-store these blocks; "
                                   "free or move other blocks first")
             new = [alloc.allocate(new_slot) for _ in group]
-        _write(store, new, fmt, k, v, group)
-        for b, o in zip(group, new):
-            b.offset, b.fmt = o, fmt
-        freed += (old_slot - new_slot) * store.num_layers * len(group)
+            _write(store, new, fmt, k, v, group)
+            for b, o, was in zip(group, new, olds):
+                b.offset, b.fmt = o, fmt
+                store.prefix.retarget((GPU, was), (GPU, o), b.tier, fmt)
+        freed += ((old_slot - new_slot) * (len(group) - nshared)
+                  - new_slot * nshared) * store.num_layers
     return freed
 
 
@@ -208,8 +221,7 @@ def _room(arena, blocks: list[Block], store: KVStore, where: str) -> None:
         slot = store.geom.slot_bytes(b.fmt)
         need[slot] = need.get(slot, 0) + 1
     # sizes are checked one class at a time; a class's fresh pages reduce the others'
-    pages = sum(arena.alloc.pages_needed(slot, n) for slot, n in need.items())
-    if pages > len(arena.alloc._free_pages):
+    if not store.make_room(arena.name, need):
         raise ActionError(f"not enough free {where} memory for {len(blocks)} blocks")
 
 
@@ -222,8 +234,9 @@ def _move(store: KVStore, blocks: list[Block], src_name: str, dst_name: str,
     dst_offs = [dst.alloc.allocate(n) for n in sizes]
     _copy_runs(src, [b.offset for b in blocks], dst, dst_offs, sizes)
     for b, o, n in zip(blocks, dst_offs, sizes):
-        src.alloc.free(b.offset, n)
+        was = b.offset
         b.offset, b.tier = o, new_tier
+        store.moved_slot(b, src_name, was, n)     # shared: copy on write
     return sum(sizes) * store.num_layers
 
 
@@ -250,8 +263,9 @@ def evict(store: KVStore, seq_id: str, indices, park: bool) -> dict[str, int]:
     freed = {GPU: 0, HOST: 0}
     for b in blocks:
         tier = GPU if b.tier == GPU else HOST
-        freed[tier] += store.block_bytes(b.fmt)
-        store._release(b)
+        if not store.is_shared(b):       # a shared block stays for its other holders
+            freed[tier] += store.block_bytes(b.fmt)
+        store._release(b, keep=False)
         b.tier, b.summary = EVICTED, None
     return freed
 
@@ -346,8 +360,7 @@ def can_swap_in(store: KVStore, seq_id: str, indices: list[int], growth_blocks: 
         need[slot] = need.get(slot, 0) + 1
     full = store.geom.slot_bytes(FULL)
     need[full] = need.get(full, 0) + growth_blocks
-    alloc = store.arenas[GPU].alloc
-    return sum(alloc.pages_needed(slot, n) for slot, n in need.items()) <= len(alloc._free_pages)
+    return store.make_room(GPU, need)
 
 
 def swap_in(store: KVStore, seq_id: str, indices: list[int]) -> None:

@@ -11,6 +11,7 @@ from engine.api import Event, FinishEvent, Request, TokenEvent
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
 HELD = "held"            # prefilled and kept, never scheduled: driven by prefill/append
+IDLE = "idle"            # a session's KV between turns (engine/sessions.py)
 PREEMPTED = "preempted"  # in the waiting queue again: KV swapped to host or dropped
 
 
@@ -38,6 +39,8 @@ class Sequence:
     read_off: int = 0
     moves: list[str] = field(default_factory=list)
     finish_reason: str = ""
+    block_hashes: list[int] = field(default_factory=list)  # of its full blocks so far
+    cached_tokens: int = 0        # prompt tokens reused from the prefix index
 
     def __post_init__(self) -> None:
         if not self.context_ids:
@@ -99,4 +102,4 @@ class Sequence:
                      ) -> FinishEvent:
         return FinishEvent(self.seq_id, reason, self.text, list(self.output_ids),
                            len(self.prompt_ids), len(self.output_ids), by_tier, by_fmt,
-                           list(self.moves), error)
+                           list(self.moves), error, self.cached_tokens)

@@ -45,13 +45,17 @@ def sequence_view(engine, s, state: str) -> SequenceView:
 def build(engine, version: int) -> EngineSnapshot:
     """The engine's state now (engine thread, or the caller when no thread runs)."""
     st = engine.store
-    tiers = {name: TierView(name, str(a.device), a.capacity_bytes, a.used_bytes,
-                            a.block_bytes, a.capacity_bytes - a.used_bytes)
-             for name, a in st.arenas.items()}
+    tiers = {}
+    for name, a in st.arenas.items():
+        cached = st.cached_bytes(name)
+        used = max(0, a.used_bytes - cached)
+        tiers[name] = TierView(name, str(a.device), a.capacity_bytes, used,
+                               a.block_bytes - cached, a.capacity_bytes - used, cached)
     seqs = []
     pressure = 0
     full_block = st.block_bytes(FULL)
-    for s in list(engine.waiting) + engine.running + list(engine.held.values()):
+    for s in (list(engine.waiting) + engine.running + list(engine.held.values())
+              + list(engine.idle.values())):
         if s.stalled:
             pressure += full_block
         state = "stalled" if s.stalled else s.state
@@ -68,4 +72,12 @@ def build(engine, version: int) -> EngineSnapshot:
         st.num_sink_blocks, version=version, max_positions=engine.max_positions,
         num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures,
         staging_bytes=st.staging_half,
-        graphs=dict(vars(engine.runner.graphs.stats)) if engine.runner.graphs else {})
+        graphs=dict(vars(engine.runner.graphs.stats)) if engine.runner.graphs else {},
+        prefix=prefix_counters(st), sessions=engine.session_views())
+
+
+def prefix_counters(st) -> dict:
+    p = st.prefix
+    return {"hit_tokens": p.hit_tokens, "queried_tokens": p.queried_tokens,
+            "indexed_blocks": len(p), "cached_blocks": len(p.lru),
+            "shared_slots": len(st.refs), "cached_evicted": p.evicted_cached}

@@ -12,6 +12,14 @@ before storage). Each block has a format (engine/layout.py) and a tier:
 * ``swapped`` — on host while its sequence is preempted (the engine's, not a policy move).
 
 The newest block of a sequence is always full precision (the residual window).
+
+Slots may be shared (prefix reuse, engine/prefix.py): several sequences' blocks naming
+the same (arena, offset). ``refs`` counts the holders of shared slots (a slot missing
+from it has one holder). Every slot a sequence lets go of goes through ``release_slot``
+or ``moved_slot``: a shared slot is only unreferenced (so a move of a shared block is a
+copy on write), a slot the prefix index names is kept as a cached entry or follows its
+block to its new slot, and the rest are freed. Allocations that find no room give back
+cached entries first (``make_room``).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch
 
 from engine.arena import Arena, OutOfBlocks
 from engine.layout import FULL, BlockGeometry, KVFormat
+from engine.prefix import Entry, PrefixIndex
 
 GPU, HOST, PARKED, EVICTED, SWAPPED = "gpu", "host", "parked", "evicted", "swapped"
 ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena holding it
@@ -55,7 +64,7 @@ class KVStore:
     def __init__(self, geom: BlockGeometry, num_layers: int, device: torch.device,
                  gpu_bytes: int, host_bytes: int = 0, page_bytes: int | None = None,
                  staging_bytes: int | None = None, num_sink_blocks: int = 1,
-                 scratch: bool = False):
+                 scratch: bool = False, prefix_cache: bool = True):
         self.geom = geom
         self.num_layers = num_layers
         self._block_bytes: dict[KVFormat, int] = {}
@@ -83,6 +92,9 @@ class KVStore:
             self.arenas[HOST] = Arena(HOST, num_layers, host_bytes, page_bytes,
                                       torch.device("cpu"), pin=self.device.type == "cuda")
         self.seqs: dict[str, SeqKV] = {}
+        self.refs: dict[tuple[str, int], int] = {}   # shared slot -> holders (>= 2)
+        self.prefix = PrefixIndex(geom.block_size)
+        self.prefix_cache = prefix_cache   # keep indexed blocks of finished sequences
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -125,47 +137,160 @@ class KVStore:
         s = self.seqs[seq_id] = SeqKV(seq_id)
         return s
 
-    def free_sequence(self, seq_id: str) -> None:
+    def free_sequence(self, seq_id: str, keep: bool = True) -> None:
+        """Let go of a sequence's blocks; ``keep``: indexed ones stay cached (prefix
+        reuse) instead of being freed."""
         s = self.seqs.pop(seq_id, None)
         if s is None:
             return
         for b in s.blocks:
-            self._release(b)
+            self._release(b, keep)
 
     def fork(self, src_id: str, dst_id: str) -> SeqKV:
-        """A new sequence holding a copy of ``src_id``'s KV: every block in its format
-        and tier (a shared prefix by copy: several continuations of one prefill)."""
+        """A new sequence holding ``src_id``'s KV, every block in its format and tier:
+        full blocks shared (copy on write), the partly written tail copied (both
+        sequences write into their own). Several continuations of one prefill."""
         if dst_id in self.seqs:
             raise ValueError(f"sequence {dst_id!r} already exists")
         src = self.seqs[src_id]
+        T = self.geom.block_size
+        copied = [b for b in src.blocks if b.offset >= 0 and (b.num_tokens < T or b is src.tail)]
         need: dict[str, dict[int, int]] = {}
-        for b in src.blocks:
-            if b.offset >= 0:
-                tier = ARENA_OF[b.tier]
-                slot = self.geom.slot_bytes(b.fmt)
-                need.setdefault(tier, {})[slot] = need.setdefault(tier, {}).get(slot, 0) + 1
+        for b in copied:
+            sizes = need.setdefault(ARENA_OF[b.tier], {})
+            slot = self.geom.slot_bytes(b.fmt)
+            sizes[slot] = sizes.get(slot, 0) + 1
         for tier, sizes in need.items():
-            a = self.arenas[tier].alloc
-            if sum(a.pages_needed(sl, n) for sl, n in sizes.items()) > len(a._free_pages):
+            if not self.make_room(tier, sizes):
                 raise OutOfBlocks(f"no room in the {tier} tier to fork {src_id}")
         dst = SeqKV(dst_id, num_tokens=src.num_tokens, fill_format=src.fill_format,
                     decode_mode=src.decode_mode, top_k=src.top_k)
         for b in src.blocks:
             nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
                        None if b.summary is None else b.summary.clone())
-            if b.offset >= 0:
+            if b.offset >= 0 and any(b is c for c in copied):
                 arena = self.arenas[ARENA_OF[b.tier]]
                 n = self.geom.slot_bytes(b.fmt)
                 nb.offset = arena.alloc.allocate(n)
                 arena.data[:, nb.offset:nb.offset + n].copy_(arena.data[:, b.offset:b.offset + n])
+            elif b.offset >= 0:
+                key = self.slot_key(b)
+                self.refs[key] = self.refs.get(key, 1) + 1
+                nb.offset = b.offset
             dst.blocks.append(nb)
         self.seqs[dst_id] = dst
         return dst
 
-    def _release(self, b: Block) -> None:
+    def _release(self, b: Block, keep: bool = True) -> None:
+        """A sequence lets go of its block (``keep``: an indexed block stays cached)."""
         if b.offset >= 0:
-            self.arenas[ARENA_OF[b.tier]].alloc.free(b.offset, self.geom.slot_bytes(b.fmt))
+            self.release_slot(ARENA_OF[b.tier], b.offset, self.geom.slot_bytes(b.fmt), keep)
             b.offset = -1
+
+    # -- shared slots and the prefix index ------------------------------------------------
+    @staticmethod
+    def slot_key(b: Block) -> tuple[str, int]:
+        return ARENA_OF[b.tier], b.offset
+
+    def is_shared(self, b: Block) -> bool:
+        return b.offset >= 0 and (ARENA_OF.get(b.tier), b.offset) in self.refs
+
+    def holders(self, b: Block) -> int:
+        return self.refs.get(self.slot_key(b), 1) if b.offset >= 0 else 0
+
+    def release_slot(self, arena: str, offset: int, slot_bytes: int, keep: bool = True) -> None:
+        key = (arena, offset)
+        n = self.refs.get(key)
+        if n is not None:                 # others still hold it
+            if n <= 2:
+                del self.refs[key]
+            else:
+                self.refs[key] = n - 1
+            return
+        if keep and self.prefix_cache and self.prefix.cache(key):
+            return                        # the index holds it now, until the room is needed
+        self.prefix.forget_slot(key)
+        self.arenas[arena].alloc.free(offset, slot_bytes)
+
+    def moved_slot(self, b: Block, old_arena: str, old_offset: int, old_slot: int) -> None:
+        """``b`` now lives in its new slot; let go of the old one: unreferenced when it
+        is shared (copy on write: the others keep it, and its index entry), else freed,
+        its index entry following the block."""
+        key = (old_arena, old_offset)
+        n = self.refs.get(key)
+        if n is not None:
+            if n <= 2:
+                del self.refs[key]
+            else:
+                self.refs[key] = n - 1
+            return
+        self.prefix.retarget(key, self.slot_key(b), b.tier, b.fmt, b.summary)
+        self.arenas[old_arena].alloc.free(old_offset, old_slot)
+
+    def share(self, seq_id: str, entries: list[Entry]) -> None:
+        """Append the blocks of matched index entries to a new, empty sequence: the
+        first ``len(entries)`` blocks, shared, in the format and tier they are in."""
+        s = self.seqs[seq_id]
+        if s.blocks:
+            raise ValueError(f"{seq_id}: shared prefix blocks go into an empty sequence")
+        T = self.geom.block_size
+        for i, e in enumerate(entries):
+            if e.cached:
+                self.prefix.take(e)       # this sequence is its one holder now
+            else:
+                self.refs[e.key] = self.refs.get(e.key, 1) + 1
+            s.blocks.append(Block(i, e.fmt, e.tier, e.key[1], T,
+                                  None if e.summary is None else e.summary.clone()))
+        s.num_tokens = len(entries) * T
+
+    def index_blocks(self, seq_id: str, start: int, hashes: list[int], tokens,
+                     parent: int = 0) -> int:
+        """Index the sequence's full blocks ``start, start+1, ...`` under ``hashes``
+        (``parent``: block ``start - 1``'s hash; ``tokens``: the ids at every position).
+        Returns how many were newly indexed."""
+        s = self.seqs.get(seq_id)
+        if s is None:
+            return 0
+        T, added = self.geom.block_size, 0
+        for i, h in enumerate(hashes, start):
+            if i >= len(s.blocks):
+                break
+            b = s.blocks[i]
+            if b.offset >= 0 and b.tier in (GPU, HOST) and b.num_tokens == T:
+                added += self.prefix.add(h, parent, tokens[i * T:(i + 1) * T],
+                                         self.slot_key(b), b.tier, b.fmt)
+            parent = h
+        return added
+
+    def make_room(self, arena: str, need: dict[int, int]) -> bool:
+        """Give back cached prefix blocks (least recently cached first) until slots of
+        these sizes (slot bytes -> count) fit; whether they fit."""
+        a = self.arenas.get(arena)
+        if a is None:
+            return False
+        alloc = a.alloc
+        while sum(alloc.pages_needed(sl, n) for sl, n in need.items()) > len(alloc._free_pages):
+            e = self.prefix.pop_lru(arena)
+            if e is None:
+                return False
+            alloc.free(e.key[1], self.geom.slot_bytes(e.fmt))
+        return True
+
+    def cached_bytes(self, arena: str = GPU) -> int:
+        """Bytes of cached prefix blocks (held by the index alone) on ``arena``."""
+        return sum(self.block_bytes(e.fmt) for e in self.prefix.lru.values()
+                   if e.key[0] == arena)
+
+    def held_slots(self, arena: str = GPU) -> int:
+        """Slots of ``arena`` that sequences hold (cached prefix blocks aside)."""
+        a = self.arenas.get(arena)
+        return a.alloc.num_slots - self.prefix.cached_on(arena) if a else 0
+
+    def clear_cache(self) -> None:
+        """Give back every cached prefix block."""
+        for e in list(self.prefix.lru.values()):
+            self.prefix.pop_lru(e.key[0])
+            self.arenas[e.key[0]].alloc.free(e.key[1], self.geom.slot_bytes(e.fmt))
 
     def _new_blocks_needed(self, s: SeqKV, n: int) -> int:
         return max(0, self.blocks_for(s.num_tokens + n) - len(s.blocks))
@@ -173,7 +298,7 @@ class KVStore:
     def can_reserve(self, seq_id: str, n: int) -> bool:
         """Whether ``reserve(seq_id, n)`` would succeed now."""
         need = self._new_blocks_needed(self.seqs[seq_id], n)
-        return need == 0 or self.arenas[GPU].alloc.can_allocate(self.geom.slot_bytes(FULL), need)
+        return need == 0 or self.make_room(GPU, {self.geom.slot_bytes(FULL): need})
 
     def reserve(self, seq_id: str, n: int) -> None:
         """Make room for ``n`` more tokens (full-precision slots). All or nothing."""
@@ -183,7 +308,7 @@ class KVStore:
             return
         alloc = self.arenas[GPU].alloc
         slot = self.geom.slot_bytes(FULL)
-        if not alloc.can_allocate(slot, need):
+        if not self.make_room(GPU, {slot: need}):
             raise OutOfBlocks(f"{seq_id}: no room for {need} more blocks")
         for _ in range(need):
             s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot)))

@@ -111,7 +111,7 @@ def idle(daemon) -> bool:
     snap = daemon.engine.handle.snapshot()
     return (not [v for v in snap.sequences if v.state != "finished"]
             and not daemon.service.inflight_ids()
-            and all(a.alloc.num_slots == 0 for a in daemon.engine.store.arenas.values()))
+            and all(daemon.engine.store.held_slots(n) == 0 for n in daemon.engine.store.arenas))
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def stub(daemon):
 
 def idle(daemon):
     snap = daemon.engine.handle.snapshot()
-    return not snap.sequences and daemon.engine.store.arenas["gpu"].alloc.num_slots == 0
+    return not snap.sequences and daemon.engine.store.held_slots("gpu") == 0
 
 
 def test_concurrent_clients_under_pressure(daemon, stub):

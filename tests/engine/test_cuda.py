@@ -62,6 +62,7 @@ def test_exact_offload_identical_and_quantized_decode_close_on_gpu(gpu_engine):
     assert float((ref - topk).abs().max()) < 1e-3
     q8 = run(e, ids, lambda s: [Quantize(s, tuple(range(n)), 8)])
     assert float((ref[1] - q8[1]).abs().max()) < 0.05 * float(ref[1].abs().max())
+    e.store.clear_cache()
     for a in e.store.arenas.values():
         assert a.alloc.num_slots == 0
 

@@ -84,7 +84,7 @@ def test_moves_between_replays_match_eager(eng):
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
         assert float((a - b).abs().max()) < 1e-4
-    assert eng.store.arenas["gpu"].alloc.num_slots == 0
+    assert eng.store.held_slots("gpu") == 0
 
 
 def test_uniformly_quantized_batch_replays_a_graph_of_its_format(eng):

@@ -37,7 +37,7 @@ def full(eng, ids):
 
 
 def _empty(eng):
-    return not eng.store.seqs and eng.store.arenas[GPU].alloc.num_slots == 0
+    return not eng.store.seqs and eng.store.held_slots(GPU) == 0
 
 
 def test_full_nll_equals_plain_transformers_forward(eng, ids, full):

@@ -123,7 +123,7 @@ def test_quantize_never_stops_half_way(monkeypatch):
         assert [(b.fmt, b.offset) for b in e.store.seqs["q"].blocks] == before
         e.handle.apply(Quantize("q", (2, 3, 4), 8))        # what fits still converts
         e.release("q")
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
     finally:
         e.stop()
 
@@ -251,7 +251,7 @@ def test_step_failure_ends_only_its_sequences_and_rolls_back(monkeypatch):
         fin = [ev for ev in events if type(ev).__name__ == "FinishEvent"]
         assert [(f.seq_id, f.reason) for f in fin] == [(a, "error")]
         assert "internal error" in fin[0].error and e.num_step_failures == 1
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
         b = list(e.generate(req(8, max_tokens=3)))[-1]
         assert b.reason == "length" and len(b.token_ids) == 3
     finally:
@@ -276,7 +276,7 @@ def test_out_of_memory_in_a_step_is_retried_smaller(monkeypatch):
         got = list(e.generate(req(30, max_tokens=6)))[-1]
         assert got.reason == "length" and got.token_ids == ref
         assert e.num_oom_retries == 2 and e.num_step_failures == 0
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
     finally:
         e.stop()
 
@@ -287,8 +287,8 @@ def test_swapped_blocks_live_on_host():
         e.prefill("s", list(range(1, 30)))
         idx = moves.swap_out(e.store, "s")
         assert idx and all(e.store.seqs["s"].blocks[i].tier == "swapped" for i in idx)
-        assert e.store.arenas[GPU].alloc.num_slots == 0
-        assert e.store.arenas[HOST].alloc.num_slots == len(idx)
+        assert e.store.held_slots(GPU) == 0
+        assert e.store.held_slots(HOST) == len(idx)
         moves.swap_in(e.store, "s", idx)
         assert all(b.tier == GPU for b in e.store.seqs["s"].blocks)
         e.release("s")
@@ -340,7 +340,7 @@ def test_failure_after_the_model_run_ends_its_sequences_not_the_others(monkeypat
         # both were in the failing step (a decoding, b's prompt)
         assert [fins[s].reason for s in (a, b)] == ["error", "error"]
         assert "internal error" in fins[a].error and e.num_step_failures == 1
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
         monkeypatch.setattr(e, "_after", real)
         c = list(e.generate(req(8, max_tokens=4, start=3)))[-1]
         d = list(e.generate(req(8, max_tokens=4, start=3)))[-1]

@@ -50,9 +50,9 @@ def test_preempted_sequences_finish_with_their_unpressured_tokens(host):
         moves = [m for s in sids for m in fins[s].moves]
         kind = "swap" if host else "recompute"
         assert any(m == f"preempted ({kind})" for m in moves), moves
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
         if host:
-            assert e.store.arenas[HOST].alloc.num_slots == 0
+            assert e.store.held_slots(HOST) == 0
     finally:
         e.stop()
 
@@ -81,7 +81,7 @@ def test_a_lone_sequence_that_cannot_grow_ends_instead_of_stalling():
             max_tokens=200, ignore_eos=True))))[-1]
         assert fin.reason == "length" and 0 < len(fin.token_ids) < 200
         assert any("no more of its KV" in m for m in fin.moves)
-        assert e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.store.held_slots(GPU) == 0
     finally:
         e.stop()
 
@@ -126,7 +126,7 @@ def test_a_sequence_stalled_as_the_others_finish_is_not_cut_short():
         assert fins[b].reason == "length" and len(fins[b].token_ids) == 2
         assert fins[a].reason == "length" and not fins[a].moves
         assert fins[a].token_ids == list(e.generate(a_req))[-1].token_ids
-        assert e.num_preemptions == 0 and e.store.arenas[GPU].alloc.num_slots == 0
+        assert e.num_preemptions == 0 and e.store.held_slots(GPU) == 0
     finally:
         e.stop()
 

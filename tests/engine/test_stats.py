@@ -74,6 +74,8 @@ def test_prompt_scores_match_eager_attention_in_any_head_grouping(engine, hf_mod
     all at once (short prompts) or in groups (long ones: OBSERVE_ELEMS)."""
     import engine.plan as plan_mod
     from engine.plan import ACCUMULATE
+    # every run prefills the whole prompt (H2O scores are over the prompt's queries)
+    monkeypatch.setattr(engine.config, "prefix_caching", False)
     prompt = long_ids[:300]          # one prefill chunk (max_batch_tokens 512)
     want_win, want_acc = _prompt_scores_eager(hf_model, prompt, engine.geom.block_size,
                                               engine.config.observe_window, ACCUMULATE)

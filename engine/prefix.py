@@ -1,0 +1,204 @@
+"""Prefix reuse: full blocks indexed by the hash of the tokens up to and through them.
+
+Block ``i`` of a sequence holds the K/V of token positions ``[i*T, (i+1)*T)``, and
+those K/V depend on every token before them, so a full block is named by a cumulative
+hash: ``h_i = H(h_{i-1}, tokens of block i)`` (vLLM's block hash). Two sequences whose
+first ``n`` blocks have the same hashes can share those blocks' slots.
+
+The index maps a hash to one slot (arena, byte offset) that holds it, in whatever format
+and tier the block is now: a reused block keeps the format and tier it is in. Slots are
+reference-counted by the store (engine/store.py); the index itself holds a slot only
+when no sequence does any more (a *cached* entry, kept in LRU order and given back when
+an allocation needs the room). A sequence that moves a block it holds alone carries the
+index entry with it (quantized, offloaded: the entry now names the new slot); one that
+moves a shared block gets its own copy (copy on write) and the entry stays with the
+shared slot.
+
+``PrefixIndex`` is bookkeeping only (no tensors): the store calls it. It also records
+the KV events cluster routers consume (stored / removed / cleared, with the tier as
+``medium``) until the engine drains them once a step.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import struct
+
+_MASK = (1 << 63) - 1
+ROOT = 0          # parent hash of block 0 (vLLM's NONE_HASH plays the same part)
+
+
+def block_hash(parent: int, tokens) -> int:
+    """Cumulative 63-bit hash of one full block: sha256 over the parent hash and the
+    token ids (little-endian int64), first 8 bytes. Deterministic across processes and
+    machines, so routers can compute it from token ids too."""
+    h = hashlib.sha256(struct.pack("<q", parent))
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return int.from_bytes(h.digest()[:8], "little") & _MASK
+
+
+def block_hashes(token_ids, block_size: int, start: int = 0, parent: int = ROOT,
+                 upto: int | None = None) -> list[int]:
+    """Hashes of the full blocks ``start, start+1, ...`` of ``token_ids`` (the first
+    ``upto`` tokens when given), continuing from ``parent`` (block ``start - 1``'s)."""
+    n = len(token_ids) if upto is None else min(upto, len(token_ids))
+    out = []
+    for i in range(start, n // block_size):
+        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
+        out.append(parent)
+    return out
+
+
+# tier -> the ``medium`` of vLLM's KV events
+MEDIUM = {"gpu": "GPU", "host": "CPU"}
+
+
+@dataclass
+class Entry:
+    hash: int
+    parent: int
+    tokens: tuple[int, ...]
+    key: tuple[str, int]          # (arena, byte offset) of the slot holding it
+    tier: str                     # 'gpu' or 'host' (attended tiers only)
+    fmt: object                   # KVFormat
+    summary: object = None        # key min/max of a host block (top-k), for reusers
+    cached: bool = False          # held by the index alone (no sequence holds the slot)
+
+
+@dataclass
+class KVEvent:
+    """One change of what the node holds, for the KV-events stream (issue 16)."""
+
+    kind: str                     # 'stored', 'removed', 'cleared'
+    hashes: list[int] = field(default_factory=list)
+    parent: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    medium: str = "GPU"
+
+
+@dataclass
+class PrefixIndex:
+    block_size: int
+    record_events: bool = False
+    by_hash: dict[int, Entry] = field(default_factory=dict)
+    by_key: dict[tuple[str, int], Entry] = field(default_factory=dict)
+    lru: OrderedDict = field(default_factory=OrderedDict)   # hash -> Entry (cached only)
+    events: list[KVEvent] = field(default_factory=list)
+    # counters (status and metrics)
+    hit_tokens: int = 0
+    queried_tokens: int = 0
+    evicted_cached: int = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.by_hash)
+
+    def match(self, hashes: list[int], lossy_from=frozenset()) -> list[Entry]:
+        """The leading entries of ``hashes``: full-precision blocks, and quantized ones
+        only in slots of ``lossy_from`` (a session's own KV: a request never inherits
+        another's lossy blocks)."""
+        out = []
+        for h in hashes:
+            e = self.by_hash.get(h)
+            if e is None or not (e.fmt.is_full or e.key in lossy_from):
+                break
+            out.append(e)
+        return out
+
+    def cached_on(self, arena: str) -> int:
+        return sum(1 for e in self.lru.values() if e.key[0] == arena)
+
+    # -- changes ---------------------------------------------------------------------------
+    def add(self, h: int, parent: int, tokens, key: tuple[str, int], tier: str, fmt) -> bool:
+        """Index a slot under ``h``; False (nothing changes) if ``h`` is indexed already
+        (another copy of the same prefix) or the slot is."""
+        if h in self.by_hash or key in self.by_key:
+            return False
+        e = Entry(h, parent, tuple(tokens), key, tier, fmt)
+        self.by_hash[h] = self.by_key[key] = e
+        self._event("stored", e)
+        return True
+
+    def retarget(self, old: tuple[str, int], new: tuple[str, int], tier: str, fmt,
+                 summary=None) -> None:
+        """The block indexed at slot ``old`` now lives at ``new`` (its sole holder moved
+        it): quantized, offloaded or fetched."""
+        e = self.by_key.pop(old, None)
+        if e is None:
+            return
+        if tier not in MEDIUM:       # parked, swapped: not attended, so not reusable
+            self._drop(e)
+            return
+        moved_medium = MEDIUM[tier] != MEDIUM[e.tier]
+        if moved_medium:
+            self._event("removed", e)
+        e.key, e.tier, e.fmt, e.summary = new, tier, fmt, summary
+        self.by_key[new] = e
+        if moved_medium:
+            self._event("stored", e)
+
+    def forget_slot(self, key: tuple[str, int]) -> None:
+        e = self.by_key.get(key)
+        if e is not None:
+            self.by_key.pop(key)
+            self._drop(e)
+
+    def cache(self, key: tuple[str, int]) -> bool:
+        """The last sequence let go of slot ``key``: keep it as a cached entry if it is
+        indexed (True: the index holds it now), else False (free it)."""
+        e = self.by_key.get(key)
+        if e is None:
+            return False
+        e.cached = True
+        self.lru[e.hash] = e
+        self.lru.move_to_end(e.hash)
+        return True
+
+    def take(self, e: Entry) -> None:
+        """A sequence holds a cached entry's slot again."""
+        if e.cached:
+            e.cached = False
+            self.lru.pop(e.hash, None)
+
+    def pop_lru(self, arena: str) -> Entry | None:
+        """The least recently cached entry on ``arena``, removed from the index (the
+        caller frees its slot)."""
+        for h, e in self.lru.items():
+            if e.key[0] == arena:
+                del self.lru[h]
+                self.by_key.pop(e.key, None)
+                self._drop(e)
+                self.evicted_cached += 1
+                return e
+        return None
+
+    def clear(self) -> list[Entry]:
+        """Forget every entry; the cached ones are returned for the caller to free."""
+        cached = list(self.lru.values())
+        self.by_hash.clear()
+        self.by_key.clear()
+        self.lru.clear()
+        if self.record_events:
+            self.events.append(KVEvent("cleared"))
+        return cached
+
+    def drain_events(self) -> list[KVEvent]:
+        out, self.events = self.events, []
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+    def _drop(self, e: Entry) -> None:
+        self.by_hash.pop(e.hash, None)
+        self.lru.pop(e.hash, None)
+        self._event("removed", e)
+
+    def _event(self, kind: str, e: Entry) -> None:
+        if not self.record_events:
+            return
+        if kind == "stored":
+            self.events.append(KVEvent("stored", [e.hash], None if e.parent == ROOT
+                                       else e.parent, list(e.tokens), MEDIUM[e.tier]))
+        else:
+            self.events.append(KVEvent("removed", [e.hash], medium=MEDIUM[e.tier]))
