@@ -65,20 +65,22 @@ class KVEventPublisher:
     def __init__(self, endpoint: str = "tcp://*:5557", *, replay_endpoint: str = "",
                  topic: str = "", buffer_steps: int = 10_000, max_queue_size: int = 10_000,
                  hwm: int = 100_000, encoding: Encoding | str = Encoding.map,
-                 data_parallel_rank: int = 0, clock=time.time) -> None:
+                 data_parallel_rank: int = 0) -> None:
         self.endpoint, self.replay_endpoint = endpoint, replay_endpoint or None
         self.topic = topic
         self._topic = topic.encode()
         self._encoding = Encoding(encoding)
         self._dp_rank = data_parallel_rank
-        self._clock = clock
         self._hwm, self._buffer_steps = hwm, buffer_steps
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue_size)
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
-        # the engine thread wakes the publisher through a pipe the zmq poller also watches
+        # the engine thread wakes the publisher through a pipe the zmq poller also watches;
+        # the lock keeps a late wake-up from writing to a closed (or reused) descriptor
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         # counters: each has one writer (engine thread: dropped_*; publisher thread: the rest)
         self.num_batches = self.num_events = self.num_replays = 0
         self.num_dropped_batches = self.num_dropped_events = 0
@@ -107,7 +109,7 @@ class KVEventPublisher:
             return False
         batch = [ev.AllBlocksCleared(), *records] if self._lost else records
         try:
-            self._queue.put_nowait((self._clock(), batch))
+            self._queue.put_nowait((time.time(), batch))
         except queue.Full:
             self.num_dropped_batches += 1
             self.num_dropped_events += len(records)
@@ -119,7 +121,7 @@ class KVEventPublisher:
             return False
         resync, self._lost = self._lost, False
         if resync:
-            log.warning("KV events resumed after drops; sent AllBlocksCleared",
+            log.info("KV events resumed after drops; routers told AllBlocksCleared",
                         extra={"kv": {"dropped_batches": self.num_dropped_batches,
                                       "dropped_events": self.num_dropped_events}})
         self._wake()
@@ -127,8 +129,6 @@ class KVEventPublisher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish what is queued, then close the sockets and stop the thread."""
-        if self._closed:
-            return
         self._closed = True
         self._wake()
         self._thread.join(timeout)
@@ -143,14 +143,20 @@ class KVEventPublisher:
         return self._closed
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:          # the pipe is full: the publisher is awake anyway
-            pass
+        with self._pipe_lock:
+            if not self._pipe_open:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:      # the pipe is full: the publisher is awake anyway
+                pass
 
     def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        with self._pipe_lock:
+            if self._pipe_open:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     # ------------------------------------------------------------ publisher thread
     def _open(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket | None]:
@@ -226,8 +232,13 @@ class KVEventPublisher:
                 ts, records = self._queue.get_nowait()
             except queue.Empty:
                 return
-            batch = EventBatch(ts, [to_wire(r, self._encoding) for r in records], self._dp_rank)
-            payload = encoder.encode(batch)
+            try:
+                payload = encoder.encode(EventBatch(
+                    ts, [to_wire(r, self._encoding) for r in records], self._dp_rank))
+            except Exception:            # a bad record: no router keeps a view it cannot trust
+                log.exception("KV event batch not encodable; sent AllBlocksCleared instead")
+                payload = encoder.encode(EventBatch(
+                    ts, [to_wire(ev.AllBlocksCleared(), self._encoding)], self._dp_rank))
             seq = self.num_batches
             pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), copy=False)
             self._buffer.append((seq, payload))

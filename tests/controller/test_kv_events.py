@@ -509,3 +509,18 @@ def test_daemon_hands_its_publisher_to_the_engine(sockdir):
         dm.stop(grace_s=1)
     assert dm.kv_events.is_closed
     assert "kvctl-kv-events" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_bad_record_clears_instead_of_stopping_the_publisher(publisher, caplog):
+    pub = publisher()
+    router = Router(pub)
+    try:
+        Engine().step(pub, [Engine.stored(A, 0, 1)])
+        assert pub.on_kv_events(["not a record"]) is False
+        Engine().step(pub, [Engine.stored(C, 0, 1)])
+        router.receive_until(router.last_sync + 3)
+    finally:
+        router.close()
+    assert [type(e).__name__ for e in router.batches[-2].events] == ["AllBlocksCleared"]
+    assert router.view() == {"GPU": set(Engine.hashes(C)[:1])}
+    assert "not encodable" in caplog.text
