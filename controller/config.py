@@ -7,6 +7,8 @@ overrides, into a dataclass tree validated in ``__post_init__``.
     [metrics] enabled, address, port
     [log]     level, format, log_prompts
     [telemetry] interval_s, history
+    [kv_events] enabled, endpoint, replay_endpoint, topic, buffer_steps, max_queue_size, hwm,
+              encoding (vLLM's KV events for cluster routers; controller/kv_events.py)
 
 Example: ``KVCTL_ENGINE_MODEL=random:tiny`` or ``kvctl serve --set engine.model=random:tiny``.
 """
@@ -166,6 +168,41 @@ class TelemetrySection:
             raise ValueError(f"telemetry.history must be >= 1, got {self.history}")
 
 
+class KVEventsEncoding(str, Enum):
+    map = "map"                      # vLLM after PR #42892 (events as tagged maps)
+    array = "array"                  # vLLM before it (events as positional arrays)
+
+
+_ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass
+class KVEventsSection:
+    enabled: bool = False
+    endpoint: str = "tcp://*:5557"   # PUB socket: bound if it has * (or ::, ipc://), else connected
+    replay_endpoint: str = ""        # ROUTER socket for replays of recent batches; "" = none
+    topic: str = ""                  # first frame of every message (subscribers filter on it)
+    buffer_steps: int = 10_000       # batches kept for replay
+    max_queue_size: int = 10_000     # batches waiting for the publisher thread; beyond, dropped
+    hwm: int = 100_000               # ZeroMQ send high-water mark of the PUB socket
+    encoding: KVEventsEncoding = KVEventsEncoding.map
+
+    def __post_init__(self) -> None:
+        self.encoding = _enum(KVEventsEncoding, self.encoding, "kv_events.encoding")
+        for name in ("endpoint", "replay_endpoint"):
+            v = getattr(self, name)
+            if (v or name == "endpoint") and not v.startswith(_ZMQ_TRANSPORTS):
+                raise ValueError(f"kv_events.{name} must be a ZeroMQ endpoint "
+                                 f"(tcp://HOST:PORT, ipc://PATH or inproc://NAME), got {v!r}")
+        if self.replay_endpoint and self.replay_endpoint == self.endpoint:
+            raise ValueError("kv_events.replay_endpoint must differ from kv_events.endpoint")
+        for name in ("buffer_steps", "max_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"kv_events.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hwm < 0:
+            raise ValueError(f"kv_events.hwm must be >= 0 (0: no limit), got {self.hwm}")
+
+
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -174,6 +211,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    kv_events: KVEventsSection = field(default_factory=KVEventsSection)
 
 
 def _enum(cls, value, name):

@@ -166,6 +166,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self.server: grpc.aio.Server | None = None
         self.loop: LoopThread | None = None
+        self.kv_events = None          # controller.kv_events.KVEventPublisher when enabled
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -182,12 +183,15 @@ class Daemon:
         token = Path(s.token_file).read_text().strip() if s.token_file else None
         if s.tcp_address and not token:
             raise ValueError(f"server.token_file {s.token_file} is empty")
+        self._open_kv_events()
         prepare_socket(self.socket_path)
         self.loop = LoopThread("kvctl-grpc")
         try:
             self.loop.run(self._bind(token))
         except BaseException:
             self.loop.close()
+            if self.kv_events is not None:
+                self.kv_events.close()
             raise
         if hasattr(self.engine, "start"):
             self.engine.start()
@@ -199,13 +203,32 @@ class Daemon:
             self.loop.run(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         log.info("serving", extra={"kv": {
             "socket": str(self.socket_path), "tcp": s.tcp_address or None, "tcp_port": self.tcp_port,
-            "metrics_port": self.metrics_port, "model": getattr(self.engine, "model_name", ""),
+            "metrics_port": self.metrics_port,
+            "kv_events": self.kv_events.endpoint if self.kv_events is not None else None,
+            "model": getattr(self.engine, "model_name", ""),
             "mode": self.telemetry.mode, "gpu": self.telemetry.nvml.reason or "ok"}})
         sd_notify(f"READY=1\nSTATUS=serving on {self.socket_path}\nMAINPID={os.getpid()}")
         wd = watchdog_interval_s()
         if wd:
             threading.Thread(target=self._watchdog, args=(wd,), name="kvctl-watchdog",
                              daemon=True).start()
+
+    def _open_kv_events(self) -> None:
+        """Start the KV events publisher ([kv_events]) and hand its sink to the engine."""
+        if not self.cfg.kv_events.enabled:
+            return
+        try:                           # pyzmq and msgspec only load when the feature is on
+            from controller.kv_events import publisher_from_config
+        except ImportError as e:
+            raise OSError(f"kv_events.enabled needs pyzmq and msgspec: {e}") from None
+        self.kv_events = publisher_from_config(self.cfg.kv_events)
+        self.metrics.registry.register(self.kv_events)
+        attach = getattr(self.engine, "set_kv_event_sink", None)
+        if attach is None:
+            log.warning("kv_events is enabled but this engine emits no KV events",
+                        extra={"kv": {"engine": type(self.engine).__name__}})
+        else:
+            attach(self.kv_events.on_kv_events)
 
     async def _bind(self, token: str | None) -> None:
         """Build the server and bind its ports (on the loop: aio servers belong to one)."""
@@ -258,6 +281,8 @@ class Daemon:
             self.telemetry.stop()
             if hasattr(self.engine, "stop"):
                 self.engine.stop(timeout=10)
+            if self.kv_events is not None:   # after the engine: its last step's events go out
+                self.kv_events.close()
             self.metrics.stop()
             try:
                 self.socket_path.unlink()

@@ -1,4 +1,5 @@
-"""Requests and the events the engine streams back for them."""
+"""Requests and the events the engine streams back for them; the KV event records the
+engine hands its KV-events sink (docs/KV_EVENTS.md)."""
 from __future__ import annotations
 
 import math
@@ -96,3 +97,73 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
+
+
+# ---------------------------------------------------------------- KV events
+# Records of what the engine holds, for cluster routers: the engine hands a list of them
+# to its sink once per step (set_kv_event_sink; controller/kv_events.py publishes them in
+# vLLM's wire format). As vLLM's block pool emits them:
+# * BlockStored when full blocks become present in a medium: their cumulative hashes in
+#   prefix order (engine/block_hash.py), the hash of the block before the first (None at
+#   a sequence's start), and the tokens of exactly those blocks;
+# * BlockRemoved when the last copy of a block leaves a medium;
+# * AllBlocksCleared when the engine forgets every block.
+# A move between tiers is a removal from one medium and a store on the other; a block
+# shared by several sequences is stored once and removed once; partial blocks never appear.
+MEDIUM_GPU = "GPU"             # vLLM's spelling (MEDIUM_GPU / MEDIUM_CPU in its kv_events)
+MEDIUM_CPU = "CPU"
+# kvctl tier -> medium: host, parked and swapped blocks all sit in host memory; evicted
+# blocks are gone (removed), they have no medium
+MEDIUM_OF_TIER = {"gpu": MEDIUM_GPU, "host": MEDIUM_CPU, "parked": MEDIUM_CPU,
+                  "swapped": MEDIUM_CPU}
+MEDIA = (MEDIUM_GPU, MEDIUM_CPU)
+
+
+def medium_of(tier: str) -> str:
+    """The KV-events medium of a kvctl tier; ValueError for ``evicted`` (no medium)."""
+    try:
+        return MEDIUM_OF_TIER[tier]
+    except KeyError:
+        raise ValueError(f"tier {tier!r} has no KV-events medium; known: "
+                         f"{', '.join(MEDIUM_OF_TIER)} (evicted blocks are removed)") from None
+
+
+def _check_medium(medium: str) -> None:
+    if medium not in MEDIA:
+        raise ValueError(f"medium must be one of {', '.join(MEDIA)}, got {medium!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    block_hashes: list[int]          # cumulative hashes (external 64-bit form), prefix order
+    parent_block_hash: int | None    # hash of the block before block_hashes[0]; None at start
+    token_ids: list[int]             # the tokens of exactly these blocks
+    block_size: int
+    medium: str = MEDIUM_GPU
+
+    def __post_init__(self) -> None:
+        _check_medium(self.medium)
+        if not self.block_hashes:
+            raise ValueError("BlockStored needs at least one block hash")
+        if self.block_size < 1 or len(self.token_ids) != len(self.block_hashes) * self.block_size:
+            raise ValueError(f"BlockStored of {len(self.block_hashes)} blocks of "
+                             f"{self.block_size} tokens carries {len(self.token_ids)} tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    block_hashes: list[int]
+    medium: str = MEDIUM_GPU
+
+    def __post_init__(self) -> None:
+        _check_medium(self.medium)
+        if not self.block_hashes:
+            raise ValueError("BlockRemoved needs at least one block hash")
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
