@@ -42,6 +42,7 @@ from engine.config import EngineConfig
 from engine.layout import FULL, BlockGeometry
 from engine.models import load_model
 from engine.offline import OfflineMixin
+from engine.prefix import key_of
 from engine.sessions import SessionsMixin
 from engine.runner import Chunk, ModelRunner
 from engine.sampler import make_generator, sample_batch
@@ -96,6 +97,8 @@ class Engine(OfflineMixin, SessionsMixin):
         self.idle: dict[str, Sequence] = {}      # sessions' KV between turns
         self.sessions: dict = {}                 # session id -> engine.sessions.Session
         self._expired_at = 0.0
+        self._blocked_since = 0.0                # a waiting request found no room since
+        self.num_sessions_dropped = 0            # idle sessions dropped for room
         # a sink for the KV events of each step (the daemon's publisher), or None
         self.on_kv_events: Callable[[list], None] | None = None
         self.seqs: dict[str, Sequence] = {}
@@ -391,18 +394,42 @@ class Engine(OfflineMixin, SessionsMixin):
             return True
 
     def _after_step(self) -> None:
-        """Sessions past their TTL go; this step's KV events go to the sink."""
+        """Sessions past their TTL go (and the least recent idle one, when a waiting
+        request found no room for ``preempt_after_s``); this step's KV events go to the
+        sink."""
+        if not self.waiting:
+            self._blocked_since = 0.0
         if self.sessions:
             self._expire_sessions()
+            now = time.monotonic()
+            if self._blocked_since and now - self._blocked_since >= self.config.preempt_after_s \
+                    and self._drop_lru_idle("a waiting request found no room"):
+                self._blocked_since = now
         self._flush_events()
+
+    def set_kv_event_sink(self, sink: Callable[[list], bool] | None) -> None:
+        """Hand each step's KV events (engine/api.py records) to ``sink`` (the daemon's
+        publisher, controller/kv_events.py); None stops recording them. Everything the
+        index holds now is announced first."""
+        def run():
+            self.on_kv_events = sink
+            self.store.prefix.record_events = sink is not None
+            if sink is not None:
+                self.store.prefix.reannounce()
+            else:
+                self.store.prefix.events = []
+        self.call(run)
 
     def _flush_events(self) -> None:
         events = self.store.prefix.drain_events() if self.store.prefix.events else None
         if events and self.on_kv_events is not None:
             try:
-                self.on_kv_events(events)
+                lost = self.on_kv_events(events)
             except Exception:   # a broken publisher must not break the engine
                 log.exception("KV event sink failed; %d events lost", len(events))
+                lost = True
+            if lost:            # the stream restarts with AllBlocksCleared: say it all again
+                self.store.prefix.reannounce()
 
     # -- schedule -------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -412,21 +439,24 @@ class Engine(OfflineMixin, SessionsMixin):
             s = max(self.waiting, key=lambda x: (x.priority, -x.arrival))
             if s.swapped:   # preempted by swapping: its blocks come back, +1 to grow
                 if not moves.can_swap_in(self.store, s.seq_id, s.swapped, 1):
+                    self._blocked_since = self._blocked_since or time.monotonic()
                     return
                 moves.swap_in(self.store, s.seq_id, s.swapped)
                 s.swapped = []
                 if s.block_hashes:   # swapped blocks left the index: back in it
-                    self.store.index_blocks(s.seq_id, 0, s.block_hashes,
+                    self.store.index_blocks(s.seq_id, 0, [key_of(d) for d in s.block_hashes],
                                             s.prompt_ids + s.output_ids)
                 s.state = DECODE
                 s.moves.append("resumed (swapped in)")
             else:           # the whole context plus one block of growth must fit now
                 if not self._admit_fresh(s):   # (a prefix it shares from the index aside)
+                    self._blocked_since = self._blocked_since or time.monotonic()
                     return
                 self.stats[s.seq_id] = SeqStats(decay=self.config.stats_decay)
                 if s.state == PREEMPTED:
                     s.moves.append("resumed (recomputing its KV)")
                 s.state = PREFILL
+            self._blocked_since = 0.0
             self.waiting.remove(s)
             self.running.append(s)
             self._changed = True
@@ -579,6 +609,10 @@ class Engine(OfflineMixin, SessionsMixin):
             return
         if any(self._has_room_alone(s) for s in stalled):
             return          # sequences finished in this step: their blocks are free now
+        if self._drop_lru_idle("a running sequence found no room"):
+            for s in stalled:   # idle sessions go before any running sequence
+                s.stalled_since = now
+            return
         if len(self.running) == 1:
             # alone and still no room: nothing else holds GPU blocks to give back
             s = self.running[0]

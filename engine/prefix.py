@@ -15,50 +15,44 @@ moves a shared block gets its own copy (copy on write) and the entry stays with 
 shared slot.
 
 ``PrefixIndex`` is bookkeeping only (no tensors): the store calls it. It also records
-the KV events cluster routers consume (stored / removed / cleared, with the tier as
-``medium``) until the engine drains them once a step.
+the KV events cluster routers consume (engine/api.py: stored / removed / cleared, the
+tier as ``medium``) until the engine hands them to its sink once a step; an index
+rebuilt from those events equals this one (hash -> medium).
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import struct
-
-_MASK = (1 << 63) - 1
-ROOT = 0          # parent hash of block 0 (vLLM's NONE_HASH plays the same part)
+from engine.api import AllBlocksCleared, BlockRemoved, BlockStored, medium_of
+from engine.block_hash import external_hash, hash_block_tokens
 
 
-def block_hash(parent: int, tokens) -> int:
-    """Cumulative 63-bit hash of one full block: sha256 over the parent hash and the
-    token ids (little-endian int64), first 8 bytes. Deterministic across processes and
-    machines, so routers can compute it from token ids too."""
-    h = hashlib.sha256(struct.pack("<q", parent))
-    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
-    return int.from_bytes(h.digest()[:8], "little") & _MASK
-
-
-def block_hashes(token_ids, block_size: int, start: int = 0, parent: int = ROOT,
-                 upto: int | None = None) -> list[int]:
-    """Hashes of the full blocks ``start, start+1, ...`` of ``token_ids`` (the first
-    ``upto`` tokens when given), continuing from ``parent`` (block ``start - 1``'s)."""
+def block_digests(token_ids, block_size: int, start: int = 0, parent: bytes | None = None,
+                  upto: int | None = None) -> list[bytes]:
+    """Digests of the full blocks ``start, start+1, ...`` of ``token_ids`` (its first
+    ``upto`` tokens when given), chained from ``parent`` (block ``start - 1``'s digest;
+    None at the start): vLLM's ``sha256_cbor`` chain (engine/block_hash.py)."""
     n = len(token_ids) if upto is None else min(upto, len(token_ids))
     out = []
     for i in range(start, n // block_size):
-        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
+        parent = hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size])
         out.append(parent)
     return out
 
 
-# tier -> the ``medium`` of vLLM's KV events
-MEDIUM = {"gpu": "GPU", "host": "CPU"}
+ATTENDED = ("gpu", "host")   # tiers whose blocks a new request can attend (reusable)
+
+
+def key_of(digest: bytes) -> int:
+    """The index key (and the hash KV events carry) of a block digest."""
+    return external_hash(digest)
 
 
 @dataclass
 class Entry:
     hash: int
-    parent: int
+    parent: int | None            # the previous block's hash (None for block 0)
     tokens: tuple[int, ...]
     key: tuple[str, int]          # (arena, byte offset) of the slot holding it
     tier: str                     # 'gpu' or 'host' (attended tiers only)
@@ -68,24 +62,13 @@ class Entry:
 
 
 @dataclass
-class KVEvent:
-    """One change of what the node holds, for the KV-events stream (issue 16)."""
-
-    kind: str                     # 'stored', 'removed', 'cleared'
-    hashes: list[int] = field(default_factory=list)
-    parent: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    medium: str = "GPU"
-
-
-@dataclass
 class PrefixIndex:
     block_size: int
     record_events: bool = False
     by_hash: dict[int, Entry] = field(default_factory=dict)
     by_key: dict[tuple[str, int], Entry] = field(default_factory=dict)
     lru: OrderedDict = field(default_factory=OrderedDict)   # hash -> Entry (cached only)
-    events: list[KVEvent] = field(default_factory=list)
+    events: list = field(default_factory=list)
     # counters (status and metrics)
     hit_tokens: int = 0
     queried_tokens: int = 0
@@ -107,11 +90,18 @@ class PrefixIndex:
             out.append(e)
         return out
 
+    def view(self) -> dict[str, set[int]]:
+        """Medium -> hashes held (what a router rebuilds from the events)."""
+        out: dict[str, set[int]] = {}
+        for e in self.by_hash.values():
+            out.setdefault(medium_of(e.tier), set()).add(e.hash)
+        return out
+
     def cached_on(self, arena: str) -> int:
         return sum(1 for e in self.lru.values() if e.key[0] == arena)
 
     # -- changes ---------------------------------------------------------------------------
-    def add(self, h: int, parent: int, tokens, key: tuple[str, int], tier: str, fmt) -> bool:
+    def add(self, h: int, parent: int | None, tokens, key: tuple[str, int], tier: str, fmt) -> bool:
         """Index a slot under ``h``; False (nothing changes) if ``h`` is indexed already
         (another copy of the same prefix) or the slot is."""
         if h in self.by_hash or key in self.by_key:
@@ -128,10 +118,10 @@ class PrefixIndex:
         e = self.by_key.pop(old, None)
         if e is None:
             return
-        if tier not in MEDIUM:       # parked, swapped: not attended, so not reusable
+        if tier not in ATTENDED:     # parked, swapped: not attended, so not reusable
             self._drop(e)
             return
-        moved_medium = MEDIUM[tier] != MEDIUM[e.tier]
+        moved_medium = medium_of(tier) != medium_of(e.tier)
         if moved_medium:
             self._event("removed", e)
         e.key, e.tier, e.fmt, e.summary = new, tier, fmt, summary
@@ -181,10 +171,10 @@ class PrefixIndex:
         self.by_key.clear()
         self.lru.clear()
         if self.record_events:
-            self.events.append(KVEvent("cleared"))
+            self.events.append(AllBlocksCleared())
         return cached
 
-    def drain_events(self) -> list[KVEvent]:
+    def drain_events(self) -> list:
         out, self.events = self.events, []
         return out
 
@@ -198,7 +188,15 @@ class PrefixIndex:
         if not self.record_events:
             return
         if kind == "stored":
-            self.events.append(KVEvent("stored", [e.hash], None if e.parent == ROOT
-                                       else e.parent, list(e.tokens), MEDIUM[e.tier]))
+            self.events.append(BlockStored([e.hash], e.parent, list(e.tokens),
+                                           self.block_size, medium_of(e.tier)))
         else:
-            self.events.append(KVEvent("removed", [e.hash], medium=MEDIUM[e.tier]))
+            self.events.append(BlockRemoved([e.hash], medium_of(e.tier)))
+
+    def reannounce(self) -> None:
+        """After the sink lost events: everything held, from a clean slate."""
+        self.events = [AllBlocksCleared()]
+        rec, self.record_events = self.record_events, True
+        for e in self.by_hash.values():
+            self._event("stored", e)
+        self.record_events = rec

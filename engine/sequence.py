@@ -39,7 +39,7 @@ class Sequence:
     read_off: int = 0
     moves: list[str] = field(default_factory=list)
     finish_reason: str = ""
-    block_hashes: list[int] = field(default_factory=list)  # of its full blocks so far
+    block_hashes: list[bytes] = field(default_factory=list)  # digests of its full blocks
     cached_tokens: int = 0        # prompt tokens reused from the prefix index
 
     def __post_init__(self) -> None:

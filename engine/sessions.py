@@ -26,7 +26,7 @@ from engine import moves
 from engine.actions import ActionError
 from engine.api import Request
 from engine.layout import FULL
-from engine.prefix import ROOT, block_hashes
+from engine.prefix import block_digests, key_of
 from engine.sequence import IDLE, Sequence
 from engine.staging import staging_need
 from engine.store import GPU, HOST
@@ -63,19 +63,19 @@ class SessionsMixin:
         the GPU tier has no room for it now."""
         store, T, sid = self.store, self.store.block_size, s.seq_id
         ids = s.context_ids
-        hashes: list[int] = []
+        digests: list[bytes] = []
         entries = []
         sess = self.sessions.get(s.request.session_id or "")
         if self.config.prefix_caching:
             # the prompt's last ``observe_window`` tokens (at least one) are always
             # computed: their attention gives the prompt-time statistics and the last
             # one's logits the first token
-            hashes = block_hashes(ids, T, upto=len(ids) - max(1, self.config.observe_window))
+            digests = block_digests(ids, T, upto=len(ids) - max(1, self.config.observe_window))
             own = frozenset()
             if sess is not None and sess.holder in store.seqs:   # its lossy blocks too
                 own = frozenset(store.slot_key(b) for b in store.seqs[sess.holder].blocks
                                 if b.offset >= 0)
-            entries = store.prefix.match(hashes, own)
+            entries = store.prefix.match([key_of(d) for d in digests], own)
         store.add_sequence(sid)
         if entries:
             store.share(sid, entries)
@@ -89,7 +89,7 @@ class SessionsMixin:
         matched = self._settle_reused(s, len(entries))
         store.reserve(sid, len(ids) - matched * T)
         s.num_prefilled = matched * T
-        s.block_hashes = hashes[:matched]
+        s.block_hashes = digests[:matched]
         if not s.num_preemptions:
             s.cached_tokens = matched * T
             store.prefix.queried_tokens += len(ids)
@@ -135,10 +135,11 @@ class SessionsMixin:
             if full <= have:
                 continue
             toks = s.prompt_ids + s.output_ids     # token at every KV position
-            parent = s.block_hashes[-1] if have else ROOT
-            new = block_hashes(toks, T, start=have, parent=parent, upto=full * T)
+            parent = s.block_hashes[-1] if have else None
+            new = block_digests(toks, T, start=have, parent=parent, upto=full * T)
             s.block_hashes.extend(new)
-            store.index_blocks(s.seq_id, have, new, toks, parent)
+            store.index_blocks(s.seq_id, have, [key_of(d) for d in new], toks,
+                               None if parent is None else key_of(parent))
 
     # -- sessions -------------------------------------------------------------------------
     def _keep_session(self, s: Sequence, reason: str) -> bool:
@@ -196,6 +197,19 @@ class SessionsMixin:
                 self._drop_idle(sess.holder)
             return True
         return self.call(run)
+
+    def _drop_lru_idle(self, why: str) -> bool:
+        """The engine's own last resort under memory pressure (the controller moves idle
+        sessions first): forget the least recently used idle session."""
+        idle = [x for x in self.sessions.values() if x.holder in self.idle]
+        if not idle:
+            return False
+        sess = min(idle, key=lambda x: x.last_used)
+        log.info("session %s dropped: %s", sess.session_id, why)
+        self._drop_idle(sess.holder)
+        del self.sessions[sess.session_id]
+        self.num_sessions_dropped += 1
+        return True
 
     def _limit_sessions(self) -> None:
         over = len(self.idle) - self.config.max_sessions

@@ -244,7 +244,7 @@ class KVStore:
         s.num_tokens = len(entries) * T
 
     def index_blocks(self, seq_id: str, start: int, hashes: list[int], tokens,
-                     parent: int = 0) -> int:
+                     parent: int | None = None) -> int:
         """Index the sequence's full blocks ``start, start+1, ...`` under ``hashes``
         (``parent``: block ``start - 1``'s hash; ``tokens``: the ids at every position).
         Returns how many were newly indexed."""

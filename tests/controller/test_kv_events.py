@@ -524,3 +524,62 @@ def test_a_bad_record_clears_instead_of_stopping_the_publisher(publisher, caplog
     assert [type(e).__name__ for e in router.batches[-2].events] == ["AllBlocksCleared"]
     assert router.view() == {"GPU": set(Engine.hashes(C)[:1])}
     assert "not encodable" in caplog.text
+
+
+def test_stream_rebuilds_the_engines_own_index(publisher):
+    """A real engine (tiny random model) with prefix reuse, a session, moves (offload,
+    quantize, fetch), eviction and cached blocks given back under pressure: the index a
+    subscriber rebuilds from the stream equals the engine's own, medium by medium."""
+    from engine.actions import Evict, Fetch, Offload, Quantize
+    from engine.api import FinishEvent, Request, SamplingParams
+    from engine.engine import Engine as RealEngine
+    from engine.engine import EngineConfig
+
+    pub = publisher()
+    router = Router(pub)
+    e = RealEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                                block_size=4, kv_budget_bytes=256 << 10, page_bytes=4096,
+                                max_batch_tokens=64, observe_window=4))       # 64 blocks
+    sent = []
+
+    def sink(records):
+        sent.append(len(records))
+        return pub.on_kv_events(records)
+    e.set_kv_event_sink(sink)
+    base = router.last_sync
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def run(ids, session=None):
+        evs = list(e.generate(Request(prompt_ids=ids, sampling=sp, session_id=session)))
+        return next(x for x in evs if isinstance(x, FinishEvent))
+
+    try:
+        prompt = [(7 * i) % 500 + 3 for i in range(40)]
+        first = run(prompt, "chat")                          # a session's first turn
+        second = run(prompt + first.token_ids + [5, 6, 7, 8, 9], "chat")
+        assert second.cached_tokens > 0
+        run(prompt[:30] + [1, 2, 3])                         # shares a prefix, then cached
+        hid = "session/chat"
+        n = len(e.store.seqs[hid].blocks)
+        e.handle.apply(Offload(hid, (2, 3, 4)))
+        e.handle.apply(Quantize(hid, (5, 6), 8))
+        e.handle.apply(Fetch(hid, (3,)))
+        e.handle.apply(Evict(hid, (7, 8)))
+        assert n > 9
+        e.step()                                             # events of the moves flushed
+        router.receive_until(base + len(sent))
+        assert router.view() == e.store.prefix.view() and router.view()
+        # room needed: cached blocks are given back (removed events)
+        for k in range(3):                                   # 26 blocks each, then cached
+            run([(11 * i + k) % 500 + 1 for i in range(100)])
+        e.step()
+        assert e.store.prefix.evicted_cached > 0
+        router.receive_until(base + len(sent))
+        assert router.view() == e.store.prefix.view()
+        assert e.drop_session("chat")
+        e.step()
+        router.receive_until(base + len(sent))
+        assert router.view() == e.store.prefix.view()
+    finally:
+        router.close()
+        e.stop()
