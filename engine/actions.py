@@ -195,7 +195,7 @@ class TierView:
     name: str             # 'gpu' (device arena; the CPU arena in CPU mode) | 'host'
     device: str
     capacity_bytes: int   # arena size (all layers)
-    used_bytes: int       # pages in use (what capacity is lost to)
+    used_bytes: int       # pages in use (what capacity is lost to), cached prefix aside
     block_bytes: int      # sum of live blocks' exact slot bytes
     free_bytes: int
     cached_bytes: int = 0  # cached prefix blocks no sequence holds: given back on demand,

@@ -48,7 +48,7 @@ def build(engine, version: int) -> EngineSnapshot:
     tiers = {}
     for name, a in st.arenas.items():
         cached = st.cached_bytes(name)
-        used = max(0, a.used_bytes - cached)
+        used = a.used_bytes - st.reclaimable_bytes(name)
         tiers[name] = TierView(name, str(a.device), a.capacity_bytes, used,
                                a.block_bytes - cached, a.capacity_bytes - used, cached)
     seqs = []

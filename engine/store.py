@@ -281,6 +281,25 @@ class KVStore:
         return sum(self.block_bytes(e.fmt) for e in self.prefix.lru.values()
                    if e.key[0] == arena)
 
+    def reclaimable_bytes(self, arena: str = GPU) -> int:
+        """Bytes (pages, all layers) that giving back every cached prefix block would
+        free: pages holding only cached slots."""
+        a = self.arenas.get(arena)
+        if a is None or not self.prefix.lru:
+            return 0
+        alloc = a.alloc
+        per_page: dict[int, int] = {}
+        for e in self.prefix.lru.values():
+            if e.key[0] == arena:
+                p = e.key[1] // alloc.page_bytes
+                per_page[p] = per_page.get(p, 0) + 1
+        n = 0
+        for p, c in per_page.items():
+            slot = alloc._page_slot[p]
+            if alloc.slots_per_page(slot) - len(alloc._page_free[p]) == c:
+                n += 1
+        return n * alloc.page_bytes * self.num_layers
+
     def held_slots(self, arena: str = GPU) -> int:
         """Slots of ``arena`` that sequences hold (cached prefix blocks aside)."""
         a = self.arenas.get(arena)
