@@ -1,0 +1,164 @@
+"""Time to first token per turn of a multi-turn chat, with and without prefix reuse,
+against the time to prefill the turn's own new tokens over the stored history (issue 16).
+
+    python -m benchmarks.multiturn                      # default model, CPU: 5 turns to ~3K
+    python -m benchmarks.multiturn --model random:llama3-8b --device cuda --dtype bfloat16 \\
+        --chats 8 --turn-tokens 6000 --turns 5 --kv-budget-gb 20        # GPU: 8 chats to ~32K
+
+Each turn's prompt is the conversation so far (token ids: earlier prompts, the replies
+the engine generated, the new user tokens: stdlib text), sent with a session id. Three
+numbers per turn, all in this process on one engine each (sequentially, never two
+engines computing at once):
+
+* ``reuse``  — TTFT with prefix caching (the session's KV from the last turn);
+* ``full``   — TTFT of the same prompt on an engine with prefix caching off;
+* ``floor``  — the new tokens alone: the history prefilled into a held sequence, then
+  ``extend`` with the turn's new tokens (and the tail the cache cannot hold: the partial
+  last block of the history). The issue's goal: reuse <= 1.2 x floor from turn 2 on.
+
+With ``--chats N`` the N chats run their turns concurrently (turn k of every chat
+submitted together; the TTFT is each request's own), which is the GPU scenario; the
+floor is then measured for one chat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+
+def _text_ids(tok, n_total: int) -> list[int]:
+    import pydoc_data.topics as t
+    text = " ".join(t.topics.values())
+    ids = tok(text)["input_ids"] if tok is not None else []
+    while len(ids) < n_total:
+        ids = ids + ids if ids else list(range(3, 1000))
+    return ids[:n_total]
+
+
+def _engine(args, prefix: bool):
+    from engine.engine import Engine, EngineConfig
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                       kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)),
+                       host_budget_bytes=int(args.host_budget_gb * (1 << 30)),
+                       max_batch_tokens=args.max_batch_tokens, prefix_caching=prefix,
+                       max_running=max(8, args.chats))
+    e = Engine(cfg)
+    e.start()
+    return e
+
+
+def _turn(e, prompts: list[list[int]], sessions: list[str | None], max_tokens: int):
+    """Submit one turn of every chat at once; (ttft_s, FinishEvent) per chat."""
+    from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
+    done = threading.Event()
+    out: dict[int, list] = {}
+    lock = threading.Lock()
+
+    def sink(i, t0):
+        def on(ev):
+            with lock:
+                r = out.setdefault(i, [None, None])
+                if isinstance(ev, TokenEvent) and r[0] is None:
+                    r[0] = time.perf_counter() - t0
+                if isinstance(ev, FinishEvent):
+                    r[1] = ev
+                    if len(out) == len(prompts) and all(x[1] for x in out.values()):
+                        done.set()
+        return on
+    for i, (p, s) in enumerate(zip(prompts, sessions)):
+        t0 = time.perf_counter()
+        e.submit(Request(prompt_ids=p, session_id=s, sampling=SamplingParams(
+            max_tokens=max_tokens, ignore_eos=True)), sink(i, t0))
+    if not done.wait(3600):
+        raise TimeoutError("a turn never finished")
+    return [tuple(out[i]) for i in range(len(prompts))]
+
+
+def _floor(e, history: list[int], new: list[int], reps: int) -> float:
+    """Seconds to prefill ``new`` over a stored ``history`` (what reuse cannot avoid):
+    the history's partial last block is recomputed too, as the cache holds full blocks."""
+    T = e.store.block_size
+    keep = len(history) // T * T
+    best = float("inf")
+    for r in range(reps):
+        sid = f"floor-{r}-{time.monotonic_ns()}"
+        if keep:
+            e.prefill(sid, history[:keep], observe=False)
+            t0 = time.perf_counter()
+            e.extend(sid, history[keep:] + new, logits="last")
+        else:                                   # the first turn: its whole prompt
+            t0 = time.perf_counter()
+            e.prefill(sid, new)
+        if e.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+        e.release(sid)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--chats", type=int, default=1)
+    ap.add_argument("--first-tokens", type=int, default=600, help="first prompt's tokens")
+    ap.add_argument("--turn-tokens", type=int, default=500, help="new user tokens a turn")
+    ap.add_argument("--reply-tokens", type=int, default=32)
+    ap.add_argument("--kv-budget-gb", type=float, default=1.0)
+    ap.add_argument("--host-budget-gb", type=float, default=1.0)
+    ap.add_argument("--max-batch-tokens", type=int, default=512)
+    ap.add_argument("--floor-reps", type=int, default=3)
+    ap.add_argument("--json", default="", help="write the rows here too")
+    args = ap.parse_args()
+
+    rows = []
+    for mode in ("reuse", "full"):
+        e = _engine(args, prefix=mode == "reuse")
+        need = args.first_tokens + args.turns * args.turn_tokens
+        text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats)
+        hists = [[] for _ in range(args.chats)]
+        for k in range(args.turns):
+            news = []
+            for c in range(args.chats):
+                n = args.first_tokens if k == 0 else args.turn_tokens
+                off = c * need + 7 * c + len(hists[c])
+                news.append(text[off:off + n])
+            prompts = [h + n for h, n in zip(hists, news)]
+            sess = [f"chat-{c}" if mode == "reuse" else None for c in range(args.chats)]
+            res = _turn(e, prompts, sess, args.reply_tokens)
+            floor = _floor(e, hists[0], news[0], args.floor_reps) if mode == "reuse" else 0.0
+            ttfts = [r[0] for r in res]
+            rows.append({"mode": mode, "turn": k + 1, "prompt_tokens": len(prompts[0]),
+                         "new_tokens": len(news[0]),
+                         "cached_tokens": res[0][1].cached_tokens,
+                         "ttft_s": statistics.median(ttfts), "ttft_max_s": max(ttfts),
+                         "floor_s": floor})
+            hists = [p + r[1].token_ids for p, r in zip(prompts, res)]
+            print(json.dumps(rows[-1]), flush=True)
+        e.stop()
+        del e
+    reuse = [r for r in rows if r["mode"] == "reuse"]
+    full = {r["turn"]: r for r in rows if r["mode"] == "full"}
+    print()
+    print(f"| turn | prompt tokens | new | reused | TTFT reuse | TTFT no reuse | new tokens' "
+          f"prefill | reuse / floor | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in reuse:
+        f = full[r["turn"]]
+        ratio = r["ttft_s"] / r["floor_s"] if r["floor_s"] else float("nan")
+        print(f"| {r['turn']} | {r['prompt_tokens']} | {r['new_tokens']} | "
+              f"{r['cached_tokens']} | {r['ttft_s'] * 1e3:.0f} ms | {f['ttft_s'] * 1e3:.0f} ms | "
+              f"{r['floor_s'] * 1e3:.0f} ms | {ratio:.2f}x | {f['ttft_s'] / r['ttft_s']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
