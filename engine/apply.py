@@ -17,7 +17,7 @@ from engine import moves
 from engine.actions import (Action, ActionError, ActionResult, Evict, Fetch, Offload,
                             Quantize, Restore, SetDecodeMode, SetFillFormat)
 from engine.layout import FULL
-from engine.store import GPU, HOST, PARKED, KVStore
+from engine.store import ARENA_OF, GPU, HOST, PARKED, KVStore
 
 Undo = Callable[[], None]
 
@@ -88,23 +88,27 @@ def _apply(store: KVStore, a: Action) -> tuple[dict[str, int], str, Undo]:
         return {}, f"decode mode -> {a.mode}" + (f" (k={a.top_k})" if a.mode == "topk"
                                                   else ""), back
     if isinstance(a, Offload):
+        plain, shared = _split(store, _blocks(store, a.seq_id, a.blocks))
         freed = moves.offload(store, a.seq_id, a.blocks)
-        blocks = _blocks(store, a.seq_id, a.blocks)
-        return freed, f"offload {len(a.blocks)} blocks", lambda: _raw_fetch(store, blocks)
+        return freed, f"offload {len(a.blocks)} blocks", \
+            lambda: (_raw_fetch(store, plain), _repoint(store, shared))
     if isinstance(a, Fetch):
-        blocks = _blocks(store, a.seq_id, a.blocks)
+        plain, shared = _split(store, _blocks(store, a.seq_id, a.blocks))
         freed = moves.fetch(store, a.seq_id, a.blocks)
-        return freed, f"fetch {len(a.blocks)} blocks", lambda: _raw_offload(store, blocks)
+        return freed, f"fetch {len(a.blocks)} blocks", \
+            lambda: (_raw_offload(store, plain), _repoint(store, shared))
     if isinstance(a, Evict):
-        blocks = _blocks(store, a.seq_id, a.blocks)
-        before = [(b, b.tier, b.summary) for b in blocks]
+        plain, shared = _split(store, _blocks(store, a.seq_id, a.blocks))
+        before = [(b, b.tier, b.summary) for b in plain]
         freed = moves.evict(store, a.seq_id, a.blocks, a.park)
         what = f"{'park' if a.park else 'evict'} {len(a.blocks)} blocks"
-        return freed, what, (lambda: _unpark(store, before)) if a.park else _nothing
+        return freed, what, (lambda: (_unpark(store, before), _repoint(store, shared))) \
+            if a.park else _nothing
     if isinstance(a, Restore):
-        blocks = _blocks(store, a.seq_id, a.blocks)
+        plain, shared = _split(store, _blocks(store, a.seq_id, a.blocks))
         freed = moves.restore(store, a.seq_id, a.blocks)
-        return freed, f"restore {len(a.blocks)} blocks", lambda: _raw_park(store, blocks)
+        return freed, f"restore {len(a.blocks)} blocks", \
+            lambda: (_raw_park(store, plain), _repoint(store, shared))
     raise ActionError(f"unknown action {a!r}")
 
 
@@ -113,8 +117,32 @@ def _nothing() -> None:
     after a later refusal, since nothing comes after it."""
 
 
+def _split(store: KVStore, blocks: list) -> tuple[list, list]:
+    """Blocks a move will free the slots of, and shared ones (copied: their old slot
+    stays, held by the other sequences) with where they were."""
+    plain, shared = [], []
+    for b in blocks:
+        if store.is_shared(b):
+            shared.append((b, b.tier, b.offset, b.summary))
+        else:
+            plain.append(b)
+    return plain, shared
+
+
+def _repoint(store: KVStore, shared: list) -> None:
+    """Undo of a move of shared blocks: the copy goes, the block names its shared slot
+    again (still held by the others, so still there)."""
+    for b, tier, offset, summary in shared:
+        if b.offset >= 0 and (b.tier, b.offset) != (tier, offset):
+            store.release_slot(ARENA_OF[b.tier], b.offset, store.geom.slot_bytes(b.fmt),
+                               keep=False)
+        key = (ARENA_OF[tier], offset)
+        store.refs[key] = store.refs.get(key, 1) + 1
+        b.tier, b.offset, b.summary = tier, offset, summary
+
+
 # Undo steps move bytes back without the checks of a fresh action: they return blocks to
-# where they just were, into the slots the action itself freed.
+# where they just were, into the slots the action itself freed (shared blocks: _repoint).
 def _raw_fetch(store: KVStore, blocks: list) -> None:
     moves._move(store, sorted(blocks, key=lambda b: b.index), HOST, GPU, GPU)
     for b in blocks:

@@ -220,3 +220,21 @@ def test_idle_session_gives_way_to_a_waiting_request():
         assert e.num_sessions_dropped == 1
     finally:
         e.stop()
+
+
+def test_refused_candidate_undoes_moves_of_shared_blocks(pair):
+    """A candidate that offloads a shared block and then fails leaves both sequences
+    exactly as they were: the copy is given back, the block names its shared slot."""
+    reuse, _ = pair
+    reuse.prefill("src", prompt(5, 40))
+    reuse.fork("src", "dst")
+    kv = reuse.store.seqs["dst"]
+    before = [(b.tier, b.offset, b.fmt) for b in kv.blocks]
+    refs = dict(reuse.store.refs)
+    res = reuse.handle.apply_candidates([(Offload("dst", (1, 2)), Quantize("dst", (9, 99), 4))])
+    assert not res[0].ok
+    assert [(b.tier, b.offset, b.fmt) for b in kv.blocks] == before
+    assert reuse.store.refs == refs
+    check_slots(reuse.store)
+    reuse.release("dst")
+    reuse.release("src")
