@@ -124,7 +124,16 @@ class SetDecodeMode:
     top_k: int = 0
 
 
-Action = Union[Quantize, SetFillFormat, Offload, Fetch, Evict, Restore, SetDecodeMode]
+@dataclass(frozen=True)
+class DropSession:
+    """Forget an idle session's KV (``seq_id`` is its idle sequence, ``session/<id>``):
+    the controller's last move on a session under pressure. Irreversible."""
+
+    seq_id: str
+
+
+Action = Union[Quantize, SetFillFormat, Offload, Fetch, Evict, Restore, SetDecodeMode,
+               DropSession]
 
 
 @dataclass

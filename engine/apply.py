@@ -14,8 +14,8 @@ import time
 from typing import Callable
 
 from engine import moves
-from engine.actions import (Action, ActionError, ActionResult, Evict, Fetch, Offload,
-                            Quantize, Restore, SetDecodeMode, SetFillFormat)
+from engine.actions import (Action, ActionError, ActionResult, DropSession, Evict, Fetch,
+                            Offload, Quantize, Restore, SetDecodeMode, SetFillFormat)
 from engine.layout import FULL
 from engine.store import ARENA_OF, GPU, HOST, PARKED, KVStore
 
@@ -23,7 +23,7 @@ Undo = Callable[[], None]
 
 
 def is_irreversible(a: Action) -> bool:
-    return isinstance(a, Quantize) or (isinstance(a, Evict) and not a.park)
+    return isinstance(a, (Quantize, DropSession)) or (isinstance(a, Evict) and not a.park)
 
 
 def check_candidate(actions: tuple[Action, ...]) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from engine import apply as apply_mod
 from engine import attention, moves, snapshot
-from engine.actions import ActionError, CandidateResult
+from engine.actions import ActionError, ActionResult, CandidateResult, DropSession
 from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
@@ -703,12 +703,28 @@ class Engine(OfflineMixin, SessionsMixin):
             try:
                 for sid in {a.seq_id for a in actions}:
                     self._check_movable_seq(sid)
-                res.results = apply_mod.apply_candidate(self.store, actions, self._note)
+                if any(isinstance(a, DropSession) for a in actions):
+                    res.results = [self._apply_drop(actions)]
+                else:
+                    res.results = apply_mod.apply_candidate(self.store, actions, self._note)
             except ActionError as err:
                 res.error = str(err)
             out.append(res)
         self._changed = True
         return out
+
+    def _apply_drop(self, actions) -> ActionResult:
+        a = actions[0]
+        if len(actions) != 1:
+            raise ActionError("DropSession is a candidate of its own")
+        if a.seq_id not in self.idle:
+            raise ActionError(f"{a.seq_id} is not an idle session")
+        by_tier, _ = self.store.bytes_by(a.seq_id)
+        sess_id = self.idle[a.seq_id].request.session_id
+        self._drop_idle(a.seq_id)
+        self.sessions.pop(sess_id, None)
+        self.num_sessions_dropped += 1
+        return ActionResult(a, True, by_tier, f"drop session {sess_id}")
 
     def _check_movable_seq(self, seq_id: str) -> None:
         s = self.seqs.get(seq_id) or self.idle.get(seq_id)

@@ -238,3 +238,15 @@ def test_refused_candidate_undoes_moves_of_shared_blocks(pair):
     check_slots(reuse.store)
     reuse.release("dst")
     reuse.release("src")
+
+
+def test_controller_can_drop_an_idle_session(pair):
+    from engine.actions import DropSession
+    reuse, _ = pair
+    finish(reuse, prompt(6, 30), "d")
+    with pytest.raises(ActionError):
+        reuse.handle.apply(DropSession("seq-1"))           # not an idle session
+    r = reuse.handle.apply(DropSession("session/d"))
+    assert r.ok and r.freed_bytes.get(GPU, 0) > 0
+    assert "d" not in reuse.sessions and "session/d" not in reuse.store.seqs
+    check_slots(reuse.store)
