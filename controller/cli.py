@@ -17,8 +17,8 @@ from controller.profiles import PROFILE_NAMES
 from rich.markup import escape
 from rich.text import Text
 
-from controller.render import (SEQ_COLUMNS, console, emit, human_bytes, sequence_rows,
-                               status_screen, to_dict)
+from controller.render import (SEQ_COLUMNS, SESSION_COLUMNS, console, emit, human_bytes,
+                               sequence_rows, session_rows, status_screen, to_dict)
 
 app = typer.Typer(help="kvctl: KV-cache runtime daemon and its client.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -118,6 +118,21 @@ def sequences(ctx: typer.Context, state: str = typer.Option("", help="only this 
          raw=[to_dict(s) for s in r.sequences])
 
 
+@app.command()
+def sessions(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Multi-turn sessions and the KV each keeps between turns."""
+    r = _client(ctx).call("ListSessions", pb.ListSessionsRequest())
+    emit(session_rows(r.sessions), SESSION_COLUMNS, as_json, "Sessions",
+         raw=[to_dict(s) for s in r.sessions])
+
+
+@app.command("drop-session")
+def drop_session(ctx: typer.Context, session_id: str) -> None:
+    """Forget a session and free the KV it keeps."""
+    r = _client(ctx).call("DropSession", pb.DropSessionRequest(session_id=session_id))
+    console.print(f"dropped session {r.session_id}", markup=False)
+
+
 def _print_policy(p, as_json: bool) -> None:
     rows = [{"key": "profile", "value": p.profile},
             {"key": "budget_bytes", "value": f"{p.budget_bytes} ({human_bytes(p.budget_bytes)})"},
@@ -181,11 +196,25 @@ def watch(ctx: typer.Context, history: int = typer.Option(20, help="past decisio
             console.print(Text.assemble(f"{when} ", (d.kind, "bold"), f"{seq}{act}: {d.reason}"))
 
 
+def _parse_ids(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{option} wants comma-separated integers, got {text!r}") from None
+
+
 @app.command()
 def capacity(ctx: typer.Context, num_tokens: int, fmt: str = typer.Option("full", "--format"),
+             ids: Optional[str] = typer.Option(
+                 None, help="the prompt's comma-separated token ids: blocks this node holds "
+                            "already are not counted"),
+             session: str = typer.Option("", help="with --ids: the session it continues"),
              as_json: bool = typer.Option(False, "--json")) -> None:
-    """Could this node admit a request of NUM_TOKENS tokens now?"""
-    r = _client(ctx).call("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=num_tokens, format=fmt))
+    """Could this node admit a request of NUM_TOKENS tokens (prompt + new) now?"""
+    req = pb.EstimateCapacityRequest(num_tokens=num_tokens, format=fmt, session_id=session)
+    if ids is not None:
+        req.prompt_ids.ids.extend(_parse_ids(ids, "--ids"))
+    r = _client(ctx).call("EstimateCapacity", req)
     if as_json:
         print(json.dumps(to_dict(r), indent=2))
     else:
@@ -202,6 +231,8 @@ def generate(ctx: typer.Context,
              top_k: int = typer.Option(0), top_p: float = typer.Option(1.0),
              seed: Optional[int] = typer.Option(None), stop: List[str] = typer.Option([]),
              priority: int = typer.Option(0), strategy: str = typer.Option(""),
+             session: str = typer.Option("", help="a turn of this multi-turn session: its KV "
+                                                  "is kept for the next turn"),
              as_json: bool = typer.Option(False, "--json", help="print events as JSON lines")) -> None:
     """Generate: the text streams to stdout, a summary goes to stderr."""
     if prompt == "-":
@@ -210,12 +241,10 @@ def generate(ctx: typer.Context,
                            stop=stop)
     if seed is not None:
         sp.seed = seed
-    req = pb.GenerateRequest(sampling=sp, priority=priority, strategy=strategy)
+    req = pb.GenerateRequest(sampling=sp, priority=priority, strategy=strategy,
+                             session_id=session)
     if ids:
-        try:
-            req.prompt_ids.ids.extend(int(x) for x in prompt.replace(" ", "").split(",") if x)
-        except ValueError:
-            raise ValueError(f"--ids wants comma-separated integers, got {prompt!r}") from None
+        req.prompt_ids.ids.extend(_parse_ids(prompt, "--ids"))
     elif chat:
         req.messages.messages.add(role="user", content=prompt)
     else:
@@ -237,7 +266,8 @@ def generate(ctx: typer.Context,
                 if not as_json:
                     reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()
                     sys.stdout.write("\n")
-                    print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt + "
+                    reused = f" ({f.usage.cached_tokens} reused)" if f.usage.cached_tokens else ""
+                    print(f"[{f.seq_id}: {reason}, {f.usage.prompt_tokens} prompt{reused} + "
                           f"{f.usage.completion_tokens} generated tokens in {f.seconds:.2f}s]"
                           + (f" error: {f.error}" if f.error else ""), file=sys.stderr)
                 if f.reason == pb.FINISH_REASON_ERROR:

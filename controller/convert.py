@@ -18,14 +18,26 @@ MAX_STOP_STRINGS = 16
 # a client-chosen seq_id is logged, listed and typed back into the CLI: short and plain
 SEQ_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 ASSIGNED_SEQ_ID = re.compile(r"seq-[0-9]+")    # engine.Engine.submit's form for unnamed requests
+# the keys of EngineSnapshot.prefix, as NodeStatus.prefix names them
+PREFIX_FIELDS = tuple(f.name for f in pb.PrefixCache.DESCRIPTOR.fields)
+
+
+def _check_plain_id(field: str, value: str) -> None:
+    if not SEQ_ID.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(f"{field} must be at most 64 characters of A-Z a-z 0-9 . _ : - "
+                         f"(got {len(value)} characters: {shown!r})")
+
+
+def check_session_id(session_id: str) -> None:
+    """Raises ValueError unless ``session_id`` is a session id a client may use (the
+    rule of seq_id: it is listed and typed back into the CLI too)."""
+    _check_plain_id("session_id", session_id)
 
 
 def check_seq_id(seq_id: str) -> None:
     """Raises ValueError unless ``seq_id`` may be chosen by a client."""
-    if not SEQ_ID.fullmatch(seq_id):
-        shown = seq_id if len(seq_id) <= 40 else seq_id[:40] + "..."
-        raise ValueError(f"seq_id must be at most 64 characters of A-Z a-z 0-9 . _ : - "
-                         f"(got {len(seq_id)} characters: {shown!r})")
+    _check_plain_id("seq_id", seq_id)
     if ASSIGNED_SEQ_ID.fullmatch(seq_id):
         raise ValueError(f"seq_id {seq_id!r}: the form seq-<number> is reserved for ids the "
                          "daemon assigns; choose another id or leave seq_id empty")
@@ -65,11 +77,13 @@ def request_from_proto(r: pb.GenerateRequest) -> Request:
         kw["prompt_ids"] = list(r.prompt_ids.ids)
     if r.seq_id:
         check_seq_id(r.seq_id)
+    if r.session_id:
+        check_session_id(r.session_id)
     if r.strategy:
         from controller.policy import check_strategy_name
         check_strategy_name(r.strategy)
     return Request(sampling=sampling, priority=r.priority, seq_id=r.seq_id or None,
-                   strategy=r.strategy or None, **kw)
+                   strategy=r.strategy or None, session_id=r.session_id or None, **kw)
 
 
 def token_to_proto(ev: TokenEvent) -> pb.GenerateResponse:
@@ -108,7 +122,8 @@ def finish_to_proto(ev: FinishEvent, seconds: float) -> pb.GenerateResponse:
         seq_id=ev.seq_id, reason=FINISH_REASONS.get(ev.reason, pb.FINISH_REASON_UNSPECIFIED),
         text=ev.text, token_ids=ev.token_ids,
         usage=pb.Usage(prompt_tokens=ev.num_prompt_tokens, completion_tokens=ev.num_generated,
-                       total_tokens=ev.num_prompt_tokens + ev.num_generated),
+                       total_tokens=ev.num_prompt_tokens + ev.num_generated,
+                       cached_tokens=ev.cached_tokens),
         kv_bytes_by_tier=ev.kv_bytes_by_tier, kv_bytes_by_format=ev.kv_bytes_by_format,
         strategy_changes=ev.moves, error=ev.error, seconds=seconds))
 
@@ -143,6 +158,24 @@ def sequence_to_proto(v, pinned: str | None, with_blocks: bool = False) -> pb.Se
         out.blocks.extend(pb.Block(index=b.index, num_tokens=b.num_tokens, format=b.fmt,
                                    tier=b.tier, nbytes=b.nbytes, mass=b.mass) for b in v.blocks)
     return out
+
+
+def session_to_proto(d: dict, since_s: float = 0.0) -> pb.Session:
+    """One of the engine snapshot's session records (EngineSnapshot.sessions).
+    ``since_s``: seconds since that snapshot was taken (an idle engine publishes none
+    for a while), added to its ages."""
+    return pb.Session(
+        session_id=d["session_id"], turns=d["turns"], idle_s=d["idle_s"] + since_s,
+        age_s=d["age_s"] + since_s, active=d["active"], num_tokens=d["num_tokens"],
+        reused_tokens=d["reused_tokens"],
+        bytes_by_tier={k: max(0, int(b)) for k, b in d["bytes_by_tier"].items()},
+        bytes_by_format={k: max(0, int(b)) for k, b in d["bytes_by_format"].items()},
+        seq_id=d.get("seq_id", ""))
+
+
+def prefix_to_proto(p: dict) -> pb.PrefixCache:
+    """The engine snapshot's prefix counters (EngineSnapshot.prefix; empty: all 0)."""
+    return pb.PrefixCache(**{f: max(0, int(p.get(f, 0))) for f in PREFIX_FIELDS})
 
 
 def policy_to_proto(p) -> pb.Policy:
@@ -183,7 +216,7 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
     for t in snap.tiers.values():
         st.tiers.add(name=t.name, device=t.device, capacity_bytes=max(0, t.capacity_bytes),
                      used_bytes=max(0, t.used_bytes), block_bytes=max(0, t.block_bytes),
-                     free_bytes=max(0, t.free_bytes))
+                     free_bytes=max(0, t.free_bytes), cached_bytes=max(0, t.cached_bytes))
     live = [v for v in snap.sequences if v.state != "finished"]
     st.counts.CopyFrom(pb.SequenceCounts(waiting=snap.num_waiting, running=snap.num_running,
                                          stalled=snap.num_stalled, total=len(live),
@@ -195,6 +228,8 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
         eager_decode_steps=g.get("num_eager", 0),
         graph_capture_seconds=g.get("capture_seconds", 0.0),
         graph_capture_bytes=g.get("capture_bytes", 0)))
+    st.prefix.CopyFrom(prefix_to_proto(snap.prefix))
+    st.sessions = len(snap.sessions)
     st.sequences.extend(sequence_to_proto(v, policy.pins.get(v.seq_id)) for v in live)
     gpu = snap.tiers.get("gpu")
     if gpu is not None and effective_budget:

@@ -14,7 +14,8 @@ from engine.api import EngineStopped, OutOfBlocks, Overloaded
 log = logging.getLogger("kvctl.server")
 
 SERVICE = "kvctl.v1.Kvctl"
-MUTATING = frozenset(f"/{SERVICE}/{m}" for m in ("Generate", "Cancel", "SetPolicy", "Pin", "Unpin"))
+MUTATING = frozenset(f"/{SERVICE}/{m}" for m in ("Generate", "Cancel", "SetPolicy", "Pin", "Unpin",
+                                                  "DropSession"))
 
 
 class UnknownSequence(KeyError):
@@ -25,6 +26,16 @@ class UnknownSequence(KeyError):
     def __str__(self) -> str:
         return (f"no sequence {self.seq_id!r} on this node "
                 "(finished sequences are forgotten; `kvctl sequences` lists live ones)")
+
+
+class UnknownSession(KeyError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return (f"no session {self.session_id!r} on this node (dropped, expired or never "
+                "started; `kvctl sessions` lists them)")
 
 
 class Draining(RuntimeError):
@@ -49,7 +60,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
     if isinstance(exc, ActionError):          # before ValueError: it is one
         return grpc.StatusCode.FAILED_PRECONDITION, f"engine refused the action: {exc}"
-    if isinstance(exc, UnknownSequence):
+    if isinstance(exc, (UnknownSequence, UnknownSession)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, KeyError):
         return grpc.StatusCode.NOT_FOUND, f"not found: {exc.args[0] if exc.args else exc}"

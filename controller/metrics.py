@@ -45,6 +45,24 @@ class Metrics:
             "kvctl_predictor_fallbacks", "Times the learned predictor fell back to the heuristic",
             registry=r)
         self.cpu_mode = Gauge("kvctl_cpu_mode", "1 when no GPU/NVML is usable", registry=r)
+        # prefix reuse: the engine's counters since start, followed by their increase
+        self.prefix_tokens = Counter(
+            "kvctl_prefix_tokens", "Prompt tokens of admitted requests: 'hit' reused from the "
+            "prefix cache, 'queried' all of them (hit rate = hit / queried)", ["kind"], registry=r)
+        self.prefix_evicted = Counter(
+            "kvctl_prefix_cached_evicted_blocks", "Cached prefix blocks given back for room",
+            registry=r)
+        self.prefix_blocks = Gauge(
+            "kvctl_prefix_blocks", "Prefix-indexed blocks now: 'indexed' (reusable), 'cached' "
+            "(held by no sequence), 'shared' (held by several sequences)", ["kind"], registry=r)
+        self.tier_cached = Gauge("kvctl_tier_cached_bytes",
+                                 "Cached prefix bytes by tier (counted free, given back on demand)",
+                                 ["tier"], registry=r)
+        self.sessions = Gauge("kvctl_sessions", "Multi-turn sessions: 'idle' (KV kept between "
+                              "turns) or 'active' (a turn running)", ["state"], registry=r)
+        for kind in ("hit", "queried"):
+            self.prefix_tokens.labels(kind)
+        self._seen_prefix: collections.Counter[str] = collections.Counter()
         # every label set exported so far: a series stays, at 0, when nothing has it any
         # more (dashboards and sum() see 0, not a gap); tiers' full-precision series and
         # each state's "full" series are there from the first sample
@@ -86,6 +104,8 @@ class Metrics:
         for t in snap.tiers.values():
             self.tier_capacity.labels(t.name).set(t.capacity_bytes)
             self.tier_used.labels(t.name).set(t.used_bytes)
+            self.tier_cached.labels(t.name).set(t.cached_bytes)
+        self._update_prefix(snap)
         by = collections.Counter()
         counts = collections.Counter()
         for v in snap.sequences:
@@ -100,6 +120,24 @@ class Metrics:
         self._seq_keys.update(counts)
         for state, strat in self._seq_keys:
             self.sequences.labels(state, strat).set(counts[(state, strat)])
+
+    def _update_prefix(self, snap) -> None:
+        p = snap.prefix
+        for kind, key in (("hit", "hit_tokens"), ("queried", "queried_tokens")):
+            self._follow(key, p.get(key, 0), self.prefix_tokens.labels(kind))
+        self._follow("cached_evicted", p.get("cached_evicted", 0), self.prefix_evicted)
+        for kind, key in (("indexed", "indexed_blocks"), ("cached", "cached_blocks"),
+                          ("shared", "shared_slots")):
+            self.prefix_blocks.labels(kind).set(p.get(key, 0))
+        active = sum(1 for d in snap.sessions if d.get("active"))
+        self.sessions.labels("active").set(active)
+        self.sessions.labels("idle").set(len(snap.sessions) - active)
+
+    def _follow(self, key: str, total: int, counter) -> None:
+        """Increase ``counter`` by what the engine's running total ``key`` gained."""
+        if total > self._seen_prefix[key]:
+            counter.inc(total - self._seen_prefix[key])
+            self._seen_prefix[key] = total
 
     def serve(self, address: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""

@@ -33,6 +33,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def human_seconds(s: float) -> str:
+    s = max(0, int(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def bytes_by(d) -> str:
+    """A bytes map ("gpu" -> n) in one cell, largest first: "gpu 1.2 MiB, host 256 B"."""
+    parts = [f"{k} {human_bytes(v)}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v]
+    return ", ".join(parts) or "-"
+
+
 def bar(frac: float, width: int = 24) -> Text:
     frac = max(0.0, min(1.0, frac))
     full = round(frac * width)
@@ -74,6 +89,29 @@ def sequence_rows(seqs: Iterable) -> list[dict]:
              "pinned": s.pinned_strategy or "-", "priority": s.priority} for s in seqs]
 
 
+SESSION_COLUMNS = (("session_id", "SESSION"), ("turns", "TURNS"), ("age", "AGE"),
+                   ("idle", "IDLE"), ("tokens", "TOKENS"), ("reused", "REUSED"),
+                   ("tiers", "KV BY TIER"), ("formats", "KV BY FORMAT"), ("active", "RUNNING"))
+
+
+def session_rows(sessions: Iterable) -> list[dict]:
+    return [{"session_id": s.session_id, "turns": s.turns, "age": human_seconds(s.age_s),
+             "idle": "-" if s.active else human_seconds(s.idle_s), "tokens": s.num_tokens,
+             "reused": s.reused_tokens, "tiers": bytes_by(s.bytes_by_tier),
+             "formats": bytes_by(s.bytes_by_format), "active": s.active or "-"}
+            for s in sessions]
+
+
+def prefix_line(st) -> str:
+    """The prefix cache and sessions in one line of `kvctl status`."""
+    p = st.prefix
+    rate = f"{p.hit_tokens / p.queried_tokens:.0%}" if p.queried_tokens else "-"
+    cached = sum(t.cached_bytes for t in st.tiers)
+    return (f"hit rate {rate} ({p.hit_tokens} of {p.queried_tokens} prompt tokens reused), "
+            f"{p.cached_blocks} cached blocks ({human_bytes(cached)}), {p.shared_slots} shared; "
+            f"{st.sessions} session{'' if st.sessions == 1 else 's'}")
+
+
 def status_screen(st) -> Group:
     """Everything `kvctl status` shows, readable at a glance."""
     node = Table.grid(padding=(0, 2))
@@ -99,12 +137,13 @@ def status_screen(st) -> Group:
                                        f"kvctl RSS {human_bytes(h.process_rss_bytes)}  {h.num_cpus} CPUs"))
 
     tiers = Table(title="KV memory by tier", header_style="bold", title_justify="left")
-    for c in ("TIER", "DEVICE", "USED", "", "CAPACITY", "LIVE BLOCKS"):
+    for c in ("TIER", "DEVICE", "USED", "", "CAPACITY", "LIVE BLOCKS", "CACHED"):
         tiers.add_column(c)
     for t in st.tiers:
         frac = t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0
         tiers.add_row(cell(t.name), cell(t.device), human_bytes(t.used_bytes), bar(frac),
-                      human_bytes(t.capacity_bytes), human_bytes(t.block_bytes))
+                      human_bytes(t.capacity_bytes), human_bytes(t.block_bytes),
+                      human_bytes(t.cached_bytes))
 
     p = st.policy
     pol = Table.grid(padding=(0, 2))
@@ -114,6 +153,7 @@ def status_screen(st) -> Group:
                                         f"  (high {p.high_watermark:.0%}, low {p.low_watermark:.0%})"))
     pol.add_row("sequences", f"{st.counts.running} running, {st.counts.waiting} waiting, "
                  f"{st.counts.stalled} stalled; pressure {human_bytes(st.pressure_bytes)}")
+    pol.add_row("prefix", prefix_line(st))
     pol.add_row("pins", cell(", ".join(f"{x.seq_id}→{x.strategy}" for x in p.pins) or "-"))
 
     seqs = Table(title="Sequences", header_style="bold", title_justify="left")

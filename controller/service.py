@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from controller import convert
 from controller.aio import EventStream, Outbox
-from controller.errors import CapacityExceeded, Draining, GenerationFailed, UnknownSequence
+from controller.errors import (CapacityExceeded, Draining, GenerationFailed, UnknownSequence,
+                               UnknownSession)
 from engine.api import Overloaded
 from controller.policy import Controller, DecisionLog, Decision, PolicyState
 from engine.api import FinishEvent, TokenEvent
@@ -184,6 +185,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         log.info("generate", extra={"kv": {
             "seq_id": seq_id, "prompt_tokens": num_prompt, "max_tokens": req.sampling.max_tokens,
             "priority": req.priority, "strategy": req.strategy,
+            **({"session_id": req.session_id} if req.session_id else {}),
             **({"prompt": req.prompt or req.messages} if self.log_prompts else {})}})
         if req.strategy:
             self.policy.pin(seq_id, req.strategy)
@@ -241,7 +243,9 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             self.metrics.on_finish(ev.reason)
         log.info("finished", extra={"kv": {
             "seq_id": flight.seq_id, "reason": ev.reason, "generated": ev.num_generated,
-            "seconds": round(secs, 3), **({"error": ev.error} if ev.error else {})}})
+            "seconds": round(secs, 3),
+            **({"cached_tokens": ev.cached_tokens} if ev.cached_tokens else {}),
+            **({"error": ev.error} if ev.error else {})}})
         await context.write(convert.finish_to_proto(ev, secs).SerializeToString())
         if ev.reason == "error":         # the final message is out; the status tells it too
             raise GenerationFailed(f"sequence {flight.seq_id} failed in the engine: "
@@ -425,31 +429,91 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
 
     @off_loop
     def EstimateCapacity(self, request, context):
-        if request.num_tokens < 1:
+        ids = list(request.prompt_ids.ids) if request.HasField("prompt_ids") else None
+        session_id = request.session_id or None
+        if session_id is not None:
+            convert.check_session_id(session_id)
+            if ids is None:
+                raise ValueError("session_id is used with prompt_ids: give the prompt's ids "
+                                 "to count the session's KV this node holds already")
+        num_tokens = request.num_tokens
+        if ids is not None:
+            if not ids:
+                raise ValueError("prompt_ids is empty")
+            if num_tokens == 0:          # the prompt alone
+                num_tokens = len(ids)
+            elif num_tokens < len(ids):
+                raise ValueError(f"num_tokens ({num_tokens}) counts the prompt and the new "
+                                 f"tokens: at least the {len(ids)} prompt ids")
+        if num_tokens < 1:
             raise ValueError("num_tokens must be >= 1 (prompt + max new tokens)")
         fmt = request.format or "full"
-        need = self.engine.handle.estimate_bytes(request.num_tokens, fmt)
+        if len(fmt) > 16:                # the message echoes it: keep it short
+            raise ValueError(f"unknown KV format {fmt[:16]!r}... ({len(fmt)} characters); "
+                             "use full, int8, int4, int2 or kXvY")
+        est = self.engine.handle.estimate_bytes
+        need = est(num_tokens, fmt)
+        context_len = getattr(self.engine, "max_positions", None)
+        too_long = context_len is not None and num_tokens > context_len
+        reused = 0
+        if ids is not None and not too_long:
+            # cache-aware: the blocks it would share are not allocated again; those that
+            # would newly count as used on the GPU tier (cached, offloaded) still are
+            reuse = self.engine.handle.prefix_reuse(ids, session_id)
+            reused = reuse.num_tokens
+            if reused:
+                need = est(num_tokens - reused, fmt) + reuse.gpu_bytes
         snap = self.telemetry.latest().snapshot
         view = self.policy.view()
         budget = self._budget(snap, view)
         used = snap.tiers["gpu"].used_bytes if snap is not None and "gpu" in snap.tiers else 0
         free = max(0, int(budget * view.high_watermark) - used)
         rate = snap.tokens_per_s if snap is not None else 0.0
-        context_len = getattr(self.engine, "max_positions", None)
-        too_long = context_len is not None and request.num_tokens > context_len
         ok = need <= free and not self.draining and not too_long
+        reusing = f" ({reused} of {len(ids)} prompt tokens reused)" if ids is not None else ""
         if too_long:                     # no move or wait ever makes it fit
             reason = f"never fits: exceeds the model's context of {context_len} tokens"
         elif self.draining:
             reason = "node is draining for shutdown"
         elif ok:
-            reason = f"fits: {need} B needed, {free} B free under the high watermark"
+            reason = f"fits: {need} B needed{reusing}, {free} B free under the high watermark"
         else:
-            reason = (f"does not fit now: {need} B needed, {free} B free under the high "
-                      f"watermark ({view.high_watermark:.0%} of {budget} B)")
+            reason = (f"does not fit now: {need} B needed{reusing}, {free} B free under the "
+                      f"high watermark ({view.high_watermark:.0%} of {budget} B)")
+        computed = num_tokens - reused   # reused tokens are not computed again
         return pb.EstimateCapacityResponse(
             can_admit=ok, bytes_needed=need, bytes_free=free, budget_bytes=budget, reason=reason,
-            predicted_seconds=request.num_tokens / rate if rate > 0 else 0.0, tokens_per_s=rate)
+            predicted_seconds=computed / rate if rate > 0 else 0.0, tokens_per_s=rate,
+            reused_tokens=reused)
+
+    # ------------------------------------------------------------ sessions
+    @off_loop
+    def ListSessions(self, request, context):
+        snap = self._snapshot()
+        since = max(0.0, time.time() - snap.time)    # an idle engine publishes no new one
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_to_proto(d, since) for d in snap.sessions])
+
+    @off_loop
+    def DropSession(self, request, context):
+        self._admit()
+        sid = request.session_id
+        if not sid:
+            raise ValueError("session_id is required")
+        convert.check_session_id(sid)
+        before = next((d for d in self._snapshot().sessions if d["session_id"] == sid), None)
+        if not self.engine.drop_session(sid):     # the engine's writer does it: blocks
+            raise UnknownSession(sid)
+        kept = ""
+        if before is not None and before["num_tokens"]:
+            kept = (f": {before['num_tokens']} tokens of KV kept, "
+                    f"{sum(before['bytes_by_tier'].values())} B")
+        self.decisions.record(Decision(kind="drop_session",
+                                       seq_id=before.get("seq_id", "") if before else "",
+                                       action="drop",
+                                       reason=f"operator dropped session {sid!r}{kept}",
+                                       profile=self.policy.view().profile))
+        return pb.DropSessionResponse(session_id=sid, dropped=True)
 
 
 def _log_hang_up(seq_id: str, reason: str) -> None:

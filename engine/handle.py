@@ -9,9 +9,22 @@ future. ``apply`` is the one-action, wait-for-it form.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import NamedTuple
 
 from engine.actions import Action, ActionError, ActionResult, CandidateResult, EngineSnapshot
 from engine.layout import KVFormat
+from engine.prefix import block_digests, key_of
+from engine.sessions import holder_id
+from engine.store import ARENA_OF, GPU
+
+
+class PrefixReuse(NamedTuple):
+    """What a prompt would take from the prefix cache if it were admitted now."""
+
+    num_tokens: int    # leading prompt tokens whose KV would be shared, not prefilled
+    gpu_bytes: int     # bytes of those blocks that would newly count as used on the GPU
+                       # tier: cached ones no sequence holds (counted free now) and
+                       # offloaded ones admission fetches back
 
 
 class EngineHandle:
@@ -25,6 +38,40 @@ class EngineHandle:
         """GPU-tier bytes admitting a prompt takes at once (its blocks at full precision
         plus one to grow into): a prompt above the tier's capacity can never run."""
         return self._e._admission_bytes(num_prompt_tokens)
+
+    def prefix_reuse(self, prompt_ids: list[int], session_id: str | None = None) -> PrefixReuse:
+        """The blocks of ``prompt_ids`` admission would reuse now, by the rule of
+        ``SessionsMixin._admit_fresh`` (engine/sessions.py): full blocks before the last
+        ``observe_window`` tokens (at least one), matched in the prefix index; quantized
+        ones only if ``session_id``'s own KV holds them.
+
+        Read-only and off the engine thread: it hashes the prompt here and looks the
+        keys up in the live index dicts (CPython's dict ``get`` is atomic) without the
+        step lock, so the answer may be a step stale, and admission may take fewer
+        blocks (room to fetch offloaded ones back, the staging limit)."""
+        e = self._e
+        if not e.config.prefix_caching:
+            return PrefixReuse(0, 0)
+        store = e.store
+        T = store.block_size
+        digests = block_digests(prompt_ids, T,
+                                upto=len(prompt_ids) - max(1, e.config.observe_window))
+        if not digests:
+            return PrefixReuse(0, 0)
+        own: frozenset = frozenset()
+        kv = store.seqs.get(holder_id(session_id)) if session_id else None
+        if kv is not None:
+            keys = set()
+            for b in list(kv.blocks):    # a copy: the engine thread may change the list
+                off, tier = b.offset, b.tier
+                if off >= 0 and tier in ARENA_OF:
+                    keys.add((ARENA_OF[tier], off))
+            own = frozenset(keys)
+        entries = store.prefix.match([key_of(d) for d in digests], own)
+        layers = store.num_layers
+        new_gpu = sum(store.geom.slot_bytes(x.fmt) * layers for x in entries
+                      if x.cached or x.tier != GPU)
+        return PrefixReuse(len(entries) * T, new_gpu)
 
     def snapshot(self) -> EngineSnapshot:
         return self._e.snapshot()

@@ -248,6 +248,7 @@ class SessionsMixin:
                 by_tier, by_fmt = self.store.bytes_by(sess.holder)
                 ntok = self.store.seqs[sess.holder].num_tokens
             out.append({"session_id": sess.session_id, "turns": sess.turns,
+                        "seq_id": sess.holder if sess.holder in self.idle else "",
                         "idle_s": now - sess.last_used, "age_s": now - sess.created,
                         "active": sess.active, "num_tokens": ntok,
                         "reused_tokens": sess.reused_tokens,

@@ -60,7 +60,7 @@ def test_absolute_imports_and_service_shape():
     methods = {m.name: m for m in service.methods}
     for name in ("Generate", "Cancel", "GetStatus", "ListSequences", "GetSequence",
                  "GetPolicy", "SetPolicy", "Pin", "Unpin", "WatchDecisions",
-                 "EstimateCapacity"):
+                 "EstimateCapacity", "ListSessions", "DropSession"):
         assert name in methods, name
     assert methods["Generate"].server_streaming
     assert methods["WatchDecisions"].server_streaming

@@ -120,3 +120,65 @@ def test_malformed_request_bytes_are_invalid_argument(fake_daemon, method, raw):
     details = e.value.details()
     assert details.startswith("malformed request: ") and method.input_type.full_name in details
     assert "Error" not in details and "Exception" not in details and "Traceback" not in details
+
+
+@pytest.fixture
+def wide_console():
+    """Tables as a wide terminal draws them (CliRunner's stdout is no terminal: 80 columns)."""
+    from controller.render import console
+    width = console._width
+    console.width = 200
+    yield
+    console._width = width
+
+
+def test_cli_sessions_status_and_drop_session(fake_daemon, wide_console):
+    """`kvctl sessions` (table and --json), the prefix line of `kvctl status` and
+    `kvctl drop-session`, in process through typer's CliRunner."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    from tests.controller.helpers import wait_for
+
+    eng = fake_daemon.engine
+    done = []
+    ids = list(range(1, 11))
+    eng.submit(Request(prompt_ids=ids, session_id="cli-chat",
+                       sampling=SamplingParams(max_tokens=3)), done.append)
+    wait_for(lambda: done and done[-1].reason == "length", 10, "the first turn")
+    eng.submit(Request(prompt_ids=ids + done[-1].token_ids + [5, 6], session_id="cli-chat",
+                       sampling=SamplingParams(max_tokens=3)), done.append)
+    wait_for(lambda: len([e for e in done if getattr(e, "reason", "")]) == 2, 10, "the second turn")
+    assert done[-1].cached_tokens == 12
+    sock = str(fake_daemon.socket_path)
+    runner = CliRunner()
+    run = lambda *a: runner.invoke(app, ["--socket", sock, *a])  # noqa: E731
+    try:
+        r = run("sessions")
+        assert r.exit_code == 0, r.output
+        # 17 tokens kept: 5 blocks of 4 x 1000 B
+        for text in ("Sessions", "SESSION", "KV BY TIER", "cli-chat", "gpu 19.5 KiB", "full 19.5 KiB"):
+            assert text in r.output, (text, r.output)
+        row = next(line for line in r.output.splitlines() if "cli-chat" in line)
+        assert [c.strip() for c in row.split("│")[2:4]] == ["2", "0s"]   # turns, age
+        r = run("sessions", "--json")
+        (sess,) = json.loads(r.output)
+        assert (sess["session_id"], sess["turns"], sess["seq_id"]) == ("cli-chat", 2, "session/cli-chat")
+        assert sess["num_tokens"] == 17 and sess["reused_tokens"] == "12"   # uint64: a JSON string
+        wait_for(lambda: fake_daemon.telemetry.latest().snapshot.sessions, 5,
+                 "a telemetry sample with the session")
+        r = run("status")
+        assert r.exit_code == 0, r.output
+        p = fake_daemon.engine.prefix      # other tests' prompts count too
+        rate = f"hit rate {p['hit_tokens'] / p['queried_tokens']:.0%} ({p['hit_tokens']} of "
+        assert rate in r.output and "1 session" in r.output, r.output
+        assert "CACHED" in r.output
+        r = run("drop-session", "cli-chat")
+        assert r.exit_code == 0 and "dropped session cli-chat" in r.output, r.output
+        assert json.loads(run("sessions", "--json").output) == []
+    finally:
+        eng.drop_session("cli-chat")
+    r = kvctl(fake_daemon, "drop-session", "cli-chat")        # the installed entry point's errors
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr, r.stderr

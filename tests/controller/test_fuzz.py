@@ -63,7 +63,8 @@ def health(channel):
 
 class Live:
     """Keeps sequence LIVE generating (restarted when a fuzzed Cancel ends it); a thread
-    reads its stream."""
+    reads its stream. Each run is a turn of session LIVE: a fuzzed DropSession may name
+    it while a turn runs, or between turns."""
 
     def __init__(self, daemon, stub):
         self.daemon, self.stub = daemon, stub
@@ -75,7 +76,7 @@ class Live:
             return
         self.stop()
         call = self.stub.Generate(pb.GenerateRequest(
-            seq_id=LIVE, prompt_ids=pb.TokenIds(ids=list(range(1, 33))),
+            seq_id=LIVE, session_id=LIVE, prompt_ids=pb.TokenIds(ids=list(range(1, 33))),
             sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=120)
         assert next(call).WhichOneof("event") == "started"
         self.call = call
@@ -114,15 +115,25 @@ def idle(daemon) -> bool:
             and all(daemon.engine.store.held_slots(n) == 0 for n in daemon.engine.store.arenas))
 
 
+def drop_sessions(stub) -> None:
+    for sess in stub.ListSessions(pb.ListSessionsRequest()).sessions:
+        try:
+            stub.DropSession(pb.DropSessionRequest(session_id=sess.session_id))
+        except grpc.RpcError as e:       # expired meanwhile
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+
+
 @pytest.fixture
 def checked(daemon, stub, live):
-    """After the test: default policy back, nothing left allocated or open, no ERROR log."""
+    """After the test: default policy back, no session kept, nothing left allocated or
+    open, no ERROR log."""
     daemon.errors.records.clear()        # each test answers for its own
     yield
     live.stop()
     stub.SetPolicy(pb.SetPolicyRequest(profile="balanced", budget_bytes=0,
                                        high_watermark=0.9, low_watermark=0.75))
-    wait_for(lambda: idle(daemon), 30, "every KV block freed")
+    wait_for(lambda: drop_sessions(stub) or idle(daemon), 30,
+             "every session dropped and KV block freed")
     wait_for(lambda: daemon.service._num_watchers == 0, 10, "every decision watcher closed")
     assert not daemon.errors.records, daemon.errors.text()
 
@@ -137,7 +148,8 @@ def shown(msg) -> str:
     """A request in one line: long strings and id lists cut short."""
     if isinstance(msg, bytes):
         return repr(msg)[:700]
-    ids = list(msg.prompt_ids.ids) if isinstance(msg, pb.GenerateRequest) else []
+    with_ids = (pb.GenerateRequest, pb.EstimateCapacityRequest)
+    ids = list(msg.prompt_ids.ids) if isinstance(msg, with_ids) else []
     if len(ids) > 8:
         msg = type(msg).FromString(msg.SerializeToString())
         del msg.prompt_ids.ids[8:]
@@ -172,6 +184,9 @@ STRATEGIES = ["quantize_int8", "quantize_int4", "quantize_int2", "quantize_k4v2"
               "streaming", "long-context", "throughput", "multi-turn", "accuracy-critical"]
 PROFILES = ["balanced", "accuracy-critical", "streaming", "long-context", "throughput",
             "multi-turn"]
+# a few session ids: requests of unrelated prompts become turns of the same sessions
+SESSIONS = ["chat-a", "chat-b", "seq-1"]
+SESSION_ID = st.one_of(st.just(""), st.sampled_from(SESSIONS))
 CLIENT_ID = st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True).filter(
     lambda s: not (s.startswith("seq-") and s[4:].isdigit()))
 SEQ_ID = st.one_of(st.just(LIVE), st.just(LIVE), TEXT)
@@ -237,8 +252,8 @@ def generate_requests(draw) -> pb.GenerateRequest:
     f = draw(fields(
         dict(input=INPUT, sampling=sampling(), priority=I32,
              strategy=st.one_of(st.just(""), st.sampled_from(STRATEGIES)),
-             seq_id=st.one_of(st.just(""), CLIENT_ID)),
-        dict(input=INPUT_WILD, strategy=TEXT, seq_id=TEXT)))
+             seq_id=st.one_of(st.just(""), CLIENT_ID), session_id=SESSION_ID),
+        dict(input=INPUT_WILD, strategy=TEXT, seq_id=TEXT, session_id=TEXT)))
     which, value = f.pop("input")
     r = pb.GenerateRequest(**f)
     if which == "prompt_ids":
@@ -263,6 +278,21 @@ def set_policy_requests(draw) -> pb.SetPolicyRequest:
     return pb.SetPolicyRequest(**{k: v for k, v in f.items() if v is not None})
 
 
+@st.composite
+def capacity_requests(draw) -> pb.EstimateCapacityRequest:
+    fmt = st.one_of(st.sampled_from(["", "full", "int8", "int4", "int2", "k4v2", "k8vfull"]), TEXT)
+    f = draw(fields(
+        dict(num_tokens=st.one_of(st.just(0), U32), format=fmt, prompt_ids=optional(IDS_VALID),
+             session_id=SESSION_ID),
+        dict(prompt_ids=optional(IDS_WILD), session_id=TEXT)))
+    ids = f.pop("prompt_ids")
+    r = pb.EstimateCapacityRequest(**f)
+    if ids is not None:
+        r.prompt_ids.ids.extend(ids)
+        r.prompt_ids.SetInParent()       # also when empty: given, with no ids
+    return r
+
+
 REQUESTS = {
     "Generate": generate_requests(),
     "Cancel": st.builds(pb.CancelRequest, seq_id=SEQ_ID),
@@ -275,10 +305,9 @@ REQUESTS = {
                      strategy=st.one_of(st.sampled_from(STRATEGIES), TEXT)),
     "Unpin": st.builds(pb.UnpinRequest, seq_id=SEQ_ID),
     "WatchDecisions": st.builds(pb.WatchDecisionsRequest, history=U32),
-    "EstimateCapacity": st.builds(
-        pb.EstimateCapacityRequest, num_tokens=U32,
-        format=st.one_of(st.sampled_from(["", "full", "int8", "int4", "int2", "k4v2", "k8vfull"]),
-                         TEXT)),
+    "EstimateCapacity": capacity_requests(),
+    "ListSessions": st.just(pb.ListSessionsRequest()),
+    "DropSession": st.builds(pb.DropSessionRequest, session_id=st.one_of(SESSION_ID, TEXT)),
 }
 assert set(REQUESTS) == {m.name for m in SERVICE.methods}, "a kvctl.v1 method is not fuzzed"
 OTHER_REQUESTS = st.one_of([st.tuples(st.just(name), s) for name, s in REQUESTS.items()
@@ -359,16 +388,28 @@ def test_generate_fields(daemon, stub, health, checked, req):
 
 @settings(FUZZ, max_examples=400)
 @given(named=OTHER_REQUESTS)
-def test_other_request_fields(daemon, channel, health, live, checked, named):
+def test_other_request_fields(daemon, channel, stub, health, live, checked, named):
     name, req = named
     if LIVE in str(req):
         live.ensure()
+    if getattr(req, "session_id", "") in SESSIONS:     # DropSession, EstimateCapacity
+        keep_session(stub, req.session_id)
     code, got = call_method(channel, name, req.SerializeToString())
     what = f"{name} {shown(req)}"
     assert_deliberate(code, got, what)
     if name == "WatchDecisions" and code == grpc.StatusCode.OK:
         assert req.history, what                  # history 0 waits for news: cancelled
     check_after(daemon, health, what)
+
+
+def keep_session(stub, session_id: str) -> None:
+    """Make ``session_id`` a session with KV kept (one short turn), if it is not one."""
+    sessions = stub.ListSessions(pb.ListSessionsRequest()).sessions
+    if any(x.session_id == session_id for x in sessions):
+        return
+    list(stub.Generate(pb.GenerateRequest(
+        session_id=session_id, prompt_ids=pb.TokenIds(ids=long_ids(40, len(session_id))),
+        sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True)), timeout=GUARD_S))
 
 
 def watch_first(stub, history: int, n: int) -> list[int]:

@@ -142,6 +142,62 @@ def test_cancel_mid_stream_frees_blocks(daemon, unix_stub):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_session_turns_reuse_kv_over_the_wire(daemon, unix_stub):
+    """Issue 16 over the socket: the second turn of a session (its prompt the first turn's
+    prompt and output plus new ids) reuses the first's KV; ListSessions shows it;
+    EstimateCapacity counts the same reuse before the turn; DropSession forgets it."""
+    T = daemon.engine.store.block_size
+    window = max(1, daemon.engine.config.observe_window)
+
+    def turn(ids, n=8):
+        return list(unix_stub.Generate(pb.GenerateRequest(
+            prompt_ids=pb.TokenIds(ids=ids), session_id="rt-chat",
+            sampling=pb.SamplingParams(max_tokens=n, ignore_eos=True))))[-1].finished
+
+    first_ids = [(7 * i + 3) % 500 for i in range(80)]
+    try:
+        first = turn(first_ids)
+        assert first.usage.cached_tokens == 0 and len(first.token_ids) == 8
+        ids = first_ids + list(first.token_ids) + list(range(100, 110))
+        want = (len(ids) - window) // T * T        # blocks before the recomputed window
+        assert want > 0
+        est = lambda **kw: unix_stub.EstimateCapacity(  # noqa: E731
+            pb.EstimateCapacityRequest(num_tokens=len(ids) + 8, **kw))
+        plain, cached = est(), est(prompt_ids=pb.TokenIds(ids=ids), session_id="rt-chat")
+        assert plain.reused_tokens == 0 and cached.reused_tokens == want
+        assert cached.bytes_needed < plain.bytes_needed and cached.can_admit
+        assert f"{want} of {len(ids)} prompt tokens reused" in cached.reason
+        second = turn(ids)
+        assert second.usage.cached_tokens == want and second.usage.prompt_tokens == len(ids)
+        (sess,) = [x for x in unix_stub.ListSessions(pb.ListSessionsRequest()).sessions
+                   if x.session_id == "rt-chat"]
+        assert sess.turns == 2 and not sess.active and sess.reused_tokens == want
+        assert sess.num_tokens == len(ids) + 7 and sess.bytes_by_tier["gpu"] > 0
+        assert sess.seq_id and sess.bytes_by_format["full"] > 0
+        kept = unix_stub.GetSequence(pb.GetSequenceRequest(seq_id=sess.seq_id))
+        assert kept.state == "idle" and kept.num_tokens == sess.num_tokens
+        st = unix_stub.GetStatus(pb.GetStatusRequest(fresh=True))
+        assert st.sessions >= 1 and st.prefix.hit_tokens >= want
+        assert st.prefix.queried_tokens >= len(first_ids) + len(ids)
+        assert st.prefix.indexed_blocks > 0
+        with pytest.raises(grpc.RpcError) as e:
+            list(unix_stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2]),
+                                                       session_id="no spaces allowed")))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "session_id" in e.value.details()
+    finally:
+        try:
+            dropped = unix_stub.DropSession(pb.DropSessionRequest(session_id="rt-chat"))
+        except grpc.RpcError:
+            dropped = None
+    assert dropped is not None and dropped.dropped and dropped.session_id == "rt-chat"
+    assert not [x for x in unix_stub.ListSessions(pb.ListSessionsRequest()).sessions
+                if x.session_id == "rt-chat"]
+    with pytest.raises(grpc.RpcError) as e:
+        unix_stub.DropSession(pb.DropSessionRequest(session_id="rt-chat"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "rt-chat" in e.value.details()
+
+
 def test_client_disconnect_frees_the_sequence(daemon, unix_stub):
     stream = unix_stub.Generate(long_request())
     seq_id = next(stream).started.seq_id
@@ -157,10 +213,12 @@ def test_tcp_tls_token(daemon):
     stub = kvctl_pb2_grpc.KvctlStub(ch)
     # read-only calls need TLS but no token
     assert stub.GetStatus(pb.GetStatusRequest()).model
+    stub.ListSessions(pb.ListSessionsRequest())
     for call, req in ((stub.SetPolicy, pb.SetPolicyRequest(profile="streaming")),
                       (stub.Cancel, pb.CancelRequest(seq_id="x")),
                       (stub.Pin, pb.PinRequest(seq_id="x", strategy="quantize_int4")),
-                      (stub.Unpin, pb.UnpinRequest(seq_id="x"))):
+                      (stub.Unpin, pb.UnpinRequest(seq_id="x")),
+                      (stub.DropSession, pb.DropSessionRequest(session_id="x"))):
         for meta in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
             with pytest.raises(grpc.RpcError) as e:
                 call(req, metadata=meta)
@@ -173,6 +231,9 @@ def test_tcp_tls_token(daemon):
     assert stub.SetPolicy(pb.SetPolicyRequest(profile="streaming"), metadata=good).profile == "streaming"
     out = list(stub.Generate(long_request(4), metadata=good))
     assert out[-1].finished.usage.completion_tokens == 4
+    with pytest.raises(grpc.RpcError) as e:      # past the token check: no such session
+        stub.DropSession(pb.DropSessionRequest(session_id="x"), metadata=good)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
     ch.close()
 
 
@@ -206,7 +267,9 @@ def test_metrics_endpoint(daemon, unix_stub):
     for name in ("kvctl_kv_bytes", "kvctl_tier_capacity_bytes", "kvctl_time_per_token_seconds_bucket",
                  "kvctl_generated_tokens_total", "kvctl_cpu_mode 1.0", "kvctl_host_memory_bytes",
                  "kvctl_pcie_bytes_per_second", "kvctl_predictor_fallbacks_total",
-                 "kvctl_decisions_total"):
+                 "kvctl_decisions_total", 'kvctl_prefix_tokens_total{kind="hit"}',
+                 'kvctl_prefix_tokens_total{kind="queried"}', 'kvctl_prefix_blocks{kind="cached"}',
+                 'kvctl_sessions{state="idle"}', 'kvctl_tier_cached_bytes{tier="gpu"}'):
         assert name in body, name
 
 

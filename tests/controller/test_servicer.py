@@ -117,6 +117,12 @@ GENERATE = [
     Case("seq_id in the form the daemon assigns", gen(prompt="x", seq_id="seq-12"), E.INVALID_ARGUMENT,
          check=lambda e: "reserved for ids the daemon assigns" in str(e)),
     Case("seq_id merely like the daemon's", gen(prompt="x", seq_id="seq-12a")),
+    Case("session_id", gen(prompt="x", session_id="chat-7:a.b_c"),
+         check=lambda out: out[-1].finished.usage.cached_tokens == 0),
+    Case("session_id of 65 characters", gen(prompt="x", session_id="a" * 65), E.INVALID_ARGUMENT,
+         check=lambda e: "session_id must be at most 64 characters" in str(e)),
+    Case("session_id with rich markup", gen(prompt="x", session_id="[/x]"), E.INVALID_ARGUMENT),
+    Case("session_id may look like a daemon's seq id", gen(prompt="x", session_id="seq-12")),
     Case("can never fit the budget", gen(prompt_ids=pb.TokenIds(ids=[1] * 400),
                                          sampling=pb.SamplingParams(max_tokens=2000)),
          E.RESOURCE_EXHAUSTED),
@@ -169,6 +175,38 @@ UNARY = [
          ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=5000)),
          check=lambda r: not r.can_admit and r.reason.startswith("never fits")),
     Case("capacity zero tokens", ("EstimateCapacity", pb.EstimateCapacityRequest()), E.INVALID_ARGUMENT),
+    Case("capacity format of 10 kB: refused with a short message",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1, format="x" * 10_000)),
+         E.INVALID_ARGUMENT, check=lambda e: len(str(e)) < 200 and "10000 characters" in str(e)),
+    Case("capacity of a prompt nothing is cached for",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=100, prompt_ids=pb.TokenIds(ids=[1] * 40))),
+         check=lambda r: r.can_admit and r.reused_tokens == 0 and r.bytes_needed == 100_000
+         and "0 of 40 prompt tokens reused" in r.reason),
+    Case("capacity of a prompt alone (num_tokens 0)",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(prompt_ids=pb.TokenIds(ids=[1] * 40))),
+         check=lambda r: r.bytes_needed == 40_000),
+    Case("capacity num_tokens below the prompt",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=10, prompt_ids=pb.TokenIds(ids=[1] * 40))),
+         E.INVALID_ARGUMENT, check=lambda e: "at least the 40 prompt ids" in str(e)),
+    Case("capacity empty prompt_ids",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=10, prompt_ids=pb.TokenIds())),
+         E.INVALID_ARGUMENT),
+    Case("capacity session without prompt_ids",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=10, session_id="chat")),
+         E.INVALID_ARGUMENT, check=lambda e: "prompt_ids" in str(e)),
+    Case("capacity bad session_id",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(prompt_ids=pb.TokenIds(ids=[1]), session_id="a b")),
+         E.INVALID_ARGUMENT),
+    Case("capacity of a prompt beyond the context",
+         ("EstimateCapacity", pb.EstimateCapacityRequest(prompt_ids=pb.TokenIds(ids=[1] * 600))),
+         check=lambda r: not r.can_admit and r.reason.startswith("never fits") and r.reused_tokens == 0),
+    Case("list sessions (none)", ("ListSessions", pb.ListSessionsRequest()),
+         check=lambda r: len(r.sessions) == 0),
+    Case("drop unknown session", ("DropSession", pb.DropSessionRequest(session_id="nope")), E.NOT_FOUND,
+         check=lambda e: "no session 'nope'" in str(e)),
+    Case("drop session without id", ("DropSession", pb.DropSessionRequest()), E.INVALID_ARGUMENT),
+    Case("drop session with a bad id", ("DropSession", pb.DropSessionRequest(session_id="a" * 65)),
+         E.INVALID_ARGUMENT),
     Case("capacity unknown format", ("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=1, format="fp3")),
          E.INVALID_ARGUMENT),
 ]
@@ -207,6 +245,40 @@ def test_live_sequence_pin_cancel_and_lookup(svc, ctx, loop, fake_engine):
     assert run("ListSequences", pb.ListSequencesRequest()).sequences == []
     kinds = [d.kind for d in svc.decisions.recent()]
     assert kinds == ["pin", "unpin"]
+
+
+def test_session_turns_reuse_list_estimate_and_drop(svc, ctx, loop):
+    """Two turns of one session through the servicer (fake engine): the second reuses the
+    first's KV, the session is listed and counted, capacity counts the reuse, and
+    DropSession forgets it (recorded as a decision), NOT_FOUND after."""
+    run = lambda m, r: loop.run(getattr(svc, m)(r, ctx), timeout=10)  # noqa: E731
+    first_ids = list(range(1, 11))
+    code, out = call(svc, "Generate", gen(prompt_ids=pb.TokenIds(ids=first_ids), session_id="chat"),
+                     ctx, loop)
+    assert code == OK and out[-1].finished.usage.cached_tokens == 0
+    ids = first_ids + list(out[-1].finished.token_ids) + [40, 41, 42]
+    est = lambda **kw: run("EstimateCapacity", pb.EstimateCapacityRequest(  # noqa: E731
+        num_tokens=len(ids) + 3, prompt_ids=pb.TokenIds(ids=ids), **kw))
+    plain = run("EstimateCapacity", pb.EstimateCapacityRequest(num_tokens=len(ids) + 3))
+    cached = est(session_id="chat")
+    assert cached.reused_tokens == 12 and plain.reused_tokens == 0
+    assert cached.bytes_needed == plain.bytes_needed - 12 * 1000
+    code, out = call(svc, "Generate", gen(prompt_ids=pb.TokenIds(ids=ids), session_id="chat"), ctx, loop)
+    assert code == OK and out[-1].finished.usage.cached_tokens == cached.reused_tokens
+    (sess,) = run("ListSessions", pb.ListSessionsRequest()).sessions
+    assert (sess.session_id, sess.turns, sess.active, sess.seq_id) == ("chat", 2, "", "session/chat")
+    assert sess.num_tokens == len(ids) + 2 and sess.reused_tokens == 12
+    assert sess.bytes_by_tier["gpu"] > 0 and sess.bytes_by_format["full"] > 0
+    st = svc.status_of(svc.telemetry.sample_now(False))
+    assert st.sessions == 1 and st.prefix.hit_tokens == 12
+    assert st.prefix.queried_tokens == len(first_ids) + len(ids)
+    r = run("DropSession", pb.DropSessionRequest(session_id="chat"))
+    assert r.session_id == "chat" and r.dropped
+    assert run("ListSessions", pb.ListSessionsRequest()).sessions == []
+    code, err = call(svc, "DropSession", pb.DropSessionRequest(session_id="chat"), ctx, loop)
+    assert code == E.NOT_FOUND
+    (d,) = [d for d in svc.decisions.recent() if d.kind == "drop_session"]
+    assert d.seq_id == "session/chat" and "'chat'" in d.reason and f"{len(ids) + 2} tokens" in d.reason
 
 
 def test_a_client_id_cannot_take_the_daemons_next_one(svc, ctx, loop):
@@ -316,7 +388,8 @@ def test_watch_decisions_streams_then_stops_on_cancel(svc, ctx, loop):
 def test_draining_refuses_new_work(svc, ctx, loop):
     svc.begin_drain()
     for method, req in (("Generate", gen(prompt="x")), ("SetPolicy", pb.SetPolicyRequest(profile="streaming")),
-                        ("Pin", pb.PinRequest(seq_id="a", strategy="quantize_int4"))):
+                        ("Pin", pb.PinRequest(seq_id="a", strategy="quantize_int4")),
+                        ("DropSession", pb.DropSessionRequest(session_id="a"))):
         code, err = call(svc, method, req, ctx, loop)
         assert code == E.UNAVAILABLE and "shutting down" in str(err)
     code, st = call(svc, "GetStatus", pb.GetStatusRequest(), ctx, loop)

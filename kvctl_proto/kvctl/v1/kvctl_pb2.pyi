@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "prompt_ids", "sampling", "priority", "strategy", "seq_id")
+    __slots__ = ("prompt", "messages", "prompt_ids", "sampling", "priority", "strategy", "seq_id", "session_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: ChatMessages
     prompt_ids: TokenIds
@@ -74,7 +75,8 @@ class GenerateRequest(_message.Message):
     priority: int
     strategy: str
     seq_id: str
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., seq_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., seq_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("seq_id", "num_prompt_tokens")
@@ -97,14 +99,16 @@ class TokenDelta(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("seq_id", "reason", "text", "token_ids", "usage", "kv_bytes_by_tier", "kv_bytes_by_format", "strategy_changes", "error", "seconds")
@@ -211,20 +215,22 @@ class HostInfo(_message.Message):
     def __init__(self, memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., num_cpus: _Optional[int] = ...) -> None: ...
 
 class Tier(_message.Message):
-    __slots__ = ("name", "device", "capacity_bytes", "used_bytes", "block_bytes", "free_bytes")
+    __slots__ = ("name", "device", "capacity_bytes", "used_bytes", "block_bytes", "free_bytes", "cached_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     capacity_bytes: int
     used_bytes: int
     block_bytes: int
     free_bytes: int
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+    cached_bytes: int
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., cached_bytes: _Optional[int] = ...) -> None: ...
 
 class SequenceCounts(_message.Message):
     __slots__ = ("waiting", "running", "stalled", "total", "preempted")
@@ -239,6 +245,22 @@ class SequenceCounts(_message.Message):
     total: int
     preempted: int
     def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., stalled: _Optional[int] = ..., total: _Optional[int] = ..., preempted: _Optional[int] = ...) -> None: ...
+
+class PrefixCache(_message.Message):
+    __slots__ = ("hit_tokens", "queried_tokens", "indexed_blocks", "cached_blocks", "shared_slots", "cached_evicted")
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    hit_tokens: int
+    queried_tokens: int
+    indexed_blocks: int
+    cached_blocks: int
+    shared_slots: int
+    cached_evicted: int
+    def __init__(self, hit_tokens: _Optional[int] = ..., queried_tokens: _Optional[int] = ..., indexed_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., shared_slots: _Optional[int] = ..., cached_evicted: _Optional[int] = ...) -> None: ...
 
 class EngineCounters(_message.Message):
     __slots__ = ("preemptions", "step_failures", "cuda_graphs", "graph_replays", "eager_decode_steps", "graph_capture_seconds", "graph_capture_bytes")
@@ -259,7 +281,7 @@ class EngineCounters(_message.Message):
     def __init__(self, preemptions: _Optional[int] = ..., step_failures: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., graph_replays: _Optional[int] = ..., eager_decode_steps: _Optional[int] = ..., graph_capture_seconds: _Optional[float] = ..., graph_capture_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine")
+    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine", "prefix", "sessions")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +302,8 @@ class NodeStatus(_message.Message):
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     model: str
@@ -300,7 +324,9 @@ class NodeStatus(_message.Message):
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     budget_used_fraction: float
     engine: EngineCounters
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ..., engine: _Optional[_Union[EngineCounters, _Mapping]] = ...) -> None: ...
+    prefix: PrefixCache
+    sessions: int
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ..., engine: _Optional[_Union[EngineCounters, _Mapping]] = ..., prefix: _Optional[_Union[PrefixCache, _Mapping]] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("index", "num_tokens", "format", "tier", "nbytes", "mass")
@@ -479,15 +505,19 @@ class Decision(_message.Message):
     def __init__(self, id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., seq_id: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., predicted_cost: _Optional[float] = ..., freed_bytes: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class EstimateCapacityRequest(_message.Message):
-    __slots__ = ("num_tokens", "format")
+    __slots__ = ("num_tokens", "format", "prompt_ids", "session_id")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     format: str
-    def __init__(self, num_tokens: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
+    prompt_ids: TokenIds
+    session_id: str
+    def __init__(self, num_tokens: _Optional[int] = ..., format: _Optional[str] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class EstimateCapacityResponse(_message.Message):
-    __slots__ = ("can_admit", "bytes_needed", "bytes_free", "budget_bytes", "reason", "predicted_seconds", "tokens_per_s")
+    __slots__ = ("can_admit", "bytes_needed", "bytes_free", "budget_bytes", "reason", "predicted_seconds", "tokens_per_s", "reused_tokens")
     CAN_ADMIT_FIELD_NUMBER: _ClassVar[int]
     BYTES_NEEDED_FIELD_NUMBER: _ClassVar[int]
     BYTES_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -495,6 +525,7 @@ class EstimateCapacityResponse(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     can_admit: bool
     bytes_needed: int
     bytes_free: int
@@ -502,4 +533,67 @@ class EstimateCapacityResponse(_message.Message):
     reason: str
     predicted_seconds: float
     tokens_per_s: float
-    def __init__(self, can_admit: _Optional[bool] = ..., bytes_needed: _Optional[int] = ..., bytes_free: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., reason: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    reused_tokens: int
+    def __init__(self, can_admit: _Optional[bool] = ..., bytes_needed: _Optional[int] = ..., bytes_free: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., reason: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., reused_tokens: _Optional[int] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "turns", "idle_s", "age_s", "active", "num_tokens", "reused_tokens", "bytes_by_tier", "bytes_by_format", "seq_id")
+    class BytesByTierEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BytesByFormatEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BY_TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BY_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turns: int
+    idle_s: float
+    age_s: float
+    active: str
+    num_tokens: int
+    reused_tokens: int
+    bytes_by_tier: _containers.ScalarMap[str, int]
+    bytes_by_format: _containers.ScalarMap[str, int]
+    seq_id: str
+    def __init__(self, session_id: _Optional[str] = ..., turns: _Optional[int] = ..., idle_s: _Optional[float] = ..., age_s: _Optional[float] = ..., active: _Optional[str] = ..., num_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., bytes_by_tier: _Optional[_Mapping[str, int]] = ..., bytes_by_format: _Optional[_Mapping[str, int]] = ..., seq_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+
+class DropSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DropSessionResponse(_message.Message):
+    __slots__ = ("session_id", "dropped")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    dropped: bool
+    def __init__(self, session_id: _Optional[str] = ..., dropped: _Optional[bool] = ...) -> None: ...

@@ -89,6 +89,16 @@ class KvctlStub:
                 request_serializer=kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityRequest.SerializeToString,
                 response_deserializer=kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/kvctl.v1.Kvctl/ListSessions',
+                request_serializer=kvctl_dot_v1_dot_kvctl__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=kvctl_dot_v1_dot_kvctl__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.DropSession = channel.unary_unary(
+                '/kvctl.v1.Kvctl/DropSession',
+                request_serializer=kvctl_dot_v1_dot_kvctl__pb2.DropSessionRequest.SerializeToString,
+                response_deserializer=kvctl_dot_v1_dot_kvctl__pb2.DropSessionResponse.FromString,
+                _registered_method=True)
 
 
 class KvctlServicer:
@@ -163,6 +173,21 @@ class KvctlServicer:
 
     def EstimateCapacity(self, request, context):
         """Admission query for orchestrators: could this node take a request of N tokens now?
+        Given the prompt's ids, it counts only the blocks the node does not hold already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Multi-turn sessions (GenerateRequest.session_id): the KV each keeps between turns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropSession(self, request, context):
+        """Forget a session and free the KV it keeps (blocks a running sequence shares stay).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +250,16 @@ def add_KvctlServicer_to_server(servicer, server):
                     servicer.EstimateCapacity,
                     request_deserializer=kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityRequest.FromString,
                     response_serializer=kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=kvctl_dot_v1_dot_kvctl__pb2.ListSessionsRequest.FromString,
+                    response_serializer=kvctl_dot_v1_dot_kvctl__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'DropSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropSession,
+                    request_deserializer=kvctl_dot_v1_dot_kvctl__pb2.DropSessionRequest.FromString,
+                    response_serializer=kvctl_dot_v1_dot_kvctl__pb2.DropSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +559,60 @@ class Kvctl:
             '/kvctl.v1.Kvctl/EstimateCapacity',
             kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityRequest.SerializeToString,
             kvctl_dot_v1_dot_kvctl__pb2.EstimateCapacityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvctl.v1.Kvctl/ListSessions',
+            kvctl_dot_v1_dot_kvctl__pb2.ListSessionsRequest.SerializeToString,
+            kvctl_dot_v1_dot_kvctl__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvctl.v1.Kvctl/DropSession',
+            kvctl_dot_v1_dot_kvctl__pb2.DropSessionRequest.SerializeToString,
+            kvctl_dot_v1_dot_kvctl__pb2.DropSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
