@@ -98,6 +98,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self.sessions: dict = {}                 # session id -> engine.sessions.Session
         self._expired_at = 0.0
         self._blocked_since = 0.0                # a waiting request found no room since
+        self._unkept: set[str] = set()           # turns of sessions dropped while running
         self.num_sessions_dropped = 0            # idle sessions dropped for room
         # a sink for the KV events of each step (the daemon's publisher), or None
         self.on_kv_events: Callable[[list], None] | None = None
@@ -676,6 +677,7 @@ class Engine(OfflineMixin, SessionsMixin):
             kept = s.state == DECODE and self._keep_session(s, reason)
             if not kept:
                 self._session_done(s.request.session_id, s.seq_id)
+            self._unkept.discard(s.seq_id)
         s.state = FINISHED
         s.finish_reason = reason
         if not kept:

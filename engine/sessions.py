@@ -146,6 +146,9 @@ class SessionsMixin:
         """At the end of a turn: keep its KV as the session's idle sequence. False when
         it has none to keep (not a session, never decoded, an error, sessions off)."""
         sess_id = s.request.session_id
+        if s.seq_id in self._unkept:      # its session was dropped while it ran
+            self._unkept.discard(s.seq_id)
+            return False
         if not sess_id or reason == "error" or self.config.max_sessions == 0 \
                 or s.seq_id not in self.store.seqs or s.swapped:
             self._session_done(sess_id, s.seq_id)
@@ -195,6 +198,8 @@ class SessionsMixin:
                 return False
             if sess.holder in self.idle:
                 self._drop_idle(sess.holder)
+            if sess.active:            # a turn running now: its KV is not kept either
+                self._unkept.add(sess.active)
             return True
         return self.call(run)
 

@@ -250,3 +250,18 @@ def test_controller_can_drop_an_idle_session(pair):
     assert r.ok and r.freed_bytes.get(GPU, 0) > 0
     assert "d" not in reuse.sessions and "session/d" not in reuse.store.seqs
     check_slots(reuse.store)
+
+
+def test_dropping_a_session_while_its_turn_runs_sticks(pair):
+    reuse, _ = pair
+    finish(reuse, prompt(7, 30), "live")
+    sid = reuse.submit(Request(prompt_ids=prompt(7, 30) + [4, 5], session_id="live",
+                               sampling=SamplingParams(max_tokens=6, ignore_eos=True)),
+                       lambda ev: None)
+    reuse.step()
+    assert reuse.sessions["live"].active == sid
+    assert reuse.drop_session("live")
+    while reuse.running or reuse.waiting:
+        reuse.step()
+    assert "live" not in reuse.sessions and not reuse.idle
+    assert reuse.store.held_slots(GPU) == 0
