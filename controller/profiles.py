@@ -20,9 +20,9 @@ class Profile:
 
 _ALL = (
     Profile("balanced",
-            ("quantize_int8", "quantize_int4", "offload_exact", "offload_topk", "snapkv",
-             "heavy_hitter", "quantize_k4v2", "sink_window", "quantize_int2"),
-            1.0, "every move; the predictor decides"),
+            ("mixed_precision", "offload_exact", "offload_topk", "snapkv", "heavy_hitter",
+             "sink_window"),
+            1.0, "per-block precision, offload or eviction; the predictor decides"),
     Profile("accuracy-critical", ("quantize_int8", "offload_exact"), 0.01,
             "no eviction, nothing below int8, exact offload"),
     Profile("streaming", ("sink_window", "quantize_int8", "quantize_int4"), 2.0,
