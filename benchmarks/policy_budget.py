@@ -17,7 +17,8 @@ the GPU-tier KV bytes (exact slot bytes) / the same tokens at full precision, at
 answer's first token and at most while the answer is decoded; the bytes attention reads (GPU blocks,
 plus offloaded ones streamed in exact decode). Policy behaviour counted from the
 decisions and from the blocks' formats between snapshots: moves by kind, lossy blocks
-re-quantized, blocks fetched back after an offload, 'unmet' decisions.
+re-quantized, blocks fetched back after an offload, 'unmet' decisions, and how many of
+the priced moves the learned predictor left to the heuristic (fallbacks / priced).
 
 References in the same run: ``full`` (no controller) and ``int4`` (every filled block
 int4, the newest at full precision: kvctl's fixed int4). Use bfloat16 so the store and
@@ -90,6 +91,7 @@ def trial(engine, prompt, answer: list[int], mode: str, budget: float, profile: 
     sid = f"pb-{time.monotonic_ns()}"
     logits = engine.prefill(sid, prompt.ids)
     watch, decisions, ctl, clock = Watch(), [], None, FakeClock()
+    priced = collections.Counter()
     peak = 0.0
 
     def tick():
@@ -114,6 +116,16 @@ def trial(engine, prompt, answer: list[int], mode: str, budget: float, profile: 
         policy = PolicyState(profile=profile, budget_bytes=int(budget * full),
                              high_watermark=high, low_watermark=low)
         ctl = Controller(policy, DecisionLog(), engine.handle, clock=clock)
+        pred, inner = ctl.loop.predictor, ctl.loop.predictor.predict_many
+
+        def counted(items, bus=None):          # how many moves were priced, by whom
+            before = getattr(pred, "num_fallbacks", 0)
+            out = inner(items, bus)
+            priced["calls"] += len(items)
+            priced["fallbacks"] += (getattr(pred, "num_fallbacks", 0) - before
+                                    if hasattr(pred, "num_fallbacks") else len(items))
+            return out
+        ctl.loop.predictor.predict_many = counted
         quiet = 0
         for _ in range(max_ticks):
             quiet = 0 if tick() else quiet + 1
@@ -146,7 +158,8 @@ def trial(engine, prompt, answer: list[int], mode: str, budget: float, profile: 
                 decisions=dict(kinds), unmet_reasons=[d.reason for d in decisions
                                                       if d.kind == "unmet"],
                 actions=[d.action for d in decisions if d.action],
-                policy_s=policy_s, **watch.counts)
+                policy_s=policy_s, priced=priced["calls"], fallbacks=priced["fallbacks"],
+                **watch.counts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.time() - t0:.0f} s")
     print()
     print("| config | budget | hits | key NLL | GPU bytes at answer | peak | reads | moves "
-          "| re-quantized | fetched back | unmet |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| re-quantized | fetched back | unmet | predictor fallbacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, b, prof in cfgs:
         rs = [r for r in rows if (r["mode"], r["budget"], r["profile"]) == (mode, b, prof)]
         moves = collections.Counter()
@@ -206,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{max(r['peak_frac'] for r in rs):.1%} | {mean('read_frac'):.1%} | "
               f"{dict(moves) or '-'} | {sum(r.get('requantized', 0) for r in rs)} | "
               f"{sum(r.get('fetched_back', 0) for r in rs)} | "
-              f"{sum(r['decisions'].get('unmet', 0) for r in rs)} |")
+              f"{sum(r['decisions'].get('unmet', 0) for r in rs)} | "
+              + (f"{sum(r['fallbacks'] for r in rs)}/{sum(r['priced'] for r in rs)} |"
+                 if mode == "adaptive" else "- |"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

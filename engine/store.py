@@ -23,7 +23,7 @@ from engine.arena import Arena, OutOfBlocks
 from engine.layout import FULL, BlockGeometry, KVFormat
 
 GPU, HOST, PARKED, EVICTED, SWAPPED = "gpu", "host", "parked", "evicted", "swapped"
-PAGE_SLOTS = 8            # full-precision slots in one default page
+PAGE_SLOTS = 4            # full-precision slots in one default page
 ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena holding it
 
 
@@ -62,11 +62,12 @@ class KVStore:
         self._block_bytes: dict[KVFormat, int] = {}
         self.device = torch.device(device)
         full_slot = geom.slot_bytes(FULL)
-        # pages of 8 full-precision slots: a page holds whole full blocks, and what a
-        # page of smaller slots leaves unused (its tail, its free slots) stays a few
-        # blocks' worth, so the pages a sequence occupies track its bytes (1 MiB pages
-        # held 131% of a 1K-token sequence's bytes). Transfers are not bounded by pages:
-        # adjacent slots are copied as one run across page boundaries (moves._copy_runs)
+        # pages of 4 full-precision slots: a page holds whole full blocks, a page of
+        # smaller slots wastes under 7% in its tail (16-bit, head_dim 64), and a partly
+        # filled page per slot size is a few blocks' worth, so pages track the bytes of
+        # what they hold (1 MiB pages held 131% of a 1K-token sequence's bytes on the
+        # default model). Transfers are not bounded by pages: adjacent slots are copied
+        # as one run across page boundaries (moves._copy_runs)
         if page_bytes is None:
             page_bytes = full_slot * PAGE_SLOTS
         self.page_bytes = page_bytes

@@ -122,3 +122,80 @@ def test_heavy_hitter_keeps_the_heaviest_blocks(eng):
     evicted = torch.tensor([b.index in cand.blocks for b in eligible])
     assert masses[~evicted].min() >= masses[evicted].max()
     eng.cancel(sid)
+
+
+# -- mixed precision on synthetic views (no engine): which format each block gets
+FULL = 1000
+CTX = Context({"full": FULL, "int8": 312, "int4": 188, "k4v2": 156, "int2": 125,
+               "k8v4": 250}, num_sink_blocks=1)
+
+
+def synthetic(mass, fmt="full"):
+    from engine.actions import BlockView, SequenceView
+
+    n = len(mass)
+    blocks = [BlockView(i, 32, fmt if 0 < i < n - 1 else "full", "gpu", FULL, m, m)
+              for i, m in enumerate(mass)]
+    return SequenceView("s", "held", 32 * n, 32 * n, 0, 0, "exact", 0, {"gpu": FULL * n},
+                        {"full": FULL * n}, blocks, 1.0, mass[0], mass[-1])
+
+
+def per_block(cand, seq):
+    """Block index -> bytes the plan frees from it."""
+    out = {}
+    for p in cand.parts:
+        for i in p.blocks:
+            b = seq.blocks[i]
+            out[i] = b.nbytes if p.kind == "evict" else b.nbytes - CTX.format_bytes[
+                p.strategy.removeprefix("quantize_")]
+    return out
+
+
+def test_mixed_precision_gives_colder_blocks_fewer_bits():
+    from controller.strategies import MixedPrecision
+
+    rng = random.Random(0)
+    for _ in range(40):
+        mass = [rng.random() ** 3 for _ in range(16)]
+        seq = synthetic(mass)
+        target = rng.randint(1, 15 * FULL)
+        cand = MixedPrecision().propose(seq, target, CTX)
+        most = MixedPrecision().propose(seq, 10**9, CTX).freed_bytes
+        assert cand.freed_bytes >= min(target, most)
+        freed = per_block(cand, seq)
+        # among blocks with the same options (not the sink, not the recent window):
+        # one that carries more attention never gives up more of its bytes
+        mid = range(1, 14)
+        for i in mid:
+            for j in mid:
+                if mass[i] > mass[j]:
+                    assert freed.get(i, 0) <= freed.get(j, 0), (mass[i], mass[j])
+
+
+def test_mixed_precision_evicts_only_past_the_lowest_format():
+    """Uniform attention: every block goes down the formats together, and only a
+    target that int2 everywhere cannot meet brings evictions (the fewest that do)."""
+    from controller.strategies import MixedPrecision
+
+    seq = synthetic([1.0] * 16)
+    all_int2 = 15 * (FULL - 125)
+    for target in (all_int2 // 3, all_int2 // 2, all_int2):
+        cand = MixedPrecision().propose(seq, target, CTX)
+        assert cand.kind == "quantize" and cand.freed_bytes >= target
+    over = all_int2 + 3 * 125
+    cand = MixedPrecision().propose(seq, over, CTX)
+    evicted = [i for p in cand.parts if p.kind == "evict" for i in p.blocks]
+    assert cand.kind == "evict" and len(evicted) == 3 and cand.freed_bytes >= over
+    assert all(0 < i < 14 for i in evicted)            # not the sink, not the recent window
+
+
+def test_mixed_precision_never_requantizes_and_may_evict_lossy_blocks():
+    from controller.strategies import MixedPrecision
+    from engine.actions import Evict, Quantize
+
+    seq = synthetic([1.0] * 16, fmt="int4")            # blocks 1..14 already int4
+    cand = MixedPrecision().propose(seq, 10**9, CTX)
+    for a in cand.actions:
+        if isinstance(a, Quantize):
+            assert set(a.blocks) <= {0}                # the full-precision sink only
+    assert any(isinstance(a, Evict) for a in cand.actions)
