@@ -113,7 +113,17 @@ class PolicyLoop:
                 items.append((seq, cand))
         out: dict[str, list[Move]] = {sid: [] for sid in targets}
         # one call for the whole tick: the learned model predicts a batch at once
-        for (seq, cand), p in zip(items, self.predictor.predict_many(items, bus)):
+        preds = self.predictor.predict_many(items, bus)
+        # like with like: the learned model's KL and the heuristic's PPL fraction are not
+        # one unit, so where it fell back on any of a sequence's moves, the heuristic
+        # prices all of them (a hot-block plan it never saw priced against evictions it
+        # did would be chosen by units, not by cost)
+        fell = {seq.seq_id for (seq, _), p in zip(items, preds) if p.source != "learned"}
+        heuristic = getattr(self.predictor, "heuristic", None)
+        if heuristic is not None and fell:
+            preds = [heuristic.predict(seq, c, bus) if seq.seq_id in fell else p
+                     for (seq, c), p in zip(items, preds)]
+        for (seq, cand), p in zip(items, preds):
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
                                          p.latency_s, p.source, total, seq.num_tokens))

@@ -12,8 +12,9 @@ each with the bytes it frees and its heuristic accuracy cost (controller/predict
 costs.py: the format's measured cost scaled by the block's importance; eviction by its
 attention mass plus a price per share of blocks). Each block's ladder is cut to its
 lower convex hull, and the plan takes steps in order of added cost per byte freed
-across all blocks until the target is met: the greedy solution of this multiple-choice
-knapsack, optimal up to the last step taken. Keys keep their bits longest (k4v2 before
+across all blocks until the target is met (the last one: the cheapest single change
+that finishes it): the greedy solution of this multiple-choice knapsack, optimal up to
+the last step. Keys keep their bits longest (k4v2 before
 int2): keys carry the damage (FACTS). Importance is the larger of the block's decayed
 attention share (H2O) and its share of the prompt's last queries (SnapKV): a block
 either signal needs is kept well.
@@ -85,8 +86,18 @@ class MixedPrecision(Strategy):
         chosen: dict[int, str] = {}
         freed = 0
         while heap and freed < target_bytes:
-            _, i, at = heapq.heappop(heap)
+            left = target_bytes - freed
+            _, i, at = heap[0]
             ladder = ladders[i]
+            if ladder[at + 1][0] - ladder[at][0] >= left:
+                # the last step: the flattest one may overshoot at a higher cost than
+                # another change that also finishes; take the cheapest that finishes
+                _, k, j = min((ladders[k][j][1] - ladders[k][a][1], k, j)
+                              for _, k, a in heap for j in range(a + 1, len(ladders[k]))
+                              if ladders[k][j][0] - ladders[k][a][0] >= left)
+                chosen[k] = ladders[k][j][2]
+                break
+            heapq.heappop(heap)
             freed += ladder[at + 1][0] - ladder[at][0]
             chosen[i] = ladder[at + 1][2]
             if at + 2 < len(ladder):

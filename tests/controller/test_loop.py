@@ -245,3 +245,47 @@ def test_pressure_counts_exact_bytes_not_pages(big):
     gpu = snap.tiers["gpu"]
     assert gpu.block_bytes == seq.bytes_by_tier["gpu"] == Controller.used_of(snap)
     assert gpu.used_bytes <= gpu.block_bytes * 1.05 + big.store.page_bytes * 2
+
+
+def test_fetch_back_takes_the_room_at_once_and_stops():
+    """Once pressure is gone, offloaded blocks come back in one move per sequence (the
+    room is counted in the blocks' bytes, so a fetch is never repeated a few blocks at a
+    time while a page count stays flat), and nothing is offloaded again."""
+    e = tiny_engine(block_size=32, kv_budget_bytes=8 << 20, page_bytes=0,
+                    host_budget_bytes=8 << 20, staging_bytes=4 << 20)
+    try:
+        ids = held(e)
+        c, clock = budgeted(e, 0.6, profile="multi-turn")
+        assert "offload" in {d.kind for d in tick_until_quiet(e, c, clock)}
+        c.policy.update(budget_bytes=c.policy.view().budget_bytes * 4)
+        later = tick_until_quiet(e, c, clock, quiet=5)
+        fetched = [d for d in later if d.kind == "fetch"]
+        assert len(fetched) == len(ids) and len({d.seq_id for d in fetched}) == len(ids)
+        assert {d.kind for d in later} <= {"fetch", "pressure_cleared"}
+        assert all(b.tier == "gpu" for s in e.handle.snapshot().sequences for b in s.blocks)
+    finally:
+        e.stop()
+
+
+def test_a_sequences_moves_are_compared_in_one_unit(big):
+    """The learned model answers in KL, the heuristic in PPL fractions: where the model
+    falls back on one of a sequence's moves (a plan touching blocks hotter than any it
+    was trained on), the heuristic prices all of them, or the plan would lose to an
+    eviction by units alone (seen on passkey retrieval: sink_window won and lost the
+    needle)."""
+    from controller.predictors.heuristic import HeuristicPredictor, Prediction
+
+    class HalfLearned:                  # answers evictions (at no cost), not the rest
+        heuristic = HeuristicPredictor()
+
+        def predict_many(self, items, bus=None):
+            return [Prediction(0.0, 0.0, "learned") if c.kind == "evict"
+                    else self.heuristic.predict(s, c, bus) for s, c in items]
+
+    held(big, n_seqs=1)
+    c, clock = budgeted(big, 0.25, profile="throughput")   # int4, heavy hitters, k4v2
+    c.loop.predictor = HalfLearned()
+    need = Controller.used_of(big.handle.snapshot()) // 2
+    moves = c.loop.candidates(big.handle.snapshot(), need, "throughput", {}, now=1e9)
+    assert {m.candidate.kind for m in moves} == {"quantize", "evict"}
+    assert all(m.source == "heuristic" and m.accuracy > 0 for m in moves)

@@ -155,7 +155,7 @@ def test_mixed_precision_gives_colder_blocks_fewer_bits():
     from controller.strategies import MixedPrecision
 
     rng = random.Random(0)
-    for _ in range(40):
+    for _ in range(300):
         mass = [rng.random() ** 3 for _ in range(16)]
         seq = synthetic(mass)
         target = rng.randint(1, 15 * FULL)
@@ -163,13 +163,13 @@ def test_mixed_precision_gives_colder_blocks_fewer_bits():
         most = MixedPrecision().propose(seq, 10**9, CTX).freed_bytes
         assert cand.freed_bytes >= min(target, most)
         freed = per_block(cand, seq)
-        # among blocks with the same options (not the sink, not the recent window):
-        # one that carries more attention never gives up more of its bytes
+        # among blocks with the same options (not the sink, not the recent window): one
+        # that carries more attention never gives up more of its bytes, but for the
+        # plan's last change (the cheapest that finishes the target)
         mid = range(1, 14)
-        for i in mid:
-            for j in mid:
-                if mass[i] > mass[j]:
-                    assert freed.get(i, 0) <= freed.get(j, 0), (mass[i], mass[j])
+        hotter = {i for i in mid for j in mid
+                  if mass[i] > mass[j] and freed.get(i, 0) > freed.get(j, 0)}
+        assert len(hotter) <= 1, hotter
 
 
 def test_mixed_precision_evicts_only_past_the_lowest_format():
