@@ -121,7 +121,8 @@ class PolicyLoop:
         fell = {seq.seq_id for (seq, _), p in zip(items, preds) if p.source != "learned"}
         heuristic = getattr(self.predictor, "heuristic", None)
         if heuristic is not None and fell:
-            preds = [heuristic.predict(seq, c, bus) if seq.seq_id in fell else p
+            preds = [heuristic.predict(seq, c, bus)
+                     if seq.seq_id in fell and p.source == "learned" else p
                      for (seq, c), p in zip(items, preds)]
         for (seq, cand), p in zip(items, preds):
             total = p.total(weight)
