@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from engine.layout import FULL
 from benchmarks.evaluate import build_passkey_prompt, passkey_keys
+from engine.layout import FULL
 
 
 class FakeClock:
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             moves.update({k: v for k, v in r["decisions"].items()
                           if k not in ("pressure", "pressure_cleared", "unmet")})
         label = mode if not prof else f"{mode} ({prof})"
-        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        def mean(k, rs=rs):
+            return sum(r[k] for r in rs) / len(rs)
         print(f"| {label} | {b:.1%} | {sum(r['hit'] for r in rs)}/{len(rs)} "
               f"| {mean('nll'):.3f} | {mean('gpu_frac'):.1%} | "
               f"{max(r['peak_frac'] for r in rs):.1%} | {mean('read_frac'):.1%} | "

@@ -46,7 +46,7 @@ class Candidate:
     # a plan that mixes moves (blocks in several formats, some evicted) lists them as
     # candidates of the single-move strategies they equal, so predictors price each
     # part as they know it and the plan as the sum
-    parts: tuple["Candidate", ...] = ()
+    parts: tuple[Candidate, ...] = ()
 
     @property
     def steps(self) -> list[tuple[Action, ...]]:

@@ -283,7 +283,7 @@ def test_a_sequences_moves_are_compared_in_one_unit(big):
                     else self.heuristic.predict(s, c, bus) for s, c in items]
 
     held(big, n_seqs=1)
-    c, clock = budgeted(big, 0.25, profile="throughput")   # int4, heavy hitters, k4v2
+    c, _ = budgeted(big, 0.25, profile="throughput")       # int4, heavy hitters, k4v2
     c.loop.predictor = HalfLearned()
     need = Controller.used_of(big.handle.snapshot()) // 2
     moves = c.loop.candidates(big.handle.snapshot(), need, "throughput", {}, now=1e9)
