@@ -233,5 +233,6 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
     st.sequences.extend(sequence_to_proto(v, policy.pins.get(v.seq_id)) for v in live)
     gpu = snap.tiers.get("gpu")
     if gpu is not None and effective_budget:
-        st.budget_used_fraction = gpu.used_bytes / effective_budget
+        # the controller's measure: the blocks' exact bytes (controller/policy.py)
+        st.budget_used_fraction = gpu.block_bytes / effective_budget
     return st

@@ -1,14 +1,21 @@
 """The policy loop: above the high watermark, the cheapest moves that bring GPU-tier KV
 back to the low watermark; under the low watermark, undo reversible moves.
 
-Each tick reads one engine snapshot. Candidates come from the strategies a sequence may
-use (its pin, else its profile's list), each priced by the predictor (the learned one
-when the loaded model has an artifact, else the heuristic) as accuracy cost + latency
-weight x added step latency, per byte freed; the cheapest go first, one move per
-sequence per tick, and a sequence moved recently waits (hysteresis against flapping).
+Each tick reads one engine snapshot. The bytes to free are split over the sequences
+that may move now, in proportion to their GPU-tier bytes (a sequence that cannot give
+its share leaves the rest to the others). Each sequence's allowed strategies (its pin,
+else its profile's list) propose moves for its share, priced by the predictor (the
+learned one when the loaded model has an artifact, else the heuristic) as accuracy
+cost + latency weight x added step latency; the sequence takes the cheapest move that
+frees its share (the one that frees most when none does). So a sequence's blocks get
+their final format in one move, not by stepping down a format a tick (a lossy block is
+never quantized again: controller/strategies/mixed_precision.py). One move per
+sequence per tick, and a sequence moved recently waits (hysteresis against flapping);
+a move the engine refused is not proposed again until its sequence has new tokens.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,10 +34,12 @@ MOVABLE_STATES = ("decode", "stalled", "held", "idle")
 @dataclass
 class Move:
     candidate: Candidate
-    cost: float
+    cost: float                                     # total cost per byte freed
     accuracy: float
     latency_s: float
     source: str = "heuristic"                       # the predictor that priced it
+    total: float = 0.0                              # accuracy + weight x latency
+    num_tokens: int = 0                             # the sequence's, when proposed
 
 
 @dataclass
@@ -49,7 +58,9 @@ class PolicyLoop:
         default_factory=HeuristicPredictor)
     min_interval_s: float = 1.0                     # per sequence, between two moves
     clock: Callable[[], float] = time.monotonic
+    num_resting: int = 0                            # last plan: sequences left to wait
     _last_move: dict[str, float] = field(default_factory=dict)
+    _refused: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def allowed(self, seq_pin: str | None, profile: str) -> tuple[str, ...]:
         if seq_pin in PROFILES:
@@ -61,48 +72,122 @@ class PolicyLoop:
     def _resting(self, seq_id: str, now: float) -> bool:
         return now - self._last_move.get(seq_id, -1e9) < self.min_interval_s
 
-    def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                   now: float, bus=None) -> list[Move]:
+    def refused(self, move: Move) -> None:
+        """The engine refused ``move``: do not propose it again for the same content."""
+        c = move.candidate
+        self._refused[(c.seq_id, c.strategy)] = move.num_tokens
+
+    def _movable(self, snapshot, now: float) -> list:
+        live = {s.seq_id for s in snapshot.sequences}
+        if len(self._last_move) + len(self._refused) > 4 * len(live) + 64:
+            self._last_move = {k: v for k, v in self._last_move.items() if k in live}
+            self._refused = {k: v for k, v in self._refused.items() if k[0] in live}
+        out, self.num_resting = [], 0
+        for seq in snapshot.sequences:
+            if seq.state not in MOVABLE_STATES or not seq.blocks:
+                continue
+            if self._resting(seq.seq_id, now):
+                self.num_resting += 1
+                continue
+            out.append(seq)
+        return out
+
+    def _priced(self, snapshot, targets: dict[str, int], profile: str, pins: dict[str, str],
+                bus=None) -> dict[str, list[Move]]:
+        """Every allowed move of each sequence in ``targets`` for its target, priced."""
         ctx = Context.from_snapshot(snapshot)
         strategies = registry()
         weight = get_profile(profile).latency_weight
         items: list[tuple[object, Candidate]] = []
-        moves = []
         for seq in snapshot.sequences:
-            if seq.state not in MOVABLE_STATES or not seq.blocks or self._resting(seq.seq_id, now):
+            target = targets.get(seq.seq_id)
+            if target is None:
                 continue
             for name in self.allowed(pins.get(seq.seq_id), profile):
                 strat = strategies.get(name)
-                cand = strat.propose(seq, need, ctx) if strat else None
+                if strat is None or self._refused.get((seq.seq_id, name)) == seq.num_tokens:
+                    continue
+                cand = strat.propose(seq, target, ctx)
                 if cand is None or cand.freed_bytes <= 0:
                     continue
                 items.append((seq, cand))
+        out: dict[str, list[Move]] = {sid: [] for sid in targets}
         # one call for the whole tick: the learned model predicts a batch at once
-        for (_, cand), p in zip(items, self.predictor.predict_many(items, bus)):
-            moves.append(Move(cand, p.total(weight) / cand.freed_bytes, p.accuracy,
-                              p.latency_s, p.source))
+        preds = self.predictor.predict_many(items, bus)
+        # like with like: the learned model's KL and the heuristic's PPL fraction are not
+        # one unit, so where it fell back on any of a sequence's moves, the heuristic
+        # prices all of them (a hot-block plan it never saw priced against evictions it
+        # did would be chosen by units, not by cost)
+        fell = {seq.seq_id for (seq, _), p in zip(items, preds) if p.source != "learned"}
+        heuristic = getattr(self.predictor, "heuristic", None)
+        if heuristic is not None and fell:
+            preds = [heuristic.predict(seq, c, bus)
+                     if seq.seq_id in fell and p.source == "learned" else p
+                     for (seq, c), p in zip(items, preds)]
+        for (seq, cand), p in zip(items, preds):
+            total = p.total(weight)
+            out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
+                                         p.latency_s, p.source, total, seq.num_tokens))
+        return out
+
+    def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],
+                   now: float, bus=None) -> list[Move]:
+        """Every allowed move of every sequence that may move now, each proposed for the
+        sequence's share of ``need``; cheapest per byte first."""
+        targets = _shares(self._movable(snapshot, now), need)
+        moves = [m for ms in self._priced(snapshot, targets, profile, pins, bus).values()
+                 for m in ms]
         return sorted(moves, key=lambda m: m.cost)
 
     def plan_relief(self, snapshot, need: int, profile: str, pins: dict[str, str],
                     bus=None) -> list[Move]:
-        """The cheapest moves, one per sequence, whose predicted effect frees ``need``
-        GPU bytes (fewer if the allowed moves run out). The engine applies them."""
+        """One move per sequence that may move now: together they free ``need`` GPU
+        bytes at the least predicted cost the strategies offer (fewer bytes if the
+        allowed moves run out). The engine applies them."""
         now = self.clock()
-        chosen: list[Move] = []
-        freed, seen = 0, set()
-        for m in self.candidates(snapshot, need, profile, pins, now, bus):
-            if freed >= need:
-                break
-            if m.candidate.seq_id in seen:
-                continue
-            seen.add(m.candidate.seq_id)
+        seqs = self._movable(snapshot, now)
+        targets = _shares(seqs, need)
+        priced = self._priced(snapshot, targets, profile, pins, bus)
+        chosen = {sid: _best(ms, targets[sid]) for sid, ms in priced.items()}
+        short = need - sum(m.candidate.freed_bytes for m in chosen.values() if m)
+        met = [s for s in seqs if chosen[s.seq_id]
+               and chosen[s.seq_id].candidate.freed_bytes >= targets[s.seq_id]]
+        if short > 0 and met and len(met) < len(seqs):
+            # the sequences that could give their share take the rest, in proportion
+            more = {sid: targets[sid] + n for sid, n in _shares(met, short).items()}
+            again = self._priced(snapshot, more, profile, pins, bus)
+            for sid, ms in again.items():
+                chosen[sid] = _best(ms, more[sid]) or chosen[sid]
+        out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
+        for m in out:
             self._last_move[m.candidate.seq_id] = now
-            freed += m.candidate.freed_bytes
-            chosen.append(m)
-        return chosen
+        return out
+
+    def explain_unmet(self, snapshot, profile: str, pins: dict[str, str]) -> str:
+        """Where the GPU-tier bytes sit when no allowed move frees anything more."""
+        newest = lossy = full = fixed = 0
+        for seq in snapshot.sequences:
+            gpu = [b for b in seq.blocks if b.tier == "gpu"]
+            if seq.state not in MOVABLE_STATES:
+                fixed += sum(b.nbytes for b in gpu)
+                continue
+            last = seq.blocks[-1].index if seq.blocks else -1
+            for b in gpu:
+                if b.index == last:
+                    newest += b.nbytes
+                elif b.fmt != "full":
+                    lossy += b.nbytes
+                else:
+                    full += b.nbytes
+        names = sorted({n for s in snapshot.sequences
+                        for n in self.allowed(pins.get(s.seq_id), profile)})
+        return (f"{newest} B in newest blocks (kept at full precision), {lossy} B in blocks "
+                f"already in their final lossy format, {full} B in full-precision blocks, "
+                f"{fixed} B in sequences that cannot move now (prefill, waiting, "
+                f"preempted); allowed moves: {', '.join(names) or 'none'}")
 
     def plan_restore(self, snapshot, room: int) -> list[Restore]:
-        """Under the low watermark: offloaded blocks to fetch back while ``room`` lasts."""
+        """Offloaded blocks to fetch back while ``room`` lasts, the most attended first."""
         out = []
         now = self.clock()
         for seq in snapshot.sequences:
@@ -110,16 +195,35 @@ class PolicyLoop:
             if not host or seq.state not in MOVABLE_STATES or self._resting(seq.seq_id, now):
                 continue
             take = []
-            for b in host:
+            for b in sorted(host, key=lambda b: (-b.mass, b.index)):
                 if b.nbytes > room:
                     break
                 take.append(b.index)
                 room -= b.nbytes
             if not take:
                 break
-            actions = (Fetch(seq.seq_id, tuple(take)),)
+            actions = (Fetch(seq.seq_id, tuple(sorted(take))),)
             if len(take) == len(host):
                 actions += (SetDecodeMode(seq.seq_id, "exact"),)
             self._last_move[seq.seq_id] = now
-            out.append(Restore(seq.seq_id, tuple(take), actions))
+            out.append(Restore(seq.seq_id, tuple(sorted(take)), actions))
         return out
+
+
+def _shares(seqs: list, need: int) -> dict[str, int]:
+    """``need`` split over ``seqs`` in proportion to their GPU-tier bytes."""
+    gpu = {s.seq_id: s.bytes_by_tier.get("gpu", 0) for s in seqs}
+    total = sum(gpu.values())
+    if total <= 0:
+        return {sid: need for sid in gpu}
+    return {sid: max(1, math.ceil(need * n / total)) for sid, n in gpu.items()}
+
+
+def _best(moves: list[Move], target: int) -> Move | None:
+    """The cheapest move that frees ``target``; when none does, the one freeing most."""
+    if not moves:
+        return None
+    enough = [m for m in moves if m.candidate.freed_bytes >= target]
+    if enough:
+        return min(enough, key=lambda m: (m.total, -m.candidate.freed_bytes))
+    return max(moves, key=lambda m: (m.candidate.freed_bytes, -m.total))

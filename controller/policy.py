@@ -184,14 +184,22 @@ class Controller:
     """The policy loop's seat. ``tick`` gets every telemetry snapshot, on one thread.
 
     It notes when GPU-tier KV bytes cross the high watermark of the budget (never more
-    than the GPU tier holds) and when they fall back under the low one. With an engine
-    handle it also acts: above the high watermark, or while sequences are stalled for
-    want of a block, the loop (controller/loop.py) picks the cheapest moves that bring
-    the KV back to the low watermark and hands them to the engine, which applies each
-    whole or not at all between two steps; under the low watermark it fetches offloaded
-    blocks back. Each outcome is logged with its reason, predicted cost and the bytes it
-    really freed, on the tick after the engine applied it (at once when the engine runs
-    inline). A budget no allowed move can reach is logged as such, once.
+    than the GPU tier holds) and when they fall back under the low one. The bytes are
+    the blocks' exact slot bytes (``TierView.block_bytes``), the same bytes a move's
+    ``freed_bytes`` counts and the engine reports freed, not the allocator's pages (a
+    page holding one small slot would count whole, and moves that free no page would
+    seem to do nothing). With an engine handle it also acts: above the high watermark,
+    or while sequences are stalled for want of a block, the loop (controller/loop.py)
+    picks the cheapest moves that bring the KV back to the low watermark and hands them
+    to the engine, which applies each whole or not at all between two steps. Offloaded
+    blocks come back only under ``restore_mark`` (one watermark gap under the low
+    watermark) and only up to it, so a relief's overshoot (under one block) and a few
+    steps' growth never fetch back what was just moved out. Each outcome is logged with
+    its reason, predicted cost and the bytes it really freed, on the tick after the
+    engine applied it (at once when the engine runs inline). When no allowed move frees
+    anything more and none waits on a rate limit, the budget is logged 'unmet' once,
+    with where the bytes sit, and the loop makes no more moves until something changes
+    (new tokens, the budget, the profile).
     """
 
     def __init__(self, policy: PolicyState, log: DecisionLog, handle=None,
@@ -202,7 +210,7 @@ class Controller:
         self._lock = threading.Lock()
         self._above = False
         self._unmet = False
-        self._pending: tuple | None = None      # (future, kind, items, context)
+        self._pending: tuple | None = None      # (future, kind, items, spans, context)
         self._min_version = 0
         self.loop = None
         if handle is not None:
@@ -222,8 +230,14 @@ class Controller:
 
     @staticmethod
     def used_of(snapshot) -> int:
+        """GPU-tier KV bytes: the live blocks' exact slot bytes."""
         gpu = snapshot.tiers.get("gpu")
-        return gpu.used_bytes if gpu else 0
+        return gpu.block_bytes if gpu else 0
+
+    @staticmethod
+    def restore_mark(policy: PolicyView) -> float:
+        """Fraction of the budget under which offloaded blocks come back (up to it)."""
+        return max(0.0, 2 * policy.low_watermark - policy.high_watermark)
 
     def tick(self, snapshot, gpu=None) -> list[Decision]:
         """``gpu``: the telemetry sample's GpuSample (the bus offload would use)."""
@@ -265,8 +279,8 @@ class Controller:
             if above:
                 need = max(used - int(p.low_watermark * budget), snapshot.pressure_bytes)
                 out += self._relieve(snapshot, p, need, frac, bus)
-            elif frac < p.low_watermark:
-                self._restore(snapshot, p, frac, int(p.low_watermark * budget) - used)
+            elif frac < self.restore_mark(p):
+                self._restore(snapshot, p, frac, int(self.restore_mark(p) * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down
             _log.exception("policy loop failed on this snapshot; no moves applied")
         return out + self._collect()
@@ -275,14 +289,20 @@ class Controller:
                  bus) -> list[Decision]:
         moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus)
         if not moves:
-            if self._unmet:
-                return []
+            if self._unmet or self.loop.num_resting:
+                return []     # said so already, or a sequence moved recently may move again
             self._unmet = True
+            budget = self.budget_of(snapshot, p)
             return [self.log.record(Decision(
                 kind="unmet", profile=p.profile,
-                reason=f"need {need} B of GPU-tier KV freed, but no move the "
-                       f"{p.profile!r} profile (and pins) allow frees more now; sequences "
-                       "wait for room and the engine preempts if they stall"))]
+                reason=f"budget unmet: GPU-tier KV holds {self.used_of(snapshot)} B, "
+                       f"{frac:.0%} of the {budget} B budget; {need} B more must be freed "
+                       f"to reach the low watermark ({p.low_watermark:.0%}), but no move "
+                       f"the {p.profile!r} profile (and pins) allow frees anything more: "
+                       + self.loop.explain_unmet(snapshot, p.profile, p.pins)
+                       + ". No more moves until the sequences, the budget or the profile "
+                         "change; sequences wait for room and the engine preempts if they "
+                         "stall"))]
         why = (f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}" if
                frac > p.high_watermark else f"{snapshot.num_stalled} sequence(s) stalled")
         self._submit("relieve", moves, (p, why, need, bus.source))
@@ -294,42 +314,56 @@ class Controller:
             self._submit("restore", items, (p, frac))
 
     def _submit(self, kind: str, items: list, context) -> None:
-        actions = [m.candidate.actions if kind == "relieve" else m.actions for m in items]
-        self._pending = (self.handle.submit_candidates(actions), kind, items, context)
+        if kind == "relieve":
+            steps = [m.candidate.steps for m in items]
+        else:
+            steps = [[m.actions] for m in items]
+        flat = [a for s in steps for a in s]
+        self._pending = (self.handle.submit_candidates(flat), kind, items,
+                         [len(s) for s in steps], context)
 
     def _collect(self) -> list[Decision]:
         """Decisions for the last submission, once the engine has applied it."""
         if self._pending is None or not self._pending[0].done():
             return []
-        fut, kind, items, context = self._pending
+        fut, kind, items, spans, context = self._pending
         self._pending = None
         try:
-            results = fut.result()
+            flat = fut.result()
         except Exception as e:   # the engine stopped: nothing was applied
             _log.warning("moves not applied: %s", e)
             return []
         self._min_version = self.handle.snapshot().version
         out = []
-        for item, res in zip(items, results):
-            gpu = res.freed_bytes.get("gpu", 0) if res.ok else 0
+        at = 0
+        for item, n in zip(items, spans):
+            results, at = flat[at:at + n], at + n
+            gpu = sum(r.freed_bytes.get("gpu", 0) for r in results if r.ok)
+            done = any(r.ok for r in results)
+            errors = "; ".join(r.error for r in results if not r.ok)
             if kind == "relieve":
                 p, why, need, bus_source = context
                 c = item.candidate
+                if errors:
+                    self.loop.refused(item)
                 out.append(self.log.record(Decision(
-                    kind=c.kind if res.ok else "refused", seq_id=c.seq_id, profile=p.profile,
-                    action=f"{c.strategy} blocks {list(c.blocks)}",
+                    kind=c.kind if done else "refused", seq_id=c.seq_id, profile=p.profile,
+                    action=f"{c.strategy} " + ("; ".join(
+                        f"{q.strategy.removeprefix('quantize_')} blocks {list(q.blocks)}"
+                        for q in c.parts) if c.parts else f"blocks {list(c.blocks)}"),
                     predicted_cost=item.accuracy, freed_bytes=gpu,
                     reason=(f"{why}: need {need} B; cheapest move by the {item.source} "
                             f"predictor (accuracy cost {item.accuracy:.4f}, "
                             f"+{item.latency_s * 1e3:.2f} ms/step; bus: {bus_source})"
-                            + ("" if res.ok else f"; engine refused: {res.error}")))))
+                            + (f"; engine refused{' part of it' if done else ''}: {errors}"
+                               if errors else "")))))
             else:
                 p, frac = context
                 out.append(self.log.record(Decision(
-                    kind="fetch" if res.ok else "refused", seq_id=item.seq_id,
+                    kind="fetch" if done else "refused", seq_id=item.seq_id,
                     profile=p.profile, action=f"fetch {len(item.blocks)} blocks",
                     freed_bytes=gpu,
-                    reason=f"KV at {frac:.0%} < low watermark {p.low_watermark:.0%}: undo "
-                           "offload while it fits"
-                           + ("" if res.ok else f"; refused: {res.error}"))))
+                    reason=f"KV at {frac:.0%} < {self.restore_mark(p):.0%} of budget (one "
+                           "watermark gap under the low watermark): undo offload while it "
+                           "fits" + (f"; refused: {errors}" if errors else ""))))
         return out

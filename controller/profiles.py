@@ -19,10 +19,13 @@ class Profile:
 
 
 _ALL = (
-    Profile("balanced",
-            ("quantize_int8", "quantize_int4", "offload_exact", "offload_topk", "snapkv",
-             "heavy_hitter", "quantize_k4v2", "sink_window", "quantize_int2"),
-            1.0, "every move; the predictor decides"),
+    # eviction only inside mixed_precision's plans, block by block where it costs less
+    # than the next format: whole-sequence evictions priced by a predictor trained on
+    # text continuation won against formats and lost needles (docs/BENCHMARKS.md,
+    # "The policy under a KV budget")
+    Profile("balanced", ("mixed_precision", "offload_exact", "offload_topk"),
+            1.0, "per-block precision (evicting only where cheaper), or offload; "
+                 "the predictor decides"),
     Profile("accuracy-critical", ("quantize_int8", "offload_exact"), 0.01,
             "no eviction, nothing below int8, exact offload"),
     Profile("streaming", ("sink_window", "quantize_int8", "quantize_int4"), 2.0,

@@ -466,7 +466,8 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         snap = self.telemetry.latest().snapshot
         view = self.policy.view()
         budget = self._budget(snap, view)
-        used = snap.tiers["gpu"].used_bytes if snap is not None and "gpu" in snap.tiers else 0
+        # the controller's measure of the budget: the blocks' exact bytes
+        used = snap.tiers["gpu"].block_bytes if snap is not None and "gpu" in snap.tiers else 0
         free = max(0, int(budget * view.high_watermark) - used)
         rate = snap.tokens_per_s if snap is not None else 0.0
         ok = need <= free and not self.draining and not too_long

@@ -150,9 +150,9 @@ def groups(engine, sids: list[str], size: int) -> list[list[str]]:
 
 
 def apply_moves(engine, seq_id: str, cand: Candidate) -> str:
-    """The candidate's actions on ``seq_id``, whole or not at all; '' or why not."""
-    actions = tuple(dataclasses.replace(a, seq_id=seq_id) for a in cand.actions)
-    return engine.handle.apply_candidates([actions])[0].error
+    """The candidate's moves on ``seq_id``, each whole or not at all; '' or why not."""
+    steps = [tuple(dataclasses.replace(a, seq_id=seq_id) for a in step) for step in cand.steps]
+    return "; ".join(r.error for r in engine.handle.apply_candidates(steps) if r.error)
 
 
 @torch.inference_mode()

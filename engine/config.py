@@ -58,7 +58,7 @@ class EngineConfig:
     observe_window: int = 32       # SnapKV window over the prompt's last tokens
     stats_decay: float = 0.9
     value_group: int = 32          # channels per value scale group
-    page_bytes: int = 0            # allocator page per layer; 0 = max(4 slots, 1 MiB)
+    page_bytes: int = 0            # allocator page per layer; 0 = 4 full-precision slots
     staging_bytes: int = 0         # device buffer streaming offloaded blocks; 0 = auto
     num_sink_blocks: int = 1       # leading blocks eviction may not touch
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority

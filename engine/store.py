@@ -32,6 +32,7 @@ from engine.layout import FULL, BlockGeometry, KVFormat
 from engine.prefix import Entry, PrefixIndex
 
 GPU, HOST, PARKED, EVICTED, SWAPPED = "gpu", "host", "parked", "evicted", "swapped"
+PAGE_SLOTS = 4            # full-precision slots in one default page
 ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena holding it
 
 
@@ -70,10 +71,14 @@ class KVStore:
         self._block_bytes: dict[KVFormat, int] = {}
         self.device = torch.device(device)
         full_slot = geom.slot_bytes(FULL)
-        # pages of >= 1 MiB per layer: offload copies whole runs (PCIe wants >= 1 MiB)
+        # pages of 4 full-precision slots: a page holds whole full blocks, a page of
+        # smaller slots wastes under 7% in its tail (16-bit, head_dim 64), and a partly
+        # filled page per slot size is a few blocks' worth, so pages track the bytes of
+        # what they hold (1 MiB pages held 131% of a 1K-token sequence's bytes on the
+        # default model). Transfers are not bounded by pages: adjacent slots are copied
+        # as one run across page boundaries (moves._copy_runs)
         if page_bytes is None:
-            page_bytes = max(full_slot * 4, 1 << 20)
-            page_bytes = page_bytes // full_slot * full_slot
+            page_bytes = full_slot * PAGE_SLOTS
         self.page_bytes = page_bytes
         if gpu_bytes < page_bytes * num_layers:
             raise ValueError(

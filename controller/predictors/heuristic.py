@@ -2,14 +2,17 @@
 attention statistics and the accuracy measured per format on the default model.
 
 Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
-* quantization: the measured PPL increase of the format (docs/BENCHMARKS.md, CPU,
-  SmolLM2, the worse of 2K and 4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%)
-  scaled by how much of the sequence's attention the touched blocks carry (plus their
-  share of blocks, since attention moves);
-* eviction: the attention mass removed, which is gone for good;
+* quantization: the measured PPL increase of the format scaled by how much of the
+  sequence's attention the touched blocks carry (plus their share of blocks, since
+  attention moves): controller/predictors/costs.py;
+* eviction: the attention mass removed, which is gone for good, plus a price per share
+  of blocks for what query-agnostic eviction loses (costs.py);
 * top-k offload: a fraction of the offloaded blocks' mass (pages not picked in a step);
 * exact offload: none; its price is latency: the bytes streamed per step over this
   node's bus (controller/predictors/bus.py; none on a CPU engine).
+
+A candidate made of parts (a mixed-precision plan: some blocks int8, some int4, some
+evicted) costs the sum of its parts.
 
 A learned predictor (controller/predictors/learned.py, trained from engine traces)
 replaces this where an artifact for the loaded model exists; this one always exists.
@@ -19,14 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controller.predictors.bus import FALLBACK_BYTES_PER_S, Bus
+from controller.predictors.costs import evict_cost, quantize_cost
 from controller.strategies import Candidate
-from engine.actions import SequenceView
-from engine.actions import KVFormat
+from engine.actions import KVFormat, Quantize, SequenceView
 
-# measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
 # a GPU's PCIe when nothing says which node this is (traces, unit use)
 ASSUMED_BUS = Bus(FALLBACK_BYTES_PER_S, 0.0, "assumed 55.3 GB/s (H200)")
-FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036, "int2": 0.077}
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,26 @@ class HeuristicPredictor:
 
     def predict(self, seq: SequenceView, cand: Candidate, bus: Bus | None = None) -> Prediction:
         """``bus``: the node's (Bus.of); None prices offload as on an H200's PCIe."""
-        touched = [b for b in seq.blocks if b.index in set(cand.blocks)]
+        if cand.parts:
+            ps = [self.predict(seq, p, bus) for p in cand.parts]
+            return Prediction(sum(p.accuracy for p in ps), sum(p.latency_s for p in ps))
+        ids = set(cand.blocks)
+        touched = [b for b in seq.blocks if b.index in ids]
         attended = [b for b in seq.blocks if b.tier in ("gpu", "host")] or seq.blocks
         total_mass = sum(b.mass for b in attended) or 1.0
+        total_obs = sum(b.observed for b in attended) or 1.0
         mass = sum(b.mass for b in touched) / total_mass
         share = len(touched) / max(1, len(attended))
+        # importance: a block's decayed attention share or its share of the prompt's
+        # last queries (SnapKV), whichever is larger
+        weight = sum(max(b.mass / total_mass, b.observed / total_obs) for b in touched)
         if cand.kind == "quantize":
-            fmt = KVFormat.parse(cand.strategy.removeprefix("quantize_")).name
-            return Prediction(FORMAT_COST.get(fmt, 0.25) * (mass + share) / 2, 0.0)
+            q = next((a for a in cand.actions if isinstance(a, Quantize)), None)
+            fmt = (KVFormat(q.bits, q.bits if q.v_bits is None else q.v_bits).name if q
+                   else KVFormat.parse(cand.strategy.removeprefix("quantize_")).name)
+            return Prediction(quantize_cost(fmt, weight, share), 0.0)
         if cand.kind == "evict":
-            return Prediction(mass + 0.02 * share, 0.0)
+            return Prediction(evict_cost(weight, share), 0.0)
         streamed = sum(b.nbytes for b in touched)
         bus = bus if bus is not None else ASSUMED_BUS
         if cand.strategy == "offload_topk":

@@ -107,13 +107,21 @@ class LearnedPredictor:
         if a is None:
             self._fallback(len(items))
             return out
-        X = np.array([vector(candidate_features(s, c)) for s, c in items], dtype=np.float64)
-        ok = [i for i, (_, c) in enumerate(items)
-              if c.strategy in a.strategies and a.in_range(X[i])]
+        # a plan made of parts (controller/strategies/mixed_precision.py) is priced as the
+        # sum of its parts, each a move of a strategy the model was trained on; the model
+        # answers for the plan only if it answers for every part
+        rows = [(i, s, p) for i, (s, c) in enumerate(items) for p in (c.parts or (c,))]
+        X = np.array([vector(candidate_features(s, p)) for _, s, p in rows], dtype=np.float64)
+        good = [p.strategy in a.strategies and a.in_range(x) for (_, _, p), x in zip(rows, X)]
+        ok = set(range(len(items))) - {i for (i, _, _), g in zip(rows, good) if not g}
         self._fallback(len(items) - len(ok))
         if ok:
-            for i, kl in zip(ok, a.predict_kl(X[ok])):
-                out[i] = Prediction(float(kl), out[i].latency_s, self.name)
+            take = [j for j, (i, _, _) in enumerate(rows) if i in ok]
+            kl = dict.fromkeys(ok, 0.0)
+            for j, v in zip(take, a.predict_kl(X[take])):
+                kl[rows[j][0]] += float(v)
+            for i in ok:
+                out[i] = Prediction(kl[i], out[i].latency_s, self.name)
         return out
 
     def predict(self, seq: SequenceView, cand: Candidate,

@@ -5,6 +5,7 @@ from controller.strategies.base import Candidate, Context, ScoredStrategy, Strat
 from controller.strategies.cold_offload import ColdOffload
 from controller.strategies.cold_quantization import ColdQuantization
 from controller.strategies.heavy_hitter_eviction import HeavyHitterEviction
+from controller.strategies.mixed_precision import MixedPrecision
 from controller.strategies.sink_window_eviction import SinkWindowEviction
 from controller.strategies.snapkv_eviction import SnapKVEviction
 
@@ -14,11 +15,12 @@ def registry() -> dict[str, Strategy]:
     items: list[Strategy] = [
         SinkWindowEviction(), HeavyHitterEviction(), SnapKVEviction(),
         ColdQuantization(8), ColdQuantization(4), ColdQuantization(2),
-        ColdQuantization(4, 2), ColdOffload(), ColdOffload(top_k_fraction=0.125),
+        ColdQuantization(4, 2), MixedPrecision(), ColdOffload(),
+        ColdOffload(top_k_fraction=0.125),
     ]
     return {s.name: s for s in items}
 
 
 __all__ = ["Candidate", "Context", "ScoredStrategy", "Strategy", "registry",
-           "ColdOffload", "ColdQuantization", "HeavyHitterEviction", "SinkWindowEviction",
-           "SnapKVEviction"]
+           "ColdOffload", "ColdQuantization", "HeavyHitterEviction", "MixedPrecision",
+           "SinkWindowEviction", "SnapKVEviction"]

@@ -43,6 +43,16 @@ class Candidate:
     freed_bytes: int
     lossless: bool                    # reversible without accuracy loss (offload)
     kind: str                         # 'evict' | 'quantize' | 'offload'
+    # a plan that mixes moves (blocks in several formats, some evicted) lists them as
+    # candidates of the single-move strategies they equal, so predictors price each
+    # part as they know it and the plan as the sum
+    parts: tuple[Candidate, ...] = ()
+
+    @property
+    def steps(self) -> list[tuple[Action, ...]]:
+        """What the engine applies, each whole or not at all: the parts one by one (an
+        irreversible action must end its candidate, and each part is a move alone)."""
+        return [p.actions for p in self.parts] if self.parts else [self.actions]
 
 
 class Strategy(ABC):

@@ -1,10 +1,10 @@
-"""KIVI-style quantization (Liu et al. 2024) of the coldest full-precision blocks."""
+"""KIVI-style quantization (Liu et al. 2024) of the coldest full-precision blocks, all
+into one format."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.actions import Quantize
-from engine.actions import KVFormat
+from engine.actions import KVFormat, Quantize
 from controller.strategies.base import ScoredStrategy, movable
 
 
@@ -23,15 +23,9 @@ class ColdQuantization(ScoredStrategy):
         return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits)
 
     def eligible(self, seq, ctx):
-        target = self.fmt
-        out = []
-        for b in movable(seq, ctx, keep_sinks=False):
-            cur = KVFormat.parse(b.fmt)
-            # only ever lower precision, channel by channel
-            if all(c == 0 or c >= t for c, t in ((cur.k_bits, target.k_bits),
-                                                (cur.v_bits, target.v_bits))) and cur != target:
-                out.append(b)
-        return out
+        # full-precision blocks only: a lossy block is never quantized again from its
+        # lossy codes (the errors compound; controller/strategies/mixed_precision.py)
+        return [b for b in movable(seq, ctx, keep_sinks=False) if b.fmt == "full"]
 
     def score(self, seq, block):
         return block.mass

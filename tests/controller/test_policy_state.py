@@ -113,3 +113,16 @@ def test_stalled_sequences_are_pressure_under_the_watermark():
     s.num_stalled, s.pressure_bytes = 2, 64
     d = c.tick(s)
     assert [x.kind for x in d] == ["pressure"] and "stalled" in d[0].reason
+
+
+def test_pressure_is_the_blocks_bytes_not_the_pages_they_sit_in():
+    """Issue 15: with pages of ~1 MiB a layer a 1K-token sequence occupied 131% of its
+    bytes, moves freed no page and the loop over-evicted. Pressure now counts the exact
+    slot bytes of live blocks (what a move frees), whatever pages they sit in."""
+    s = snap(100, capacity=1000)
+    s.tiers["gpu"].used_bytes = 980          # pages: above the high watermark
+    c = Controller(PolicyState(high_watermark=0.9, low_watermark=0.5), DecisionLog())
+    assert c.tick(s) == []
+    assert Controller.used_of(s) == 100
+    s.tiers["gpu"].block_bytes = 950
+    assert [d.kind for d in c.tick(s)] == ["pressure"]

@@ -64,9 +64,11 @@ def test_features_of_eviction_topk_and_lowered_blocks():
     tk = ColdOffload(top_k_fraction=0.25).propose(seq, 4 * FULL, CTX)
     g = candidate_features(seq, tk)
     assert g["is_topk"] == 1 and g["topk_keep"] == pytest.approx(1 / 4)
-    low = candidate_features(view(fmt="int8"), ColdQuantization(4).propose(
+    low = candidate_features(view(fmt="int8"), SinkWindowEviction().propose(
         view(fmt="int8"), 1, CTX))
-    assert low["already_lowered"] == 1 and low["k_bits_after"] == 4
+    assert low["already_lowered"] == 1 and low["k_bits_after"] == 0
+    # lossy blocks are evicted, never quantized again: int4 takes the full ones only
+    assert ColdQuantization(4).propose(view(fmt="int8"), 10 * FULL, CTX).blocks == (0,)
     with pytest.raises(ValueError, match="missing"):
         vector({k: 0.0 for k in SCHEMA[1:]})
 

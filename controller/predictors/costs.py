@@ -1,0 +1,34 @@
+"""The heuristic accuracy costs of moving one block, shared by the heuristic predictor
+(which prices whole candidates) and the mixed-precision strategy (which picks each
+block's format with them). Torch-free; units are "perplexity fraction" (0.01 = +1%).
+
+* A format's cost is the PPL increase measured with every block in that format
+  (docs/BENCHMARKS.md, "KV quantization accuracy", CPU, SmolLM2, the worse of 2K and
+  4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%; k8v4 between int8 and int4),
+  scaled by the block's importance: the mean of its share of the sequence's attention
+  mass and its share of the attended blocks (attention moves, so a cold block is not
+  free).
+* Evicting a block costs its attention mass, which is gone for good, plus
+  ``EVICT_SHARE`` per share of blocks: what the query-agnostic part of eviction loses.
+  Evicting half the blocks by attention mass cost +5% (4K) to +31% (2K) PPL and most
+  needles at a quarter kept (docs/BENCHMARKS.md, "Compression accuracy"); 0.2 per share
+  puts a cold block's eviction above its int2 (0.077 / 2 per share), so eviction comes
+  after every format on cold blocks and before the lower formats only on blocks whose
+  quantization error would weigh more than their attention.
+"""
+from __future__ import annotations
+
+FORMAT_COST = {"full": 0.0, "int8": 0.0002, "k8v4": 0.002, "int4": 0.004,
+               "k4v2": 0.036, "int2": 0.077}
+UNKNOWN_FORMAT_COST = 0.25      # a format nobody measured: priced as if near-useless
+EVICT_SHARE = 0.2
+
+
+def quantize_cost(fmt: str, mass_frac: float, share: float) -> float:
+    """Blocks carrying ``mass_frac`` of the attention and ``share`` of the attended
+    blocks, all stored in ``fmt``."""
+    return FORMAT_COST.get(fmt, UNKNOWN_FORMAT_COST) * (mass_frac + share) / 2
+
+
+def evict_cost(mass_frac: float, share: float) -> float:
+    return mass_frac + EVICT_SHARE * share

@@ -1,0 +1,137 @@
+"""Each block's format chosen once from its attention statistics; eviction only where it
+costs less than the next format down (mixed-precision KV caches: MiKV, Yang et al.
+2024; ZipCache, He et al. 2024; KIVI blocks, Liu et al. 2024).
+
+A block leaves full precision once, straight into the format this plan picks for it.
+It is never quantized again: new codes from lossy codes compound the error, and the
+plan already had every format to choose from. Blocks already lossy may still be
+evicted (the one move left for them when pressure grows later).
+
+Which format: per block, a ladder of options (full, int8, int4, k4v2, int2, evicted),
+each with the bytes it frees and its heuristic accuracy cost (controller/predictors/
+costs.py: the format's measured cost scaled by the block's importance; eviction by its
+attention mass plus a price per share of blocks). Each block's ladder is cut to its
+lower convex hull, and the plan takes steps in order of added cost per byte freed
+across all blocks until the target is met (the last one: the cheapest single change
+that finishes it): the greedy solution of this multiple-choice knapsack, optimal up to
+the last step. Keys keep their bits longest (k4v2 before
+int2): keys carry the damage (FACTS). Importance is the larger of the block's decayed
+attention share (H2O) and its share of the prompt's last queries (SnapKV): a block
+either signal needs is kept well.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from engine.actions import Evict, KVFormat, Quantize
+from controller.predictors.costs import evict_cost, quantize_cost
+from controller.strategies.base import Candidate, Context, Strategy, movable
+
+EVICTED = "evicted"
+
+
+@dataclass
+class MixedPrecision(Strategy):
+    name = "mixed_precision"
+    kind = "quantize"            # 'evict' on candidates that evict any block
+    formats: tuple[str, ...] = ("int8", "int4", "k4v2", "int2")
+    evict: bool = True
+    recent_blocks: int = 2       # the newest blocks are never evicted
+
+    def _ladder(self, ctx: Context, b, w: float, share: float, evictable: bool):
+        """(bytes freed, cost, option) on the lower convex hull, from the block as it is
+        (a lossy block's cost so far counts: only eviction's extra is added)."""
+        fb = ctx.format_bytes
+        base = b.nbytes
+        pts = [(0, quantize_cost(b.fmt, w, share), b.fmt)]
+        if b.fmt == "full":
+            for f in self.formats:
+                if f in fb and fb[f] < base:
+                    pts.append((base - fb[f], quantize_cost(f, w, share), f))
+        if evictable:
+            pts.append((base, evict_cost(w, share), EVICTED))
+        pts.sort(key=lambda p: (p[0], p[1]))
+        hull: list[tuple[int, float, str]] = []      # lower convex hull (monotone chain)
+        for p in pts:
+            if hull and p[0] == hull[-1][0]:
+                continue                      # same bytes, costlier: dominated
+            while len(hull) >= 2:
+                (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+                # the middle point lies on or above the line from its left neighbour to p
+                if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                    hull.pop()
+                else:
+                    break
+            hull.append(p)
+        return hull
+
+    def plan(self, seq, target_bytes: int, ctx: Context) -> dict[int, str]:
+        """Block index -> the option chosen for it (only blocks that change)."""
+        attended = [b for b in seq.blocks if b.tier in ("gpu", "host")] or seq.blocks
+        total_mass = sum(b.mass for b in attended) or 1.0
+        total_obs = sum(b.observed for b in attended) or 1.0
+        share = 1.0 / max(1, len(attended))
+        newest = seq.blocks[-1].index if seq.blocks else 0
+        heap: list[tuple[float, int, int]] = []
+        ladders: dict[int, list] = {}
+        for b in movable(seq, ctx, keep_sinks=False):
+            evictable = (self.evict and b.index >= ctx.num_sink_blocks
+                         and b.index <= newest - self.recent_blocks)
+            w = max(b.mass / total_mass, b.observed / total_obs)
+            ladder = self._ladder(ctx, b, w, share, evictable)
+            if len(ladder) > 1:
+                ladders[b.index] = ladder
+                heapq.heappush(heap, (_slope(ladder, 0), b.index, 0))
+        chosen: dict[int, str] = {}
+        freed = 0
+        while heap and freed < target_bytes:
+            left = target_bytes - freed
+            _, i, at = heap[0]
+            ladder = ladders[i]
+            if ladder[at + 1][0] - ladder[at][0] >= left:
+                # the last step: the flattest one may overshoot at a higher cost than
+                # another change that also finishes; take the cheapest that finishes
+                _, k, j = min((ladders[k][j][1] - ladders[k][a][1], k, j)
+                              for _, k, a in heap for j in range(a + 1, len(ladders[k]))
+                              if ladders[k][j][0] - ladders[k][a][0] >= left)
+                chosen[k] = ladders[k][j][2]
+                break
+            heapq.heappop(heap)
+            freed += ladder[at + 1][0] - ladder[at][0]
+            chosen[i] = ladder[at + 1][2]
+            if at + 2 < len(ladder):
+                heapq.heappush(heap, (_slope(ladder, at + 1), i, at + 1))
+        return chosen
+
+    def propose(self, seq, target_bytes, ctx):
+        chosen = self.plan(seq, target_bytes, ctx)
+        if not chosen:
+            return None
+        by_index = {b.index: b for b in seq.blocks}
+        groups: dict[str, list[int]] = {}
+        for i, opt in sorted(chosen.items()):
+            groups.setdefault(opt, []).append(i)
+        parts, actions = [], []
+        for opt, idx in sorted(groups.items(), key=lambda g: g[0] == EVICTED):
+            blocks = tuple(idx)
+            if opt == EVICTED:
+                act = Evict(seq.seq_id, blocks)
+                freed = sum(by_index[i].nbytes for i in blocks)
+                parts.append(Candidate("heavy_hitter", seq.seq_id, (act,), blocks, freed,
+                                       False, "evict"))
+            else:
+                f = KVFormat.parse(opt)
+                act = Quantize(seq.seq_id, blocks, f.k_bits, f.v_bits)
+                freed = sum(by_index[i].nbytes - ctx.format_bytes[opt] for i in blocks)
+                parts.append(Candidate(f"quantize_{opt}", seq.seq_id, (act,), blocks, freed,
+                                       False, "quantize"))
+            actions.append(act)
+        kind = "evict" if EVICTED in groups else "quantize"
+        return Candidate(self.name, seq.seq_id, tuple(actions), tuple(sorted(chosen)),
+                         sum(p.freed_bytes for p in parts), False, kind, tuple(parts))
+
+
+def _slope(ladder, at: int) -> float:
+    (x1, y1, _), (x2, y2, _) = ladder[at], ladder[at + 1]
+    return (y2 - y1) / (x2 - x1)
