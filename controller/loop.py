@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor
 from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
-from engine.actions import Fetch, SetDecodeMode
+from engine.actions import DropSession, Fetch, SetDecodeMode
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
 # being written, a preempted or waiting sequence)
@@ -146,6 +146,16 @@ class PolicyLoop:
         allowed moves run out). The engine applies them."""
         now = self.clock()
         seqs = self._movable(snapshot, now)
+        # idle sessions first: they give everything they hold before a live sequence
+        # gives anything (park on host losslessly, else quantize, else drop)
+        idle = [s for s in seqs if s.state == "idle" and s.bytes_by_tier.get("gpu", 0)]
+        first = self._relieve_idle(snapshot, idle, need, profile, bus) if idle else []
+        for m in first:
+            self._last_move[m.candidate.seq_id] = now
+        need -= sum(m.candidate.freed_bytes for m in first)
+        seqs = [s for s in seqs if s.state != "idle"]
+        if need <= 0 or not seqs:
+            return first
         targets = _shares(seqs, need)
         priced = self._priced(snapshot, targets, profile, pins, bus)
         chosen = {sid: _best(ms, targets[sid]) for sid, ms in priced.items()}
@@ -161,6 +171,46 @@ class PolicyLoop:
         out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
         for m in out:
             self._last_move[m.candidate.seq_id] = now
+        return first + out
+
+    def _relieve_idle(self, snapshot, idle: list, need: int, profile: str, bus) -> list[Move]:
+        """One move per idle session, least recently used first, until ``need`` is met:
+        all its movable blocks to the host tier (top-k decode mode, so the staging
+        buffer does not bound it: it is not decoding, and its next turn fetches them
+        back), else the mixed-precision plan for all of them, else ``DropSession``. An
+        idle session streams nothing and reads nothing, so none of these slows a step;
+        only quantization costs accuracy, priced as for any sequence."""
+        ctx = Context.from_snapshot(snapshot)
+        strategies = registry()
+        idle_s = {s.get("seq_id") or f"session/{s['session_id']}": s.get("idle_s", 0.0)
+                  for s in getattr(snapshot, "sessions", [])}
+        out: list[Move] = []
+        for seq in sorted(idle, key=lambda s: -idle_s.get(s.seq_id, 0.0)):
+            if need <= 0:
+                break
+            gpu = seq.bytes_by_tier.get("gpu", 0)
+            move = None
+            park = strategies.get("offload_exact")
+            cand = park.propose(seq, gpu, replace(ctx, staging_bytes=0)) if park else None
+            if cand is not None and cand.freed_bytes > 0:
+                actions = (SetDecodeMode(seq.seq_id, "topk", 1),) + cand.actions
+                move = Move(replace(cand, actions=actions, strategy="park_idle_session"),
+                            0.0, 0.0, 0.0, "idle-session", 0.0, seq.num_tokens)
+            if move is None and (mixed := strategies.get("mixed_precision")) is not None:
+                cand = mixed.propose(seq, min(gpu, need), ctx)
+                if cand is not None and cand.freed_bytes > 0:
+                    p = self.predictor.predict_many([(seq, cand)], bus)[0]
+                    total = p.total(get_profile(profile).latency_weight)
+                    move = Move(cand, total / cand.freed_bytes, p.accuracy, p.latency_s,
+                                p.source, total, seq.num_tokens)
+            if move is None or move.candidate.freed_bytes < min(need, gpu) // 2:
+                # nothing lossless or cheap frees enough: the session goes (its next turn
+                # prefills again; no accuracy is lost)
+                cand = Candidate("drop_idle_session", seq.seq_id, (DropSession(seq.seq_id),),
+                                 tuple(b.index for b in seq.blocks), gpu, True, "evict")
+                move = Move(cand, 0.0, 0.0, 0.0, "idle-session", 0.0, seq.num_tokens)
+            out.append(move)
+            need -= move.candidate.freed_bytes
         return out
 
     def explain_unmet(self, snapshot, profile: str, pins: dict[str, str]) -> str:
@@ -192,8 +242,9 @@ class PolicyLoop:
         now = self.clock()
         for seq in snapshot.sequences:
             host = [b for b in seq.blocks if b.tier == "host"]
-            if not host or seq.state not in MOVABLE_STATES or self._resting(seq.seq_id, now):
-                continue
+            if not host or seq.state not in MOVABLE_STATES or seq.state == "idle" \
+                    or self._resting(seq.seq_id, now):
+                continue            # an idle session's next turn fetches its own blocks
             take = []
             for b in sorted(host, key=lambda b: (-b.mass, b.index)):
                 if b.nbytes > room:

@@ -24,6 +24,7 @@ def sequence_view(engine, s, state: str) -> SequenceView:
     by_tier: dict[str, int] = {}
     by_fmt: dict[str, int] = {}
     if kv is not None:
+        refs = st.refs
         mass = stats.mass.tolist() if stats is not None else []
         obs = stats.observed.tolist() if stats is not None else []
         nm, no = len(mass), len(obs)
@@ -31,7 +32,8 @@ def sequence_view(engine, s, state: str) -> SequenceView:
             i, name = b.index, b.fmt.name
             nb = st.block_bytes(b.fmt) if b.offset >= 0 else 0
             blocks.append(BlockView(i, b.num_tokens, name, b.tier, nb,
-                                    mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0))
+                                    mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
+                                    bool(refs) and st.is_shared(b)))
             if nb:                # the sequence's bytes by tier and format, same pass
                 by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
                 by_fmt[name] = by_fmt.get(name, 0) + nb

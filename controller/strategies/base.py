@@ -105,10 +105,11 @@ class ScoredStrategy(Strategy):
 
 def movable(seq: SequenceView, ctx: Context, tiers: tuple[str, ...] = ("gpu",),
             keep_sinks: bool = True) -> list[BlockView]:
-    """Blocks the engine lets a strategy touch: not the newest, not sinks (if kept)."""
+    """Blocks the engine lets a strategy touch: not the newest, not sinks (if kept), not
+    shared with another sequence (moving one copies it: it would free nothing)."""
     if not seq.blocks:
         return []
     newest = seq.blocks[-1].index
     return [b for b in seq.blocks
-            if b.index != newest and b.tier in tiers and b.num_tokens > 0
+            if b.index != newest and b.tier in tiers and b.num_tokens > 0 and not b.shared
             and not (keep_sinks and b.index < ctx.num_sink_blocks)]

@@ -289,3 +289,44 @@ def test_a_sequences_moves_are_compared_in_one_unit(big):
     moves = c.loop.candidates(big.handle.snapshot(), need, "throughput", {}, now=1e9)
     assert {m.candidate.kind for m in moves} == {"quantize", "evict"}
     assert all(m.source == "heuristic" and m.accuracy > 0 for m in moves)
+
+
+def _idle_session(e, n_tokens=120):
+    from engine.api import FinishEvent
+    req = Request(prompt_ids=[(5 * j) % 400 + 1 for j in range(n_tokens)], session_id="s",
+                  sampling=SamplingParams(max_tokens=3, ignore_eos=True))
+    assert isinstance(list(e.generate(req))[-1], FinishEvent)
+    return "session/s"
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_idle_sessions_give_before_live_sequences(host):
+    """Under pressure an idle session is moved first: parked on host losslessly when
+    there is a host tier, else quantized or dropped; live sequences are left alone while
+    it covers the need, and its offloaded blocks are not fetched back when pressure ends."""
+    e = tiny_engine(**({} if host else {"host_budget_bytes": 0}))
+    try:
+        hid = _idle_session(e)
+        ids = fill(e, n_seqs=2, n_tokens=40)
+        gpu_idle = e.handle.snapshot()
+        idle_gpu = next(v for v in gpu_idle.sequences if v.seq_id == hid).bytes_by_tier["gpu"]
+        used = gpu_idle.tiers["gpu"].block_bytes
+        # a budget whose need the idle session's bytes cover
+        policy = PolicyState(profile="balanced", budget_bytes=int((used - idle_gpu // 2) / 0.9),
+                             high_watermark=0.9, low_watermark=0.89)
+        c = Controller(policy, DecisionLog(), e.handle)
+        c.loop.min_interval_s = 0.0
+        moves = [d for d in c.tick(e.handle.snapshot()) if d.kind in MOVES | {"refused"}]
+        assert moves and {d.seq_id for d in moves} == {hid}
+        assert all(d.kind != "refused" for d in moves)
+        if host:
+            assert moves[0].action.startswith("park_idle_session")
+            assert any(b.tier == "host" for b in e.store.seqs[hid].blocks)
+            policy.update(budget_bytes=used * 10)          # pressure gone
+            assert not [d for d in c.tick(e.handle.snapshot()) if d.kind == "fetch"]
+        else:
+            assert moves[0].action.split()[0] in ("mixed_precision", "drop_idle_session")
+        for s in ids:
+            assert all(b.fmt == FULL and b.tier == "gpu" for b in e.store.seqs[s].blocks)
+    finally:
+        e.stop()
