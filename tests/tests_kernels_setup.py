@@ -9,8 +9,8 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.quant_triton",
-                  "engine.kernels.gather_triton")
+KERNEL_MODULES = ("engine.kernels.codes_triton", "engine.kernels.split_reduce_triton",
+                  "engine.kernels.paged_decode_triton", "engine.kernels.gather_triton")
 
 
 def import_interpreted() -> None:

@@ -14,7 +14,8 @@ def registry() -> dict[str, Strategy]:
     items: list[Strategy] = [
         SinkWindowEviction(), HeavyHitterEviction(), SnapKVEviction(),
         ColdQuantization(8), ColdQuantization(4), ColdQuantization(2),
-        ColdQuantization(4, 2), ColdOffload(), ColdOffload(top_k_fraction=0.125),
+        ColdQuantization(4, 2), ColdQuantization(8, fp8=True), ColdOffload(),
+        ColdOffload(top_k_fraction=0.125),
     ]
     return {s.name: s for s in items}
 

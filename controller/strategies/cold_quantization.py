@@ -1,10 +1,10 @@
-"""KIVI-style quantization (Liu et al. 2024) of the coldest full-precision blocks."""
+"""KIVI-style quantization (Liu et al. 2024) of the coldest full-precision blocks, or fp8
+(e4m3, one scale per block and head, as vLLM / SGLang / TensorRT-LLM store KV)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.actions import Quantize
-from engine.actions import KVFormat
+from engine.actions import KVFormat, Quantize
 from controller.strategies.base import ScoredStrategy, movable
 
 
@@ -13,6 +13,7 @@ class ColdQuantization(ScoredStrategy):
     kind = "quantize"
     bits: int = 4
     v_bits: int | None = None
+    fp8: bool = False       # the 8-bit sides as fp8 e4m3 ('quantize_fp8')
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -20,16 +21,15 @@ class ColdQuantization(ScoredStrategy):
 
     @property
     def fmt(self) -> KVFormat:
-        return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits)
+        return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits, self.fp8)
 
     def eligible(self, seq, ctx):
-        target = self.fmt
+        target = self.fmt.precision_rank()
         out = []
         for b in movable(seq, ctx, keep_sinks=False):
             cur = KVFormat.parse(b.fmt)
-            # only ever lower precision, channel by channel
-            if all(c == 0 or c >= t for c, t in ((cur.k_bits, target.k_bits),
-                                                (cur.v_bits, target.v_bits))) and cur != target:
+            # only ever lower precision, keys and values each (full > int8 > fp8 > int4 > int2)
+            if cur != self.fmt and all(c >= t for c, t in zip(cur.precision_rank(), target)):
                 out.append(b)
         return out
 
@@ -40,4 +40,4 @@ class ColdQuantization(ScoredStrategy):
         return block.nbytes - ctx.format_bytes[self.fmt.name]
 
     def actions(self, seq, blocks):
-        return (Quantize(seq.seq_id, blocks, self.fmt.k_bits, self.fmt.v_bits),)
+        return (Quantize.to(seq.seq_id, blocks, self.fmt),)
