@@ -20,6 +20,18 @@ def _side_code(bits: int, fp8: bool) -> int:
     return FP8_CODE if fp8 and bits == 8 else bits
 
 
+def _side_bits(code: int) -> int:
+    return 8 if code == FP8_CODE else code
+
+
+def _side_name(code: int) -> str:
+    return "full" if code == 0 else "fp8" if code == FP8_CODE else str(code)
+
+
+def _parse_side(s: str) -> int:
+    return 0 if s == "full" else FP8_CODE if s == "fp8" else int(s)
+
+
 @dataclass(frozen=True)
 class KVFormat:
     """A block's storage format; keys and values may differ (e.g. K4V2).
@@ -67,27 +79,25 @@ class KVFormat:
         return self.k_code * 32 + self.v_code
 
     @staticmethod
-    def from_codes(k_code: int, v_code: int) -> "KVFormat":
+    def from_codes(k_code: int, v_code: int) -> KVFormat:
         """The format of a block table entry (``k_code`` / ``v_code`` as above)."""
         fp8 = FP8_CODE in (k_code, v_code)
         if fp8 and 8 in (k_code, v_code):
             raise ValueError("a format's 8-bit sides are either all int8 or all fp8")
-        bits = lambda c: 8 if c == FP8_CODE else c  # noqa: E731
-        return KVFormat(bits(k_code), bits(v_code), fp8)
+        return KVFormat(_side_bits(k_code), _side_bits(v_code), fp8)
 
     @staticmethod
-    def from_code(code: int) -> "KVFormat":
+    def from_code(code: int) -> KVFormat:
         return KVFormat.from_codes(*divmod(code, 32))
 
     @cached_property
     def name(self) -> str:
         if self.k_code == self.v_code:
             return "full" if self.k_bits == 0 else "fp8" if self.fp8 else f"int{self.k_bits}"
-        side = lambda b, c: "full" if b == 0 else "fp8" if c == FP8_CODE else str(b)  # noqa: E731
-        return f"k{side(self.k_bits, self.k_code)}v{side(self.v_bits, self.v_code)}"
+        return f"k{_side_name(self.k_code)}v{_side_name(self.v_code)}"
 
     @staticmethod
-    def parse(name: str) -> "KVFormat":
+    def parse(name: str) -> KVFormat:
         """'full', 'int8', 'int4', 'int2', 'fp8', or 'k4v2'-style mixes ('kfp8v4',
         'kfullvfp8': a side is full, fp8 or its bits)."""
         name = name.strip().lower()
@@ -100,10 +110,8 @@ class KVFormat:
             return KVFormat(b, b)
         if name.startswith("k") and "v" in name:
             k, v = name[1:].split("v", 1)
-            conv = lambda s: (0 if s == "full" else FP8_CODE if s == "fp8"  # noqa: E731
-                              else int(s))
             try:
-                return KVFormat.from_codes(conv(k), conv(v))
+                return KVFormat.from_codes(_parse_side(k), _parse_side(v))
             except ValueError as e:
                 raise ValueError(f"unknown KV format {name!r}: {e}") from None
         raise ValueError(f"unknown KV format {name!r}; use full, int8, int4, int2, fp8 or "
@@ -138,7 +146,7 @@ class Quantize:
     fp8: bool = False
 
     @classmethod
-    def to(cls, seq_id: str, blocks: tuple[int, ...], fmt: KVFormat) -> "Quantize":
+    def to(cls, seq_id: str, blocks: tuple[int, ...], fmt: KVFormat) -> Quantize:
         return cls(seq_id, tuple(blocks), fmt.k_bits, fmt.v_bits, fmt.fp8)
 
 

@@ -3,7 +3,8 @@ attention statistics and the accuracy measured per format on the default model.
 
 Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
 * quantization: the measured PPL increase of the format (docs/BENCHMARKS.md, CPU,
-  SmolLM2, the worse of 2K and 4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%)
+  SmolLM2, the worse of 2K and 4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%;
+  fp8 +0.16% at 2K)
   scaled by how much of the sequence's attention the touched blocks carry (plus their
   share of blocks, since attention moves);
 * eviction: the attention mass removed, which is gone for good;
@@ -26,7 +27,8 @@ from engine.actions import KVFormat
 # measured PPL increase per format (fraction), docs/BENCHMARKS.md "KV quantization accuracy"
 # a GPU's PCIe when nothing says which node this is (traces, unit use)
 ASSUMED_BUS = Bus(FALLBACK_BYTES_PER_S, 0.0, "assumed 55.3 GB/s (H200)")
-FORMAT_COST = {"int8": 0.0002, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036, "int2": 0.077}
+FORMAT_COST = {"int8": 0.0002, "fp8": 0.0016, "k8v4": 0.002, "int4": 0.004, "k4v2": 0.036,
+               "int2": 0.077}
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.actions import KVFormat, Quantize
 from controller.strategies.base import ScoredStrategy, movable
+from engine.actions import KVFormat, Quantize
 
 
 @dataclass

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from engine.actions import ActionError, Quantize, SetFillFormat
+from engine.actions import ActionError, Fetch, Offload, Quantize, SetFillFormat
 from engine.api import Request, SamplingParams
 from engine.layout import FULL, KVFormat
-from engine.store import GPU
+from engine.store import GPU, HOST
 
 
 def start(engine, n_prompt=70, max_tokens=200, copies=1):
@@ -99,7 +99,8 @@ def test_raising_precision_is_refused(tiny):
 def test_fp8_decode_equals_attention_over_the_dequantized_cache(tiny):
     """A live sequence quantized to fp8 decodes exactly as a twin whose full-precision
     blocks hold the fp8 round trip of the same K/V: the engine's tables, plans and decode
-    path read fp8 blocks as what they store, nothing else."""
+    path read fp8 blocks as what they store, nothing else, on the GPU tier and offloaded
+    to the host (exact offload streams the slots back each step)."""
     from engine.kernels.slots import read_blocks, write_blocks
     from engine.layout import FP8
     a, b = start(tiny, n_prompt=30, copies=2)       # one prefill step for both
@@ -114,6 +115,9 @@ def test_fp8_decode_equals_attention_over_the_dequantized_cache(tiny):
     offs_b = torch.tensor([x.offset for x in st.seqs[b].blocks[:n]])
     k, v = read_blocks(arena, offs_a, g, FP8, torch.float32)       # [L, n, H, T, D]
     write_blocks(arena, offs_b, g, FULL, k, v)
+    for sid in (a, b):                 # fp8 slots travel to the host and are attended there
+        tiny.handle.apply(Offload(sid, (1, 2)))
+    assert st.seqs[a].blocks[1].tier == HOST and st.seqs[a].blocks[1].fmt == FP8
     logits = []
     tiny.on_logits = lambda sids, lg: logits.append(dict(zip(sids, lg.clone())))
     for _ in range(3):
@@ -123,6 +127,8 @@ def test_fp8_decode_equals_attention_over_the_dequantized_cache(tiny):
     for step in logits:
         torch.testing.assert_close(step[a], step[b], atol=1e-5, rtol=1e-5)
     assert tiny.seqs[a].output_ids == tiny.seqs[b].output_ids
+    tiny.handle.apply(Fetch(a, (1, 2)))
+    assert st.seqs[a].blocks[2].tier == GPU and st.seqs[a].blocks[2].fmt == FP8
     tiny.cancel(a)
     tiny.cancel(b)
     assert tiny.store.arenas[GPU].alloc.num_slots == 0
