@@ -15,7 +15,7 @@ KERNEL_MODULES = ("engine.kernels.codes_triton", "engine.kernels.split_reduce_tr
 
 def import_interpreted() -> None:
     if "triton" in sys.modules:
-        return  # imported earlier: kernel_cases.kernel_modules() fails loudly
+        return  # imported earlier: kernel_cases.kernel_module() fails loudly
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

@@ -1,10 +1,11 @@
 """Paged decode attention over mixed-format KV blocks, with per-block softmax partials.
 
 One query token per sequence attends over its block table. Blocks may be full precision
-or quantized (per block key / value codes, ``KVFormat.k_code`` / ``v_code``), GQA maps query head ``h`` to kv head
-``h // (Hq // H)``. Alongside the output it returns, per (sequence, query head, block),
-the block's max logit ``m`` and sum of ``exp(logit - m)`` — the flash-decoding partials,
-from which each block's exact share of attention mass follows (engine/stats.py).
+or quantized (per block key / value codes, ``KVFormat.k_code`` / ``v_code``), GQA maps
+query head ``h`` to kv head ``h // (Hq // H)``. Alongside the output it returns, per
+(sequence, query head, block), the block's max logit ``m`` and sum of ``exp(logit - m)`` —
+the flash-decoding partials, from which each block's exact share of attention mass
+follows (engine/stats.py).
 
 Block table entries with ``ntok == 0`` are holes (evicted blocks): skipped, partials
 ``(-inf, 0)``.

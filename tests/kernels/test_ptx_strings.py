@@ -1,6 +1,6 @@
-"""The PTX code-conversion strings of the paged decode kernel (engine/kernels/codes_triton.py), run by a small emulator of
-the instructions they use (and/shr/mov/prmt/sub.f16x2), so that the element order they
-produce is checked on machines without a GPU. The strings proven on the H200 (the byte
+"""The PTX code-conversion strings of the paged decode kernel (engine/kernels/codes_triton.py),
+run by a small emulator of the instructions they use (and/shr/mov/prmt/sub.f16x2), so that
+the element order they produce is checked on machines without a GPU. The strings proven on the H200 (the byte
 conversions) are checked too, as a check of the emulator."""
 from __future__ import annotations
 
