@@ -19,8 +19,8 @@ import time
 
 import torch
 
-import engine.moves as moves
 from benchmarks.evaluate import ppl_text_ids, ppl_windows, teacher_forced_nll
+from engine import moves
 from engine.kernels.quant import FP8_MAX
 from engine.layout import KVFormat
 

@@ -7,6 +7,7 @@ from types import ModuleType
 import pytest
 import torch
 
+
 def kernel_module(device: str) -> ModuleType:
     """engine.kernels.paged_decode_triton running on ``device``.
 
@@ -21,6 +22,7 @@ def kernel_module(device: str) -> ModuleType:
     pdt = importlib.import_module("engine.kernels.paged_decode_triton")
     if device == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
+
         from engine.kernels import codes_triton, split_reduce_triton
         for kern in (pdt._paged_decode_kernel, codes_triton.fp8_to,
                      split_reduce_triton._reduce_splits_kernel):
