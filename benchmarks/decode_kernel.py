@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode_kernel [--sweep] [--json PATH]
     python -m benchmarks.decode_kernel --batches 8 --contexts 131072 \
-        --formats int8 int4 --variants default nofold dyn     # named variants only
+        --formats int8 int4 fp8 --variants default words s3   # named variants only
 
 32 query heads, 8 KV heads, head_dim 128, block size 32, fp16; batch 1 and 8, context
 32K and 128K. SDPA runs over contiguous fp16 K/V; our kernel over a paged arena whose
@@ -25,14 +25,14 @@ import torch.nn.functional as F
 
 from engine.kernels.paged_decode_triton import (FormatGroups, paged_decode_triton,
                                                 slot_bytes_read)
-from engine.kernels.quant import quantize_keys_ref, quantize_values_ref
+from engine.kernels.quant import quantize_fp8_ref, quantize_keys_ref, quantize_values_ref
 from engine.kernels.slots import value_codes_to_slot
 from engine.layout import BlockGeometry, KVFormat
 
 HQ, H, D, T, G = 32, 8, 128, 32, 32
 PEAK_GBS = 4460.0
 ROTATE_BYTES = 256 << 20
-FORMATS = ["full", "int8", "int4", "int2", "k4v2"]
+FORMATS = ["full", "int8", "int4", "int2", "k4v2", "fp8"]
 # (blocks_per_iter, num_warps, num_stages) tried with --sweep
 SWEEP = [(2, 4, 2), (1, 4, 2), (2, 4, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2)]
 SPLIT_MULTS = [2, 4, 8]   # programs ~ mult * SMs
@@ -102,12 +102,20 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
             ids = tables[0, b, c0:c1]
             if fmt.k_bits == 0:
                 put(ids, "k", kb)
+            elif fmt.k_fp8:
+                c, s = quantize_fp8_ref(kb, md)
+                put(ids, "k_codes", c)
+                put(ids, "k_scale", s)
             else:
                 c, s, z = quantize_keys_ref(kb, fmt.k_bits, md)
                 for n_, x_ in (("k_codes", c), ("k_scale", s), ("k_zero", z)):
                     put(ids, n_, x_)
             if fmt.v_bits == 0:
                 put(ids, "v", vb)
+            elif fmt.v_fp8:
+                c, s = quantize_fp8_ref(vb, md)
+                put(ids, "v_codes", value_codes_to_slot(c, 8))
+                put(ids, "v_scale", s)
             else:
                 c, s, z = quantize_values_ref(vb, fmt.v_bits, G, md)
                 c = value_codes_to_slot(c, fmt.v_bits)
@@ -122,8 +130,9 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
 def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_scale, t_sdpa,
                  iters) -> list[dict]:
     """``base+last`` (e.g. int4+full): every block in ``base`` but each sequence's newest
-    block in ``last`` (a quantized sequence with its full-precision residual block); the
-    runtime-dispatch kernel (``formats=None``) against one launch per format."""
+    block in ``last`` (a quantized sequence with its full-precision residual block): one
+    launch per format, grouped on the host as the engine's plan does or on the device
+    (``formats=``)."""
     base, last = (KVFormat.parse(x) for x in name.split("+"))
     NB = L // T
     arena_a, tab_a = _build_arena(geom, base, k, v, reps, gen_cpu, device)
@@ -132,20 +141,19 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
     tables = tab_a.clone()
     tables[:, :, -1] = tab_b[:, :, 0] + arena_a.numel()
     del arena_a, arena_b
-    kb = torch.full((B, NB), base.k_bits, dtype=torch.int32, device=device)
-    vb = torch.full((B, NB), base.v_bits, dtype=torch.int32, device=device)
-    kb[:, -1], vb[:, -1] = last.k_bits, last.v_bits
+    kb = torch.full((B, NB), base.k_code, dtype=torch.int32, device=device)
+    vb = torch.full((B, NB), base.v_code, dtype=torch.int32, device=device)
+    kb[:, -1], vb[:, -1] = last.k_code, last.v_code
     nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
     nbytes = B * ((NB - 1) * slot_bytes_read(geom, base) + slot_bytes_read(geom, last))
     rows = []
     rows_g = [[(j, base) for j in range(NB - 1)] + [(NB - 1, last)] for _ in range(B)]
     groups = FormatGroups.from_rows(rows_g, NB, device)      # as the engine's plan makes it
-    for label, kw in (("grouped", dict(groups=groups)), ("per-format", dict(formats=[base, last])),
-                      ("dynamic", {})):
+    for label, kw in (("grouped", {"groups": groups}), ("per-format", {"formats": [base, last]})):
         out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
         err = (out.float() - ref.squeeze(2).float()).abs().max().item()
-        calls = [lambda t=t: paged_decode_triton(qd, arena, t, kb, vb, nt, geom, sm_scale, **kw)
-                 for t in tables]
+        calls = [lambda t=t, kw=kw: paged_decode_triton(qd, arena, t, kb, vb, nt, geom, sm_scale,
+                                                        **kw) for t in tables]
         t = _timeit(_graphed(calls, device), iters, device) / reps
         rows.append(dict(B=B, L=L, kernel=f"paged-{label}", fmt=name, cfg=label, split_mult=None,
                          us=t * 1e6, speedup=t_sdpa / t, bytes=nbytes, gbs=nbytes / t / 1e9,
@@ -155,12 +163,12 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
     return rows
 
 
-# named launch variants for --variants (kwargs on top of fmt=; "dyn": runtime dispatch)
+# named launch variants for --variants (kwargs on top of fmt=)
 VARIANTS = {
-    "default": {}, "nofold": dict(fold=False), "w2": dict(num_warps=2),
+    "default": {}, "w2": dict(num_warps=2),
     "w8": dict(num_warps=8), "s3": dict(num_stages=3), "s1": dict(num_stages=1),
     "nbi1": dict(blocks_per_iter=1), "nbi4": dict(blocks_per_iter=4),
-    "x4": dict(split_mult=4), "x16": dict(split_mult=16), "dyn": None,
+    "x4": dict(split_mult=4), "x16": dict(split_mult=16),
     "words": dict(word_codes=True), "nbi2": dict(blocks_per_iter=2),
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
     "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
@@ -168,13 +176,11 @@ VARIANTS = {
 }
 
 
-def _variant(name: str) -> dict | None:
-    """Named variant, or several joined by '+' (e.g. words+nbi4+s3); None: runtime dispatch."""
-    if name == "dyn":
-        return None
+def _variant(name: str) -> dict:
+    """Named variant, or several joined by '+' (e.g. words+nbi4+s3)."""
     kw = {}
     for part in name.split("+"):
-        if part not in VARIANTS or VARIANTS[part] is None:
+        if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r} in {name!r}: one of {sorted(VARIANTS)}")
         kw.update(VARIANTS[part])
     return kw
@@ -215,29 +221,23 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
             continue
         fmt = KVFormat.parse(name)
         arena, tables = _build_arena(geom, fmt, k, v, reps, gen_cpu, device)
-        kb = torch.full((B, NB), fmt.k_bits, dtype=torch.int32, device=device)
-        vb = torch.full((B, NB), fmt.v_bits, dtype=torch.int32, device=device)
+        kb = torch.full((B, NB), fmt.k_code, dtype=torch.int32, device=device)
+        vb = torch.full((B, NB), fmt.v_code, dtype=torch.int32, device=device)
         nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
         nbytes = B * NB * slot_bytes_read(geom, fmt)
         # without --sweep: the kernel's own launch defaults (cfg "default")
         configs = [(c, m) for c in (configs_ or SWEEP) for m in (mults or SPLIT_MULTS)] \
             if sweep else [("default", None)]
         if variants:
-            configs = [(v, None) for v in variants
-                       if not (fmt.is_full and v in ("nofold",))]
-        else:
-            configs.append((None, None))   # runtime format dispatch, default launch
+            configs = [(v, None) for v in variants]
         best = None
         for cfg, mult in configs:
-            kw = {}
+            kw = {"fmt": fmt}
             if isinstance(cfg, str):
-                if _variant(cfg) is None:
-                    cfg = None                      # runtime dispatch
-                else:
-                    kw = dict(fmt=fmt, **_variant(cfg))
-                    if "split_mult" in kw:
-                        kw["num_splits"] = max(1, math.ceil(kw.pop("split_mult") * sms / (B * H)))
-            elif cfg is not None:
+                kw.update(_variant(cfg))
+                if "split_mult" in kw:
+                    kw["num_splits"] = max(1, math.ceil(kw.pop("split_mult") * sms / (B * H)))
+            else:
                 kw = dict(fmt=fmt, blocks_per_iter=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
                 if len(cfg) > 3:
                     kw["maxnreg"] = cfg[3]
@@ -246,19 +246,20 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
             try:
                 out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
                 err = (out.float() - ref.squeeze(2).float()).abs().max().item()
-                calls = [lambda t=t: paged_decode_triton(qd, arena, t, kb, vb, nt, geom,
-                                                         sm_scale, **kw) for t in tables]
+                # bound now: the lambdas outlive this iteration's names (arena is deleted)
+                calls = [lambda t=t, a_=arena, kb_=kb, vb_=vb, nt_=nt, kw_=kw: paged_decode_triton(
+                    qd, a_, t, kb_, vb_, nt_, geom, sm_scale, **kw_) for t in tables]
                 t = _timeit(_graphed(calls, device), iters, device) / reps
             except Exception as e:  # report and go on: one bad config must not hide the rest
                 print(f"  {name} {cfg} x{mult}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
-            row = dict(B=B, L=L, kernel="paged" if cfg else "paged-dynamic", fmt=name,
+            row = dict(B=B, L=L, kernel="paged", fmt=name,
                        cfg=cfg, split_mult=mult, us=t * 1e6, speedup=t_sdpa / t, bytes=nbytes,
                        gbs=nbytes / t / 1e9, max_err_vs_sdpa=err)
             rows.append(row)
             print(f"  {name:5s} {row['kernel']:13s} cfg={cfg} x{mult}: {t * 1e6:8.1f} us "
                   f"{t_sdpa / t:5.2f}x  {nbytes / t / 1e9:6.0f} GB/s  err {err:.2e}", flush=True)
-            if cfg is not None and (best is None or t < best["us"] / 1e6):
+            if best is None or t < best["us"] / 1e6:
                 best = row
         if best is not None:
             best["best"] = True

@@ -1,6 +1,6 @@
 """What KV-cache compression costs in accuracy: perplexity, passkey retrieval, KV bytes.
 
-    python -m benchmarks.evaluate --formats full,int8,int4,int2,k4v2 \\
+    python -m benchmarks.evaluate --formats full,int8,fp8,int4,int2,k4v2 \\
         --ppl-lengths 2048,4096 --passkey-lengths 1024,2048,4096 --depths 10 --threads 2
     python -m benchmarks.evaluate --quick          # smoke run (minutes)
 
@@ -147,7 +147,7 @@ def quantize_filled(engine, seq_id: str, fmt: KVFormat) -> None:
     idx = tuple(b.index for b in view.blocks[:-1]
                 if b.tier == "gpu" and b.fmt == "full" and b.num_tokens == T)
     if idx:
-        engine.handle.apply(Quantize(seq_id, idx, fmt.k_bits, fmt.v_bits))
+        engine.handle.apply(Quantize.to(seq_id, idx, fmt))
 
 
 def ppl_text_ids(tokenizer) -> list[int]:
@@ -414,7 +414,7 @@ def tables(res: dict, formats: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--formats", default="full,int8,int4,int2,k4v2")
+    ap.add_argument("--formats", default="full,int8,fp8,int4,int2,k4v2")
     ap.add_argument("--ppl-lengths", default="2048,4096")
     ap.add_argument("--ppl-windows", type=int, default=3, help="windows per length")
     ap.add_argument("--passkey-lengths", default="1024,2048,4096")

@@ -1,8 +1,8 @@
 """Compile the paged decode kernel for sm_90 on a machine without a GPU and report
 registers, spills and a SASS instruction histogram (no device time needed).
 
-    python benchmarks/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--fold 1]
-                                [--sass FILE]
+    python benchmarks/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--sass FILE]
+    python benchmarks/kernel_sass.py --kb 24 --vb 24     # fp8 (the key / value codes)
 
 Prints registers / shared memory / local memory, the whole kernel's SASS opcode counts
 and, per loop (a backward branch), the loop body's size and opcode counts. Uses the
@@ -21,16 +21,18 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from engine.kernels import paged_decode_triton as pdt  # noqa: E402
+from engine.layout import BlockGeometry, KVFormat  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*fp16",
-       "off_ptr": "*i64", "kbits_ptr": "*i32", "vbits_ptr": "*i32", "ntok_ptr": "*i32",
+       "off_ptr": "*i64", "ntok_ptr": "*i32",
        "perm_ptr": "*i64", "rstart_ptr": "*i32", "rlen_ptr": "*i32", "S0": "i32", "STOT": "i32",
        "bmax_ptr": "*fp32", "bsum_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
        "pacc_ptr": "*fp32", "NB": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
@@ -54,22 +56,23 @@ def compile_kernel(consts: dict, warps: int, stages: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kb", type=int, default=8)
-    ap.add_argument("--vb", type=int, default=8)
+    ap.add_argument("--kb", type=int, default=8, help="key code (KVFormat.k_code; fp8: 24)")
+    ap.add_argument("--vb", type=int, default=8, help="value code")
     ap.add_argument("--nbi", type=int, default=2)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--fold", type=int, default=0, help="1: the experimental fold path")
     ap.add_argument("--asm", type=int, default=1, help="PTX code conversion")
     ap.add_argument("--fast", type=int, default=1, help="fp16 dequantization (FAST)")
     ap.add_argument("--extra", default="", help="k=v,... more constexprs")
     ap.add_argument("--sass")
     a = ap.parse_args()
+    fmt = KVFormat.from_codes(a.kb, a.vb)
+    sec = BlockGeometry(32, 8, a.d, torch.float16, value_group=32).sections(fmt)
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
-                  VB=a.vb, NBI=a.nbi, DT=tl.float16, UPCAST=False, IEEE=False, FOLD=a.fold,
-                  ASM=a.asm and (a.fold or a.fast), FAST=a.fast or a.fold, ROWLEN=0,
-                  WORDS=0)
+                  VB=a.vb, VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0], NBI=a.nbi,
+                  DT=tl.float16, UPCAST=False, IEEE=False, ASM=a.asm and a.fast, FAST=a.fast,
+                  ROWLEN=0, WORDS=0)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)

@@ -3,7 +3,7 @@
     ncu --clock-control none -k regex:_paged_decode_kernel --launch-skip 2 --launch-count 1 \
         --section WarpStateStats ... python benchmarks/ncu_decode.py --fmt int4 [--B 8 --L 131072]
 
-Builds the same paged arena as engine/kernels/bench_decode.py (random permutation of
+Builds the same paged arena as benchmarks/decode_kernel.py (random permutation of
 slots, every block in one format) and calls the kernel with its launch defaults.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main() -> None:
     arena, tables = _build_arena(geom, fmt, k, v, 1, torch.Generator().manual_seed(0), dev)
     del k, v
     NB = a.L // T
-    kb = torch.full((a.B, NB), fmt.k_bits, dtype=torch.int32, device=dev)
-    vb = torch.full((a.B, NB), fmt.v_bits, dtype=torch.int32, device=dev)
+    kb = torch.full((a.B, NB), fmt.k_code, dtype=torch.int32, device=dev)
+    vb = torch.full((a.B, NB), fmt.v_code, dtype=torch.int32, device=dev)
     nt = torch.full((a.B, NB), T, dtype=torch.int32, device=dev)
     for _ in range(a.calls):
         paged_decode_triton(q, arena, tables[0], kb, vb, nt, geom, 1 / math.sqrt(D), fmt=fmt,

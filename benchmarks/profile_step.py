@@ -66,17 +66,18 @@ def main() -> None:
         return (time.perf_counter() - t0) / a.steps
 
     if a.ab_launch_cache:
+        from engine.kernels import decode_launch
         from engine.kernels import paged_decode_triton as pdt
-        launch, plan = pdt._launch, pdt._plan_launch
+        launch, plan = decode_launch.launch, pdt._plan_launch
         on, off = [], []
         for _ in range(a.ab_launch_cache):
             on.append(timed())
-            pdt._launch = lambda fn, grid, args, consts, options, cache: launch(
+            decode_launch.launch = lambda fn, grid, args, consts, options, cache: launch(
                 fn, grid, args, consts, options, None)
             pdt._plan_launch = lambda q, geom, fmt, B, NB, kw, cache: plan(
                 q, geom, fmt, B, NB, kw, None)
             off.append(timed())
-            pdt._launch, pdt._plan_launch = launch, plan
+            decode_launch.launch, pdt._plan_launch = launch, plan
         med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
         print(f"{eng.model_name} on {eng.device}, batch {a.batch}, prompt {a.prompt}: "
               f"launch reuse {med(on):.2f} ms/step, without {med(off):.2f} ms/step "

@@ -13,50 +13,120 @@ from typing import NamedTuple, Union
 
 
 VALID_BITS = (0, 8, 4, 2)  # 0 = full precision (the store dtype)
+FP8_CODE = 24  # a side's table code when its 8 bits are float8 e4m3: 16 (float) | 8 (bits)
+
+
+def _side_code(bits: int, fp8: bool) -> int:
+    return FP8_CODE if fp8 and bits == 8 else bits
+
+
+def _side_bits(code: int) -> int:
+    return 8 if code == FP8_CODE else code
+
+
+def _side_name(code: int) -> str:
+    return "full" if code == 0 else "fp8" if code == FP8_CODE else str(code)
+
+
+def _parse_side(s: str) -> int:
+    return 0 if s == "full" else FP8_CODE if s == "fp8" else int(s)
 
 
 @dataclass(frozen=True)
 class KVFormat:
-    """A block's storage format; keys and values may differ (e.g. K4V2)."""
+    """A block's storage format; keys and values may differ (e.g. K4V2).
+
+    ``k_bits`` / ``v_bits``: 0 (full precision), 8, 4 or 2 bits an element. ``fp8``: the
+    8-bit sides hold float8 e4m3 values with one scale per (block, kv head) instead of
+    int8 codes with scale and zero per channel / group (engine/layout.py); a 4- or 2-bit
+    side of the same format stays integer (e.g. 'kfp8v4')."""
 
     k_bits: int = 0
     v_bits: int = 0
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
             if b not in VALID_BITS:
                 raise ValueError(f"bits must be one of 8, 4, 2 (or 0 = full precision), got {b}")
+        if self.fp8 and 8 not in (self.k_bits, self.v_bits):
+            raise ValueError("fp8 applies to 8-bit keys or values; this format has none")
 
     @property
     def is_full(self) -> bool:
         return self.k_bits == 0 and self.v_bits == 0
 
-    @cached_property
-    def name(self) -> str:
-        if self.k_bits == self.v_bits:
-            return "full" if self.k_bits == 0 else f"int{self.k_bits}"
-        return f"k{self.k_bits or 'full'}v{self.v_bits or 'full'}"
+    @property
+    def k_fp8(self) -> bool:
+        return self.fp8 and self.k_bits == 8
+
+    @property
+    def v_fp8(self) -> bool:
+        return self.fp8 and self.v_bits == 8
+
+    @property
+    def k_code(self) -> int:
+        """The keys' code in block tables (``block_kbits``): their bits, or FP8_CODE."""
+        return _side_code(self.k_bits, self.fp8)
+
+    @property
+    def v_code(self) -> int:
+        return _side_code(self.v_bits, self.fp8)
+
+    @property
+    def code(self) -> int:
+        """One int per format (``k_code * 32 + v_code``): grouping tables by format."""
+        return self.k_code * 32 + self.v_code
 
     @staticmethod
-    def parse(name: str) -> "KVFormat":
-        """'full', 'int8', 'int4', 'int2', or 'k4v2'-style mixes."""
+    def from_codes(k_code: int, v_code: int) -> KVFormat:
+        """The format of a block table entry (``k_code`` / ``v_code`` as above)."""
+        fp8 = FP8_CODE in (k_code, v_code)
+        if fp8 and 8 in (k_code, v_code):
+            raise ValueError("a format's 8-bit sides are either all int8 or all fp8")
+        return KVFormat(_side_bits(k_code), _side_bits(v_code), fp8)
+
+    @staticmethod
+    def from_code(code: int) -> KVFormat:
+        return KVFormat.from_codes(*divmod(code, 32))
+
+    @cached_property
+    def name(self) -> str:
+        if self.k_code == self.v_code:
+            return "full" if self.k_bits == 0 else "fp8" if self.fp8 else f"int{self.k_bits}"
+        return f"k{_side_name(self.k_code)}v{_side_name(self.v_code)}"
+
+    @staticmethod
+    def parse(name: str) -> KVFormat:
+        """'full', 'int8', 'int4', 'int2', 'fp8', or 'k4v2'-style mixes ('kfp8v4',
+        'kfullvfp8': a side is full, fp8 or its bits)."""
         name = name.strip().lower()
         if name in ("full", "fp", "fp16", "bf16", "fp32"):
             return FULL
+        if name in ("fp8", "fp8_e4m3", "e4m3"):
+            return KVFormat(8, 8, fp8=True)
         if name.startswith("int") and name[3:].isdigit():
             b = int(name[3:])
             return KVFormat(b, b)
         if name.startswith("k") and "v" in name:
             k, v = name[1:].split("v", 1)
-            conv = lambda s: 0 if s == "full" else int(s)  # noqa: E731
             try:
-                return KVFormat(conv(k), conv(v))
+                return KVFormat.from_codes(_parse_side(k), _parse_side(v))
             except ValueError as e:
                 raise ValueError(f"unknown KV format {name!r}: {e}") from None
-        raise ValueError(f"unknown KV format {name!r}; use full, int8, int4, int2 or kXvY")
+        raise ValueError(f"unknown KV format {name!r}; use full, int8, int4, int2, fp8 or "
+                         "kXvY (X, Y: full, fp8, 8, 4, 2)")
+
+    def precision_rank(self) -> tuple[int, int]:
+        """(keys, values), higher = more precise: full > int8 > fp8 > int4 > int2.
+        int8 keeps 256 levels per channel (keys) or group (values); e4m3 has 3 mantissa
+        bits under one scale per block and head."""
+        return _RANK[self.k_code], _RANK[self.v_code]
 
 
+_RANK = {0: 5, 8: 4, FP8_CODE: 3, 4: 2, 2: 1}
 FULL = KVFormat(0, 0)
+FP8 = KVFormat(8, 8, fp8=True)
 
 
 class ActionError(ValueError):
@@ -65,12 +135,19 @@ class ActionError(ValueError):
 
 @dataclass(frozen=True)
 class Quantize:
-    """Re-store blocks at ``bits`` (8/4/2); ``v_bits`` defaults to ``bits``."""
+    """Re-store blocks at ``bits`` (8/4/2); ``v_bits`` defaults to ``bits``. ``fp8``: the
+    8-bit sides as float8 e4m3 instead of int8 (``Quantize(seq, blocks, 8, fp8=True)`` is
+    the 'fp8' format; ``Quantize.to(seq, blocks, KVFormat.parse(name))`` for any name)."""
 
     seq_id: str
     blocks: tuple[int, ...]
     bits: int
     v_bits: int | None = None
+    fp8: bool = False
+
+    @classmethod
+    def to(cls, seq_id: str, blocks: tuple[int, ...], fmt: KVFormat) -> Quantize:
+        return cls(seq_id, tuple(blocks), fmt.k_bits, fmt.v_bits, fmt.fp8)
 
 
 @dataclass(frozen=True)
@@ -80,6 +157,7 @@ class SetFillFormat:
     seq_id: str
     bits: int = 0           # 0 = keep full precision
     v_bits: int | None = None
+    fp8: bool = False       # 8-bit sides as float8 e4m3 (as in Quantize)
 
 
 @dataclass(frozen=True)
@@ -173,7 +251,7 @@ class BlockView(NamedTuple):
 
     index: int            # logical block index
     num_tokens: int
-    fmt: str              # 'full', 'int8', 'int4', 'int2', 'k4v2', ...
+    fmt: str              # 'full', 'int8', 'int4', 'int2', 'fp8', 'k4v2', ...
     tier: str             # 'gpu' | 'host' | 'evicted' | 'parked'
     nbytes: int           # bytes this block holds (all layers), 0 when evicted
     mass: float           # decayed share of attention (mean over layers and heads)

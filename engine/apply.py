@@ -67,14 +67,15 @@ def _blocks(store: KVStore, seq_id: str, indices) -> list:
 
 def _apply(store: KVStore, a: Action) -> tuple[dict[str, int], str, Undo]:
     if isinstance(a, Quantize):
-        fmt = moves.check_format(a.bits, a.v_bits)
+        fmt = moves.check_format(a.bits, a.v_bits, a.fp8)
         freed = moves.quantize(store, a.seq_id, a.blocks, fmt)
         return {GPU: freed}, f"quantize {len(a.blocks)} blocks -> {fmt.name}", _nothing
     if isinstance(a, SetFillFormat):
         kv = store.seqs.get(a.seq_id)
         if kv is None:
             raise ActionError(f"unknown sequence {a.seq_id!r}")
-        fmt = FULL if a.bits == 0 and not a.v_bits else moves.check_format(a.bits, a.v_bits)
+        fmt = (FULL if a.bits == 0 and not a.v_bits
+               else moves.check_format(a.bits, a.v_bits, a.fp8))
         old = kv.fill_format
         kv.fill_format = fmt
         return {}, f"fill format -> {fmt.name}", lambda: setattr(kv, "fill_format", old)

@@ -167,7 +167,7 @@ class DecodeGraphs:
                                 + torch.arange(D).view(1, 1, D)).expand(B, H, D).reshape(-1)
         s, _ = views["offs"]
         pad[s:s + B * NB].view(B, NB)[:, 0] = self.scratch
-        for name, bits in (("kb", fmt.k_bits), ("vb", fmt.v_bits)):
+        for name, bits in (("kb", fmt.k_code), ("vb", fmt.v_code)):
             s, _ = views[name]
             pad[s:s + B * NB] = bits
         s, _ = views["nt"]

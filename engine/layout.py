@@ -14,11 +14,17 @@ its values, each in the block's format:
       except 8-bit value codes, stored channel-major: ``codes [H, D, T] uint8``
       (``values_channel_major``). The decode kernel reads value codes along the tokens
       (the reduction axis of p @ V); token-major bytes had to be gathered one by one from
-      shared memory, channel-major ones are read 8-16 bytes at a time (int8 decode
-      0.85x -> 0.94x of SDPA on the H200; 4- and 2-bit codes measured no gain or a loss,
-      docs/BENCHMARKS.md).
+      shared memory, channel-major ones are read 8-16 bytes at a time (faster for 8-bit
+      codes; 4- and 2-bit codes measured no gain or a loss: docs/BENCHMARKS.md).
   Codes pack ``8 / bits`` channels per byte, low bits first: channel ``d`` sits in byte
   ``d // (8 // bits)`` at bit ``(d % (8 // bits)) * bits``. ``x = code * scale + zero``.
+* fp8 (an 8-bit side of a format with ``fmt.fp8``): float8 e4m3 values, one scale per
+  (block, kv head), no zero (the format vLLM, SGLang and TensorRT-LLM ship):
+  - keys: ``codes [H, T, D] e4m3``, ``scale [H] meta``
+  - values: ``codes [H, D, T] e4m3`` (channel-major, as 8-bit value codes), ``scale [H] meta``
+  ``x = float(code) * scale``. e4m3's exponent covers the keys' outlier channels (~9x the
+  median channel) under one scale; per-channel key scales measured no better
+  (docs/BENCHMARKS.md).
 
 Head-major (``[H, T, D]``) so that one (block, kv head) tile is contiguous for the
 decode kernel. Sections start on ``ALIGN``-byte boundaries, so typed views of the arena
@@ -32,7 +38,7 @@ from functools import cached_property
 import torch
 
 # the format record is part of the handle's vocabulary (torch-free): engine/actions.py
-from engine.actions import FULL, VALID_BITS, KVFormat  # noqa: F401  (re-exported)
+from engine.actions import FP8, FP8_CODE, FULL, VALID_BITS, KVFormat  # noqa: F401  (re-exported)
 
 ALIGN = 16
 
@@ -113,12 +119,18 @@ class BlockGeometry:
 
         if fmt.k_bits == 0:
             put("k", H * T * D * self.store_elem)
+        elif fmt.k_fp8:
+            put("k_codes", H * T * D)
+            put("k_scale", H * self.meta_elem)
         else:
             put("k_codes", H * T * D * fmt.k_bits // 8)
             put("k_scale", H * D * self.meta_elem)
             put("k_zero", H * D * self.meta_elem)
         if fmt.v_bits == 0:
             put("v", H * T * D * self.store_elem)
+        elif fmt.v_fp8:
+            put("v_codes", H * T * D)
+            put("v_scale", H * self.meta_elem)
         else:
             put("v_codes", H * T * D * fmt.v_bits // 8)
             put("v_scale", H * T * (D // G) * self.meta_elem)

@@ -32,12 +32,14 @@ def target_blocks(store: KVStore, seq_id: str, indices) -> list[Block]:
     return [s.blocks[i] for i in idx]
 
 
-def check_format(bits: int, v_bits: int | None) -> KVFormat:
+def check_format(bits: int, v_bits: int | None, fp8: bool = False) -> KVFormat:
     vb = bits if v_bits is None else v_bits
     for b in (bits, vb):
         if b not in (8, 4, 2):
             raise ActionError(f"bits must be 8, 4 or 2, got {b}")
-    return KVFormat(bits, vb)
+    if fp8 and 8 not in (bits, vb):
+        raise ActionError(f"fp8 needs 8-bit keys or values, got {bits} and {vb} bits")
+    return KVFormat(bits, vb, fp8)
 
 
 def quantize(store: KVStore, seq_id: str, indices, fmt: KVFormat) -> int:
@@ -50,10 +52,10 @@ def quantize(store: KVStore, seq_id: str, indices, fmt: KVFormat) -> int:
                               "full precision (residual window)")
         if b.tier != GPU:
             raise ActionError(f"{seq_id}: block {b.index} is {b.tier}, not on the GPU tier")
-        for old, new in ((b.fmt.k_bits, fmt.k_bits), (b.fmt.v_bits, fmt.v_bits)):
-            if old and old < new:
-                raise ActionError(f"{seq_id}: block {b.index} is {b.fmt.name}; raising it to "
-                                  f"{fmt.name} cannot bring back lost precision")
+        # full > int8 > fp8 > int4 > int2, keys and values each (KVFormat.precision_rank)
+        if any(old < new for old, new in zip(b.fmt.precision_rank(), fmt.precision_rank())):
+            raise ActionError(f"{seq_id}: block {b.index} is {b.fmt.name}; raising it to "
+                              f"{fmt.name} cannot bring back lost precision")
     _check_written(store, seq_id, blocks)
     todo = [b for b in blocks if b.fmt != fmt]
     _check_convertible(store, todo, fmt)

@@ -42,7 +42,7 @@ class DecodeBatch:
     seq_ids: list[str]
     rows: torch.Tensor          # [Bd] rows of the decode tokens
     offsets: torch.Tensor       # [Bd, NB] int64 (logical block index = table column)
-    kbits: torch.Tensor         # [Bd, NB] int32
+    kbits: torch.Tensor         # [Bd, NB] int32 key codes (KVFormat.k_code)
     vbits: torch.Tensor
     ntok: torch.Tensor          # [Bd, NB] int32; 0 = not attended (hole / other tier)
     stage_mask: torch.Tensor | None = None  # [Bd, NB] offsets relative to the staging buffer
@@ -197,8 +197,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
                 host.append(b)
             else:
                 continue
-            k_i[b.index] = b.fmt.k_bits
-            v_i[b.index] = b.fmt.v_bits
+            k_i[b.index] = b.fmt.k_code
+            v_i[b.index] = b.fmt.v_code
             n_i[b.index] = b.num_tokens
             fmts.add(b.fmt)
             if cuda:
@@ -290,13 +290,13 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
             kpos += range(b.index * T, b.index * T + b.num_tokens)
             kblk += [b.index] * b.num_tokens
         seg.offsets = torch.tensor([b.offset for b in blocks], dtype=torch.int64, device=device)
-        seg.kbits = torch.tensor([b.fmt.k_bits for b in blocks], dtype=torch.int32, device=device)
-        seg.vbits = torch.tensor([b.fmt.v_bits for b in blocks], dtype=torch.int32, device=device)
+        seg.kbits = torch.tensor([b.fmt.k_code for b in blocks], dtype=torch.int32, device=device)
+        seg.vbits = torch.tensor([b.fmt.v_code for b in blocks], dtype=torch.int32, device=device)
         seg.ntok = torch.tensor([b.num_tokens for b in blocks], dtype=torch.int32, device=device)
         if host:
             seg.host = tuple(torch.tensor(x, dtype=dt) for x, dt in (
-                ([b.offset for b in host], torch.int64), ([b.fmt.k_bits for b in host], torch.int32),
-                ([b.fmt.v_bits for b in host], torch.int32),
+                ([b.offset for b in host], torch.int64), ([b.fmt.k_code for b in host], torch.int32),
+                ([b.fmt.v_code for b in host], torch.int32),
                 ([b.num_tokens for b in host], torch.int32)))
         seg.token_idx = torch.tensor(tok_idx, dtype=torch.int64, device=device)
         seg.kpos = torch.tensor(kpos, dtype=torch.int64, device=device)

@@ -13,7 +13,7 @@ from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
 from engine.layout import FULL, KVFormat
 from engine.store import GPU
 
-FORMATS = ("full", "int8", "int4", "int2", "k4v2", "k8v4")
+FORMATS = ("full", "int8", "int4", "int2", "k4v2", "k8v4", "fp8")
 
 
 def sequence_view(engine, s, state: str) -> SequenceView:

@@ -9,13 +9,13 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.quant_triton",
-                  "engine.kernels.gather_triton")
+KERNEL_MODULES = ("engine.kernels.codes_triton", "engine.kernels.split_reduce_triton",
+                  "engine.kernels.paged_decode_triton", "engine.kernels.gather_triton")
 
 
 def import_interpreted() -> None:
     if "triton" in sys.modules:
-        return  # imported earlier: kernel_cases.kernel_modules() fails loudly
+        return  # imported earlier: kernel_cases.kernel_module() fails loudly
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

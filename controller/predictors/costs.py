@@ -4,7 +4,8 @@ block's format with them). Torch-free; units are "perplexity fraction" (0.01 = +
 
 * A format's cost is the PPL increase measured with every block in that format
   (docs/BENCHMARKS.md, "KV quantization accuracy", CPU, SmolLM2, the worse of 2K and
-  4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%; k8v4 between int8 and int4),
+  4K: int8 +0.02%, int4 +0.4%, k4v2 +3.6%, int2 +7.7%; k8v4 between int8 and int4;
+  fp8 +0.16% at 2K),
   scaled by the block's importance: the mean of its share of the sequence's attention
   mass and its share of the attended blocks (attention moves, so a cold block is not
   free).
@@ -18,7 +19,7 @@ block's format with them). Torch-free; units are "perplexity fraction" (0.01 = +
 """
 from __future__ import annotations
 
-FORMAT_COST = {"full": 0.0, "int8": 0.0002, "k8v4": 0.002, "int4": 0.004,
+FORMAT_COST = {"full": 0.0, "int8": 0.0002, "fp8": 0.0016, "k8v4": 0.002, "int4": 0.004,
                "k4v2": 0.036, "int2": 0.077}
 UNKNOWN_FORMAT_COST = 0.25      # a format nobody measured: priced as if near-useless
 EVICT_SHARE = 0.2

@@ -2,7 +2,7 @@
 attention statistics and the accuracy measured per format on the default model.
 
 Accuracy cost is in "perplexity fraction" units (0.01 = +1% PPL-equivalent):
-* quantization: the measured PPL increase of the format scaled by how much of the
+* quantization: the measured PPL increase of the format (fp8 included) scaled by how much of the
   sequence's attention the touched blocks carry (plus their share of blocks, since
   attention moves): controller/predictors/costs.py;
 * eviction: the attention mass removed, which is gone for good, plus a price per share

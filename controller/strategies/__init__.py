@@ -15,7 +15,8 @@ def registry() -> dict[str, Strategy]:
     items: list[Strategy] = [
         SinkWindowEviction(), HeavyHitterEviction(), SnapKVEviction(),
         ColdQuantization(8), ColdQuantization(4), ColdQuantization(2),
-        ColdQuantization(4, 2), MixedPrecision(), ColdOffload(),
+        ColdQuantization(4, 2), ColdQuantization(8, fp8=True), MixedPrecision(),
+        ColdOffload(),
         ColdOffload(top_k_fraction=0.125),
     ]
     return {s.name: s for s in items}

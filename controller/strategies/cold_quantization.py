@@ -1,11 +1,12 @@
 """KIVI-style quantization (Liu et al. 2024) of the coldest full-precision blocks, all
-into one format."""
+into one format, or fp8 (e4m3, one scale per block and head, as vLLM / SGLang /
+TensorRT-LLM store KV)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.actions import KVFormat, Quantize
 from controller.strategies.base import ScoredStrategy, movable
+from engine.actions import KVFormat, Quantize
 
 
 @dataclass
@@ -13,6 +14,7 @@ class ColdQuantization(ScoredStrategy):
     kind = "quantize"
     bits: int = 4
     v_bits: int | None = None
+    fp8: bool = False       # the 8-bit sides as fp8 e4m3 ('quantize_fp8')
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -20,7 +22,7 @@ class ColdQuantization(ScoredStrategy):
 
     @property
     def fmt(self) -> KVFormat:
-        return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits)
+        return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits, self.fp8)
 
     def eligible(self, seq, ctx):
         # full-precision blocks only: a lossy block is never quantized again from its
@@ -34,4 +36,4 @@ class ColdQuantization(ScoredStrategy):
         return block.nbytes - ctx.format_bytes[self.fmt.name]
 
     def actions(self, seq, blocks):
-        return (Quantize(seq.seq_id, blocks, self.fmt.k_bits, self.fmt.v_bits),)
+        return (Quantize.to(seq.seq_id, blocks, self.fmt),)

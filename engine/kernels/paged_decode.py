@@ -1,10 +1,11 @@
 """Paged decode attention over mixed-format KV blocks, with per-block softmax partials.
 
 One query token per sequence attends over its block table. Blocks may be full precision
-or quantized (per block ``k_bits`` / ``v_bits``), GQA maps query head ``h`` to kv head
-``h // (Hq // H)``. Alongside the output it returns, per (sequence, query head, block),
-the block's max logit ``m`` and sum of ``exp(logit - m)`` — the flash-decoding partials,
-from which each block's exact share of attention mass follows (engine/stats.py).
+or quantized (per block key / value codes, ``KVFormat.k_code`` / ``v_code``), GQA maps
+query head ``h`` to kv head ``h // (Hq // H)``. Alongside the output it returns, per
+(sequence, query head, block), the block's max logit ``m`` and sum of ``exp(logit - m)`` —
+the flash-decoding partials, from which each block's exact share of attention mass
+follows (engine/stats.py).
 
 Block table entries with ``ntok == 0`` are holes (evicted blocks): skipped, partials
 ``(-inf, 0)``.
@@ -34,23 +35,27 @@ def gather_dense(arena_row: torch.Tensor, block_offsets: torch.Tensor,
     offs = block_offsets.reshape(-1)
     if fmt is None:
         valid = (block_ntok > 0).reshape(-1)
-        code = (block_kbits.reshape(-1) * 16 + block_vbits.reshape(-1))[valid]
-        codes = torch.unique(code).tolist()
+        code = table_codes(block_kbits, block_vbits).reshape(-1)
+        codes = torch.unique(code[valid]).tolist()
         if len(codes) <= 1:
-            fmt = KVFormat(*divmod(codes[0], 16)) if codes else KVFormat()
+            fmt = KVFormat.from_code(codes[0]) if codes else KVFormat()
     if fmt is not None:
         # holes' offsets are unspecified: read slot 0 for them instead (masked anyway)
         offs = torch.where(block_ntok.reshape(-1) > 0, offs, torch.zeros_like(offs))
         k, v = read_blocks(arena_row, offs, geom, fmt, dtype)
         return k.reshape(B, NB, H, T, D), v.reshape(B, NB, H, T, D)
-    code = block_kbits.reshape(-1) * 16 + block_vbits.reshape(-1)
     k = torch.zeros(B * NB, H, T, D, dtype=dtype, device=arena_row.device)
     v = torch.zeros_like(k)
     for c in codes:
         sel = torch.nonzero(valid & (code == c)).squeeze(1)
-        kk, vv = read_blocks(arena_row, offs[sel], geom, KVFormat(*divmod(c, 16)), dtype)
+        kk, vv = read_blocks(arena_row, offs[sel], geom, KVFormat.from_code(c), dtype)
         k[sel], v[sel] = kk, vv
     return k.reshape(B, NB, H, T, D), v.reshape(B, NB, H, T, D)
+
+
+def table_codes(block_kbits: torch.Tensor, block_vbits: torch.Tensor) -> torch.Tensor:
+    """Each table entry's format as one int (``KVFormat.code``; holes hold junk)."""
+    return block_kbits * 32 + block_vbits
 
 
 def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
@@ -63,8 +68,9 @@ def paged_decode_ref(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: to
     q:             [B, Hq, D]        query after RoPE
     arena_row:     [bytes] uint8     one layer of the arena
     block_offsets: [B, NB] int64     slot byte offsets (ignored where ntok == 0)
-    block_kbits:   [B, NB] int32     0 (full precision), 8, 4 or 2
-    block_vbits:   [B, NB] int32
+    block_kbits:   [B, NB] int32     key code: 0 (full precision), 8, 4 or 2 (int bits), or
+                                     FP8_CODE (fp8 e4m3; KVFormat.k_code)
+    block_vbits:   [B, NB] int32     value code (KVFormat.v_code)
     block_ntok:    [B, NB] int32     valid tokens per block (0 = hole)
     fmt:           the one format of every valid entry, when the caller knows it
     cache:         a dict that lives for one step: what depends only on the table (gather

@@ -4,24 +4,20 @@ Grid ``(B, H, num_splits)``: a program owns one sequence, one kv head and a cont
 range of its block table, and serves all ``Hq // H`` query heads of that kv head at
 once (padded to 16 rows so QK^T and PV run as ``tl.dot``). Per block it writes the
 flash-decoding partials ``block_max`` / ``block_sumexp``; per split it writes a running
-(max, sumexp, unnormalized output) that a second kernel reduces (Dao et al., 2023,
-"Flash-Decoding for long-context inference").
+(max, sumexp, unnormalized output) that engine/kernels/split_reduce_triton.py reduces
+(Dao et al., 2023, "Flash-Decoding for long-context inference").
 
-Quantized blocks are read as codes plus scale/zero (fewer bytes: the point of
-quantizing) and dequantized in registers; codes become floats with the magic-number
-trick (``0x4B000000 | c`` read as fp32 is ``2^23 + c``) instead of slow int->float
-conversions. Formats are either one per launch (``fmt=``: compile-time, several blocks
-per loop iteration) or read per block from ``block_kbits`` / ``block_vbits`` (runtime
-branches, one block per iteration).
-
-``fold=True`` (experimental, slower as measured so far: docs/BENCHMARKS.md) folds the key
-dequantization out of the inner loop instead — ``q.k = (q*s).c + q.z`` per block, codes
-fed to ``tl.dot`` as exact fp16 — and converts codes with a few PTX instructions per four
-bytes (``prmt`` under an fp16 exponent) on CUDA.
+Every launch compiles one format in (``KB`` / ``VB``: the key and value codes of
+``KVFormat``), so a mixed table is attended by one launch per format over that format's
+blocks (``FormatGroups``), several blocks per loop iteration. Quantized blocks are read
+as codes plus scales (fewer bytes: the point of quantizing) and dequantized in registers
+(engine/kernels/codes_triton.py). fp8 blocks have one scale per (block, kv head): key
+codes go to ``tl.dot`` as they are and the logits are scaled per block after it.
 
 Every arithmetic operation is fp32; tiles are fed to ``tl.dot`` in the store dtype
-(fp16 / bf16, fp32 with IEEE precision for fp32 stores). Slot offsets must be multiples
-of 16 bytes (engine/layout.py guarantees it).
+(fp16 / bf16, fp32 with IEEE precision for fp32 stores and head_dim < 64). Slot offsets
+must be multiples of 16 bytes (engine/layout.py guarantees it). Launch settings:
+engine/kernels/decode_launch.py.
 """
 from __future__ import annotations
 
@@ -32,12 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.layout import BlockGeometry, KVFormat
+from engine.kernels import decode_launch
+from engine.kernels.codes_triton import code_f32, fp8_to, unpack, word_codes
+from engine.kernels.paged_decode import table_codes
+from engine.kernels.split_reduce_triton import reduce_splits
+from engine.layout import FP8_CODE, FULL, BlockGeometry, KVFormat
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
+FP8 = tl.constexpr(FP8_CODE)    # KB / VB of an fp8 side
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# KVCTL_TRITON_PTX=0 turns the PTX code conversion off (plain Triton conversion instead)
+_PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 
 
 @triton.jit
@@ -49,180 +53,44 @@ def _dot(a, b, IEEE: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _code_f32(c):
-    # int code (< 2^23) -> fp32 without an int->float conversion: bits 0x4B000000 | c
-    # read as fp32 are 2^23 + c exactly
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _codes_to(c, DT: tl.constexpr):
-    """Integer codes (0..255, any int dtype) -> DT, exactly. fp16: 0x6400 | c read as fp16
-    is 1024 + c (no int->float conversion instruction); others: the fp32 magic number."""
-    if DT == tl.float16:
-        return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    else:
-        return _code_f32(c.to(tl.int32)).to(DT)
-
-
-def _u8_asm(shift: int, bits: int) -> str:
-    """PTX: four uint8 in $2 -> four fp16 codes ((byte >> shift) & mask) in $0, $1."""
-    pre = "mov.b32 x, $2;" if bits == 8 else \
-        f"shr.b32 x, $2, {shift}; and.b32 x, x, {((1 << bits) - 1) * 0x01010101};"
-    return ("{ .reg .b32 x, t0, t1, m; " + pre +
-            " mov.b32 m, 0x64646464; prmt.b32 t0, x, m, 0x4140; prmt.b32 t1, x, m, 0x4342;"
-            " mov.b32 m, 0x64006400; sub.f16x2 $0, t0, m; sub.f16x2 $1, t1, m; }")
-
-
-_ASM_U8 = tl.constexpr((_u8_asm(0, 8),))
-_ASM_U4 = tl.constexpr(tuple(_u8_asm(4 * j, 4) for j in range(2)))
-_ASM_U2 = tl.constexpr(tuple(_u8_asm(2 * j, 2) for j in range(4)))
-
-
-@triton.jit
-def _u8_codes(raw, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
-              ASM: tl.constexpr):
-    """Codes ``(raw >> SHIFT) & (2^BITS - 1)`` of a uint8 tile, as DT (exact).
-
-    ASM (CUDA, fp16): PTX on four bytes at once: shift/mask, then prmt puts each byte
-    under an fp16 exponent (0x64XX is 1024 + XX) and one packed subtraction removes the
-    1024 — two instructions per two codes instead of byte extraction, packing and
-    conversion one by one. Otherwise plain Triton (the interpreter cannot run PTX)."""
-    if ASM:
-        if BITS == 8:
-            asm: tl.constexpr = _ASM_U8[0]
-        elif BITS == 4:
-            asm: tl.constexpr = _ASM_U4[SHIFT // 4]
-        else:
-            asm: tl.constexpr = _ASM_U2[SHIFT // 2]
-        return tl.inline_asm_elementwise(asm, "=r,=r,r", [raw], dtype=tl.float16,
-                                         is_pure=True, pack=4)
-    else:
-        if BITS == 8:
-            c = raw
-        else:
-            c = (raw >> SHIFT) & ((1 << BITS) - 1)
-        return _codes_to(c, DT)
-
-
-_ASM_W8 = tl.constexpr(
-    "{ .reg .b32 t0, t1, m; mov.b32 m, 0x64646464; prmt.b32 t0, $4, m, 0x4140;"
-    " prmt.b32 t1, $4, m, 0x4342; mov.b32 m, 0x64006400; sub.f16x2 t0, t0, m;"
-    " sub.f16x2 t1, t1, m; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1; }")
-_ASM_W4 = tl.constexpr(
-    "{ .reg .b32 x, t0, t1, t2, t3, m, s; and.b32 x, $8, 0x0F0F0F0F; mov.b32 m, 0x64646464;"
-    " prmt.b32 t0, x, m, 0x4140; prmt.b32 t1, x, m, 0x4342; shr.b32 x, $8, 4;"
-    " and.b32 x, x, 0x0F0F0F0F; prmt.b32 t2, x, m, 0x4140; prmt.b32 t3, x, m, 0x4342;"
-    " mov.b32 s, 0x64006400; sub.f16x2 t0, t0, s; sub.f16x2 t1, t1, s; sub.f16x2 t2, t2, s;"
-    " sub.f16x2 t3, t3, s; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1;"
-    " mov.b32 {$4, $5}, t2; mov.b32 {$6, $7}, t3; }")
-
-
-@triton.jit
-def _word_codes(w, BITS: tl.constexpr, ASM: tl.constexpr):
-    """int32 words [..., W] of packed codes -> exact fp16 codes [..., W * 32 / BITS], in
-    memory order (BITS 8: byte k of word i is element 4 i + k; BITS 4: the low nibble of
-    byte k is element 8 i + 2 k, the high one 8 i + 2 k + 1). ASM: PTX per word (prmt
-    under an fp16 exponent, one sub.f16x2 per two codes); else plain Triton."""
-    # the order of the PTX outputs is checked by tests/kernels/test_ptx_strings.py
-    if BITS == 8:
-        if ASM:
-            e0, e1, e2, e3 = tl.inline_asm_elementwise(
-                _ASM_W8, "=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
-        else:
-            e0 = _codes_to(w & 255, tl.float16)
-            e1 = _codes_to((w >> 8) & 255, tl.float16)
-            e2 = _codes_to((w >> 16) & 255, tl.float16)
-            e3 = _codes_to((w >> 24) & 255, tl.float16)
-        # join(x, y) adds a minor axis: element 2 i + j of the pair axis is join level j
-        # (outer) of level i (inner), so the inner joins pair elements two apart
-        c = tl.join(tl.join(e0, e2), tl.join(e1, e3))
-        return tl.reshape(c, c.shape[:-3] + (c.shape[-3] * 4,))
-    else:
-        if ASM:
-            e0, e2, e4, e6, e1, e3, e5, e7 = tl.inline_asm_elementwise(
-                _ASM_W4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8,
-                is_pure=True, pack=1)
-        else:
-            e0 = _codes_to(w & 15, tl.float16)
-            e1 = _codes_to((w >> 4) & 15, tl.float16)
-            e2 = _codes_to((w >> 8) & 15, tl.float16)
-            e3 = _codes_to((w >> 12) & 15, tl.float16)
-            e4 = _codes_to((w >> 16) & 15, tl.float16)
-            e5 = _codes_to((w >> 20) & 15, tl.float16)
-            e6 = _codes_to((w >> 24) & 15, tl.float16)
-            e7 = _codes_to((w >> 28) & 15, tl.float16)
-        c = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)),
-                    tl.join(tl.join(e1, e5), tl.join(e3, e7)))
-        return tl.reshape(c, c.shape[:-4] + (c.shape[-4] * 8,))
-
-
-@triton.jit
-def _byte_codes(raw, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """uint8 tile [..., C] of packed codes -> exact DT codes [..., C, 8 // BITS] in memory
-    order (BITS 8: [..., C]); the caller reshapes the last two axes into one."""
-    if BITS == 8:
-        c = _u8_codes(raw, 0, 8, DT, ASM)
-    elif BITS == 4:
-        c = tl.join(_u8_codes(raw, 0, 4, DT, ASM), _u8_codes(raw, 4, 4, DT, ASM))
-    else:
-        c = tl.join(tl.join(_u8_codes(raw, 0, 2, DT, ASM), _u8_codes(raw, 4, 2, DT, ASM)),
-                    tl.join(_u8_codes(raw, 2, 2, DT, ASM), _u8_codes(raw, 6, 2, DT, ASM)))
-    return c
-
-
-@triton.jit
-def _split_codes(raw, BITS: tl.constexpr):
-    """raw [..., C] uint8 -> int32 [..., C, 8 // BITS] codes (low bits first); BITS 8: [..., C]."""
-    x = raw.to(tl.int32)
-    if BITS == 8:
-        out = x
-    elif BITS == 4:
-        out = tl.join(x & 15, x >> 4)
-    else:
-        out = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))
-    return out
-
-
-@triton.jit
-def _unpack(raw, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr):
-    """uint8 tile [..., C] of packed codes -> codes [..., C, 8 // BITS] in memory order
-    (BITS 8: [..., C]): exact DT when FAST (_byte_codes), else int32 (_split_codes)."""
-    if FAST:
-        c = _byte_codes(raw, BITS, DT, ASM)
-    else:
-        c = _split_codes(raw, BITS)
-    return c
-
-
-@triton.jit
 def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
-            BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
+            KB: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
             FAST: tl.constexpr = False, ASM: tl.constexpr = False, WORDS: tl.constexpr = 0):
     """q.k of NBI blocks' keys: [GP, NBI * T] fp32 (unscaled; invalid tokens unmasked).
 
-    FAST (fp16 dot operands): codes become exact fp16 (PTX when ASM) and are dequantized
-    with one packed fp16 fma per two elements, as the values are; else fp32 arithmetic."""
+    FAST (fp16 dot operands): integer codes become exact fp16 (PTX when ASM) and are
+    dequantized with one packed fp16 fma per two elements, as the values are; else fp32
+    arithmetic. fp8: codes into the dot as they are, the block's scale on the logits."""
     t3 = tl.arange(0, T)[None, :, None]                            # [1, T, 1]
     off3 = off[:, None, None]                                      # [NBI, 1, 1] slot bytes
     valid3 = t3 < ntok[:, None, None]                              # [NBI, T, 1]
-    if BITS == 0:
-        d3 = tl.arange(0, D)[None, None, :]
+    d3 = tl.arange(0, D)[None, None, :]
+    has = ntok[:, None, None] > 0
+    if KB == 0:
         e0 = tl.multiple_of(off // ESIZE, 16 // ESIZE)                   # [NBI] elements
         e = e0[:, None, None] + kvh * T * D + t3 * D + d3
         k = tl.load(arena_st + e, mask=valid3, other=0.0)            # [NBI, T, D]
         if UPCAST:
             k = k.to(tl.float32).to(DT)
+        s = _dot(qd, tl.trans(tl.reshape(k, (NBI * T, D))), IEEE)
+    elif KB == FP8:
+        FP8_CODE_BYTES: tl.constexpr = (H * T * D + 15) // 16 * 16
+        # masked per block only (holes), as the integer codes below
+        raw = tl.load(arena_u8 + off3 + kvh * T * D + t3 * D + d3, mask=has, other=0)
+        k = fp8_to(raw, DT)                                          # [NBI, T, D]
+        s = _dot(qd, tl.trans(tl.reshape(k, (NBI * T, D))), IEEE)   # [GP, NBI * T]
+        m0 = tl.multiple_of((off + FP8_CODE_BYTES) // MSIZE, 16 // MSIZE)  # [NBI] elements
+        sc = tl.load(arena_md + m0 + kvh, mask=ntok > 0, other=0.0).to(tl.float32)
+        GP: tl.constexpr = s.shape[0]
+        s = tl.reshape(tl.reshape(s, (GP, NBI, T)) * sc[None, :, None], (GP, NBI * T))
     else:
-        PER: tl.constexpr = 8 // BITS
+        PER: tl.constexpr = 8 // KB
         DB: tl.constexpr = D // PER                                  # code bytes per row
         CODE_BYTES: tl.constexpr = (H * T * DB + 15) // 16 * 16
         META_BYTES: tl.constexpr = (H * D * MSIZE + 15) // 16 * 16
         j3 = tl.arange(0, DB)[None, None, :]
-        d3 = tl.arange(0, D)[None, None, :]
-        has = ntok[:, None, None] > 0
         m0 = tl.multiple_of((off + CODE_BYTES) // MSIZE, 16 // MSIZE)    # [NBI] elements
         m_el = m0[:, None, None] + kvh * D + d3
         # masked per block only (holes), not per token: a mask constant over the tile keeps
@@ -230,70 +98,36 @@ def _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh,
         # logits are masked by the caller
         sc = tl.load(arena_md + m_el, mask=has, other=0.0)                         # [NBI,1,D]
         zr = tl.load(arena_md + m_el + META_BYTES // MSIZE, mask=has, other=0.0)
-        if WORDS % 2 == 1 and FAST and BITS >= 4:
+        if WORDS % 2 == 1 and FAST and KB >= 4:
             # codes read and converted as int32 words (no byte unpacking)
             w3 = tl.arange(0, DB // 4)[None, None, :]
             arena_w = arena_u8.to(tl.pointer_type(tl.int32), bitcast=True)
             wd = tl.load(arena_w + (off // 4)[:, None, None] + kvh * T * (DB // 4)
                          + t3 * (DB // 4) + w3, mask=has, other=0)
-            k = _word_codes(wd, BITS, ASM) * sc.to(DT) + zr.to(DT)
+            k = word_codes(wd, KB, ASM) * sc.to(DT) + zr.to(DT)
         else:
             raw = tl.load(arena_u8 + off3 + kvh * T * DB + t3 * DB + j3, mask=has, other=0)
-            c = tl.reshape(_unpack(raw, BITS, DT, ASM, FAST), (NBI, T, D))
+            c = tl.reshape(unpack(raw, KB, DT, ASM, FAST), (NBI, T, D))
             if FAST:
                 k = c * sc.to(DT) + zr.to(DT)
             else:
-                k = (_code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
-    k2 = tl.reshape(k, (NBI * T, D))
-    return _dot(qd, tl.trans(k2), IEEE)
-
-
-@triton.jit
-def _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
-                 BITS: tl.constexpr, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
-                 MSIZE: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
-                 ASM: tl.constexpr):
-    """q.k of one quantized block (off, ntok: [1]) with the dequantization folded out:
-    k[t, d] = c[t, d] * s[d] + z[d]  =>  q.k_t = sum_d (q_d s_d) c[t, d] + sum_d q_d z_d.
-    The codes go to tl.dot as they are (integers <= 255 are exact in fp16); per sub-channel
-    j of a byte (channels b * PER + j) one dot of q' [GP, D / PER] with those codes, so
-    packed codes need no interleave. Returns [GP, T] fp32 (unscaled; invalid tokens
-    unmasked)."""
-    PER: tl.constexpr = 8 // BITS
-    DB: tl.constexpr = D // PER
-    CODE_BYTES: tl.constexpr = (H * T * DB + 15) // 16 * 16
-    META_EL: tl.constexpr = (H * D * MSIZE + 15) // 16 * 16 // MSIZE
-    t2 = tl.arange(0, T)[:, None]
-    bcol = tl.arange(0, DB)
-    off2 = off[:, None]                                                  # [1, 1]
-    raw = tl.load(arena_u8 + off2 + kvh * T * DB + t2 * DB + bcol[None, :],
-                  mask=t2 < ntok[:, None], other=0)                      # [T, DB] uint8
-    has = ntok[:, None] > 0
-    m0 = tl.multiple_of((off + CODE_BYTES) // MSIZE, 16 // MSIZE)[:, None] + kvh * D
-    # sum_d q_d z_d on the tensor cores: q times z broadcast over the T columns
-    dcol = tl.arange(0, D)
-    zr = tl.load(arena_md + m0 + META_EL + dcol[:, None], mask=has, other=0.0)   # [D, 1]
-    s = _dot(qd, tl.broadcast_to(zr.to(DT), (D, T)), IEEE)
-    for j in tl.static_range(PER):
-        ch = bcol[None, :] * PER + j                                     # [1, DB]
-        sc = tl.load(arena_md + m0 + ch, mask=has, other=0.0).to(tl.float32)
-        qj = tl.load(q_ptr + qrow[:, None] + ch, mask=hmask[:, None], other=0.0).to(tl.float32)
-        cj = _u8_codes(raw, j * BITS, BITS, DT, ASM)
-        s = _dot((qj * sc).to(DT), tl.trans(cj), IEEE, s)
+                k = (code_f32(c) * sc.to(tl.float32) + zr.to(tl.float32)).to(DT)
+        s = _dot(qd, tl.trans(tl.reshape(k, (NBI * T, D))), IEEE)
     return s
 
 
 @triton.jit
 def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
-            BITS: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
+            VB: tl.constexpr, NBI: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
             G: tl.constexpr, H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
             DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
             ASM: tl.constexpr, WORDS: tl.constexpr = 0):
     """p [GP, NBI * T] fp32 times NBI blocks' values -> [GP, D] fp32. voff: V section bytes.
 
-    8-bit value codes are channel-major in the slot (``[H, D, T]``, engine/layout.py): the
-    PV operand is then read along its reduction axis (tokens), as the keys are."""
-    if BITS == 0:
+    8-bit value codes (int8 and fp8) are channel-major in the slot (``[H, D, T]``,
+    engine/layout.py): the PV operand is then read along its reduction axis (tokens), as
+    the keys are."""
+    if VB == 0:
         t3 = tl.arange(0, T)[None, :, None]
         d3 = tl.arange(0, D)[None, None, :]
         valid3 = t3 < ntok[:, None, None]
@@ -302,8 +136,22 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         v = tl.load(arena_st + e, mask=valid3, other=0.0)            # [NBI, T, D]
         if UPCAST:
             v = v.to(tl.float32).to(DT)
+    elif VB == FP8:
+        FP8_CODE_BYTES: tl.constexpr = (H * T * D + 15) // 16 * 16
+        d3v = tl.arange(0, D)[None, :, None]
+        t3v = tl.arange(0, T)[None, None, :]
+        # masked per block only; tokens past ntok have p == 0 and finite codes
+        raw = tl.load(arena_u8 + voff[:, None, None] + kvh * D * T + d3v * T + t3v,
+                      mask=ntok[:, None, None] > 0, other=0)         # [NBI, D, T]
+        m0 = tl.multiple_of((voff + FP8_CODE_BYTES) // MSIZE, 16 // MSIZE)  # [NBI] elements
+        sv = tl.load(arena_md + m0 + kvh, mask=ntok > 0, other=0.0)[:, None, None]
+        if DT == tl.float16:
+            vt = fp8_to(raw, DT) * sv.to(DT)                         # one packed fp16 mul
+        else:
+            vt = (fp8_to(raw, tl.float32) * sv.to(tl.float32)).to(DT)
+        v = tl.permute(vt, (0, 2, 1))                                # [NBI, T, D]
     else:
-        PER: tl.constexpr = 8 // BITS
+        PER: tl.constexpr = 8 // VB
         NG: tl.constexpr = D // G
         GB: tl.constexpr = G // PER                                  # code bytes per group
         CODE_BYTES: tl.constexpr = (H * T * (D // PER) + 15) // 16 * 16
@@ -314,15 +162,15 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
         j4 = tl.arange(0, GB)[None, None, None, :]
         # masked per block only (holes; keeps the loads wide); tokens past ntok read codes
         # inside the slot and get scale = zero = 0
-        if BITS == 8:
+        if VB == 8:
             # channel-major codes [D, T] (engine/layout.py values_channel_major)
             d3v = tl.arange(0, D)[None, :, None]
             t3v = tl.arange(0, T)[None, None, :]
             raw = tl.load(arena_u8 + voff[:, None, None] + kvh * D * T + d3v * T + t3v,
                           mask=ntok[:, None, None] > 0, other=0)     # [NBI, D, T]
-            ct = _unpack(raw, BITS, DT, ASM, FAST)
+            ct = unpack(raw, VB, DT, ASM, FAST)
             c = tl.reshape(tl.permute(ct, (0, 2, 1)), (NBI, T, NG, G))
-        elif WORDS // 2 == 1 and FAST and BITS >= 4:
+        elif WORDS // 2 == 1 and FAST and VB >= 4:
             # codes read and converted as int32 words (no byte unpacking)
             DW: tl.constexpr = D // PER // 4                         # words per row
             w3 = tl.arange(0, DW)[None, None, :]
@@ -330,11 +178,11 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             arena_w = arena_u8.to(tl.pointer_type(tl.int32), bitcast=True)
             wd = tl.load(arena_w + (voff // 4)[:, None, None] + kvh * T * DW + t3w * DW + w3,
                          mask=ntok[:, None, None] > 0, other=0)
-            c = tl.reshape(_word_codes(wd, BITS, ASM), (NBI, T, NG, G))
+            c = tl.reshape(word_codes(wd, VB, ASM), (NBI, T, NG, G))
         else:
             raw = tl.load(arena_u8 + off4 + kvh * T * (D // PER) + t4 * (D // PER)
                           + g4 * GB + j4, mask=ntok[:, None, None, None] > 0, other=0)
-            c = tl.reshape(_unpack(raw, BITS, DT, ASM, FAST), (NBI, T, NG, G))
+            c = tl.reshape(unpack(raw, VB, DT, ASM, FAST), (NBI, T, NG, G))
         m0 = tl.multiple_of((voff + CODE_BYTES) // MSIZE, 16 // MSIZE)   # [NBI] elements
         # scale / zero as [NBI, T, NG] tiles (contiguous along NG), then a size-1 axis
         t3 = tl.arange(0, T)[None, :, None]
@@ -348,21 +196,9 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
             # in the dot dtype: codes convert exactly, one fma per element
             v = c * sc.to(DT) + zr.to(DT)
         else:
-            v = (_code_f32(c) * sc + zr).to(DT)
+            v = (code_f32(c) * sc + zr).to(DT)
     v2 = tl.reshape(v, (NBI * T, D))
     return _dot(p.to(DT), v2, IEEE)
-
-
-@triton.jit
-def _k_section_end(kb, T: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
-                   ESIZE: tl.constexpr, MSIZE: tl.constexpr):
-    """Byte offset of the V section in a slot whose keys have kb bits (runtime kb)."""
-    META: tl.constexpr = 2 * ((H * D * MSIZE + 15) // 16 * 16)
-    E0: tl.constexpr = (H * T * D * ESIZE + 15) // 16 * 16
-    E8: tl.constexpr = (H * T * D + 15) // 16 * 16 + META
-    E4: tl.constexpr = (H * T * D // 2 + 15) // 16 * 16 + META
-    E2: tl.constexpr = (H * T * D // 4 + 15) // 16 * 16 + META
-    return tl.where(kb == 0, E0, tl.where(kb == 8, E8, tl.where(kb == 4, E4, E2)))
 
 
 @triton.jit
@@ -372,8 +208,6 @@ def _paged_decode_kernel(
     arena_st,      # [bytes / ESIZE] store dtype view of the same storage
     arena_md,      # [bytes / MSIZE] meta dtype view of the same storage
     off_ptr,       # [B, NB] int64 slot byte offsets
-    kbits_ptr,     # [B, NB] int32 key bits (read only when KB < 0)
-    vbits_ptr,     # [B, NB] int32 value bits (read only when VB < 0)
     ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
     perm_ptr,      # [B, NB] int64 original column of each entry (read only when ROWLEN)
     rstart_ptr,    # [B] int32 first entry of this launch's run in each row (ROWLEN)
@@ -386,9 +220,11 @@ def _paged_decode_kernel(
     NB, blocks_per_split, qk_scale, S0, STOT,
     HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    ESIZE: tl.constexpr, MSIZE: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    ESIZE: tl.constexpr, MSIZE: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr,     # key / value code of the format (KVFormat.k_code)
+    VOFF: tl.constexpr,                     # byte offset of the value section in a slot
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FOLD: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
+    ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
     WORDS: tl.constexpr = 0,      # code words (int32 loads): 1 keys, 2 values (4-bit), 3 both
 ):
     b = tl.program_id(0)
@@ -398,7 +234,6 @@ def _paged_decode_kernel(
     hmask = rows < GQ
     head = kvh * GQ + rows
     d = tl.arange(0, D)
-    qrow = (b * HQ + head) * D
     q = tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
                 other=0.0).to(tl.float32)
     qd = q.to(DT)
@@ -420,42 +255,9 @@ def _paged_decode_kernel(
         ntok = tl.load(ntok_ptr + b * NB + bi, mask=bmask, other=0)           # [NBI]
         off = tl.multiple_of(tl.load(off_ptr + b * NB + bi, mask=bmask, other=0), 16)
         # ---- logits [GP, NBI * T]
-        if KB > 0 and FOLD:
-            s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh, KB, T,
-                             D, H, MSIZE, DT, IEEE, ASM)
-            voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
-        elif KB >= 0:
-            s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
-                        ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
-            voff = off + _k_section_end(KB, T, D, H, ESIZE, MSIZE)
-        else:
-            kb = tl.load(kbits_ptr + b * NB + blk0)
-            if kb == 0:
-                s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 0, NBI, T, D,
-                            H, ESIZE, MSIZE, DT, UPCAST, IEEE)
-            elif kb == 8:
-                if FOLD:
-                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
-                                     8, T, D, H, MSIZE, DT, IEEE, ASM)
-                else:
-                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 8, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            elif kb == 4:
-                if FOLD:
-                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
-                                     4, T, D, H, MSIZE, DT, IEEE, ASM)
-                else:
-                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 4, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            else:
-                if FOLD:
-                    s = _scores_fold(qd, q_ptr, qrow, hmask, arena_u8, arena_md, off, ntok, kvh,
-                                     2, T, D, H, MSIZE, DT, IEEE, ASM)
-                else:
-                    s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, 2, NBI,
-                                T, D, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            voff = off + _k_section_end(kb, T, D, H, ESIZE, MSIZE)
-        voff = tl.multiple_of(voff, 16)
+        s = _scores(qd, arena_u8, arena_st, arena_md, off, ntok, kvh, KB, NBI, T, D, H,
+                    ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
+        voff = tl.multiple_of(off + VOFF, 16)
         # ---- per-block softmax partials (log2 units)
         s3 = tl.reshape(s * qk_scale, (GP, NBI, T))
         tok_ok = tcol[None, None, :] < tl.reshape(ntok, (1, NBI, 1))
@@ -479,23 +281,8 @@ def _paged_decode_kernel(
         w = tl.exp2(mb - m_new_safe[:, None])                                # [GP, NBI]
         p = tl.reshape(p3 * w[:, :, None], (GP, NBI * T))
         l_i = l_i * alpha + tl.sum(lb * w, axis=1)
-        if VB >= 0:
-            pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
-                         ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
-        else:
-            vb = tl.load(vbits_ptr + b * NB + blk0)
-            if vb == 0:
-                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 0, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            elif vb == 8:
-                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 8, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            elif vb == 4:
-                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 4, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
-            else:
-                pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, 2, NBI, T, D,
-                             G, H, ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM)
+        pv = _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh, VB, NBI, T, D, G, H,
+                     ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     part = (b * HQ + head) * STOT + S0 + sp
@@ -504,169 +291,49 @@ def _paged_decode_kernel(
     tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
 
 
-@triton.jit
-def _reduce_kernel(
-    pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
-    pl_ptr,        # [B * Hq, S] fp32 split sumexp
-    pacc_ptr,      # [B * Hq, S, D] fp32 split unnormalized output
-    out_ptr,       # [B * Hq, D] output dtype
-    S, SP: tl.constexpr, D: tl.constexpr,
-):
-    r = tl.program_id(0)
-    s = tl.arange(0, SP)
-    d = tl.arange(0, D)
-    smask = s < S
-    m = tl.load(pm_ptr + r * S + s, mask=smask, other=float("-inf"))
-    l = tl.load(pl_ptr + r * S + s, mask=smask, other=0.0)
-    acc = tl.load(pacc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-    gm = tl.max(m, axis=0)
-    gm = tl.where(gm == float("-inf"), 0.0, gm)
-    w = tl.where(l > 0, tl.exp2(m - gm), 0.0)
-    den = tl.maximum(tl.sum(w * l, axis=0), 1e-30)
-    out = tl.sum(acc * w[:, None], axis=0) / den
-    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-# KVCTL_TRITON_PTX=0 turns the PTX code conversion off (plain Triton conversion instead)
-_PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
-
-
-MAX_FORMAT_LAUNCHES = 8
-
-
-def _launch(fn, grid, args: tuple, consts: dict, options: dict, cache: dict | None):
-    """``fn[grid](*args, **consts, **options)``; returns the compiled kernel.
-
-    With ``cache`` (a dict that lives for one engine step, CUDA): the compiled kernel of an
-    earlier launch whose arguments specialize the same way (same scalars, constexprs and
-    options; tensors of the same dtype, device and 16-byte alignment) is launched
-    directly, without Triton's per-call argument binding and cache lookup. The layers of a
-    step launch with the same table and scalars, so only the first layer pays for that."""
-    if cache is None:
-        return fn[grid](*args, **consts, **options)
-    spec = ("triton-launch", fn, grid) + tuple(
-        (a.dtype, a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-        for a in args) + tuple(consts.items()) + tuple(options.items())
-    hit = cache.get(spec)
-    if hit is None:
-        ck = fn[grid](*args, **consts, **options)
-        tail = tuple(consts[p.name] if p.name in consts else p.default
-                     for p in fn.params[len(args):])
-        cache[spec] = (ck, tail)
-        return ck
-    ck, tail = hit
-    ck[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)   # the runner takes 3 dims
-    return ck
-
-
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs, each is ~1 ms of Python
-
-
-# programs of one compiled decode kernel that fit on an SM at once, from its registers and
-# shared memory (found after its first launch; keyed by its compile-time configuration)
-_RESIDENT: dict[tuple, int] = {}
-MIN_ITERS = 8
-
-
-def _resident_programs(ck, device: torch.device) -> int | None:
-    """How many programs of compiled kernel ``ck`` an SM holds at once (None: unknown)."""
-    try:
-        props = torch.cuda.get_device_properties(device)
-        warps = ck.metadata.num_warps
-        regs = max(1, ck.n_regs) * 32 * warps
-        by_regs = props.regs_per_multiprocessor // regs
-        smem = ck.metadata.shared + 1024          # the driver reserves 1 KB a block
-        by_smem = props.shared_memory_per_multiprocessor // max(1, smem)
-        by_warps = props.max_threads_per_multi_processor // (32 * warps)
-        return max(1, min(by_regs, by_smem, by_warps))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-
-
-def _launch_config(B: int, H: int, NB: int, device: torch.device, uniform: bool,
-                   num_splits: int | None, blocks_per_iter: int | None,
-                   num_warps: int | None, num_stages: int | None,
-                   resident: int | None = None) -> tuple[int, int, int, int, int]:
-    """(num_splits, blocks_per_split, blocks_per_iter, num_warps, num_stages).
-
-    Heuristics instead of autotuning (decode shapes change every step): enough programs
-    for a few waves over the SMs, each with a run of blocks long enough to hide the
-    per-program setup and the split reduction; several blocks per loop iteration when
-    the format is fixed, so more bytes are in flight per program.
-    """
-    nbi = blocks_per_iter or (2 if uniform else 1)
-    if not uniform:
-        nbi = 1  # runtime format dispatch is per block
-    if num_splits is None:
-        sms = _num_sms(device)
-        target = 8 * sms                # 8 x SMs was best of 2/4/8 x in the H200 sweep
-        # at least MIN_ITERS loop iterations a program: shorter runs are mostly prologue
-        # (b1/32K on the H200: 4 iterations a program 45.9 us, 11 iterations 42.1)
-        most = max(1, -(-NB // (MIN_ITERS * nbi)))
-        if resident:
-            # whole waves: a last, partial wave of programs leaves SMs idle at the end
-            # (ncu on the H200: 2.75 waves at b8/128K); the whole number of waves nearest
-            # the target, no more than the runs allow, as many programs as fit in them
-            wave = resident * sms
-            waves = max(1, min(round(target / wave), most * B * H // wave))
-            num_splits = max(1, min(waves * wave // (B * H), most))
-        else:
-            num_splits = max(1, min(-(-target // (B * H)), most))
-    num_splits = max(1, min(num_splits, NB))
-    bps = -(-NB // num_splits)
-    bps = -(-bps // nbi) * nbi          # whole iterations per split
-    num_splits = -(-NB // bps)
-    # 2 stages lets Triton prefetch the next iteration's tiles (cp.async); the format
-    # defaults in _Launch pick 3 where the H200 sweeps found it faster
-    stages = num_stages or (2 if uniform else 1)
-    return num_splits, bps, nbi, num_warps or 4, stages
+def table_formats(block_kbits: torch.Tensor, block_vbits: torch.Tensor,
+                  block_ntok: torch.Tensor) -> tuple[KVFormat, ...]:
+    """The formats of a table's attended entries (one device sync)."""
+    codes = torch.unique(table_codes(block_kbits, block_vbits)[block_ntok > 0]).tolist()
+    return tuple(KVFormat.from_code(c) for c in codes)
 
 
 def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                         block_kbits: torch.Tensor, block_vbits: torch.Tensor,
                         block_ntok: torch.Tensor, geom: BlockGeometry, sm_scale: float, *,
-                        fmt: KVFormat | None = None, num_splits: int | None = None,
-                        blocks_per_iter: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, fold: bool = False,
-                        fast: bool | None = None, maxnreg: int | None = None,
+                        fmt: KVFormat | None = None,
                         formats: list[KVFormat] | tuple[KVFormat, ...] | None = None,
                         groups: "FormatGroups | None" = None,
+                        num_splits: int | None = None, blocks_per_iter: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        fast: bool | None = None, maxnreg: int | None = None,
                         word_codes: bool | str | None = None, launch_cache: dict | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
     q [B, Hq, D]; arena_row [bytes] uint8; block_offsets [B, NB] int64;
-    block_kbits / block_vbits / block_ntok [B, NB] int32.
+    block_kbits / block_vbits (format codes, ``KVFormat.k_code``) / block_ntok [B, NB] int32.
     returns out [B, Hq, D] (q.dtype), block_max / block_sumexp [B, Hq, NB] fp32.
 
-    ``fmt``: promise that every non-hole block has this format (compiles it in, reads no
-    bits tensors, several blocks per iteration); None reads each block's format.
-    ``formats``: without ``fmt``, the formats the table may hold (the caller knows them
-    from its block list). Then each format gets its own compiled-in launch over its blocks
-    (at most MAX_FORMAT_LAUNCHES formats) instead of the runtime-dispatch
-    kernel, which is 5-15x slower (docs/BENCHMARKS.md).
-    ``groups``: the same from the caller's host-side grouping (FormatGroups.from_rows;
-    sizes each launch by its longest run, no sort on the device).
+    Each launch has its format compiled in. Which formats the table holds comes from:
+    ``fmt``: a promise that every non-hole block has this format (one launch);
+    ``groups``: the caller's host-side grouping of a mixed table (FormatGroups.from_rows;
+    one launch per format, each sized by its longest run, no sort on the device);
+    ``formats``: the formats the table may hold (grouped on the device, no sync);
+    none of these: the formats are found here, at the cost of one device sync (the engine
+    always passes ``fmt`` or ``groups``: engine/plan.py).
     ``word_codes``: int8/int4 codes read as int32 words and converted per word (fp16
     operands only): True (keys and 4-bit values), "k", "v", False; None (default): keys
-    of int8 tables on CUDA, where the H200 measured it faster (docs/BENCHMARKS.md).
-    ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` override the
-    launch heuristics.
+    of int8 tables on CUDA (decode_launch.default_word_codes).
+    ``fast``: integer codes converted and dequantized in fp16 (default: with fp16 operands).
+    ``num_splits`` / ``blocks_per_iter`` / ``num_warps`` / ``num_stages`` / ``maxnreg``
+    override the launch heuristics (engine/kernels/decode_launch.py).
     ``launch_cache``: a dict that lives for one engine step (CUDA): launch plans and
-    compiled kernels are reused across the step's layers (``_launch``).
-    ``fold``: experimental, off by default because it measured slower on the H200
-    (docs/BENCHMARKS.md): key scales folded into q, codes straight into tl.dot, one block
-    an iteration, fp16 dequantization of values; PTX code conversion on CUDA with fp16.
-    Only for head_dim >= 64 (its per-sub-channel dots need D / 4 >= 16) and with a
-    ``fmt`` hint (mixed-format tables gave wrong results on the H200 with triton 3.6,
-    2026-11-28, though right in the interpreter); ignored otherwise.
+    compiled kernels are reused across the step's layers (``decode_launch.launch``).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -715,12 +382,14 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     offs, kbits = block_offsets.contiguous(), block_kbits.contiguous()
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
     kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
-              num_stages=num_stages, fold=fold, fast=fast, maxnreg=maxnreg,
-              word_codes=word_codes)
-    if fmt is None and groups is None and formats is not None \
-            and 0 < len(formats) <= MAX_FORMAT_LAUNCHES:
-        groups = FormatGroups.from_table(kbits, vbits, formats)
-    if fmt is None and groups is not None:
+              num_stages=num_stages, fast=fast, maxnreg=maxnreg, word_codes=word_codes)
+    if fmt is None and groups is None:
+        formats = tuple(formats) if formats is not None else table_formats(kbits, vbits, ntok)
+        if len(formats) <= 1:
+            fmt = formats[0] if formats else FULL     # no formats: every entry is a hole
+        else:
+            groups = FormatGroups.from_table(kbits, vbits, formats)
+    if fmt is None:
         # one compiled-in launch per format over that format's run of each (grouped) row;
         # per-block partials go to the blocks' own columns, split partials to one buffer
         offs_g = offs.gather(1, groups.perm)
@@ -731,33 +400,29 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         for i, f in enumerate(groups.formats):
             n = groups.max_length[i] if groups.max_length else NB
             if n > 0:
-                launches.append(_plan_launch(q, geom, f, B, n, kw, launch_cache))
-        stot = sum(x.S for x in launches) or 1
-        pm = torch.empty(B, Hq, stot, dtype=torch.float32, device=q.device)
+                launches.append((i, _plan_launch(q, geom, f, B, n, kw, launch_cache)))
+        stot = sum(x.S for _, x in launches) or 1
+        pm = torch.empty(B, Hq, stot, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
-        pacc = torch.empty(B, Hq, stot, D, dtype=torch.float32, device=q.device)
+        pacc = torch.empty(B, Hq, stot, D, dtype=torch.float32, device=dev)
         if not launches:
             pm.fill_(float("-inf"))
             pl.zero_()
             pacc.zero_()
         s0 = 0
-        for x in launches:
-            i = groups.formats.index(x.fmt)
-            x.run(q, arena_row, offs_g, kbits, vbits, ntok_g, bmax, bsum, pm, pl, pacc, s0,
-                  stot, run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale,
+        for i, x in launches:
+            x.run(q, arena_row, offs_g, ntok_g, bmax, bsum, pm, pl, pacc, s0, stot,
+                  run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale,
                   cache=launch_cache)
             s0 += x.S
     else:
         x = _plan_launch(q, geom, fmt, B, NB, kw, launch_cache)
-        pm = torch.empty(B, Hq, x.S, dtype=torch.float32, device=q.device)
+        pm = torch.empty(B, Hq, x.S, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
-        pacc = torch.empty(B, Hq, x.S, D, dtype=torch.float32, device=q.device)
-        x.run(q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, 0, x.S,
+        pacc = torch.empty(B, Hq, x.S, D, dtype=torch.float32, device=dev)
+        x.run(q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, 0, x.S,
               run=None, sm_scale=sm_scale, cache=launch_cache)
-    # one program per (sequence, query head); the split axis fits in registers
-    S = pm.shape[2]
-    _launch(_reduce_kernel, (B * Hq,), (pm, pl, pacc, out, S),
-            dict(SP=triton.next_power_of_2(S), D=D), dict(num_warps=4), launch_cache)
+    reduce_splits(pm, pl, pacc, out, launch_cache)
     return out, bmax, bsum
 
 
@@ -782,10 +447,10 @@ class FormatGroups:
                    formats) -> "FormatGroups":
         """On the device (no sync): a stable sort of the columns by format."""
         formats = tuple(formats)
-        code = kbits * 16 + vbits
+        code = table_codes(kbits, vbits)
         order = torch.full_like(code, len(formats))
         for i, f in enumerate(formats):
-            order = torch.where(code == f.k_bits * 16 + f.v_bits, i, order)
+            order = torch.where(code == f.code, i, order)
         perm = torch.sort(order, dim=1, stable=True)[1]
         counts = torch.stack([(order == i).sum(1, dtype=torch.int32)
                               for i in range(len(formats))])
@@ -797,7 +462,7 @@ class FormatGroups:
                   device: torch.device) -> "FormatGroups":
         """On the host: ``rows[b]`` lists (column, format) of row b's attended entries."""
         formats = tuple(sorted({f for r in rows for _, f in r},
-                               key=lambda f: (f.k_bits, f.v_bits)))
+                               key=lambda f: f.code))
         index = {f: i for i, f in enumerate(formats)}
         F, B = len(formats), len(rows)
         perm, start, length = [], [[0] * B for _ in range(F)], [[0] * B for _ in range(F)]
@@ -818,6 +483,8 @@ class FormatGroups:
                    tuple(max(x) if x else 0 for x in length))
 
 
+
+
 def _plan_launch(q, geom, fmt, B, NB, kw: dict, cache: dict | None) -> "_Launch":
     """_Launch(q, geom, fmt, B, NB, **kw), shared by the layers of a step via ``cache``."""
     if cache is None:
@@ -835,65 +502,40 @@ class _Launch:
     wide."""
 
     def __init__(self, q, geom, fmt, B, NB, *, num_splits, blocks_per_iter, num_warps,
-                 num_stages, fold, fast, maxnreg, word_codes):
+                 num_stages, fast, maxnreg, word_codes):
         Hq, D = q.shape[1], q.shape[2]
         H, T = geom.num_kv_heads, geom.block_size
-        dev = q.device
+        cuda = q.is_cuda
         self.fmt = fmt
-        fold = fold and D >= 64 and fmt is not None
-        if fold and fmt is not None and fmt.k_bits > 0:
-            blocks_per_iter = 1  # folded key scales are per block: one block an iteration
         # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim
         # < 64, where fp16 operands from unpacked 4/2-bit codes gave wrong results on the
-        # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated). The
-        # runtime-dispatch kernel (no fmt) takes fp32 operands too: a K2V8/K8V4/full mix at
-        # head_dim 64 in fp16 failed on the H200 for some random inputs (2026-11-28).
-        small = D < 64 or fmt is None
-        self.dot_dtype = torch.float32 if small else geom.store_dtype
-        # fp16 operands: codes -> exact fp16 and one packed fma per two elements (PTX code
-        # conversion on CUDA); otherwise dequantization in fp32
+        # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated)
+        self.dot_dtype = torch.float32 if D < 64 else geom.store_dtype
+        # fp16 operands: integer codes -> exact fp16 and one packed fma per two elements
+        # (PTX code conversion on CUDA); otherwise dequantization in fp32
         f16 = self.dot_dtype == torch.float16
-        fast = f16 if fast is None else fast and f16
-        same = fmt is not None and fmt.k_bits == fmt.v_bits
-        if fmt is not None and (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
-            # launch sweeps on the H200 (docs/BENCHMARKS.md): int8 and int4 tiles 2 blocks
-            # an iteration, 2 stages, 128 registers (4 programs an SM); fp16 and int2 2
-            # blocks, 2 stages; other mixes 4 blocks, 3 stages (2 with 8-bit codes), 168
-            # registers
-            wide = max(fmt.k_bits, fmt.v_bits) >= 4
-            if same and fmt.k_bits in (8, 4):
-                blocks_per_iter, num_stages = 2, 2
-                maxnreg = 128 if q.is_cuda else None
-            else:
-                blocks_per_iter = 4 if wide else 2
-                num_stages = 3 if wide and fmt.k_bits != 8 and fmt.v_bits != 8 else 2
-                maxnreg = 168 if q.is_cuda and (wide or fmt.is_full) else None
+        self.fast = f16 if fast is None else fast and f16
+        if (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
+            blocks_per_iter, num_stages, maxnreg = decode_launch.format_defaults(fmt, cuda)
+        self.nbi = max(blocks_per_iter or 2, decode_launch.min_blocks_per_iter(fmt, T, f16))
         if word_codes is None:
-            # int8 keys as int32 words: measured faster on the H200 (0.94x -> 0.96x of SDPA
-            # at batch 8 / 128K); int4 words were slower (more shared-memory traffic)
-            word_codes = "k" if same and fmt.k_bits == 8 and q.is_cuda else False
-        if (fast and not fold and fmt is not None and not fmt.is_full
-                and (blocks_per_iter or 2) * T < 32):
-            # tiles of fewer than 32 tokens (16-token blocks one at a time) gave wrong int4
-            # results on the H200 (triton 3.6, 2026-11-28; right in the interpreter, with
-            # and without the PTX conversion): at least 32 tokens an iteration
-            blocks_per_iter = 32 // T
+            word_codes = decode_launch.default_word_codes(fmt, cuda)
         if isinstance(word_codes, str):
             if word_codes not in ("k", "v", "kv"):
                 raise ValueError(f"word_codes must be a bool, 'k', 'v' or 'kv', not {word_codes!r}")
             words = ("k" in word_codes) + 2 * ("v" in word_codes)
         else:
             words = 3 if word_codes else 0
-        self.words = words if fast and not fold else 0
-        self.key = (dev, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype,
-                    blocks_per_iter, num_warps, num_stages, maxnreg, fold, fast, self.words)
-        self.S, self.bps, self.nbi, self.warps, self.stages = _launch_config(
-            B, H, NB, dev, fmt is not None, num_splits, blocks_per_iter, num_warps,
-            num_stages, _RESIDENT.get(self.key))
-        self.fold, self.fast, self.maxnreg, self.geom = fold, fast, maxnreg, geom
+        self.words = words if self.fast else 0
+        self.warps, self.stages, self.maxnreg, self.geom = num_warps or 4, num_stages or 2, \
+            maxnreg, geom
+        self.key = (q.device, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype, self.nbi,
+                    self.warps, self.stages, maxnreg, self.fast, self.words)
+        self.S, self.bps = decode_launch.launch_config(
+            B, H, NB, q.device, num_splits, self.nbi, decode_launch.RESIDENT.get(self.key))
 
-    def run(self, q, arena_row, offs, kbits, vbits, ntok, bmax, bsum, pm, pl, pacc, s0, stot,
-            *, run, sm_scale, cache=None):
+    def run(self, q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, s0, stot, *, run,
+            sm_scale, cache=None):
         geom, fmt = self.geom, self.fmt
         B, Hq, D = q.shape
         H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
@@ -901,34 +543,48 @@ class _Launch:
         arena_st = arena_row[:n].view(geom.store_dtype)
         arena_md = arena_row[:n].view(geom.meta_dtype)
         perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
+        sec = geom.sections(fmt)
         f16 = self.dot_dtype == torch.float16
         ck = _launch(_paged_decode_kernel, (B, H, self.S), (
-            q, arena_row, arena_st, arena_md, offs, kbits, vbits, ntok, perm, rstart, rlen,
+            q, arena_row, arena_st, arena_md, offs, ntok, perm, rstart, rlen,
             bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot
         ), dict(
             HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
-            G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
-            KB=-1 if fmt is None else fmt.k_bits, VB=-1 if fmt is None else fmt.v_bits,
+            G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem, KB=fmt.k_code, VB=fmt.v_code,
+            VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0],
             NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
             UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
-            IEEE=self.dot_dtype == torch.float32, FOLD=self.fold,
-            ASM=_PTX and q.is_cuda and f16 and (self.fast or self.fold),
-            FAST=self.fast or self.fold, ROWLEN=run is not None, WORDS=self.words,
+            IEEE=self.dot_dtype == torch.float32,
+            ASM=_PTX and q.is_cuda and f16 and self.fast,
+            FAST=self.fast, ROWLEN=run is not None, WORDS=self.words,
         ), dict(num_warps=self.warps, num_stages=self.stages,
                 **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
-        if q.is_cuda and self.key not in _RESIDENT:
-            res = _resident_programs(ck, q.device)
+        if q.is_cuda and self.key not in decode_launch.RESIDENT:
+            res = decode_launch.resident_programs(ck, q.device)
             if res:
-                _RESIDENT[self.key] = res
+                decode_launch.RESIDENT[self.key] = res
+
+
+def _launch(fn, grid, args, consts, options, cache):
+    """decode_launch.launch, looked up per call (tests and benchmarks/profile_step.py
+    replace either)."""
+    return decode_launch.launch(fn, grid, args, consts, options, cache)
 
 
 def slot_bytes_read(geom: BlockGeometry, fmt: KVFormat) -> int:
     """Bytes the kernel reads for one full block (all kv heads), alignment padding excluded."""
     H, T, D, G = geom.num_kv_heads, geom.block_size, geom.head_dim, geom.value_group
-    k = H * T * D * geom.store_elem if fmt.k_bits == 0 else \
-        H * T * D * fmt.k_bits // 8 + 2 * H * D * geom.meta_elem
-    v = H * T * D * geom.store_elem if fmt.v_bits == 0 else \
-        H * T * D * fmt.v_bits // 8 + 2 * H * T * (D // G) * geom.meta_elem
+    me = geom.meta_elem
+    if fmt.k_bits == 0:
+        k = H * T * D * geom.store_elem
+    elif fmt.k_fp8:
+        k = H * T * D + H * me
+    else:
+        k = H * T * D * fmt.k_bits // 8 + 2 * H * D * me
+    if fmt.v_bits == 0:
+        v = H * T * D * geom.store_elem
+    elif fmt.v_fp8:
+        v = H * T * D + H * me
+    else:
+        v = H * T * D * fmt.v_bits // 8 + 2 * H * T * (D // G) * me
     return k + v
-
-

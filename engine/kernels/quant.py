@@ -25,6 +25,12 @@ How scale and zero are chosen (the layout is the same either way):
   In every case the result's (weighted) squared error per group is never above
   min/max's, except in anchor blocks (token 0 exact, the rest a slightly wider grid).
 
+fp8 (float8 e4m3, the format vLLM, SGLang and TensorRT-LLM ship): ``x ~ float(code) *
+scale`` with one scale per (block, kv head) over its T x D elements, keys and values
+alike: ``scale = amax |x| / 448`` (e4m3's largest finite value), rounded to the meta dtype
+first; codes are ``x / scale`` saturated to +-448 and rounded to nearest even by the cast,
+so a code is never NaN (the decode kernel relies on it).
+
 Shapes: blocks come batched as ``[N, H, T, D]`` (N blocks, H kv heads, T tokens, D dims).
 """
 from __future__ import annotations
@@ -202,3 +208,25 @@ def dequantize_values_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
     c = c.reshape(N, H, T, D // group, group)
     x = c * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
     return x.reshape(N, H, T, D).to(out_dtype)
+
+
+FP8_MAX = 448.0   # largest finite float8 e4m3 (fn) value
+
+
+def quantize_fp8_ref(x: torch.Tensor, meta_dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H, T, D] -> codes [N, H, T, D] uint8 (e4m3 bits), scale [N, H] meta."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=(2, 3))                                       # [N, H]
+    scale = (amax / FP8_MAX).to(meta_dtype)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero (or underflowed) tile: codes 0
+    c = (xf / s[:, :, None, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return c.to(torch.float8_e4m3fn).view(torch.uint8), scale
+
+
+def dequantize_fp8_ref(codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """codes [N, H, T, D] uint8 (e4m3 bits), scale [N, H] -> [N, H, T, D]."""
+    x = codes.view(torch.float8_e4m3fn).float() * scale.float()[:, :, None, None]
+    return x.to(out_dtype)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from engine.layout import BlockGeometry, KVFormat, values_channel_major
-from engine.kernels.quant import (dequantize_keys_ref, dequantize_values_ref,
-                                  quantize_keys_ref, quantize_values_ref)
+from engine.kernels.quant import (dequantize_fp8_ref, dequantize_keys_ref,
+                                  dequantize_values_ref, quantize_fp8_ref, quantize_keys_ref,
+                                  quantize_values_ref)
 
 
 def _elems(arena: torch.Tensor, dtype: torch.dtype, offsets: torch.Tensor, sec_off: int,
@@ -67,6 +68,10 @@ def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
 
     if fmt.k_bits == 0:
         k = sec("k", geom.store_dtype).reshape(*lead, N, H, T, D).to(out_dtype)
+    elif fmt.k_fp8:
+        k = dequantize_fp8_ref(sec("k_codes", torch.uint8).reshape(-1, H, T, D),
+                               sec("k_scale", md).reshape(-1, H), out_dtype)
+        k = k.reshape(*lead, N, H, T, D)
     else:
         codes = sec("k_codes", torch.uint8).reshape(-1, H, T, D * fmt.k_bits // 8)
         k = dequantize_keys_ref(codes, sec("k_scale", md).reshape(-1, H, D),
@@ -74,6 +79,11 @@ def read_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry,
         k = k.reshape(*lead, N, H, T, D)
     if fmt.v_bits == 0:
         v = sec("v", geom.store_dtype).reshape(*lead, N, H, T, D).to(out_dtype)
+    elif fmt.v_fp8:
+        raw = sec("v_codes", torch.uint8).reshape(-1, H, T * D)
+        v = dequantize_fp8_ref(value_codes_from_slot(raw, T, 8),
+                               sec("v_scale", md).reshape(-1, H), out_dtype)
+        v = v.reshape(*lead, N, H, T, D)
     else:
         raw = sec("v_codes", torch.uint8).reshape(-1, H, T * D * fmt.v_bits // 8)
         codes = value_codes_from_slot(raw, T, fmt.v_bits)
@@ -99,6 +109,10 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
     flat = lambda x: x.reshape(*lead, N, -1)  # noqa: E731
     if fmt.k_bits == 0:
         _put(arena, geom.store_dtype, offsets, s["k"][0], flat(k))
+    elif fmt.k_fp8:
+        c, sc = quantize_fp8_ref(k.reshape(-1, H, T, D), md)
+        _put(arena, torch.uint8, offsets, s["k_codes"][0], flat(c))
+        _put(arena, md, offsets, s["k_scale"][0], flat(sc))
     else:
         if anchor is not None:   # one flag per block, repeated over the leading dims
             anchor = anchor.to(device=k.device, dtype=torch.bool).reshape(1, N)
@@ -109,6 +123,10 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
         _put(arena, md, offsets, s["k_zero"][0], flat(z))
     if fmt.v_bits == 0:
         _put(arena, geom.store_dtype, offsets, s["v"][0], flat(v))
+    elif fmt.v_fp8:
+        c, sc = quantize_fp8_ref(v.reshape(-1, H, T, D), md)
+        _put(arena, torch.uint8, offsets, s["v_codes"][0], flat(value_codes_to_slot(c, 8)))
+        _put(arena, md, offsets, s["v_scale"][0], flat(sc))
     else:
         c, sc, z = quantize_values_ref(v.reshape(-1, H, T, D), fmt.v_bits, G, md)
         _put(arena, torch.uint8, offsets, s["v_codes"][0],

@@ -56,7 +56,7 @@ def test_full_nll_equals_plain_transformers_forward(eng, ids, full):
     assert _empty(eng)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "k4v2"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "k4v2", "fp8", "kfp8v4"])
 def test_quantized_nll_is_really_quantized_and_freed(eng, ids, full, fmt):
     r = ev.teacher_forced_nll(eng, ids, fmt, CHUNK)
     f = KVFormat.parse(fmt)

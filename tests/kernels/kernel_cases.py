@@ -7,11 +7,9 @@ from types import ModuleType
 import pytest
 import torch
 
-_KERNELS = ("paged_decode_triton", "quant_triton")
 
-
-def kernel_modules(device: str) -> tuple[ModuleType, ModuleType]:
-    """(paged_decode_triton, quant_triton) running on ``device``.
+def kernel_module(device: str) -> ModuleType:
+    """engine.kernels.paged_decode_triton running on ``device``.
 
     'cuda': the compiled kernels (skipped without a GPU); 'cpu': the interpreter, which
     conftest.py set up (skipped on a CUDA machine, where the 'cuda' variant runs).
@@ -21,13 +19,16 @@ def kernel_modules(device: str) -> tuple[ModuleType, ModuleType]:
             pytest.skip("CUDA not available")
     elif torch.cuda.is_available():
         pytest.skip("interpreter variant: runs on machines without CUDA")
-    mods = tuple(importlib.import_module(f"engine.kernels.{n}") for n in _KERNELS)
+    pdt = importlib.import_module("engine.kernels.paged_decode_triton")
     if device == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
-        kern = mods[0]._paged_decode_kernel
-        assert isinstance(kern, InterpretedFunction), \
-            "triton was imported before tests/kernels/conftest.py could enable the interpreter"
-    return mods
+
+        from engine.kernels import codes_triton, split_reduce_triton
+        for kern in (pdt._paged_decode_kernel, codes_triton.fp8_to,
+                     split_reduce_triton._reduce_splits_kernel):
+            assert isinstance(kern, InterpretedFunction), \
+                "triton was imported before tests/conftest.py could enable the interpreter"
+    return pdt
 
 
 # "cpu" runs the Triton interpreter; "cuda" the compiled kernels
@@ -76,7 +77,7 @@ def make_table(geom, ctx_lens: list[int], fmts, gen: torch.Generator, holes: flo
     vbits = torch.zeros_like(kbits)
     ntoks = torch.zeros_like(kbits)
     for b, j, fmt, ntok in entries:
-        kbits[b, j], vbits[b, j], ntoks[b, j] = fmt.k_bits, fmt.v_bits, ntok
+        kbits[b, j], vbits[b, j], ntoks[b, j] = fmt.k_code, fmt.v_code, ntok
         if ntok == 0:
             offsets[b, j] = 1 << 40
             kbits[b, j], vbits[b, j] = 3, 5          # junk: must not be read
@@ -98,6 +99,7 @@ def make_table(geom, ctx_lens: list[int], fmts, gen: torch.Generator, holes: flo
     return (arena.to(dev), offsets.to(dev), kbits.to(dev), vbits.to(dev), ntoks.to(dev))
 
 
-def all_formats():
+def all_formats(fp8: bool = False):
+    """Every format with int sides (16), or with fp8 in place of int8 (fp8=True: 16)."""
     from engine.layout import KVFormat
-    return [KVFormat(k, v) for k in (0, 8, 4, 2) for v in (0, 8, 4, 2)]
+    return [KVFormat(k, v, fp8=fp8 and 8 in (k, v)) for k in (0, 8, 4, 2) for v in (0, 8, 4, 2)]

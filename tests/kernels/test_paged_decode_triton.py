@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 from engine.kernels.paged_decode import gather_dense, paged_decode_ref
 from engine.layout import BlockGeometry, KVFormat
-from kernel_cases import DEVICES, all_formats, kernel_modules, make_table, seed_of
+from kernel_cases import DEVICES, all_formats, kernel_module, make_table, seed_of
 
 FULL, INT8, INT4, INT2 = (KVFormat(b, b) for b in (0, 8, 4, 2))
 K4V2, K8V4, K2V8 = KVFormat(4, 2), KVFormat(8, 4), KVFormat(2, 8)
+FP8, KFP8V4, K4VFP8 = KVFormat(8, 8, fp8=True), KVFormat(8, 4, fp8=True), KVFormat(4, 8, fp8=True)
 MIXED = all_formats()
+MIXED_FP8 = all_formats(fp8=True) + [INT8, K8V4]    # fp8 beside int8 in one table
 
 # (B, Hq, H, D, T, G, context lengths, formats, hole fraction)
 CASES = [
@@ -35,6 +37,13 @@ CASES = [
     # the Llama head_dim with one format: fp16 dequantization (FAST) path when hinted
     (2, 8, 2, 128, 32, 32, [1027, 300], INT8, 0.1),
     (1, 8, 2, 128, 16, 32, [1025], INT4, 0.1),
+    # fp8 (e4m3, one scale per block and head): both dot paths (fp32 below head_dim 64),
+    # odd lengths, holes, mixes with int and full blocks
+    (2, 6, 2, 32, 16, 16, [47, 33], FP8, 0.2),
+    (2, 4, 2, 64, 16, 32, [81, 1], FP8, 0.0),
+    (1, 8, 2, 128, 32, 32, [1027], FP8, 0.1),
+    (3, 6, 2, 64, 16, 32, [81, 40, 17], MIXED_FP8, 0.2),
+    (2, 4, 1, 16, 32, 16, [1025, 65], [FP8, KFP8V4, K4VFP8, FULL, INT4], 0.1),
 ]
 DTYPES = [torch.float32, torch.float16]
 # (out atol, out rtol, block_max atol, block_max rtol, block_sumexp atol, block_sumexp rtol);
@@ -75,7 +84,7 @@ def _compare(got, want, dtype):
 
 
 def _run(device, case, dtype, seed, uniform_hint):
-    pdt, _ = kernel_modules(device)
+    pdt = kernel_module(device)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed)
     sm_scale = 1.0 / math.sqrt(geom.head_dim)
     want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
@@ -107,14 +116,14 @@ def test_kernel_format_hint_matches_reference(request, device, case, nbi):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nbi", [1, 2])
 @pytest.mark.parametrize("case", [c for c in CASES if isinstance(c[7], KVFormat)
-                                  and c[7].k_bits in (4, 8) and c[3] >= 64]
+                                  and c[7].k_code in (4, 8) and c[3] >= 64]
                          + [(2, 4, 2, 64, 16, 32, [77, 40], KVFormat(8, 4), 0.2)],
                          ids=_case_id)
 @pytest.mark.parametrize("words", [True, "k", "v"], ids=str)
 def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
     """int8/int4 codes read and converted as int32 words (fp16 operands): keys, values
     or both."""
-    pdt, _ = kernel_modules(device)
+    pdt = kernel_module(device)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
                                                    seed_of(request))
     sm_scale = 1.0 / math.sqrt(geom.head_dim)
@@ -126,8 +135,7 @@ def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
 
 
 def _decode_launches(pdt, monkeypatch) -> list[tuple[int, int]]:
-    """Records (KB, VB) of every decode-kernel launch: a format's bits when it is compiled
-    in, (-1, -1) for the runtime-dispatch kernel, which reads each block's bits."""
+    """Records (KB, VB) of every decode-kernel launch: the compiled-in format's codes."""
     seen, real = [], pdt._launch
 
     def spy(fn, grid, args, consts, options, cache):
@@ -139,33 +147,33 @@ def _decode_launches(pdt, monkeypatch) -> list[tuple[int, int]]:
     return seen
 
 
-RUNTIME = [(-1, -1)]   # one launch of the runtime-dispatch kernel
+def _codes(formats) -> list[tuple[int, int]]:
+    return [(f.k_code, f.v_code) for f in formats]
+
+
 K8V2 = KVFormat(8, 2)
 # Mixed tables and the path ``formats=`` (their formats, plus K8V2 when they lack it)
-# takes: one compiled-in launch per format, or -- more than MAX_FORMAT_LAUNCHES (8)
-# formats named -- the runtime-dispatch kernel, by design.
+# takes: one compiled-in launch per format named, however many.
 PER_FORMAT_CASES = [
-    (CASES[5], "runtime"),                # all 16 formats
-    (CASES[6], "grouped"),
-    (CASES[7], "runtime"),
-    (CASES[8], "grouped"),
-    (CASES[9], "runtime"),
-    (CASES[10], "grouped"),
-    ((2, 4, 2, 32, 16, 16, [81, 49], MIXED[:8], 0.2), "grouped"),   # exactly 8
+    CASES[5],                                          # all 16 formats
+    CASES[6],
+    CASES[7],
+    CASES[8],
+    CASES[9],
+    CASES[10],
+    (2, 4, 2, 32, 16, 16, [81, 49], MIXED[:8], 0.2),
+    CASES[16],                                         # fp8 and int8 in one table
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case,path", PER_FORMAT_CASES,
-                         ids=lambda x: _case_id(x) if isinstance(x, tuple) else x)
-def test_kernel_per_format_launches_match_reference(request, monkeypatch, device, case, path,
-                                                   dtype):
+@pytest.mark.parametrize("case", PER_FORMAT_CASES, ids=_case_id)
+def test_kernel_per_format_launches_match_reference(request, monkeypatch, device, case, dtype):
     """Mixed tables with the formats named: one compiled-in launch per format over that
-    format's blocks, partials merged (or, past MAX_FORMAT_LAUNCHES formats, the
-    runtime-dispatch kernel); same results (and per-block partials) as the reference,
-    holes included. Also with a format named that the table does not hold."""
-    pdt, _ = kernel_modules(device)
+    format's blocks, partials merged; same results (and per-block partials) as the
+    reference, holes included. Also with a format named that the table does not hold."""
+    pdt = kernel_module(device)
     launches = _decode_launches(pdt, monkeypatch)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, dtype, device, seed_of(request))
     sm_scale = 1.0 / math.sqrt(geom.head_dim)
@@ -175,46 +183,24 @@ def test_kernel_per_format_launches_match_reference(request, monkeypatch, device
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
                                   formats=formats)
     _compare(tuple(t.cpu() for t in got), want, dtype)
-    assert launches == (RUNTIME if path == "runtime" else
-                        [(f.k_bits, f.v_bits) for f in formats])
+    assert launches == _codes(formats)
     # grouped on the host, as the engine's plan does (attended entries only): one launch
     # per format the table holds, whatever their number
     launches.clear()
-    rows = [[(j, KVFormat(int(kb[b, j]), int(vb[b, j]))) for j in range(kb.shape[1])
-             if int(ntok[b, j]) > 0] for b in range(kb.shape[0])]
-    held = sorted({f for r in rows for _, f in r}, key=lambda f: (f.k_bits, f.v_bits))
+    rows = [[(j, KVFormat.from_codes(int(kb[b, j]), int(vb[b, j])))
+             for j in range(kb.shape[1]) if int(ntok[b, j]) > 0] for b in range(kb.shape[0])]
+    held = sorted({f for r in rows for _, f in r}, key=lambda f: f.code)
     groups = pdt.FormatGroups.from_rows(rows, kb.shape[1], q.device)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, groups=groups)
     _compare(tuple(t.cpu() for t in got), want, dtype)
-    assert launches == [(f.k_bits, f.v_bits) for f in held] and len(held) > 1
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case,hint", [(c, h) for c in (CASES[3], CASES[8], CASES[10])
-                                       for h in (False, True)
-                                       if not h or isinstance(c[7], KVFormat)],
-                         ids=lambda x: _case_id(x) if isinstance(x, tuple)
-                         else ("hint" if x else "dynamic"))
-def test_kernel_fold_matches_reference(request, device, case, hint):
-    """The experimental folded-dequantization path (head_dim >= 64, single-format tables
-    only; without a hint the kernel ignores fold) matches too."""
-    pdt, _ = kernel_modules(device)
-    fmts = case[7]
-    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
-                                                   seed_of(request))
-    sm_scale = 1.0 / math.sqrt(geom.head_dim)
-    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
-                            geom, sm_scale)
-    kw = dict(fmt=fmts) if hint else {}
-    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, fold=True, **kw)
-    _compare(tuple(t.cpu() for t in got), want, torch.float16)
+    assert launches == _codes(held) and len(held) > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3, 64])
 def test_kernel_split_counts(request, device, splits):
     """Any split count (more splits than blocks too) gives the same result."""
-    pdt, _ = kernel_modules(device)
+    pdt = kernel_module(device)
     case = (2, 4, 2, 32, 16, 16, [70, 129], MIXED, 0.2)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float32, device, seed_of(request))
     want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
@@ -226,7 +212,7 @@ def test_kernel_split_counts(request, device, splits):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_all_holes_sequence(request, device):
     """A sequence whose every block is a hole: zero output, partials (-inf, 0)."""
-    pdt, _ = kernel_modules(device)
+    pdt = kernel_module(device)
     case = (2, 4, 2, 32, 16, 16, [40, 40], INT4, 0.0)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed_of(request))
     ntok[1] = 0
@@ -239,7 +225,7 @@ def test_kernel_all_holes_sequence(request, device):
 
 
 def test_kernel_rejects_bad_inputs():
-    pdt, _ = kernel_modules("cpu")
+    pdt = kernel_module("cpu")
     case = (1, 4, 2, 32, 16, 16, [40], FULL, 0.0)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, "cpu", 0)
     with pytest.raises(ValueError, match="int64"):
@@ -300,89 +286,30 @@ def test_reference_matches_dense_sdpa(request, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(12))
-def test_kernel_mixed_formats_many_inputs(device, seed):
-    """Mixed-format tables (runtime format dispatch) over fresh inputs: one failure seen
-    on the H200 depended on the random inputs, so many are drawn here."""
-    pdt, _ = kernel_modules(device)
-    case = (2, 6, 2, 64, 16, 32, [40, 23], [K8V4, K2V8, FULL], 0.0)
+def test_kernel_mixed_formats_many_inputs(monkeypatch, device, seed):
+    """Mixed-format tables without a hint over fresh inputs (one failure seen on the H200
+    depended on the random inputs, so many are drawn here): the wrapper finds the
+    table's formats and launches each compiled in -- there is no other kernel."""
+    pdt = kernel_module(device)
+    launches = _decode_launches(pdt, monkeypatch)
+    case = (2, 6, 2, 64, 16, 32, [40, 23], [K8V4, K2V8, FULL, FP8], 0.0)
     geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, 1000 + seed)
     want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
                             geom, 0.125)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.125)
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
-
-
-class _FakeKernel:
-    """Stands in for a JITFunction: ``fn[grid](...)`` "compiles" (counted) and returns a
-    compiled kernel whose ``ck[grid](*all_args)`` launches are recorded."""
-
-    class _Param:
-        def __init__(self, name, default):
-            self.name, self.default = name, default
-
-    def __init__(self):
-        import inspect
-        self.params = [self._Param(n, inspect.Parameter.empty) for n in ("x", "n", "A")] + \
-            [self._Param("B", 7)]
-        self.jit_calls, self.direct = [], []
-
-    def __getitem__(self, grid):
-        def call(*args, **kw):
-            self.jit_calls.append((grid, args, kw))
-            outer = self
-
-            class CK:
-                def __getitem__(self, g):
-                    return lambda *a: outer.direct.append((g, a))
-            return CK()
-        return call
-
-
-def test_launch_cache_reuses_a_compiled_kernel_only_for_the_same_specialization():
-    from engine.kernels.paged_decode_triton import _launch
-    fn, cache = _FakeKernel(), {}
-    x = torch.zeros(64, dtype=torch.float16)
-    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=4), cache)
-    _launch(fn, (2, 1), (x.clone(), 5), dict(A=3), dict(num_warps=4), cache)   # layer 2
-    assert len(fn.jit_calls) == 1 and len(fn.direct) == 1
-    g, args = fn.direct[0]
-    assert g == (2, 1, 1) and args[1:] == (5, 3, 7)       # 3-d grid; runtime args, constexprs
-    # anything that specializes differently goes through Triton again
-    _launch(fn, (2, 1), (x, 6), dict(A=3), dict(num_warps=4), cache)            # a scalar
-    _launch(fn, (2, 1), (x[1:], 5), dict(A=3), dict(num_warps=4), cache)        # alignment
-    _launch(fn, (2, 1), (x.float(), 5), dict(A=3), dict(num_warps=4), cache)    # dtype
-    _launch(fn, (2, 1), (x, 5), dict(A=4), dict(num_warps=4), cache)            # constexpr
-    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=8), cache)            # option
-    _launch(fn, (3, 1), (x, 5), dict(A=3), dict(num_warps=4), cache)            # grid
-    assert len(fn.jit_calls) == 7 and len(fn.direct) == 1
-    _launch(fn, (2, 1), (x, 5), dict(A=3), dict(num_warps=4), None)             # no cache
-    assert len(fn.jit_calls) == 8
-
-
-def test_launch_cache_keys_on_the_kernel_and_tensor_devices():
-    """One cache serves every kernel of a step: a kernel never launches another kernel's
-    compiled code, nor code compiled for tensors on another device."""
-    from engine.kernels.paged_decode_triton import _launch
-    decode, reduce, cache = _FakeKernel(), _FakeKernel(), {}
-    x = torch.zeros(64, dtype=torch.float16)
-    meta = torch.empty(64, dtype=torch.float16, device="meta")   # aligned, other device
-    for _ in range(2):
-        for fn, t in ((decode, x), (reduce, x), (decode, meta)):
-            _launch(fn, (2, 1), (t, 5), dict(A=3), dict(num_warps=4), cache)
-    # each (kernel, device) compiled once, then launched directly by its own kernel
-    assert [a[0].device.type for _, a, _ in decode.jit_calls] == ["cpu", "meta"]
-    assert [a[0].device.type for _, a, _ in reduce.jit_calls] == ["cpu"]
-    assert [a[0].device.type for _, a in decode.direct] == ["cpu", "meta"]
-    assert [a[0].device.type for _, a in reduce.direct] == ["cpu"]
+    held = {KVFormat.from_codes(int(k), int(v))
+            for k, v, n in zip(kb.flatten(), vb.flatten(), ntok.flatten()) if n > 0}
+    assert launches == _codes(sorted(held, key=lambda f: f.code))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_shared_launch_cache_across_layers_matches_reference(request, monkeypatch, device):
     """The engine shares one launch cache between a step's layers: several "layers"
     (different q, same table) through one cache, uniform, mixed-format with 16 formats
-    named (runtime dispatch) and with two (one launch per format; an odd batch), all
-    equal to the reference; only the first layer adds to the cache."""
-    pdt, _ = kernel_modules(device)
+    named and with two (one launch per format; an odd batch), all equal to the
+    reference; only the first layer adds to the cache."""
+    pdt = kernel_module(device)
     if device == "cpu":
         pytest.skip("the launch cache reuses compiled kernels, and the interpreter has none "
                     "(a launch returns None; InterpretedFunction has no .params), so "
@@ -392,7 +319,8 @@ def test_shared_launch_cache_across_layers_matches_reference(request, monkeypatc
     seed = seed_of(request)
     for case, kw, want_launches in (
             (CASES[11], dict(fmt=INT8), [(8, 8)]),
-            (CASES[9], dict(formats=MIXED), RUNTIME),
+            (CASES[9], dict(formats=MIXED), _codes(MIXED)),
+            (CASES[15], dict(fmt=FP8), _codes([FP8])),
             ((3, 8, 2, 128, 32, 32, [300, 129, 77], [INT4, FULL], 0.1),
              dict(formats=[INT4, FULL]), [(4, 4), (0, 0)])):
         geom, _, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed)

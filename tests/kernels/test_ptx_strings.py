@@ -1,6 +1,6 @@
-"""The PTX code-conversion strings of the paged decode kernel, run by a small emulator of
-the instructions they use (and/shr/mov/prmt/sub.f16x2), so that the element order they
-produce is checked on machines without a GPU. The strings proven on the H200 (the byte
+"""The PTX code-conversion strings of the paged decode kernel (engine/kernels/codes_triton.py),
+run by a small emulator of the instructions they use (and/shr/mov/prmt/sub.f16x2), so that
+the element order they produce is checked on machines without a GPU. The strings proven on the H200 (the byte
 conversions) are checked too, as a check of the emulator."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from engine.kernels import paged_decode_triton as pdt
+from engine.kernels import codes_triton as ct
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -68,7 +68,7 @@ def test_byte_strings(seed):
     """The strings proven on the H200: 4 bytes -> 2 registers of 2 fp16 codes, in order."""
     rng = random.Random(seed)
     w, b = _word(rng)
-    for bits, strings in ((8, pdt._ASM_U8.value), (4, pdt._ASM_U4.value), (2, pdt._ASM_U2.value)):
+    for bits, strings in ((8, ct.ASM_U8.value), (4, ct.ASM_U4.value), (2, ct.ASM_U2.value)):
         for j, text in enumerate(strings):
             out = run_ptx(text, [w], 2, 32)
             codes = [_f16(o >> s & 0xFFFF) for o in out for s in (0, 16)]
@@ -77,12 +77,12 @@ def test_byte_strings(seed):
 
 @pytest.mark.parametrize("seed", range(20))
 def test_word_strings_unpack_in_memory_order(seed):
-    """_ASM_W8 / _ASM_W4 and the unpack order in _word_codes: outputs are fp16 codes of
+    """ASM_W8 / ASM_W4 and the unpack order in word_codes: outputs are fp16 codes of
     elements (0, 1, 2, 3) and (0, 2, 4, 6, 1, 3, 5, 7) of the word."""
     rng = random.Random(seed)
     w, b = _word(rng)
-    out8 = [_f16(o) for o in run_ptx(pdt._ASM_W8.value, [w], 4, 16)]
+    out8 = [_f16(o) for o in run_ptx(ct.ASM_W8.value, [w], 4, 16)]
     assert out8 == b                                    # e0, e1, e2, e3
     nib = [(x >> s) & 15 for x in b for s in (0, 4)]    # element 2 k + h: byte k, nibble h
-    out4 = [_f16(o) for o in run_ptx(pdt._ASM_W4.value, [w], 8, 16)]
+    out4 = [_f16(o) for o in run_ptx(ct.ASM_W4.value, [w], 8, 16)]
     assert out4 == [nib[i] for i in (0, 2, 4, 6, 1, 3, 5, 7)]

@@ -1,0 +1,49 @@
+"""Triton reduction of flash-decoding splits (Dao et al., 2023, "Flash-Decoding for
+long-context inference"): the second stage of engine/kernels/paged_decode_triton.py.
+
+Each split of a (sequence, query head) left a running max ``m`` (log2 units), sum of
+``exp2(logit - m)`` and an unnormalized output; one program per (sequence, query head)
+merges its splits, which fit in registers. Splits that saw no token (``l == 0``) weigh
+nothing; a row with none at all gets a zero output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels import decode_launch
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
+    pl_ptr,        # [B * Hq, S] fp32 split sumexp
+    pacc_ptr,      # [B * Hq, S, D] fp32 split unnormalized output
+    out_ptr,       # [B * Hq, D] output dtype
+    S, SP: tl.constexpr, D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    smask = s < S
+    m = tl.load(pm_ptr + r * S + s, mask=smask, other=float("-inf"))
+    l = tl.load(pl_ptr + r * S + s, mask=smask, other=0.0)
+    acc = tl.load(pacc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    gm = tl.max(m, axis=0)
+    gm = tl.where(gm == float("-inf"), 0.0, gm)
+    w = tl.where(l > 0, tl.exp2(m - gm), 0.0)
+    den = tl.maximum(tl.sum(w * l, axis=0), 1e-30)
+    out = tl.sum(acc * w[:, None], axis=0) / den
+    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def reduce_splits(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, out: torch.Tensor,
+                  launch_cache: dict | None = None) -> None:
+    """pm, pl [B, Hq, S] fp32, pacc [B, Hq, S, D] fp32 -> out [B, Hq, D] (its dtype)."""
+    B, Hq, S = pm.shape
+    D = out.shape[-1]
+    # one program per (sequence, query head); the split axis fits in registers
+    decode_launch.launch(_reduce_splits_kernel, (B * Hq,), (pm, pl, pacc, out, S),
+                         dict(SP=triton.next_power_of_2(S), D=D), dict(num_warps=4),
+                         launch_cache)
