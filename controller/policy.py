@@ -73,6 +73,7 @@ class PolicyState:
     def __init__(self, profile: str = "balanced", budget_bytes: int = 0,
                  high_watermark: float = 0.9, low_watermark: float = 0.75) -> None:
         self._lock = threading.Lock()
+        self._pinned_at: dict[str, float] = {}   # seq id -> unix time of its pin
         self._view = PolicyView(profile, budget_bytes, high_watermark, low_watermark, {})
         self.update(profile=profile, budget_bytes=budget_bytes,
                     high_watermark=high_watermark, low_watermark=low_watermark)
@@ -103,17 +104,22 @@ class PolicyState:
         with self._lock:
             previous = self._view.pins.get(seq_id)
             self._view.pins[seq_id] = strategy
+            self._pinned_at[seq_id] = time.time()
             return previous
 
     def unpin(self, seq_id: str) -> str | None:
         with self._lock:
             return self._view.pins.pop(seq_id, None)
 
-    def forget(self, live_seq_ids: set[str]) -> None:
-        """Drop pins of sequences that no longer exist."""
+    def forget(self, live_seq_ids: set[str], as_of: float | None = None) -> None:
+        """Drop pins of sequences that no longer exist: absent from a snapshot taken at
+        ``as_of`` (unix time) and pinned before it (a pin newer than the snapshot may
+        name a sequence the snapshot could not show yet)."""
         with self._lock:
             for s in [s for s in self._view.pins if s not in live_seq_ids]:
-                del self._view.pins[s]
+                if as_of is None or self._pinned_at.get(s, 0.0) < as_of:
+                    del self._view.pins[s]
+                    self._pinned_at.pop(s, None)
 
 
 @dataclass

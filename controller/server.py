@@ -174,7 +174,8 @@ class Daemon:
         if sample.snapshot is not None:
             self.service.controller.tick(sample.snapshot, sample.gpu)
             self.policy.forget({v.seq_id for v in sample.snapshot.sequences
-                                if v.state != "finished"} | self.service.inflight_ids())
+                                if v.state != "finished"} | self.service.inflight_ids(),
+                               as_of=sample.snapshot.time)
         self.metrics.update(sample)
         self.service.status_of(sample)
 

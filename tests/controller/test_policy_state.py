@@ -126,3 +126,18 @@ def test_pressure_is_the_blocks_bytes_not_the_pages_they_sit_in():
     assert Controller.used_of(s) == 100
     s.tiers["gpu"].block_bytes = 950
     assert [d.kind for d in c.tick(s)] == ["pressure"]
+
+
+def test_a_pin_newer_than_the_snapshot_survives_forget():
+    """The telemetry thread forgets pins of sequences missing from its snapshot; a pin
+    made after that snapshot was taken names a sequence it could not show yet."""
+    import time
+
+    from controller.policy import PolicyState
+    p = PolicyState()
+    taken = time.time()
+    p.pin("new-seq", "quantize_int8")
+    p.forget(set(), as_of=taken)
+    assert p.view().pins == {"new-seq": "quantize_int8"}
+    p.forget(set(), as_of=time.time() + 1)
+    assert p.view().pins == {}
