@@ -19,6 +19,12 @@ engines computing at once):
 With ``--chats N`` the N chats run their turns concurrently (turn k of every chat
 submitted together; the TTFT is each request's own), which is the GPU scenario; the
 floor is then measured for one chat.
+
+``--budget-mb B`` instead runs the chats one turn at a time, round robin (one active, the
+others idle between their turns), under a controller whose GPU-tier budget is ``B`` MB
+(ticking every 50 ms as the daemon's telemetry does): the bytes idle sessions and the
+active turn hold on each tier over time, and what the controller did with the idle
+sessions (parked on host, quantized, dropped).
 """
 from __future__ import annotations
 
@@ -100,6 +106,71 @@ def _floor(e, history: list[int], new: list[int], reps: int) -> float:
     return best
 
 
+def _under_budget(args) -> None:
+    from controller.policy import Controller, DecisionLog, PolicyState
+    e = _engine(args, prefix=True)
+    budget = int(args.budget_mb * (1 << 20))
+    policy = PolicyState(profile=args.profile, budget_bytes=budget)
+    log = DecisionLog()
+    ctl = Controller(policy, log, e.handle)
+    ctl.loop.min_interval_s = 0.2
+    timeline, stop = [], threading.Event()
+    t0 = time.perf_counter()
+
+    def tick():
+        while not stop.is_set():
+            snap = e.handle.snapshot()
+            ctl.tick(snap)
+            row = {"t": time.perf_counter() - t0, "idle_gpu": 0, "idle_host": 0,
+                   "active_gpu": 0, "active_host": 0}
+            for v in snap.sequences:
+                who = "idle" if v.state == "idle" else "active"
+                for tier in ("gpu", "host"):
+                    row[f"{who}_{tier}"] += v.bytes_by_tier.get(tier, 0)
+            timeline.append(row)
+            stop.wait(0.05)
+    th = threading.Thread(target=tick, daemon=True)
+    th.start()
+    need = args.first_tokens + args.turns * args.turn_tokens
+    text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats)
+    hists = [[] for _ in range(args.chats)]
+    rows = []
+    for k in range(args.turns):
+        for c in range(args.chats):
+            n = args.first_tokens if k == 0 else args.turn_tokens
+            off = c * need + 7 * c + len(hists[c])
+            p = hists[c] + text[off:off + n]
+            (ttft, ev), = _turn(e, [p], [f"chat-{c}"], args.reply_tokens)
+            rows.append({"turn": k + 1, "chat": c, "prompt_tokens": len(p),
+                         "cached_tokens": ev.cached_tokens, "ttft_s": ttft})
+            hists[c] = p + ev.token_ids
+            print(json.dumps(rows[-1]), flush=True)
+    stop.set()
+    th.join()
+    kinds: dict[str, int] = {}
+    for d in log.recent(10_000) if hasattr(log, "recent") else []:
+        key = d.action.split()[0] if d.action else d.kind
+        kinds[key] = kinds.get(key, 0) + 1
+    peak = max(r["idle_gpu"] + r["active_gpu"] for r in timeline)
+    print(f"\nbudget {budget / 2**20:.1f} MiB; peak GPU-tier bytes held by sequences "
+          f"{peak / 2**20:.1f} MiB; decisions: {kinds}; sessions dropped by the engine: "
+          f"{e.num_sessions_dropped}")
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        r = timeline[min(len(timeline) - 1, int(frac * (len(timeline) - 1)))]
+        print(f"t={r['t']:.1f}s idle gpu {r['idle_gpu'] / 2**20:.1f} MiB host "
+              f"{r['idle_host'] / 2**20:.1f} MiB | active gpu {r['active_gpu'] / 2**20:.1f} MiB "
+              f"host {r['active_host'] / 2**20:.1f} MiB")
+    later = [r for r in rows if r["turn"] > 1]
+    if later:
+        print(f"turns 2+: {sum(r['cached_tokens'] > 0 for r in later)}/{len(later)} reused "
+              f"a prefix; median TTFT {statistics.median(r['ttft_s'] for r in later) * 1e3:.0f} ms")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows, "timeline": timeline,
+                       "decisions": kinds}, fh, indent=1)
+    e.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -115,7 +186,13 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--floor-reps", type=int, default=3)
     ap.add_argument("--json", default="", help="write the rows here too")
+    ap.add_argument("--budget-mb", type=float, default=0.0,
+                    help="round-robin chats under a controller with this GPU budget")
+    ap.add_argument("--profile", default="multi-turn")
     args = ap.parse_args()
+    if args.budget_mb:
+        _under_budget(args)
+        return
 
     rows = []
     for mode in ("reuse", "full"):

@@ -203,9 +203,13 @@ class PolicyLoop:
                     total = p.total(get_profile(profile).latency_weight)
                     move = Move(cand, total / cand.freed_bytes, p.accuracy, p.latency_s,
                                 p.source, total, seq.num_tokens)
-            if move is None or move.candidate.freed_bytes < min(need, gpu) // 2:
-                # nothing lossless or cheap frees enough: the session goes (its next turn
-                # prefills again; no accuracy is lost)
+            if move is None:
+                # nothing to park or quantize: the session goes (its next turn prefills
+                # again; no accuracy is lost), unless it is parked already or holds
+                # nothing movable (dropping it would free one block and lose the rest)
+                if any(b.tier == "host" for b in seq.blocks) or not any(
+                        b.tier == "gpu" and not b.shared for b in seq.blocks[:-1]):
+                    continue
                 cand = Candidate("drop_idle_session", seq.seq_id, (DropSession(seq.seq_id),),
                                  tuple(b.index for b in seq.blocks), gpu, True, "evict")
                 move = Move(cand, 0.0, 0.0, 0.0, "idle-session", 0.0, seq.num_tokens)
