@@ -14,7 +14,8 @@ engines computing at once):
 * ``full``   — TTFT of the same prompt on an engine with prefix caching off;
 * ``floor``  — the new tokens alone: the history prefilled into a held sequence, then
   ``extend`` with the turn's new tokens (and the tail the cache cannot hold: the partial
-  last block of the history). The issue's goal: reuse <= 1.2 x floor from turn 2 on.
+  last block of the history), with the prompt-time statistics every prefill computes
+  over its last chunk. The issue's goal: reuse <= 1.2 x floor from turn 2 on.
 
 With ``--chats N`` the N chats run their turns concurrently (turn k of every chat
 submitted together; the TTFT is each request's own), which is the GPU scenario; the
@@ -94,7 +95,7 @@ def _floor(e, history: list[int], new: list[int], reps: int) -> float:
         if keep:
             e.prefill(sid, history[:keep], observe=False)
             t0 = time.perf_counter()
-            e.extend(sid, history[keep:] + new, logits="last")
+            e.extend(sid, history[keep:] + new, logits="last", observe=True)
         else:                                   # the first turn: its whole prompt
             t0 = time.perf_counter()
             e.prefill(sid, new)

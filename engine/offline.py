@@ -50,10 +50,12 @@ class OfflineMixin:
         out = self.call(run)
         return out[-1] if logits == "last" else out
 
-    def extend(self, seq_id: str, token_ids: list[int], logits: str = "all") -> torch.Tensor:
-        """Append a chunk of tokens to a held sequence; logits of its rows [n, V]."""
+    def extend(self, seq_id: str, token_ids: list[int], logits: str = "all",
+               observe: bool = False) -> torch.Tensor:
+        """Append a chunk of tokens to a held sequence; logits of its rows [n, V].
+        ``observe``: record prompt-time scores over the last chunk (as a prefill does)."""
         ids = [int(t) for t in token_ids]
-        return self.call(lambda: self._extend(seq_id, ids, logits, False))
+        return self.call(lambda: self._extend(seq_id, ids, logits, observe))
 
     def append(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor:
         """One decode step of several held sequences together, sequence i reading token
