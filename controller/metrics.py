@@ -112,8 +112,8 @@ class Metrics:
             if v.state == "finished":
                 continue
             counts[(v.state, strategy_of(v))] += 1
-            for b in v.blocks:
-                by[(b.tier, b.fmt)] += b.nbytes
+            for b in v.blocks:     # a shared slot counted once over its holders
+                by[(b.tier, b.fmt)] += b.nbytes / b.shared if b.shared else b.nbytes
         self._kv_keys.update(by, ((t, "full") for t in snap.tiers))
         for tier, fmt in self._kv_keys:
             self.kv_bytes.labels(tier, fmt).set(by[(tier, fmt)])

@@ -256,8 +256,8 @@ class BlockView(NamedTuple):
     nbytes: int           # bytes this block holds (all layers), 0 when evicted
     mass: float           # decayed share of attention (mean over layers and heads)
     observed: float = 0.0 # prompt-time SnapKV score: share of the last W prompt queries
-    shared: bool = False  # its slot is shared with other sequences (prefix reuse): a move
-                          # copies it and frees nothing
+    shared: int = 0       # holders of its slot when shared with other sequences (prefix
+                          # reuse; 0 = its own): a move copies it and frees nothing
 
 
 @dataclass
