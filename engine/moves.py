@@ -165,13 +165,16 @@ def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
 
 
 def fill_candidates(store: KVStore, seq_id: str) -> list[int]:
-    """Full, non-newest, full-precision GPU blocks of a sequence with a fill format."""
+    """Full, non-newest, full-precision GPU blocks of a sequence with a fill format
+    (its own: a block it shares with others stays as it is, since converting it would
+    copy it and free nothing)."""
     s = store.seqs[seq_id]
     if s.fill_format == FULL:
         return []
     T = store.block_size
     return [b.index for b in s.blocks[:-1]
-            if b.tier == GPU and b.fmt == FULL and b.num_tokens == T]
+            if b.tier == GPU and b.fmt == FULL and b.num_tokens == T
+            and not store.is_shared(b)]
 
 
 # -- eviction, parking, offload ----------------------------------------------------------
