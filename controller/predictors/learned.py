@@ -107,10 +107,14 @@ class LearnedPredictor:
         if a is None:
             self._fallback(len(items))
             return out
-        # a plan made of parts (controller/strategies/mixed_precision.py) is priced as the
+        # a plan made of parts (controller/strategies/mixed_precision.py) is priced as a
+        # whole where the model was trained on such plans and it is in range, else as the
         # sum of its parts, each a move of a strategy the model was trained on; the model
         # answers for the plan only if it answers for every part
-        rows = [(i, s, p) for i, (s, c) in enumerate(items) for p in (c.parts or (c,))]
+        def whole(s, c) -> bool:
+            return c.strategy in a.strategies and a.in_range(vector(candidate_features(s, c)))
+        rows = [(i, s, p) for i, (s, c) in enumerate(items)
+                for p in ((c,) if not c.parts or whole(s, c) else c.parts)]
         X = np.array([vector(candidate_features(s, p)) for _, s, p in rows], dtype=np.float64)
         good = [p.strategy in a.strategies and a.in_range(x) for (_, _, p), x in zip(rows, X)]
         ok = set(range(len(items))) - {i for (i, _, _), g in zip(rows, good) if not g}
