@@ -190,13 +190,15 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=0.0,
                     help="round-robin chats under a controller with this GPU budget")
     ap.add_argument("--profile", default="multi-turn")
+    ap.add_argument("--mode", choices=("both", "reuse", "full"), default="both",
+                    help="one engine per process on a GPU: run the modes apart")
     args = ap.parse_args()
     if args.budget_mb:
         _under_budget(args)
         return
 
     rows = []
-    for mode in ("reuse", "full"):
+    for mode in (("reuse", "full") if args.mode == "both" else (args.mode,)):
         e = _engine(args, prefix=mode == "reuse")
         need = args.first_tokens + args.turns * args.turn_tokens
         text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats)
@@ -221,6 +223,16 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         e.stop()
         del e
+        import gc
+        gc.collect()
+        if args.device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()
+    if args.mode != "both":
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
+        return
     reuse = [r for r in rows if r["mode"] == "reuse"]
     full = {r["turn"]: r for r in rows if r["mode"] == "full"}
     print()
