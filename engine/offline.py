@@ -64,9 +64,10 @@ class OfflineMixin:
             raise ValueError("append needs one token per sequence")
         return self.call(lambda: self._append(list(seq_ids), [int(t) for t in token_ids]))
 
-    def fork(self, src_id: str, dst_id: str) -> None:
+    def fork(self, src_id: str, dst_id: str, share: bool = False) -> None:
         """A new held sequence with a copy of ``src_id``'s KV (every block in its format
-        and tier) and statistics: several continuations of one prefill."""
+        and tier) and statistics: several continuations of one prefill. ``share``: full
+        blocks shared instead of copied (engine/store.py ``fork``)."""
         def run():
             self._held(src_id)
             with self._ids_lock:
@@ -74,7 +75,7 @@ class OfflineMixin:
                     raise ValueError(f"sequence id {dst_id!r} is already in use")
                 self._live.add(dst_id)
             try:
-                self.store.fork(src_id, dst_id)
+                self.store.fork(src_id, dst_id, share)
             except BaseException:
                 with self._ids_lock:
                     self._live.discard(dst_id)

@@ -151,15 +151,18 @@ class KVStore:
         for b in s.blocks:
             self._release(b, keep)
 
-    def fork(self, src_id: str, dst_id: str) -> SeqKV:
+    def fork(self, src_id: str, dst_id: str, share: bool = False) -> SeqKV:
         """A new sequence holding ``src_id``'s KV, every block in its format and tier:
-        full blocks shared (copy on write), the partly written tail copied (both
-        sequences write into their own). Several continuations of one prefill."""
+        copied, or with ``share`` its full blocks shared (copy on write; the controller
+        then leaves them alone, since moving one frees nothing) and the partly written
+        tail copied (both sequences write into their own). Several continuations of one
+        prefill; evaluations that compress each copy apart want copies."""
         if dst_id in self.seqs:
             raise ValueError(f"sequence {dst_id!r} already exists")
         src = self.seqs[src_id]
         T = self.geom.block_size
-        copied = [b for b in src.blocks if b.offset >= 0 and (b.num_tokens < T or b is src.tail)]
+        copied = [b for b in src.blocks if b.offset >= 0
+                  and (not share or b.num_tokens < T or b is src.tail)]
         need: dict[str, dict[int, int]] = {}
         for b in copied:
             sizes = need.setdefault(ARENA_OF[b.tier], {})

@@ -198,7 +198,7 @@ def test_fork_shares_full_blocks_and_decodes_identically(engine, long_ids):
         engine.handle.apply(a)
     st = engine.store
     used = {n: a.alloc.num_slots for n, a in st.arenas.items()}
-    engine.fork(sid, "fork-1")
+    engine.fork(sid, "fork-1", share=True)
     assert {n: a.alloc.num_slots for n, a in st.arenas.items()} == \
         {"gpu": used["gpu"] + 1, "host": used["host"]}
     tok = long_ids[300]
@@ -206,7 +206,7 @@ def test_fork_shares_full_blocks_and_decodes_identically(engine, long_ids):
     assert torch.equal(outs[0], outs[1])
     # copy on write: a fork quantizes and offloads shared blocks; the source (checked
     # against a third copy that nobody moved) decodes exactly as before
-    engine.fork(sid, "ref")
+    engine.fork(sid, "ref", share=True)
     engine.handle.apply(Quantize("fork-1", (7, 8), 2))
     engine.handle.apply(Offload("fork-1", (0,)))
     assert [(b.fmt.name, b.tier) for b in st.seqs[sid].blocks[7:9]] == [("full", "gpu")] * 2

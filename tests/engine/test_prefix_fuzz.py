@@ -86,7 +86,7 @@ def test_slots_stay_consistent(eng, ops):
                     pass
             else:
                 try:
-                    eng.fork(src, f"{src}-f{o[1]}")
+                    eng.fork(src, f"{src}-f{o[1]}", share=bool(o[1] % 2))
                 except (OutOfBlocks, ValueError):
                     pass
         elif kind == "cancel":

@@ -102,7 +102,7 @@ def test_moves_of_shared_blocks_copy(pair):
     reuse, _ = pair
     base = prompt(3, 40)
     reuse.prefill("src", base)          # held: not indexed; fork shares its full blocks
-    reuse.fork("src", "dst")
+    reuse.fork("src", "dst", share=True)
     assert reuse.store.refs
     reuse.handle.apply(Quantize("dst", (1, 2), 4))
     reuse.handle.apply(Offload("dst", (3,)))
@@ -227,7 +227,7 @@ def test_refused_candidate_undoes_moves_of_shared_blocks(pair):
     exactly as they were: the copy is given back, the block names its shared slot."""
     reuse, _ = pair
     reuse.prefill("src", prompt(5, 40))
-    reuse.fork("src", "dst")
+    reuse.fork("src", "dst", share=True)
     kv = reuse.store.seqs["dst"]
     before = [(b.tier, b.offset, b.fmt) for b in kv.blocks]
     refs = dict(reuse.store.refs)
@@ -265,3 +265,16 @@ def test_dropping_a_session_while_its_turn_runs_sticks(pair):
         reuse.step()
     assert "live" not in reuse.sessions and not reuse.idle
     assert reuse.store.held_slots(GPU) == 0
+
+
+def test_fork_copies_by_default_so_each_copy_can_be_compressed(pair):
+    """Evaluations fork one prefill and compress each copy apart: a plain fork shares
+    nothing, so every strategy sees its blocks as its own."""
+    reuse, _ = pair
+    reuse.prefill("p", prompt(8, 40))
+    reuse.fork("p", "c")
+    assert not reuse.store.refs
+    snap = reuse.handle.snapshot()
+    assert not any(b.shared for v in snap.sequences for b in v.blocks)
+    reuse.release("c")
+    reuse.release("p")
