@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", default="0.5,0.25,0.125")
     ap.add_argument("--text-score", type=int, default=64,
                     help="scored tokens at the end of each text window")
+    ap.add_argument("--question", default="after", choices=("after", "context"),
+                    help="retrieval questions after compression (kvpress's 'compress, then "
+                         "ask': query-agnostic) or ending the compressed context")
     ap.add_argument("--fixed", default="all", help="registry strategies, 'all' or 'none'")
     ap.add_argument("--profiles", default="all", help="adaptive profiles, 'all' or 'none'")
     ap.add_argument("--host", default="both", choices=("off", "on", "both"),
@@ -134,7 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers", default="all", help=f"all, none or some of {','.join(peers.PEERS)}")
     ap.add_argument("--peers-venv", default=".venv-peers")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--from", dest="from_json", default="",
+                    help="re-render the tables, checks and plots of a headline.json into --out")
     a = ap.parse_args(argv)
+    if a.from_json:
+        res = json.loads(Path(a.from_json).read_text())
+        write(res, Path(a.out))
+        return
     if a.quick:
         a.model, a.lengths, a.samples, a.text_score, a.peers = "random:tiny", "256", 1, 16, "none"
     a.budgets = [float(b) for b in a.budgets.split(",") if b]
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         tok = AutoTokenizer.from_pretrained(peers.model_dir(a.model))
     samples = tasks.build(tok, _list(a.tasks, tasks.TASKS),
                           [int(x) for x in a.lengths.split(",") if x], a.samples,
-                          a.text_score, a.seed, vocab)
+                          a.text_score, a.seed, vocab, a.question == "context")
     log(f"{len(samples)} samples; kvctl configs: {sum(map(len, by_engine.values()))}; "
         f"peers: {', '.join(peer_list) or 'none'}")
     records = run_kvctl(a, samples, by_engine)
@@ -176,20 +185,28 @@ def main(argv: list[str] | None = None) -> None:
                 torch=torch.__version__, transformers=transformers.__version__,
                 model=a.model, dtype=a.dtype, threads=a.threads, samples=a.samples,
                 lengths=a.lengths, budgets=a.budgets, text_score=a.text_score,
+                question=a.question,
                 peer_versions=versions, seconds=time.time() - t0)
-    rows = report.cells(records)
     res = dict(meta=meta, samples=[{k: v for k, v in s.to_json().items()
                                     if not k.endswith("_ids")} for s in samples],
-               records=records, cells=rows, not_run=not_run)
-    res["must_show"] = report.must_show(rows)
-    (out / "headline.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "headline.md").write_text(report.markdown(res))
+               records=records, not_run=not_run)
+    write(res, out)
+
+
+def write(res: dict, out: Path) -> None:
+    """headline.json, headline.md and the plots, the cells and checks (re)computed from
+    the records."""
+    out.mkdir(parents=True, exist_ok=True)
+    res["cells"] = report.cells(res["records"])
+    res["must_show"] = report.must_show(res["cells"])
     try:
         res["plots"] = report.plots(res, out)
     except ImportError as e:
         log(f"no plots (pip install '.[bench]' for matplotlib): {e}")
+    (out / "headline.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "headline.md").write_text(report.markdown(res))
     log(f"wrote {out}/headline.json, headline.md, {', '.join(res.get('plots', []))} "
-        f"in {(time.time() - t0) / 60:.1f} min")
+        f"({res['meta']['seconds'] / 60:.1f} min of runs)")
     print(report.markdown(res))
 
 

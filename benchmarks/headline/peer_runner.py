@@ -152,7 +152,9 @@ def run(req: dict) -> dict:
             pre = Prefill(model, ctx)
             prefill_s = time.perf_counter() - t0
             ref = None
-            for c in [{"name": "full", "peer": "full", "budget": 1.0}] + req["configs"]:
+            full = {"name": "peers full", "family": "peers full", "peer": "full",
+                    "budget": 1.0}       # transformers' own cache: the peers' reference
+            for c in [full] + req["configs"]:
                 name = c["name"]
                 if name in errors:
                     continue

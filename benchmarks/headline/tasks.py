@@ -106,20 +106,34 @@ def _split(tok, context: str, pieces: list[tuple[str, bool]]) -> tuple[list[int]
     return ctx, ids[len(ctx):], groups
 
 
-def passkey(tok, length: int, index: int, depth: float, key: str) -> Sample:
+def _ask(context: str, question: str, in_context: bool) -> tuple[str, str]:
+    """(context, the question's part in the continuation). In context: all of the
+    question but its last word is prefilled (and compressed) with the context, so the
+    policy's prompt-time scores see it, as in a prompt that ends with its question."""
+    if not in_context:
+        return context, " " + question
+    head, last = question.rsplit(" ", 1)
+    return context + " " + head, " " + last
+
+
+def passkey(tok, length: int, index: int, depth: float, key: str,
+            question_in_context: bool = False) -> Sample:
     context, starts = haystack(tok, length, [(depth, NEEDLE.format(key=key))])
-    ctx, cont, groups = _split(tok, context, [(" " + QUESTION, False), (" " + key, True)])
+    context, q = _ask(context, QUESTION, question_in_context)
+    ctx, cont, groups = _split(tok, context, [(q, False), (" " + key, True)])
     return Sample("passkey", length, index, ctx, cont, groups[0], groups,
                   dict(depth=depth, key=key, needle_token=starts[0]))
 
 
-def two_needles(tok, length: int, index: int, depth: float, keys: tuple[str, str]) -> Sample:
+def two_needles(tok, length: int, index: int, depth: float, keys: tuple[str, str],
+                question_in_context: bool = False) -> Sample:
     """Red key at ``depth`` (in 0.05..0.45), blue key half the context later."""
     red, blue = keys
     context, starts = haystack(tok, length, [(depth, RED.format(key=red)),
                                              (depth + 0.5, BLUE.format(key=blue))])
+    context, q = _ask(context, QUESTION2, question_in_context)
     ctx, cont, groups = _split(tok, context, [
-        (" " + QUESTION2, False), (" " + blue, True), (" and the red pass key is", False),
+        (q, False), (" " + blue, True), (" and the red pass key is", False),
         (" " + red, True)])
     return Sample("two_needles", length, index, ctx, cont, groups[0] + groups[1], groups,
                   dict(depth=depth, depth2=depth + 0.5, keys=[red, blue],
@@ -137,10 +151,13 @@ def text(ids: list[int], length: int, index: int, offset: int, score: int) -> Sa
 
 
 def build(tok, tasks: list[str], lengths: list[int], samples: int, text_score: int = 64,
-          seed: int = 1234, vocab: int = 0) -> list[Sample]:
+          seed: int = 1234, vocab: int = 0, question_in_context: bool = False
+          ) -> list[Sample]:
     """``samples`` of each task at each length: passkey depths evenly spread over
     (0, 1), two-needle pairs with the red key in 5%..45%, text windows at evenly spaced
-    offsets. Keys from a fixed seed, the same for every config and both environments."""
+    offsets. Keys from a fixed seed, the same for every config and both environments.
+    ``question_in_context``: the retrieval questions (but their last word) end the
+    context instead of starting the continuation (see ``_ask``)."""
     rng = random.Random(seed)
     out: list[Sample] = []
     if tok is None:
@@ -151,11 +168,12 @@ def build(tok, tasks: list[str], lengths: list[int], samples: int, text_score: i
             for i in range(samples):
                 if task == "passkey":
                     d = (i + 0.5) / samples
-                    out.append(passkey(tok, L, i, d, str(rng.randint(10000, 99999))))
+                    out.append(passkey(tok, L, i, d, str(rng.randint(10000, 99999)),
+                                       question_in_context))
                 elif task == "two_needles":
                     d = 0.05 + 0.4 * (i + 0.5) / samples
                     keys = (str(rng.randint(10000, 99999)), str(rng.randint(10000, 99999)))
-                    out.append(two_needles(tok, L, i, d, keys))
+                    out.append(two_needles(tok, L, i, d, keys, question_in_context))
                 elif task == "text":
                     off = ppl_windows(text_ids, L, samples)[i][0]
                     out.append(text(text_ids, L, i, off, text_score))
