@@ -54,7 +54,7 @@ MIX = (  # share, prompt (fraction of --max-context), new tokens (fraction of it
 
 
 def workload(max_context: int, demand_bytes: int, token_bytes: int, vocab: int,
-             seed: int) -> list[tuple[list[int], int]]:
+             seed: int, new_scale: float = 1.0) -> list[tuple[list[int], int]]:
     """(prompt ids, new tokens) until their full-precision KV reaches ``demand_bytes``."""
     rng = random.Random(seed)
     out, total = [], 0
@@ -65,7 +65,7 @@ def workload(max_context: int, demand_bytes: int, token_bytes: int, vocab: int,
                 break
             share -= frac
         n_prompt = max(16, int(max_context * rng.uniform(p0, p1)))
-        n_new = max(8, int(max_context * rng.uniform(n0, n1)))
+        n_new = max(8, int(max_context * rng.uniform(n0, n1) * new_scale))
         n_prompt = min(n_prompt, max_context - n_new)
         out.append(([rng.randrange(vocab) for _ in range(n_prompt)], n_new))
         total += (n_prompt + n_new) * token_bytes
@@ -197,8 +197,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     out = [f"# Headline suite — speed side ({meta['model']}, {meta['dtype']}, {meta['device']})",
            "", f"`{meta['command']}`", "",
            f"{meta['date']}, {meta['machine']}, torch {meta['torch']}. Workload: "
-           f"{meta['requests']} requests, full-precision KV demand {meta['demand_gb']:.2f} GB = "
-           f"{meta['pressure']}x the budget ({meta['budget_gb']:.3f} GB).", "",
+           f"{meta['requests']} requests, full-precision KV demand {meta['demand_gb']:.3f} GB "
+           f"= {rows[0]['pressure']:g}x the budget ({rows[0]['budget_bytes'] / 1e9:.3f} GB).",
+           "",
            "| config | tok/s | TPOT p50 ms | TPOT p99 ms | TTFT p50 s | TTFT p99 s | "
            "preemptions | OOMs | lost | max running | bus GB/s | decisions |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,11 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-budget-gb", type=float, default=20.0)
-    ap.add_argument("--pressure", type=float, default=4.0,
-                    help="full-precision KV demand / budget")
+    ap.add_argument("--pressure", default="4",
+                    help="full-precision KV demand / budget; a comma list sweeps the budget "
+                         "(the workload stays the one sized for the first and the budget)")
     ap.add_argument("--max-context", type=int, default=32768)
     ap.add_argument("--host-gb", type=float, default=64.0, help="host tier (0: none)")
     ap.add_argument("--configs", default="none,adaptive:balanced," + ",".join(registry()))
+    ap.add_argument("--new-scale", type=float, default=1.0,
+                    help="multiplies the new tokens of every request")
     ap.add_argument("--tick-s", type=float, default=0.25, help="telemetry interval (daemon's)")
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="per config")
@@ -247,14 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="headline-gpu-out")
     ap.add_argument("--smoke", action="store_true",
-                    help="CPU smoke run: random:tiny, 24 KiB-a-token-scale budget, seconds")
+                    help="CPU smoke run in seconds: random:tiny, 512-token context, 2 MiB KV "
+                         "budget, 10 MiB host tier")
     a = ap.parse_args(argv)
     if a.smoke:
         a.model, a.device, a.dtype, a.max_context = "random:tiny", "cpu", "float32", 512
         a.kv_budget_gb, a.host_gb, a.max_batch_tokens, a.tick_s = 2 / 1024, 0.01, 512, 0.05
         a.timeout_s, a.threads = min(a.timeout_s, 300.0), a.threads or 1
+        a.new_scale = 8.0       # 32-64 new tokens: running sequences outgrow the budget
     a.profile_default = "balanced"
     a.host_bytes = int(a.host_gb * (1 << 30))
+    pressures = [float(x) for x in a.pressure.split(",") if x]
     budget = int(a.kv_budget_gb * (1 << 30))
     from engine.layout import BlockGeometry, FULL
     from engine.models import RANDOM_CONFIGS, resolve_dtype
@@ -264,30 +271,53 @@ def main(argv: list[str] | None = None) -> None:
     geom = BlockGeometry(32, shape["num_key_value_heads"], shape["head_dim"],
                          resolve_dtype(a.dtype, torch.device(a.device)))
     token_bytes = geom.slot_bytes(FULL) * shape["num_hidden_layers"] // 32
-    reqs = workload(a.max_context, int(a.pressure * budget), token_bytes,
-                    shape["vocab_size"], a.seed)
+    reqs = workload(a.max_context, int(pressures[0] * budget), token_bytes,
+                    shape["vocab_size"], a.seed, a.new_scale)
     demand = sum(len(p) + n for p, n in reqs) * token_bytes
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for cfg in [c for c in a.configs.split(",") if c]:
-        t0 = time.time()
-        rows.append(run_config(a, cfg, reqs, budget))
-        r = rows[-1]
-        print(f"[{time.time() - t0:.0f}s] {cfg}: {r['tokens_per_s']:.1f} tok/s, TPOT p99 "
-              f"{r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, OOMs {r['ooms']}, "
-              f"lost {r['lost']}", file=sys.stderr, flush=True)
+    for pr in pressures:
+        for cfg in [c for c in a.configs.split(",") if c]:
+            t0 = time.time()
+            rows.append(run_config(a, cfg, reqs, int(demand / pr)) | dict(pressure=pr))
+            r = rows[-1]
+            print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
+                  f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
+                  f"OOMs {r['ooms']}, lost {r['lost']}", file=sys.stderr, flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
         argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         torch=torch.__version__, model=a.model, dtype=a.dtype, device=a.device,
-        requests=len(reqs), demand_gb=demand / 1e9, budget_gb=budget / 1e9,
-        pressure=a.pressure)
+        requests=len(reqs), demand_gb=demand / 1e9, pressures=pressures)
     (out / "gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    md = markdown(meta, rows)
+    md = "".join(markdown(meta, [r for r in rows if r["pressure"] == pr]) for pr in pressures)
     (out / "gpu.md").write_text(md)
+    try:
+        plot(rows, out / "throughput_vs_budget.png")
+    except ImportError as e:
+        print(f"no plot (pip install '.[bench]' for matplotlib): {e}", file=sys.stderr)
     print(md)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        rs = sorted((r for r in rows if r["config"] == cfg), key=lambda r: r["budget_bytes"])
+        style = "-s" if cfg.startswith("adaptive") else "--x" if cfg == "none" else "-o"
+        ax.plot([r["budget_bytes"] / 1e9 for r in rs], [r["tokens_per_s"] for r in rs],
+                style, lw=2.5 if cfg.startswith("adaptive") else 1, label=cfg)
+    ax.set_xlabel("GPU KV budget, GB (the workload's full-precision demand fixed)")
+    ax.set_ylabel("generated tokens / s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

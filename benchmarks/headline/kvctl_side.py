@@ -175,6 +175,7 @@ class Run:
         return seq_bytes(self.view(), self.full_block)
 
     def compress(self) -> None:
+        self.note()                      # the timeline's first point: as prefilled
         t0 = time.perf_counter()
         if self.cfg.kind == "fixed":
             self._fixed()

@@ -136,6 +136,33 @@ def must_show(rows: list[dict], profile: str = "balanced") -> list[dict]:
     return checks
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One row a config, lengths pooled: accuracy per task with the bytes read (text:
+    top-1 and KL to full)."""
+    pooled = [r for r in rows if r["length"] == 0]
+    tasks = sorted({r["task"] for r in pooled})
+    head = ["config"] + [("text top-1 / KL" if t == "text" else
+                          "two needles both / keys" if t == "two_needles" else t)
+                         + " (reads)" for t in tasks]
+    out = ["## Summary (lengths pooled)", "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+    by = {(r["config"], r["task"]): r for r in pooled}
+    for config in dict.fromkeys(r["config"] for r in sorted(pooled, key=_order)):
+        cellv = [config]
+        for t in tasks:
+            r = by.get((config, t))
+            if r is None:
+                cellv.append("-")
+            elif t == "text":
+                cellv.append(f"{r['accuracy']:.3f} / {r['kl']:.4f} ({_pct(r['read'])})")
+            elif t == "two_needles":
+                cellv.append(f"{r['accuracy']:.3f} / {r['keys']:.3f} ({_pct(r['read'])})")
+            else:
+                cellv.append(f"{r['accuracy']:.3f} ({_pct(r['read'])})")
+        out.append("| " + " | ".join(cellv) + " |")
+    return out
+
+
 def markdown(res: dict) -> str:
     meta, rows = res["meta"], res["cells"]
     lengths = sorted({r["length"] for r in rows if r["length"]})
@@ -154,6 +181,7 @@ def markdown(res: dict) -> str:
            "bytes attention reads at the answer / the same tokens at 16 bits (offloaded "
            "blocks count: they are still read); `GPU` = bytes held on the GPU tier. "
            "KL(full || config) per scored token, nats.", ""]
+    out += summary(rows) + [""]
     for task in sorted({r["task"] for r in rows}):
         head = ["config", "budget", "reads", "GPU"] + [f"acc @{L}" for L in lengths] + [
             "acc (all)", "keys right" if task == "two_needles" else "", "NLL",
@@ -254,7 +282,8 @@ def plots(res: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         ax.stackplot(range(len(points)), *[[pt["blocks"].get(k, 0) for pt in points]
                                            for k in kinds], labels=kinds)
-        ax.set_xlabel("controller tick (prefill done at 0; one tick a decode step after)")
+        ax.set_xlabel("point (0: as prefilled; then each controller tick, one a decode step "
+                      "once the context is compressed)")
         ax.set_ylabel("blocks")
         ax.set_title(f"{rec['config']} on {rec['sample']}: blocks by format / tier")
         ax.legend(loc="upper left", fontsize=8)
