@@ -138,10 +138,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers-venv", default=".venv-peers")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--from", dest="from_json", default="",
-                    help="re-render the tables, checks and plots of a headline.json into --out")
+                    help="re-render the tables, checks and plots of a headline.json[.gz] "
+                         "into --out")
     a = ap.parse_args(argv)
     if a.from_json:
-        res = json.loads(Path(a.from_json).read_text())
+        src = Path(a.from_json)
+        if src.suffix == ".gz":
+            import gzip
+            res = json.loads(gzip.decompress(src.read_bytes()))
+        else:
+            res = json.loads(src.read_text())
         write(res, Path(a.out))
         return
     if a.quick:
