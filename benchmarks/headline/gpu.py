@@ -82,7 +82,7 @@ def _pct(xs: list[float], q: float) -> float:
 def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
     from controller.policy import Controller, DecisionLog, PolicyState
     from controller.telemetry import Telemetry
-    from engine.api import FinishEvent, Overloaded, OutOfBlocks, Request, SamplingParams
+    from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
 
     e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     a.host_bytes = int(a.host_gb * (1 << 30))
     pressures = [float(x) for x in a.pressure.split(",") if x]
     budget = int(a.kv_budget_gb * (1 << 30))
-    from engine.layout import BlockGeometry, FULL
+    from engine.layout import FULL, BlockGeometry
     from engine.models import RANDOM_CONFIGS, resolve_dtype
     shape = RANDOM_CONFIGS[a.model.split(":", 1)[1]] if a.model.startswith("random:") else None
     if shape is None:

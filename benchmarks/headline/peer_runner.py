@@ -128,9 +128,9 @@ def continuation_logits(model, cache, n_ctx: int, cont: list[int]) -> torch.Tens
 
 
 def run(req: dict) -> dict:
+    import kvpress
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-    import kvpress
 
     hf_logging.disable_progress_bar()
 

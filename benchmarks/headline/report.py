@@ -67,7 +67,7 @@ def _order(row: dict) -> tuple:
 
 
 def _pct(x: float) -> str:
-    return "-" if x != x else f"{x:.1%}"
+    return "-" if math.isnan(x) else f"{x:.1%}"
 
 
 def must_show(rows: list[dict], profile: str = "balanced") -> list[dict]:
@@ -166,12 +166,14 @@ def summary(rows: list[dict]) -> list[str]:
 def markdown(res: dict) -> str:
     meta, rows = res["meta"], res["cells"]
     lengths = sorted({r["length"] for r in rows if r["length"]})
+    asked = ("ending the compressed context" if meta.get("question") == "context"
+             else "after compression (compress, then ask)")
     out = [f"# Headline suite — accuracy side ({meta['model']}, {meta['dtype']}, "
            f"{meta['device']}, {meta['threads']} thread(s))", "",
            f"`{meta['command']}`", "",
            f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers "
            f"{meta['transformers']}; peers: {meta.get('peer_versions') or 'not run'}; "
-           f"retrieval questions {'ending the compressed context' if meta.get('question') == 'context' else 'after compression (compress, then ask)'}; "
+           f"retrieval questions {asked}; "
            f"{meta['seconds'] / 60:.1f} min. Samples per task and length: "
            f"{meta['samples']}; budgets {', '.join(_pct(b) for b in meta['budgets'])} of "
            "the context's fp16 KV bytes.", "",
