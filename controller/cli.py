@@ -288,6 +288,10 @@ BENCHMARKS = {
     "offload": ("benchmarks.offload", "exact vs top-k offload (CUDA)"),
     "kernel": ("benchmarks.decode_kernel", "paged decode kernel vs SDPA (CUDA)"),
     "status": ("benchmarks.status_latency", "GetStatus latency under 64 streams"),
+    "headline": ("benchmarks.headline", "adaptive vs every fixed strategy and the peers: "
+                 "accuracy per byte read (CPU)"),
+    "headline-gpu": ("benchmarks.headline.gpu", "adaptive vs fixed strategies under 4x KV "
+                     "demand: speed, preemptions, OOMs (GPU)"),
 }
 
 

@@ -1,0 +1,324 @@
+"""The headline suite, speed side (issue 15): a mixed workload whose full-precision KV
+demand is ``--pressure`` x the GPU KV budget, run by kvctl's engine with the daemon's
+policy loop, per config:
+
+* ``none``        — no controller: the engine alone, which preempts the lowest-priority
+  sequence when one stalls for a block (swap to the host tier, else drop and recompute:
+  vLLM-style preemption);
+* ``<strategy>``  — the policy loop with every request pinned to one registry strategy
+  (an operator pin, set before the request is submitted): a fixed strategy;
+* ``adaptive:<profile>`` — the policy loop with the profile, no pins.
+
+    python -m benchmarks.headline.gpu --model random:llama3-8b --device cuda \\
+        --dtype bfloat16 --kv-budget-gb 20 --pressure 4 --out gpu-out      # a GPU
+    python -m benchmarks.headline.gpu --smoke                              # CPU, seconds
+
+NOT YET RUN ON A GPU: only the CPU smoke path (random:tiny) has run (docs/BENCHMARKS.md).
+
+Workload: requests drawn from a fixed-seed mix until their prompt + output tokens at
+full precision reach ``pressure`` x the budget: chat (50%: 3-6% of --max-context prompt,
+256-512 new at 32K), documents (35%: 12-25%), long context (15%: 50-100%, 128-256 new).
+Random token ids, greedy, ``ignore_eos``; all submitted at once (a burst). The daemon's
+wiring: ``Telemetry`` samples every ``--tick-s`` (NVML on a GPU) and calls
+``Controller.tick(snapshot, gpu_sample)``; default watermarks 0.90 / 0.75 of the
+engine's GPU tier. Each config gets a fresh engine (same seed, so the same weights)
+with prefix caching off (the same prompts must not hit a previous config's cache).
+
+Reported per config: generated tokens/s over the burst, time per output token (gaps
+between a request's tokens, stalls and preemptions included) p50/p99, time to first
+token p50/p99, preemptions, OOMs (engine steps retried or failed for memory, requests
+refused at submit), lost requests (no finish event by ``--timeout-s``, or finished in
+error), the most sequences running at once, bus GB/s (NVML PCIe RX+TX on a GPU; on the
+CPU no bus: the offloaded bytes exact decode reads per second instead, labelled).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+MIX = (  # share, prompt (fraction of --max-context), new tokens (fraction of it)
+    (0.50, (0.03, 0.06), (0.008, 0.016)),
+    (0.35, (0.12, 0.25), (0.008, 0.016)),
+    (0.15, (0.50, 1.00), (0.004, 0.008)),
+)
+
+
+def workload(max_context: int, demand_bytes: int, token_bytes: int, vocab: int,
+             seed: int, new_scale: float = 1.0) -> list[tuple[list[int], int]]:
+    """(prompt ids, new tokens) until their full-precision KV reaches ``demand_bytes``."""
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < demand_bytes:
+        share = rng.random()
+        for frac, (p0, p1), (n0, n1) in MIX:
+            if share < frac:
+                break
+            share -= frac
+        n_prompt = max(16, int(max_context * rng.uniform(p0, p1)))
+        n_new = max(8, int(max_context * rng.uniform(n0, n1) * new_scale))
+        n_prompt = min(n_prompt, max_context - n_new)
+        out.append(([rng.randrange(vocab) for _ in range(n_prompt)], n_new))
+        total += (n_prompt + n_new) * token_bytes
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
+    from controller.policy import Controller, DecisionLog, PolicyState
+    from controller.telemetry import Telemetry
+    from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
+    from engine.engine import Engine, EngineConfig
+
+    e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
+                            kv_budget_bytes=budget, host_budget_bytes=a.host_bytes,
+                            max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
+                            num_threads=a.threads, seed=a.seed))
+    policy = PolicyState(a.profile_default)
+    ctl = None
+    if cfg != "none":
+        profile = cfg.split(":", 1)[1] if cfg.startswith("adaptive:") else a.profile_default
+        policy.update(profile=profile)
+        ctl = Controller(policy, DecisionLog(), e.handle)
+    tele = Telemetry(e.handle.snapshot, a.tick_s)
+    seen = dict(max_running=0, bus=[], offload_read=[], last=None)
+
+    def on_sample(s) -> None:
+        snap = s.snapshot
+        if snap is None:
+            return
+        if ctl is not None:
+            ctl.tick(snap, s.gpu)
+        seen["max_running"] = max(seen["max_running"], snap.num_running)
+        if s.gpu is not None and s.gpu.available:
+            seen["bus"].append(s.gpu.pcie_rx_bytes_per_s + s.gpu.pcie_tx_bytes_per_s)
+        per_step = sum(v.bytes_by_tier.get("host", 0) for v in snap.sequences
+                       if v.decode_mode == "exact" and v.state == "decode")
+        last, seen["last"] = seen["last"], (snap.time, snap.step)
+        if last is not None and snap.time > last[0]:
+            seen["offload_read"].append(per_step * (snap.step - last[1]) / (snap.time - last[0]))
+    tele.on_sample.append(on_sample)
+
+    lock = threading.Lock()
+    stamps: dict[str, list[float]] = collections.defaultdict(list)
+    finished: dict[str, FinishEvent] = {}
+    submitted: dict[str, float] = {}
+    done = threading.Event()
+
+    def on_event(ev) -> None:
+        now = time.perf_counter()
+        with lock:
+            if isinstance(ev, FinishEvent):
+                finished[ev.seq_id] = ev
+                if len(finished) == len(submitted) and len(submitted) == want[0]:
+                    done.set()
+            else:
+                stamps[ev.seq_id].append(now)
+
+    pre0, oom0, fail0 = e.num_preemptions, e.num_oom_retries, e.num_step_failures
+    want = [len(reqs)]
+    refused = 0
+    e.start()
+    tele.start()
+    t0 = time.perf_counter()
+    for i, (ids, n_new) in enumerate(reqs):
+        sid = f"w{i}"
+        if ctl is not None and not cfg.startswith("adaptive:"):
+            policy.pin(sid, cfg)
+        while True:
+            try:
+                with lock:
+                    submitted[sid] = time.perf_counter()
+                e.submit(Request(prompt_ids=ids, seq_id=sid, sampling=SamplingParams(
+                    max_tokens=n_new, ignore_eos=True)), on_event, prompt_ids=ids)
+                break
+            except Overloaded as err:
+                with lock:
+                    submitted.pop(sid)
+                time.sleep(err.retry_after_s)
+            except OutOfBlocks:
+                with lock:
+                    submitted.pop(sid)
+                refused += 1
+                want[0] -= 1
+                break
+    if want[0] == 0:
+        done.set()
+    done.wait(a.timeout_s)
+    wall = time.perf_counter() - t0
+    tele.stop()
+    with lock:
+        lost = [s for s in submitted if s not in finished]
+        errors = [s for s, ev in finished.items() if ev.reason == "error"]
+        reasons = collections.Counter(ev.reason for ev in finished.values())
+        gaps = [b - a_ for ts in stamps.values() for a_, b in zip(ts, ts[1:])]
+        ttft = [ts[0] - submitted[s] for s, ts in stamps.items() if ts]
+        tokens = sum(len(ts) for ts in stamps.values())
+    for s in lost:
+        e.cancel(s)
+    e.stop()
+    out = dict(config=cfg, budget_bytes=budget, requests=len(reqs), refused=refused,
+               finished=dict(reasons), lost=len(lost) + len(errors), wall_s=wall,
+               tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
+               tpot_p50_ms=_pct(gaps, 0.5) * 1e3, tpot_p99_ms=_pct(gaps, 0.99) * 1e3,
+               ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),
+               preemptions=e.num_preemptions - pre0,
+               ooms=e.num_oom_retries - oom0 + refused,
+               step_failures=e.num_step_failures - fail0, max_running=seen["max_running"],
+               decisions=dict(collections.Counter(d.kind for d in ctl.log.recent()))
+               if ctl is not None else {})
+    if seen["bus"]:
+        out["bus_gb_s"] = sum(seen["bus"]) / len(seen["bus"]) / 1e9
+        out["bus_source"] = "NVML PCIe RX+TX, mean over samples"
+    else:
+        xs = seen["offload_read"]
+        out["bus_gb_s"] = sum(xs) / len(xs) / 1e9 if xs else 0.0
+        out["bus_source"] = "no bus (CPU): offloaded bytes exact decode read per second"
+    del e
+    return out
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    out = [f"# Headline suite — speed side ({meta['model']}, {meta['dtype']}, {meta['device']})",
+           "", f"`{meta['command']}`", "",
+           f"{meta['date']}, {meta['machine']}, torch {meta['torch']}. Workload: "
+           f"{meta['requests']} requests, full-precision KV demand {meta['demand_gb']:.3f} GB "
+           f"= {rows[0]['pressure']:g}x the budget ({rows[0]['budget_bytes'] / 1e9:.3f} GB).",
+           "",
+           "| config | tok/s | TPOT p50 ms | TPOT p99 ms | TTFT p50 s | TTFT p99 s | "
+           "preemptions | OOMs | lost | max running | bus GB/s | decisions |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tpot_p50_ms']:.1f} | "
+                   f"{r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                   f"{r['preemptions']} | {r['ooms']} | {r['lost']} | {r['max_running']} | "
+                   f"{r['bus_gb_s']:.3f} | {r['decisions'] or '-'} |")
+    ok = [r for r in rows if r["ooms"] == 0 and r["lost"] == 0]
+    fixed = [r for r in ok if r["config"] not in ("none",) and
+             not r["config"].startswith("adaptive:")]
+    out.append("")
+    for r in rows:
+        if not r["config"].startswith("adaptive:"):
+            continue
+        if not fixed:
+            out.append(f"- {r['config']}: no fixed strategy ran with 0 OOM and 0 lost")
+            continue
+        best = max(fixed, key=lambda x: x["tokens_per_s"])
+        dom = r in ok and r["tokens_per_s"] >= best["tokens_per_s"]
+        out.append(f"- {r['config']}: {r['tokens_per_s']:.1f} tok/s vs the fastest fixed "
+                   f"strategy meeting the budget ({best['config']}, {best['tokens_per_s']:.1f}), "
+                   f"OOM {r['ooms']}, lost {r['lost']}: "
+                   + ("Pareto-dominates" if dom else "does NOT dominate"))
+    out.append(f"\nBus: {rows[0]['bus_source'] if rows else '-'}.")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from controller.strategies import registry
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-budget-gb", type=float, default=20.0)
+    ap.add_argument("--pressure", default="4",
+                    help="full-precision KV demand / budget; a comma list sweeps the budget "
+                         "(the workload stays the one sized for the first and the budget)")
+    ap.add_argument("--max-context", type=int, default=32768)
+    ap.add_argument("--host-gb", type=float, default=64.0, help="host tier (0: none)")
+    ap.add_argument("--configs", default="none,adaptive:balanced," + ",".join(registry()))
+    ap.add_argument("--new-scale", type=float, default=1.0,
+                    help="multiplies the new tokens of every request")
+    ap.add_argument("--tick-s", type=float, default=0.25, help="telemetry interval (daemon's)")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--timeout-s", type=float, default=1800.0, help="per config")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="headline-gpu-out")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke run in seconds: random:tiny, 512-token context, 2 MiB KV "
+                         "budget, 10 MiB host tier")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.model, a.device, a.dtype, a.max_context = "random:tiny", "cpu", "float32", 512
+        a.kv_budget_gb, a.host_gb, a.max_batch_tokens, a.tick_s = 2 / 1024, 0.01, 512, 0.05
+        a.timeout_s, a.threads = min(a.timeout_s, 300.0), a.threads or 1
+        a.new_scale = 8.0       # 32-64 new tokens: running sequences outgrow the budget
+    a.profile_default = "balanced"
+    a.host_bytes = int(a.host_gb * (1 << 30))
+    pressures = [float(x) for x in a.pressure.split(",") if x]
+    budget = int(a.kv_budget_gb * (1 << 30))
+    from engine.layout import FULL, BlockGeometry
+    from engine.models import RANDOM_CONFIGS, resolve_dtype
+    shape = RANDOM_CONFIGS[a.model.split(":", 1)[1]] if a.model.startswith("random:") else None
+    if shape is None:
+        raise SystemExit("the speed side runs random-weight shapes (random:llama3-8b)")
+    geom = BlockGeometry(32, shape["num_key_value_heads"], shape["head_dim"],
+                         resolve_dtype(a.dtype, torch.device(a.device)))
+    token_bytes = geom.slot_bytes(FULL) * shape["num_hidden_layers"] // 32
+    reqs = workload(a.max_context, int(pressures[0] * budget), token_bytes,
+                    shape["vocab_size"], a.seed, a.new_scale)
+    demand = sum(len(p) + n for p, n in reqs) * token_bytes
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pr in pressures:
+        for cfg in [c for c in a.configs.split(",") if c]:
+            t0 = time.time()
+            rows.append(run_config(a, cfg, reqs, int(demand / pr)) | dict(pressure=pr))
+            r = rows[-1]
+            print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
+                  f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
+                  f"OOMs {r['ooms']}, lost {r['lost']}", file=sys.stderr, flush=True)
+    meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
+        argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        torch=torch.__version__, model=a.model, dtype=a.dtype, device=a.device,
+        requests=len(reqs), demand_gb=demand / 1e9, pressures=pressures)
+    (out / "gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    md = "".join(markdown(meta, [r for r in rows if r["pressure"] == pr]) for pr in pressures)
+    (out / "gpu.md").write_text(md)
+    try:
+        plot(rows, out / "throughput_vs_budget.png")
+    except ImportError as e:
+        print(f"no plot (pip install '.[bench]' for matplotlib): {e}", file=sys.stderr)
+    print(md)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        rs = sorted((r for r in rows if r["config"] == cfg), key=lambda r: r["budget_bytes"])
+        style = "-s" if cfg.startswith("adaptive") else "--x" if cfg == "none" else "-o"
+        ax.plot([r["budget_bytes"] / 1e9 for r in rs], [r["tokens_per_s"] for r in rs],
+                style, lw=2.5 if cfg.startswith("adaptive") else 1, label=cfg)
+    ax.set_xlabel("GPU KV budget, GB (the workload's full-precision demand fixed)")
+    ax.set_ylabel("generated tokens / s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
