@@ -137,8 +137,7 @@ def _repoint(store: KVStore, shared: list) -> None:
         if b.offset >= 0 and (b.tier, b.offset) != (tier, offset):
             store.release_slot(ARENA_OF[b.tier], b.offset, store.geom.slot_bytes(b.fmt),
                                keep=False)
-        key = (ARENA_OF[tier], offset)
-        store.refs[key] = store.refs.get(key, 1) + 1
+        store.ref((ARENA_OF[tier], offset))
         b.tier, b.offset, b.summary = tier, offset, summary
 
 

@@ -13,9 +13,8 @@ from typing import NamedTuple
 
 from engine.actions import Action, ActionError, ActionResult, CandidateResult, EngineSnapshot
 from engine.layout import KVFormat
-from engine.prefix import block_digests, key_of
-from engine.sessions import holder_id
-from engine.store import ARENA_OF, GPU
+from engine.sessions import match_prompt
+from engine.store import GPU
 
 
 class PrefixReuse(NamedTuple):
@@ -54,20 +53,7 @@ class EngineHandle:
             return PrefixReuse(0, 0)
         store = e.store
         T = store.block_size
-        digests = block_digests(prompt_ids, T,
-                                upto=len(prompt_ids) - max(1, e.config.observe_window))
-        if not digests:
-            return PrefixReuse(0, 0)
-        own: frozenset = frozenset()
-        kv = store.seqs.get(holder_id(session_id)) if session_id else None
-        if kv is not None:
-            keys = set()
-            for b in list(kv.blocks):    # a copy: the engine thread may change the list
-                off, tier = b.offset, b.tier
-                if off >= 0 and tier in ARENA_OF:
-                    keys.add((ARENA_OF[tier], off))
-            own = frozenset(keys)
-        entries = store.prefix.match([key_of(d) for d in digests], own)
+        _, entries = match_prompt(store, prompt_ids, e.config.observe_window, session_id)
         layers = store.num_layers
         new_gpu = sum(store.geom.slot_bytes(x.fmt) * layers for x in entries
                       if x.cached or x.tier != GPU)

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engine.api import AllBlocksCleared, BlockRemoved, BlockStored, medium_of
-from engine.block_hash import external_hash, hash_block_tokens
+from engine.block_hash import external_hash, prefix_block_hashes
 
 
 def block_digests(token_ids, block_size: int, start: int = 0, parent: bytes | None = None,
@@ -33,12 +33,9 @@ def block_digests(token_ids, block_size: int, start: int = 0, parent: bytes | No
     """Digests of the full blocks ``start, start+1, ...`` of ``token_ids`` (its first
     ``upto`` tokens when given), chained from ``parent`` (block ``start - 1``'s digest;
     None at the start): vLLM's ``sha256_cbor`` chain (engine/block_hash.py)."""
-    n = len(token_ids) if upto is None else min(upto, len(token_ids))
-    out = []
-    for i in range(start, n // block_size):
-        parent = hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size])
-        out.append(parent)
-    return out
+    n = len(token_ids) if upto is None else max(0, min(upto, len(token_ids)))
+    return prefix_block_hashes(token_ids[start * block_size:n // block_size * block_size],
+                               block_size, parent)
 
 
 ATTENDED = ("gpu", "host")   # tiers whose blocks a new request can attend (reusable)
@@ -163,16 +160,6 @@ class PrefixIndex:
                 self.evicted_cached += 1
                 return e
         return None
-
-    def clear(self) -> list[Entry]:
-        """Forget every entry; the cached ones are returned for the caller to free."""
-        cached = list(self.lru.values())
-        self.by_hash.clear()
-        self.by_key.clear()
-        self.lru.clear()
-        if self.record_events:
-            self.events.append(AllBlocksCleared())
-        return cached
 
     def drain_events(self) -> list:
         out, self.events = self.events, []

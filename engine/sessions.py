@@ -41,6 +41,21 @@ def holder_id(session_id: str) -> str:
     return SESSION_PREFIX + session_id
 
 
+def match_prompt(store, ids: list[int], observe_window: int,
+                 session_id: str | None = None) -> tuple[list[bytes], list]:
+    """The rule admission reuses by: the digests of the prompt's full blocks before its
+    last ``observe_window`` tokens (at least one: their attention gives the prompt-time
+    statistics, the last one's logits the first token) and the leading index entries
+    they match, quantized ones only where ``session_id``'s own idle KV holds them.
+    Reads only (``EngineHandle.prefix_reuse`` calls it off the engine thread: the block
+    list is copied before it is read)."""
+    digests = block_digests(ids, store.block_size, upto=len(ids) - max(1, observe_window))
+    kv = store.seqs.get(holder_id(session_id)) if session_id else None
+    own = frozenset(store.slot_key(b) for b in list(kv.blocks)
+                    if b.offset >= 0) if kv is not None else frozenset()
+    return digests, store.prefix.match([key_of(d) for d in digests], own)
+
+
 @dataclass
 class Session:
     session_id: str
@@ -67,15 +82,8 @@ class SessionsMixin:
         entries = []
         sess = self.sessions.get(s.request.session_id or "")
         if self.config.prefix_caching:
-            # the prompt's last ``observe_window`` tokens (at least one) are always
-            # computed: their attention gives the prompt-time statistics and the last
-            # one's logits the first token
-            digests = block_digests(ids, T, upto=len(ids) - max(1, self.config.observe_window))
-            own = frozenset()
-            if sess is not None and sess.holder in store.seqs:   # its lossy blocks too
-                own = frozenset(store.slot_key(b) for b in store.seqs[sess.holder].blocks
-                                if b.offset >= 0)
-            entries = store.prefix.match([key_of(d) for d in digests], own)
+            digests, entries = match_prompt(store, ids, self.config.observe_window,
+                                            s.request.session_id)
         store.add_sequence(sid)
         if entries:
             store.share(sid, entries)
@@ -110,7 +118,7 @@ class SessionsMixin:
         if host:
             try:
                 moves.fetch(store, sid, host)
-            except ActionError:
+            except ActionError:     # no GPU room now: they stay on the host, streamed
                 pass
         while staging_need(store, sid) > store.staging_half:
             matched = next(b.index for b in kv.blocks if b.tier == HOST)

@@ -182,8 +182,7 @@ class KVStore:
                 nb.offset = arena.alloc.allocate(n)
                 arena.data[:, nb.offset:nb.offset + n].copy_(arena.data[:, b.offset:b.offset + n])
             elif b.offset >= 0:
-                key = self.slot_key(b)
-                self.refs[key] = self.refs.get(key, 1) + 1
+                self.ref(self.slot_key(b))
                 nb.offset = b.offset
             dst.blocks.append(nb)
         self.seqs[dst_id] = dst
@@ -206,14 +205,24 @@ class KVStore:
     def holders(self, b: Block) -> int:
         return self.refs.get(self.slot_key(b), 1) if b.offset >= 0 else 0
 
+    def ref(self, key: tuple[str, int]) -> None:
+        """One more holder of slot ``key`` (it has one already)."""
+        self.refs[key] = self.refs.get(key, 1) + 1
+
+    def _unref(self, key: tuple[str, int]) -> bool:
+        """One holder fewer of slot ``key`` if it is shared (True: others still hold it)."""
+        n = self.refs.get(key)
+        if n is None:
+            return False
+        if n <= 2:
+            del self.refs[key]
+        else:
+            self.refs[key] = n - 1
+        return True
+
     def release_slot(self, arena: str, offset: int, slot_bytes: int, keep: bool = True) -> None:
         key = (arena, offset)
-        n = self.refs.get(key)
-        if n is not None:                 # others still hold it
-            if n <= 2:
-                del self.refs[key]
-            else:
-                self.refs[key] = n - 1
+        if self._unref(key):              # others still hold it
             return
         if keep and self.prefix_cache and self.prefix.cache(key):
             return                        # the index holds it now, until the room is needed
@@ -225,12 +234,7 @@ class KVStore:
         is shared (copy on write: the others keep it, and its index entry), else freed,
         its index entry following the block."""
         key = (old_arena, old_offset)
-        n = self.refs.get(key)
-        if n is not None:
-            if n <= 2:
-                del self.refs[key]
-            else:
-                self.refs[key] = n - 1
+        if self._unref(key):
             return
         self.prefix.retarget(key, self.slot_key(b), b.tier, b.fmt, b.summary)
         self.arenas[old_arena].alloc.free(old_offset, old_slot)
@@ -246,7 +250,7 @@ class KVStore:
             if e.cached:
                 self.prefix.take(e)       # this sequence is its one holder now
             else:
-                self.refs[e.key] = self.refs.get(e.key, 1) + 1
+                self.ref(e.key)
             s.blocks.append(Block(i, e.fmt, e.tier, e.key[1], T,
                                   None if e.summary is None else e.summary.clone()))
         s.num_tokens = len(entries) * T
