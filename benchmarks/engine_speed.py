@@ -137,6 +137,9 @@ def main() -> None:
                     help="kvctl's KV arena (leave room for transformers' caches)")
     ap.add_argument("--hf", default="static,dynamic", help="transformers baselines to run")
     ap.add_argument("--no-eager", action="store_true", help="skip kvctl without graphs")
+    ap.add_argument("--compile", action="store_true",
+                    help="also kvctl with its decode step compiled (engine.compile_decode) "
+                         "and captured (CUDA)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     from engine.engine import Engine, EngineConfig
@@ -153,6 +156,13 @@ def main() -> None:
     kv_tok = eng.store.block_bytes(FULL) / eng.store.block_size      # bytes of KV a token
     bw = read_bandwidth(dev) if dev.type == "cuda" else 0.0
     hf = [x for x in a.hf.split(",") if x] if dev.type == "cuda" else ["dynamic"]
+    compiled_graphs = None
+    if a.compile and eng.runner.graphs is not None:
+        from engine import attention
+        from engine.cuda_graphs import DecodeGraphs
+        compiled_graphs = DecodeGraphs(eng.model, eng.store, eng.num_layers, dev,
+                                       eng.config.max_running,
+                                       compiled=attention.compile_model(eng.model))
     rows = []
     for b in batches:
         ctx = a.prompt + a.new // 2
@@ -160,6 +170,15 @@ def main() -> None:
         row = dict(batch=b, floor_ms=floor_ms, floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
         r, ms = bench_kvctl(eng, prompts[:b], a.new)
         row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
+        if compiled_graphs is not None:
+            saved, eng.runner.graphs = eng.runner.graphs, compiled_graphs
+            t0 = time.perf_counter()
+            try:
+                r, ms = bench_kvctl(eng, prompts[:b], a.new)
+            finally:
+                eng.runner.graphs = saved
+            row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
+                       kvctl_compiled_wall_s=time.perf_counter() - t0)
         if not a.no_eager and eng.runner.graphs is not None:
             saved, eng.runner.graphs = eng.runner.graphs, None
             try:
@@ -180,12 +199,13 @@ def main() -> None:
     g = eng.runner.graphs.stats.__dict__ if eng.runner.graphs is not None else {}
     meta = dict(gpu=where, torch=torch.__version__, model=eng.model_name, dtype=str(eng.dtype),
                 prompt=a.prompt, new=a.new, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
-                read_bandwidth=bw, cpus=os.cpu_count(), graphs=g)
+                read_bandwidth=bw, cpus=os.cpu_count(), graphs=g,
+                compiled_graphs=compiled_graphs.stats.__dict__ if compiled_graphs else {})
     print(f"\n# decode — {where}, {eng.model_name} ({eng.dtype}), prompt {a.prompt}, "
           f"{a.new} new; read bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB\n")
     print("| batch | floor tok/s | kvctl graphs tok/s (ms/step, % floor) | kvctl eager | "
-          "hf static | hf dynamic | graphs / static |")
-    print("|---|---|---|---|---|---|---|")
+          "hf static | hf dynamic | graphs / static | graphs+compile (ms, % floor) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r.get("hf_static_tok_s")
         pct = f", {r['floor_ms'] / r['kvctl_graphs_ms']:.0%}" if r["floor_ms"] else ""
@@ -193,7 +213,10 @@ def main() -> None:
         print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | {r['kvctl_graphs_tok_s']:.1f} "
               f"({r['kvctl_graphs_ms']:.2f}{pct}) | {r.get('kvctl_eager_tok_s', 0):.1f} | "
               f"{_num(st, r.get('hf_static_error'))} | "
-              f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {ratio} |")
+              f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {ratio} | "
+              + (f"{r['kvctl_compiled_tok_s']:.1f} ({r['kvctl_compiled_ms']:.2f}"
+                 + (f", {r['floor_ms'] / r['kvctl_compiled_ms']:.0%}" if r["floor_ms"] else "")
+                 + ") |" if "kvctl_compiled_tok_s" in r else "- |"))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)

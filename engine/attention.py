@@ -13,6 +13,13 @@ attend over. The function writes K/V into the store, then attends:
 * prefill rows (a chunk of a prompt): causal attention over the sequence's stored
   prefix plus the chunk, by absolute positions (blocks evicted from the middle simply
   are not there).
+
+Compiled steps (``compile_model``): ``torch.compile`` of the whole model with kvctl
+attention as one opaque custom op (``kvctl::attention``), vLLM's split: the norms, RoPE,
+residual adds and the MLP's activation fuse into a few kernels per layer, the attention
+(block writes, the paged decode kernel, statistics) runs as written. The plan reaches
+the op through the step's context (``_CURRENT``), not through the model's kwargs, so
+the compiled graph holds no plan object and guards on none.
 """
 from __future__ import annotations
 
@@ -26,18 +33,42 @@ from engine.kernels.paged_decode import paged_decode
 ATTN_NAME = "kvctl"
 
 
+_CURRENT: list = [None]     # the plan of the compiled step running now (one engine thread)
+
+
 def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     kvctl_plan=None, **kwargs):
     """query [1, Hq, N, D], key/value [1, H, N, D] -> (out [1, N, Hq, D], None)."""
-    plan = kvctl_plan
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        return torch.ops.kvctl.attention(query, key, value, module.layer_idx, scale), None
+    plan = kvctl_plan if kvctl_plan is not None else _CURRENT[0]
     if plan is None:
         raise RuntimeError("kvctl attention called without a step plan; run the model "
                            "through engine.runner, or pick another attn_implementation")
-    layer = module.layer_idx
+    return _attend(plan, module.layer_idx, query, key, value, scale), None
+
+
+@torch.library.custom_op("kvctl::attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                  scale: float) -> torch.Tensor:
+    """The compiled graph's view of kvctl attention: opaque; writes the step's K/V into
+    the store and attends with the plan in ``_CURRENT``."""
+    plan = _CURRENT[0]
+    if plan is None:
+        raise RuntimeError("compiled kvctl attention ran outside attention.forward")
+    return _attend(plan, layer, query, key, value, scale)
+
+
+@_attention_op.register_fake
+def _(query, key, value, layer, scale):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
     q = query[0].transpose(0, 1)            # [N, Hq, D]
     k = key[0].transpose(0, 1)              # [N, H, D]
     v = value[0].transpose(0, 1)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     plan.write_kv(layer, k, v)
     out = torch.empty_like(q)
     arena_row = plan.arena_row(layer)
@@ -71,7 +102,7 @@ def kvctl_attention(module, query, key, value, attention_mask, scaling=None, dro
         out[rows] = o[0].transpose(0, 1)
         if seg.observe:
             plan.record_observation(layer, seg, qq, kk, kpos, scale)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
 
 
 AttentionInterface.register(ATTN_NAME, kvctl_attention)
@@ -84,12 +115,28 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def compile_model(model: torch.nn.Module):
+    """The model's forward compiled around kvctl attention (see the module docstring);
+    pass it to ``forward`` as ``compiled``. Shapes are dynamic in the token count: one
+    graph serves every batch (dynamo specializes a count of 1 apart)."""
+    return torch.compile(model, dynamic=True)
+
+
 @torch.inference_mode()
 def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, plan,
-            logits_rows: torch.Tensor) -> torch.Tensor:
-    """One packed step. input_ids/position_ids [1, N]; returns logits [len(rows), V]."""
+            logits_rows: torch.Tensor, compiled=None) -> torch.Tensor:
+    """One packed step. input_ids/position_ids [1, N]; returns logits [len(rows), V].
+    ``compiled``: ``compile_model(model)``, run instead of the model."""
     if plan.decode is not None and plan.decode.stager is not None:
         plan.decode.stager.begin()
-    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                logits_to_keep=logits_rows, kvctl_plan=plan)
+    if compiled is None:
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=logits_rows, kvctl_plan=plan)
+        return out.logits[0]
+    _CURRENT[0] = plan
+    try:
+        out = compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                       logits_to_keep=logits_rows)
+    finally:
+        _CURRENT[0] = None
     return out.logits[0]

@@ -64,6 +64,8 @@ class EngineConfig:
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority
     snapshot_interval_s: float = 0.1   # while steps only make progress, snapshots this often
     cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
+    compile_decode: bool = False   # decode steps through torch.compile around kvctl
+                                   # attention (captured into the graphs on CUDA)
     prefix_caching: bool = True    # reuse full blocks of matching token prefixes
     session_ttl_s: float = 600.0   # an idle session's KV is dropped after this long
     max_sessions: int = 256        # idle sessions kept; beyond, the least recent goes

@@ -72,8 +72,9 @@ class GraphStats:
 
 class DecodeGraphs:
     def __init__(self, model, store: KVStore, num_layers: int, device: torch.device,
-                 max_batch: int) -> None:
+                 max_batch: int, compiled=None) -> None:
         self.model = model
+        self.compiled = compiled      # attention.compile_model(model), captured instead
         self.store = store
         self.num_layers = num_layers
         self.device = device
@@ -195,7 +196,7 @@ class DecodeGraphs:
             plan.layer_cache = {}
             plan.shares = None
             logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
-                                       rows)
+                                       rows, self.compiled)
             return logits, plan.block_shares()   # the statistics' input, in the graph too
 
         side = torch.cuda.Stream(self.device)

@@ -84,7 +84,8 @@ class Engine(OfflineMixin, SessionsMixin):
                              scratch=graphs, prefix_cache=cfg.prefix_caching)
         self.store.prefix.record_events = cfg.kv_events
         self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device,
-                                  cuda_graphs=graphs, max_batch=cfg.max_running)
+                                  cuda_graphs=graphs, max_batch=cfg.max_running,
+                                  compile_decode=cfg.compile_decode)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -36,15 +36,20 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, store: KVStore, num_layers: int,
-                 device: torch.device, cuda_graphs: bool = False, max_batch: int = 256) -> None:
+                 device: torch.device, cuda_graphs: bool = False, max_batch: int = 256,
+                 compile_decode: bool = False) -> None:
         self.model = model
         self.store = store
         self.num_layers = num_layers
         self.device = device
+        # decode-only steps through torch.compile (attention.compile_model); prefill
+        # chunks vary in shape and stay eager
+        self.compiled = attention.compile_model(model) if compile_decode else None
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             from engine.cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(model, store, num_layers, device, max_batch)
+            self.graphs = DecodeGraphs(model, store, num_layers, device, max_batch,
+                                       compiled=self.compiled)
 
     def run(self, decode: list[tuple[str, int]], chunks: list[Chunk]) -> StepOutput:
         """One packed forward pass: ``decode`` (sequence, token) pairs attend over their
@@ -65,6 +70,8 @@ class ModelRunner:
                 rows.extend(range(seg.start, seg.start + seg.length))
             elif c.logits == "last":
                 rows.append(seg.start + seg.length - 1)
+        compiled = self.compiled if decode and not chunks else None
         logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
-                                   torch.tensor(rows, dtype=torch.long, device=self.device))
+                                   torch.tensor(rows, dtype=torch.long, device=self.device),
+                                   compiled)
         return StepOutput(plan, logits)
