@@ -99,7 +99,7 @@ def run_kvctl(a, samples, by_engine) -> list[dict]:
         pred = predictor_for(e.handle.snapshot().model)
         t0 = time.time()
         for i, s in enumerate(samples):
-            recs = kvctl_side.run_sample(e, s, cfgs, pred)
+            recs = kvctl_side.run_sample(e, s, cfgs, pred, a.watermarks)
             if n:          # the full reference runs on each engine: keep the first's
                 recs = [r for r in recs if r["kind"] != "full"]
             records += recs
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers", default="all", help=f"all, none or some of {','.join(peers.PEERS)}")
     ap.add_argument("--peers-venv", default=".venv-peers")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--watermarks", default="1.0,0.9",
+                    help="adaptive's high,low watermarks as fractions of the budget: it "
+                         "relieves to the low one (a lossy plan compresses that much more)")
     ap.add_argument("--from", dest="from_json", default="",
                     help="re-render the tables, checks and plots of a headline.json[.gz] "
                          "into --out")
@@ -153,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.model, a.lengths, a.samples, a.text_score, a.peers = "random:tiny", "256", 1, 16, "none"
     a.budgets = [float(b) for b in a.budgets.split(",") if b]
+    try:
+        hi, lo = (float(x) for x in a.watermarks.split(","))
+        from controller.policy import check_watermarks
+        check_watermarks(hi, lo)
+    except ValueError as e:
+        raise SystemExit(f"--watermarks: {e} (want HIGH,LOW, e.g. 1.0,0.9)")
+    a.watermarks = (hi, lo)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch=torch.__version__, transformers=transformers.__version__,
                 model=a.model, dtype=a.dtype, threads=a.threads, samples=a.samples,
                 lengths=a.lengths, budgets=a.budgets, text_score=a.text_score,
-                question=a.question,
+                question=a.question, watermarks=list(a.watermarks),
                 peer_versions=versions, seconds=time.time() - t0)
     res = dict(meta=meta, samples=[{k: v for k, v in s.to_json().items()
                                     if not k.endswith("_ids")} for s in samples],

@@ -139,7 +139,8 @@ class Counted:
 class Run:
     """One config on one fork of the sample's base."""
 
-    def __init__(self, engine, base_id: str, cfg: Config, predictor=None) -> None:
+    def __init__(self, engine, base_id: str, cfg: Config, predictor=None,
+                 watermarks: tuple[float, float] = (1.0, 0.9)) -> None:
         self.e, self.cfg = engine, cfg
         self.sid = f"hl-{next(_ids)}"
         engine.fork(base_id, self.sid)
@@ -157,7 +158,8 @@ class Run:
             full = seq_bytes(self.view(), self.full_block)["full_bytes"]
             self.clock = FakeClock()
             policy = PolicyState(profile=cfg.strategy, budget_bytes=int(cfg.budget * full),
-                                 high_watermark=1.0, low_watermark=0.9)
+                                 high_watermark=watermarks[0],
+                                 low_watermark=watermarks[1])
             if predictor is None:
                 self.ctl = Controller(policy, DecisionLog(), self.handle, clock=self.clock)
             else:   # the daemon's wiring with one predictor loaded once for the whole run
@@ -251,7 +253,8 @@ class _Proxy:
 
 
 @torch.inference_mode()
-def run_sample(engine, sample, cfgs: list[Config], predictor=None) -> list[dict]:
+def run_sample(engine, sample, cfgs: list[Config], predictor=None,
+               watermarks: tuple[float, float] = (1.0, 0.9)) -> list[dict]:
     """Every config of ``cfgs`` (one engine) on one sample; one record each. A full
     reference fork runs beside them (KL) and is returned first, as config 'full'."""
     base = f"hl-base-{next(_ids)}"
@@ -261,7 +264,7 @@ def run_sample(engine, sample, cfgs: list[Config], predictor=None) -> list[dict]
     runs = [Run(engine, base, Config("full"))]
     try:
         for c in cfgs:
-            runs.append(Run(engine, base, c, predictor))
+            runs.append(Run(engine, base, c, predictor, watermarks))
         engine.release(base)
         base = None
         for r in runs:

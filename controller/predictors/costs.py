@@ -16,6 +16,15 @@ block's format with them). Torch-free; units are "perplexity fraction" (0.01 = +
   puts a cold block's eviction above its int2 (0.077 / 2 per share), so eviction comes
   after every format on cold blocks and before the lower formats only on blocks whose
   quantization error would weigh more than their attention.
+* Keys at 2 bits also cost ``KEY2_SHARE`` per share of blocks, whatever the block's
+  attention so far: the query-agnostic part of 2-bit keys. Perplexity (the format
+  cost above) is scored on the next tokens, which look where the prompt looked; a later
+  question looks elsewhere, and 2-bit keys lose the needle it looks for: uniform int2
+  halves retrieval where keys int4 + values int2 keep nearly int4's (FACTS), and in the
+  headline suite's compress-then-ask runs every missed needle sat in a block the plan
+  had put at int2 (docs/BENCHMARKS.md, "Headline suite"). Half of eviction's per-share
+  price: a cold block goes to k4v2 before any block goes to int2, and a block goes to
+  int2 before it is evicted.
 """
 from __future__ import annotations
 
@@ -23,12 +32,16 @@ FORMAT_COST = {"full": 0.0, "int8": 0.0002, "fp8": 0.0016, "k8v4": 0.002, "int4"
                "k4v2": 0.036, "int2": 0.077}
 UNKNOWN_FORMAT_COST = 0.25      # a format nobody measured: priced as if near-useless
 EVICT_SHARE = 0.2
+KEY2_SHARE = EVICT_SHARE / 2
 
 
 def quantize_cost(fmt: str, mass_frac: float, share: float) -> float:
     """Blocks carrying ``mass_frac`` of the attention and ``share`` of the attended
     blocks, all stored in ``fmt``."""
-    return FORMAT_COST.get(fmt, UNKNOWN_FORMAT_COST) * (mass_frac + share) / 2
+    cost = FORMAT_COST.get(fmt, UNKNOWN_FORMAT_COST) * (mass_frac + share) / 2
+    if fmt == "int2" or fmt.startswith("k2v"):     # 2-bit keys
+        cost += KEY2_SHARE * share
+    return cost
 
 
 def evict_cost(mass_frac: float, share: float) -> float:

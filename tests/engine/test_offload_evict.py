@@ -8,6 +8,17 @@ from engine.api import Request, SamplingParams
 from engine.store import GPU, HOST
 
 
+@pytest.fixture(autouse=True)
+def no_prefix_reuse(engine):
+    """These tests compare logits bit for bit between runs of the same prompt: each run
+    prefills it whole. With prefix reuse a run's prefill would depend on which earlier
+    test (of any module, on this session-wide engine) left the prompt's blocks cached,
+    and a prefill over reused blocks rounds differently from a whole one."""
+    engine.config.prefix_caching = False
+    yield
+    engine.config.prefix_caching = True
+
+
 def decode_logits(engine, ids, actions=(), steps=8, after_step=None):
     """Prefill ``ids``, apply ``actions(sid)``, decode ``steps`` greedy tokens; logits."""
     logits = []
