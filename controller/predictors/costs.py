@@ -23,8 +23,11 @@ block's format with them). Torch-free; units are "perplexity fraction" (0.01 = +
   halves retrieval where keys int4 + values int2 keep nearly int4's (FACTS), and in the
   headline suite's compress-then-ask runs every missed needle sat in a block the plan
   had put at int2 (docs/BENCHMARKS.md, "Headline suite"). Half of eviction's per-share
-  price: a cold block goes to k4v2 before any block goes to int2, and a block goes to
-  int2 before it is evicted.
+  price: every block goes to k4v2 before a cold one goes lower. From k4v2 a block's
+  step to int2 then frees a quarter of what its eviction frees for more than half of
+  its price, so past k4v2 the plan evicts the coldest blocks (a few, each a whole
+  block) rather than turning many to int2; the convex hull of each block's ladder
+  (strategies/mixed_precision.py) decides it per block.
 """
 from __future__ import annotations
 

@@ -200,3 +200,27 @@ def test_mixed_precision_never_requantizes_and_may_evict_lossy_blocks():
         if isinstance(a, Quantize):
             assert set(a.blocks) <= {0}                # the full-precision sink only
     assert any(isinstance(a, Evict) for a in cand.actions)
+
+
+def test_mixed_precision_keeps_4bit_keys_everywhere_before_any_block_goes_int2():
+    """Compress, then ask: a later question may look at a block nothing has looked at
+    yet, and 2-bit keys lose it (docs/BENCHMARKS.md, headline suite). So while the
+    blocks can still give bytes by going to k4v2 (4-bit keys), none goes to int2 or is
+    evicted, even a cold one beside blocks the prompt looked at hard (before KEY2_SHARE
+    the cold ones went int2 first); past that, only cold blocks go lower."""
+    from controller.strategies import MixedPrecision
+
+    mass = [0.3] + [0.001] * 10 + [0.2, 0.3, 0.4, 0.5, 0.6]   # window hot, middle cold
+    seq = synthetic(mass)
+    all_k4v2 = 15 * (FULL - 156)
+    for target in (all_k4v2 // 3, all_k4v2 // 2, all_k4v2 - 100):
+        cand = MixedPrecision().propose(seq, target, CTX)
+        fmts = {p.strategy.removeprefix("quantize_") for p in cand.parts}
+        assert cand.freed_bytes >= target and cand.kind == "quantize"
+        assert fmts <= {"int8", "int4", "k4v2"}, fmts
+    for target in (all_k4v2 + 62, all_k4v2 + 500, 15 * (FULL - 125)):
+        cand = MixedPrecision().propose(seq, target, CTX)
+        lower = [i for p in cand.parts if p.strategy not in (
+            "quantize_int8", "quantize_int4", "quantize_k4v2") for i in p.blocks]
+        assert cand.freed_bytes >= target and lower
+        assert all(mass[i] == 0.001 for i in lower), lower
