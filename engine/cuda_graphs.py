@@ -7,11 +7,13 @@ graph: the whole model forward (transformers' modules with kvctl attention and t
 paged decode kernel inside) reads static input buffers that each step fills with one
 host-to-device copy from pinned memory.
 
-A graph is captured per (batch bucket, table-width bucket, KV format) the first time
+A graph is captured per (batch bucket, table-width bucket, KV formats) the first time
 such a step comes, into one memory pool shared by all graphs; padded rows write their
 K/V into a scratch slot and attend over it. A step outside what graphs cover (prefill
-chunks, offloaded blocks streamed through staging, a table mixing formats) runs eager
-for that step and is counted (``num_eager``).
+chunks, offloaded blocks streamed through staging, more than MAX_FORMATS formats) runs eager
+for that step and is counted (``num_eager``). A table mixing formats replays a graph of
+its set of formats (one kernel launch per format and layer, columns grouped on the
+device).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ log = logging.getLogger("kvctl.engine.graphs")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_WIDTH = 16          # table columns of the narrowest graph
+MAX_FORMATS = 4         # formats one graph's table may hold (a kernel launch each a layer)
 
 
 def _bucket(n: int, buckets) -> int | None:
@@ -91,27 +94,30 @@ class DecodeGraphs:
 
     # -- which steps -----------------------------------------------------------------------
     def key(self, decode: list[tuple[str, int]]) -> tuple | str:
-        """The graph for this decode-only step, or why it must run eager."""
+        """The graph for this decode-only step, or why it must run eager. A graph is
+        keyed by (batch bucket, table-width bucket, the formats its table holds): a
+        table of several formats (a sequence quantized in part: its newest block is
+        always full precision) replays a graph that groups the columns by format on the
+        device and launches the kernel once per format."""
         B = _bucket(len(decode), self.buckets)
         if B is None:
             return "batch beyond the largest graph"
-        fmt, nb = None, 1
+        fmts: set[KVFormat] = set()
+        nb = 1
         for sid, _ in decode:
             kv = self.store.seqs[sid]
             nb = max(nb, len(kv.blocks) + 1)
             for b in kv.blocks:
                 if b.tier == HOST:
                     return "offloaded blocks stream through staging"
-                if b.tier != GPU:
-                    continue
-                if fmt is None:
-                    fmt = b.fmt
-                elif b.fmt != fmt:
-                    return "blocks of several formats"
+                if b.tier == GPU:
+                    fmts.add(b.fmt)
+        if len(fmts) > MAX_FORMATS:
+            return f"more than {MAX_FORMATS} formats in one table"
         width = _width(nb)
         if width > self.max_width:
             return "table wider than the model's context"
-        return (B, width, fmt or FULL)
+        return (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,))
 
     def note_eager(self, why: str) -> None:
         self.stats.num_eager += 1
@@ -146,7 +152,7 @@ class DecodeGraphs:
         return host, g.logits[:n]
 
     # -- capture ---------------------------------------------------------------------------
-    def _capture(self, B: int, NB: int, fmt: KVFormat) -> _Graph:
+    def _capture(self, B: int, NB: int, fmts: tuple[KVFormat, ...]) -> _Graph:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
         st, geom = self.store, self.store.geom
@@ -168,6 +174,7 @@ class DecodeGraphs:
                                 + torch.arange(D).view(1, 1, D)).expand(B, H, D).reshape(-1)
         s, _ = views["offs"]
         pad[s:s + B * NB].view(B, NB)[:, 0] = self.scratch
+        fmt = fmts[0]
         for name, bits in (("kb", fmt.k_code), ("vb", fmt.v_code)):
             s, _ = views[name]
             pad[s:s + B * NB] = bits
@@ -184,7 +191,9 @@ class DecodeGraphs:
                for name in ("kb", "vb", "nt")}
         rows = torch.arange(B, device=self.device)
         dec = DecodeBatch([""] * B, rows, v("offs"), i32["kb"], i32["vb"], i32["nt"],
-                          fmt=fmt, row_list=list(range(B)))
+                          fmt=fmt if len(fmts) == 1 else None, row_list=list(range(B)))
+        if len(fmts) > 1:
+            from engine.kernels.paged_decode_triton import FormatGroups
         plan = StepPlan(st, v("ids").view(1, B), v("pos").view(1, B), v("widx"),
                         (sec["v"][0] - sec["k"][0]) // esize, dec, [], self.num_layers)
 
@@ -192,6 +201,8 @@ class DecodeGraphs:
             # the int32 table columns come from the packed int64 buffer, inside the graph
             for name in ("kb", "vb", "nt"):
                 i32[name].copy_(v(name))
+            if len(fmts) > 1:   # columns grouped by format on the device (a stable sort)
+                dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts)
             plan.partials.clear()
             plan.layer_cache = {}
             plan.shares = None
@@ -211,14 +222,15 @@ class DecodeGraphs:
         plan.shares = shares
         torch.cuda.synchronize(self.device)
         g = _Graph(graph, plan, flat, pinned, pad, views, logits, B, NB)
-        self.graphs[(B, NB, fmt)] = g
+        self.graphs[(B, NB, fmts)] = g
         dt = time.perf_counter() - t0
         grew = torch.cuda.memory_reserved(self.device) - before
         self.stats.num_graphs += 1
         self.stats.capture_seconds += dt
         self.stats.capture_bytes += max(0, grew)
         log.info("captured a decode graph", extra={"kv": {
-            "batch": B, "table_width": NB, "format": fmt.name, "seconds": round(dt, 3),
+            "batch": B, "table_width": NB, "formats": "+".join(f.name for f in fmts),
+            "seconds": round(dt, 3),
             "pool_growth_bytes": grew}})
         return g
 

@@ -6,6 +6,7 @@ import torch
 
 from engine.actions import Evict, Offload, Quantize
 from engine.api import FinishEvent, Request, SamplingParams
+from engine.layout import FULL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -67,8 +68,9 @@ def test_graph_steps_equal_eager_steps(eng):
 
 def test_moves_between_replays_match_eager(eng):
     """Quantize, then offload, then evict the same sequence between decode steps: the
-    steps around each move take graphs where they can (eager for the mixed table) and
-    equal an all-eager run of the same moves."""
+    steps around each move take graphs where they can (the mixed table replays a graph
+    of its formats; the offloaded blocks' steps run eager) and equal an all-eager run of
+    the same moves."""
     ps = prompts(400, 200, seed=1)
 
     def moves(step, sids):
@@ -79,7 +81,8 @@ def test_moves_between_replays_match_eager(eng):
     eager0, replays0 = stats.num_eager, stats.num_replays
     lg, toks = decode(eng, ps, 10, moves)
     assert stats.num_replays > replays0 and stats.num_eager > eager0
-    assert "blocks of several formats" in stats.eager_reasons
+    assert "offloaded blocks stream through staging" in stats.eager_reasons
+    assert any(len(k[2]) > 1 for k in eng.runner.graphs.graphs)    # a mixed-format graph
     ref_lg, ref_toks = decode(eng, ps, 10, moves, graphs=False)
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
@@ -96,7 +99,7 @@ def test_uniformly_quantized_batch_replays_a_graph_of_its_format(eng):
     assert isinstance(g, DecodeGraphs)
     keys = set(g.graphs)
     decode(eng, prompts(64, seed=2), 4)
-    assert any(k[2].name == "full" for k in g.graphs) and set(g.graphs) >= keys
+    assert any(k[2] == (FULL,) for k in g.graphs) and set(g.graphs) >= keys
 
 
 def test_compiled_graphs_equal_eager_steps(eng):
@@ -118,6 +121,25 @@ def test_compiled_graphs_equal_eager_steps(eng):
         eng.runner.graphs = saved
     assert compiled.stats.num_replays >= 4
     ref_lg, ref_toks = decode(eng, ps, 10, moves, graphs=False)
+    assert toks == ref_toks
+    for a, b in zip(lg, ref_lg):
+        assert float((a - b).abs().max()) < 1e-4
+
+
+def test_mixed_format_tables_replay_graphs(eng):
+    """A batch whose tables hold four formats (int8, int4, k4v2 and the full newest
+    blocks) replays one graph a step, no eager step, and equals eager steps."""
+    ps = prompts(350, 260, seed=5)
+
+    def moves(step, sids):
+        return {0: [Quantize(sids[0], (1, 2), 8), Quantize(sids[0], (3, 4), 4),
+                    Quantize(sids[1], (2, 3), 4, 2)]}.get(step, [])
+    stats = eng.runner.graphs.stats
+    eager0, replays0 = stats.num_eager, stats.num_replays
+    lg, toks = decode(eng, ps, 8, moves)
+    assert stats.num_eager == eager0 and stats.num_replays - replays0 >= 7
+    assert any(len(k[2]) == 4 for k in eng.runner.graphs.graphs)
+    ref_lg, ref_toks = decode(eng, ps, 8, moves, graphs=False)
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
         assert float((a - b).abs().max()) < 1e-4
