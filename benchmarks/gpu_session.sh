@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call, several measurements, each with its own time limit and its own log
+# under $OUT (what ran before a limit still comes back). Steps are named on the command
+# line; `all` runs them in this order:
+#   tests   CUDA tests (graphs, compile, kernels, parity)
+#   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
+#   kernel  benchmarks.decode_kernel (issue 14)
+#   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
+#   head    benchmarks.headline.gpu (issue 15)
+#   split   benchmarks.step_split (where a step's time goes)
+# Usage on the device: bash benchmarks/gpu_session.sh tests speed kernel
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1
+python -m pip install -q --no-deps .whl/*.whl >"$OUT/pip.txt" 2>&1 || true
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+steps=("$@")
+[ "${steps[0]:-all}" = all ] && steps=(tests speed kernel multi head)
+for s in "${steps[@]}"; do
+  t0=$(date +%s)
+  case $s in
+    tests) timeout "${T_TESTS:-300}" python -m pytest -q -x -p no:cacheprovider \
+             tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py tests/kernels ;;
+    speed) timeout "${T_SPEED:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
+             --device cuda --dtype bfloat16 --batches "${SPEED_BATCHES:-1,8,32,64}" \
+             --prompt 1024 --new 64 --kv-budget-gb 20 --compile --json "$OUT/speed.json" ;;
+    kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
+             --contexts 32768 131072 --formats full int8 fp8 int4 int4+full --iters 30 \
+             --json "$OUT/kernel.json" ;;
+    multi) for m in reuse full; do timeout "${T_MULTI:-200}" python -m benchmarks.multiturn \
+             --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
+             --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
+             --max-batch-tokens 8192 --mode $m --json "$OUT/multi-$m.json"; done ;;
+    head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu --out "$OUT/headline-gpu" ;;
+    split) timeout "${T_SPLIT:-200}" python -m benchmarks.step_split --batches 1,64 ;;
+    *) echo "unknown step $s" ;;
+  esac >"$OUT/$s.txt" 2>&1
+  echo "== $s: rc $? in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-25}" "$OUT/$s.txt"
+done
