@@ -4,6 +4,7 @@
 # line; `all` runs them in this order:
 #   tests   CUDA tests (graphs, compile, kernels, parity)
 #   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
+#   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
 #   kernel  benchmarks.decode_kernel (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   head    benchmarks.headline.gpu (issue 15)
@@ -25,6 +26,9 @@ for s in "${steps[@]}"; do
     speed) timeout "${T_SPEED:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
              --device cuda --dtype bfloat16 --batches "${SPEED_BATCHES:-1,8,32,64}" \
              --prompt 1024 --new 64 --kv-budget-gb 20 --compile --json "$OUT/speed.json" ;;
+    long) timeout "${T_LONG:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
+             --device cuda --dtype bfloat16 --batches 8 --prompt 32768 --new 32 \
+             --kv-budget-gb 34 --hf static --no-eager --compile --json "$OUT/long.json" ;;
     kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
              --contexts 32768 131072 --formats full int8 fp8 int4 int4+full --iters 30 \
              --json "$OUT/kernel.json" ;;
