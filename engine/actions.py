@@ -258,6 +258,8 @@ class BlockView(NamedTuple):
     observed: float = 0.0 # prompt-time SnapKV score: share of the last W prompt queries
     shared: int = 0       # holders of its slot when shared with other sequences (prefix
                           # reuse; 0 = its own): a move copies it and frees nothing
+    distinct: float = 0.0 # prompt-time KeyDiff share: how far its keys stand from the
+                          # sequence's mean key, as a share of the blocks that stand out
 
 
 @dataclass

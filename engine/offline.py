@@ -161,7 +161,9 @@ class OfflineMixin:
             update_batch([self.stats[sid] for sid in sids], shares.cpu(),
                          [len(self.store.seqs[sid].blocks) for sid in sids])
         for sid, scores in plan.observed.items():
-            self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu())
+            d = plan.distinct.get(sid)
+            self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu(),
+                                    d.cpu() if d is not None else None)
 
 
 def _ignore(event) -> None:

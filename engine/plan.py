@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from engine.kernels.paged_decode import gather_dense
 from engine.layout import FULL, KVFormat
@@ -66,6 +67,7 @@ class StepPlan:
     layer_cache: dict = field(default_factory=dict)  # table-only facts the layers share
     observed: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB]
+    distinct: dict[str, torch.Tensor] = field(default_factory=dict)  # seq -> [NB] KeyDiff
     shares: torch.Tensor | None = None  # block_shares, when computed already (CUDA graphs)
 
     @property
@@ -143,14 +145,21 @@ class StepPlan:
         """Prompt-time scores per logical block, from the final prefill chunk's queries
         q [Hq, n, D] over all keys k [Hq, M, D]: the last ``seg.observe`` queries'
         attention (SnapKV, Li et al. 2024) and the accumulated attention of the chunk's
-        last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023).
-        As many heads at a time as keep their temporaries under OBSERVE_ELEMS elements (all
+        last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023), and
+        how far each block's keys stand from the sequence's mean key (KeyDiff, Park et
+        al. 2025: per head the largest ``-cos(key, mean key)`` among the block's keys,
+        summed over heads and layers): a query-agnostic score that finds what a later
+        question may look for where the prompt's own queries did not look (the passkey
+        in its filler ranked 2nd-4th of 32-64 blocks after the sink, 12 of 12 prompts;
+        docs/BENCHMARKS.md). As many heads at a time as keep their temporaries under OBSERVE_ELEMS elements (all
         of them for short prompts: one launch instead of a few per head)."""
         n = min(q.shape[1], ACCUMULATE)
         Hq, M = q.shape[0], k.shape[1]
         qpos = seg.positions[-n:]
         win = torch.zeros(M, device=k.device)
         acc = torch.zeros(M, device=k.device)
+        dist = torch.zeros(seg.num_logical, device=k.device)
+        idx = seg.block_of_key.view(1, -1)
         future = kpos.view(1, -1) > qpos.view(-1, 1)                       # [n, M]
         # per head: the scores and their softmax (n x M each) and k's fp32 copy (M x D)
         per = max(1, min(Hq, OBSERVE_ELEMS // max(1, M * (2 * n + k.shape[2]))))
@@ -160,6 +169,12 @@ class StepPlan:
             p = torch.softmax(s.masked_fill_(future, float("-inf")), -1)
             acc += p.sum((0, 1))
             win += p[:, -seg.observe:].sum((0, 1))
+            kh = k[h:h + per].float()                                      # [h, M, D]
+            away = -F.cosine_similarity(kh, kh.mean(1, keepdim=True), dim=-1)   # [h, M]
+            dist += torch.full((away.shape[0], seg.num_logical), -1.0, device=k.device
+                               ).scatter_reduce_(1, idx.expand_as(away), away, "amax").sum(0)
+        prev = self.distinct.get(seg.seq_id)
+        self.distinct[seg.seq_id] = dist if prev is None else prev + dist
         for store, per_key in ((self.observed, win), (self.accumulated, acc)):
             per_block = torch.zeros(seg.num_logical, device=k.device).index_add_(
                 0, seg.block_of_key, per_key)

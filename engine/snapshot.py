@@ -27,14 +27,15 @@ def sequence_view(engine, s, state: str) -> SequenceView:
         refs = st.refs
         mass = stats.mass.tolist() if stats is not None else []
         obs = stats.observed.tolist() if stats is not None else []
-        nm, no = len(mass), len(obs)
+        dis = stats.distinct.tolist() if stats is not None else []
+        nm, no, nd = len(mass), len(obs), len(dis)
         for b in kv.blocks:
             i, name = b.index, b.fmt.name
             nb = st.block_bytes(b.fmt) if b.offset >= 0 else 0
             blocks.append(BlockView(i, b.num_tokens, name, b.tier, nb,
                                     mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
                                     refs.get(st.slot_key(b), 0) if refs and b.offset >= 0
-                                    else 0))
+                                    else 0, dis[i] if i < nd else 0.0))
             if nb:                # the sequence's bytes by tier and format, same pass
                 by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
                 by_fmt[name] = by_fmt.get(name, 0) + nb

@@ -19,6 +19,7 @@ class SeqStats:
     mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))   # [NB] decayed
     last_share: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     observed: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [NB] SnapKV
+    distinct: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [NB] KeyDiff
     entropy: float = 0.0
     sink_mass: float = 0.0
     recent_mass: float = 0.0
@@ -45,10 +46,18 @@ class SeqStats:
         self.recent_mass = a * self.recent_mass + (1 - a) * recent
         self.steps += 1
 
-    def observe(self, window: torch.Tensor, accumulated: torch.Tensor) -> None:
+    def observe(self, window: torch.Tensor, accumulated: torch.Tensor,
+                distinct: torch.Tensor | None = None) -> None:
         """Prompt-time scores: the observation window's (SnapKV) and every prompt
-        query's accumulated attention (H2O), which also seeds the decayed mass."""
+        query's accumulated attention (H2O), which also seeds the decayed mass; and the
+        blocks' key distinctness (KeyDiff) as a share: each block's excess over the
+        median block (the sink block, far from every mean, left out: it is kept
+        anyway), so filler gets ~0 and the few blocks that stand out share 1."""
         self.observed = window / window.sum().clamp_min(1e-30)
+        if distinct is not None and distinct.numel() > 2:
+            body = distinct[1:]
+            excess = (body - body.median()).clamp_min(0)
+            self.distinct = torch.cat([torch.zeros(1), excess / excess.sum().clamp_min(1e-30)])
         self.mass = accumulated / accumulated.sum().clamp_min(1e-30)
         # the decode-time statistics start from the prompt's: the last queries' attention
         # is the best estimate of the next ones' (SnapKV's premise), so a move priced

@@ -59,9 +59,10 @@ class HeuristicPredictor:
         total_obs = sum(b.observed for b in attended) or 1.0
         mass = sum(b.mass for b in touched) / total_mass
         share = len(touched) / max(1, len(attended))
-        # importance: a block's decayed attention share or its share of the prompt's
-        # last queries (SnapKV), whichever is larger
-        weight = sum(max(b.mass / total_mass, b.observed / total_obs) for b in touched)
+        # importance: a block's decayed attention share, its share of the prompt's last
+        # queries (SnapKV) or its share of key distinctness (KeyDiff), the largest
+        weight = sum(max(b.mass / total_mass, b.observed / total_obs, b.distinct)
+                     for b in touched)
         if cand.kind == "quantize":
             q = next((a for a in cand.actions if isinstance(a, Quantize)), None)
             fmt = (KVFormat(q.bits, q.bits if q.v_bits is None else q.v_bits).name if q

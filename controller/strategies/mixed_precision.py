@@ -15,9 +15,12 @@ lower convex hull, and the plan takes steps in order of added cost per byte free
 across all blocks until the target is met (the last one: the cheapest single change
 that finishes it): the greedy solution of this multiple-choice knapsack, optimal up to
 the last step. Keys keep their bits longest (k4v2 before
-int2): keys carry the damage (FACTS). Importance is the larger of the block's decayed
-attention share (H2O) and its share of the prompt's last queries (SnapKV): a block
-either signal needs is kept well.
+int2): keys carry the damage (FACTS). Importance is the largest of the block's decayed
+attention share (H2O), its share of the prompt's last queries (SnapKV) and its share of
+key distinctness (KeyDiff: keys far from the sequence's mean key; engine/plan.py): a
+block any signal needs is kept well. The last one is query-agnostic: when the question
+comes after compression, nothing the prompt attended to points at the needle, but its
+keys stand out from the filler's.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class MixedPrecision(Strategy):
         for b in movable(seq, ctx, keep_sinks=False):
             evictable = (self.evict and b.index >= ctx.num_sink_blocks
                          and b.index <= newest - self.recent_blocks)
-            w = max(b.mass / total_mass, b.observed / total_obs)
+            w = max(b.mass / total_mass, b.observed / total_obs, b.distinct)
             ladder = self._ladder(ctx, b, w, share, evictable)
             if len(ladder) > 1:
                 ladders[b.index] = ladder

@@ -113,3 +113,29 @@ def test_prompt_statistics_seed_the_decode_statistics():
     assert st.sink_mass == pytest.approx(0.5) and st.recent_mass == pytest.approx(0.375)
     st.update(torch.tensor([0.25, 0.25, 0.25, 0.25]))
     assert st.sink_mass == pytest.approx(0.9 * 0.5 + 0.1 * 0.25)
+
+
+def test_key_distinctness_points_at_the_needle_no_query_looked_at(engine):
+    """A pass key in repeated filler, the question not asked yet: the prompt's last
+    queries look at the filler, but the needle's keys stand out from the mean key, so
+    its blocks lead the KeyDiff shares (the sink left out) while the filler's are ~0."""
+    filler = ("The grass is green. The sky is blue. The sun is yellow. "
+              "Here we go. There and back again. ")
+    needle = "The pass key is 71432. Remember it. 71432 is the pass key. "
+    head = engine.tokenizer(filler * 14)["input_ids"]
+    ids = head + engine.tokenizer(needle + filler * 18)["input_ids"]
+    engine.prefill("kd", ids)
+    try:
+        v = next(s for s in engine.handle.snapshot().sequences if s.seq_id == "kd")
+        dist = [b.distinct for b in v.blocks]
+        first = len(head) // 32                       # the needle starts in this block
+        needle_blocks = {first, first + 1}
+        top = sorted(range(1, len(dist)), key=lambda i: -dist[i])[:4]
+        assert needle_blocks & set(top), (top, first)
+        assert sum(dist) == pytest.approx(1.0, abs=1e-4) and dist[0] == 0.0
+        filler_blocks = [dist[i] for i in range(1, len(dist)) if i not in needle_blocks]
+        assert sorted(filler_blocks)[len(filler_blocks) // 2] < 0.01   # the median: ~0
+        later_filler = dist[first + 4:-2]
+        assert max(dist[i] for i in needle_blocks) > 3 * max(later_filler), dist
+    finally:
+        engine.release("kd")
