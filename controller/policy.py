@@ -263,16 +263,21 @@ class Controller:
         used = self.used_of(snapshot)
         frac = used / budget
         stalled = snapshot.num_stalled
-        above = frac > p.high_watermark or stalled > 0
+        # a request that waits for room is pressure too: compressing what runs admits it
+        # (capacity), where an engine alone would queue it until others finish
+        queued = snapshot.num_waiting > 0 and snapshot.pressure_bytes > 0
+        above = frac > p.high_watermark or stalled > 0 or queued
         if not self._above and above:
             self._above = True
             why = (f"GPU-tier KV at {frac:.0%} of the {budget} B budget, above the high "
                    f"watermark {p.high_watermark:.0%}" if frac > p.high_watermark else
-                   f"{stalled} sequence(s) stalled waiting for a KV block")
+                   f"{stalled} sequence(s) stalled waiting for a KV block" if stalled else
+                   f"{snapshot.num_waiting} request(s) waiting for "
+                   f"{snapshot.pressure_bytes} B of KV room")
             out.append(self.log.record(Decision(
                 kind="pressure", profile=p.profile,
                 reason=why + ("" if self.loop else "; no engine handle, no actions taken"))))
-        elif self._above and frac < p.low_watermark and not stalled:
+        elif self._above and frac < p.low_watermark and not stalled and not queued:
             self._above = self._unmet = False
             out.append(self.log.record(Decision(
                 kind="pressure_cleared", profile=p.profile,
@@ -310,7 +315,8 @@ class Controller:
                          "change; sequences wait for room and the engine preempts if they "
                          "stall"))]
         why = (f"KV at {frac:.0%} > high watermark {p.high_watermark:.0%}" if
-               frac > p.high_watermark else f"{snapshot.num_stalled} sequence(s) stalled")
+               frac > p.high_watermark else f"{snapshot.num_stalled} sequence(s) stalled"
+               if snapshot.num_stalled else f"{snapshot.num_waiting} request(s) waiting")
         self._submit("relieve", moves, (p, why, need, bus.source))
         return []
 

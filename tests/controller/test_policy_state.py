@@ -115,6 +115,23 @@ def test_stalled_sequences_are_pressure_under_the_watermark():
     assert [x.kind for x in d] == ["pressure"] and "stalled" in d[0].reason
 
 
+def test_a_request_waiting_for_room_is_pressure_until_admitted():
+    """Under the watermark, a queued request whose prompt does not fit is pressure: the
+    loop compresses what runs so it is admitted (capacity), instead of the engine
+    queueing it until others finish. Cleared once nothing waits and KV is low again."""
+    c = Controller(PolicyState(high_watermark=0.9, low_watermark=0.5), DecisionLog())
+    s = snap(400, capacity=1000)
+    s.num_waiting, s.pressure_bytes = 1, 300
+    d = c.tick(s)
+    assert [x.kind for x in d] == ["pressure"] and "waiting" in d[0].reason
+    assert c.tick(s) == []                      # still waiting: still under pressure
+    s.num_waiting, s.pressure_bytes = 0, 0
+    s.tiers["gpu"].block_bytes = 300
+    assert [x.kind for x in c.tick(s)] == ["pressure_cleared"]
+    s.num_waiting, s.pressure_bytes = 2, 0      # waiting, but it fits: no pressure
+    assert c.tick(s) == []
+
+
 def test_pressure_is_the_blocks_bytes_not_the_pages_they_sit_in():
     """Issue 15: with pages of ~1 MiB a layer a 1K-token sequence occupied 131% of its
     bytes, moves freed no page and the loop over-evicted. Pressure now counts the exact

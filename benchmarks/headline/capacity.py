@@ -1,0 +1,193 @@
+"""Capacity (issue 15): how many long sequences run at once in one fixed GPU KV budget
+without a preemption, per config: no controller (full precision), fixed strategies pinned
+on every request (e.g. quantize_int4) and adaptive.
+
+    python -m benchmarks.headline.capacity --model random:llama3-8b --device cuda \\
+        --dtype bfloat16 --kv-budget-gb 20 --context 32768 --configs none,quantize_int4,adaptive:balanced
+    python -m benchmarks.headline.capacity --smoke          # CPU, random:tiny, seconds
+
+Per config, N requests of ``--context`` prompt tokens (random ids, each a rotation of one prompt:
+no shared prefix) that never end by themselves are submitted at once to a fresh engine
+with no host tier (nothing can leave the GPU budget), driven by the daemon's wiring
+(telemetry ticks ``Controller.tick``, watermarks 0.90 / 0.75); N grows through
+``--counts`` (default: multiples of the number of full-precision sequences the budget
+holds) until a count is not met. A count is met when all N run at once, before any
+preemption, OOM or lost request and before ``--settle-s`` pass with no admission. The capacity is the
+largest count met; its ratio to the ``none`` config's is the claim's figure (int4 >= 3x,
+adaptive >= 4x full). Accuracy at those formats: the accuracy side of the suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
+    """Submit every prompt at once (no end: max_tokens unbounded); wait until all run at
+    once, a preemption, a lost request, or ``--settle-s`` without a new admission."""
+    from controller.policy import Controller, DecisionLog, PolicyState
+    from controller.telemetry import Telemetry
+    from engine.api import FinishEvent, Request, SamplingParams
+    from engine.engine import Engine, EngineConfig
+
+    e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
+                            kv_budget_bytes=budget, host_budget_bytes=0,
+                            max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
+                            max_running=max(256, len(prompts)), num_threads=a.threads,
+                            seed=a.seed))
+    policy = PolicyState(a.profile_default)
+    ctl = None
+    if cfg != "none":
+        policy.update(profile=cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
+                      else a.profile_default)
+        ctl = Controller(policy, DecisionLog(), e.handle)
+    seen = dict(max_running=0, last_change=time.monotonic(), running=0)
+
+    def on_sample(smp) -> None:
+        snap = smp.snapshot
+        if snap is None:
+            return
+        if ctl is not None:
+            ctl.tick(snap, smp.gpu)
+        if snap.num_running != seen["running"]:
+            seen["running"], seen["last_change"] = snap.num_running, time.monotonic()
+        seen["max_running"] = max(seen["max_running"], snap.num_running)
+    tele = Telemetry(e.handle.snapshot, a.tick_s)
+    tele.on_sample.append(on_sample)
+    finished: dict[str, str] = {}
+
+    def on_event(ev) -> None:
+        if isinstance(ev, FinishEvent):
+            finished[ev.seq_id] = ev.reason
+    pre0, oom0 = e.num_preemptions, e.num_oom_retries
+    e.start()
+    tele.start()
+    t0 = time.monotonic()
+    sids = []
+    for i, ids in enumerate(prompts):
+        sid = f"c{i}"
+        if ctl is not None and not cfg.startswith("adaptive:"):
+            policy.pin(sid, cfg)
+        e.submit(Request(prompt_ids=ids, seq_id=sid, sampling=SamplingParams(
+            max_tokens=1 << 20, ignore_eos=True)), on_event, prompt_ids=ids)
+        sids.append(sid)
+    why = "timeout"
+    while time.monotonic() - t0 < a.timeout_s:
+        time.sleep(a.tick_s)
+        if seen["max_running"] >= len(prompts):
+            why = "all running"
+            break
+        if e.num_preemptions > pre0:
+            why = "preempted"
+            break
+        if finished:
+            why = "a request finished: " + ", ".join(sorted(set(finished.values())))
+            break
+        if time.monotonic() - seen["last_change"] > a.settle_s:
+            why = f"no admission for {a.settle_s:g} s"
+            break
+    wall = time.monotonic() - t0
+    tele.stop()
+    snap = e.handle.snapshot()
+    fmts: dict[str, int] = {}
+    for v in snap.sequences:
+        for f, n in v.bytes_by_format.items():
+            fmts[f] = fmts.get(f, 0) + n
+    for sid in sids:
+        e.cancel(sid)
+    e.stop()
+    return dict(config=cfg, count=len(prompts), max_running=seen["max_running"],
+                preemptions=e.num_preemptions - pre0, ooms=e.num_oom_retries - oom0,
+                lost=sum(1 for r in finished.values() if r == "error"), ended=why,
+                seconds=wall, bytes_by_format=fmts,
+                decisions=dict(__import__("collections").Counter(
+                    d.kind for d in ctl.log.recent())) if ctl is not None else {},
+                refusals=sorted({d.reason[-160:] for d in ctl.log.recent()
+                                 if d.kind in ("refused", "unmet")})[:3] if ctl else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-budget-gb", type=float, default=20.0)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--settle-s", type=float, default=20.0,
+                    help="a count is not met once no request was admitted for this long")
+    ap.add_argument("--configs", default="none,quantize_int4,adaptive:balanced")
+    ap.add_argument("--counts", default="",
+                    help="request counts to try, ascending (default: 1x..6x of full's)")
+    ap.add_argument("--tick-s", type=float, default=0.25)
+    ap.add_argument("--max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--timeout-s", type=float, default=900.0, help="per run")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="capacity-out")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke run: random:tiny, 256-token contexts, 1 MiB budget")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.model, a.device, a.dtype, a.context = "random:tiny", "cpu", "float32", 256
+        a.settle_s = 3.0
+        a.kv_budget_gb, a.max_batch_tokens, a.tick_s = 1 / 1024, 512, 0.05
+        a.timeout_s, a.threads = min(a.timeout_s, 120.0), a.threads or 1
+    a.profile_default, a.host_bytes = "balanced", 0
+    from engine.layout import FULL, BlockGeometry
+    from engine.models import RANDOM_CONFIGS, resolve_dtype
+    if not a.model.startswith("random:"):
+        raise SystemExit("capacity runs random-weight shapes (random:llama3-8b)")
+    shape = RANDOM_CONFIGS[a.model.split(":", 1)[1]]
+    geom = BlockGeometry(32, shape["num_key_value_heads"], shape["head_dim"],
+                         resolve_dtype(a.dtype, torch.device(a.device)))
+    seq_bytes = -(-(a.context + 1) // 32) * geom.slot_bytes(FULL) * shape["num_hidden_layers"]
+    budget = int(a.kv_budget_gb * (1 << 30))
+    full_n = max(1, budget // seq_bytes)
+    counts = ([int(x) for x in a.counts.split(",") if x] if a.counts else
+              sorted({full_n * k for k in range(1, 7)}))
+    rng = random.Random(a.seed)
+    prompt = [rng.randrange(shape["vocab_size"]) for _ in range(a.context)]
+    rows, best = [], {}
+    for cfg in [c for c in a.configs.split(",") if c]:
+        for n in counts:
+            prompts = [prompt[i:] + prompt[:i] for i in range(n)]  # no shared prefix
+            t0 = time.time()
+            r = run_count(a, cfg, prompts, budget)
+            r["met"] = (r["max_running"] >= n and r["preemptions"] == 0 and r["lost"] == 0
+                        and r["ooms"] == 0)
+            rows.append(r)
+            print(f"[{time.time() - t0:.0f}s] {cfg} x{n}: max running {r['max_running']}, "
+                  f"preemptions {r['preemptions']}, lost {r['lost']}, OOMs {r['ooms']}: "
+                  f"{'met' if r['met'] else 'not met'} ({r['ended']})", file=sys.stderr,
+                  flush=True)
+            if not r["met"]:
+                break
+            best[cfg] = n
+    base = best.get("none", 0)
+    lines = [f"# Capacity — {a.model} ({a.dtype}, {a.device}), {a.kv_budget_gb:g} GiB KV "
+             f"budget, {a.context}-token prompts, no host tier",
+             "", f"Full precision holds {full_n} by bytes ({seq_bytes / 2**30:.2f} GiB each).", "",
+             "| config | sequences at once, no preemption | x full |", "|---|---|---|"]
+    for cfg in [c for c in a.configs.split(",") if c]:
+        n = best.get(cfg, 0)
+        lines.append(f"| {cfg} | {n} | {n / base:.2f}x |" if base else f"| {cfg} | {n} | - |")
+    md = "\n".join(lines) + "\n"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(dict(
+        command="python -m benchmarks.headline.capacity " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        machine=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        full_by_bytes=full_n, best=best, rows=rows), indent=1))
+    (out / "capacity.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
