@@ -86,6 +86,7 @@ class DecodeGraphs:
         self.max_width = max(MIN_WIDTH, _width(store.blocks_for(
             getattr(model.config, "max_position_embeddings", 1 << 17))))
         self.graphs: dict[tuple, _Graph] = {}
+        self.failed: dict[tuple, str] = {}   # keys whose capture raised: eager, with why
         self.pool = torch.cuda.graph_pool_handle()
         self.stats = GraphStats()
         if store.scratch_offset < 0:
@@ -117,7 +118,8 @@ class DecodeGraphs:
         width = _width(nb)
         if width > self.max_width:
             return "table wider than the model's context"
-        return (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,))
+        key = (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,))
+        return self.failed.get(key, key)
 
     def note_eager(self, why: str) -> None:
         self.stats.num_eager += 1
@@ -127,10 +129,17 @@ class DecodeGraphs:
     def run(self, key: tuple, decode: list[tuple[str, int]]):
         """One decode step through the graph for ``key``; returns (plan, logits [n, V])
         where the plan carries this step's block shares (static tensors, valid until the
-        next replay)."""
+        next replay). None when the graph could not be captured: the step runs eager,
+        and so does every later step of this key (``key`` says why)."""
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(*key)
+            try:
+                g = self._capture(*key)
+            except Exception as e:     # a graph we cannot capture must not fail the step
+                log.exception("capturing a decode graph failed; its steps run eager")
+                self.failed[key] = f"graph capture failed ({type(e).__name__})"
+                torch.cuda.synchronize(self.device)
+                return None
         host = build_plan(self.store, decode, [], self.num_layers, torch.device("cpu"))
         n, nb = len(decode), host.decode.offsets.shape[1]
         buf = g.pad.clone()

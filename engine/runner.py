@@ -58,8 +58,10 @@ class ModelRunner:
         if self.graphs is not None and decode and not chunks:
             key = self.graphs.key(decode)
             if isinstance(key, tuple):
-                plan, logits = self.graphs.run(key, decode)
-                return StepOutput(plan, logits)
+                out = self.graphs.run(key, decode)
+                if out is not None:
+                    return StepOutput(*out)
+                key = self.graphs.key(decode)        # why not: the capture failed
             self.graphs.note_eager(key)
         plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
                                                for c in chunks],

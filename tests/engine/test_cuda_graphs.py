@@ -143,3 +143,24 @@ def test_mixed_format_tables_replay_graphs(eng):
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
         assert float((a - b).abs().max()) < 1e-4
+
+
+def test_a_graph_that_cannot_be_captured_runs_eager(eng, monkeypatch):
+    """A capture that raises (out of memory, an op that cannot be captured) fails no
+    step: that key's steps run eager, counted with the reason, tokens as eager."""
+    from engine.cuda_graphs import DecodeGraphs
+    g = DecodeGraphs(eng.model, eng.store, eng.num_layers, eng.device, eng.config.max_running)
+
+    def boom(*a, **k):
+        raise RuntimeError("cannot capture")
+    monkeypatch.setattr(g, "_capture", boom)
+    saved, eng.runner.graphs = eng.runner.graphs, g
+    ps = prompts(90, 40, seed=6)
+    try:
+        lg, toks = decode(eng, ps, 5)
+    finally:
+        eng.runner.graphs = saved
+    assert g.stats.num_replays == 0 and g.stats.num_eager >= 5
+    assert any("graph capture failed (RuntimeError)" in r for r in g.stats.eager_reasons)
+    ref_lg, ref_toks = decode(eng, ps, 5, graphs=False)
+    assert toks == ref_toks
