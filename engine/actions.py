@@ -64,16 +64,16 @@ class KVFormat:
     def v_fp8(self) -> bool:
         return self.fp8 and self.v_bits == 8
 
-    @property
+    @cached_property
     def k_code(self) -> int:
         """The keys' code in block tables (``block_kbits``): their bits, or FP8_CODE."""
         return _side_code(self.k_bits, self.fp8)
 
-    @property
+    @cached_property
     def v_code(self) -> int:
         return _side_code(self.v_bits, self.fp8)
 
-    @property
+    @cached_property
     def code(self) -> int:
         """One int per format (``k_code * 32 + v_code``): grouping tables by format."""
         return self.k_code * 32 + self.v_code

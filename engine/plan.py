@@ -205,6 +205,7 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
         kv = store.seqs[sid]
         o_i, k_i, v_i, n_i = offs[i], kb[i], vb[i], nt[i]
         host = []
+        last = None
         for b in kv.blocks:
             if b.tier == GPU and b.num_tokens > 0:
                 o_i[b.index] = b.offset
@@ -212,12 +213,15 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
                 host.append(b)
             else:
                 continue
-            k_i[b.index] = b.fmt.k_code
-            v_i[b.index] = b.fmt.v_code
+            f = b.fmt
+            k_i[b.index] = f.k_code
+            v_i[b.index] = f.v_code
             n_i[b.index] = b.num_tokens
-            fmts.add(b.fmt)
+            if f is not last:       # runs of one format: hash it once a run, not a block
+                fmts.add(f)
+                last = f
             if cuda:
-                attended[i].append((b.index, b.fmt))
+                attended[i].append((b.index, f))
         if not host:
             continue
         if kv.decode_mode == "topk":
