@@ -8,6 +8,7 @@
 #   kernel  benchmarks.decode_kernel (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   head    benchmarks.headline.gpu (issue 15)
+#   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default)
 #   split   benchmarks.step_split (where a step's time goes)
 # Usage on the device: bash benchmarks/gpu_session.sh tests speed kernel
 set -u
@@ -37,6 +38,9 @@ for s in "${steps[@]}"; do
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
              --max-batch-tokens 8192 --mode $m --json "$OUT/multi-$m.json"; done ;;
     head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu --out "$OUT/headline-gpu" ;;
+    cap) timeout "${T_CAP:-400}" python -m benchmarks.headline.capacity --kv-budget-gb \
+             "${CAP_GB:-5}" --context "${CAP_CONTEXT:-8192}" --settle-s 10 \
+             --configs none,quantize_int4,adaptive:balanced --out "$OUT/capacity" ;;
     split) timeout "${T_SPLIT:-200}" python -m benchmarks.step_split --batches 1,64 ;;
     *) echo "unknown step $s" ;;
   esac >"$OUT/$s.txt" 2>&1
