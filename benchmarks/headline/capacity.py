@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.headline.gpu import controller_for
 
 def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
     """Submit every prompt at once (no end: max_tokens unbounded); wait until all run at
     once, a preemption, a lost request, or ``--settle-s`` without a new admission."""
-    from controller.policy import Controller, DecisionLog, PolicyState
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
@@ -41,12 +41,7 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
                             max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
                             max_running=max(256, len(prompts)), num_threads=a.threads,
                             seed=a.seed))
-    policy = PolicyState(a.profile_default)
-    ctl = None
-    if cfg != "none":
-        policy.update(profile=cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
-                      else a.profile_default)
-        ctl = Controller(policy, DecisionLog(), e.handle)
+    policy, ctl = controller_for(a, cfg, e)
     seen = dict(max_running=0, last_change=time.monotonic(), running=0)
 
     def on_sample(smp) -> None:

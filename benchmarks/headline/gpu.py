@@ -79,8 +79,20 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
+def controller_for(a, cfg: str, engine):
+    """(PolicyState, Controller or None) for a config: 'none' has no controller; a
+    registry strategy is pinned per request by the caller; 'adaptive:<profile>' sets the
+    profile."""
     from controller.policy import Controller, DecisionLog, PolicyState
+    policy = PolicyState(a.profile_default)
+    if cfg == "none":
+        return policy, None
+    policy.update(profile=cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
+                  else a.profile_default)
+    return policy, Controller(policy, DecisionLog(), engine.handle)
+
+
+def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
@@ -89,12 +101,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                             kv_budget_bytes=budget, host_budget_bytes=a.host_bytes,
                             max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
                             num_threads=a.threads, seed=a.seed))
-    policy = PolicyState(a.profile_default)
-    ctl = None
-    if cfg != "none":
-        profile = cfg.split(":", 1)[1] if cfg.startswith("adaptive:") else a.profile_default
-        policy.update(profile=profile)
-        ctl = Controller(policy, DecisionLog(), e.handle)
+    policy, ctl = controller_for(a, cfg, e)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
     seen = dict(max_running=0, bus=[], offload_read=[], last=None)
 

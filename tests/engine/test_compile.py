@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.actions import Evict, Quantize
-from engine.api import FinishEvent, Request, SamplingParams
+from tests.engine.decoding import decode
 
 
 @pytest.fixture(scope="module")
@@ -16,32 +16,6 @@ def eng():
                             compile_decode=True, host_budget_bytes=1 << 26))
     yield e
     e.stop()
-
-
-def decode(e, prompts, steps, compiled, moves=None):
-    saved = e.runner.compiled
-    if not compiled:
-        e.runner.compiled = None
-    logits, done = {}, {}
-    e.on_logits = lambda sids, lg: [logits.setdefault(s, []).append(lg[i].float().clone())
-                                    for i, s in enumerate(sids)]
-    try:
-        sids = [e.submit(Request(prompt_ids=p, sampling=SamplingParams(
-            max_tokens=steps + 1, ignore_eos=True)),
-            lambda ev: done.__setitem__(ev.seq_id, ev.token_ids)
-            if isinstance(ev, FinishEvent) else None) for p in prompts]
-        n = 0
-        while len(done) < len(sids):
-            if moves is not None and all(e.seqs[s].state == "decode" for s in sids
-                                         if s in e.seqs):
-                for a in moves(n, sids):
-                    e.handle.apply(a)
-                n += 1
-            e.step()
-    finally:
-        e.on_logits = None
-        e.runner.compiled = saved
-    return [torch.stack(logits[s]) for s in sids], [done[s] for s in sids]
 
 
 def test_compiled_steps_equal_eager(eng):
@@ -57,8 +31,8 @@ def test_compiled_steps_equal_eager(eng):
                 s = sids[0]
                 return {1: [Quantize(s, (0,), 4)], 3: [Evict(s, (1,))]}.get(step, []) \
                     if len(ps[0]) > 100 else []
-            lg, toks = decode(eng, ps, 6, True, moves)
-            ref, ref_toks = decode(eng, ps, 6, False, moves)
+            lg, toks = decode(eng, ps, 6, moves)
+            ref, ref_toks = decode(eng, ps, 6, moves, compiled=False)
             assert toks == ref_toks
             for a, b in zip(lg, ref):
                 assert float((a - b).abs().max()) < 1e-4
@@ -68,7 +42,7 @@ def test_compiled_steps_equal_eager(eng):
 
 
 def test_compiled_op_outside_a_step_says_so():
-    from engine import attention
+    import engine.attention  # noqa: F401  (registers kvctl::attention)
     q = torch.zeros(1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="outside attention.forward"):
         torch.ops.kvctl.attention(q, q, q, 0, 1.0)

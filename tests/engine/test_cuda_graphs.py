@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.actions import Evict, Offload, Quantize
-from engine.api import FinishEvent, Request, SamplingParams
 from engine.layout import FULL
+from tests.engine.decoding import decode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,34 +20,6 @@ def eng():
                             max_batch_tokens=1024))
     yield e
     e.stop()
-
-
-def decode(e, prompts, steps, moves=None, graphs=True):
-    """Greedy decode of ``prompts`` together; per sequence its per-step logits and tokens.
-    ``moves(step, seq_ids)``: actions applied before that decode step."""
-    saved = e.runner.graphs
-    if not graphs:
-        e.runner.graphs = None
-    logits, done = {}, {}
-    e.on_logits = lambda sids, lg: [logits.setdefault(s, []).append(lg[i].float().cpu())
-                                    for i, s in enumerate(sids)]
-    try:
-        sids = [e.submit(Request(prompt_ids=p, sampling=SamplingParams(
-            max_tokens=steps + 1, ignore_eos=True)),
-            lambda ev: done.__setitem__(ev.seq_id, ev.token_ids)
-            if isinstance(ev, FinishEvent) else None) for p in prompts]
-        n = 0
-        while len(done) < len(sids):
-            if moves is not None and all(e.seqs[s].state == "decode" for s in sids
-                                         if s in e.seqs):
-                for a in moves(n, sids):
-                    e.handle.apply(a)
-                n += 1
-            e.step()
-    finally:
-        e.on_logits = None
-        e.runner.graphs = saved
-    return [torch.stack(logits[s]) for s in sids], [done[s] for s in sids]
 
 
 def prompts(*lens, seed=0):
