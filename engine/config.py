@@ -66,6 +66,8 @@ class EngineConfig:
     cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
     compile_decode: bool = False   # decode steps through torch.compile around kvctl
                                    # attention (captured into the graphs on CUDA)
+    graph_capture_tokens: int = 2048   # at start-up, capture every batch bucket's graph
+                                   # for contexts up to this (0: capture on first use)
     prefix_caching: bool = True    # reuse full blocks of matching token prefixes
     session_ttl_s: float = 600.0   # an idle session's KV is dropped after this long
     max_sessions: int = 256        # idle sessions kept; beyond, the least recent goes
@@ -94,7 +96,8 @@ class EngineConfig:
             raise ValueError("engine.kv_budget_fraction must be in (0, 1], got "
                              f"{self.kv_budget_fraction}")
         for name in ("kv_budget_bytes", "host_budget_bytes", "page_bytes", "staging_bytes",
-                     "num_threads", "num_sink_blocks", "observe_window", "seed"):
+                     "num_threads", "num_sink_blocks", "observe_window", "seed",
+                     "graph_capture_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"engine.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_batch_tokens", "max_running", "max_waiting", "value_group"):

@@ -93,6 +93,30 @@ class DecodeGraphs:
             raise ValueError("CUDA graphs need the store's scratch page (KVStore(scratch=True))")
         self.scratch = store.scratch_offset  # padded rows write and read here
 
+    def capture_at_start(self, tokens: int) -> None:
+        """Capture the full-precision graph of every batch bucket for contexts up to
+        ``tokens`` (its table-width bucket) now, so the first steps at each batch size
+        do not stall on a capture. A capture that fails is logged and that key runs
+        eager (as in ``run``). Time and pool memory go to ``stats`` (status shows them)."""
+        if tokens <= 0:
+            return
+        width = min(self.max_width, _width(self.store.blocks_for(tokens) + 1))
+        t0 = time.perf_counter()
+        for B in self.buckets:
+            key = (B, width, (FULL,))
+            if key in self.graphs or key in self.failed:
+                continue
+            try:
+                self._capture(*key)
+            except Exception as e:
+                log.exception("capturing a decode graph at start-up failed; its steps run eager")
+                self.failed[key] = f"graph capture failed ({type(e).__name__})"
+                torch.cuda.synchronize(self.device)
+        log.info("decode graphs captured at start-up", extra={"kv": {
+            "graphs": len(self.graphs), "table_width": width, "context_tokens": tokens,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "pool_bytes": self.stats.capture_bytes, "failed": len(self.failed)}})
+
     # -- which steps -----------------------------------------------------------------------
     def key(self, decode: list[tuple[str, int]]) -> tuple | str:
         """The graph for this decode-only step, or why it must run eager. A graph is

@@ -85,7 +85,8 @@ class Engine(OfflineMixin, SessionsMixin):
         self.store.prefix.record_events = cfg.kv_events
         self.runner = ModelRunner(self.model, self.store, self.num_layers, self.device,
                                   cuda_graphs=graphs, max_batch=cfg.max_running,
-                                  compile_decode=cfg.compile_decode)
+                                  compile_decode=cfg.compile_decode,
+                                  capture_tokens=cfg.graph_capture_tokens)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -37,7 +37,7 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, store: KVStore, num_layers: int,
                  device: torch.device, cuda_graphs: bool = False, max_batch: int = 256,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, capture_tokens: int = 0) -> None:
         self.model = model
         self.store = store
         self.num_layers = num_layers
@@ -50,6 +50,7 @@ class ModelRunner:
             from engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, store, num_layers, device, max_batch,
                                        compiled=self.compiled)
+            self.graphs.capture_at_start(capture_tokens)
 
     def run(self, decode: list[tuple[str, int]], chunks: list[Chunk]) -> StepOutput:
         """One packed forward pass: ``decode`` (sequence, token) pairs attend over their

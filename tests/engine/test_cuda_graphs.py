@@ -136,3 +136,16 @@ def test_a_graph_that_cannot_be_captured_runs_eager(eng, monkeypatch):
     assert any("graph capture failed (RuntimeError)" in r for r in g.stats.eager_reasons)
     ref_lg, ref_toks = decode(eng, ps, 5, graphs=False)
     assert toks == ref_toks
+
+
+def test_graphs_are_captured_at_start_up(eng):
+    """engine.graph_capture_tokens (2048 by default): every batch bucket's full-precision
+    graph for such contexts exists before the first request, with its time and pool
+    memory counted; a batch of short prompts then replays without capturing."""
+    g = eng.runner.graphs
+    width = {k[1] for k in g.graphs if k[2] == (FULL,)}
+    assert all(any(k[0] == B and k[2] == (FULL,) for k in g.graphs) for B in g.buckets)
+    assert g.stats.capture_seconds > 0 and max(width) >= 64
+    before = g.stats.num_graphs
+    decode(eng, prompts(100, 300, 50, seed=7), 4)
+    assert g.stats.num_graphs == before
