@@ -87,6 +87,7 @@ class DecodeGraphs:
             getattr(model.config, "max_position_embeddings", 1 << 17))))
         self.graphs: dict[tuple, _Graph] = {}
         self.failed: dict[tuple, str] = {}   # keys whose capture raised: eager, with why
+        self.start_width = 0          # table width of the graphs captured at start-up
         self.pool = torch.cuda.graph_pool_handle()
         self.stats = GraphStats()
         if store.scratch_offset < 0:
@@ -101,6 +102,7 @@ class DecodeGraphs:
         if tokens <= 0:
             return
         width = min(self.max_width, _width(self.store.blocks_for(tokens) + 1))
+        self.start_width = width      # narrower tables use these graphs (holes past them)
         t0 = time.perf_counter()
         for B in self.buckets:
             key = (B, width, (FULL,))
@@ -139,7 +141,7 @@ class DecodeGraphs:
                     fmts.add(b.fmt)
         if len(fmts) > MAX_FORMATS:
             return f"more than {MAX_FORMATS} formats in one table"
-        width = _width(nb)
+        width = max(_width(nb), self.start_width)
         if width > self.max_width:
             return "table wider than the model's context"
         key = (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,))
