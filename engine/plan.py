@@ -165,11 +165,11 @@ class StepPlan:
         per = max(1, min(Hq, OBSERVE_ELEMS // max(1, M * (2 * n + k.shape[2]))))
         for h in range(0, Hq, per):
             qs = q[h:h + per, -n:].float()                                 # [h, n, D]
-            s = torch.matmul(qs, k[h:h + per].float().transpose(1, 2)) * scale   # [h, n, M]
+            kh = k[h:h + per].float()                                      # [h, M, D]
+            s = torch.matmul(qs, kh.transpose(1, 2)) * scale               # [h, n, M]
             p = torch.softmax(s.masked_fill_(future, float("-inf")), -1)
             acc += p.sum((0, 1))
             win += p[:, -seg.observe:].sum((0, 1))
-            kh = k[h:h + per].float()                                      # [h, M, D]
             away = -F.cosine_similarity(kh, kh.mean(1, keepdim=True), dim=-1)   # [h, M]
             dist += torch.full((away.shape[0], seg.num_logical), -1.0, device=k.device
                                ).scatter_reduce_(1, idx.expand_as(away), away, "amax").sum(0)
