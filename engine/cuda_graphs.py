@@ -10,10 +10,10 @@ host-to-device copy from pinned memory.
 A graph is captured per (batch bucket, table-width bucket, KV formats) the first time
 such a step comes, into one memory pool shared by all graphs; padded rows write their
 K/V into a scratch slot and attend over it. A step outside what graphs cover (prefill
-chunks, offloaded blocks streamed through staging, more than MAX_FORMATS formats) runs eager
-for that step and is counted (``num_eager``). A table mixing formats replays a graph of
-its set of formats (one kernel launch per format and layer, columns grouped on the
-device).
+chunks, offloaded blocks streamed through staging, more than MAX_FORMATS formats, a
+graph whose capture failed) runs eager for that step and is counted (``num_eager``). A
+table mixing formats replays a graph of its set of formats (one kernel launch per format
+and layer, columns grouped on the device).
 """
 from __future__ import annotations
 
@@ -106,14 +106,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         for B in self.buckets:
             key = (B, width, (FULL,))
-            if key in self.graphs or key in self.failed:
-                continue
-            try:
-                self._capture(*key)
-            except Exception as e:
-                log.exception("capturing a decode graph at start-up failed; its steps run eager")
-                self.failed[key] = f"graph capture failed ({type(e).__name__})"
-                torch.cuda.synchronize(self.device)
+            if key not in self.graphs and key not in self.failed:
+                self._try_capture(key)
         log.info("decode graphs captured at start-up", extra={"kv": {
             "graphs": len(self.graphs), "table_width": width, "context_tokens": tokens,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -157,15 +151,9 @@ class DecodeGraphs:
         where the plan carries this step's block shares (static tensors, valid until the
         next replay). None when the graph could not be captured: the step runs eager,
         and so does every later step of this key (``key`` says why)."""
-        g = self.graphs.get(key)
+        g = self.graphs.get(key) or self._try_capture(key)
         if g is None:
-            try:
-                g = self._capture(*key)
-            except Exception as e:     # a graph we cannot capture must not fail the step
-                log.exception("capturing a decode graph failed; its steps run eager")
-                self.failed[key] = f"graph capture failed ({type(e).__name__})"
-                torch.cuda.synchronize(self.device)
-                return None
+            return None
         host = build_plan(self.store, decode, [], self.num_layers, torch.device("cpu"))
         n, nb = len(decode), host.decode.offsets.shape[1]
         buf = g.pad.clone()
@@ -187,6 +175,18 @@ class DecodeGraphs:
         return host, g.logits[:n]
 
     # -- capture ---------------------------------------------------------------------------
+    def _try_capture(self, key: tuple) -> _Graph | None:
+        """``_capture``, or None when it raises (out of memory, an op that cannot be
+        captured): logged, and the key's steps run eager from then on, counted under
+        ``failed[key]`` (a graph we cannot capture must not fail a step)."""
+        try:
+            return self._capture(*key)
+        except Exception as e:
+            log.exception("capturing a decode graph failed; its steps run eager")
+            self.failed[key] = f"graph capture failed ({type(e).__name__})"
+            torch.cuda.synchronize(self.device)
+            return None
+
     def _capture(self, B: int, NB: int, fmts: tuple[KVFormat, ...]) -> _Graph:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)

@@ -161,9 +161,8 @@ class OfflineMixin:
             update_batch([self.stats[sid] for sid in sids], shares.cpu(),
                          [len(self.store.seqs[sid].blocks) for sid in sids])
         for sid, scores in plan.observed.items():
-            d = plan.distinct.get(sid)
             self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu(),
-                                    d.cpu() if d is not None else None)
+                                    plan.distinct[sid].cpu())
 
 
 def _ignore(event) -> None:

@@ -149,10 +149,11 @@ class StepPlan:
         how far each block's keys stand from the sequence's mean key (KeyDiff, Park et
         al. 2025: per head the largest ``-cos(key, mean key)`` among the block's keys,
         summed over heads and layers): a query-agnostic score that finds what a later
-        question may look for where the prompt's own queries did not look (the passkey
-        in its filler ranked 2nd-4th of 32-64 blocks after the sink, 12 of 12 prompts;
-        docs/BENCHMARKS.md). As many heads at a time as keep their temporaries under OBSERVE_ELEMS elements (all
-        of them for short prompts: one launch instead of a few per head)."""
+        question may look for where the prompt's own queries did not look (the passkey's
+        block ranked 1st-3rd of 32-64 blocks after the sink in every prompt probed;
+        docs/BENCHMARKS.md). As many heads at a time as keep their temporaries under
+        OBSERVE_ELEMS elements (all of them for short prompts: one launch instead of a
+        few per head)."""
         n = min(q.shape[1], ACCUMULATE)
         Hq, M = q.shape[0], k.shape[1]
         qpos = seg.positions[-n:]

@@ -62,7 +62,7 @@ class ModelRunner:
                 out = self.graphs.run(key, decode)
                 if out is not None:
                     return StepOutput(*out)
-                key = self.graphs.key(decode)        # why not: the capture failed
+                key = self.graphs.failed[key]        # why not: the capture failed
             self.graphs.note_eager(key)
         plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
                                                for c in chunks],

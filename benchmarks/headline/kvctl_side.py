@@ -305,10 +305,8 @@ def run_sample(engine, sample, cfgs: list[Config], predictor=None,
         if base is not None:
             engine.release(base)
         for r in runs:
-            try:
+            if r.sid in engine.held:     # the engine may have dropped a failed fork
                 r.close()
-            except KeyError:
-                pass
 
 
 def _append(engine, sids: list[str], tok: int) -> torch.Tensor:
