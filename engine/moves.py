@@ -140,16 +140,19 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
             if not alloc.can_allocate(new_slot, len(group)):
                 back = [alloc.allocate(old_slot) for _ in group]
                 _write(store, back, old_fmt, k, v, group)
-                for b, o, was in zip(group, back, olds):
+                for b, o in zip(group, back):
                     b.offset = o
-                    store.prefix.retarget((GPU, was), (GPU, o), b.tier, b.fmt)
+                store.prefix.retarget_many([((GPU, was), (GPU, o), b.tier, b.fmt, None)
+                                            for b, o, was in zip(group, back, olds)])
                 raise ActionError("the GPU arena is too fragmented to re-store these blocks; "
                                   "free or move other blocks first")
             new = [alloc.allocate(new_slot) for _ in group]
             _write(store, new, fmt, k, v, group)
-            for b, o, was in zip(group, new, olds):
+            for b, o in zip(group, new):
                 b.offset, b.fmt = o, fmt
-                store.prefix.retarget((GPU, was), (GPU, o), b.tier, fmt)
+            # a new slot may be another block's old one here: one retarget for them all
+            store.prefix.retarget_many([((GPU, was), (GPU, o), b.tier, fmt, None)
+                                        for b, o, was in zip(group, new, olds)])
         freed += ((old_slot - new_slot) * (len(group) - nshared)
                   - new_slot * nshared) * store.num_layers
     return freed

@@ -112,9 +112,19 @@ class PrefixIndex:
                  summary=None) -> None:
         """The block indexed at slot ``old`` now lives at ``new`` (its sole holder moved
         it): quantized, offloaded or fetched."""
-        e = self.by_key.pop(old, None)
-        if e is None:
-            return
+        self.retarget_many([(old, new, tier, fmt, summary)])
+
+    def retarget_many(self, moves) -> None:
+        """Several blocks moved at once, ``(old, new, tier, fmt, summary)`` each. A new
+        slot may be another moved block's old one (a group freed, then allocated again
+        in the same pages), so every old entry is taken out before any is put back."""
+        taken = [(self.by_key.pop(old, None), new, tier, fmt, summary)
+                 for old, new, tier, fmt, summary in moves]
+        for e, new, tier, fmt, summary in taken:
+            if e is not None:
+                self._move(e, new, tier, fmt, summary)
+
+    def _move(self, e: Entry, new: tuple[str, int], tier: str, fmt, summary) -> None:
         if tier not in ATTENDED:     # parked, swapped: not attended, so not reusable
             self._drop(e)
             return
