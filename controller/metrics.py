@@ -52,6 +52,10 @@ class Metrics:
         self.prefix_evicted = Counter(
             "kvctl_prefix_cached_evicted_blocks", "Cached prefix blocks given back for room",
             registry=r)
+        self.compacted = Counter(
+            "kvctl_arena_compacted", "Compaction: 'pages' given back by moving 'slots' out of "
+            "half-empty pages (so a full arena can take slots of another size)", ["kind"],
+            registry=r)
         self.prefix_blocks = Gauge(
             "kvctl_prefix_blocks", "Prefix-indexed blocks now: 'indexed' (reusable), 'cached' "
             "(held by no sequence), 'shared' (held by several sequences)", ["kind"], registry=r)
@@ -126,6 +130,9 @@ class Metrics:
         for kind, key in (("hit", "hit_tokens"), ("queried", "queried_tokens")):
             self._follow(key, p.get(key, 0), self.prefix_tokens.labels(kind))
         self._follow("cached_evicted", p.get("cached_evicted", 0), self.prefix_evicted)
+        for kind in ("pages", "slots"):
+            self._follow(f"compacted_{kind}", p.get(f"compacted_{kind}", 0),
+                         self.compacted.labels(kind))
         for kind, key in (("indexed", "indexed_blocks"), ("cached", "cached_blocks"),
                           ("shared", "shared_slots")):
             self.prefix_blocks.labels(kind).set(p.get(key, 0))

@@ -42,6 +42,7 @@ def apply_candidate(store: KVStore, actions: tuple[Action, ...],
     check_candidate(actions)
     undo: list[Undo] = []
     results: list[ActionResult] = []
+    store.pinned.clear()
     try:
         for a in actions:
             t0 = time.perf_counter()
@@ -56,6 +57,8 @@ def apply_candidate(store: KVStore, actions: tuple[Action, ...],
             raise
         raise ActionError(f"{type(err).__name__} while applying {type(a).__name__}: "
                           f"{err}") from err
+    finally:
+        store.pinned.clear()
     for r in results:
         note(r.action.seq_id, r.message)
     return results
@@ -125,6 +128,7 @@ def _split(store: KVStore, blocks: list) -> tuple[list, list]:
     for b in blocks:
         if store.is_shared(b):
             shared.append((b, b.tier, b.offset, b.summary))
+            store.pinned.add(store.slot_key(b))   # an undo names it: compaction keeps it
         else:
             plain.append(b)
     return plain, shared

@@ -99,6 +99,51 @@ class SlabAllocator:
             raise OutOfBlocks(f"no room for {n} slots of {slot_bytes} bytes")
         return [self.allocate(slot_bytes) for _ in range(n)]
 
+    def evacuation_page(self, skip=frozenset()) -> int | None:
+        """The page whose slots are cheapest to move into free slots of other pages of
+        its slot size (fewest used slots, and room for them elsewhere), so the page can
+        be given back: None if no page can. Pages in ``skip`` stay."""
+        best, best_used = None, None
+        for slot, partial in self._partial.items():
+            if not partial:
+                continue
+            per = self.slots_per_page(slot)
+            room = sum(len(self._page_free[p]) for p in partial)
+            for p in partial:
+                if p in skip:
+                    continue
+                used = per - len(self._page_free[p])
+                if used <= room - len(self._page_free[p]) and (
+                        best_used is None or used < best_used):
+                    best, best_used = p, used
+        return best
+
+    def evacuate(self, page: int) -> list[tuple[int, int, int]]:
+        """Move every used slot of ``page`` into free slots of the fullest other pages of
+        its size (bookkeeping only: the caller copies the bytes) and give the page back.
+        Returns ``(old offset, new offset, slot bytes)`` per moved slot."""
+        slot = self._page_slot[page]
+        per = self.slots_per_page(slot)
+        free_here = set(self._page_free[page])
+        used = [i for i in range(per) if i not in free_here]
+        others = sorted((p for p in self._partial.get(slot, ()) if p != page),
+                        key=lambda p: (len(self._page_free[p]), p))
+        if sum(len(self._page_free[p]) for p in others) < len(used):
+            raise ValueError(f"page {page}: no room for its {len(used)} slots elsewhere")
+        out = []
+        for i in used:
+            dst = others[0]
+            idx = self._page_free[dst].pop()
+            if not self._page_free[dst]:
+                self._partial[slot].discard(dst)
+                others.pop(0)
+            out.append((page * self.page_bytes + i * slot, dst * self.page_bytes + idx * slot,
+                        slot))
+        self._partial[slot].discard(page)
+        del self._page_free[page], self._page_slot[page]
+        self._free_pages.append(page)
+        return out
+
     def free(self, offset: int, slot_bytes: int) -> None:
         page, rem = divmod(offset, self.page_bytes)
         if self._page_slot.get(page) != slot_bytes or rem % slot_bytes:

@@ -84,6 +84,7 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
     new_slot = store.geom.slot_bytes(fmt)
     store.make_room(GPU, {new_slot: min(len(blocks), BATCH)})  # cached prefixes go first
     sim = copy.deepcopy(store.arenas[GPU].alloc)
+    skip = store.compaction_skip(GPU)
     fake = {id(b): b.offset for b in blocks}
     for i in range(0, len(blocks), BATCH):
         by_fmt: dict[KVFormat, list[Block]] = {}
@@ -97,6 +98,12 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
                                       "blocks in the new format")
                 for b in group:
                     sim.free(fake[id(b)], old_slot)
+                while not sim.can_allocate(new_slot, len(group)):   # as _convert will
+                    page = sim.evacuation_page(skip)
+                    if page is None:
+                        break
+                    for old, new, _ in sim.evacuate(page):
+                        fake.update({k: new for k, o in fake.items() if o == old})
                 if not sim.can_allocate(new_slot, len(group)):
                     raise ActionError("the GPU arena is too fragmented to re-store these "
                                       "blocks; free or move other blocks first")
@@ -132,27 +139,33 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
                 b.offset, b.fmt = o, fmt
                 store.moved_slot(b, GPU, was, old_slot)   # shared: copy on write
         else:
-            # no room for the new slots beside the old ones: free first, then allocate;
-            # if fragmentation still leaves no room, put the blocks back as they were
-            # (never for shared blocks: ``_check_convertible`` refused those)
+            # no room for the new slots beside the old ones: free first (their bytes are
+            # in k, v), move other slots out of half-empty pages if that is still not
+            # enough, then allocate; if there is still no room, put the blocks back as
+            # they were (never for shared blocks: ``_check_convertible`` refused those).
+            # Their index entries are out of the slot map meanwhile: the freed slots may
+            # be other blocks' new ones.
+            entries = store.prefix.detach([(GPU, was) for was in olds])
             for b in group:
                 alloc.free(b.offset, old_slot)
+                b.offset = -1
+            while not alloc.can_allocate(new_slot, len(group)) and store.compact(GPU, 1):
+                pass
             if not alloc.can_allocate(new_slot, len(group)):
                 back = [alloc.allocate(old_slot) for _ in group]
                 _write(store, back, old_fmt, k, v, group)
                 for b, o in zip(group, back):
                     b.offset = o
-                store.prefix.retarget_many([((GPU, was), (GPU, o), b.tier, b.fmt, None)
-                                            for b, o, was in zip(group, back, olds)])
+                store.prefix.attach([(e, (GPU, o), b.tier, b.fmt, None)
+                                     for e, b, o in zip(entries, group, back)])
                 raise ActionError("the GPU arena is too fragmented to re-store these blocks; "
                                   "free or move other blocks first")
             new = [alloc.allocate(new_slot) for _ in group]
             _write(store, new, fmt, k, v, group)
             for b, o in zip(group, new):
                 b.offset, b.fmt = o, fmt
-            # a new slot may be another block's old one here: one retarget for them all
-            store.prefix.retarget_many([((GPU, was), (GPU, o), b.tier, fmt, None)
-                                        for b, o, was in zip(group, new, olds)])
+            store.prefix.attach([(e, (GPU, o), b.tier, fmt, None)
+                                 for e, b, o in zip(entries, group, new)])
         freed += ((old_slot - new_slot) * (len(group) - nshared)
                   - new_slot * nshared) * store.num_layers
     return freed

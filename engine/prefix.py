@@ -118,9 +118,18 @@ class PrefixIndex:
         """Several blocks moved at once, ``(old, new, tier, fmt, summary)`` each. A new
         slot may be another moved block's old one (a group freed, then allocated again
         in the same pages), so every old entry is taken out before any is put back."""
-        taken = [(self.by_key.pop(old, None), new, tier, fmt, summary)
-                 for old, new, tier, fmt, summary in moves]
-        for e, new, tier, fmt, summary in taken:
+        taken = self.detach([m[0] for m in moves])
+        self.attach([(e,) + tuple(m[1:]) for e, m in zip(taken, moves)])
+
+    def detach(self, keys) -> list:
+        """Take the entries of slots ``keys`` out of the slot map (None where a slot is
+        not indexed), for ``attach`` once their blocks have new slots: in between, the
+        old slots may be reused by other blocks."""
+        return [self.by_key.pop(k, None) for k in keys]
+
+    def attach(self, moves) -> None:
+        """``(entry or None, new key, tier, fmt, summary)`` per detached entry."""
+        for e, new, tier, fmt, summary in moves:
             if e is not None:
                 self._move(e, new, tier, fmt, summary)
 
@@ -135,6 +144,15 @@ class PrefixIndex:
         self.by_key[new] = e
         if moved_medium:
             self._event("stored", e)
+
+    def rekey(self, where: dict) -> None:
+        """Slots moved within their arena (compaction): same block, same tier and
+        format, a new offset; no event (the medium is unchanged)."""
+        taken = [(self.by_key.pop(old, None), new) for old, new in where.items()]
+        for e, new in taken:
+            if e is not None:
+                e.key = new
+                self.by_key[new] = e
 
     def forget_slot(self, key: tuple[str, int]) -> None:
         e = self.by_key.get(key)

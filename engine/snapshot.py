@@ -84,4 +84,6 @@ def prefix_counters(st) -> dict:
     p = st.prefix
     return {"hit_tokens": p.hit_tokens, "queried_tokens": p.queried_tokens,
             "indexed_blocks": len(p), "cached_blocks": len(p.lru),
-            "shared_slots": len(st.refs), "cached_evicted": p.evicted_cached}
+            "shared_slots": len(st.refs), "cached_evicted": p.evicted_cached,
+            # the store's compaction (not prefix reuse, counted here with the slot counters)
+            "compacted_pages": st.compactions, "compacted_slots": st.compacted_slots}

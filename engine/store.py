@@ -100,6 +100,11 @@ class KVStore:
         self.refs: dict[tuple[str, int], int] = {}   # shared slot -> holders (>= 2)
         self.prefix = PrefixIndex(geom.block_size)
         self.prefix_cache = prefix_cache   # keep indexed blocks of finished sequences
+        # slots an action in progress must find where they are (engine/apply.py: a move
+        # of a shared block may be undone): compaction leaves their pages alone
+        self.pinned: set[tuple[str, int]] = set()
+        self.compactions = 0               # pages given back by moving slots (counters)
+        self.compacted_slots = 0
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -281,12 +286,59 @@ class KVStore:
         if a is None:
             return False
         alloc = a.alloc
-        while sum(alloc.pages_needed(sl, n) for sl, n in need.items()) > len(alloc._free_pages):
+        short = lambda: sum(alloc.pages_needed(sl, n) for sl, n in need.items()) \
+            - len(alloc._free_pages)  # noqa: E731
+        while short() > 0:
             e = self.prefix.pop_lru(arena)
             if e is None:
-                return False
+                break
             alloc.free(e.key[1], self.geom.slot_bytes(e.fmt))
+        while short() > 0:            # then move slots out of half-empty pages
+            if not self.compact(arena, short()):
+                return False
         return True
+
+    def compact(self, arena: str, pages: int) -> int:
+        """Give back up to ``pages`` pages of ``arena`` by moving the slots of the
+        emptiest pages of each slot size into free slots of fuller pages of that size
+        (bytes copied in every layer; every block, shared-slot count and index entry
+        naming a moved slot follows it). Quantizing and freeing blocks one by one leaves
+        pages partly used; this is what lets a full arena take slots of another size.
+        Returns the pages given back (0: no page can be emptied)."""
+        a = self.arenas[arena]
+        skip = self.compaction_skip(arena)
+        done = 0
+        while done < pages:
+            page = a.alloc.evacuation_page(skip)
+            if page is None:
+                break
+            moved = a.alloc.evacuate(page)
+            self._relocate(a, moved)
+            done += 1
+            self.compactions += 1
+            self.compacted_slots += len(moved)
+        return done
+
+    def compaction_skip(self, arena: str) -> set[int]:
+        """Pages compaction leaves alone: those holding a pinned slot."""
+        pb = self.arenas[arena].alloc.page_bytes
+        return {off // pb for ar, off in self.pinned if ar == arena}
+
+    def _relocate(self, a: Arena, moved: list[tuple[int, int, int]]) -> None:
+        src = torch.cat([torch.arange(o, o + n) for o, _, n in moved])
+        dst = torch.cat([torch.arange(o, o + n) for _, o, n in moved])
+        dev = a.data.device
+        a.data[:, dst.to(dev)] = a.data[:, src.to(dev)]
+        where = {old: new for old, new, _ in moved}
+        for kv in self.seqs.values():
+            for b in kv.blocks:
+                if b.offset in where and ARENA_OF.get(b.tier) == a.name:
+                    b.offset = where[b.offset]
+        for old, new in where.items():
+            n = self.refs.pop((a.name, old), None)
+            if n is not None:
+                self.refs[(a.name, new)] = n
+        self.prefix.rekey({(a.name, old): (a.name, new) for old, new in where.items()})
 
     def cached_bytes(self, arena: str = GPU) -> int:
         """Bytes of cached prefix blocks (held by the index alone) on ``arena``."""

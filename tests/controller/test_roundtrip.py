@@ -269,7 +269,8 @@ def test_metrics_endpoint(daemon, unix_stub):
                  "kvctl_pcie_bytes_per_second", "kvctl_predictor_fallbacks_total",
                  "kvctl_decisions_total", 'kvctl_prefix_tokens_total{kind="hit"}',
                  'kvctl_prefix_tokens_total{kind="queried"}', 'kvctl_prefix_blocks{kind="cached"}',
-                 'kvctl_sessions{state="idle"}', 'kvctl_tier_cached_bytes{tier="gpu"}'):
+                 'kvctl_sessions{state="idle"}', 'kvctl_tier_cached_bytes{tier="gpu"}',
+                 'kvctl_arena_compacted_total{kind="pages"}'):
         assert name in body, name
 
 

@@ -1,0 +1,126 @@
+"""Compaction: slots moved out of half-empty pages so a full arena can take slots of
+another size (quantizing at a full arena was refused as "too fragmented" before)."""
+import random
+
+import pytest
+import torch
+
+from engine import moves
+from engine.actions import ActionError, Quantize
+from engine.arena import SlabAllocator
+from engine.engine import Engine, EngineConfig
+from engine.store import GPU
+from tests.engine.decoding import decode
+from tests.engine.test_prefix_reuse import check_slots
+
+SIZES = [4096, 1536, 768, 1024, 96]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evacuating_pages_keeps_every_slot_and_frees_the_page(seed):
+    rng = random.Random(seed)
+    a = SlabAllocator(48 * 4096, 4096)
+    live: dict[int, int] = {}
+    for _ in range(600):
+        if live and rng.random() < 0.5:
+            off = rng.choice(list(live))
+            a.free(off, live.pop(off))
+        else:
+            size = rng.choice(SIZES)
+            if a.can_allocate(size):
+                live[a.allocate(size)] = size
+    free_before = len(a._free_pages)
+    evacuated = 0
+    while (page := a.evacuation_page()) is not None:
+        for old, new, n in a.evacuate(page):
+            assert live.pop(old) == n and new not in live
+            live[new] = n
+        evacuated += 1
+        assert len(a._free_pages) == free_before + evacuated
+        ends = sorted((o, o + n) for o, n in live.items())   # no two live slots overlap
+        assert all(e0 <= s1 for (_, e0), (s1, _) in zip(ends, ends[1:]))
+        assert a.num_slots == len(live) and a.used_slot_bytes == sum(live.values())
+    # what is left: per slot size, at most one page with free slots
+    for size, pages in a._partial.items():
+        assert len(pages) <= 1, size
+    for off, n in live.items():
+        a.free(off, n)
+    assert a.used_pages == 0
+
+
+def engine(kv_bytes):
+    return Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                               block_size=4, kv_budget_bytes=kv_bytes, page_bytes=4096,
+                               max_batch_tokens=64))
+
+
+def test_quantize_at_a_full_arena_compacts_and_keeps_the_logits(monkeypatch):
+    """16 full blocks fill all 8 pages (2 a page). Quantizing blocks 2, 3, 4, 6 to int8
+    needs two pages: freeing them empties only page 1, so block 7 moves next to block 5
+    and page 3 comes back. The logits after equal a roomy engine's that quantized the same
+    blocks in place."""
+    tight, roomy = engine(2 * 8 * 4096), engine(2 << 20)
+    try:
+        full, int8 = tight.geom.slot_bytes(moves.FULL), tight.geom.slot_bytes(moves.KVFormat(8, 8))
+        assert 4096 // full == 2 and 4096 // int8 == 3, "the construction needs these"
+        prompt = [(5 + 7 * j) % 500 + 1 for j in range(58)]     # 15 blocks; 16 with 3 new
+        act = lambda n, sids: [Quantize(sids[0], (2, 3, 4, 6), 8)] if n == 0 else []  # noqa: E731
+        got, toks = decode(tight, [prompt], 2, moves=act)
+        assert tight.store.compactions >= 1
+        want, want_toks = decode(roomy, [prompt], 2, moves=act)
+        assert roomy.store.compactions == 0
+        assert toks == want_toks
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        check_slots(tight.store)
+    finally:
+        tight.stop()
+        roomy.stop()
+
+
+def test_a_single_block_at_a_full_arena_is_still_refused_and_nothing_changes():
+    e = engine(2 * 8 * 4096)
+    try:
+        e.prefill("q", list(range(1, 65)))           # every page: 2 full blocks
+        before = [(b.fmt, b.offset) for b in e.store.seqs["q"].blocks]
+        with pytest.raises(ActionError, match="fragmented"):
+            e.handle.apply(Quantize("q", (6,), 8))   # frees half a page: no page for int8
+        assert [(b.fmt, b.offset) for b in e.store.seqs["q"].blocks] == before
+        assert e.store.compactions == 0
+        e.handle.apply(Quantize("q", (2, 3, 4, 6), 8))   # what fits converts
+        check_slots(e.store)
+        e.release("q")
+        assert e.store.held_slots(GPU) == 0
+    finally:
+        e.stop()
+
+
+def test_compaction_carries_shared_and_cached_slots():
+    """Slots a prefix-sharing sequence and the index hold move with their holders: a
+    request that reuses the prefix afterwards reads the same K/V (same tokens as one that
+    did not reuse)."""
+    e = engine(2 * 12 * 4096)
+    plain = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                                block_size=4, kv_budget_bytes=2 << 20, page_bytes=4096,
+                                max_batch_tokens=64, prefix_caching=False))
+    try:
+        base = [(3 + 11 * j) % 480 + 2 for j in range(40)]
+        e.prefill("a", base)                          # 10 blocks, indexed
+        e.fork("a", "b", share=True)                  # all shared
+        e.prefill("c", [(9 + 5 * j) % 470 + 3 for j in range(40)])
+        e.release("c")                                # cached: 10 blocks on the index
+        e.prefill("d", [(4 + 3 * j) % 400 + 7 for j in range(14)])
+        e.handle.apply(Quantize("d", (0, 1), 4))      # int4 pages beside the full ones
+        e.release("b")
+        e.handle.apply(Quantize("a", tuple(range(1, 9)), 8))
+        check_slots(e.store)
+        n0 = e.store.compactions
+        e.store.compact(GPU, 8)
+        assert e.store.compactions > n0, "the construction leaves pages to empty"
+        check_slots(e.store)
+        _, got = decode(e, [base + [17, 18, 19]], 3)
+        _, want = decode(plain, [base + [17, 18, 19]], 3)
+        assert got == want
+        check_slots(e.store)
+    finally:
+        e.stop()
+        plain.stop()
