@@ -25,6 +25,10 @@ PROFILES = PROFILE_NAMES
 _STRATEGY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:+-]{0,63}$")
 
 
+# decode steps of growth a lossy relief leaves room for under the high watermark
+HEADROOM_TOKENS = 32
+
+
 def check_watermarks(high: float, low: float) -> None:
     if not 0 < high <= 1:
         raise ValueError(f"high watermark must be in (0, 1], got {high}")
@@ -196,7 +200,8 @@ class Controller:
     page holding one small slot would count whole, and moves that free no page would
     seem to do nothing). With an engine handle it also acts: above the high watermark,
     or while sequences are stalled for want of a block, the loop (controller/loop.py)
-    picks the cheapest moves that bring the KV back to the low watermark and hands them
+    picks the cheapest moves that bring the KV back to ``relief_mark`` (the low
+    watermark with a host tier; just under the high one without) and hands them
     to the engine, which applies each whole or not at all between two steps. Offloaded
     blocks come back only under ``restore_mark`` (one watermark gap under the low
     watermark) and only up to it, so a relief's overshoot (under one block) and a few
@@ -239,6 +244,22 @@ class Controller:
         """GPU-tier KV bytes: the live blocks' exact slot bytes."""
         gpu = snapshot.tiers.get("gpu")
         return gpu.block_bytes if gpu else 0
+
+    @staticmethod
+    def relief_mark(snapshot, policy: PolicyView, budget: int) -> float:
+        """Fraction of the budget a relief brings the KV down to. With a host tier the
+        low watermark: moves there are lossless (offload, fetched back under the restore
+        mark), and the gap keeps the loop from acting at every step. Without one every
+        move loses accuracy, so it frees only what the budget needs: down to the high
+        watermark less the room the running sequences fill in ``HEADROOM_TOKENS`` more
+        decode steps (never under the low watermark). The 0.90 / 0.75 defaults otherwise
+        compress 15% of the budget more than it asks."""
+        host = snapshot.tiers.get("host")
+        if host is not None and host.capacity_bytes > 0:
+            return policy.low_watermark
+        per_token = snapshot.format_bytes.get("full", 0) / max(1, snapshot.block_size)
+        growth = snapshot.num_running * HEADROOM_TOKENS * per_token / max(1, budget)
+        return max(policy.low_watermark, policy.high_watermark - growth)
 
     @staticmethod
     def restore_mark(policy: PolicyView) -> float:
@@ -288,7 +309,8 @@ class Controller:
             return out                # the engine has not shown the last moves yet
         try:
             if above:
-                need = max(used - int(p.low_watermark * budget), snapshot.pressure_bytes)
+                need = max(used - int(self.relief_mark(snapshot, p, budget) * budget),
+                           snapshot.pressure_bytes)
                 out += self._relieve(snapshot, p, need, frac, bus)
             elif frac < self.restore_mark(p):
                 self._restore(snapshot, p, frac, int(self.restore_mark(p) * budget) - used)
@@ -308,7 +330,8 @@ class Controller:
                 kind="unmet", profile=p.profile,
                 reason=f"budget unmet: GPU-tier KV holds {self.used_of(snapshot)} B, "
                        f"{frac:.0%} of the {budget} B budget; {need} B more must be freed "
-                       f"to reach the low watermark ({p.low_watermark:.0%}), but no move "
+                       f"to reach {self.relief_mark(snapshot, p, budget):.0%} of it, but "
+                       f"no move "
                        f"the {p.profile!r} profile (and pins) allow frees anything more: "
                        + self.loop.explain_unmet(snapshot, p.profile, p.pins)
                        + ". No more moves until the sequences, the budget or the profile "

@@ -158,3 +158,20 @@ def test_a_pin_newer_than_the_snapshot_survives_forget():
     assert p.view().pins == {"new-seq": "quantize_int8"}
     p.forget(set(), as_of=time.time() + 1)
     assert p.view().pins == {}
+
+
+def test_relief_goes_to_the_low_watermark_only_when_moves_are_lossless():
+    """With a host tier a relief offloads (lossless) down to the low watermark; without
+    one every move loses accuracy, so it frees what the budget needs: down to the high
+    watermark less the next 32 decode steps of the running sequences (never under the
+    low watermark)."""
+    view = PolicyState(budget_bytes=100_000, high_watermark=0.9, low_watermark=0.75).view()
+    s = snap(95_000, capacity=200_000)
+    s.format_bytes, s.block_size = {"full": 3200}, 32          # 100 bytes a token
+    assert Controller.relief_mark(s, view, 100_000) == 0.9     # nothing running: the high one
+    s.num_running = 6                                          # 6 x 32 x 100 B = 19.2% ...
+    assert Controller.relief_mark(s, view, 100_000) == 0.75    # ... floored at the low one
+    s.num_running = 2
+    assert Controller.relief_mark(s, view, 100_000) == pytest.approx(0.836)
+    s.tiers["host"] = TierView("host", "cpu", 50_000, 0, 0, 50_000)
+    assert Controller.relief_mark(s, view, 100_000) == 0.75
