@@ -99,6 +99,16 @@ class SlabAllocator:
             raise OutOfBlocks(f"no room for {n} slots of {slot_bytes} bytes")
         return [self.allocate(slot_bytes) for _ in range(n)]
 
+    def compactable_pages(self) -> int:
+        """Pages that moving slots could give back at most: per slot size, its pages
+        less the pages its used slots need."""
+        pages: dict[int, int] = {}
+        used: dict[int, int] = {}
+        for p, slot in self._page_slot.items():
+            pages[slot] = pages.get(slot, 0) + 1
+            used[slot] = used.get(slot, 0) + self.slots_per_page(slot) - len(self._page_free[p])
+        return sum(n - -(-used[sl] // self.slots_per_page(sl)) for sl, n in pages.items())
+
     def evacuation_page(self, skip=frozenset()) -> int | None:
         """The page whose slots are cheapest to move into free slots of other pages of
         its slot size (fewest used slots, and room for them elsewhere), so the page can

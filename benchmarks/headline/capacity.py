@@ -29,6 +29,9 @@ import torch
 
 from benchmarks.headline.gpu import controller_for
 
+SETTLE_DEFAULT = 20.0   # s without an admission before a count is 'not met'
+
+
 def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
     """Submit every prompt at once (no end: max_tokens unbounded); wait until all run at
     once, a preemption, a lost request, or ``--settle-s`` without a new admission."""
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-budget-gb", type=float, default=20.0)
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--settle-s", type=float, default=20.0,
+    ap.add_argument("--settle-s", type=float, default=SETTLE_DEFAULT,
                     help="a count is not met once no request was admitted for this long")
     ap.add_argument("--configs", default="none,quantize_int4,adaptive:balanced")
     ap.add_argument("--counts", default="",
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.smoke:
         a.model, a.device, a.dtype, a.context = "random:tiny", "cpu", "float32", 256
-        a.settle_s = 3.0
+        a.settle_s = a.settle_s if a.settle_s != SETTLE_DEFAULT else 3.0
         a.kv_budget_gb, a.max_batch_tokens, a.tick_s = 1 / 1024, 512, 0.05
         a.timeout_s, a.threads = min(a.timeout_s, 120.0), a.threads or 1
     a.profile_default, a.host_bytes = "balanced", 0
