@@ -36,8 +36,10 @@ class SeqStats:
         """share [NB] (cpu, sums to 1 over attended blocks): one decode step."""
         update_batch([self], share.unsqueeze(0), [share.numel()])
 
-    def _step(self, share: torch.Tensor, ent: float, sink: float, recent: float) -> None:
-        self.mass = self._fit(self.mass, share.numel()) * self.decay + (1 - self.decay) * share
+    def _step(self, share: torch.Tensor, ent: float, sink: float, recent: float,
+              mass: torch.Tensor | None = None) -> None:
+        self.mass = (self._fit(self.mass, share.numel()) * self.decay
+                     + (1 - self.decay) * share) if mass is None else mass
         self.last_share = share
         # statistics themselves are smoothed with the same decay
         a = self.decay if self.steps or self.seeded else 0.0
@@ -92,5 +94,18 @@ def update_batch(stats: list[SeqStats], share: torch.Tensor, ns: list[int]) -> N
     picked = x.gather(1, back.clamp_min(0)) if x.shape[1] else torch.zeros(want.shape)
     recent = (picked * want).sum(1)
     ent_l, sink_l, recent_l = ent.tolist(), sink.tolist(), recent.tolist()
-    for i, (st, k) in enumerate(zip(stats, n.tolist())):
-        st._step(x[i, :k], ent_l[i], sink_l[i], recent_l[i])
+    # the decayed masses of all rows at once: the previous ones padded (or cut) to the
+    # row's blocks, then one multiply-add; each sequence keeps a view of its row
+    W = x.shape[1]
+    prev = torch.nn.utils.rnn.pad_sequence([st.mass for st in stats], batch_first=True)
+    if prev.shape[1] >= W:
+        prev = prev[:, :W]
+    else:
+        prev = torch.nn.functional.pad(prev, (0, W - prev.shape[1]))
+    decay = torch.tensor([st.decay for st in stats], dtype=x.dtype)[:, None]
+    mass = torch.where(inside, prev.to(x.dtype), torch.zeros((), dtype=x.dtype)) * decay \
+        + (1 - decay) * x
+    for i, (st, k, xr, mr) in enumerate(zip(stats, n.tolist(), x.unbind(0), mass.unbind(0))):
+        if k < W:
+            xr, mr = xr[:k], mr[:k]
+        st._step(xr, ent_l[i], sink_l[i], recent_l[i], mr)

@@ -293,6 +293,8 @@ class KVStore:
             if e is None:
                 break
             alloc.free(e.key[1], self.geom.slot_bytes(e.fmt))
+        if short() <= 0:
+            return True
         if short() > alloc.compactable_pages():
             return False              # no compaction could make the room: move nothing
         while short() > 0:            # then move slots out of half-empty pages
