@@ -106,6 +106,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self.on_kv_events: Callable[[list], None] | None = None
         self.seqs: dict[str, Sequence] = {}
         self.stats: dict[str, SeqStats] = {}
+        self._deferred_stats = None   # CUDA: the last step's block shares (OfflineMixin._after)
         self.step_count = 0
         self.tokens_out = 0
         self.num_preemptions = 0
@@ -377,12 +378,15 @@ class Engine(OfflineMixin, SessionsMixin):
             self._admit()
             work = self._schedule()
             if work is None:
+                self._apply_deferred_stats()
                 self._check_stalls()
                 self._after_step()
                 self._publish()
                 return False
             decode, dec_seqs, chunks, pre_seqs = work
             out = self._run(decode, dec_seqs, chunks, pre_seqs)
+            # on CUDA the forward is still running: the last step's statistics now
+            self._apply_deferred_stats()
             # on CUDA the forward is still running: a snapshot due now is built meanwhile
             # (it shows the step's lengths, not its tokens yet)
             self._publish()
@@ -553,7 +557,7 @@ class Engine(OfflineMixin, SessionsMixin):
         logits = out.logits
         if self.on_logits is not None and sampled:
             self.on_logits([s.seq_id for s in sampled], logits)
-        self._after(plan)
+        self._after(plan, defer=self.device.type == "cuda")
         self._index_filled(dec_seqs + pre_seqs)
         self._fill_quantize()
         toks = sample_batch(logits, [s.sampling for s in sampled],

@@ -144,6 +144,16 @@ class OfflineMixin:
         self._changed = True
         return out.logits
 
+    def _apply_deferred_stats(self) -> None:
+        """Fold in the last step's deferred block shares (``_after``): into the statistics
+        objects of the sequences that were in it (one that ended since updates nothing
+        anyone reads)."""
+        d, self._deferred_stats = self._deferred_stats, None
+        if d is not None:
+            stats, host, ns, done = d
+            done.synchronize()
+            update_batch(stats, host, ns)
+
     def _guarded(self, seq_ids: list[str], fn):
         """``fn()`` (a model run); if it raises, the lengths it advanced roll back."""
         lengths = {sid: self.store.seqs[sid].num_tokens for sid in seq_ids}
@@ -154,12 +164,25 @@ class OfflineMixin:
                 self.store.truncate(sid, n)
             raise
 
-    def _after(self, plan) -> None:
+    def _after(self, plan, defer: bool = False) -> None:
+        """The step's attention statistics. ``defer`` (CUDA): the block shares start
+        copying to pinned host memory now and are folded in by ``_apply_deferred_stats``
+        while the next step's forward runs, so that Python work overlaps the GPU instead
+        of following it (one step late; the policy ticks every 0.25 s)."""
         shares = plan.block_shares()
         if shares is not None:
             sids = plan.decode.seq_ids
-            update_batch([self.stats[sid] for sid in sids], shares.cpu(),
-                         [len(self.store.seqs[sid].blocks) for sid in sids])
+            stats = [self.stats[sid] for sid in sids]
+            ns = [len(self.store.seqs[sid].blocks) for sid in sids]
+            if defer and shares.is_cuda:
+                self._apply_deferred_stats()
+                host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
+                host.copy_(shares, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self._deferred_stats = (stats, host, ns, done)
+            else:
+                update_batch(stats, shares.cpu(), ns)
         for sid, scores in plan.observed.items():
             self.stats[sid].observe(scores.cpu(), plan.accumulated[sid].cpu(),
                                     plan.distinct[sid].cpu())

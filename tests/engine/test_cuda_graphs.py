@@ -149,3 +149,27 @@ def test_graphs_are_captured_at_start_up(eng):
     before = g.stats.num_graphs
     decode(eng, prompts(100, 300, 50, seed=7), 4)
     assert g.stats.num_graphs == before
+
+
+def test_deferred_statistics_equal_immediate_ones(eng, monkeypatch):
+    """On CUDA a step's block shares are folded into the statistics while the next
+    step runs (OfflineMixin._after, defer): after the last step is flushed, every
+    sequence's decayed mass equals the one updated step by step."""
+    from engine import engine as engine_mod
+    ps = prompts(200, 90, seed=3)
+    masses = []
+    for defer in (True, False):
+        seen = {}
+        orig = engine_mod.Engine._after
+
+        def after(self, plan, defer=False, _on=defer, _o=orig):
+            _o(self, plan, defer and _on)
+            for sid in plan.decode.seq_ids if plan.decode is not None else ():
+                seen[sid] = self.stats[sid]
+        monkeypatch.setattr(engine_mod.Engine, "_after", after)
+        decode(eng, ps, 9)
+        eng._apply_deferred_stats()
+        masses.append([s.mass.clone() for s in seen.values()])   # in submission order
+        monkeypatch.undo()
+    for a, b in zip(*masses):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
