@@ -22,7 +22,7 @@ steps=("$@")
 for s in "${steps[@]}"; do
   t0=$(date +%s)
   case $s in
-    tests) timeout "${T_TESTS:-300}" python -m pytest -q -x -p no:cacheprovider \
+    tests) timeout "${T_TESTS:-300}" python -m pytest -q ${TESTS_X--x} -p no:cacheprovider \
              tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py tests/kernels ;;
     speed) timeout "${T_SPEED:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
              --device cuda --dtype bfloat16 --batches "${SPEED_BATCHES:-1,8,32,64}" \

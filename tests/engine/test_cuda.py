@@ -52,7 +52,18 @@ def test_logits_match_transformers_on_gpu(gpu_engine):
 
 
 def test_exact_offload_identical_and_quantized_decode_close_on_gpu(gpu_engine):
+    """Bit-identical needs the same kernels on both sides: offloaded steps run eager,
+    and a graph replays the start-up width (128 columns, other split-K partials than
+    the eager step's 29), so the graphs are off here (test_cuda_graphs compares them)."""
     e = gpu_engine
+    graphs, e.runner.graphs = e.runner.graphs, None
+    try:
+        _offload_and_quantize(e)
+    finally:
+        e.runner.graphs = graphs
+
+
+def _offload_and_quantize(e):
     ids = torch.randint(0, 49152, (900,), generator=torch.Generator().manual_seed(2)).tolist()
     ref = run(e, ids)
     n = -(-900 // e.geom.block_size) - 1
