@@ -126,3 +126,32 @@ def test_compaction_carries_shared_and_cached_slots():
     finally:
         e.stop()
         plain.stop()
+
+
+def test_host_arena_compacts_for_offloaded_blocks_of_another_size():
+    """The host tier's pages fill with full blocks, half come back, then int8 blocks are
+    offloaded: no page is free for their slot size until the half-empty pages are merged.
+    Exact offload stays exact: logits equal a roomy host tier's with the same moves."""
+    from engine.actions import Fetch, Offload
+
+    def run(host_pages):
+        e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                                block_size=4, kv_budget_bytes=2 << 20, page_bytes=4096,
+                                host_budget_bytes=2 * host_pages * 4096, max_batch_tokens=64,
+                                prefix_caching=False))
+        odd = tuple(range(1, 15, 2))
+        acts = lambda n, sids: [Offload(sids[0], tuple(range(1, 15))), Fetch(sids[0], odd),  # noqa: E731
+                                Quantize(sids[0], (1, 3), 8), Offload(sids[0], (1, 3))] \
+            if n == 0 else []
+        try:
+            lg, toks = decode(e, [[(3 + 5 * j) % 450 + 2 for j in range(62)]], 3, moves=acts)
+            from engine.store import HOST
+            return lg[0], toks, e.store.compactions, e.store.arenas[HOST].alloc
+        finally:
+            e.stop()
+    got, toks, n, alloc = run(7)
+    assert n >= 1                  # the int8 offload needed a merged page
+    want, want_toks, n0, _ = run(64)
+    assert n0 == 0
+    assert toks == want_toks
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
