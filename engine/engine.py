@@ -35,7 +35,7 @@ import torch
 
 from engine import apply as apply_mod
 from engine import attention, moves, snapshot
-from engine.actions import ActionError, ActionResult, CandidateResult, DropSession
+from engine.actions import ActionError, ActionResult, CandidateResult, DropSession, Evict
 from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
@@ -49,7 +49,7 @@ from engine.sampler import make_generator, sample_batch
 from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
 from engine.stats import SeqStats
-from engine.store import GPU, KVStore
+from engine.store import GPU, HOST, KVStore
 
 log = logging.getLogger("kvctl.engine")
 
@@ -715,11 +715,19 @@ class Engine(OfflineMixin, SessionsMixin):
                     res.results = [self._apply_drop(actions)]
                 else:
                     res.results = apply_mod.apply_candidate(self.store, actions, self._note)
+                    for sid in {a.seq_id for a in actions if isinstance(a, Evict)}:
+                        self._rebase_stats(sid)
             except ActionError as err:
                 res.error = str(err)
             out.append(res)
         self._changed = True
         return out
+
+    def _rebase_stats(self, sid: str) -> None:
+        """After an eviction: the statistics describe the blocks still attended."""
+        st, kv = self.stats.get(sid), self.store.seqs.get(sid)
+        if st is not None and kv is not None:
+            st.rebase([b.index for b in kv.blocks if b.tier in (GPU, HOST)])
 
     def _apply_drop(self, actions) -> ActionResult:
         a = actions[0]

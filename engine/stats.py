@@ -32,6 +32,21 @@ class SeqStats:
             return t[:n]
         return torch.cat([t, torch.zeros(n - t.numel(), dtype=t.dtype)])
 
+    def rebase(self, attended: list[int]) -> None:
+        """Blocks were evicted (or parked): only ``attended`` are read now. The smoothed
+        entropy still spreads over the gone blocks (a normalized entropy above 1 for the
+        blocks left); it becomes at most the entropy of the decayed mass over the blocks
+        left, which is what the next steps converge to."""
+        idx = [i for i in attended if i < self.mass.numel()]
+        if not idx:
+            return
+        m = self.mass[idx].clamp_min(0)
+        tot = float(m.sum())
+        if tot <= 0:
+            return
+        p = m / tot
+        self.entropy = min(self.entropy, float(-torch.special.xlogy(p, p).sum()))
+
     def update(self, share: torch.Tensor) -> None:
         """share [NB] (cpu, sums to 1 over attended blocks): one decode step."""
         update_batch([self], share.unsqueeze(0), [share.numel()])

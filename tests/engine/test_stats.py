@@ -139,3 +139,35 @@ def test_key_distinctness_points_at_the_needle_no_query_looked_at(engine):
         assert max(dist[i] for i in needle_blocks) > 3 * max(later_filler), dist
     finally:
         engine.release("kd")
+
+
+def test_eviction_rebases_the_entropy_onto_the_blocks_left():
+    """The smoothed entropy spread over blocks that an eviction removed read as a
+    normalized entropy above 1 for the blocks left (outside every trained range of the
+    learned predictor: it fell back). After an eviction it is at most the entropy of the
+    decayed mass over the blocks still attended."""
+    import math
+
+    from engine.actions import Evict
+    from engine.api import Request, SamplingParams
+    from engine.engine import Engine, EngineConfig
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
+                            kv_budget_bytes=2 << 20, page_bytes=4096, max_batch_tokens=64))
+    try:
+        sid = e.submit(Request(prompt_ids=[(5 + 7 * j) % 400 + 1 for j in range(60)],
+                               sampling=SamplingParams(max_tokens=40, ignore_eos=True)),
+                       lambda ev: None)
+        for _ in range(12):
+            e.step()
+        st = e.stats[sid]
+        n = len(e.store.seqs[sid].blocks)
+        assert st.entropy > math.log(3)              # spread over many blocks
+        e.handle.apply(Evict(sid, tuple(range(1, n - 2))))
+        left = [b for b in e.store.seqs[sid].blocks if b.tier == "gpu"]
+        assert len(left) == 3
+        assert st.entropy <= math.log(len(left)) + 1e-6
+        for _ in range(3):                           # decoding goes on from there
+            e.step()
+        assert st.entropy <= math.log(len(e.store.seqs[sid].blocks) - n + 3 + 1) + 1e-6
+    finally:
+        e.stop()
