@@ -72,6 +72,10 @@ class SlabAllocator:
         per = self.slots_per_page(slot_bytes)
         return -(-rest // per)
 
+    def pages_short(self, slot_bytes: int, n: int) -> int:
+        """Fresh pages that allocating n slots of this size needs beyond the free ones."""
+        return max(0, self.pages_needed(slot_bytes, n) - len(self._free_pages))
+
     # -- mutation --------------------------------------------------------------------------
     def allocate(self, slot_bytes: int) -> int:
         """Byte offset (within a layer row) of a new slot."""

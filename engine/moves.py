@@ -98,7 +98,7 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
                                       "blocks in the new format")
                 for b in group:
                     sim.free(fake[id(b)], old_slot)
-                while not sim.can_allocate(new_slot, len(group)):   # as _convert will
+                while sim.pages_short(new_slot, len(group)):   # as _convert will
                     page = sim.evacuation_page(skip)
                     if page is None:
                         break
@@ -149,8 +149,7 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
             for b in group:
                 alloc.free(b.offset, old_slot)
                 b.offset = -1
-            while not alloc.can_allocate(new_slot, len(group)) and store.compact(GPU, 1):
-                pass
+            store.compact_until(GPU, lambda: alloc.pages_short(new_slot, len(group)))
             if not alloc.can_allocate(new_slot, len(group)):
                 back = [alloc.allocate(old_slot) for _ in group]
                 _write(store, back, old_fmt, k, v, group)

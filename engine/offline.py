@@ -174,8 +174,7 @@ class OfflineMixin:
             sids = plan.decode.seq_ids
             stats = [self.stats[sid] for sid in sids]
             ns = [len(self.store.seqs[sid].blocks) for sid in sids]
-            if defer and shares.is_cuda:
-                self._apply_deferred_stats()
+            if defer and shares.is_cuda:   # the engine step applied the last one already
                 host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
                 host.copy_(shares, non_blocking=True)
                 done = torch.cuda.Event()

@@ -26,12 +26,6 @@ class SeqStats:
     steps: int = 0                # decode steps seen
     seeded: bool = False          # statistics started from the prompt's window
 
-    @staticmethod
-    def _fit(t: torch.Tensor, n: int) -> torch.Tensor:
-        if t.numel() >= n:
-            return t[:n]
-        return torch.cat([t, torch.zeros(n - t.numel(), dtype=t.dtype)])
-
     def rebase(self, attended: list[int]) -> None:
         """Blocks were evicted (or parked): only ``attended`` are read now. The smoothed
         entropy still spreads over the gone blocks (a normalized entropy above 1 for the
@@ -52,9 +46,8 @@ class SeqStats:
         update_batch([self], share.unsqueeze(0), [share.numel()])
 
     def _step(self, share: torch.Tensor, ent: float, sink: float, recent: float,
-              mass: torch.Tensor | None = None) -> None:
-        self.mass = (self._fit(self.mass, share.numel()) * self.decay
-                     + (1 - self.decay) * share) if mass is None else mass
+              mass: torch.Tensor) -> None:
+        self.mass = mass              # the decayed mass, computed for the batch
         self.last_share = share
         # statistics themselves are smoothed with the same decay
         a = self.decay if self.steps or self.seeded else 0.0

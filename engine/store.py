@@ -297,8 +297,14 @@ class KVStore:
             return True
         if short() > alloc.compactable_pages():
             return False              # no compaction could make the room: move nothing
-        while short() > 0:            # then move slots out of half-empty pages
-            if not self.compact(arena, short()):
+        return self.compact_until(arena, short)   # then move slots out of half-empty pages
+
+    def compact_until(self, arena: str, short) -> bool:
+        """Give back pages one at a time while ``short()`` (pages still missing) is
+        positive; whether it reached 0. Re-checked after each page: emptying a page of
+        the wanted size also uses up free slots counted on other pages."""
+        while short() > 0:
+            if not self.compact(arena, 1):
                 return False
         return True
 

@@ -130,7 +130,9 @@ def test_a_tiny_temperature_samples_the_argmax(temperature):
 def _reference_update(st: SeqStats, share: torch.Tensor) -> None:
     """The per-sequence update as first written (one sequence, scalar reads)."""
     n = share.numel()
-    st.mass = st._fit(st.mass, n) * st.decay + (1 - st.decay) * share
+    m = st.mass[:n] if st.mass.numel() >= n else \
+        torch.cat([st.mass, torch.zeros(n - st.mass.numel())])
+    st.mass = m * st.decay + (1 - st.decay) * share
     st.last_share = share
     p = share[share > 0]
     ent = float(-(p * p.log()).sum()) if p.numel() else 0.0
