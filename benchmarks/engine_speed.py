@@ -100,8 +100,19 @@ def bench_hf(model, prompts: list[list[int]], new: int, static: bool) -> float:
         model.config.use_cache = False
 
 
-def bench_kvctl(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
-    """kvctl, all prompts running together: (aggregate decode tok/s, ms per step)."""
+def bench_kvctl(engine, prompts: list[list[int]], new: int,
+                overlap: str = "auto") -> tuple[float, float]:
+    """kvctl, all prompts running together: (aggregate decode tok/s, ms per step).
+    ``overlap``: engine.overlap_steps for this run."""
+    saved = engine.config.overlap_steps
+    engine.config.overlap_steps = overlap
+    try:
+        return _bench_kvctl(engine, prompts, new)
+    finally:
+        engine.config.overlap_steps = saved
+
+
+def _bench_kvctl(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
     from engine.api import Request, SamplingParams
     sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)  # cancelled below
     ids = [engine.submit(Request(prompt_ids=p, sampling=sp), lambda ev: None) for p in prompts]
@@ -115,8 +126,10 @@ def bench_kvctl(engine, prompts: list[list[int]], new: int) -> tuple[float, floa
     steps = max(1, new - 4)
     for _ in range(steps):
         engine.step()
-    sync(engine.device)
+    # every token counted is on the host now (each step reads its own); a step launched
+    # ahead (overlap_steps) may still run and is not counted
     dt = time.perf_counter() - t0
+    sync(engine.device)
     made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
     for i in ids:
         engine.cancel(i)
@@ -170,15 +183,20 @@ def main() -> None:
         row = dict(batch=b, floor_ms=floor_ms, floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
         r, ms = bench_kvctl(eng, prompts[:b], a.new)
         row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
+        if eng.runner.graphs is not None:   # the same, each step run to its end first
+            r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off")
+            row.update(kvctl_graphs_seq_tok_s=r, kvctl_graphs_seq_ms=ms)
         if compiled_graphs is not None:
             saved, eng.runner.graphs = eng.runner.graphs, compiled_graphs
             t0 = time.perf_counter()
             try:
                 r, ms = bench_kvctl(eng, prompts[:b], a.new)
+                row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
+                           kvctl_compiled_wall_s=time.perf_counter() - t0)
+                r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off")
+                row.update(kvctl_compiled_seq_tok_s=r, kvctl_compiled_seq_ms=ms)
             finally:
                 eng.runner.graphs = saved
-            row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
-                       kvctl_compiled_wall_s=time.perf_counter() - t0)
         if not a.no_eager and eng.runner.graphs is not None:
             saved, eng.runner.graphs = eng.runner.graphs, None
             try:
@@ -204,8 +222,9 @@ def main() -> None:
     print(f"\n# decode — {where}, {eng.model_name} ({eng.dtype}), prompt {a.prompt}, "
           f"{a.new} new; read bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB\n")
     print("| batch | floor tok/s | kvctl graphs tok/s (ms/step, % floor) | kvctl eager | "
-          "hf static | hf dynamic | graphs / static | graphs+compile (ms, % floor) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "hf static | hf dynamic | graphs / static | graphs+compile (ms, % floor) | "
+          "graphs+compile / static | steps not overlapped: graphs, graphs+compile (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r.get("hf_static_tok_s")
         pct = f", {r['floor_ms'] / r['kvctl_graphs_ms']:.0%}" if r["floor_ms"] else ""
@@ -216,7 +235,10 @@ def main() -> None:
               f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {ratio} | "
               + (f"{r['kvctl_compiled_tok_s']:.1f} ({r['kvctl_compiled_ms']:.2f}"
                  + (f", {r['floor_ms'] / r['kvctl_compiled_ms']:.0%}" if r["floor_ms"] else "")
-                 + ") |" if "kvctl_compiled_tok_s" in r else "- |"))
+                 + ") |" if "kvctl_compiled_tok_s" in r else "- |")
+              + (f" {r['kvctl_compiled_tok_s'] / st:.2f}x |" if st and "kvctl_compiled_tok_s" in r
+                 else " - |")
+              + f" {r.get('kvctl_graphs_seq_ms', 0):.2f}, {r.get('kvctl_compiled_seq_ms', 0):.2f} |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)

@@ -25,11 +25,15 @@ def main() -> None:
     ap.add_argument("--kv-budget-gb", type=float, default=20)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="engine.num_threads (0: default)")
+    ap.add_argument("--compile", action="store_true", help="engine.compile_decode")
+    ap.add_argument("--host-top", type=int, default=0,
+                    help="also the Python profile of engine steps: this many functions")
     a = ap.parse_args()
     from engine.api import Request, SamplingParams
     from engine.engine import Engine, EngineConfig
     e = Engine(EngineConfig(model=a.model, device="cuda", dtype=a.dtype,
                             max_batch_tokens=4096, num_threads=a.threads,
+                            compile_decode=a.compile,
                             kv_budget_bytes=int(a.kv_budget_gb * (1 << 30))))
     vocab = e.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -61,11 +65,26 @@ def main() -> None:
             for _ in range(3):
                 gr.graph.replay()
             torch.cuda.synchronize()
-        print(f"\n## torch threads {torch.get_num_threads()}, batch {b} (graph {key[0]} rows x {key[1]} columns, {key[2].name}): "
+        fmts = "+".join(f.name for f in key[2])
+        print(f"\n## torch threads {torch.get_num_threads()}, batch {b} (graph {key[0]} rows x "
+              f"{key[1]} columns, {fmts}): "
               f"engine step {step_ms:.2f} ms, bare replay {replay_ms:.2f} ms, "
               f"host and reads {step_ms - replay_ms:.2f} ms")
+        kern = [x for x in prof.key_averages() if x.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"kernels per replay: {sum(x.count for x in kern) / 3:.0f}, GPU time per replay "
+              f"{sum(x.device_time_total for x in kern) / 3 / 1e3:.2f} ms")
         if a.top:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top))
+        if a.host_top:
+            import cProfile
+            import pstats
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(a.steps):
+                e.step()
+            torch.cuda.synchronize()
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(a.host_top)
         for i in ids:
             e.cancel(i)
         e.step()

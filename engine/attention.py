@@ -70,17 +70,20 @@ def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
     k = key[0].transpose(0, 1)              # [N, H, D]
     v = value[0].transpose(0, 1)
     plan.write_kv(layer, k, v)
-    out = torch.empty_like(q)
     arena_row = plan.arena_row(layer)
+    out = torch.empty_like(q) if plan.prefills else None
     if plan.num_decode:
+        # decode rows come first in the packed batch (engine/plan.py: build_plan)
         d = plan.decode
-        qd = q.index_select(0, d.rows).contiguous()
+        qd = q[:plan.num_decode]
         offs, kb, vb, nt = plan.decode_table(layer, qd)
         o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale, fmt=d.fmt,
                                cache=plan.layer_cache, groups=d.groups)
         plan.decode_done(layer)
-        out.index_copy_(0, d.rows, o.to(out.dtype))
         plan.record_partials(layer, m, l)
+        if out is None:         # a decode-only step: the kernel's output is the layer's
+            return o.to(q.dtype).unsqueeze(0)
+        out[:plan.num_decode] = o
     for seg in plan.prefills:
         rows = slice(seg.start, seg.start + seg.length)
         if seg.plain_causal:  # keys are exactly this chunk: use them as they came

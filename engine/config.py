@@ -64,6 +64,10 @@ class EngineConfig:
     preempt_after_s: float = 1.0   # a sequence stalled this long preempts the lowest priority
     snapshot_interval_s: float = 0.1   # while steps only make progress, snapshots this often
     cuda_graphs: bool = True       # decode steps replayed as CUDA graphs (CUDA only)
+    overlap_steps: str = "auto"    # launch the next decode step before reading this
+                                   # one's tokens (they feed it on the device): "auto" =
+                                   # with CUDA graphs; "on" also eager (CPU: same tokens,
+                                   # no gain; tests); "off"
     compile_decode: bool = False   # decode steps through torch.compile around kvctl
                                    # attention (captured into the graphs on CUDA)
     graph_capture_tokens: int = 2048   # at start-up, capture every batch bucket's graph
@@ -103,6 +107,9 @@ class EngineConfig:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "value_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlap_steps not in ("auto", "on", "off"):
+            raise ValueError("engine.overlap_steps must be auto, on or off, got "
+                             f"{self.overlap_steps!r}")
         if not 0 <= self.thread_nice <= 19:
             raise ValueError(f"engine.thread_nice must be in 0..19, got {self.thread_nice}")
         if not 0 < self.stats_decay < 1:

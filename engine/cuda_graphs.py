@@ -55,7 +55,8 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     plan: StepPlan              # its tensors are the static buffers the graph reads
     flat: torch.Tensor          # [n] int64 device: every input, packed
-    pinned: torch.Tensor        # [n] int64 pinned host twin of ``flat``
+    pinned: list                # two [n] int64 pinned host twins of ``flat``, in turn
+    copied: list                # per twin: the event after its last copy (or None)
     pad: torch.Tensor           # [n] int64 host: the buffers of an all-padding batch
     views: dict                 # name -> (start, shape) in ``flat``
     logits: torch.Tensor        # [B, V] static output
@@ -146,11 +147,16 @@ class DecodeGraphs:
         self.stats.eager_reasons[why] = self.stats.eager_reasons.get(why, 0) + 1
 
     # -- replay ----------------------------------------------------------------------------
-    def run(self, key: tuple, decode: list[tuple[str, int]]):
+    def run(self, key: tuple, decode: list[tuple[str, int]], ids: torch.Tensor | None = None):
         """One decode step through the graph for ``key``; returns (plan, logits [n, V])
         where the plan carries this step's block shares (static tensors, valid until the
         next replay). None when the graph could not be captured: the step runs eager,
-        and so does every later step of this key (``key`` says why)."""
+        and so does every later step of this key (``key`` says why).
+
+        ``ids`` ([n] int64 on the device): the step's token ids, in place of the ones in
+        ``decode``: tokens sampled by the step before, which the host has not read yet
+        (the engine's overlapped steps). Replays are queued on the current stream, so a
+        step may be launched while the one before still runs."""
         g = self.graphs.get(key) or self._try_capture(key)
         if g is None:
             return None
@@ -167,8 +173,18 @@ class DecodeGraphs:
             view = buf[s:s + shape[0] * shape[1]].view(shape)
             view[:n] = 0
             view[:n, :nb] = t
-        g.pinned.copy_(buf)
-        g.flat.copy_(g.pinned, non_blocking=True)
+        # two pinned twins in turn: the copy from the other may still be queued behind
+        # a running replay; this one's last copy was queued a step earlier
+        turn = self.stats.num_replays % 2
+        if g.copied[turn] is not None:
+            g.copied[turn].synchronize()
+        g.pinned[turn].copy_(buf)
+        g.flat.copy_(g.pinned[turn], non_blocking=True)
+        g.copied[turn] = torch.cuda.Event()
+        g.copied[turn].record()
+        if ids is not None:
+            s, _ = g.views["ids"]
+            g.flat[s:s + n].copy_(ids)
         g.graph.replay()
         self.stats.num_replays += 1
         host.shares = g.plan.shares[:n, :nb]
@@ -216,7 +232,7 @@ class DecodeGraphs:
         s, _ = views["nt"]
         pad[s:s + B * NB].view(B, NB)[:, 0] = 1
         flat = pad.to(self.device)
-        pinned = torch.empty(n, dtype=torch.int64).pin_memory()
+        pinned = [torch.empty(n, dtype=torch.int64).pin_memory() for _ in range(2)]
 
         def v(name):
             s, shape = views[name]
@@ -256,7 +272,7 @@ class DecodeGraphs:
             logits, shares = forward()
         plan.shares = shares
         torch.cuda.synchronize(self.device)
-        g = _Graph(graph, plan, flat, pinned, pad, views, logits, B, NB)
+        g = _Graph(graph, plan, flat, pinned, [None, None], pad, views, logits, B, NB)
         self.graphs[(B, NB, fmts)] = g
         dt = time.perf_counter() - t0
         grew = torch.cuda.memory_reserved(self.device) - before

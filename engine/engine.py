@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -44,14 +45,42 @@ from engine.models import load_model
 from engine.offline import OfflineMixin
 from engine.prefix import key_of
 from engine.sessions import SessionsMixin
-from engine.runner import Chunk, ModelRunner
-from engine.sampler import make_generator, sample_batch
+from engine.runner import Chunk, ModelRunner, StepOutput
+from engine.sampler import make_generator, sample_tokens
 from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
 from engine.stats import SeqStats
 from engine.store import GPU, HOST, KVStore
 
 log = logging.getLogger("kvctl.engine")
+
+
+@dataclass
+class _Sampled:
+    """A step's tokens: drawn on the device (``tokens``), on their way to the host."""
+
+    seqs: list[Sequence]        # the sequences they belong to, in row order
+    tokens: torch.Tensor        # [R] int64 on the logits' device
+    host: torch.Tensor          # [R] int64 host copy (pinned on CUDA), valid once ``ready``
+    ready: object | None        # torch.cuda.Event after the copy, or None (CPU)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()    # this step's tokens only: a step launched ahead runs on
+        return self.host.tolist()
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the tokens of the step it follows were read."""
+
+    out: StepOutput
+    seqs: list[Sequence]        # its rows, in order
+    dropped: set[str] = field(default_factory=set)   # rows whose sequence ended since
+
+    @property
+    def ids(self) -> set[str]:
+        return {s.seq_id for s in self.seqs}
 
 CPU_DEFAULT_BUDGET = 2 << 30
 IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
@@ -107,6 +136,8 @@ class Engine(OfflineMixin, SessionsMixin):
         self.seqs: dict[str, Sequence] = {}
         self.stats: dict[str, SeqStats] = {}
         self._deferred_stats = None   # CUDA: the last step's block shares (OfflineMixin._after)
+        self._ahead: _Ahead | None = None   # a decode step launched before the last one's
+        self.num_overlapped = 0             # tokens were read (``_launch_ahead``), and how many
         self.step_count = 0
         self.tokens_out = 0
         self.num_preemptions = 0
@@ -160,6 +191,7 @@ class Engine(OfflineMixin, SessionsMixin):
         fut: Future = Future()
         if not self.threaded:
             with self._step_lock:
+                self._unlaunch_ahead()      # commands see every step run to its end
                 _run_into(fn, fut)
                 self._changed = True
             return fut
@@ -332,6 +364,8 @@ class Engine(OfflineMixin, SessionsMixin):
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._step_lock:
+            self._unlaunch_ahead()
         with self._cv:
             pending = list(self._inbox)
             self._inbox.clear()
@@ -372,27 +406,49 @@ class Engine(OfflineMixin, SessionsMixin):
                         self._cv.wait(0.05)   # stalled on memory: wait for a move
 
     def step(self) -> bool:
-        """One engine step; False when nothing could run (idle or stalled on memory)."""
+        """One engine step; False when nothing could run (idle or stalled on memory).
+
+        Overlapped steps (``overlap_steps``): a decode step launched by the last call
+        (``_launch_ahead``) is this call's step: its tokens are sampled and read now,
+        and the inbox waits for the next call (no step is launched ahead while it holds
+        anything, so commands still run between two steps that ran to the end)."""
         with self._step_lock:
-            self._drain_inbox()
-            self._admit()
-            work = self._schedule()
-            if work is None:
-                self._apply_deferred_stats()
-                self._check_stalls()
-                self._after_step()
-                self._publish()
-                return False
-            decode, dec_seqs, chunks, pre_seqs = work
-            out = self._run(decode, dec_seqs, chunks, pre_seqs)
+            ahead, self._ahead = self._ahead, None
+            rows = None
+            if ahead is not None:
+                dec_seqs = [s for s in ahead.seqs if s.seq_id not in ahead.dropped]
+                if len(dec_seqs) < len(ahead.seqs):
+                    rows = [i for i, s in enumerate(ahead.seqs)
+                            if s.seq_id not in ahead.dropped]
+                out, chunks, pre_seqs = ahead.out, [], []
+            else:
+                self._drain_inbox()
+                self._admit()
+                work = self._schedule()
+                if work is None:
+                    self._apply_deferred_stats()
+                    self._check_stalls()
+                    self._after_step()
+                    self._publish()
+                    return False
+                decode, dec_seqs, chunks, pre_seqs = work
+                out = self._run(decode, dec_seqs, chunks, pre_seqs)
             # on CUDA the forward is still running: the last step's statistics now
             self._apply_deferred_stats()
+            sampled = None
+            if out is not None:
+                try:
+                    sampled = self._sample(out, dec_seqs, chunks, pre_seqs, rows)
+                except Exception as err:   # their KV holds a token no event announced
+                    self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
+            if sampled is not None:
+                self._launch_ahead(dec_seqs, pre_seqs, sampled)
             # on CUDA the forward is still running: a snapshot due now is built meanwhile
             # (it shows the step's lengths, not its tokens yet)
             self._publish()
-            if out is not None:
+            if sampled is not None:
                 try:
-                    self._postprocess(out, dec_seqs, chunks, pre_seqs)
+                    self._postprocess(dec_seqs, chunks, pre_seqs, sampled)
                 except Exception as err:   # their KV holds a token no event announced
                     self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
             self._check_stalls()
@@ -547,22 +603,99 @@ class Engine(OfflineMixin, SessionsMixin):
             self._finish(s, "error", error=f"internal error in the engine step: "
                                            f"{type(err).__name__}")
 
-    def _postprocess(self, out, dec_seqs, chunks, pre_seqs) -> None:
-        plan = out.plan
-        sampled = list(dec_seqs)
-        for c, s in zip(chunks, pre_seqs):
-            s.num_prefilled += len(c.token_ids)
-            if c.logits == "last":
-                sampled.append(s)
-        logits = out.logits
+    def _sample(self, out, dec_seqs, chunks, pre_seqs, rows=None) -> _Sampled:
+        """The step's tokens, drawn on the device and copied to pinned host memory
+        without waiting (``_postprocess`` reads them), and its attention statistics
+        started. ``rows``: the logits rows still wanted (a step launched ahead whose
+        sequences partly ended since)."""
+        sampled = list(dec_seqs) + [s for c, s in zip(chunks, pre_seqs) if c.logits == "last"]
+        logits = out.logits if rows is None else out.logits[rows]
         if self.on_logits is not None and sampled:
             self.on_logits([s.seq_id for s in sampled], logits)
-        self._after(plan, defer=self.device.type == "cuda")
+        self._after(out.plan, defer=self.device.type == "cuda", rows=rows)
+        toks = sample_tokens(logits, [s.sampling for s in sampled],
+                             [s.generator for s in sampled])
+        if not toks.is_cuda:
+            return _Sampled(sampled, toks, toks, None)
+        host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
+        host.copy_(toks, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Sampled(sampled, toks, host, ready)
+
+    def _launch_ahead(self, dec_seqs, pre_seqs, sampled: _Sampled) -> None:
+        """Launch the next decode step now, fed the tokens just sampled on the device, so
+        that the GPU runs it while the host reads and streams this step's tokens and
+        builds the next plan (vLLM's async scheduling). Only in a steady decode: every
+        running sequence in this step, none about to end by length, nothing waiting to
+        be admitted or in the inbox, a captured graph for the step (or ``overlap_steps =
+        "on"``: eager, the tokens read first). A sequence that ends on this step's token
+        gives its row back (``_drop_ahead``)."""
+        mode, graphs = self.config.overlap_steps, self.runner.graphs
+        if mode == "off" or (graphs is None and mode != "on") or pre_seqs or not dec_seqs:
+            return
+        if self.on_logits is not None or self._inbox or len(dec_seqs) != len(self.running) \
+                or (self.waiting and len(self.running) < self.config.max_running):
+            return
+        for s in dec_seqs:
+            if s.state != DECODE or s.stalled or len(s.output_ids) + 1 >= s.sampling.max_tokens \
+                    or len(s.prompt_ids) + len(s.output_ids) + 1 >= self.max_positions \
+                    or staging_need(self.store, s.seq_id):
+                return
+        try:
+            for s in dec_seqs:
+                self.store.reserve(s.seq_id, 1)
+        except OutOfBlocks:
+            return              # the next step schedules as usual (and stalls if it must)
+        ids = [s.seq_id for s in dec_seqs]
+        try:
+            if graphs is not None:
+                decode = [(sid, 0) for sid in ids]
+                key = graphs.key(decode)
+                if key not in graphs.graphs:
+                    return      # eager steps need their tokens on the host: not ahead
+                res = self._guarded(ids, lambda: graphs.run(key, decode, ids=sampled.tokens))
+                out = StepOutput(*res)
+            else:
+                decode = list(zip(ids, sampled.tokens.tolist()))
+                out = self._guarded(ids, lambda: self.runner.run(decode, []))
+        except Exception:   # rolled back: the next step runs it the usual way
+            log.exception("a decode step launched ahead failed; it runs again in order")
+            return
+        self._ahead = _Ahead(out, list(dec_seqs))
+        self.num_overlapped += 1
+
+    def _drop_ahead(self, s: Sequence) -> None:
+        """``s`` leaves the running set while a step launched ahead holds a row of it:
+        that row's token is never read and the position it wrote is given back."""
+        a = self._ahead
+        if a is None or s.seq_id in a.dropped or s.seq_id not in a.ids:
+            return
+        a.dropped.add(s.seq_id)
+        kv = self.store.seqs.get(s.seq_id)
+        if kv is not None:
+            self.store.truncate(s.seq_id, kv.num_tokens - 1)
+            self.store.unreserve(s.seq_id)
+        if len(a.dropped) == len(a.seqs):
+            self._ahead = None
+
+    def _unlaunch_ahead(self) -> None:
+        """Forget the step launched ahead (its GPU work is queued before anything that
+        comes after): every sequence as if it never ran. For commands run at once
+        between two ``step`` calls (no engine thread) and for ``stop``."""
+        a = self._ahead
+        if a is not None:
+            for s in list(a.seqs):
+                self._drop_ahead(s)
+        self._ahead = None
+
+    def _postprocess(self, dec_seqs, chunks, pre_seqs, sampled: _Sampled) -> None:
+        for c, s in zip(chunks, pre_seqs):
+            s.num_prefilled += len(c.token_ids)
         self._index_filled(dec_seqs + pre_seqs)
         self._fill_quantize()
-        toks = sample_batch(logits, [s.sampling for s in sampled],
-                            [s.generator for s in sampled])
-        for s, t in zip(sampled, toks):
+        toks = sampled.read()
+        for s, t in zip(sampled.seqs, toks):
             if s.state == PREFILL:
                 s.state = DECODE
                 self._changed = True
@@ -644,6 +777,7 @@ class Engine(OfflineMixin, SessionsMixin):
         to the host tier (exact), or dropped and recomputed from its tokens when the
         host cannot hold it (or it is still in prefill). Returns 'swap' or 'recompute'."""
         mode = "recompute"
+        self._drop_ahead(s)
         if s.state == DECODE and self.store.has_host():
             try:
                 s.swapped = moves.swap_out(self.store, s.seq_id)
@@ -670,6 +804,7 @@ class Engine(OfflineMixin, SessionsMixin):
     def _finish(self, s: Sequence, reason: str, error: str = "") -> None:
         if s.state == FINISHED:
             return
+        self._drop_ahead(s)
         by_tier, by_fmt = ({}, {})
         if s.seq_id in self.store.seqs:
             by_tier, by_fmt = self.store.bytes_by(s.seq_id)

@@ -164,14 +164,18 @@ class OfflineMixin:
                 self.store.truncate(sid, n)
             raise
 
-    def _after(self, plan, defer: bool = False) -> None:
+    def _after(self, plan, defer: bool = False, rows: list[int] | None = None) -> None:
         """The step's attention statistics. ``defer`` (CUDA): the block shares start
         copying to pinned host memory now and are folded in by ``_apply_deferred_stats``
         while the next step's forward runs, so that Python work overlaps the GPU instead
-        of following it (one step late; the policy ticks every 0.25 s)."""
+        of following it (one step late; the policy ticks every 0.25 s). ``rows``: the
+        decode rows whose sequences still run (default: all)."""
         shares = plan.block_shares()
         if shares is not None:
             sids = plan.decode.seq_ids
+            if rows is not None:
+                sids = [sids[i] for i in rows]
+                shares = shares[rows]
             stats = [self.stats[sid] for sid in sids]
             ns = [len(self.store.seqs[sid].blocks) for sid in sids]
             if defer and shares.is_cuda:   # the engine step applied the last one already

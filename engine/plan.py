@@ -105,6 +105,10 @@ class StepPlan:
     # -- per layer ------------------------------------------------------------------------
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         typed = self.arena_row(layer).view(self.geom.store_dtype)
+        if typed.is_cuda:       # one launch for both (two index_copy_ launches otherwise)
+            from engine.kernels.write_kv_triton import write_kv_triton
+            write_kv_triton(typed, self.write_idx, self.v_shift, k, v)
+            return
         typed.index_copy_(0, self.write_idx, k.reshape(-1).to(typed.dtype))
         typed.index_copy_(0, self.write_idx + self.v_shift, v.reshape(-1).to(typed.dtype))
 

@@ -16,17 +16,24 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
-    """logits [R, V] -> one token id per row, row i with params[i] / generators[i].
+    """logits [R, V] -> one token id per row, row i with params[i] / generators[i]; the
+    ids reach the host in one copy, not one synchronizing read per row."""
+    return sample_tokens(logits, params, generators).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """``sample_batch`` left on the logits' device: [R] int64, nothing read back (the
+    engine feeds them to a step launched before it reads them).
 
     Greedy rows take one argmax together; sampled rows are drawn one by one (each has its
-    own generator) into a device tensor; the ids reach the host in one copy, not one
-    synchronizing read per row."""
+    own generator)."""
     R = len(params)
     if R == 0:
-        return []
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if len(greedy) == R:
-        return torch.argmax(logits, dim=-1).tolist()
+        return torch.argmax(logits, dim=-1)
     out = torch.empty(R, dtype=torch.long, device=logits.device)
     if greedy:
         idx = torch.tensor(greedy, device=logits.device)
@@ -34,7 +41,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.temperature != 0:
             out[i:i + 1] = _draw(logits[i], p, g)
-    return out.tolist()
+    return out
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams,

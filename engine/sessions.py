@@ -138,7 +138,8 @@ class SessionsMixin:
             kv = store.seqs.get(s.seq_id)
             if kv is None:
                 continue
-            full = kv.num_tokens // T
+            # a step launched ahead wrote a position whose token is not read yet
+            full = min(kv.num_tokens, len(s.prompt_ids) + len(s.output_ids)) // T
             have = len(s.block_hashes)
             if full <= have:
                 continue

@@ -434,6 +434,14 @@ class KVStore:
                 b.num_tokens = min(T, max(0, num_tokens - b.index * T))
         s.num_tokens = num_tokens
 
+    def unreserve(self, seq_id: str) -> None:
+        """Give back the blocks past the sequence's length (reserved for tokens that will
+        not come: a step launched ahead whose sequence ended)."""
+        s = self.seqs[seq_id]
+        keep = self.blocks_for(s.num_tokens)
+        while len(s.blocks) > keep:
+            self._release(s.blocks.pop(), keep=False)
+
     # -- views ----------------------------------------------------------------------------
     def host_blocks(self, seq_id: str) -> list[Block]:
         return [b for b in self.seqs[seq_id].blocks if b.tier == HOST]

@@ -16,6 +16,12 @@ from engine.layout import KVFormat
 
 SPLIT_WAVES = 8     # programs ~ SPLIT_WAVES x SMs: the best multiple in the sweep
 MIN_ITERS = 8       # loop iterations a program runs at least (shorter runs: mostly prologue)
+# ... except over short tables (at most SHORT_TABLE columns: 8K tokens at block 32), where
+# a program's chain of dependent iterations is the kernel's time, not its prologue: at
+# batch 1 over a 128-column graph table (1K tokens in it) 8-iteration runs took 15.6 us a
+# layer, 7% of an 8B model's step (docs/BENCHMARKS.md, "Overlapped steps")
+SHORT_TABLE = 256
+MIN_ITERS_SHORT = 2
 MIN_TILE_TOKENS = 32  # tokens an iteration of a quantized format reads at least (fp16)
 
 # programs of one compiled decode kernel that fit on an SM at once, from its registers and
@@ -99,6 +105,11 @@ def min_blocks_per_iter(fmt: KVFormat, block_size: int, fp16_codes: bool) -> int
     return 1
 
 
+def min_iters(NB: int) -> int:
+    """Loop iterations a split runs at least over a table of ``NB`` columns."""
+    return MIN_ITERS_SHORT if NB <= SHORT_TABLE else MIN_ITERS
+
+
 def launch_config(B: int, H: int, NB: int, device: torch.device, num_splits: int | None,
                   blocks_per_iter: int, resident: int | None = None) -> tuple[int, int]:
     """(num_splits, blocks_per_split) of a launch over ``NB`` table columns.
@@ -111,7 +122,7 @@ def launch_config(B: int, H: int, NB: int, device: torch.device, num_splits: int
     if num_splits is None:
         sms = num_sms(device)
         target = SPLIT_WAVES * sms
-        most = max(1, -(-NB // (MIN_ITERS * nbi)))
+        most = max(1, -(-NB // (min_iters(NB) * nbi)))
         if resident:
             # the whole number of waves nearest the target, no more than the runs allow,
             # as many programs as fit in them

@@ -173,3 +173,39 @@ def test_deferred_statistics_equal_immediate_ones(eng, monkeypatch):
         monkeypatch.undo()
     for a, b in zip(*masses):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_in_order(eng):
+    """Steps launched ahead (``overlap_steps``: the tokens sampled on the device feed the
+    next replay before the host reads them) give the tokens and finishes of steps run
+    one after the other: greedy and sampled rows, rows ending by length at different
+    steps, and rows ending on a stop token while their next step was already launched."""
+    from engine.api import Request, SamplingParams
+    from tests.engine.test_overlap import run_all
+
+    def reqs(ignore_eos=True):
+        ps = prompts(300, 77, 513, 40, seed=7)
+        out = []
+        for i, (p, m) in enumerate(zip(ps, (9, 3, 14, 6))):
+            sp = SamplingParams(max_tokens=m, ignore_eos=ignore_eos, temperature=0.7 * (i % 2),
+                                seed=i)
+            out.append(Request(prompt_ids=p, sampling=sp))
+        return out
+    eos = set(eng.eos_ids)
+    try:
+        eng.config.overlap_steps = "off"
+        want = run_all(eng, reqs())
+        stop = want[2][0][5]
+        eng.eos_ids = {stop}
+        want_stop = run_all(eng, reqs(ignore_eos=False))
+        eng.config.overlap_steps = "auto"
+        n0 = eng.num_overlapped
+        eng.eos_ids = eos
+        assert run_all(eng, reqs()) == want
+        eng.eos_ids = {stop}
+        assert run_all(eng, reqs(ignore_eos=False)) == want_stop
+    finally:
+        eng.config.overlap_steps, eng.eos_ids = "auto", eos
+    assert want_stop[2][1] == "stop"
+    assert eng.num_overlapped - n0 >= 10
+    assert eng._ahead is None and eng.store.held_slots("gpu") == 0

@@ -22,7 +22,7 @@ def test_launch_config_covers_the_table_in_whole_iterations(B, H, NB, nbi, split
     assert 1 <= S <= NB and bps % nbi == 0
     assert S * bps >= NB and (S - 1) * bps < NB          # every split has blocks
     if splits is None:
-        assert S <= max(1, -(-NB // (dl.MIN_ITERS * nbi)))  # runs of MIN_ITERS iterations
+        assert S <= max(1, -(-NB // (dl.min_iters(NB) * nbi)))  # runs of min_iters iterations
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
