@@ -78,7 +78,7 @@ def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
         qd = q[:plan.num_decode]
         offs, kb, vb, nt = plan.decode_table(layer, qd)
         o, m, l = paged_decode(qd, arena_row, offs, kb, vb, nt, plan.geom, scale, fmt=d.fmt,
-                               cache=plan.layer_cache, groups=d.groups)
+                               cache=plan.layer_cache, groups=d.groups, row_len=d.lengths)
         plan.decode_done(layer)
         plan.record_partials(layer, m, l)
         if out is None:         # a decode-only step: the kernel's output is the layer's

@@ -164,7 +164,7 @@ class DecodeGraphs:
         n, nb = len(decode), host.decode.offsets.shape[1]
         buf = g.pad.clone()
         for name, t in (("ids", host.input_ids[0]), ("pos", host.position_ids[0]),
-                        ("widx", host.write_idx)):
+                        ("widx", host.write_idx), ("len", host.decode.lengths)):
             s, _ = g.views[name]
             buf[s:s + t.numel()] = t
         for name, t in (("offs", host.decode.offsets), ("kb", host.decode.kbits),
@@ -211,7 +211,7 @@ class DecodeGraphs:
         sec = geom.sections(FULL)
         views, sizes = {}, [("ids", (B,)), ("pos", (B,)), ("widx", (B * H * D,)),
                             ("offs", (B, NB)), ("kb", (B, NB)), ("vb", (B, NB)),
-                            ("nt", (B, NB))]
+                            ("nt", (B, NB)), ("len", (B,))]
         n = 0
         for name, shape in sizes:
             views[name] = (n, shape)
@@ -231,6 +231,8 @@ class DecodeGraphs:
             pad[s:s + B * NB] = bits
         s, _ = views["nt"]
         pad[s:s + B * NB].view(B, NB)[:, 0] = 1
+        s, _ = views["len"]
+        pad[s:s + B] = 1
         flat = pad.to(self.device)
         pinned = [torch.empty(n, dtype=torch.int64).pin_memory() for _ in range(2)]
 
@@ -240,9 +242,11 @@ class DecodeGraphs:
             return t
         i32 = {name: torch.empty(B, NB, dtype=torch.int32, device=self.device)
                for name in ("kb", "vb", "nt")}
+        i32["len"] = torch.empty(B, dtype=torch.int32, device=self.device)
         rows = torch.arange(B, device=self.device)
         dec = DecodeBatch([""] * B, rows, v("offs"), i32["kb"], i32["vb"], i32["nt"],
-                          fmt=fmt if len(fmts) == 1 else None, row_list=list(range(B)))
+                          fmt=fmt if len(fmts) == 1 else None, row_list=list(range(B)),
+                          lengths=i32["len"])
         if len(fmts) > 1:
             from engine.kernels.paged_decode_triton import FormatGroups
         plan = StepPlan(st, v("ids").view(1, B), v("pos").view(1, B), v("widx"),
@@ -250,7 +254,7 @@ class DecodeGraphs:
 
         def forward():
             # the int32 table columns come from the packed int64 buffer, inside the graph
-            for name in ("kb", "vb", "nt"):
+            for name in ("kb", "vb", "nt", "len"):
                 i32[name].copy_(v(name))
             if len(fmts) > 1:   # columns grouped by format on the device (a stable sort)
                 dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts)

@@ -53,6 +53,7 @@ class DecodeBatch:
     fmt: KVFormat | None = None  # the one format of every block in the table, if only one
     groups: object | None = None  # FormatGroups of a mixed table, for the CUDA kernel
     row_list: list[int] = field(default_factory=list)  # ``rows`` on the host
+    lengths: torch.Tensor | None = None   # [Bd] int32: each row's own columns (its blocks)
 
 
 @dataclass
@@ -272,8 +273,10 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     if len(fmts) > 1 and cuda:
         from engine.kernels.paged_decode_triton import FormatGroups
         groups = FormatGroups.from_rows(attended, nb, device)
+    lengths = ints([len(store.seqs[s].blocks) for s in seq_ids], torch.int32)
     return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager,
-                       fmt=next(iter(fmts)) if len(fmts) == 1 else None, groups=groups)
+                       fmt=next(iter(fmts)) if len(fmts) == 1 else None, groups=groups,
+                       lengths=lengths.to(device, non_blocking=True))
 
 
 def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

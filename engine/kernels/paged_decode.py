@@ -158,16 +158,18 @@ def triton_supports(geom: BlockGeometry) -> bool:
 
 def paged_decode(q, arena_row, block_offsets, block_kbits, block_vbits, block_ntok, geom,
                  sm_scale, fmt: KVFormat | None = None, cache: dict | None = None,
-                 groups=None):
+                 groups=None, row_len: torch.Tensor | None = None):
     """Dispatch: the Triton kernel on CUDA for the geometries it supports, else the
     reference. ``fmt``: a promise that every attended block has this format (the caller
     knows it from its block list; no device sync here): the kernel compiles it in.
     ``groups``: a mixed table's blocks grouped by format (FormatGroups, made by the caller
-    on the host): the kernel then runs once per format."""
+    on the host): the kernel then runs once per format. ``row_len`` ([B] int32): the
+    columns each row holds (entries past them are holes): the kernel's splits share each
+    row's own length (the reference needs no hint)."""
     if q.is_cuda and triton_supports(geom):
         from engine.kernels.paged_decode_triton import paged_decode_triton
         return paged_decode_triton(q, arena_row, block_offsets, block_kbits, block_vbits,
                                    block_ntok, geom, sm_scale, fmt=fmt, groups=groups,
-                                   launch_cache=cache)
+                                   launch_cache=cache, row_len=row_len)
     return paged_decode_ref(q, arena_row, block_offsets, block_kbits, block_vbits,
                             block_ntok, geom, sm_scale, fmt, cache)

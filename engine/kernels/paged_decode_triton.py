@@ -211,7 +211,7 @@ def _paged_decode_kernel(
     ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
     perm_ptr,      # [B, NB] int64 original column of each entry (read only when ROWLEN)
     rstart_ptr,    # [B] int32 first entry of this launch's run in each row (ROWLEN)
-    rlen_ptr,      # [B] int32 entries in that run (ROWLEN)
+    rlen_ptr,      # [B] int32 entries in that run (ROWLEN), or columns the row attends (DYN)
     bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
     bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
     pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
@@ -226,6 +226,7 @@ def _paged_decode_kernel(
     NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
     WORDS: tl.constexpr = 0,      # code words (int32 loads): 1 keys, 2 values (4-bit), 3 both
+    DYN: tl.constexpr = False,    # splits share each row's own length (rlen), not NB
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -245,6 +246,21 @@ def _paged_decode_kernel(
         rs = tl.load(rstart_ptr + b)
         start = rs + sp * blocks_per_split
         end = tl.minimum(start + blocks_per_split, rs + tl.load(rlen_ptr + b))
+    elif DYN:
+        # the row's columns (a graph's table is as wide as its bucket, the row often far
+        # shorter) shared by the splits in whole iterations; the columns past the row
+        # in this split's share of the table are holes: (-inf, 0) partials
+        n = tl.load(rlen_ptr + b)
+        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
+        start = sp * per
+        end = tl.minimum(start + per, n)
+        h1 = tl.minimum(sp * blocks_per_split + blocks_per_split, NB)
+        for c0 in range(tl.maximum(sp * blocks_per_split, n), h1, 16):
+            cols = c0 + tl.arange(0, 16)
+            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
+            hm = hmask[:, None] & (cols < h1)[None, :]
+            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
+            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
     else:
         start = sp * blocks_per_split
         end = tl.minimum(start + blocks_per_split, NB)
@@ -311,7 +327,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         num_splits: int | None = None, blocks_per_iter: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None,
                         fast: bool | None = None, maxnreg: int | None = None,
-                        word_codes: bool | str | None = None, launch_cache: dict | None = None
+                        word_codes: bool | str | None = None, launch_cache: dict | None = None,
+                        row_len: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -334,6 +351,9 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     override the launch heuristics (engine/kernels/decode_launch.py).
     ``launch_cache``: a dict that lives for one engine step (CUDA): launch plans and
     compiled kernels are reused across the step's layers (``decode_launch.launch``).
+    ``row_len`` ([B] int32 on q's device): the columns each row attends, the rest of the
+    row being holes; the splits of a one-format launch then share each row's own length
+    instead of the table's width (a CUDA graph's table is its width bucket).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -368,6 +388,10 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
             raise ValueError(f"{name} on {t.device}, q on {q.device}")
     if arena_row.device != q.device:
         raise ValueError(f"arena_row on {arena_row.device}, q on {q.device}")
+    if row_len is not None and (row_len.dtype != torch.int32 or row_len.shape != (B,)
+                                or row_len.device != q.device):
+        raise ValueError(f"row_len must be [B={B}] int32 on {q.device}, got "
+                         f"{tuple(row_len.shape)} {row_len.dtype} on {row_len.device}")
     NB = block_offsets.shape[1]
     dev = q.device
     if not q.is_cuda:
@@ -421,7 +445,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         pl = torch.empty_like(pm)
         pacc = torch.empty(B, Hq, x.S, D, dtype=torch.float32, device=dev)
         x.run(q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, 0, x.S,
-              run=None, sm_scale=sm_scale, cache=launch_cache)
+              run=None, sm_scale=sm_scale, cache=launch_cache, row_len=row_len)
     reduce_splits(pm, pl, pacc, out, launch_cache)
     return out, bmax, bsum
 
@@ -535,7 +559,7 @@ class _Launch:
             B, H, NB, q.device, num_splits, self.nbi, decode_launch.RESIDENT.get(self.key))
 
     def run(self, q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, s0, stot, *, run,
-            sm_scale, cache=None):
+            sm_scale, cache=None, row_len=None):
         geom, fmt = self.geom, self.fmt
         B, Hq, D = q.shape
         H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
@@ -543,6 +567,9 @@ class _Launch:
         arena_st = arena_row[:n].view(geom.store_dtype)
         arena_md = arena_row[:n].view(geom.meta_dtype)
         perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
+        dyn = run is None and row_len is not None
+        if dyn:
+            rlen = row_len
         sec = geom.sections(fmt)
         f16 = self.dot_dtype == torch.float16
         ck = _launch(_paged_decode_kernel, (B, H, self.S), (
@@ -556,7 +583,7 @@ class _Launch:
             UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
             IEEE=self.dot_dtype == torch.float32,
             ASM=_PTX and q.is_cuda and f16 and self.fast,
-            FAST=self.fast, ROWLEN=run is not None, WORDS=self.words,
+            FAST=self.fast, ROWLEN=run is not None, WORDS=self.words, DYN=dyn,
         ), dict(num_warps=self.warps, num_stages=self.stages,
                 **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
         if q.is_cuda and self.key not in decode_launch.RESIDENT:

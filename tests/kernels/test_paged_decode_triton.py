@@ -341,3 +341,37 @@ def test_shared_launch_cache_across_layers_matches_reference(request, monkeypatc
         # the later layers specialize as the first: they reuse its plans and kernels
         assert cache.keys() == first.keys() and all(cache[k] is first[k] for k in first)
         assert sum(k[0] == "triton-launch" for k in cache) == len(want_launches) + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+@pytest.mark.parametrize("case", [c for c in CASES if isinstance(c[7], KVFormat)][:8],
+                         ids=_case_id)
+def test_row_lengths_bound_what_each_row_reads(request, device, case, splits):
+    """A one-format table as wide as a CUDA graph's bucket, rows far shorter: with each
+    row's length given, the splits share the row's own columns and never read past it
+    (the columns there hold real-looking blocks here, which the reference treats as
+    holes), and the partials past it come out as holes (-inf, 0)."""
+    pdt = kernel_module(device)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
+                                                   seed_of(request))
+    B, NB = offs.shape
+    W = NB + 37
+
+    def widen(t, fill):
+        return torch.cat([t, fill.expand(B, W - NB).to(t.dtype)], 1)
+    lens = [max([j + 1 for j in range(NB) if int(ntok[b, j]) > 0] or [0]) for b in range(B)]
+    col0 = ntok[:, :1] > 0                      # a real block to point the extra columns at
+    fill_off = torch.where(col0, offs[:, :1], torch.zeros_like(offs[:, :1]))
+    offs_w, kb_w, vb_w = widen(offs, fill_off), widen(kb, kb[:, :1]), widen(vb, vb[:, :1])
+    ntok_w = widen(ntok, torch.where(col0, ntok[:, :1], torch.zeros_like(ntok[:, :1])))
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    holes_past = ntok_w.clone()
+    for b, n in enumerate(lens):
+        holes_past[b, n:] = 0
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs_w.cpu(), kb_w.cpu(), vb_w.cpu(),
+                            holes_past.cpu(), geom, sm_scale)
+    row_len = torch.tensor(lens, dtype=torch.int32, device=device)
+    got = pdt.paged_decode_triton(q, arena, offs_w, kb_w, vb_w, ntok_w, geom, sm_scale,
+                                  fmt=case[7], num_splits=splits, row_len=row_len)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
