@@ -65,6 +65,7 @@ def test_same_tokens_finishes_and_slots_as_steps_in_order(pair, sampled):
     got = run_all(on, requests(sampled=sampled))
     assert got == want
     assert on.num_overlapped > 20          # most decode steps were launched ahead
+    assert on.snapshot().graphs["num_overlapped"] == on.num_overlapped   # status shows it
     assert on._ahead is None
     check_slots(on.store)
     assert on.store.held_slots(GPU) == 0 and not on.store.seqs
