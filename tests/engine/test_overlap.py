@@ -3,14 +3,13 @@ one's tokens are read gives exactly the tokens, finishes, slots and index of ste
 one after the other. On CPU ``"on"`` runs the launched-ahead step eagerly: no speed, the
 same bookkeeping as the CUDA-graph path (tests/engine/test_cuda_graphs.py runs that)."""
 import pytest
-import torch
 
 from engine.actions import Quantize
 from engine.api import FinishEvent, Request, SamplingParams
 from engine.engine import Engine, EngineConfig
 from engine.store import GPU
 
-from tests.engine.test_prefix_reuse import check_slots
+from tests.engine.test_prefix_reuse import check_slots, prompt
 
 KW = dict(model="random:tiny", device="cpu", dtype="float32", block_size=4,
           kv_budget_bytes=1 << 20, page_bytes=4096, max_batch_tokens=64, observe_window=4)
@@ -24,11 +23,6 @@ def pair():
     yield a, b
     a.stop()
     b.stop()
-
-
-def prompt(seed, n):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 500, (n,), generator=g).tolist()
 
 
 def run_all(engine, reqs):
