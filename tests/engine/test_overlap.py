@@ -147,3 +147,32 @@ def test_a_session_turn_that_stops_on_a_token_keeps_exactly_its_kv(pair):
 def test_overlap_setting_is_checked():
     with pytest.raises(ValueError, match="overlap_steps"):
         EngineConfig(model="random:tiny", overlap_steps="maybe")
+
+
+def test_threaded_engine_same_tokens(pair):
+    """The engine thread (the daemon's way): requests posted from another thread while
+    steps are launched ahead end with the tokens of steps in order."""
+    import threading
+
+    def threaded(e):
+        done, toks, all_done = {}, {}, threading.Event()
+        reqs = requests()
+
+        def cb(ev):
+            if isinstance(ev, FinishEvent):
+                done[ev.seq_id] = ev
+                if len(done) == len(reqs):
+                    all_done.set()
+            else:
+                toks.setdefault(ev.seq_id, []).append(ev.token_id)
+        e.start()
+        try:
+            ids = [e.submit(r, cb) for r in reqs]
+            assert all_done.wait(60)
+        finally:
+            e.stop()
+        return [(toks.get(i, []), done[i].reason) for i in ids]
+    on, off = pair
+    assert threaded(on) == threaded(off)
+    assert on.num_overlapped > 0
+    check_slots(on.store)
