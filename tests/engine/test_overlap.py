@@ -9,6 +9,7 @@ from engine.api import FinishEvent, Request, SamplingParams
 from engine.engine import Engine, EngineConfig
 from engine.store import GPU
 
+from tests.engine.test_engine import run_all as run_engine
 from tests.engine.test_prefix_reuse import check_slots, prompt
 
 KW = dict(model="random:tiny", device="cpu", dtype="float32", block_size=4,
@@ -26,19 +27,10 @@ def pair():
 
 
 def run_all(engine, reqs):
-    done, toks = {}, {}
-
-    def cb(ev):
-        if isinstance(ev, FinishEvent):
-            done[ev.seq_id] = ev
-        else:
-            toks.setdefault(ev.seq_id, []).append(ev.token_id)
-    ids = [engine.submit(r, cb) for r in reqs]
-    for _ in range(10_000):
-        if len(done) == len(ids):
-            break
-        engine.step()
-    return [(toks.get(i, []), done[i].reason, done[i].num_generated) for i in ids]
+    """(token ids, finish reason, tokens generated) of each request, run to the end."""
+    ids, done, toks = run_engine(engine, reqs)
+    return [([ev.token_id for ev in toks.get(i, [])], done[i].reason, done[i].num_generated)
+            for i in ids]
 
 
 def requests(eos_ignored=True, sampled=False):
