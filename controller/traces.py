@@ -119,16 +119,24 @@ def compare(ref: torch.Tensor, moved: torch.Tensor, targets: list[int]) -> dict[
             "nll_delta": nll}
 
 
-def propose_all(seq, ctx: Context, fracs: list[float]) -> list[tuple[float, Candidate]]:
+def propose_all(seq, ctx: Context, fracs: list[float]) -> list[tuple[float, Candidate, str]]:
+    """(byte target, candidate, the plan it is a part of or '') of every strategy at each
+    target. A plan's parts are measured on their own too: the learned predictor prices
+    a plan it does not know as the sum of its parts, and those parts (one hot block at
+    int4, the rest at k4v2, ...) are moves no single strategy proposes at these targets."""
     out, gpu = [], seq.bytes_by_tier.get("gpu", 0)
+    seen: set[tuple[str, tuple[int, ...]]] = set()
     for strat in registry().values():
-        seen: set[tuple[int, ...]] = set()
         for f in fracs:
             c = strat.propose(seq, int(f * gpu), ctx)
-            if c is None or c.freed_bytes <= 0 or c.blocks in seen:
+            if c is None or c.freed_bytes <= 0 or (c.strategy, c.blocks) in seen:
                 continue
-            seen.add(c.blocks)
-            out.append((f, c))
+            seen.add((c.strategy, c.blocks))
+            out.append((f, c, ""))
+            for p in c.parts if len(c.parts) > 1 else ():
+                if p.freed_bytes > 0 and (p.strategy, p.blocks) not in seen:
+                    seen.add((p.strategy, p.blocks))
+                    out.append((f, p, c.strategy))
     return out
 
 
@@ -194,12 +202,12 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
                 if refsid:
                     engine.fork(base, refsid)
                     sids.append(refsid)
-                for frac, c in chunk:
+                for frac, c, part_of in chunk:
                     sid = _sid("move")
                     engine.fork(base, sid)
                     sids.append(sid)
                     if not apply_moves(engine, sid, c):    # the move, on the copy
-                        forks.append((frac, c, sid))
+                        forks.append((frac, c, part_of, sid))
                 outs: dict[str, list[torch.Tensor]] = {sid: [] for sid in sids}
                 for grp in groups(engine, sids, cfg.batch + 1):
                     for t in tail:
@@ -209,13 +217,14 @@ def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
                     ref = outs[refsid]
                     first = False
                 R = torch.stack(ref)
-                for frac, c, sid in forks:
+                for frac, c, part_of, sid in forks:
                     m = compare(R, torch.stack(outs[sid]), tail[1:])
                     p = heur.predict(view, c)
                     rows.append({
                         "v": TRACE_VERSION, "schema": SCHEMA_VERSION, "model": engine.model_name,
                         "tokens": view.num_tokens, "strategy": c.strategy, "kind": c.kind,
                         "target_frac": round(frac, 4), "prior": prior_name,
+                        "part_of": part_of,
                         "num_touched": len(c.blocks), "freed_bytes": c.freed_bytes,
                         "features": candidate_features(view, c), **m,
                         "heuristic": p.accuracy})
