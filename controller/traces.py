@@ -29,8 +29,9 @@ import torch
 
 from controller.predictors.features import SCHEMA_VERSION, candidate_features
 from controller.predictors.heuristic import HeuristicPredictor
-from controller.strategies import Candidate, ColdQuantization, Context, registry
-from controller.strategies.base import ScoredStrategy
+from controller.strategies import (Candidate, ColdQuantization, Context, MixedPrecision,
+                                   registry)
+from controller.strategies.base import Strategy
 from engine.config import EngineConfig
 from engine.handle import open_engine
 
@@ -49,7 +50,7 @@ class RecordConfig:
     batch: int = 8                # forks decoded together
     threads: int = 1
     seed: int = 0
-    prior_share: float = 0.3      # sequences quantized in part before the snapshot
+    prior_share: float = 0.3      # sequences moved in part before the snapshot
     block_size: int = 32          # the serving engine's (features depend on it)
 
     def __post_init__(self) -> None:
@@ -165,7 +166,7 @@ def apply_moves(engine, seq_id: str, cand: Candidate) -> str:
 
 @torch.inference_mode()
 def record_sequence(engine, ids: list[int], n_prompt: int, cfg: RecordConfig,
-                    fracs: list[float], prior: tuple[ScoredStrategy, float] | None = None
+                    fracs: list[float], prior: tuple[Strategy, float] | None = None
                     ) -> list[dict]:
     """Rows for one window ``ids`` = context + warmup + horizon tokens. ``prior``: a
     strategy and byte fraction applied right after the prefill, so that moves are also
@@ -254,7 +255,11 @@ def record(cfg: RecordConfig, out, log=sys.stderr) -> int:
             fracs = sorted(rng.uniform(0.03, 0.9) for _ in range(cfg.targets))
             prior = None
             if rng.random() < cfg.prior_share:
-                prior = (ColdQuantization(rng.choice((8, 4))), rng.uniform(0.2, 0.6))
+                # an earlier move: a cold quantization, or the policy's own per-block plan
+                # down to 25-40% of the bytes (its next, small relief then touches the
+                # blocks that filled since: hot ones, moves no cold strategy makes)
+                prior = (ColdQuantization(rng.choice((8, 4))), rng.uniform(0.2, 0.6)) \
+                    if rng.random() < 0.5 else (MixedPrecision(), rng.uniform(0.6, 0.75))
             rows = record_sequence(e, ids[off:off + n + extra], n, cfg, fracs, prior)
             for r in rows:
                 r["seq"] = i

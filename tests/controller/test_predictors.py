@@ -113,6 +113,8 @@ def test_traces_measure_what_moves_cost(tiny_traces, tmp_path):
     assert all(r["kl"] > 1e-12 for r in rows if r["strategy"].startswith("quantize_"))
     assert any(r["prior"] for r in rows) and any(r["features"]["already_lowered"] > 0
                                                  for r in rows)
+    # earlier moves include the policy's own plan, not only cold quantizations
+    assert any((r["prior"] or "").startswith("mixed_precision@") for r in rows)
     # a plan's parts are measured alone too (the learned predictor may price them so)
     parts = [r for r in rows if r["part_of"] == "mixed_precision"]
     assert parts and all(r["strategy"].startswith("quantize_") or r["strategy"] == "heavy_hitter"
