@@ -244,9 +244,8 @@ class DecodeGraphs:
                for name in ("kb", "vb", "nt")}
         i32["len"] = torch.empty(B, dtype=torch.int32, device=self.device)
         rows = torch.arange(B, device=self.device)
-        dec = DecodeBatch([""] * B, rows, v("offs"), i32["kb"], i32["vb"], i32["nt"],
-                          fmt=fmt if len(fmts) == 1 else None, row_list=list(range(B)),
-                          lengths=i32["len"])
+        dec = DecodeBatch([""] * B, v("offs"), i32["kb"], i32["vb"], i32["nt"],
+                          fmt=fmt if len(fmts) == 1 else None, lengths=i32["len"])
         if len(fmts) > 1:
             from engine.kernels.paged_decode_triton import FormatGroups
         plan = StepPlan(st, v("ids").view(1, B), v("pos").view(1, B), v("widx"),

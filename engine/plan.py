@@ -42,8 +42,10 @@ class PrefillSeg:
 
 @dataclass
 class DecodeBatch:
+    """The decode rows of a step: rows 0 .. Bd-1 of the packed batch (prefill chunks
+    follow them), with their block tables."""
+
     seq_ids: list[str]
-    rows: torch.Tensor          # [Bd] rows of the decode tokens
     offsets: torch.Tensor       # [Bd, NB] int64 (logical block index = table column)
     kbits: torch.Tensor         # [Bd, NB] int32 key codes (KVFormat.k_code)
     vbits: torch.Tensor
@@ -52,7 +54,6 @@ class DecodeBatch:
     stager: Stager | None = None
     fmt: KVFormat | None = None  # the one format of every block in the table, if only one
     groups: object | None = None  # FormatGroups of a mixed table, for the CUDA kernel
-    row_list: list[int] = field(default_factory=list)  # ``rows`` on the host
     lengths: torch.Tensor | None = None   # [Bd] int32: each row's own columns (its blocks)
 
 
@@ -208,7 +209,8 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     Built from Python lists with one tensor per field: element-wise writes into a
     tensor cost microseconds each, which at 32K tokens (1000 blocks) was 40 ms a step.
     """
-    nb = max(len(store.seqs[s].blocks) for s in seq_ids)
+    lengths = [len(store.seqs[s].blocks) for s in seq_ids]
+    nb = max(lengths)
     B = len(seq_ids)
     # one flat list per field (row i at i * nb): a nested list costs a Python list per
     # row to build and torch.tensor walks it row by row
@@ -273,10 +275,9 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     if len(fmts) > 1 and cuda:
         from engine.kernels.paged_decode_triton import FormatGroups
         groups = FormatGroups.from_rows(attended, nb, device)
-    lengths = ints([len(store.seqs[s].blocks) for s in seq_ids], torch.int32)
-    return DecodeBatch(seq_ids, torch.zeros(0), *t[:4], stage_mask=t[4], stager=stager,
+    return DecodeBatch(seq_ids, *t[:4], stage_mask=t[4], stager=stager,
                        fmt=next(iter(fmts)) if len(fmts) == 1 else None, groups=groups,
-                       lengths=lengths.to(device, non_blocking=True))
+                       lengths=ints(lengths, torch.int32).to(device, non_blocking=True))
 
 
 def _merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -303,10 +304,8 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
     pos: list[int] = []
     w_offs: list[int] = []
     w_rows: list[int] = []
-    dec_rows: list[int] = []
     pre: list[PrefillSeg] = []
     for sid, tok in decode_ids:
-        dec_rows.append(len(ids))
         ids.append(tok)
         pos.append(store.seqs[sid].num_tokens)
         o, r = store.write_targets(sid, 1)
@@ -354,8 +353,6 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
     decode = None
     if decode_ids:
         decode = _table(store, [s for s, _ in decode_ids], device)
-        decode.rows = ints(dec_rows).to(device)
-        decode.row_list = dec_rows
     return StepPlan(
         store=store,
         input_ids=ints(ids).view(1, -1).to(device),

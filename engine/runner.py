@@ -67,7 +67,7 @@ class ModelRunner:
         plan = build_plan(self.store, decode, [(c.seq_id, c.token_ids, c.observe)
                                                for c in chunks],
                           self.num_layers, self.device)
-        rows = list(plan.decode.row_list) if plan.decode is not None else []
+        rows = list(range(plan.num_decode))     # decode rows come first
         for seg, c in zip(plan.prefills, chunks):
             if c.logits == "all":
                 rows.extend(range(seg.start, seg.start + seg.length))

@@ -76,8 +76,8 @@ def build(engine, version: int) -> EngineSnapshot:
         st.num_sink_blocks, version=version, max_positions=engine.max_positions,
         num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures,
         staging_bytes=st.staging_half,
-        graphs=dict(vars(engine.runner.graphs.stats), num_overlapped=engine.num_overlapped)
-        if engine.runner.graphs else {"num_overlapped": engine.num_overlapped},
+        graphs=dict(vars(engine.runner.graphs.stats) if engine.runner.graphs else {},
+                    num_overlapped=engine.num_overlapped),
         prefix=prefix_counters(st), sessions=engine.session_views())
 
 
