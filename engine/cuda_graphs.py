@@ -62,6 +62,11 @@ class _Graph:
     logits: torch.Tensor        # [B, V] static output
     B: int
     NB: int
+    # every other tensor the graph reads, allocated outside its pool: the graph holds
+    # raw addresses, so one freed and reallocated is read as garbage (the logits rows,
+    # referenced only by the capture's closure, once were: the second row's logits
+    # came from other memory)
+    inputs: dict
 
 
 @dataclass
@@ -275,7 +280,8 @@ class DecodeGraphs:
             logits, shares = forward()
         plan.shares = shares
         torch.cuda.synchronize(self.device)
-        g = _Graph(graph, plan, flat, pinned, [None, None], pad, views, logits, B, NB)
+        g = _Graph(graph, plan, flat, pinned, [None, None], pad, views, logits, B, NB,
+                   dict(i32, rows=rows))
         self.graphs[(B, NB, fmts)] = g
         dt = time.perf_counter() - t0
         grew = torch.cuda.memory_reserved(self.device) - before
