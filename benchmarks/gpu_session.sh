@@ -10,6 +10,8 @@
 #   head    benchmarks.headline.gpu (issue 15)
 #   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default)
 #   split   benchmarks.step_split (where a step's time goes)
+#   offload benchmarks.offload at 32K: all on the GPU, exact offload, top-k pages (issue 13)
+#   daemon  benchmarks.status_latency, 64 clients streaming from the daemon (issue 13)
 # Usage on the device: bash benchmarks/gpu_session.sh tests speed kernel
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -42,6 +44,10 @@ for s in "${steps[@]}"; do
              "${CAP_GB:-5}" --context "${CAP_CONTEXT:-8192}" --settle-s 10 \
              --configs none,quantize_int4,adaptive:balanced --out "$OUT/capacity" ;;
     split) timeout "${T_SPLIT:-200}" python -m benchmarks.step_split --batches 1,64 ;;
+    offload) timeout "${T_OFFLOAD:-300}" python -m benchmarks.offload --model random:llama3-8b \
+             --context 32768 ;;
+    daemon) timeout "${T_DAEMON:-200}" python -m benchmarks.status_latency --clients 64 \
+             --seconds 15 --model random:llama3-8b --max-tokens 128 ;;
     *) echo "unknown step $s" ;;
   esac >"$OUT/$s.txt" 2>&1
   echo "== $s: rc $? in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-25}" "$OUT/$s.txt"
