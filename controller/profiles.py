@@ -22,8 +22,11 @@ _ALL = (
     # eviction only inside mixed_precision's plans, block by block where it costs less
     # than the next format: whole-sequence evictions priced by a predictor trained on
     # text continuation won against formats and lost needles (docs/BENCHMARKS.md,
-    # "The policy under a KV budget")
-    Profile("balanced", ("mixed_precision", "offload_exact", "offload_topk"),
+    # "The policy under a KV budget"). Two ladders: every format, or int4 and better
+    # with the coldest blocks evicted past that (better text at 25% of fp16 on the
+    # default model, same needles: "Two ladders"); the predictor prices both
+    Profile("balanced", ("mixed_precision", "mixed_precision_int4", "offload_exact",
+                         "offload_topk"),
             1.0, "per-block precision (evicting only where cheaper), or offload; "
                  "the predictor decides"),
     Profile("accuracy-critical", ("quantize_int8", "offload_exact"), 0.01,

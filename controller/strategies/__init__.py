@@ -16,6 +16,8 @@ def registry() -> dict[str, Strategy]:
         SinkWindowEviction(), HeavyHitterEviction(), SnapKVEviction(),
         ColdQuantization(8), ColdQuantization(4), ColdQuantization(2),
         ColdQuantization(4, 2), ColdQuantization(8, fp8=True), MixedPrecision(),
+        # the same plan with values never below 4 bits: past int4 the coldest blocks go
+        MixedPrecision(formats=("int8", "int4"), variant="int4"),
         ColdOffload(),
         ColdOffload(top_k_fraction=0.125),
     ]

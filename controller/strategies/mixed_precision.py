@@ -36,11 +36,15 @@ EVICTED = "evicted"
 
 @dataclass
 class MixedPrecision(Strategy):
-    name = "mixed_precision"
     kind = "quantize"            # 'evict' on candidates that evict any block
     formats: tuple[str, ...] = ("int8", "int4", "k4v2", "int2")
     evict: bool = True
     recent_blocks: int = 2       # the newest blocks are never evicted
+    variant: str = ""            # a second ladder in the registry: its name's suffix
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"mixed_precision_{self.variant}" if self.variant else "mixed_precision"
 
     def _ladder(self, ctx: Context, b, w: float, share: float, evictable: bool):
         """(bytes freed, cost, option) on the lower convex hull, from the block as it is
