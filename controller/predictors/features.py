@@ -33,7 +33,8 @@ SCHEMA: tuple[str, ...] = (
     "log2_tokens",
     "entropy_norm",                  # block-attention entropy / log(#attended blocks)
     "sink_mass", "recent_mass",
-    "mean_dist_frac",                # mean distance of touched blocks from the end / #blocks
+    "mean_dist_frac",                # mean distance of touched blocks from the end /
+                                     # blocks in the sequence (evicted ones too)
     "min_dist_blocks",               # nearest touched block's distance from the end,
                                      # capped at MAX_DIST (beyond it, all are "old")
     "freed_frac",                    # bytes freed / the sequence's GPU-tier bytes
@@ -89,7 +90,9 @@ def candidate_features(seq: SequenceView, cand: Candidate) -> dict[str, float]:
         "entropy_norm": seq.entropy / math.log(n_att) if n_att > 1 else 0.0,
         "sink_mass": seq.sink_mass,
         "recent_mass": seq.recent_mass,
-        "mean_dist_frac": sum(dists) / len(dists) / n_att,
+        # over the sequence's blocks, as the distances are: over the attended ones it
+        # passed 1 once a plan had evicted blocks, and every later move fell back
+        "mean_dist_frac": sum(dists) / len(dists) / max(1, newest + 1),
         "min_dist_blocks": float(min(min(dists), MAX_DIST)),
         "freed_frac": cand.freed_bytes / gpu_bytes,
         "already_lowered": (sum(_bits(b.fmt) != (FULL_BITS, FULL_BITS) for b in touched)

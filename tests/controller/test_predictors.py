@@ -73,6 +73,25 @@ def test_features_of_eviction_topk_and_lowered_blocks():
         vector({k: 0.0 for k in SCHEMA[1:]})
 
 
+def test_block_distances_are_fractions_of_the_sequence_after_evictions():
+    """After a plan evicted most blocks, a move on the old blocks left is still at most 1
+    block-length away per block (distances count evicted blocks, so the fraction must
+    too): over the attended blocks it reached 2.0 and the learned predictor fell back on
+    every move after the first eviction (docs/BENCHMARKS.md, "Two ladders")."""
+    mass = [0.3] + [0.01] * 20 + [0.2, 0.4]
+    blocks = [BlockView(i, 32, "full", "evicted" if 2 <= i <= 17 else "gpu", FULL, m,
+                        observed=m) for i, m in enumerate(mass)]
+    n_gpu = sum(b.tier == "gpu" for b in blocks)
+    seq = SequenceView("s", "decode", 700, 32 * len(mass), 20, 0, "exact", 0,
+                       {"gpu": FULL * n_gpu}, {"full": FULL * n_gpu}, blocks,
+                       entropy=1.5, sink_mass=0.3, recent_mass=0.6)
+    c = ColdQuantization(4).propose(seq, FULL, CTX)
+    f = candidate_features(seq, c)
+    dists = [22 - i for i in c.blocks]
+    assert f["mean_dist_frac"] == pytest.approx(sum(dists) / len(dists) / 23)
+    assert 0 < f["mean_dist_frac"] <= 1
+
+
 # ---------------------------------------------------------------- traces + fit
 HORIZON = 8   # teacher-forced steps each trace row compares
 
