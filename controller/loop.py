@@ -140,10 +140,16 @@ class PolicyLoop:
         return sorted(moves, key=lambda m: m.cost)
 
     def plan_relief(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                    bus=None) -> list[Move]:
+                    bus=None, floor: int | None = None) -> list[Move]:
         """One move per sequence that may move now: together they free ``need`` GPU
         bytes at the least predicted cost the strategies offer (fewer bytes if the
-        allowed moves run out). The engine applies them."""
+        allowed moves run out). The engine applies them.
+
+        ``floor`` (<= need): the bytes that must go now (under the high watermark); the
+        rest is headroom. A sequence whose move for its share of ``need`` evicts takes a
+        move that evicts nothing where one frees its share of ``floor``: an eviction is
+        for good, so it waits until quantizing cannot keep the budget (a growing
+        sequence's new blocks at int4 defer it by a few blocks, not forever)."""
         now = self.clock()
         seqs = self._movable(snapshot, now)
         # idle sessions first: they give everything they hold before a live sequence
@@ -168,10 +174,26 @@ class PolicyLoop:
             again = self._priced(snapshot, more, profile, pins, bus)
             for sid, ms in again.items():
                 chosen[sid] = _best(ms, more[sid]) or chosen[sid]
+        if floor is not None and 0 < floor < need:
+            self._defer_evictions(snapshot, chosen, _shares(seqs, floor), profile, pins,
+                                  bus)
         out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
         for m in out:
             self._last_move[m.candidate.seq_id] = now
         return first + out
+
+    def _defer_evictions(self, snapshot, chosen: dict, floors: dict[str, int], profile: str,
+                         pins: dict[str, str], bus) -> None:
+        """Replace, in ``chosen``, each evicting move by the cheapest move that evicts
+        nothing and frees the sequence's ``floors`` share, where there is one."""
+        evicting = {sid: floors[sid] for sid, m in chosen.items()
+                    if m and m.candidate.kind == "evict"}
+        if not evicting:
+            return
+        for sid, ms in self._priced(snapshot, evicting, profile, pins, bus).items():
+            keep = _best([m for m in ms if m.candidate.kind != "evict"], evicting[sid])
+            if keep is not None and keep.candidate.freed_bytes >= evicting[sid]:
+                chosen[sid] = keep
 
     def _relieve_idle(self, snapshot, idle: list, need: int, profile: str, bus) -> list[Move]:
         """One move per idle session, least recently used first, until ``need`` is met:

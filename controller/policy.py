@@ -311,7 +311,8 @@ class Controller:
             if above:
                 need = max(used - int(self.relief_mark(snapshot, p, budget) * budget),
                            snapshot.pressure_bytes)
-                out += self._relieve(snapshot, p, need, frac, bus)
+                floor = max(used - int(p.high_watermark * budget), snapshot.pressure_bytes)
+                out += self._relieve(snapshot, p, need, frac, bus, floor)
             elif frac < self.restore_mark(p):
                 self._restore(snapshot, p, frac, int(self.restore_mark(p) * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down
@@ -319,8 +320,8 @@ class Controller:
         return out + self._collect()
 
     def _relieve(self, snapshot, p: PolicyView, need: int, frac: float,
-                 bus) -> list[Decision]:
-        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus)
+                 bus, floor: int | None = None) -> list[Decision]:
+        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus, floor)
         if not moves:
             if self._unmet or self.loop.num_resting:
                 return []     # said so already, or a sequence moved recently may move again

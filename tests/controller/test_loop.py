@@ -214,6 +214,38 @@ def test_no_lossy_block_is_quantized_again_while_sequences_grow(big):
     assert used <= 0.9 * c.policy.view().budget_bytes + 3 * big.store.block_bytes(FULL)
 
 
+def test_a_grown_block_is_quantized_before_anything_more_is_evicted(big):
+    """After the first relief every block but the newest is lossy, so a later relief can
+    only lower the blocks filled since, or evict. Reaching the relief mark (the high
+    watermark less a block of headroom a sequence) would take an eviction; getting under
+    the high watermark takes only the new blocks at a lower format. An eviction is for
+    good, so that later relief quantizes and evicts nothing (at 4K on the default model
+    one such eviction doubled a sample's KL: docs/BENCHMARKS.md, "Two ladders")."""
+    import random
+
+    rng = random.Random(1)
+    for _ in range(3):                        # decoding: the relief mark keeps headroom
+        big.submit(Request(prompt_ids=[rng.randint(1, 500) for _ in range(600)],
+                           sampling=SamplingParams(max_tokens=200, ignore_eos=True)),
+                   lambda ev: None)
+    while [s.state for s in big.handle.snapshot().sequences] != ["decode"] * 3:
+        big.step()
+    c, clock = budgeted(big, 0.3, high=0.9, low=0.8)
+    assert [d for d in tick_until_quiet(big, c, clock) if d.kind in MOVES]
+    budget = c.policy.view().budget_bytes
+    for _ in range(32):                       # one more full block a sequence
+        big.step()
+    snap = big.handle.snapshot()
+    used = snap.tiers["gpu"].block_bytes
+    mark = c.relief_mark(snap, c.policy.view(), budget)
+    assert used > 0.9 * budget and mark < 0.9
+    before = {k for k, (_, tier) in layout(big).items() if tier == "evicted"}
+    moves = [d for d in tick_until_quiet(big, c, clock, quiet=1, limit=3) if d.kind in MOVES]
+    after = {k for k, (_, tier) in layout(big).items() if tier == "evicted"}
+    assert moves and {d.kind for d in moves} == {"quantize"} and after == before
+    assert big.handle.snapshot().tiers["gpu"].block_bytes <= 0.9 * budget
+
+
 def test_a_budget_that_cannot_be_met_is_reported_once_and_the_loop_stops(big):
     held(big)
     c, clock = budgeted(big, 0.01)              # under the newest blocks' own bytes
