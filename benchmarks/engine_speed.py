@@ -156,8 +156,14 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also kvctl with its decode step compiled (engine.compile_decode) "
                          "and captured (CUDA)")
+    ap.add_argument("--only-hf", action="store_true",
+                    help="transformers baselines and the floor only (kvctl's arena left "
+                         "tiny): for shapes where its arena and their cache do not fit "
+                         "together; run kvctl with --hf '' in the same call")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    if a.only_hf:
+        a.kv_budget_gb, a.compile, a.no_eager = 0.25, False, True
     from engine.engine import Engine, EngineConfig
     from engine.layout import FULL
     batches = [int(b) for b in a.batches.split(",") if b]
@@ -184,9 +190,10 @@ def main() -> None:
         ctx = a.prompt + a.new // 2
         floor_ms = (wbytes + b * ctx * kv_tok) / bw * 1e3 if bw else 0.0
         row = dict(batch=b, floor_ms=floor_ms, floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
-        r, ms = bench_kvctl(eng, prompts[:b], a.new)
-        row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
-        if eng.runner.graphs is not None:   # the same, each step run to its end first
+        if not a.only_hf:
+            r, ms = bench_kvctl(eng, prompts[:b], a.new)
+            row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
+        if eng.runner.graphs is not None and not a.only_hf:   # each step run to its end first
             r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off")
             row.update(kvctl_graphs_seq_tok_s=r, kvctl_graphs_seq_ms=ms)
         if compiled_graphs is not None:
@@ -230,6 +237,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r.get("hf_static_tok_s")
+        if "kvctl_graphs_tok_s" not in r:
+            print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | - | - | "
+                  f"{_num(st, r.get('hf_static_error'))} | "
+                  f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | - | - | - | - |")
+            continue
         pct = f", {r['floor_ms'] / r['kvctl_graphs_ms']:.0%}" if r["floor_ms"] else ""
         ratio = f"{r['kvctl_graphs_tok_s'] / st:.2f}x" if st else "-"
         print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | {r['kvctl_graphs_tok_s']:.1f} "

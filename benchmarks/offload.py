@@ -148,7 +148,10 @@ def main() -> None:
         profile_step(eng)
     eng.handle.apply(SetDecodeMode(sid, "topk", k))
     timed_steps(eng, 2)
+    gs = eng.runner.graphs.stats if eng.runner.graphs is not None else None
+    before = (gs.num_replays, gs.num_eager) if gs else (0, 0)
     t_topk = timed_steps(eng, a.steps)
+    after = (gs.num_replays, gs.num_eager) if gs else (0, 0)
     if a.profile_topk:
         profile_step(eng)
     topk_bytes = k * eng.geom.slot_bytes(FULL) * eng.num_layers
@@ -169,6 +172,8 @@ def main() -> None:
     print()
     print(f"overlap fraction (t_gpu + t_copy - t_exact) / min: {overlap:.2f}")
     print(f"top-k speedup over exact offload: {t_exact / t_topk:.2f}x")
+    print(f"top-k steps timed: {after[0] - before[0]} CUDA graph replays, "
+          f"{after[1] - before[1]} eager" + (f" ({gs.eager_reasons})" if gs else ""))
     for name, gbs in gathers:
         print(f"UVA gather of {k} scattered blocks, {name}: {gbs:.1f} GB/s")
     print(f"top-k attention-output relative error (layer 0, random queries): {err:.4f}")

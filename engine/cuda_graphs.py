@@ -26,7 +26,8 @@ import torch
 
 from engine import attention
 from engine.layout import FULL, KVFormat
-from engine.plan import DecodeBatch, StepPlan, build_plan
+from engine.plan import DecodeBatch, StepPlan, build_plan, ints
+from engine.staging import Stager, TopKSeq
 from engine.store import GPU, HOST, KVStore
 
 log = logging.getLogger("kvctl.engine.graphs")
@@ -34,6 +35,7 @@ log = logging.getLogger("kvctl.engine.graphs")
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_WIDTH = 16          # table columns of the narrowest graph
 MAX_FORMATS = 4         # formats one graph's table may hold (a kernel launch each a layer)
+MAX_TOPK_GRAPHS = 4     # graphs with top-k rows kept (each holds its rows' key summaries)
 
 
 def _bucket(n: int, buckets) -> int | None:
@@ -67,6 +69,8 @@ class _Graph:
     # referenced only by the capture's closure, once were: the second row's logits
     # came from other memory)
     inputs: dict
+    topk: tuple = ()            # (row, entries, picks, slot) of each top-k sequence
+    summ_src: list = field(default_factory=list)  # per top-k row: the summaries copied in
 
 
 @dataclass
@@ -111,7 +115,7 @@ class DecodeGraphs:
         self.start_width = width      # narrower tables use these graphs (holes past them)
         t0 = time.perf_counter()
         for B in self.buckets:
-            key = (B, width, (FULL,))
+            key = (B, width, (FULL,), ())
             if key not in self.graphs and key not in self.failed:
                 self._try_capture(key)
         log.info("decode graphs captured at start-up", extra={"kv": {
@@ -131,20 +135,31 @@ class DecodeGraphs:
             return "batch beyond the largest graph"
         fmts: set[KVFormat] = set()
         nb = 1
-        for sid, _ in decode:
+        topk = []
+        for row, (sid, _) in enumerate(decode):
             kv = self.store.seqs[sid]
             nb = max(nb, len(kv.blocks) + 1)
+            host, hfmts = 0, set()
             for b in kv.blocks:
                 if b.tier == HOST:
-                    return "offloaded blocks stream through staging"
-                if b.tier == GPU:
+                    host += 1
+                    hfmts.add(b.fmt)
+                elif b.tier == GPU:
                     fmts.add(b.fmt)
+            if host:
+                if kv.decode_mode != "topk":
+                    return "offloaded blocks stream through staging"
+                fmts |= hfmts
+                # (row, offloaded blocks' bucket, picks, staging slot): the picks run on
+                # the device, so the graph covers them
+                topk.append((row, _width(host), min(kv.top_k, host),
+                             max(self.store.geom.slot_bytes(f) for f in hfmts)))
         if len(fmts) > MAX_FORMATS:
             return f"more than {MAX_FORMATS} formats in one table"
         width = max(_width(nb), self.start_width)
         if width > self.max_width:
             return "table wider than the model's context"
-        key = (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,))
+        key = (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,), tuple(topk))
         return self.failed.get(key, key)
 
     def note_eager(self, why: str) -> None:
@@ -178,6 +193,8 @@ class DecodeGraphs:
             view = buf[s:s + shape[0] * shape[1]].view(shape)
             view[:n] = 0
             view[:n, :nb] = t
+        for i, t in enumerate(host.decode.stager.topk if g.topk else ()):
+            self._fill_topk(g, i, t, buf)
         # two pinned twins in turn: the copy from the other may still be queued behind
         # a running replay; this one's last copy was queued a step earlier
         turn = self.stats.num_replays % 2
@@ -195,11 +212,31 @@ class DecodeGraphs:
         host.shares = g.plan.shares[:n, :nb]
         return host, g.logits[:n]
 
+    def _fill_topk(self, g: _Graph, i: int, t, buf: torch.Tensor) -> None:
+        """A top-k row's offloaded blocks into the graph's static table (entries past
+        them keep no tokens: never picked) and their key summaries into its static
+        summaries, copied only when the set changed (a move, not every step)."""
+        blocks, geom = t.blocks, self.store.geom
+        for name, xs in (("toff", [b.offset for b in blocks]), ("tcol", [b.index for b in blocks]),
+                         ("tnt", [b.num_tokens for b in blocks]),
+                         ("tnb", [geom.slot_bytes(b.fmt) for b in blocks])):
+            s, _ = g.views[f"{name}{i}"]
+            buf[s:s + len(xs)] = ints(xs)
+        src = g.summ_src[i]
+        if len(src) != len(blocks) or any(a is not b.summary for a, b in zip(src, blocks)):
+            src = [b.summary for b in blocks]
+            torch.stack(src, out=g.inputs[f"summ{i}"][:len(src)])
+            g.summ_src[i] = src
+
     # -- capture ---------------------------------------------------------------------------
     def _try_capture(self, key: tuple) -> _Graph | None:
         """``_capture``, or None when it raises (out of memory, an op that cannot be
         captured): logged, and the key's steps run eager from then on, counted under
         ``failed[key]`` (a graph we cannot capture must not fail a step)."""
+        if key[3]:      # drop the oldest graph with top-k rows past the cap
+            old = [k for k in self.graphs if k[3]]
+            for k in old[:max(0, len(old) + 1 - MAX_TOPK_GRAPHS)]:
+                del self.graphs[k]
         try:
             return self._capture(*key)
         except Exception as e:
@@ -208,7 +245,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             return None
 
-    def _capture(self, B: int, NB: int, fmts: tuple[KVFormat, ...]) -> _Graph:
+    def _capture(self, B: int, NB: int, fmts: tuple[KVFormat, ...], topk: tuple) -> _Graph:
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
         st, geom = self.store, self.store.geom
@@ -217,6 +254,9 @@ class DecodeGraphs:
         views, sizes = {}, [("ids", (B,)), ("pos", (B,)), ("widx", (B * H * D,)),
                             ("offs", (B, NB)), ("kb", (B, NB)), ("vb", (B, NB)),
                             ("nt", (B, NB)), ("len", (B,))]
+        for i, (_, m, _, _) in enumerate(topk):   # a top-k row's offloaded blocks
+            sizes += [(f"toff{i}", (m,)), (f"tcol{i}", (m,)), (f"tnt{i}", (m,)),
+                      (f"tnb{i}", (m,))]
         n = 0
         for name, shape in sizes:
             views[name] = (n, shape)
@@ -238,6 +278,9 @@ class DecodeGraphs:
         pad[s:s + B * NB].view(B, NB)[:, 0] = 1
         s, _ = views["len"]
         pad[s:s + B] = 1
+        for i, (_, m, _, _) in enumerate(topk):   # no tokens: never picked
+            s, _ = views[f"tcol{i}"]
+            pad[s:s + m] = NB - 1
         flat = pad.to(self.device)
         pinned = [torch.empty(n, dtype=torch.int64).pin_memory() for _ in range(2)]
 
@@ -249,7 +292,23 @@ class DecodeGraphs:
                for name in ("kb", "vb", "nt")}
         i32["len"] = torch.empty(B, dtype=torch.int32, device=self.device)
         rows = torch.arange(B, device=self.device)
+        inputs = {"rows": rows}
+        stager = None
+        if topk:
+            L, H = self.num_layers, geom.num_kv_heads
+            stager = Stager(st, L)
+            inputs["stage"] = torch.zeros(B, NB, dtype=torch.int64, device=self.device)
+            off = 0
+            for i, (row, m, k, slot) in enumerate(topk):
+                i32[f"tnt{i}"] = torch.empty(m, dtype=torch.int32, device=self.device)
+                inputs[f"summ{i}"] = torch.zeros(m, L, H, 2, D, device=self.device)
+                stager.topk.append(TopKSeq(row, [], inputs[f"summ{i}"], k, off,
+                                           host_off=v(f"toff{i}"), nbytes=v(f"tnb{i}"),
+                                           cols=v(f"tcol{i}"), ntoks=i32[f"tnt{i}"],
+                                           max_slot=slot))
+                off += k * slot
         dec = DecodeBatch([""] * B, v("offs"), i32["kb"], i32["vb"], i32["nt"],
+                          stage_mask=inputs.get("stage"), stager=stager,
                           fmt=fmt if len(fmts) == 1 else None, lengths=i32["len"])
         if len(fmts) > 1:
             from engine.kernels.paged_decode_triton import FormatGroups
@@ -258,7 +317,7 @@ class DecodeGraphs:
 
         def forward():
             # the int32 table columns come from the packed int64 buffer, inside the graph
-            for name in ("kb", "vb", "nt", "len"):
+            for name in i32:
                 i32[name].copy_(v(name))
             if len(fmts) > 1:   # columns grouped by format on the device (a stable sort)
                 dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts)
@@ -281,8 +340,8 @@ class DecodeGraphs:
         plan.shares = shares
         torch.cuda.synchronize(self.device)
         g = _Graph(graph, plan, flat, pinned, [None, None], pad, views, logits, B, NB,
-                   dict(i32, rows=rows))
-        self.graphs[(B, NB, fmts)] = g
+                   {**inputs, **i32}, topk, [[] for _ in topk])
+        self.graphs[(B, NB, fmts, topk)] = g
         dt = time.perf_counter() - t0
         grew = torch.cuda.memory_reserved(self.device) - before
         self.stats.num_graphs += 1
@@ -290,6 +349,7 @@ class DecodeGraphs:
         self.stats.capture_bytes += max(0, grew)
         log.info("captured a decode graph", extra={"kv": {
             "batch": B, "table_width": NB, "formats": "+".join(f.name for f in fmts),
+            "topk_rows": len(topk),
             "seconds": round(dt, 3),
             "pool_growth_bytes": grew}})
         return g

@@ -248,10 +248,13 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
         if kv.decode_mode == "topk":
             for b in host:
                 nt[base + b.index] = 0  # attended only if picked, per layer
-            summ = torch.stack([b.summary for b in host])
+            # a CUDA graph's host-side plan (device 'cpu', store on CUDA) runs nothing:
+            # its graph keeps its own summaries
+            runs = torch.device(device).type == store.device.type
+            summ = torch.stack([b.summary for b in host]) if runs else None
             sizes = [store.geom.slot_bytes(b.fmt) for b in host]
-            t = TopKSeq(i, host, summ, kv.top_k, cur, max_slot=max(sizes))
-            if store.device.type == "cuda":
+            t = TopKSeq(i, host, summ, min(kv.top_k, len(host)), cur, max_slot=max(sizes))
+            if cuda:
                 t.to_device(device)
                 t.nbytes = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
             stager.topk.append(t)

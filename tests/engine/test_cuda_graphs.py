@@ -4,7 +4,7 @@ two replays, and the steps graphs cannot take run eager and are counted."""
 import pytest
 import torch
 
-from engine.actions import Evict, Offload, Quantize
+from engine.actions import Evict, Offload, Quantize, SetDecodeMode
 from engine.layout import FULL
 from tests.engine.decoding import decode
 
@@ -56,6 +56,30 @@ def test_moves_between_replays_match_eager(eng):
     assert "offloaded blocks stream through staging" in stats.eager_reasons
     assert any(len(k[2]) > 1 for k in eng.runner.graphs.graphs)    # a mixed-format graph
     ref_lg, ref_toks = decode(eng, ps, 10, moves, graphs=False)
+    assert toks == ref_toks
+    for a, b in zip(lg, ref_lg):
+        assert float((a - b).abs().max()) < 1e-4
+    assert eng.store.held_slots("gpu") == 0
+
+
+def test_topk_offload_steps_replay_graphs(eng):
+    """A sequence decoding over top-k pages of its offloaded blocks (the picks, the
+    gather from pinned host memory and the table patch all run on the device) replays a
+    graph, beside a sequence all on the GPU: no step eager, the same tokens and logits
+    as eager top-k steps with the same moves."""
+    ps = prompts(700, 150, seed=5)
+
+    def moves(step, sids):
+        s = sids[0]
+        n = len(eng.store.seqs[s].blocks) - 1
+        return [SetDecodeMode(s, "topk", 4), Offload(s, tuple(range(n)))] if step == 1 else []
+    stats = eng.runner.graphs.stats
+    eager0, replays0 = stats.num_eager, stats.num_replays
+    lg, toks = decode(eng, ps, 8, moves)
+    assert stats.num_eager == eager0, stats.eager_reasons
+    assert stats.num_replays - replays0 >= 7
+    assert any(k[3] for k in eng.runner.graphs.graphs)      # a graph with a top-k row
+    ref_lg, ref_toks = decode(eng, ps, 8, moves, graphs=False)
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
         assert float((a - b).abs().max()) < 1e-4

@@ -115,6 +115,28 @@ def test_topk_with_every_block_equals_exact_and_fewer_stays_close(engine, long_i
     assert 0 < kls["top7"] < kls["top3"] < kls["oldest3"], kls
 
 
+@pytest.mark.parametrize("n,H,g,D", [(1, 1, 1, 8), (37, 3, 5, 24), (200, 8, 4, 64)])
+def test_quest_bounds_equal_the_max_over_each_channels_box(n, H, g, D):
+    """The bound as two matmuls over q's positive and negative parts equals Quest's
+    definition (per channel the larger of q*kmin and q*kmax, summed; max over heads),
+    and no key inside a block's box scores above it."""
+    from engine.staging import Stager, TopKSeq
+    gen = torch.Generator().manual_seed(n)
+    L, layer = 3, 1
+    a, b = torch.randn(2, n, L, H, D, generator=gen)
+    summ = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], 3)  # [n, L, H, 2, D]
+    q = torch.randn(2, H * g, D, generator=gen)
+    t = TopKSeq(1, [], summ, 1, 0)
+    got = Stager._bounds(t, layer, q)
+    qq = q[1].view(H, g, D)
+    s = summ[:, layer]
+    ref = torch.maximum(qq * s[:, :, None, 0], qq * s[:, :, None, 1]).sum(-1).amax((1, 2))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    u = torch.rand(n, H, D, generator=gen)                 # a key inside each box
+    key = s[:, :, 0] + u * (s[:, :, 1] - s[:, :, 0])
+    assert (torch.einsum("hgd,nhd->nhg", qq, key).amax((1, 2)) <= got + 1e-5).all()
+
+
 def start(tiny, n=30):
     sid = tiny.submit(Request(prompt_ids=list(range(1, n + 1)),
                               sampling=SamplingParams(max_tokens=200, ignore_eos=True)),
