@@ -97,7 +97,12 @@ class PolicyLoop:
         """Every allowed move of each sequence in ``targets`` for its target, priced."""
         ctx = Context.from_snapshot(snapshot)
         strategies = registry()
-        weight = get_profile(profile).latency_weight
+        # a step's added time (offloaded blocks streamed at every step) delays every
+        # sequence in the batch, where a compression's accuracy cost is one sequence's:
+        # the latency side is paid once per running sequence. Priced for the mover
+        # alone, a 27-sequence batch on an H100 took 490 exact offloads and streamed
+        # 20 GB/s at every step (docs/BENCHMARKS.md, the headline's speed side)
+        weight = get_profile(profile).latency_weight * max(1, snapshot.num_running)
         items: list[tuple[object, Candidate]] = []
         for seq in snapshot.sequences:
             target = targets.get(seq.seq_id)

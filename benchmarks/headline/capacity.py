@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.headline.gpu import controller_for
+from benchmarks.headline.gpu import controller_for, release_engine
 
 SETTLE_DEFAULT = 20.0   # s without an admission before a count is 'not met'
 
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts = [prompt[i:] + prompt[:i] for i in range(n)]  # no shared prefix
             t0 = time.time()
             r = run_count(a, cfg, prompts, budget)
+            release_engine()
             r["met"] = (r["max_running"] >= n and r["preemptions"] == 0 and r["lost"] == 0
                         and r["ooms"] == 0)
             rows.append(r)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import platform
@@ -90,6 +91,15 @@ def controller_for(a, cfg: str, engine):
     policy.update(profile=cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
                   else a.profile_default)
     return policy, Controller(policy, DecisionLog(), engine.handle)
+
+
+def release_engine() -> None:
+    """Free the last run's engine now: its model, arena and graph pool sit in reference
+    cycles (engine, runner, callbacks) that only the cycle collector frees; a fresh
+    engine per run otherwise stacks them up (a GPU ran out of memory at the 4th)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
@@ -288,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         for cfg in [c for c in a.configs.split(",") if c]:
             t0 = time.time()
             rows.append(run_config(a, cfg, reqs, int(demand / pr)) | dict(pressure=pr))
+            release_engine()
             r = rows[-1]
             print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "

@@ -36,6 +36,29 @@ def controller(e, profile="balanced", frac_used=0.5, pins=None):
     return Controller(policy, DecisionLog(), e.handle)
 
 
+def test_added_step_latency_is_priced_for_every_running_sequence(eng):
+    """Streaming offloaded blocks slows every step, so every running sequence pays it:
+    on a GPU bus an exact offload's price grows with the sequences running, while a
+    quantization's (accuracy only, one sequence's) does not."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    snap = eng.handle.snapshot()
+    assert snap.num_running == 3
+    bus = Bus(55.3e9, 0.0, "a GPU's PCIe")
+
+    def priced(s):
+        moves = c.loop._priced(s, {ids[0]: 1 << 30}, "balanced", {}, bus)[ids[0]]
+        return {m.candidate.strategy: m for m in moves}
+    three, one = priced(snap), priced(replace(snap, num_running=1))
+    off3, off1 = three["offload_exact"], one["offload_exact"]
+    assert off1.latency_s > 0 and off1.accuracy == 0
+    assert off3.total == pytest.approx(3 * off1.total)
+    assert three["mixed_precision"].total == pytest.approx(one["mixed_precision"].total)
+
+
 def test_no_moves_between_watermarks(eng):
     fill(eng)
     c = controller(eng, frac_used=0.8)
