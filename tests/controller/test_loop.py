@@ -182,10 +182,12 @@ def test_budget_reached_by_quantization_alone_when_it_suffices(big, frac):
     decisions = tick_until_quiet(big, c, clock)
     snap = big.handle.snapshot()
     gpu = snap.tiers["gpu"]
-    # no host tier: every move is lossy, so only what the budget needs (held sequences
-    # grow no more: down to the high watermark, not the low one)
-    assert gpu.block_bytes <= 0.9 * c.policy.view().budget_bytes
-    assert c.relief_mark(snap, c.policy.view(), c.policy.view().budget_bytes) == 0.9
+    # no host tier: every move is lossy, so only what the budget needs: down to the high
+    # watermark less a block of room for each held sequence (they grow when appended
+    # to), not to the low one
+    mark = c.relief_mark(snap, c.policy.view(), c.policy.view().budget_bytes)
+    assert 0.75 < mark < 0.9
+    assert gpu.block_bytes <= mark * c.policy.view().budget_bytes
     assert [d.kind for d in decisions].count("pressure") == 1
     moves = [d for d in decisions if d.kind in MOVES]
     assert moves and {d.kind for d in moves} == {"quantize"}            # nothing evicted

@@ -1,3 +1,4 @@
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,5 +174,8 @@ def test_relief_goes_to_the_low_watermark_only_when_moves_are_lossless():
     assert Controller.relief_mark(s, view, 100_000) == 0.75    # ... floored at the low one
     s.num_running = 2
     assert Controller.relief_mark(s, view, 100_000) == pytest.approx(0.836)
+    s.num_running = 1                                          # + one held: it grows when
+    s.sequences = [SimpleNamespace(state="held"), SimpleNamespace(state="preempted")]
+    assert Controller.relief_mark(s, view, 100_000) == pytest.approx(0.836)  # appended to
     s.tiers["host"] = TierView("host", "cpu", 50_000, 0, 0, 50_000)
     assert Controller.relief_mark(s, view, 100_000) == 0.75
