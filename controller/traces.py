@@ -3,7 +3,9 @@
     python -m controller.train record --out traces.jsonl [--model default] [--sequences N]
 
 Per sequence: prefill a window of ``pydoc_data.topics`` text (varied lengths and
-offsets) as a held sequence (``Engine.prefill``), decode a few teacher-forced tokens so
+offsets; or, with ``--prompts haystack``, a repetitive filler with two numbered facts and
+a question about one at the end: retrieval-shaped attention, concentrated on a few
+blocks, which the prose text never shows) as a held sequence (``Engine.prefill``), decode a few teacher-forced tokens so
 the decode-time statistics exist, then take the snapshot (``SequenceView``). Every
 strategy in the registry proposes moves at several byte targets; each move is applied
 (as a candidate, whole or not at all) to its own copy of the sequence (``Engine.fork``),
@@ -52,6 +54,7 @@ class RecordConfig:
     seed: int = 0
     prior_share: float = 0.3      # sequences moved in part before the snapshot
     block_size: int = 32          # the serving engine's (features depend on it)
+    prompts: str = "text"         # 'text' (pydoc prose) | 'haystack' (filler, facts, question)
 
     def __post_init__(self) -> None:
         if self.sequences < 1:
@@ -61,6 +64,8 @@ class RecordConfig:
                              f"{self.min_tokens}, {self.max_tokens}")
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
+        if self.prompts not in ("text", "haystack"):
+            raise ValueError(f"--prompts must be text or haystack, got {self.prompts!r}")
         if self.horizon < 2 or self.targets < 1 or self.batch < 1 or self.warmup < 1:
             raise ValueError("--horizon must be >= 2; --targets, --batch, --warmup >= 1")
 
@@ -85,6 +90,44 @@ def text_ids(engine) -> list[int]:
         return engine.tokenizer(text)["input_ids"]
     vocab = engine.model.config.vocab_size
     return [b % vocab for b in text.encode()[:300_000]]
+
+
+# retrieval-shaped prompts of their own (not the headline suite's filler, needle or
+# question: its tasks score the predictor, so they must not train it)
+HAYSTACK = ("The river runs to the sea. The hills are quiet at night. Birds fly south in "
+            "autumn. The road bends near the old mill. ")
+FACT = " Note: the {name} number is {code}. "
+ASK = " Question: what is the {name} number? Answer: the {name} number is"
+NAMES = ("harbor", "lantern", "orchard", "compass", "violet", "granite", "meadow", "falcon")
+
+
+def haystack_window(engine, n: int, extra: int, rng: random.Random) -> list[int]:
+    """``n`` prompt tokens (filler with two facts at random depths, then a question
+    about one of them) and ``extra`` more: the answer, then the filler going on."""
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError("--prompts haystack needs a tokenizer (the default model)")
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+    names = rng.sample(NAMES, 2)
+    codes = [str(rng.randint(10000, 99999)) for _ in names]
+    facts = [enc(FACT.format(name=a, code=c)) for a, c in zip(names, codes)]
+    k = rng.randrange(2)
+    ask = enc(ASK.format(name=names[k]))
+    body = n - len(ask) - sum(map(len, facts))
+    if body < 2 * len(facts):
+        raise ValueError(f"a haystack prompt needs more than {n} tokens")
+    fill = enc(HAYSTACK)
+    hay = (fill * (body // len(fill) + 2))[:body]
+    prompt, last = [], 0
+    for depth, f in zip(sorted(rng.uniform(0.05, 0.95) for _ in facts), facts):
+        cut = int(depth * body)
+        prompt += hay[last:cut] + f
+        last = cut
+    prompt += hay[last:] + ask
+    after = enc(f" {codes[k]}.") + fill * (extra // len(fill) + 1)
+    return prompt + after[:extra]
 
 
 _ids = itertools.count()
@@ -242,16 +285,20 @@ def record(cfg: RecordConfig, out, log=sys.stderr) -> int:
     rng = random.Random(cfg.seed)
     e = make_engine(cfg)
     try:
-        ids = text_ids(e)
+        ids = text_ids(e) if cfg.prompts == "text" else []
         extra = cfg.warmup + cfg.horizon
         lo, hi = math.log2(cfg.min_tokens), math.log2(cfg.max_tokens)
         total, t0 = 0, time.time()
         for i in range(cfg.sequences):
             n = int(round(2 ** rng.uniform(lo, hi)))   # lengths spread on a log scale
-            if n + extra > len(ids):
-                raise ValueError(f"the text has {len(ids)} tokens, fewer than "
-                                 f"{n + extra} for one sequence")
-            off = rng.randrange(0, len(ids) - n - extra + 1)
+            if cfg.prompts == "haystack":
+                window = haystack_window(e, n, extra, rng)
+            else:
+                if n + extra > len(ids):
+                    raise ValueError(f"the text has {len(ids)} tokens, fewer than "
+                                     f"{n + extra} for one sequence")
+                off = rng.randrange(0, len(ids) - n - extra + 1)
+                window = ids[off:off + n + extra]
             fracs = sorted(rng.uniform(0.03, 0.9) for _ in range(cfg.targets))
             prior = None
             if rng.random() < cfg.prior_share:
@@ -260,9 +307,10 @@ def record(cfg: RecordConfig, out, log=sys.stderr) -> int:
                 # blocks that filled since: hot ones, moves no cold strategy makes)
                 prior = (ColdQuantization(rng.choice((8, 4))), rng.uniform(0.2, 0.6)) \
                     if rng.random() < 0.5 else (MixedPrecision(), rng.uniform(0.6, 0.75))
-            rows = record_sequence(e, ids[off:off + n + extra], n, cfg, fracs, prior)
+            rows = record_sequence(e, window, n, cfg, fracs, prior)
             for r in rows:
                 r["seq"] = i
+                r["prompts"] = cfg.prompts
                 out.write(json.dumps(r) + "\n")
             out.flush()
             total += len(rows)

@@ -112,6 +112,29 @@ def tiny_traces(tmp_path_factory):
     return path
 
 
+def test_haystack_prompts_ask_about_a_fact_they_hold():
+    """``--prompts haystack``: n prompt tokens of filler holding two facts, ending in a
+    question about one; the answer (its number) comes first after the prompt."""
+    import random
+    from types import SimpleNamespace
+
+    from controller.traces import RecordConfig, haystack_window
+    enc = lambda text, add_special_tokens=False: {"input_ids": [ord(c) for c in text]}  # noqa: E731
+    eng = SimpleNamespace(tokenizer=enc)
+    for seed, n in ((0, 700), (1, 1333), (2, 4001)):
+        ids = haystack_window(eng, n, 32, random.Random(seed))
+        assert len(ids) == n + 32
+        prompt, after = "".join(map(chr, ids[:n])), "".join(map(chr, ids[n:]))
+        name = prompt.rsplit("what is the ", 1)[1].split(" number?")[0]
+        code = prompt.split(f"the {name} number is ", 1)[1][:5]
+        assert code.isdigit() and after.startswith(f" {code}.")
+        assert prompt.count(" number is") == 3           # two facts and the question
+    with pytest.raises(ValueError, match="tokenizer"):
+        haystack_window(SimpleNamespace(tokenizer=None), 700, 32, random.Random(0))
+    with pytest.raises(ValueError, match="--prompts"):
+        RecordConfig(prompts="poems")
+
+
 def test_traces_measure_what_moves_cost(tiny_traces, tmp_path):
     rows = read_traces(tiny_traces)
     gz = tmp_path / "t.jsonl.gz"
