@@ -188,8 +188,13 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
         tokens = sum(len(ts) for ts in stamps.values())
     for s in lost:
         e.cancel(s)
+    # CUDA graphs: how many were captured (and the seconds that took) and how many steps
+    # ran eager, and why: a run's step times depend on them
+    graphs = {k: v for k, v in e.handle.snapshot().graphs.items()
+              if k in ("num_graphs", "num_replays", "num_eager", "capture_seconds",
+                       "capture_bytes", "eager_reasons")}
     e.stop()
-    out = dict(config=cfg, budget_bytes=budget, requests=len(reqs), refused=refused,
+    out = dict(config=cfg, graphs=graphs, budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), wall_s=wall,
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
                tpot_p50_ms=_pct(gaps, 0.5) * 1e3, tpot_p99_ms=_pct(gaps, 0.99) * 1e3,
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             r = rows[-1]
             print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
-                  f"OOMs {r['ooms']}, lost {r['lost']}", file=sys.stderr, flush=True)
+                  f"OOMs {r['ooms']}, lost {r['lost']}, graphs {r['graphs']}", file=sys.stderr,
+                  flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
         argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores"
