@@ -160,6 +160,15 @@ class DecodeGraphs:
         if width > self.max_width:
             return "table wider than the model's context"
         key = (B, width, tuple(sorted(fmts, key=lambda f: f.code)) or (FULL,), tuple(topk))
+        if key not in self.graphs and key not in self.failed:
+            # a graph of a wider table serves a narrower one (holes past its columns, as
+            # the start-up graphs serve short contexts; per-row splits read each row's
+            # own blocks): no capture (~0.5 s on an 8B model) for every width a batch
+            # bucket passes through when long and short sequences come and go
+            wider = [k for k in self.graphs
+                     if k[0] == B and k[1] > width and k[2:] == key[2:]]
+            if wider:
+                key = min(wider, key=lambda k: k[1])
         return self.failed.get(key, key)
 
     def note_eager(self, why: str) -> None:

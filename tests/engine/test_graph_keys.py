@@ -1,0 +1,48 @@
+"""Which captured CUDA graph a decode step replays (engine/cuda_graphs.py ``key``), on the
+CPU: the choice is table bookkeeping, no device needed. The replays themselves are
+compared with eager steps in test_cuda_graphs.py (CUDA)."""
+from engine.actions import Offload, SetDecodeMode
+from engine.api import Request, SamplingParams
+from engine.cuda_graphs import DecodeGraphs
+from engine.layout import FULL
+
+
+def graphs_over(store):
+    """A DecodeGraphs over ``store`` without a device: only its key choice is used."""
+    g = object.__new__(DecodeGraphs)
+    g.store, g.buckets, g.max_width, g.start_width = store, (1, 2, 4, 8), 1 << 12, 0
+    g.graphs, g.failed = {}, {}
+    return g
+
+
+def start(tiny, n):
+    sid = tiny.submit(Request(prompt_ids=[(7 * i) % 300 + 1 for i in range(n)],
+                              sampling=SamplingParams(max_tokens=100, ignore_eos=True)),
+                      lambda ev: None)
+    while tiny.seqs[sid].state != "decode":
+        tiny.step()
+    return sid
+
+
+def test_a_narrower_table_replays_a_captured_wider_graph(tiny):
+    """A step whose table is narrower than a graph already captured for its batch
+    bucket, formats and top-k rows replays that graph (no new capture); with none, or
+    only one of another bucket or format, its own key."""
+    short, long_ = start(tiny, 30), start(tiny, 200)     # 8 and 51 blocks of 4 tokens
+    g = graphs_over(tiny.store)
+    own = g.key([(short, 0)])
+    assert own == (1, 16, (FULL,), ())
+    wide = (1, 64, (FULL,), ())
+    g.graphs[(2, 128, (FULL,), ())] = g.graphs[(1, 128, (FULL,), ("x",))] = object()
+    assert g.key([(short, 0)]) == own                    # none of its bucket and kind
+    g.graphs[wide] = g.graphs[(1, 256, (FULL,), ())] = object()
+    assert g.key([(short, 0)]) == wide                   # the narrowest wider one
+    assert g.key([(long_, 0)]) == wide
+    assert g.key([(short, 0), (long_, 0)]) == (2, 128, (FULL,), ())
+    # a top-k row's offloaded blocks are in the key: not the full-precision graphs
+    tiny.handle.apply(SetDecodeMode(short, "topk", 2))
+    tiny.handle.apply(Offload(short, (1, 2, 3)))
+    assert g.key([(short, 0)]) == (1, 16, (FULL,), ((0, 16, 2, tiny.store.geom.slot_bytes(FULL)),))
+    for s in (short, long_):
+        tiny.cancel(s)
+    tiny.step()
