@@ -94,8 +94,11 @@ def text_ids(engine) -> list[int]:
 
 # retrieval-shaped prompts of their own (not the headline suite's filler, needle or
 # question: its tasks score the predictor, so they must not train it)
-HAYSTACK = ("The river runs to the sea. The hills are quiet at night. Birds fly south in "
-            "autumn. The road bends near the old mill. ")
+HAYSTACKS = (   # shorter cycles repeat more: sharper, lower-entropy attention
+    "The river runs to the sea. The hills are quiet at night. Birds fly south in autumn. "
+    "The road bends near the old mill. ",
+    "The tide is low. The night is calm. ",
+    "Stay on the path. ")
 FACT = " Note: the {name} number is {code}. "
 ASK = " Question: what is the {name} number? Answer: the {name} number is"
 NAMES = ("harbor", "lantern", "orchard", "compass", "violet", "granite", "meadow", "falcon")
@@ -118,7 +121,7 @@ def haystack_window(engine, n: int, extra: int, rng: random.Random) -> list[int]
     body = n - len(ask) - sum(map(len, facts))
     if body < 2 * len(facts):
         raise ValueError(f"a haystack prompt needs more than {n} tokens")
-    fill = enc(HAYSTACK)
+    fill = enc(rng.choice(HAYSTACKS))
     hay = (fill * (body // len(fill) + 2))[:body]
     prompt, last = [], 0
     for depth, f in zip(sorted(rng.uniform(0.05, 0.95) for _ in facts), facts):
