@@ -48,7 +48,9 @@ class RecordConfig:
     max_tokens: int = 2048
     targets: int = 3              # byte targets per strategy, fractions in [0.03, 0.9]
     horizon: int = 24             # teacher-forced tokens scored after the move
-    warmup: int = 8               # decode steps before the snapshot
+    warmup: int = 8               # decode steps before the snapshot (0: right after the
+                                  # prefill, on prompt-time statistics, where a relief
+                                  # after an admission or a held prompt's decides)
     batch: int = 8                # forks decoded together
     threads: int = 1
     seed: int = 0
@@ -66,8 +68,8 @@ class RecordConfig:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.prompts not in ("text", "haystack"):
             raise ValueError(f"--prompts must be text or haystack, got {self.prompts!r}")
-        if self.horizon < 2 or self.targets < 1 or self.batch < 1 or self.warmup < 1:
-            raise ValueError("--horizon must be >= 2; --targets, --batch, --warmup >= 1")
+        if self.horizon < 2 or self.targets < 1 or self.batch < 1 or self.warmup < 0:
+            raise ValueError("--horizon must be >= 2; --targets, --batch >= 1; --warmup >= 0")
 
 
 def make_engine(cfg: RecordConfig):
@@ -314,6 +316,7 @@ def record(cfg: RecordConfig, out, log=sys.stderr) -> int:
             for r in rows:
                 r["seq"] = i
                 r["prompts"] = cfg.prompts
+                r["warmup"] = cfg.warmup
                 out.write(json.dumps(r) + "\n")
             out.flush()
             total += len(rows)

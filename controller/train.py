@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--block-size", type=int, default=32, help="as the serving engine's")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--warmup", type=int, default=8,
+                   help="decode steps before the moves (0: right after the prefill)")
     r.add_argument("--prompts", default="text", choices=("text", "haystack"),
                    help="pydoc prose, or filler with two facts and a question (retrieval-shaped)")
     f = sub.add_parser("fit", help="fit the predictor on traces and save it")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = RecordConfig(model=a.model, sequences=a.sequences, min_tokens=a.min_tokens,
                                max_tokens=a.max_tokens, horizon=a.horizon, targets=a.targets,
                                block_size=a.block_size, threads=a.threads, seed=a.seed,
-                               prompts=a.prompts)
+                               prompts=a.prompts, warmup=a.warmup)
             with open_text(a.out, "w") as out:
                 n = record(cfg, out)
             print(f"wrote {n} trace rows to {a.out}")

@@ -112,6 +112,26 @@ def tiny_traces(tmp_path_factory):
     return path
 
 
+def test_traces_right_after_the_prefill_use_prompt_time_statistics(tmp_path):
+    """``--warmup 0``: the moves are measured at the moment a relief right after a
+    prefill decides, on the statistics the prompt seeded (not zeros: the learned model
+    would leave all of them to the heuristic)."""
+    from controller.traces import RecordConfig, record
+
+    path = tmp_path / "t.jsonl"
+    with path.open("w") as f:
+        n = record(RecordConfig(model="random:tiny", sequences=1, min_tokens=120,
+                                max_tokens=120, horizon=4, warmup=0, seed=5, prior_share=0,
+                                block_size=4), f, log=io.StringIO())
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert n == len(rows) > 5 and {r["warmup"] for r in rows} == {0}
+    assert all(r["tokens"] == 120 for r in rows)          # no decode step before the moves
+    assert all(r["features"]["entropy_norm"] > 0 and r["features"]["sink_mass"] > 0
+               for r in rows)
+    with pytest.raises(ValueError, match="--warmup"):
+        RecordConfig(warmup=-1)
+
+
 def test_haystack_prompts_ask_about_a_fact_they_hold():
     """``--prompts haystack``: n prompt tokens of filler holding two facts, ending in a
     question about one; the answer (its number) comes first after the prompt."""
