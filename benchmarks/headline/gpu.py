@@ -195,7 +195,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                        "capture_bytes", "eager_reasons")}
     e.stop()
     out = dict(config=cfg, graphs=graphs, budget_bytes=budget, requests=len(reqs), refused=refused,
-               finished=dict(reasons), lost=len(lost) + len(errors), wall_s=wall,
+               finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
+               errors=len(errors), wall_s=wall,
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
                tpot_p50_ms=_pct(gaps, 0.5) * 1e3, tpot_p99_ms=_pct(gaps, 0.99) * 1e3,
                ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),
@@ -223,12 +224,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            f"= {rows[0]['pressure']:g}x the budget ({rows[0]['budget_bytes'] / 1e9:.3f} GB).",
            "",
            "| config | tok/s | TPOT p50 ms | TPOT p99 ms | TTFT p50 s | TTFT p99 s | "
-           "preemptions | OOMs | lost | max running | bus GB/s | decisions |",
+           "preemptions | OOMs | lost (unfinished in time / error) | max running | bus GB/s | "
+           "decisions |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tpot_p50_ms']:.1f} | "
                    f"{r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
-                   f"{r['preemptions']} | {r['ooms']} | {r['lost']} | {r['max_running']} | "
+                   f"{r['preemptions']} | {r['ooms']} | {r['lost']} ({r['unfinished']} / "
+                   f"{r['errors']}) | {r['max_running']} | "
                    f"{r['bus_gb_s']:.3f} | {r['decisions'] or '-'} |")
     ok = [r for r in rows if r["ooms"] == 0 and r["lost"] == 0]
     fixed = [r for r in ok if r["config"] not in ("none",) and
