@@ -7,7 +7,8 @@
 #   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
 #   kernel  benchmarks.decode_kernel (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
-#   head    benchmarks.headline.gpu (issue 15)
+#   head    benchmarks.headline.gpu (issue 15): by default the reduced run of 2026-12-06
+#           (10 GiB, 4x pressure, none / int4 / adaptive); HEAD_ARGS='' for the full suite
 #   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default)
 #   split   benchmarks.step_split (where a step's time goes)
 #   offload benchmarks.offload at 32K: all on the GPU, exact offload, top-k pages (issue 13)
@@ -39,7 +40,9 @@ for s in "${steps[@]}"; do
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
              --max-batch-tokens 8192 --mode $m --json "$OUT/multi-$m.json"; done ;;
-    head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu --out "$OUT/headline-gpu" ;;
+    head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu ${HEAD_ARGS:---kv-budget-gb 10 \
+             --pressure 4 --configs none,quantize_int4,adaptive:balanced --host-gb 32 \
+             --timeout-s 140} --out "$OUT/headline-gpu" ;;
     cap) timeout "${T_CAP:-400}" python -m benchmarks.headline.capacity --kv-budget-gb \
              "${CAP_GB:-5}" --context "${CAP_CONTEXT:-8192}" --settle-s 10 \
              --configs none,quantize_int4,adaptive:balanced --out "$OUT/capacity" ;;
