@@ -40,7 +40,7 @@ for s in "${steps[@]}"; do
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
              --max-batch-tokens 8192 --mode $m --json "$OUT/multi-$m.json"; done ;;
-    head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu ${HEAD_ARGS:---kv-budget-gb 10 \
+    head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu ${HEAD_ARGS---kv-budget-gb 10 \
              --pressure 4 --configs none,quantize_int4,adaptive:balanced --host-gb 32 \
              --timeout-s 140} --out "$OUT/headline-gpu" ;;
     cap) timeout "${T_CAP:-400}" python -m benchmarks.headline.capacity --kv-budget-gb \
