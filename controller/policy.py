@@ -315,10 +315,10 @@ class Controller:
             return out                # the engine has not shown the last moves yet
         try:
             if above:
-                need = max(used - int(self.relief_mark(snapshot, p, budget) * budget),
-                           snapshot.pressure_bytes)
-                floor = max(used - int(p.high_watermark * budget), snapshot.pressure_bytes)
-                out += self._relieve(snapshot, p, need, frac, bus, floor)
+                def over(mark: float) -> int:   # bytes above a mark, or what waits for room
+                    return max(used - int(mark * budget), snapshot.pressure_bytes)
+                out += self._relieve(snapshot, p, over(self.relief_mark(snapshot, p, budget)),
+                                     frac, bus, over(p.high_watermark))
             elif frac < self.restore_mark(p):
                 self._restore(snapshot, p, frac, int(self.restore_mark(p) * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down

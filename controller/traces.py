@@ -5,8 +5,10 @@
 Per sequence: prefill a window of ``pydoc_data.topics`` text (varied lengths and
 offsets; or, with ``--prompts haystack``, a repetitive filler with two numbered facts and
 a question about one at the end: retrieval-shaped attention, concentrated on a few
-blocks, which the prose text never shows) as a held sequence (``Engine.prefill``), decode a few teacher-forced tokens so
-the decode-time statistics exist, then take the snapshot (``SequenceView``). Every
+blocks, which the prose text never shows) as a held sequence (``Engine.prefill``),
+decode ``--warmup`` teacher-forced tokens so the decode-time statistics exist (0: the
+moves are measured right after the prefill, on prompt-time statistics), then take the
+snapshot (``SequenceView``). Every
 strategy in the registry proposes moves at several byte targets; each move is applied
 (as a candidate, whole or not at all) to its own copy of the sequence (``Engine.fork``),
 and the copies plus the untouched sequence decode the next ``horizon`` text tokens

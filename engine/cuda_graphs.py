@@ -225,13 +225,10 @@ class DecodeGraphs:
         """A top-k row's offloaded blocks into the graph's static table (entries past
         them keep no tokens: never picked) and their key summaries into its static
         summaries, copied only when the set changed (a move, not every step)."""
-        blocks, geom = t.blocks, self.store.geom
-        for name, xs in (("toff", [b.offset for b in blocks]), ("tcol", [b.index for b in blocks]),
-                         ("tnt", [b.num_tokens for b in blocks]),
-                         ("tnb", [geom.slot_bytes(b.fmt) for b in blocks])):
+        for name, xs in t.facts().items():
             s, _ = g.views[f"{name}{i}"]
             buf[s:s + len(xs)] = ints(xs)
-        src = g.summ_src[i]
+        src, blocks = g.summ_src[i], t.blocks
         if len(src) != len(blocks) or any(a is not b.summary for a, b in zip(src, blocks)):
             src = [b.summary for b in blocks]
             torch.stack(src, out=g.inputs[f"summ{i}"][:len(src)])
@@ -264,8 +261,7 @@ class DecodeGraphs:
                             ("offs", (B, NB)), ("kb", (B, NB)), ("vb", (B, NB)),
                             ("nt", (B, NB)), ("len", (B,))]
         for i, (_, m, _, _) in enumerate(topk):   # a top-k row's offloaded blocks
-            sizes += [(f"toff{i}", (m,)), (f"tcol{i}", (m,)), (f"tnt{i}", (m,)),
-                      (f"tnb{i}", (m,))]
+            sizes += [(f"{name}{i}", (m,)) for name in ("host_off", "cols", "ntoks", "nbytes")]
         n = 0
         for name, shape in sizes:
             views[name] = (n, shape)
@@ -288,7 +284,7 @@ class DecodeGraphs:
         s, _ = views["len"]
         pad[s:s + B] = 1
         for i, (_, m, _, _) in enumerate(topk):   # no tokens: never picked
-            s, _ = views[f"tcol{i}"]
+            s, _ = views[f"cols{i}"]
             pad[s:s + m] = NB - 1
         flat = pad.to(self.device)
         pinned = [torch.empty(n, dtype=torch.int64).pin_memory() for _ in range(2)]
@@ -309,11 +305,11 @@ class DecodeGraphs:
             inputs["stage"] = torch.zeros(B, NB, dtype=torch.int64, device=self.device)
             off = 0
             for i, (row, m, k, slot) in enumerate(topk):
-                i32[f"tnt{i}"] = torch.empty(m, dtype=torch.int32, device=self.device)
+                i32[f"ntoks{i}"] = torch.empty(m, dtype=torch.int32, device=self.device)
                 inputs[f"summ{i}"] = torch.zeros(m, L, H, 2, D, device=self.device)
                 stager.topk.append(TopKSeq(row, [], inputs[f"summ{i}"], k, off,
-                                           host_off=v(f"toff{i}"), nbytes=v(f"tnb{i}"),
-                                           cols=v(f"tcol{i}"), ntoks=i32[f"tnt{i}"],
+                                           host_off=v(f"host_off{i}"), nbytes=v(f"nbytes{i}"),
+                                           cols=v(f"cols{i}"), ntoks=i32[f"ntoks{i}"],
                                            max_slot=slot))
                 off += k * slot
         dec = DecodeBatch([""] * B, v("offs"), i32["kb"], i32["vb"], i32["nt"],

@@ -253,10 +253,10 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
             runs = torch.device(device).type == store.device.type
             summ = torch.stack([b.summary for b in host]) if runs else None
             sizes = [store.geom.slot_bytes(b.fmt) for b in host]
-            t = TopKSeq(i, host, summ, min(kv.top_k, len(host)), cur, max_slot=max(sizes))
+            t = TopKSeq(i, host, summ, min(kv.top_k, len(host)), cur, max_slot=max(sizes),
+                        sizes=sizes)
             if cuda:
                 t.to_device(device)
-                t.nbytes = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
             stager.topk.append(t)
             cur += staging_need(store, sid)
             continue

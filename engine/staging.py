@@ -33,12 +33,19 @@ class TopKSeq:
     cols: torch.Tensor | None = None       # [n] int64 logical block indices
     ntoks: torch.Tensor | None = None      # [n] int32
     max_slot: int = 0
+    sizes: list[int] = field(default_factory=list)  # the blocks' slot bytes (host side)
+
+    def facts(self) -> dict[str, list[int]]:
+        """The blocks' host offsets, columns, tokens and slot bytes, as lists: what
+        ``to_device`` copies, and what a CUDA graph's static table is filled with."""
+        return {"host_off": [b.offset for b in self.blocks],
+                "cols": [b.index for b in self.blocks],
+                "ntoks": [b.num_tokens for b in self.blocks], "nbytes": self.sizes}
 
     def to_device(self, device) -> "TopKSeq":
-        mk = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device, non_blocking=True)  # noqa: E731
-        self.host_off = mk([b.offset for b in self.blocks], torch.int64)
-        self.cols = mk([b.index for b in self.blocks], torch.int64)
-        self.ntoks = mk([b.num_tokens for b in self.blocks], torch.int32)
+        for name, xs in self.facts().items():
+            dt = torch.int32 if name == "ntoks" else torch.int64
+            setattr(self, name, torch.tensor(xs, dtype=dt).to(device, non_blocking=True))
         return self
 
 
