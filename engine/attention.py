@@ -23,6 +23,8 @@ the compiled graph holds no plan object and guards on none.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -112,10 +114,66 @@ AttentionInterface.register(ATTN_NAME, kvctl_attention)
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Select kvctl attention; the model then runs without any HF cache."""
+    """Select kvctl attention; the model then runs without any HF cache. Llama attention
+    layers get one fused Q/K/V projection (``fuse_qkv``)."""
     model.set_attn_implementation(ATTN_NAME)
     model.config.use_cache = False
+    fuse_qkv(model)
     return model
+
+
+def fuse_qkv(model: torch.nn.Module) -> int:
+    """Give each ``LlamaAttention`` one Q/K/V weight, as vLLM's QKVParallelLinear does:
+    at batch 1 the K and V GEMVs (8 MiB each on a Llama-3-8B) read their weights at half
+    the bandwidth the 4x larger Q GEMV reaches, and each GEMV pays a split-K reduction.
+    ``q_proj``/``k_proj``/``v_proj`` keep working on views of the fused weight (no second
+    copy), so the model still runs transformers' own forward under any other attention
+    implementation (tests and benchmarks switch the same object to sdpa). Returns the
+    number of layers fused; other architectures are left as they are."""
+    from transformers.models.llama import modeling_llama as ml
+    n = 0
+    for m in model.modules():
+        if type(m) is not ml.LlamaAttention:
+            continue
+        lins = (m.q_proj, m.k_proj, m.v_proj)
+        if not all(type(x) is torch.nn.Linear for x in lins) or \
+                len({(x.weight.dtype, x.weight.device, x.bias is None) for x in lins}) != 1:
+            continue
+        with torch.no_grad():
+            w = torch.cat([x.weight for x in lins])
+            b = None if m.q_proj.bias is None else torch.cat([x.bias for x in lins])
+            start = 0
+            for x in lins:
+                rows = x.weight.shape[0]
+                x.weight = torch.nn.Parameter(w[start:start + rows], requires_grad=False)
+                if b is not None:
+                    x.bias = torch.nn.Parameter(b[start:start + rows], requires_grad=False)
+                start += rows
+        m.register_buffer("kvctl_qkv_weight", w, persistent=False)
+        m.register_buffer("kvctl_qkv_bias", b, persistent=False)
+        m.kvctl_qkv_sizes = [x.weight.shape[0] for x in lins]
+        m.forward = types.MethodType(_fused_llama_attention, m)
+        n += 1
+    return n
+
+
+def _fused_llama_attention(self, hidden_states, position_embeddings=None, attention_mask=None,
+                           **kwargs):
+    """LlamaAttention.forward with one Q/K/V GEMM, for kvctl attention (stateless: no HF
+    cache to update); any other implementation runs transformers' own forward."""
+    if self.config._attn_implementation != ATTN_NAME:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  **kwargs)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    qkv = F.linear(hidden_states, self.kvctl_qkv_weight, self.kvctl_qkv_bias)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self.kvctl_qkv_sizes, -1))
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    out, weights = kvctl_attention(self, q, k, v, attention_mask, scaling=self.scaling,
+                                   **kwargs)
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return self.o_proj(out), weights
 
 
 def compile_model(model: torch.nn.Module):

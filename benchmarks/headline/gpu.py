@@ -148,6 +148,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                 stamps[ev.seq_id].append(now)
 
     pre0, oom0, fail0 = e.num_preemptions, e.num_oom_retries, e.num_step_failures
+    step0 = e.handle.snapshot().step
     want = [len(reqs)]
     refused = 0
     e.start()
@@ -190,13 +191,14 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
         e.cancel(s)
     # CUDA graphs: how many were captured (and the seconds that took) and how many steps
     # ran eager, and why: a run's step times depend on them
-    graphs = {k: v for k, v in e.handle.snapshot().graphs.items()
+    last = e.handle.snapshot()
+    graphs = {k: v for k, v in last.graphs.items()
               if k in ("num_graphs", "num_replays", "num_eager", "capture_seconds",
                        "capture_bytes", "eager_reasons")}
     e.stop()
     out = dict(config=cfg, graphs=graphs, budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
-               errors=len(errors), wall_s=wall,
+               errors=len(errors), wall_s=wall, steps=last.step - step0,
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
                tpot_p50_ms=_pct(gaps, 0.5) * 1e3, tpot_p99_ms=_pct(gaps, 0.99) * 1e3,
                ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),

@@ -78,3 +78,17 @@ def test_streamed_text_equals_full_decode_on_long_generations(engine, long_ids):
         text = "".join(ev.text for ev in evs[:-1])
         assert text == evs[-1].text
         assert text == engine.tokenizer.decode(evs[-1].token_ids, skip_special_tokens=True)
+
+
+def test_qkv_projections_are_fused_into_one_weight_without_a_copy(engine):
+    """The logits above come from one Q/K/V GEMM a layer (engine.attention.fuse_qkv);
+    q/k/v_proj stay usable as views of it, so the weights are held once."""
+    layers = [m for m in engine.model.modules() if hasattr(m, "kvctl_qkv_weight")]
+    assert len(layers) == engine.num_layers
+    for m in layers:
+        w = m.kvctl_qkv_weight
+        assert w.shape[0] == sum(m.kvctl_qkv_sizes)
+        start = 0
+        for lin in (m.q_proj, m.k_proj, m.v_proj):
+            assert lin.weight.data_ptr() == w[start:].data_ptr()
+            start += lin.weight.shape[0]
