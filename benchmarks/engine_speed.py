@@ -100,24 +100,32 @@ def bench_hf(model, prompts: list[list[int]], new: int, static: bool) -> float:
         model.config.use_cache = False
 
 
-def bench_kvctl(engine, prompts: list[list[int]], new: int,
-                overlap: str = "auto") -> tuple[float, float]:
+def bench_kvctl(engine, prompts: list[list[int]], new: int, overlap: str = "auto",
+                fmt=None) -> tuple[float, float]:
     """kvctl, all prompts running together: (aggregate decode tok/s, ms per step).
-    ``overlap``: engine.overlap_steps for this run."""
+    ``overlap``: engine.overlap_steps for this run. ``fmt`` (a KVFormat, default full):
+    after the prefill every block but each sequence's newest is quantized to it, and the
+    blocks that fill while decoding take it too (a pinned strategy's steady state)."""
     saved = engine.config.overlap_steps
     engine.config.overlap_steps = overlap
     try:
-        return _bench_kvctl(engine, prompts, new)
+        return _bench_kvctl(engine, prompts, new, fmt)
     finally:
         engine.config.overlap_steps = saved
 
 
-def _bench_kvctl(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float, float]:
+    from engine.actions import Quantize, SetFillFormat
     from engine.api import Request, SamplingParams
     sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)  # cancelled below
     ids = [engine.submit(Request(prompt_ids=p, sampling=sp), lambda ev: None) for p in prompts]
     while any(engine.seqs[i].state != "decode" for i in ids):
         engine.step()
+    if fmt is not None and not fmt.is_full:
+        for i in ids:
+            old = tuple(range(len(engine.store.seqs[i].blocks) - 1))
+            engine.handle.apply(SetFillFormat(i, fmt.k_bits, fmt.v_bits, fmt.fp8))
+            engine.handle.apply(Quantize.to(i, old, fmt))
     for _ in range(3):          # warm: graphs captured, kernels compiled
         engine.step()
     sync(engine.device)
@@ -160,12 +168,20 @@ def main() -> None:
                     help="transformers baselines and the floor only (kvctl's arena left "
                          "tiny): for shapes where its arena and their cache do not fit "
                          "together; run kvctl with --hf '' in the same call")
+    ap.add_argument("--compiled-only", action="store_true",
+                    help="with --compile: kvctl's compiled, overlapped steps only (no plain "
+                         "graphs, no steps in order): long contexts prefill once per run")
+    ap.add_argument("--kv-formats", default="full",
+                    help="kvctl rows per KV format (e.g. full,int4): every block but the "
+                         "newest quantized after the prefill; the floor counts that "
+                         "format's bytes; transformers' rows with the first only")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     if a.only_hf:
         a.kv_budget_gb, a.compile, a.no_eager = 0.25, False, True
     from engine.engine import Engine, EngineConfig
-    from engine.layout import FULL
+    from engine.layout import FULL, KVFormat
+    formats = [KVFormat.parse(f) for f in a.kv_formats.split(",") if f]
     batches = [int(b) for b in a.batches.split(",") if b]
     eng = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
                               num_threads=a.threads, max_batch_tokens=4096,
@@ -186,74 +202,92 @@ def main() -> None:
                                        eng.config.max_running,
                                        compiled=attention.compile_model(eng.model))
     rows = []
-    for b in batches:
-        ctx = a.prompt + a.new // 2
-        floor_ms = (wbytes + b * ctx * kv_tok) / bw * 1e3 if bw else 0.0
-        row = dict(batch=b, floor_ms=floor_ms, floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
-        if not a.only_hf:
-            r, ms = bench_kvctl(eng, prompts[:b], a.new)
-            row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
-            if eng.runner.graphs is not None:   # the same, each step run to its end first
-                r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off")
-                row.update(kvctl_graphs_seq_tok_s=r, kvctl_graphs_seq_ms=ms)
-        if compiled_graphs is not None:
-            saved, eng.runner.graphs = eng.runner.graphs, compiled_graphs
-            t0 = time.perf_counter()
-            try:
-                r, ms = bench_kvctl(eng, prompts[:b], a.new)
-                row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
-                           kvctl_compiled_wall_s=time.perf_counter() - t0)
-                r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off")
+    for fi, fmt in enumerate(formats):
+        for b in batches:
+            row = _bench_row(a, eng, prompts, b, fmt, wbytes, bw, compiled_graphs,
+                             hf if fi == 0 else [])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _report(a, eng, rows, dict(gpu=where, torch=torch.__version__, model=eng.model_name,
+                               dtype=str(eng.dtype), prompt=a.prompt, new=a.new,
+                               weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
+                               read_bandwidth=bw, cpus=os.cpu_count()), compiled_graphs)
+
+
+def _bench_row(a, eng, prompts, b: int, fmt, wbytes: int, bw: float, compiled_graphs,
+               hf: list[str]) -> dict:
+    """One batch size in one KV format: kvctl's rows, then transformers' (``hf``)."""
+    dev = eng.device
+    ctx = a.prompt + a.new // 2
+    kv_tok = eng.store.block_bytes(fmt) / eng.store.block_size
+    floor_ms = (wbytes + b * ctx * kv_tok) / bw * 1e3 if bw else 0.0
+    row = dict(batch=b, kv_format=fmt.name, floor_ms=floor_ms,
+               floor_tok_s=b / floor_ms * 1e3 if bw else 0.0)
+    if not a.only_hf and not (a.compiled_only and compiled_graphs is not None):
+        r, ms = bench_kvctl(eng, prompts[:b], a.new, fmt=fmt)
+        row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
+        if eng.runner.graphs is not None:   # the same, each step run to its end first
+            r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off", fmt=fmt)
+            row.update(kvctl_graphs_seq_tok_s=r, kvctl_graphs_seq_ms=ms)
+    if compiled_graphs is not None:
+        saved, eng.runner.graphs = eng.runner.graphs, compiled_graphs
+        t0 = time.perf_counter()
+        try:
+            r, ms = bench_kvctl(eng, prompts[:b], a.new, fmt=fmt)
+            row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
+                       kvctl_compiled_wall_s=time.perf_counter() - t0)
+            if not a.compiled_only:
+                r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off", fmt=fmt)
                 row.update(kvctl_compiled_seq_tok_s=r, kvctl_compiled_seq_ms=ms)
-            finally:
-                eng.runner.graphs = saved
-        if not a.no_eager and eng.runner.graphs is not None:
-            saved, eng.runner.graphs = eng.runner.graphs, None
-            try:
-                r, ms = bench_kvctl(eng, prompts[:b], a.new)
-            finally:
-                eng.runner.graphs = saved
-            row.update(kvctl_eager_tok_s=r, kvctl_eager_ms=ms)
-        for kind in hf:
-            try:
-                row[f"hf_{kind}_tok_s"] = bench_hf(eng.model, prompts[:b], a.new,
-                                                   kind == "static")
-            except Exception as e:      # e.g. out of memory: say so, go on
-                row[f"hf_{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    g = eng.runner.graphs.stats.__dict__ if eng.runner.graphs is not None else {}
-    meta = dict(gpu=where, torch=torch.__version__, model=eng.model_name, dtype=str(eng.dtype),
-                prompt=a.prompt, new=a.new, weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
-                read_bandwidth=bw, cpus=os.cpu_count(), graphs=g,
+        finally:
+            eng.runner.graphs = saved
+    if not a.no_eager and eng.runner.graphs is not None:
+        saved, eng.runner.graphs = eng.runner.graphs, None
+        try:
+            r, ms = bench_kvctl(eng, prompts[:b], a.new, fmt=fmt)
+        finally:
+            eng.runner.graphs = saved
+        row.update(kvctl_eager_tok_s=r, kvctl_eager_ms=ms)
+    for kind in hf:
+        try:
+            row[f"hf_{kind}_tok_s"] = bench_hf(eng.model, prompts[:b], a.new,
+                                               kind == "static")
+        except Exception as e:      # e.g. out of memory: say so, go on
+            row[f"hf_{kind}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _report(a, eng, rows: list[dict], meta: dict, compiled_graphs) -> None:
+    where, bw, wbytes = meta["gpu"], meta["read_bandwidth"], meta["weight_bytes"]
+    meta.update(graphs=eng.runner.graphs.stats.__dict__ if eng.runner.graphs is not None else {},
                 compiled_graphs=compiled_graphs.stats.__dict__ if compiled_graphs else {})
     print(f"\n# decode — {where}, {eng.model_name} ({eng.dtype}), prompt {a.prompt}, "
           f"{a.new} new; read bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB\n")
-    print("| batch | floor tok/s | kvctl graphs tok/s (ms/step, % floor) | kvctl eager | "
+    print("| batch, KV | floor tok/s | kvctl graphs tok/s (ms/step, % floor) | kvctl eager | "
           "hf static | hf dynamic | graphs / static | graphs+compile (ms, % floor) | "
           "graphs+compile / static | steps not overlapped: graphs, graphs+compile (ms) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r.get("hf_static_tok_s")
-        if "kvctl_graphs_tok_s" not in r:
-            print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | - | - | "
-                  f"{_num(st, r.get('hf_static_error'))} | "
-                  f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | - | - | - | - |")
-            continue
-        pct = f", {r['floor_ms'] / r['kvctl_graphs_ms']:.0%}" if r["floor_ms"] else ""
-        ratio = f"{r['kvctl_graphs_tok_s'] / st:.2f}x" if st else "-"
-        print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | {r['kvctl_graphs_tok_s']:.1f} "
-              f"({r['kvctl_graphs_ms']:.2f}{pct}) | {r.get('kvctl_eager_tok_s', 0):.1f} | "
-              f"{_num(st, r.get('hf_static_error'))} | "
-              f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {ratio} | "
-              + (f"{r['kvctl_compiled_tok_s']:.1f} ({r['kvctl_compiled_ms']:.2f}"
-                 + (f", {r['floor_ms'] / r['kvctl_compiled_ms']:.0%}" if r["floor_ms"] else "")
-                 + ") |" if "kvctl_compiled_tok_s" in r else "- |")
-              + (f" {r['kvctl_compiled_tok_s'] / st:.2f}x |" if st and "kvctl_compiled_tok_s" in r
-                 else " - |")
-              + f" {r.get('kvctl_graphs_seq_ms', 0):.2f}, {r.get('kvctl_compiled_seq_ms', 0):.2f} |")
+
+        def run(kind: str) -> tuple[str, str]:
+            """'tok/s (ms, % floor)' and 'x static' of one kvctl run, or dashes."""
+            tok, ms = r.get(f"kvctl_{kind}_tok_s"), r.get(f"kvctl_{kind}_ms")
+            if tok is None:
+                return "-", "-"
+            pct = f", {r['floor_ms'] / ms:.0%}" if r["floor_ms"] else ""
+            return f"{tok:.1f} ({ms:.2f}{pct})", f"{tok / st:.2f}x" if st else "-"
+        graphs, graphs_x = run("graphs")
+        comp, comp_x = run("compiled")
+        eager = r.get("kvctl_eager_tok_s")
+        seq = ", ".join(f"{r[k]:.2f}" if k in r else "-"
+                        for k in ("kvctl_graphs_seq_ms", "kvctl_compiled_seq_ms"))
+        print(f"| {r['batch']}, {r['kv_format']} | {r['floor_tok_s']:.0f} | {graphs} | "
+              f"{f'{eager:.1f}' if eager else '-'} | {_num(st, r.get('hf_static_error'))} | "
+              f"{_num(r.get('hf_dynamic_tok_s'), r.get('hf_dynamic_error'))} | {graphs_x} | "
+              f"{comp} | {comp_x} | {seq} |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)
