@@ -188,16 +188,16 @@ def _variant(name: str) -> dict:
 
 def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
                 device: torch.device, seed: int = 0, variants: list[str] | None = None,
-                configs_: list | None = None, mults: list[int] | None = None
-                ) -> list[dict]:
+                configs_: list | None = None, mults: list[int] | None = None,
+                dtype: torch.dtype = torch.float16) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(seed)
     gen_cpu = torch.Generator().manual_seed(seed)
     NB = L // T
-    q = torch.randn(B, HQ, 1, D, device=device, dtype=torch.float16, generator=gen)
+    q = torch.randn(B, HQ, 1, D, device=device, dtype=dtype, generator=gen)
     kv_bytes = 2 * B * H * L * D * 2
     reps = max(1, math.ceil(ROTATE_BYTES / kv_bytes)) if device.type == "cuda" else 1
-    k = torch.randn(B, H, L, D, device=device, dtype=torch.float16, generator=gen)
-    v = torch.randn(B, H, L, D, device=device, dtype=torch.float16, generator=gen)
+    k = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen)
     sm_scale = 1.0 / math.sqrt(D)
     # SDPA over contiguous K/V; `reps` copies so that repeats do not hit in L2
     kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(reps - 1)]
@@ -206,11 +206,11 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         q, kk, vv, scale=sm_scale, enable_gqa=True) for kk, vv in kvs]
     t_sdpa = _timeit(_graphed(sdpa_calls, device), iters, device) / reps
     del kvs
-    rows = [dict(B=B, L=L, kernel="sdpa", fmt="fp16", us=t_sdpa * 1e6, speedup=1.0,
+    rows = [dict(B=B, L=L, kernel="sdpa", fmt=str(dtype).split(".")[1], us=t_sdpa * 1e6, speedup=1.0,
                  bytes=kv_bytes, gbs=kv_bytes / t_sdpa / 1e9)]
     print(f"B={B} L={L}: sdpa {t_sdpa * 1e6:.1f} us  {kv_bytes / t_sdpa / 1e9:.0f} GB/s "
           f"(rotating {reps})", flush=True)
-    geom = BlockGeometry(T, H, D, torch.float16, value_group=G)
+    geom = BlockGeometry(T, H, D, dtype, value_group=G)
     qd = q.squeeze(2).contiguous()
     sms = torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4
@@ -280,6 +280,8 @@ def main(argv=None) -> None:
                     "(default: the built-in list)")
     ap.add_argument("--mults", type=int, nargs="+", help="with --sweep: programs = mult x SMs")
     ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                    help="the store's (and SDPA's) dtype; bf16 is the engine's on Llama-3")
     ap.add_argument("--variants", nargs="+",
                     help=f"time these named launch variants, or several joined by '+' "
                     f"(words+nbi4); the table shows all of them. Names: {', '.join(VARIANTS)}")
@@ -294,6 +296,7 @@ def main(argv=None) -> None:
         for L in args.contexts:
             rows += bench_shape(B, L, args.formats, args.sweep, args.iters, device,
                                 variants=args.variants, mults=args.mults,
+                                dtype=getattr(torch, args.dtype),
                                 configs_=[tuple(map(int, c.split(","))) for c in args.configs]
                                 if args.configs else None)
     print("\n| batch | context | kernel | format | config (nbi, warps, stages) x splits "

@@ -26,23 +26,35 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="engine.num_threads (0: default)")
     ap.add_argument("--compile", action="store_true", help="engine.compile_decode")
+    ap.add_argument("--kv-formats", default="full",
+                    help="each batch per KV format: every block but the newest quantized "
+                         "after the prefill (as benchmarks.engine_speed --kv-formats)")
     ap.add_argument("--host-top", type=int, default=0,
                     help="also the Python profile of engine steps: this many functions")
     a = ap.parse_args()
+    from engine.actions import Quantize, SetFillFormat
     from engine.api import Request, SamplingParams
     from engine.engine import Engine, EngineConfig
+    from engine.layout import KVFormat
     e = Engine(EngineConfig(model=a.model, device="cuda", dtype=a.dtype,
                             max_batch_tokens=4096, num_threads=a.threads,
                             compile_decode=a.compile,
                             kv_budget_bytes=int(a.kv_budget_gb * (1 << 30))))
     vocab = e.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    for b in [int(x) for x in a.batches.split(",")]:
+    runs = [(KVFormat.parse(f), int(x)) for f in a.kv_formats.split(",")
+            for x in a.batches.split(",")]
+    for fmt, b in runs:
         sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)
         ids = [e.submit(Request(prompt_ids=torch.randint(0, vocab, (a.prompt,), generator=g)
                                 .tolist(), sampling=sp), lambda ev: None) for _ in range(b)]
         while any(e.seqs[i].state != "decode" for i in ids):
             e.step()
+        if not fmt.is_full:
+            for i in ids:
+                old = tuple(range(len(e.store.seqs[i].blocks) - 1))
+                e.handle.apply(SetFillFormat(i, fmt.k_bits, fmt.v_bits, fmt.fp8))
+                e.handle.apply(Quantize.to(i, old, fmt))
         for _ in range(3):
             e.step()
         torch.cuda.synchronize()

@@ -533,8 +533,17 @@ class _Launch:
         self.fmt = fmt
         # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim
         # < 64, where fp16 operands from unpacked 4/2-bit codes gave wrong results on the
-        # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated)
-        self.dot_dtype = torch.float32 if D < 64 else geom.store_dtype
+        # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated). Codes
+        # beside a bf16 store go to the dot in fp16 too: their scales are fp16
+        # (layout.meta_dtype_for) and only fp16 has the exact code conversion and the
+        # packed dequantization (bf16 operands took the fp32 path: an H100 step at batch 8
+        # / 32K with int4 blocks ran 3x slower than with full ones, 2026-12-06)
+        if D < 64 or geom.store_dtype == torch.float32:
+            self.dot_dtype = torch.float32
+        elif fmt.is_full:
+            self.dot_dtype = geom.store_dtype
+        else:
+            self.dot_dtype = torch.float16
         # fp16 operands: integer codes -> exact fp16 and one packed fma per two elements
         # (PTX code conversion on CUDA); otherwise dequantization in fp32
         f16 = self.dot_dtype == torch.float16

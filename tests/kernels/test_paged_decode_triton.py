@@ -375,3 +375,55 @@ def test_row_lengths_bound_what_each_row_reads(request, device, case, splits):
     got = pdt.paged_decode_triton(q, arena, offs_w, kb_w, vb_w, ntok_w, geom, sm_scale,
                                   fmt=case[7], num_splits=splits, row_len=row_len)
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
+
+
+# bf16 stores (the engine's dtype for Llama-3 on a GPU): quantized blocks are dequantized
+# in fp16 (their scales are fp16) and go to tl.dot in fp16; full blocks stay bf16
+# (the interpreter's tl.dot on bf16 operands returns garbage, full blocks included, so
+# tables with full blocks run on CUDA only)
+BF16_CASES = [
+    (2, 8, 2, 128, 32, 32, [300, 129], [INT4, FULL], 0.1),
+    (1, 8, 2, 128, 32, 32, [1027], INT4, 0.0),
+    (2, 4, 2, 64, 16, 32, [81, 40], [INT8, FP8, K4V2, K8V4], 0.2),
+    (2, 4, 2, 64, 16, 32, [81, 40], [INT8, FP8, K4V2, FULL], 0.2),
+]
+BF16_TOL = (1e-2, 2e-2, 8e-3, 2e-3, 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BF16_CASES, ids=_case_id)
+def test_bf16_store_quantized_blocks_take_the_fp16_path(request, monkeypatch, device, case):
+    fmts = case[7]
+    if device == "cpu" and FULL in (fmts if isinstance(fmts, list) else [fmts]):
+        pytest.skip("bf16 tl.dot operands (full blocks) are wrong in the interpreter")
+    pdt = kernel_module(device)
+    seen = []
+    real = pdt._launch
+
+    def spy(fn, grid, args, consts, options, cache):
+        if fn is pdt._paged_decode_kernel:
+            seen.append((consts["KB"], consts["VB"], consts["DT"], consts["FAST"]))
+        return real(fn, grid, args, consts, options, cache)
+
+    monkeypatch.setattr(pdt, "_launch", spy)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.bfloat16, device,
+                                                    seed_of(request))
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(), ntok.cpu(),
+                            geom, sm_scale)
+    kw = dict(fmt=fmts) if isinstance(fmts, KVFormat) else dict(formats=fmts)
+    got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, **kw)
+    out, bmax, bsum = (t.cpu() for t in got)
+    r_out, r_max, r_sum = want
+    oa, orl, ma, mrl, sa, srl = BF16_TOL
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), r_out.float(), atol=oa, rtol=orl)
+    fin = torch.isfinite(r_max)
+    assert torch.equal(torch.isneginf(bmax), torch.isneginf(r_max))
+    torch.testing.assert_close(bmax[fin], r_max[fin], atol=ma, rtol=mrl)
+    torch.testing.assert_close(bsum, r_sum, atol=sa, rtol=srl)
+    import triton.language as tl
+    for kcode, vcode, dt, fast in seen:
+        quantized = (kcode, vcode) != (FULL.k_code, FULL.v_code)
+        assert dt == (tl.float16 if quantized else tl.bfloat16)
+        assert fast == quantized
