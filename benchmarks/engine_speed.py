@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--compiled-only", action="store_true",
                     help="with --compile: kvctl's compiled, overlapped steps only (no plain "
                          "graphs, no steps in order): long contexts prefill once per run")
+    ap.add_argument("--no-in-order", action="store_true",
+                    help="overlapped steps only (no run with each step run to its end first)")
     ap.add_argument("--kv-formats", default="full",
                     help="kvctl rows per KV format (e.g. full,int4): every block but the "
                          "newest quantized after the prefill; the floor counts that "
@@ -226,7 +228,7 @@ def _bench_row(a, eng, prompts, b: int, fmt, wbytes: int, bw: float, compiled_gr
     if not a.only_hf and not (a.compiled_only and compiled_graphs is not None):
         r, ms = bench_kvctl(eng, prompts[:b], a.new, fmt=fmt)
         row.update(kvctl_graphs_tok_s=r, kvctl_graphs_ms=ms)
-        if eng.runner.graphs is not None:   # the same, each step run to its end first
+        if eng.runner.graphs is not None and not a.no_in_order:   # each step to its end first
             r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off", fmt=fmt)
             row.update(kvctl_graphs_seq_tok_s=r, kvctl_graphs_seq_ms=ms)
     if compiled_graphs is not None:
@@ -236,7 +238,7 @@ def _bench_row(a, eng, prompts, b: int, fmt, wbytes: int, bw: float, compiled_gr
             r, ms = bench_kvctl(eng, prompts[:b], a.new, fmt=fmt)
             row.update(kvctl_compiled_tok_s=r, kvctl_compiled_ms=ms,
                        kvctl_compiled_wall_s=time.perf_counter() - t0)
-            if not a.compiled_only:
+            if not (a.compiled_only or a.no_in_order):
                 r, ms = bench_kvctl(eng, prompts[:b], a.new, overlap="off", fmt=fmt)
                 row.update(kvctl_compiled_seq_tok_s=r, kvctl_compiled_seq_ms=ms)
         finally:
