@@ -242,10 +242,17 @@ def _paged_decode_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     if ROWLEN:
-        # this launch covers one run of each row (the blocks of one format)
+        # this launch covers one run of each row (the blocks of one format), shared by
+        # the splits in whole iterations: a graph's launch is sized by its table width
+        # (twice a row's blocks, at worst), so splits of the width's share left half of
+        # them idle and the rest doing twice the work (an H100 step at batch 8 / 32K,
+        # int4 + full in a 2,048-column graph: 494 us a layer for its two launches,
+        # 314 us in the kernel benchmark, whose launches are sized to the blocks)
         rs = tl.load(rstart_ptr + b)
-        start = rs + sp * blocks_per_split
-        end = tl.minimum(start + blocks_per_split, rs + tl.load(rlen_ptr + b))
+        n = tl.load(rlen_ptr + b)
+        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
+        start = rs + sp * per
+        end = tl.minimum(start + per, rs + n)
     elif DYN:
         # the row's columns (a graph's table is as wide as its bucket, the row often far
         # shorter) shared by the splits in whole iterations; the columns past the row

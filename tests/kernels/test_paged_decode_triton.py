@@ -377,6 +377,32 @@ def test_row_lengths_bound_what_each_row_reads(request, device, case, splits):
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+@pytest.mark.parametrize("case", [CASES[6], CASES[7], CASES[10]], ids=_case_id)
+def test_grouped_runs_in_a_wide_table(request, device, case, splits):
+    """A mixed table as wide as a CUDA graph's bucket (its extra columns holes), grouped
+    on the device as a graph does (launches sized by the width): the splits share each
+    row's own run of a format, whatever their number; same results and partials."""
+    pdt = kernel_module(device)
+    geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device,
+                                                   seed_of(request))
+    B, NB = offs.shape
+    W = 2 * NB + 5
+
+    def widen(t):
+        return torch.cat([t, t[:, :1].expand(B, W - NB)], 1)
+    offs_w, kb_w, vb_w = widen(offs), widen(kb), widen(vb)
+    ntok_w = torch.cat([ntok, torch.zeros(B, W - NB, dtype=ntok.dtype, device=device)], 1)
+    sm_scale = 1.0 / math.sqrt(geom.head_dim)
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs_w.cpu(), kb_w.cpu(), vb_w.cpu(),
+                            ntok_w.cpu(), geom, sm_scale)
+    groups = pdt.FormatGroups.from_table(kb_w, vb_w, list(case[7]))
+    got = pdt.paged_decode_triton(q, arena, offs_w, kb_w, vb_w, ntok_w, geom, sm_scale,
+                                  groups=groups, num_splits=splits)
+    _compare(tuple(t.cpu() for t in got), want, torch.float16)
+
+
 # bf16 stores (the engine's dtype for Llama-3 on a GPU): quantized blocks are dequantized
 # in fp16 (their scales are fp16) and go to tl.dot in fp16; full blocks stay bf16
 # (the interpreter's tl.dot on bf16 operands returns garbage, full blocks included, so
