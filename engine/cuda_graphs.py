@@ -81,6 +81,16 @@ class GraphStats:
     capture_seconds: float = 0.0
     capture_bytes: int = 0      # device memory the graph pool took
     eager_reasons: dict = field(default_factory=dict)
+    # seconds an engine step took, decode-only steps that replayed a graph and those
+    # that ran eager (moving averages; 0 until one ran): what losing the graphs costs
+    # (the controller prices an exact offload, whose batch runs eager, with it)
+    replay_step_s: float = 0.0
+    eager_step_s: float = 0.0
+
+    def note_step(self, replayed: bool, seconds: float, alpha: float = 0.1) -> None:
+        name = "replay_step_s" if replayed else "eager_step_s"
+        old = getattr(self, name)
+        setattr(self, name, seconds if old == 0.0 else old + alpha * (seconds - old))
 
 
 class DecodeGraphs:

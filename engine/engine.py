@@ -413,6 +413,9 @@ class Engine(OfflineMixin, SessionsMixin):
         and the inbox waits for the next call (no step is launched ahead while it holds
         anything, so commands still run between two steps that ran to the end)."""
         with self._step_lock:
+            t0 = time.perf_counter()
+            graphs = self.runner.graphs
+            replays0 = graphs.stats.num_replays if graphs is not None else 0
             ahead, self._ahead = self._ahead, None
             rows = None
             if ahead is not None:
@@ -421,6 +424,7 @@ class Engine(OfflineMixin, SessionsMixin):
                     rows = [i for i, s in enumerate(ahead.seqs)
                             if s.seq_id not in ahead.dropped]
                 out, chunks, pre_seqs = ahead.out, [], []
+                replayed = True     # only steps with a captured graph are launched ahead
             else:
                 self._drain_inbox()
                 self._admit()
@@ -433,6 +437,7 @@ class Engine(OfflineMixin, SessionsMixin):
                     return False
                 decode, dec_seqs, chunks, pre_seqs = work
                 out = self._run(decode, dec_seqs, chunks, pre_seqs)
+                replayed = graphs is not None and graphs.stats.num_replays > replays0
             # on CUDA the forward is still running: the last step's statistics now
             self._apply_deferred_stats()
             sampled = None
@@ -453,6 +458,8 @@ class Engine(OfflineMixin, SessionsMixin):
                     self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
             self._check_stalls()
             self._after_step()
+            if graphs is not None and dec_seqs and not chunks and out is not None:
+                graphs.stats.note_step(replayed, time.perf_counter() - t0)
             self._publish()
             return True
 

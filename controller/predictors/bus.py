@@ -6,6 +6,13 @@ memory, read from telemetry, never a constant for every machine.
   the H200's Gen5 x16, FACTS.md), less what other traffic takes now (NVML's RX rate).
 * The engine on the CPU: no bus. Its host tier is another arena in the same memory, so
   offload costs a memory copy per step, not a transfer; priced at zero and labelled so.
+
+And what streaming costs besides the bytes: a decode step with a block streamed exactly
+runs eager (its copies are not in any CUDA graph), and so does every sequence batched
+with it. ``graph_loss_s`` is that added step time, from the engine's own step times
+(``EngineSnapshot.graphs``: eager against replayed decode steps), 0 where no graphs run
+or the batch already runs eager. Priced by bytes alone, 27 running sequences on an H100
+took 490 exact offloads and every step ran eager (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ from dataclasses import dataclass
 PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 COPY_EFFICIENCY = 0.878          # pinned H2D copies of >= 16 MiB: 55.3 of 63.0 GB/s (H200)
 FALLBACK_BYTES_PER_S = 55.3e9    # a GPU whose link NVML cannot read: the H200's measurement
+# before any eager decode step was timed: eager steps took 4.8-5.6x a graph replay at
+# batch 1 / 8 / 32 on an H100 (docs/BENCHMARKS.md, issue 13's table); 4x, the low side
+EAGER_OVER_REPLAY = 4.0
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class Bus:
     bytes_per_s: float | None    # None: no bus (CPU engine)
     busy_fraction: float = 0.0   # of the link, used by other traffic now
     source: str = ""             # where the figure comes from (for decisions and status)
+    graph_loss_s: float = 0.0    # added step time when a step must run eager (see above)
 
     @classmethod
     def none(cls) -> "Bus":
@@ -33,16 +44,34 @@ class Bus:
         device = getattr(snapshot, "device", "cpu") if snapshot is not None else "cpu"
         if not str(device).startswith("cuda"):
             return cls.none()
+        loss = graph_loss_s(snapshot)
         if gpu is not None and getattr(gpu, "available", False) and gpu.pcie_width \
                 and gpu.pcie_generation in PCIE_LANE_GBPS:
             peak = PCIE_LANE_GBPS[gpu.pcie_generation] * gpu.pcie_width * 1e9
             bw = peak * COPY_EFFICIENCY
             busy = min(0.95, max(0.0, gpu.pcie_rx_bytes_per_s / peak))
-            return cls(bw, busy, f"PCIe Gen{gpu.pcie_generation} x{gpu.pcie_width} (NVML)")
-        return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s")
+            return cls(bw, busy, f"PCIe Gen{gpu.pcie_generation} x{gpu.pcie_width} (NVML)",
+                       loss)
+        return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s", loss)
 
     def seconds(self, nbytes: int) -> float:
         """Added time per decode step to stream ``nbytes`` over this bus."""
         if self.bytes_per_s is None:
             return 0.0
         return nbytes / (self.bytes_per_s * max(0.05, 1.0 - self.busy_fraction))
+
+
+def graph_loss_s(snapshot) -> float:
+    """Added seconds a decode step takes when it cannot replay a CUDA graph: 0 without
+    graphs, or when a running sequence already streams exactly (its batch runs eager);
+    else the engine's eager step time less its replayed one, or before any eager step
+    ran, ``EAGER_OVER_REPLAY`` replays less one."""
+    g = getattr(snapshot, "graphs", None) or {}
+    replay = g.get("replay_step_s", 0.0)
+    if not g or replay <= 0.0:
+        return 0.0
+    if any(s.decode_mode == "exact" and s.state == "decode"
+           and s.bytes_by_tier.get("host", 0) for s in snapshot.sequences):
+        return 0.0
+    eager = g.get("eager_step_s", 0.0)
+    return max(0.0, eager - replay) if eager > 0.0 else (EAGER_OVER_REPLAY - 1.0) * replay

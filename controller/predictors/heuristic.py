@@ -74,4 +74,5 @@ class HeuristicPredictor:
         bus = bus if bus is not None else ASSUMED_BUS
         if cand.strategy == "offload_topk":
             return Prediction(0.3 * mass, bus.seconds(streamed) * 0.125)
-        return Prediction(0.0, bus.seconds(streamed))
+        # exact: every block streamed each step, and the batch's steps run eager
+        return Prediction(0.0, bus.seconds(streamed) + bus.graph_loss_s)

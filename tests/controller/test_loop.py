@@ -59,6 +59,44 @@ def test_added_step_latency_is_priced_for_every_running_sequence(eng):
     assert three["mixed_precision"].total == pytest.approx(one["mixed_precision"].total)
 
 
+def test_exact_offload_on_a_graphed_gpu_pays_for_the_eager_steps(eng):
+    """An exactly offloaded block is streamed by every step, outside any CUDA graph: the
+    batch runs eager. On a GPU engine with graphs that step time is priced (the engine's
+    own eager less replayed step time, or 4x a replay before any eager step ran), and
+    the cheapest move per byte turns from exact offload to a compression; once a
+    sequence streams exactly the batch is eager already and the next pays bytes only."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus, graph_loss_s
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    snap = replace(eng.handle.snapshot(), device="cuda:0")
+    assert Bus.of(eng.handle.snapshot()).graph_loss_s == 0.0      # the CPU: no graphs
+    assert graph_loss_s(snap) == 0.0                 # graphs off on this engine: none
+    timed = replace(snap, graphs={"num_graphs": 3, "replay_step_s": 0.010})
+    assert graph_loss_s(timed) == pytest.approx(0.030)            # before any eager step
+    both = replace(snap, graphs={"num_graphs": 3, "replay_step_s": 0.010,
+                                 "eager_step_s": 0.045})
+    assert graph_loss_s(both) == pytest.approx(0.035)             # measured
+    streaming = replace(both, sequences=[
+        replace(v, decode_mode="exact", state="decode",
+                bytes_by_tier={**v.bytes_by_tier, "host": 4096}) if i == 0 else v
+        for i, v in enumerate(both.sequences)])
+    assert graph_loss_s(streaming) == 0.0
+
+    def cheapest(s):
+        bus = Bus.of(s)
+        moves = c.loop._priced(s, {ids[0]: 1 << 16}, "balanced", {}, bus)[ids[0]]
+        by = {m.candidate.strategy: m for m in moves}
+        return min(by, key=lambda k: by[k].cost), by
+    without, by0 = cheapest(snap)
+    with_loss, by1 = cheapest(both)
+    assert without == "offload_exact"
+    assert with_loss != "offload_exact"
+    assert by1["offload_exact"].latency_s == pytest.approx(
+        by0["offload_exact"].latency_s + 0.035)
+
+
 def test_no_moves_between_watermarks(eng):
     fill(eng)
     c = controller(eng, frac_used=0.8)

@@ -46,3 +46,16 @@ def test_a_narrower_table_replays_a_captured_wider_graph(tiny):
     for s in (short, long_):
         tiny.cancel(s)
     tiny.step()
+
+
+def test_step_times_are_moving_averages_per_kind():
+    """What losing the graphs costs, as the controller reads it (EngineSnapshot.graphs):
+    replayed and eager decode steps timed apart, each a moving average from its first."""
+    from engine.cuda_graphs import GraphStats
+    st = GraphStats()
+    st.note_step(True, 0.010)
+    assert (st.replay_step_s, st.eager_step_s) == (0.010, 0.0)
+    st.note_step(False, 0.050)
+    st.note_step(True, 0.020)
+    assert st.eager_step_s == 0.050
+    assert 0.010 < st.replay_step_s < 0.020
