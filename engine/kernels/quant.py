@@ -56,14 +56,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (c << shifts).sum(-1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., D * bits / 8] uint8 -> [..., D] int32 codes."""
+def unpack_codes(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32
+                 ) -> torch.Tensor:
+    """[..., D * bits / 8] uint8 -> [..., D] codes as ``dtype``, shifted and masked as
+    bytes and converted once (the CPU path dequantizes every quantized block it attends
+    at every step: with ``addcmul``, int4 keys of 1,000 blocks 35 -> 21 ms, 2-core box)."""
     if bits == 8:
-        return packed.to(torch.int32)
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+        return packed.to(dtype)
+    per, mask = 8 // bits, (1 << bits) - 1
+    c = torch.stack([(packed >> (j * bits)) & mask for j in range(per)], -1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(dtype)
 
 
 def key_weights(g: torch.Tensor) -> torch.Tensor:
@@ -185,8 +187,8 @@ def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
 def dequantize_keys_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         bits: int, out_dtype: torch.dtype) -> torch.Tensor:
     """codes [N, H, T, D*bits/8], scale/zero [N, H, D] -> [N, H, T, D]."""
-    c = unpack_codes(codes, bits).float()
-    return (c * scale.float().unsqueeze(2) + zero.float().unsqueeze(2)).to(out_dtype)
+    c = unpack_codes(codes, bits, torch.float32)
+    return torch.addcmul(zero.float().unsqueeze(2), c, scale.float().unsqueeze(2)).to(out_dtype)
 
 
 def quantize_values_ref(v: torch.Tensor, bits: int, group: int, meta_dtype: torch.dtype
@@ -203,10 +205,10 @@ def quantize_values_ref(v: torch.Tensor, bits: int, group: int, meta_dtype: torc
 def dequantize_values_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                           bits: int, group: int, out_dtype: torch.dtype) -> torch.Tensor:
     """codes [N, H, T, D*bits/8], scale/zero [N, H, T, D/group] -> [N, H, T, D]."""
-    c = unpack_codes(codes, bits).float()
+    c = unpack_codes(codes, bits, torch.float32)
     N, H, T, D = c.shape
     c = c.reshape(N, H, T, D // group, group)
-    x = c * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    x = torch.addcmul(zero.float().unsqueeze(-1), c, scale.float().unsqueeze(-1))
     return x.reshape(N, H, T, D).to(out_dtype)
 
 
