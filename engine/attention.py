@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
 from engine.kernels.paged_decode import paged_decode
 
@@ -130,10 +131,9 @@ def fuse_qkv(model: torch.nn.Module) -> int:
     copy), so the model still runs transformers' own forward under any other attention
     implementation (tests and benchmarks switch the same object to sdpa). Returns the
     number of layers fused; other architectures are left as they are."""
-    from transformers.models.llama import modeling_llama as ml
     n = 0
     for m in model.modules():
-        if type(m) is not ml.LlamaAttention:
+        if type(m) is not LlamaAttention:
             continue
         lins = (m.q_proj, m.k_proj, m.v_proj)
         if not all(type(x) is torch.nn.Linear for x in lins) or \
@@ -164,7 +164,6 @@ def _fused_llama_attention(self, hidden_states, position_embeddings=None, attent
     if self.config._attn_implementation != ATTN_NAME:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   **kwargs)
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     qkv = F.linear(hidden_states, self.kvctl_qkv_weight, self.kvctl_qkv_bias)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self.kvctl_qkv_sizes, -1))
