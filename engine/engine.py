@@ -45,7 +45,7 @@ from engine.models import load_model
 from engine.offline import OfflineMixin
 from engine.prefix import key_of
 from engine.sessions import SessionsMixin
-from engine.runner import Chunk, ModelRunner, StepOutput
+from engine.runner import Chunk, ModelRunner, StepOutput, is_oom
 from engine.sampler import make_generator, sample_tokens
 from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
@@ -588,7 +588,7 @@ class Engine(OfflineMixin, SessionsMixin):
             self._token_cap = min(self.config.max_batch_tokens, self._token_cap * 2)
             return out
         except Exception as err:
-            if _is_oom(err) and self._token_cap > 1:
+            if is_oom(err) and self._token_cap > 1:
                 self._token_cap = max(1, self._token_cap // 2)
                 self.num_oom_retries += 1
                 log.warning("out of memory in a step of %d tokens; retrying with at most %d",
@@ -935,8 +935,3 @@ def _run_into(fn: Callable[[], Any], fut: Future) -> None:
         fut.set_result(fn())
     except BaseException as e:      # delivered to whoever posted it
         fut.set_exception(e)
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or \
-        "out of memory" in str(err).lower()

@@ -9,6 +9,7 @@ store must already have room for the tokens (``KVStore.reserve``).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,13 @@ import torch
 from engine import attention
 from engine.plan import StepPlan, build_plan
 from engine.store import KVStore
+
+log = logging.getLogger("kvctl.engine.runner")
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or \
+        "out of memory" in str(err).lower()
 
 
 @dataclass
@@ -74,7 +82,30 @@ class ModelRunner:
             elif c.logits == "last":
                 rows.append(seg.start + seg.length - 1)
         compiled = self.compiled if decode and not chunks else None
-        logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
-                                   torch.tensor(rows, dtype=torch.long, device=self.device),
-                                   compiled)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        try:
+            logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
+                                       rows_t, compiled)
+        except Exception as err:
+            if compiled is None or is_oom(err):
+                raise
+            # torch.compile failed on a shape or an op: decode without it from now on
+            # (graphs capture the plain model); this step again on the same plan (its
+            # slots are the step's: building another would advance the lengths twice),
+            # its per-forward state cleared as a graph replay clears it
+            log.exception("the compiled decode step failed; decoding without compile")
+            self.drop_compiled()
+            plan.partials.clear()
+            plan.layer_cache = {}
+            plan.shares = None
+            logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
+                                       rows_t, None)
         return StepOutput(plan, logits)
+
+    def drop_compiled(self) -> None:
+        """Stop using torch.compile: eager steps and later graph captures run the plain
+        model; keys whose compiled capture failed may be captured again."""
+        self.compiled = None
+        if self.graphs is not None:
+            self.graphs.compiled = None
+            self.graphs.failed.clear()

@@ -46,3 +46,30 @@ def test_compiled_op_outside_a_step_says_so():
     q = torch.zeros(1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="outside attention.forward"):
         torch.ops.kvctl.attention(q, q, q, 0, 1.0)
+
+
+def test_a_failing_compiled_step_falls_back_to_the_plain_model():
+    """torch.compile failing on some shape mid-run must not end a request: the step runs
+    again on the plain model, and every later one too (logged once)."""
+    from engine.api import Request, SamplingParams
+    from engine.engine import Engine, EngineConfig
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                            compile_decode=True))
+    ref = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32"))
+    try:
+        calls = []
+
+        def broken(*a, **k):
+            calls.append(1)
+            raise RuntimeError("inductor: unsupported shape")
+        e.runner.compiled = broken
+        req = dict(prompt_ids=list(range(1, 60)),
+                   sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+        got = [ev for ev in e.generate(Request(**req))]
+        want = [ev for ev in ref.generate(Request(**req))]
+        assert got[-1].reason == "length" and got[-1].token_ids == want[-1].token_ids
+        assert calls == [1] and e.runner.compiled is None
+        assert e.num_step_failures == 0
+    finally:
+        e.stop()
+        ref.stop()
