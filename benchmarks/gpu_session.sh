@@ -5,6 +5,7 @@
 #   tests   CUDA tests (graphs, compile, kernels, parity)
 #   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
 #   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
+#   e2e     benchmarks.engine_speed at batch 8 x 32K, old blocks int4 against full (issue 14)
 #   kernel  benchmarks.decode_kernel (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   head    benchmarks.headline.gpu (issue 15): by default the reduced run of 2026-12-06
@@ -33,6 +34,10 @@ for s in "${steps[@]}"; do
     long) timeout "${T_LONG:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
              --device cuda --dtype bfloat16 --batches 8 --prompt 32768 --new 32 \
              --kv-budget-gb 34 --hf static --no-eager --compile --json "$OUT/long.json" ;;
+    e2e) timeout "${T_E2E:-200}" python -m benchmarks.engine_speed --model random:llama3-8b \
+             --device cuda --dtype bfloat16 --batches 8 --prompt 32768 --new 32 \
+             --kv-budget-gb 34 --hf '' --no-eager --no-in-order --kv-formats int4,full \
+             --json "$OUT/e2e.json" ;;
     kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
              --contexts 32768 131072 --formats full int8 fp8 int4 int4+full --iters 30 \
              --json "$OUT/kernel.json" ;;
