@@ -114,18 +114,25 @@ def bench_kvctl(engine, prompts: list[list[int]], new: int, overlap: str = "auto
         engine.config.overlap_steps = saved
 
 
-def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float, float]:
+def pin_format(engine, seq_ids: list[str], fmt) -> None:
+    """Every block but each sequence's newest re-stored in ``fmt``, and the blocks that
+    fill from now on too (a pinned strategy's steady state); nothing for full."""
     from engine.actions import Quantize, SetFillFormat
+    if fmt is None or fmt.is_full:
+        return
+    for i in seq_ids:
+        old = tuple(range(len(engine.store.seqs[i].blocks) - 1))
+        engine.handle.apply(SetFillFormat(i, fmt.k_bits, fmt.v_bits, fmt.fp8))
+        engine.handle.apply(Quantize.to(i, old, fmt))
+
+
+def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float, float]:
     from engine.api import Request, SamplingParams
     sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)  # cancelled below
     ids = [engine.submit(Request(prompt_ids=p, sampling=sp), lambda ev: None) for p in prompts]
     while any(engine.seqs[i].state != "decode" for i in ids):
         engine.step()
-    if fmt is not None and not fmt.is_full:
-        for i in ids:
-            old = tuple(range(len(engine.store.seqs[i].blocks) - 1))
-            engine.handle.apply(SetFillFormat(i, fmt.k_bits, fmt.v_bits, fmt.fp8))
-            engine.handle.apply(Quantize.to(i, old, fmt))
+    pin_format(engine, ids, fmt)
     for _ in range(3):          # warm: graphs captured, kernels compiled
         engine.step()
     sync(engine.device)

@@ -27,12 +27,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="engine.num_threads (0: default)")
     ap.add_argument("--compile", action="store_true", help="engine.compile_decode")
     ap.add_argument("--kv-formats", default="full",
-                    help="each batch per KV format: every block but the newest quantized "
-                         "after the prefill (as benchmarks.engine_speed --kv-formats)")
+                    help="each batch per KV format (engine_speed.pin_format after the prefill)")
     ap.add_argument("--host-top", type=int, default=0,
                     help="also the Python profile of engine steps: this many functions")
     a = ap.parse_args()
-    from engine.actions import Quantize, SetFillFormat
+    from benchmarks.engine_speed import pin_format
     from engine.api import Request, SamplingParams
     from engine.engine import Engine, EngineConfig
     from engine.layout import KVFormat
@@ -50,11 +49,7 @@ def main() -> None:
                                 .tolist(), sampling=sp), lambda ev: None) for _ in range(b)]
         while any(e.seqs[i].state != "decode" for i in ids):
             e.step()
-        if not fmt.is_full:
-            for i in ids:
-                old = tuple(range(len(e.store.seqs[i].blocks) - 1))
-                e.handle.apply(SetFillFormat(i, fmt.k_bits, fmt.v_bits, fmt.fp8))
-                e.handle.apply(Quantize.to(i, old, fmt))
+        pin_format(e, ids, fmt)
         for _ in range(3):
             e.step()
         torch.cuda.synchronize()

@@ -336,9 +336,7 @@ class DecodeGraphs:
                 i32[name].copy_(v(name))
             if len(fmts) > 1:   # columns grouped by format on the device (a stable sort)
                 dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts)
-            plan.partials.clear()
-            plan.layer_cache = {}
-            plan.shares = None
+            plan.reset_forward()
             logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
                                        rows, self.compiled)
             return logits, plan.block_shares()   # the statistics' input, in the graph too

@@ -130,6 +130,13 @@ class StepPlan:
         v = torch.cat([p[1] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
         return k.index_select(1, seg.token_idx), v.index_select(1, seg.token_idx), seg.kpos
 
+    def reset_forward(self) -> None:
+        """Forget what a forward over this plan recorded (partials, per-layer facts,
+        shares), before running it again: a graph's replay, a failed compiled step."""
+        self.partials.clear()
+        self.layer_cache = {}
+        self.shares = None
+
     def record_partials(self, layer: int, m: torch.Tensor, l: torch.Tensor) -> None:
         """Per-block softmax partials [Bd, Hq, NB] of one layer; turned into shares once
         per step (``block_shares``), not per layer."""

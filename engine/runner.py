@@ -95,9 +95,7 @@ class ModelRunner:
             # its per-forward state cleared as a graph replay clears it
             log.exception("the compiled decode step failed; decoding without compile")
             self.drop_compiled()
-            plan.partials.clear()
-            plan.layer_cache = {}
-            plan.shares = None
+            plan.reset_forward()
             logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
                                        rows_t, None)
         return StepOutput(plan, logits)
