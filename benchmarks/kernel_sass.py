@@ -72,7 +72,7 @@ def main():
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
                   VB=a.vb, VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0], NBI=a.nbi,
                   DT=tl.float16, UPCAST=False, IEEE=False, ASM=a.asm and a.fast, FAST=a.fast,
-                  ROWLEN=0, WORDS=0)
+                  ROWLEN=0, WORDS=0, DYN=0)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)
