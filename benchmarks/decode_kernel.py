@@ -131,8 +131,9 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
                  iters) -> list[dict]:
     """``base+last`` (e.g. int4+full): every block in ``base`` but each sequence's newest
     block in ``last`` (a quantized sequence with its full-precision residual block): one
-    launch per format, grouped on the host as the engine's plan does or on the device
-    (``formats=``)."""
+    launch for both formats (``grouped``, the default), one launch per format
+    (``grouped-2launch``), grouped on the host as the engine's plan does, or on the device
+    (``per-format``: ``formats=``, one launch for both)."""
     base, last = (KVFormat.parse(x) for x in name.split("+"))
     NB = L // T
     arena_a, tab_a = _build_arena(geom, base, k, v, reps, gen_cpu, device)
@@ -149,7 +150,9 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
     rows = []
     rows_g = [[(j, base) for j in range(NB - 1)] + [(NB - 1, last)] for _ in range(B)]
     groups = FormatGroups.from_rows(rows_g, NB, device)      # as the engine's plan makes it
-    for label, kw in (("grouped", {"groups": groups}), ("per-format", {"formats": [base, last]})):
+    for label, kw in (("grouped", {"groups": groups}),
+                      ("grouped-2launch", {"groups": groups, "fuse": False}),
+                      ("per-format", {"formats": [base, last]})):
         out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
         err = (out.float() - ref.squeeze(2).float()).abs().max().item()
         calls = [lambda t=t, kw=kw: paged_decode_triton(qd, arena, t, kb, vb, nt, geom, sm_scale,

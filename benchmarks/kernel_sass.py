@@ -33,25 +33,28 @@ from engine.layout import BlockGeometry, KVFormat  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*fp16",
        "off_ptr": "*i64", "ntok_ptr": "*i32",
-       "perm_ptr": "*i64", "rstart_ptr": "*i32", "rlen_ptr": "*i32", "S0": "i32", "STOT": "i32",
+       "perm_ptr": "*i64", "rstart_ptr": "*i32", "rlen_ptr": "*i32", "rstart2_ptr": "*i32",
+       "rlen2_ptr": "*i32", "S0": "i32", "STOT": "i32",
        "bmax_ptr": "*fp32", "bsum_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
        "pacc_ptr": "*fp32", "NB": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
 
 
-def compile_kernel(consts: dict, warps: int, stages: int):
+def compile_kernel(consts: dict, warps: int, stages: int, maxnreg: int = 0):
     fn = pdt._paged_decode_kernel
     sig, cx = {}, {}
-    for name in fn.arg_names:
-        if name in consts:
+    for prm in fn.params:
+        name = prm.name
+        if name in consts or prm.is_constexpr:
             sig[name] = "constexpr"
-            cx[name] = consts[name]
+            cx[name] = consts.get(name, prm.default)
         else:
             sig[name] = PTR[name]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n].startswith("*")}
     src = ASTSource(fn, sig, cx, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+                          options=dict(num_warps=warps, num_stages=stages,
+                                       **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 def main():
@@ -62,6 +65,7 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap (the launch's)")
     ap.add_argument("--asm", type=int, default=1, help="PTX code conversion")
     ap.add_argument("--fast", type=int, default=1, help="fp16 dequantization (FAST)")
     ap.add_argument("--extra", default="", help="k=v,... more constexprs")
@@ -72,7 +76,7 @@ def main():
     consts = dict(HQ=32, H=8, GQ=4, GP=16, T=32, D=a.d, G=32, ESIZE=2, MSIZE=2, KB=a.kb,
                   VB=a.vb, VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0], NBI=a.nbi,
                   DT=tl.float16, UPCAST=False, IEEE=False, ASM=a.asm and a.fast, FAST=a.fast,
-                  ROWLEN=0, WORDS=0, DYN=0)
+                  ROWLEN=0)
     for kv in filter(None, a.extra.split(",")):
         k, v = kv.split("=")
         consts[k] = int(v)
@@ -80,7 +84,7 @@ def main():
         consts["DT"] = tl.float32
     fn_args = pdt._paged_decode_kernel.arg_names
     consts = {k: v for k, v in consts.items() if k in fn_args}
-    ck = compile_kernel(consts, a.warps, a.stages)
+    ck = compile_kernel(consts, a.warps, a.stages, a.maxnreg)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()

@@ -23,6 +23,8 @@ MIN_ITERS = 8       # loop iterations a program runs at least (shorter runs: mos
 SHORT_TABLE = 256
 MIN_ITERS_SHORT = 2
 MIN_TILE_TOKENS = 32  # tokens an iteration of a quantized format reads at least (fp16)
+# a grouped table of two formats (old blocks quantized, the newest full) in one launch
+FUSE_TWO_FORMATS = True
 
 # programs of one compiled decode kernel that fit on an SM at once, from its registers and
 # shared memory (found after its first launch; keyed by its compile-time configuration)

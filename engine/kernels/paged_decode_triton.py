@@ -202,76 +202,19 @@ def _values(p, arena_u8, arena_st, arena_md, voff, ntok, kvh,
 
 
 @triton.jit
-def _paged_decode_kernel(
-    q_ptr,         # [B, Hq, D] query (any float dtype)
-    arena_u8,      # [bytes] uint8: one layer's arena row
-    arena_st,      # [bytes / ESIZE] store dtype view of the same storage
-    arena_md,      # [bytes / MSIZE] meta dtype view of the same storage
-    off_ptr,       # [B, NB] int64 slot byte offsets
-    ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
-    perm_ptr,      # [B, NB] int64 original column of each entry (read only when ROWLEN)
-    rstart_ptr,    # [B] int32 first entry of this launch's run in each row (ROWLEN)
-    rlen_ptr,      # [B] int32 entries in that run (ROWLEN), or columns the row attends (DYN)
-    bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
-    bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
-    pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
-    pl_ptr,        # [B, Hq, S] fp32 out: split sum of exp2
-    pacc_ptr,      # [B, Hq, S, D] fp32 out: split unnormalized output
-    NB, blocks_per_split, qk_scale, S0, STOT,
-    HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
-    T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    ESIZE: tl.constexpr, MSIZE: tl.constexpr,
-    KB: tl.constexpr, VB: tl.constexpr,     # key / value code of the format (KVFormat.k_code)
-    VOFF: tl.constexpr,                     # byte offset of the value section in a slot
-    NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
-    WORDS: tl.constexpr = 0,      # code words (int32 loads): 1 keys, 2 values (4-bit), 3 both
-    DYN: tl.constexpr = False,    # splits share each row's own length (rlen), not NB
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-    rows = tl.arange(0, GP)
-    hmask = rows < GQ
-    head = kvh * GQ + rows
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
-                other=0.0).to(tl.float32)
-    qd = q.to(DT)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    if ROWLEN:
-        # this launch covers one run of each row (the blocks of one format), shared by
-        # the splits in whole iterations: a graph's launch is sized by its table width
-        # (twice a row's blocks, at worst), so splits of the width's share left half of
-        # them idle and the rest doing twice the work (an H100 step at batch 8 / 32K,
-        # int4 + full in a 2,048-column graph: 494 us a layer for its two launches,
-        # 314 us in the kernel benchmark, whose launches are sized to the blocks)
-        rs = tl.load(rstart_ptr + b)
-        n = tl.load(rlen_ptr + b)
-        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
-        start = rs + sp * per
-        end = tl.minimum(start + per, rs + n)
-    elif DYN:
-        # the row's columns (a graph's table is as wide as its bucket, the row often far
-        # shorter) shared by the splits in whole iterations; the columns past the row
-        # in this split's share of the table are holes: (-inf, 0) partials
-        n = tl.load(rlen_ptr + b)
-        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
-        start = sp * per
-        end = tl.minimum(start + per, n)
-        h1 = tl.minimum(sp * blocks_per_split + blocks_per_split, NB)
-        for c0 in range(tl.maximum(sp * blocks_per_split, n), h1, 16):
-            cols = c0 + tl.arange(0, 16)
-            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
-            hm = hmask[:, None] & (cols < h1)[None, :]
-            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
-            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
-    else:
-        start = sp * blocks_per_split
-        end = tl.minimum(start + blocks_per_split, NB)
+def _run_blocks(qd, m_i, l_i, acc, b, kvh, head, hmask, start, end,
+                off_ptr, ntok_ptr, perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md,
+                NB, qk_scale,
+                HQ: tl.constexpr, T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                H: tl.constexpr, ESIZE: tl.constexpr, MSIZE: tl.constexpr,
+                KB: tl.constexpr, VB: tl.constexpr, VOFF: tl.constexpr, NBI: tl.constexpr,
+                DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                ASM: tl.constexpr, FAST: tl.constexpr, WORDS: tl.constexpr,
+                ROWLEN: tl.constexpr):
+    """Entries ``start .. end`` of row ``b`` (one format, compiled in), NBI blocks an
+    iteration, merged into the running state (m_i, l_i, acc); per-block partials stored."""
     tcol = tl.arange(0, T)
+    GP: tl.constexpr = qd.shape[0]
     for blk0 in range(start, end, NBI):
         bi = blk0 + tl.arange(0, NBI)
         bmask = bi < end
@@ -308,7 +251,136 @@ def _paged_decode_kernel(
                      ESIZE, MSIZE, DT, UPCAST, IEEE, FAST, ASM, WORDS)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _load_q(q_ptr, b, head, hmask, HQ: tl.constexpr, D: tl.constexpr):
+    d = tl.arange(0, D)
+    return tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _share(rstart_ptr, rlen_ptr, b, sp, NBI: tl.constexpr):
+    """This split's entries of row b's run: the splits share it in whole iterations."""
+    rs = tl.load(rstart_ptr + b)
+    n = tl.load(rlen_ptr + b)
+    per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
+    start = rs + sp * per
+    return start, tl.minimum(start + per, rs + n), rs + n
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,         # [B, Hq, D] query (any float dtype)
+    arena_u8,      # [bytes] uint8: one layer's arena row
+    arena_st,      # [bytes / ESIZE] store dtype view of the same storage
+    arena_md,      # [bytes / MSIZE] meta dtype view of the same storage
+    off_ptr,       # [B, NB] int64 slot byte offsets
+    ntok_ptr,      # [B, NB] int32 valid tokens (0 = hole)
+    perm_ptr,      # [B, NB] int64 original column of each entry (read only when ROWLEN)
+    rstart_ptr,    # [B] int32 first entry of this launch's run in each row (ROWLEN)
+    rlen_ptr,      # [B] int32 entries in that run (ROWLEN), or columns the row attends (DYN)
+    rstart2_ptr,   # [B] int32 the same for the second format's run (TWO)
+    rlen2_ptr,     # [B] int32
+    bmax_ptr,      # [B, Hq, NB] fp32 out: per-block max logit
+    bsum_ptr,      # [B, Hq, NB] fp32 out: per-block sum of exp(logit - max)
+    pm_ptr,        # [B, Hq, S] fp32 out: split max (log2 units)
+    pl_ptr,        # [B, Hq, S] fp32 out: split sum of exp2
+    pacc_ptr,      # [B, Hq, S, D] fp32 out: split unnormalized output
+    NB, blocks_per_split, qk_scale, S0, STOT,
+    HQ: tl.constexpr, H: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    ESIZE: tl.constexpr, MSIZE: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr,     # key / value code of the format (KVFormat.k_code)
+    VOFF: tl.constexpr,                     # byte offset of the value section in a slot
+    NBI: tl.constexpr, DT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ASM: tl.constexpr, FAST: tl.constexpr, ROWLEN: tl.constexpr,
+    WORDS: tl.constexpr = 0,      # code words (int32 loads): 1 keys, 2 values (4-bit), 3 both
+    DYN: tl.constexpr = False,    # splits share each row's own length (rlen), not NB
+    # a second format in the same launch (ROWLEN): its run of each row, shared by the
+    # splits as the first one's is, into the same running state; its own compiled-in path
+    TWO: tl.constexpr = False,
+    KB2: tl.constexpr = 0, VB2: tl.constexpr = 0, VOFF2: tl.constexpr = 0,
+    NBI2: tl.constexpr = 1, DT2: tl.constexpr = tl.float16, UPCAST2: tl.constexpr = False,
+    IEEE2: tl.constexpr = False, ASM2: tl.constexpr = False, FAST2: tl.constexpr = False,
+    WORDS2: tl.constexpr = 0,
+    # ROWLEN: this launch covers every run of the row, so it also writes the partials of
+    # the entries past them (holes, a graph's padding) as (-inf, 0)
+    FILL: tl.constexpr = False,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    rows = tl.arange(0, GP)
+    hmask = rows < GQ
+    head = kvh * GQ + rows
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    if ROWLEN:
+        # this launch covers one run of each row (the blocks of one format), shared by
+        # the splits in whole iterations: a graph's launch is sized by its table width
+        # (twice a row's blocks, at worst), so splits of the width's share left half of
+        # them idle and the rest doing twice the work (an H100 step at batch 8 / 32K,
+        # int4 + full in a 2,048-column graph: 494 us a layer for its two launches,
+        # 314 us in the kernel benchmark, whose launches are sized to the blocks)
+        start, end, past = _share(rstart_ptr, rlen_ptr, b, sp, NBI)
+    elif DYN:
+        # the row's columns (a graph's table is as wide as its bucket, the row often far
+        # shorter) shared by the splits in whole iterations; the columns past the row
+        # in this split's share of the table are holes: (-inf, 0) partials
+        n = tl.load(rlen_ptr + b)
+        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
+        start = sp * per
+        end = tl.minimum(start + per, n)
+        h1 = tl.minimum(sp * blocks_per_split + blocks_per_split, NB)
+        for c0 in range(tl.maximum(sp * blocks_per_split, n), h1, 16):
+            cols = c0 + tl.arange(0, 16)
+            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
+            hm = hmask[:, None] & (cols < h1)[None, :]
+            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
+            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
+    else:
+        start = sp * blocks_per_split
+        end = tl.minimum(start + blocks_per_split, NB)
+    if TWO:
+        # the second format's run first (short: the newest full blocks beside old quantized
+        # ones), so that the long run's loop, last, keeps nothing live for a later one
+        # (registers: run the other way round, the int4 loop reloaded 9 spilled values an
+        # iteration in the sm_90 SASS): one launch instead of a second launch and its setup
+        # per layer
+        start2, end2, past2 = _share(rstart2_ptr, rlen2_ptr, b, sp, NBI2)
+        past = tl.maximum(past, past2)      # the runs are the row's first entries
+        q2 = _load_q(q_ptr, b, head, hmask, HQ, D)
+        m_i, l_i, acc = _run_blocks(
+            q2.to(DT2), m_i, l_i, acc, b, kvh, head, hmask, start2, end2, off_ptr, ntok_ptr,
+            perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md, NB, qk_scale,
+            HQ, T, D, G, H, ESIZE, MSIZE, KB2, VB2, VOFF2, NBI2, DT2, UPCAST2, IEEE2, ASM2,
+            FAST2, WORDS2, True)
+    if FILL:
+        # entries past the row's runs (holes and padding: their permuted positions), shared
+        # by the splits: (-inf, 0), so that no fill of the outputs is launched first
+        per3 = tl.cdiv(NB - past, tl.num_programs(2))
+        p0 = past + sp * per3
+        p1 = tl.minimum(p0 + per3, NB)
+        for c0 in range(p0, p1, 16):
+            pos = c0 + tl.arange(0, 16)
+            pm_ok = pos < p1
+            cols = tl.load(perm_ptr + b * NB + pos, mask=pm_ok, other=0).to(tl.int32)
+            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
+            hm = hmask[:, None] & pm_ok[None, :]
+            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
+            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
+    q = _load_q(q_ptr, b, head, hmask, HQ, D)
+    m_i, l_i, acc = _run_blocks(
+        q.to(DT), m_i, l_i, acc, b, kvh, head, hmask, start, end, off_ptr, ntok_ptr,
+        perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md, NB, qk_scale,
+        HQ, T, D, G, H, ESIZE, MSIZE, KB, VB, VOFF, NBI, DT, UPCAST, IEEE, ASM, FAST, WORDS,
+        ROWLEN)
     part = (b * HQ + head) * STOT + S0 + sp
+    d = tl.arange(0, D)
     tl.store(pm_ptr + part, m_i, mask=hmask)
     tl.store(pl_ptr + part, l_i, mask=hmask)
     tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
@@ -335,7 +407,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
                         num_warps: int | None = None, num_stages: int | None = None,
                         fast: bool | None = None, maxnreg: int | None = None,
                         word_codes: bool | str | None = None, launch_cache: dict | None = None,
-                        row_len: torch.Tensor | None = None
+                        row_len: torch.Tensor | None = None, fuse: bool | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and results as ``paged_decode_ref`` (see engine/kernels/paged_decode.py).
 
@@ -361,6 +433,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     ``row_len`` ([B] int32 on q's device): the columns each row attends, the rest of the
     row being holes; the splits of a one-format launch then share each row's own length
     instead of the table's width (a CUDA graph's table is its width bucket).
+    ``fuse``: a grouped table of two formats in one launch (each program reads its share of
+    both runs) instead of one launch per format; None: ``decode_launch.FUSE_TWO_FORMATS``.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
@@ -414,37 +488,55 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
     vbits, ntok = block_vbits.contiguous(), block_ntok.contiguous()
     kw = dict(num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
               num_stages=num_stages, fast=fast, maxnreg=maxnreg, word_codes=word_codes)
+    mine = False
     if fmt is None and groups is None:
         formats = tuple(formats) if formats is not None else table_formats(kbits, vbits, ntok)
         if len(formats) <= 1:
             fmt = formats[0] if formats else FULL     # no formats: every entry is a hole
         else:
             groups = FormatGroups.from_table(kbits, vbits, formats)
+            mine = True
     if fmt is None:
-        # one compiled-in launch per format over that format's run of each (grouped) row;
-        # per-block partials go to the blocks' own columns, split partials to one buffer
-        offs_g = offs.gather(1, groups.perm)
-        ntok_g = ntok.gather(1, groups.perm)
-        bmax.fill_(float("-inf"))   # columns in no run (holes, padding) stay (-inf, 0)
-        bsum.zero_()
-        launches = []
-        for i, f in enumerate(groups.formats):
-            n = groups.max_length[i] if groups.max_length else NB
-            if n > 0:
-                launches.append((i, _plan_launch(q, geom, f, B, n, kw, launch_cache)))
+        # the caller's grouping is the step's (the same for every layer): its gathered
+        # table is cached with the step's launches; one made here lives for this call
+        offs_g, ntok_g = _grouped_table(offs, ntok, groups, None if mine else launch_cache)
+        F = len(groups.formats)
+        if fuse is None:
+            fuse = decode_launch.FUSE_TWO_FORMATS
+        ml = groups.max_length
+        if F == 2 and fuse:
+            # one launch: a table of two formats (old quantized blocks, the newest full
+            # ones) runs both runs of each row in each program
+            i1 = _primary(groups)
+            n = min(NB, sum(ml)) if ml else NB
+            x = _plan_launch(q, geom, groups.formats[i1], B, max(1, n), kw, launch_cache,
+                             fmt2=groups.formats[1 - i1])
+            launches = [(i1, x)]
+        else:
+            # one compiled-in launch per format over that format's run of each (grouped)
+            # row; per-block partials go to the blocks' own columns, split partials to one
+            # buffer
+            launches = [(i, _plan_launch(q, geom, f, B, ml[i] if ml else NB, kw, launch_cache))
+                        for i, f in enumerate(groups.formats) if (ml[i] if ml else NB) > 0]
         stot = sum(x.S for _, x in launches) or 1
         pm = torch.empty(B, Hq, stot, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
         pacc = torch.empty(B, Hq, stot, D, dtype=torch.float32, device=dev)
         if not launches:
+            bmax.fill_(float("-inf"))
+            bsum.zero_()
             pm.fill_(float("-inf"))
             pl.zero_()
             pacc.zero_()
         s0 = 0
-        for i, x in launches:
+        for j, (i, x) in enumerate(launches):
+            # the last launch's run ends where the row's runs end (runs are laid out in
+            # format order): it also writes the partials of every entry past them (holes,
+            # a graph's padding) as (-inf, 0), so that no fill of the outputs runs first
             x.run(q, arena_row, offs_g, ntok_g, bmax, bsum, pm, pl, pacc, s0, stot,
-                  run=(groups.perm, groups.start[i], groups.length[i]), sm_scale=sm_scale,
-                  cache=launch_cache)
+                  run=(groups.perm, groups.start[i], groups.length[i]),
+                  run2=((groups.start[1 - i], groups.length[1 - i]) if x.path2 else None),
+                  fill=j == len(launches) - 1, sm_scale=sm_scale, cache=launch_cache)
             s0 += x.S
     else:
         x = _plan_launch(q, geom, fmt, B, NB, kw, launch_cache)
@@ -516,28 +608,56 @@ class FormatGroups:
 
 
 
-def _plan_launch(q, geom, fmt, B, NB, kw: dict, cache: dict | None) -> "_Launch":
-    """_Launch(q, geom, fmt, B, NB, **kw), shared by the layers of a step via ``cache``."""
+def _grouped_table(offs, ntok, groups: FormatGroups, cache: dict | None):
+    """The table's offsets and token counts in grouped order: the same for every layer of
+    a step, so gathered once a step (``cache``) instead of once a layer."""
+    key = ("grouped", id(groups), id(offs), id(ntok))
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return hit[1], hit[2]
+    offs_g, ntok_g = offs.gather(1, groups.perm), ntok.gather(1, groups.perm)
+    if cache is not None:
+        cache[key] = ((groups, offs, ntok), offs_g, ntok_g)   # keeps the ids alive
+    return offs_g, ntok_g
+
+
+def _primary(groups: FormatGroups) -> int:
+    """The format whose launch settings a one-launch grouped table takes: the longest run
+    where known, else the first quantized format (old blocks quantized, the newest full:
+    the quantized run is the long one)."""
+    if groups.max_length:
+        return max(range(len(groups.formats)), key=lambda i: groups.max_length[i])
+    quant = [i for i, f in enumerate(groups.formats) if not f.is_full]
+    return quant[0] if quant else 0
+
+
+def _plan_launch(q, geom, fmt, B, NB, kw: dict, cache: dict | None,
+                 fmt2: KVFormat | None = None) -> "_Launch":
+    """_Launch(q, geom, fmt, B, NB, fmt2, **kw), shared by the layers of a step via
+    ``cache``."""
     if cache is None:
-        return _Launch(q, geom, fmt, B, NB, **kw)
-    key = ("triton-plan", q.shape, q.dtype, q.device, geom, fmt, B, NB, tuple(kw.items()))
+        return _Launch(q, geom, fmt, B, NB, fmt2, **kw)
+    key = ("triton-plan", q.shape, q.dtype, q.device, geom, fmt, fmt2, B, NB,
+           tuple(kw.items()))
     x = cache.get(key)
     if x is None:
-        x = cache[key] = _Launch(q, geom, fmt, B, NB, **kw)
+        x = cache[key] = _Launch(q, geom, fmt, B, NB, fmt2, **kw)
     return x
 
 
-class _Launch:
-    """One decode-kernel launch: its configuration (from the format and the launch
-    heuristics) and ``run``, which writes split partials at ``s0`` of buffers ``stot``
-    wide."""
+@dataclass(frozen=True)
+class _Path:
+    """How one format compiled into a launch is read: ``tl.dot`` operand dtype, fp16
+    dequantization, blocks an iteration, int32 code words (bits: 1 keys, 2 values)."""
+    fmt: KVFormat
+    dot_dtype: torch.dtype
+    fast: bool
+    nbi: int
+    words: int
 
-    def __init__(self, q, geom, fmt, B, NB, *, num_splits, blocks_per_iter, num_warps,
-                 num_stages, fast, maxnreg, word_codes):
-        Hq, D = q.shape[1], q.shape[2]
-        H, T = geom.num_kv_heads, geom.block_size
-        cuda = q.is_cuda
-        self.fmt = fmt
+    @classmethod
+    def of(cls, geom: BlockGeometry, fmt: KVFormat, cuda: bool, fast, blocks_per_iter,
+           word_codes) -> _Path:
         # tl.dot operands: the store dtype; fp32 (IEEE) for fp32 stores and for head_dim
         # < 64, where fp16 operands from unpacked 4/2-bit codes gave wrong results on the
         # H200 (triton 3.6; head_dim 64 and 128 were right; cause not isolated). Codes
@@ -545,19 +665,18 @@ class _Launch:
         # (layout.meta_dtype_for) and only fp16 has the exact code conversion and the
         # packed dequantization (bf16 operands took the fp32 path: an H100 step at batch 8
         # / 32K with int4 blocks ran 3x slower than with full ones, 2026-12-06)
-        if D < 64 or geom.store_dtype == torch.float32:
-            self.dot_dtype = torch.float32
+        if geom.head_dim < 64 or geom.store_dtype == torch.float32:
+            dot_dtype = torch.float32
         elif fmt.is_full:
-            self.dot_dtype = geom.store_dtype
+            dot_dtype = geom.store_dtype
         else:
-            self.dot_dtype = torch.float16
+            dot_dtype = torch.float16
         # fp16 operands: integer codes -> exact fp16 and one packed fma per two elements
         # (PTX code conversion on CUDA); otherwise dequantization in fp32
-        f16 = self.dot_dtype == torch.float16
-        self.fast = f16 if fast is None else fast and f16
-        if (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
-            blocks_per_iter, num_stages, maxnreg = decode_launch.format_defaults(fmt, cuda)
-        self.nbi = max(blocks_per_iter or 2, decode_launch.min_blocks_per_iter(fmt, T, f16))
+        f16 = dot_dtype == torch.float16
+        fast = f16 if fast is None else fast and f16
+        nbi = max(blocks_per_iter or 2,
+                  decode_launch.min_blocks_per_iter(fmt, geom.block_size, f16))
         if word_codes is None:
             word_codes = decode_launch.default_word_codes(fmt, cuda)
         if isinstance(word_codes, str):
@@ -566,42 +685,68 @@ class _Launch:
             words = ("k" in word_codes) + 2 * ("v" in word_codes)
         else:
             words = 3 if word_codes else 0
-        self.words = words if self.fast else 0
+        return cls(fmt, dot_dtype, fast, nbi, words if fast else 0)
+
+    def consts(self, geom: BlockGeometry, cuda: bool, suffix: str = "") -> dict:
+        """The kernel's compile-time arguments for this format (names + ``suffix``)."""
+        fmt, f16 = self.fmt, self.dot_dtype == torch.float16
+        sec = geom.sections(fmt)
+        c = dict(KB=fmt.k_code, VB=fmt.v_code, VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0],
+                 NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
+                 UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
+                 IEEE=self.dot_dtype == torch.float32,
+                 ASM=_PTX and cuda and f16 and self.fast, FAST=self.fast, WORDS=self.words)
+        return {k + suffix: v for k, v in c.items()}
+
+
+class _Launch:
+    """One decode-kernel launch: its configuration (from the format and the launch
+    heuristics) and ``run``, which writes split partials at ``s0`` of buffers ``stot``
+    wide. ``fmt2``: a second format compiled into the same launch (its own run of each
+    row); the launch settings are ``fmt``'s."""
+
+    def __init__(self, q, geom, fmt, B, NB, fmt2=None, *, num_splits, blocks_per_iter,
+                 num_warps, num_stages, fast, maxnreg, word_codes):
+        H = geom.num_kv_heads
+        cuda = q.is_cuda
+        self.fmt = fmt
+        if (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
+            blocks_per_iter, num_stages, maxnreg = decode_launch.format_defaults(fmt, cuda)
+        self.path = _Path.of(geom, fmt, cuda, fast, blocks_per_iter, word_codes)
+        self.path2 = None if fmt2 is None else _Path.of(
+            geom, fmt2, cuda, fast, decode_launch.format_defaults(fmt2, cuda)[0], None)
+        self.dot_dtype = self.path.dot_dtype
         self.warps, self.stages, self.maxnreg, self.geom = num_warps or 4, num_stages or 2, \
             maxnreg, geom
-        self.key = (q.device, fmt, T, D, geom.value_group, H, Hq, geom.store_dtype, self.nbi,
-                    self.warps, self.stages, maxnreg, self.fast, self.words)
+        self.key = (q.device, self.path, self.path2, geom, q.shape[1], self.warps,
+                    self.stages, maxnreg)
         self.S, self.bps = decode_launch.launch_config(
-            B, H, NB, q.device, num_splits, self.nbi, decode_launch.RESIDENT.get(self.key))
+            B, H, NB, q.device, num_splits, self.path.nbi, decode_launch.RESIDENT.get(self.key))
 
     def run(self, q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, s0, stot, *, run,
-            sm_scale, cache=None, row_len=None):
-        geom, fmt = self.geom, self.fmt
+            sm_scale, cache=None, row_len=None, run2=None, fill=False):
+        geom = self.geom
         B, Hq, D = q.shape
         H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
         n = arena_row.numel() // 4 * 4
         arena_st = arena_row[:n].view(geom.store_dtype)
         arena_md = arena_row[:n].view(geom.meta_dtype)
         perm, rstart, rlen = run if run is not None else (offs, ntok, ntok)  # unread
+        rstart2, rlen2 = run2 if run2 is not None else (rstart, rlen)       # unread
         dyn = run is None and row_len is not None
         if dyn:
             rlen = row_len
-        sec = geom.sections(fmt)
-        f16 = self.dot_dtype == torch.float16
+        consts = dict(HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)),
+                      T=T, D=D, G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
+                      ROWLEN=run is not None, DYN=dyn, FILL=fill and run is not None,
+                      **self.path.consts(geom, q.is_cuda))
+        if self.path2 is not None and run2 is not None:
+            consts.update(TWO=True, **self.path2.consts(geom, q.is_cuda, "2"))
         ck = _launch(_paged_decode_kernel, (B, H, self.S), (
-            q, arena_row, arena_st, arena_md, offs, ntok, perm, rstart, rlen,
+            q, arena_row, arena_st, arena_md, offs, ntok, perm, rstart, rlen, rstart2, rlen2,
             bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot
-        ), dict(
-            HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)), T=T, D=D,
-            G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem, KB=fmt.k_code, VB=fmt.v_code,
-            VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0],
-            NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
-            UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
-            IEEE=self.dot_dtype == torch.float32,
-            ASM=_PTX and q.is_cuda and f16 and self.fast,
-            FAST=self.fast, ROWLEN=run is not None, WORDS=self.words, DYN=dyn,
-        ), dict(num_warps=self.warps, num_stages=self.stages,
-                **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
+        ), consts, dict(num_warps=self.warps, num_stages=self.stages,
+                        **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
         if q.is_cuda and self.key not in decode_launch.RESIDENT:
             res = decode_launch.resident_programs(ck, q.device)
             if res:

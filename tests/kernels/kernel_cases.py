@@ -45,7 +45,8 @@ def make_table(geom, ctx_lens: list[int], fmts, gen: torch.Generator, holes: flo
                device: str = "cpu"):
     """Random KV written into a scattered arena: (arena, offsets, kbits, vbits, ntok).
 
-    ``fmts``: a KVFormat for every block, or a list to draw each block's format from.
+    ``fmts``: a KVFormat for every block, a list to draw each block's format from, or a
+    function (row, block, the row's blocks) -> KVFormat.
     Blocks are placed at shuffled, gapped offsets over an arena of random bytes; holes
     (ntok 0) get an offset far outside the arena and junk bits, which must be ignored.
     Tokens past ntok in full-precision slots are NaN, which must be ignored too.
@@ -60,7 +61,8 @@ def make_table(geom, ctx_lens: list[int], fmts, gen: torch.Generator, holes: flo
     for b, n in enumerate(ctx_lens):
         for j in range(NB):
             ntok = max(0, min(T, n - j * T))
-            fmt = choices[int(torch.randint(len(choices), (1,), generator=gen))]
+            fmt = fmts(b, j, -(-n // T)) if callable(fmts) else \
+                choices[int(torch.randint(len(choices), (1,), generator=gen))]
             if ntok and holes and j < NB - 1 and float(torch.rand(1, generator=gen)) < holes:
                 ntok = 0
             entries.append((b, j, fmt, ntok))

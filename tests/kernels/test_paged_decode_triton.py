@@ -134,17 +134,28 @@ def test_kernel_word_codes_match_reference(request, device, case, nbi, words):
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
 
 
-def _decode_launches(pdt, monkeypatch) -> list[tuple[int, int]]:
-    """Records (KB, VB) of every decode-kernel launch: the compiled-in format's codes."""
+def _decode_launches(pdt, monkeypatch) -> list[tuple[tuple[int, int], ...]]:
+    """Records every decode-kernel launch as the (KB, VB) codes of the formats compiled
+    into it: one, or two (a second format's run in the same launch)."""
     seen, real = [], pdt._launch
 
     def spy(fn, grid, args, consts, options, cache):
         if fn is pdt._paged_decode_kernel:
-            seen.append((consts["KB"], consts["VB"]))
+            two = ((consts["KB2"], consts["VB2"]),) if consts.get("TWO") else ()
+            seen.append(((consts["KB"], consts["VB"]),) + two)
         return real(fn, grid, args, consts, options, cache)
 
     monkeypatch.setattr(pdt, "_launch", spy)
     return seen
+
+
+def _one_launch_or_per_format(launches, formats) -> bool:
+    """A table of one or two formats: one launch with both compiled in; more formats: one
+    launch per format, in the order given."""
+    codes = _codes(formats)
+    if len(codes) <= 2:
+        return len(launches) == 1 and sorted(launches[0]) == sorted(codes)
+    return launches == [(c,) for c in codes]
 
 
 def _codes(formats) -> list[tuple[int, int]]:
@@ -183,9 +194,9 @@ def test_kernel_per_format_launches_match_reference(request, monkeypatch, device
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
                                   formats=formats)
     _compare(tuple(t.cpu() for t in got), want, dtype)
-    assert launches == _codes(formats)
+    assert _one_launch_or_per_format(launches, formats)
     # grouped on the host, as the engine's plan does (attended entries only): one launch
-    # per format the table holds, whatever their number
+    # for two formats, one per format for more
     launches.clear()
     rows = [[(j, KVFormat.from_codes(int(kb[b, j]), int(vb[b, j])))
              for j in range(kb.shape[1]) if int(ntok[b, j]) > 0] for b in range(kb.shape[0])]
@@ -193,7 +204,8 @@ def test_kernel_per_format_launches_match_reference(request, monkeypatch, device
     groups = pdt.FormatGroups.from_rows(rows, kb.shape[1], q.device)
     got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale, groups=groups)
     _compare(tuple(t.cpu() for t in got), want, dtype)
-    assert launches == _codes(held) and len(held) > 1
+    assert _one_launch_or_per_format(launches, sorted(held, key=lambda f: f.code))
+    assert len(held) > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -300,7 +312,7 @@ def test_kernel_mixed_formats_many_inputs(monkeypatch, device, seed):
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
     held = {KVFormat.from_codes(int(k), int(v))
             for k, v, n in zip(kb.flatten(), vb.flatten(), ntok.flatten()) if n > 0}
-    assert launches == _codes(sorted(held, key=lambda f: f.code))
+    assert _one_launch_or_per_format(launches, sorted(held, key=lambda f: f.code))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -318,11 +330,11 @@ def test_shared_launch_cache_across_layers_matches_reference(request, monkeypatc
     launches = _decode_launches(pdt, monkeypatch)
     seed = seed_of(request)
     for case, kw, want_launches in (
-            (CASES[11], dict(fmt=INT8), [(8, 8)]),
-            (CASES[9], dict(formats=MIXED), _codes(MIXED)),
-            (CASES[15], dict(fmt=FP8), _codes([FP8])),
+            (CASES[11], dict(fmt=INT8), [((8, 8),)]),
+            (CASES[9], dict(formats=MIXED), [(c,) for c in _codes(MIXED)]),
+            (CASES[15], dict(fmt=FP8), [(c,) for c in _codes([FP8])]),
             ((3, 8, 2, 128, 32, 32, [300, 129, 77], [INT4, FULL], 0.1),
-             dict(formats=[INT4, FULL]), [(4, 4), (0, 0)])):
+             dict(formats=[INT4, FULL]), [((4, 4), (0, 0))])):
         geom, _, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, device, seed)
         sm_scale = 1.0 / math.sqrt(geom.head_dim)
         cache = {}
@@ -403,6 +415,52 @@ def test_grouped_runs_in_a_wide_table(request, device, case, splits):
     _compare(tuple(t.cpu() for t in got), want, torch.float16)
 
 
+def _steady_state(b, j, nb):
+    """The engine's table under a pinned int4 strategy: old blocks int4, the newest one or
+    two full; row 1 is a sequence just admitted (all full), row 3 all int4."""
+    if b == 1:
+        return FULL
+    if b == 3:
+        return INT4
+    return FULL if j >= nb - (1 + b % 2) else INT4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+def test_two_formats_in_one_launch(request, monkeypatch, device, fuse, splits):
+    """Old int4 blocks and the newest full ones (and a row all full, a row all int4), in a
+    table as wide as a graph's bucket with holes: one launch reads both formats' runs
+    (``fuse``), or one launch per format; either way the results and every partial equal
+    the reference, the padding's partials included, with no fill launched first."""
+    pdt = kernel_module(device)
+    launches = _decode_launches(pdt, monkeypatch)
+    geom = BlockGeometry(32, 2, 64, torch.float16, value_group=32)
+    gen = torch.Generator().manual_seed(seed_of(request))
+    arena, offs, kb, vb, ntok = make_table(geom, [300, 97, 161, 129], _steady_state, gen,
+                                           holes=0.1, device=device)
+    B, NB = offs.shape
+    W = 2 * NB + 3
+
+    def widen(t, fill):
+        return torch.cat([t, torch.full((B, W - NB), fill, dtype=t.dtype, device=device)], 1)
+    offs_w, kb_w, vb_w, ntok_w = widen(offs, 1 << 40), widen(kb, 3), widen(vb, 5), widen(ntok, 0)
+    q = torch.randn(B, 8, 64, generator=gen).half().to(device)
+    sm_scale = 0.125
+    want = paged_decode_ref(q.cpu(), arena.cpu(), offs_w.cpu(), kb_w.cpu(), vb_w.cpu(),
+                            ntok_w.cpu(), geom, sm_scale)
+    rows = [[(j, KVFormat.from_codes(int(kb_w[b, j]), int(vb_w[b, j])))
+             for j in range(W) if int(ntok_w[b, j]) > 0] for b in range(B)]
+    for groups in (pdt.FormatGroups.from_rows(rows, W, q.device),          # a plan's
+                   pdt.FormatGroups.from_table(kb_w, vb_w, [INT4, FULL])):   # a graph's
+        launches.clear()
+        got = pdt.paged_decode_triton(q, arena, offs_w, kb_w, vb_w, ntok_w, geom, sm_scale,
+                                      groups=groups, num_splits=splits, fuse=fuse)
+        _compare(tuple(t.cpu() for t in got), want, torch.float16)
+        assert len(launches) == (1 if fuse else 2)
+        assert sorted(c for launch in launches for c in launch) == [(0, 0), (4, 4)]
+
+
 # bf16 stores (the engine's dtype for Llama-3 on a GPU): quantized blocks are dequantized
 # in fp16 (their scales are fp16) and go to tl.dot in fp16; full blocks stay bf16
 # (the interpreter's tl.dot on bf16 operands returns garbage, full blocks included, so
@@ -429,6 +487,8 @@ def test_bf16_store_quantized_blocks_take_the_fp16_path(request, monkeypatch, de
     def spy(fn, grid, args, consts, options, cache):
         if fn is pdt._paged_decode_kernel:
             seen.append((consts["KB"], consts["VB"], consts["DT"], consts["FAST"]))
+            if consts.get("TWO"):
+                seen.append((consts["KB2"], consts["VB2"], consts["DT2"], consts["FAST2"]))
         return real(fn, grid, args, consts, options, cache)
 
     monkeypatch.setattr(pdt, "_launch", spy)
