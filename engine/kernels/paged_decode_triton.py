@@ -7,9 +7,11 @@ flash-decoding partials ``block_max`` / ``block_sumexp``; per split it writes a 
 (max, sumexp, unnormalized output) that engine/kernels/split_reduce_triton.py reduces
 (Dao et al., 2023, "Flash-Decoding for long-context inference").
 
-Every launch compiles one format in (``KB`` / ``VB``: the key and value codes of
-``KVFormat``), so a mixed table is attended by one launch per format over that format's
-blocks (``FormatGroups``), several blocks per loop iteration. Quantized blocks are read
+Every launch compiles its formats in (``KB`` / ``VB``: the key and value codes of
+``KVFormat``; a second format ``KB2`` / ``VB2`` beside it), so a mixed table is grouped
+by format (``FormatGroups``) and attended by one launch over both runs of each row when
+it holds two formats (old blocks quantized, the newest full: the engine's steady state),
+one launch per format when it holds more; several blocks per loop iteration. Quantized blocks are read
 as codes plus scales (fewer bytes: the point of quantizing) and dequantized in registers
 (engine/kernels/codes_triton.py). fp8 blocks have one scale per (block, kv head): key
 codes go to ``tl.dot`` as they are and the logits are scaled per block after it.
