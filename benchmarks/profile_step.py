@@ -74,8 +74,8 @@ def main() -> None:
             on.append(timed())
             decode_launch.launch = lambda fn, grid, args, consts, options, cache: launch(
                 fn, grid, args, consts, options, None)
-            pdt._plan_launch = lambda q, geom, fmt, B, NB, kw, cache: plan(
-                q, geom, fmt, B, NB, kw, None)
+            pdt._plan_launch = lambda q, geom, fmt, B, NB, kw, cache, fmt2=None: plan(
+                q, geom, fmt, B, NB, kw, None, fmt2)
             off.append(timed())
             decode_launch.launch, pdt._plan_launch = launch, plan
         med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
