@@ -347,12 +347,19 @@ def _paged_decode_kernel(
     else:
         start = sp * blocks_per_split
         end = tl.minimum(start + blocks_per_split, NB)
+    q = _load_q(q_ptr, b, head, hmask, HQ, D)
+    m_i, l_i, acc = _run_blocks(
+        q.to(DT), m_i, l_i, acc, b, kvh, head, hmask, start, end, off_ptr, ntok_ptr,
+        perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md, NB, qk_scale,
+        HQ, T, D, G, H, ESIZE, MSIZE, KB, VB, VOFF, NBI, DT, UPCAST, IEEE, ASM, FAST, WORDS,
+        ROWLEN)
     if TWO:
-        # the second format's run first (short: the newest full blocks beside old quantized
-        # ones), so that the long run's loop, last, keeps nothing live for a later one
-        # (registers: run the other way round, the int4 loop reloaded 9 spilled values an
-        # iteration in the sm_90 SASS): one launch instead of a second launch and its setup
-        # per layer
+        # the second format's run (short: the newest full blocks beside old quantized
+        # ones) in the same launch, instead of a second launch and its setup per layer.
+        # Its loop after the first costs the first registers: at the int4 launch's cap of
+        # 128, the sm_90 SASS of the int4 loop reloads 9 spilled values an iteration (0
+        # alone; 13-14 with the second run or the fill before it): which way is faster is
+        # measured (decode_kernel: grouped against grouped-2launch)
         start2, end2, past2 = _share(rstart2_ptr, rlen2_ptr, b, sp, NBI2)
         past = tl.maximum(past, past2)      # the runs are the row's first entries
         q2 = _load_q(q_ptr, b, head, hmask, HQ, D)
@@ -375,12 +382,6 @@ def _paged_decode_kernel(
             hm = hmask[:, None] & pm_ok[None, :]
             tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
             tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
-    q = _load_q(q_ptr, b, head, hmask, HQ, D)
-    m_i, l_i, acc = _run_blocks(
-        q.to(DT), m_i, l_i, acc, b, kvh, head, hmask, start, end, off_ptr, ntok_ptr,
-        perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md, NB, qk_scale,
-        HQ, T, D, G, H, ESIZE, MSIZE, KB, VB, VOFF, NBI, DT, UPCAST, IEEE, ASM, FAST, WORDS,
-        ROWLEN)
     part = (b * HQ + head) * STOT + S0 + sp
     d = tl.arange(0, D)
     tl.store(pm_ptr + part, m_i, mask=hmask)
