@@ -150,12 +150,15 @@ class DecodeGraphs:
             kv = self.store.seqs[sid]
             nb = max(nb, len(kv.blocks) + 1)
             host, hfmts = 0, set()
+            last = None     # a sequence's blocks come in runs of one format: add it once
             for b in kv.blocks:
-                if b.tier == HOST:
+                if b.tier == GPU:
+                    if b.fmt is not last:
+                        fmts.add(b.fmt)
+                        last = b.fmt
+                elif b.tier == HOST:
                     host += 1
                     hfmts.add(b.fmt)
-                elif b.tier == GPU:
-                    fmts.add(b.fmt)
             if host:
                 if kv.decode_mode != "topk":
                     return "offloaded blocks stream through staging"
@@ -335,7 +338,7 @@ class DecodeGraphs:
             for name in i32:
                 i32[name].copy_(v(name))
             if len(fmts) > 1:   # columns grouped by format on the device (a stable sort)
-                dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts)
+                dec.groups = FormatGroups.from_table(i32["kb"], i32["vb"], fmts, i32["nt"])
             plan.reset_forward()
             logits = attention.forward(self.model, plan.input_ids, plan.position_ids, plan,
                                        rows, self.compiled)

@@ -29,16 +29,28 @@ def sequence_view(engine, s, state: str) -> SequenceView:
         obs = stats.observed.tolist() if stats is not None else []
         dis = stats.distinct.tolist() if stats is not None else []
         nm, no, nd = len(mass), len(obs), len(dis)
+        # a sequence's blocks come in runs of one format and tier: what depends on those
+        # only is looked up once a run (8,000 blocks a snapshot at batch 8 / 32K)
+        fmt = tier = name = None
+        nbytes = run = 0
         for b in kv.blocks:
-            i, name = b.index, b.fmt.name
-            nb = st.block_bytes(b.fmt) if b.offset >= 0 else 0
-            blocks.append(BlockView(i, b.num_tokens, name, b.tier, nb,
+            i = b.index
+            if b.fmt is not fmt or b.tier != tier:
+                if run:
+                    by_tier[tier] = by_tier.get(tier, 0) + run
+                    by_fmt[name] = by_fmt.get(name, 0) + run
+                    run = 0
+                fmt, tier = b.fmt, b.tier
+                name, nbytes = fmt.name, st.block_bytes(fmt)
+            nb = nbytes if b.offset >= 0 else 0
+            run += nb             # the sequence's bytes by tier and format, same pass
+            blocks.append(BlockView(i, b.num_tokens, name, tier, nb,
                                     mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
-                                    refs.get(st.slot_key(b), 0) if refs and b.offset >= 0
-                                    else 0, dis[i] if i < nd else 0.0))
-            if nb:                # the sequence's bytes by tier and format, same pass
-                by_tier[b.tier] = by_tier.get(b.tier, 0) + nb
-                by_fmt[name] = by_fmt.get(name, 0) + nb
+                                    refs.get(st.slot_key(b), 0) if refs and nb else 0,
+                                    dis[i] if i < nd else 0.0))
+        if run:
+            by_tier[tier] = by_tier.get(tier, 0) + run
+            by_fmt[name] = by_fmt.get(name, 0) + run
     return SequenceView(
         s.seq_id, state, len(s.prompt_ids), kv.num_tokens if kv else 0, len(s.output_ids),
         s.priority, kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier,

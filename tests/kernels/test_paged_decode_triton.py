@@ -451,8 +451,16 @@ def test_two_formats_in_one_launch(request, monkeypatch, device, fuse, splits):
                             ntok_w.cpu(), geom, sm_scale)
     rows = [[(j, KVFormat.from_codes(int(kb_w[b, j]), int(vb_w[b, j])))
              for j in range(W) if int(ntok_w[b, j]) > 0] for b in range(B)]
+    # a graph's table: padding columns hold codes 0 (a full block's), so only their token
+    # counts make them holes; grouped without those, they would make a run of holes
+    kb_g = torch.where(ntok_w > 0, kb_w, 0)
+    vb_g = torch.where(ntok_w > 0, vb_w, 0)
+    graph = pdt.FormatGroups.from_table(kb_g, vb_g, [INT4, FULL], ntok_w)
+    real_full = ((kb_w == 0) & (vb_w == 0) & (ntok_w > 0)).sum(1).to(torch.int32)
+    assert torch.equal(graph.length[1].cpu(), real_full.cpu())     # no padding in the runs
     for groups in (pdt.FormatGroups.from_rows(rows, W, q.device),          # a plan's
-                   pdt.FormatGroups.from_table(kb_w, vb_w, [INT4, FULL])):   # a graph's
+                   pdt.FormatGroups.from_table(kb_w, vb_w, [INT4, FULL]),   # junk codes
+                   graph):
         launches.clear()
         got = pdt.paged_decode_triton(q, arena, offs_w, kb_w, vb_w, ntok_w, geom, sm_scale,
                                       groups=groups, num_splits=splits, fuse=fuse)
