@@ -37,3 +37,15 @@ def test_precision_order():
     order = [FULL, KVFormat(8, 8), FP8, KVFormat(4, 4), KVFormat(2, 2)]
     ranks = [f.precision_rank() for f in order]
     assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) == len(ranks)
+
+
+def test_formats_compare_and_hash_as_their_codes():
+    """Sets and dicts of formats (the graph key, snapshots, groupings) see equal formats
+    made apart as one, and every distinct format as its own (fp8 beside int8 included)."""
+    every = [KVFormat(k, v, fp8=f) for k in (0, 8, 4, 2) for v in (0, 8, 4, 2)
+             for f in (False, True) if not f or 8 in (k, v)]
+    again = [KVFormat.from_code(f.code) for f in every]
+    assert all(a == b and hash(a) == hash(b) and a is not b for a, b in zip(every, again))
+    assert len(set(every) | set(again)) == len(every) == 16 + 7
+    assert {f: f.name for f in every}[KVFormat.parse("k4v2")] == "k4v2"
+    assert KVFormat(8, 8) != FP8 and FULL != "full" and FULL == KVFormat()
