@@ -11,8 +11,8 @@ Every launch compiles its formats in (``KB`` / ``VB``: the key and value codes o
 ``KVFormat``; a second format ``KB2`` / ``VB2`` beside it), so a mixed table is grouped
 by format (``FormatGroups``) and attended by one launch over both runs of each row when
 it holds two formats (old blocks quantized, the newest full: the engine's steady state),
-one launch per format when it holds more; several blocks per loop iteration. Quantized blocks are read
-as codes plus scales (fewer bytes: the point of quantizing) and dequantized in registers
+one launch per format when it holds more; several blocks per loop iteration. Quantized
+blocks are read as codes plus scales (fewer bytes: the point of quantizing) and dequantized in registers
 (engine/kernels/codes_triton.py). fp8 blocks have one scale per (block, kv head): key
 codes go to ``tl.dot`` as they are and the logits are scaled per block after it.
 
@@ -257,6 +257,17 @@ def _run_blocks(qd, m_i, l_i, acc, b, kvh, head, hmask, start, end,
 
 
 @triton.jit
+def _store_holes(bmax_ptr, bsum_ptr, b, head, hmask, cols, ok, HQ: tl.constexpr, NB):
+    """Partials (-inf, 0) of row b's columns ``cols`` (where ``ok``): entries not attended."""
+    hp = (b * HQ + head)[:, None] * NB + cols[None, :]
+    hm = hmask[:, None] & ok[None, :]
+    GP: tl.constexpr = head.shape[0]
+    C: tl.constexpr = cols.shape[0]
+    tl.store(bmax_ptr + hp, tl.full([GP, C], float("-inf"), tl.float32), mask=hm)
+    tl.store(bsum_ptr + hp, tl.zeros([GP, C], tl.float32), mask=hm)
+
+
+@triton.jit
 def _load_q(q_ptr, b, head, hmask, HQ: tl.constexpr, D: tl.constexpr):
     d = tl.arange(0, D)
     return tl.load(q_ptr + (b * HQ + head)[:, None] * D + d[None, :], mask=hmask[:, None],
@@ -340,10 +351,7 @@ def _paged_decode_kernel(
         h1 = tl.minimum(sp * blocks_per_split + blocks_per_split, NB)
         for c0 in range(tl.maximum(sp * blocks_per_split, n), h1, 16):
             cols = c0 + tl.arange(0, 16)
-            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
-            hm = hmask[:, None] & (cols < h1)[None, :]
-            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
-            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
+            _store_holes(bmax_ptr, bsum_ptr, b, head, hmask, cols, cols < h1, HQ, NB)
     else:
         start = sp * blocks_per_split
         end = tl.minimum(start + blocks_per_split, NB)
@@ -376,12 +384,9 @@ def _paged_decode_kernel(
         p1 = tl.minimum(p0 + per3, NB)
         for c0 in range(p0, p1, 16):
             pos = c0 + tl.arange(0, 16)
-            pm_ok = pos < p1
-            cols = tl.load(perm_ptr + b * NB + pos, mask=pm_ok, other=0).to(tl.int32)
-            hp = (b * HQ + head)[:, None] * NB + cols[None, :]
-            hm = hmask[:, None] & pm_ok[None, :]
-            tl.store(bmax_ptr + hp, tl.full([GP, 16], float("-inf"), tl.float32), mask=hm)
-            tl.store(bsum_ptr + hp, tl.zeros([GP, 16], tl.float32), mask=hm)
+            ok = pos < p1
+            cols = tl.load(perm_ptr + b * NB + pos, mask=ok, other=0).to(tl.int32)
+            _store_holes(bmax_ptr, bsum_ptr, b, head, hmask, cols, ok, HQ, NB)
     part = (b * HQ + head) * STOT + S0 + sp
     d = tl.arange(0, D)
     tl.store(pm_ptr + part, m_i, mask=hmask)
