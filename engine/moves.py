@@ -12,7 +12,7 @@ import torch
 from engine.actions import ActionError
 from engine.kernels.slots import read_blocks, write_blocks
 from engine.layout import FULL, KVFormat
-from engine.plan import ints
+from engine.plan import ints_on
 from engine.store import EVICTED, GPU, HOST, PARKED, SWAPPED, Block, KVStore
 
 BATCH = 64  # blocks converted per batch: bounds the dense staging memory
@@ -76,17 +76,6 @@ def _check_written(store: KVStore, seq_id: str, blocks: list[Block]) -> None:
                               f"({b.num_tokens} of {T} tokens); only full blocks can move")
 
 
-def _offsets_on(device: torch.device, offsets: list[int]) -> torch.Tensor:
-    """Slot offsets as an int64 tensor on ``device``. On CUDA through pinned memory and a
-    copy queued on the stream: ``torch.tensor(..., device='cuda')`` copies from pageable
-    memory and waits for the GPU, so a move between two steps (a filled block quantized)
-    would stall the host until the step launched ahead had finished."""
-    t = ints(offsets)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> None:
     """Raise ActionError, changing nothing, unless every batch of ``_convert`` finds its
     slots: the allocator's steps are replayed on a copy first, so a quantize never stops
@@ -148,7 +137,7 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
         by_fmt.setdefault(b.fmt, []).append(b)
     for old_fmt, group in by_fmt.items():
         old_slot = store.geom.slot_bytes(old_fmt)
-        offs = _offsets_on(arena.device, [b.offset for b in group])
+        offs = ints_on(arena.device, [b.offset for b in group])
         k, v = read_blocks(arena.data, offs, store.geom, old_fmt, torch.float32)  # [L, n, H, T, D]
         olds = [b.offset for b in group]
         nshared = sum(store.is_shared(b) for b in group)   # copies: they free nothing
@@ -193,7 +182,7 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
 def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
            blocks: list[Block]) -> None:
     arena = store.arenas[GPU]
-    offs = _offsets_on(arena.device, offsets)
+    offs = ints_on(arena.device, offsets)
     # the sequence's first block holds the attention sink: its keys get sink-aware rounding
     anchor = torch.tensor([b.index == 0 for b in blocks], dtype=torch.bool)
     write_blocks(arena.data, offs, store.geom, fmt, k, v, anchor)
@@ -285,7 +274,7 @@ def _move(store: KVStore, blocks: list[Block], src_name: str, dst_name: str,
 def key_summary(store: KVStore, b: Block) -> torch.Tensor:
     """Per-channel key min/max of a GPU block, all layers: [L, H, 2, D] fp32 (Quest)."""
     arena = store.arenas[GPU]
-    offs = _offsets_on(arena.device, [b.offset])
+    offs = ints_on(arena.device, [b.offset])
     k, _ = read_blocks(arena.data, offs, store.geom, b.fmt, torch.float32)  # [L,1,H,T,D]
     k = k[:, 0, :, :b.num_tokens]
     return torch.stack([k.amin(2), k.amax(2)], 2)

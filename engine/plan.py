@@ -209,6 +209,17 @@ def ints(xs, dtype=torch.int64) -> torch.Tensor:
     return torch.frombuffer(array.array(_CODES[dtype], xs), dtype=dtype)
 
 
+def ints_on(device: torch.device, xs, dtype=torch.int64) -> torch.Tensor:
+    """``ints(xs)`` on ``device``. On CUDA through pinned memory and a copy queued on the
+    stream: ``torch.tensor(xs, device='cuda')`` copies from pageable memory and waits for
+    the GPU, so a host-side step between two steps (a move, a mixed sampling batch) would
+    stall until the step launched ahead had finished."""
+    t = ints(xs, dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     """Logical block tables of these sequences (column = logical block index): GPU
     blocks attended in place, offloaded ones staged per layer, holes elsewhere.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.api import SamplingParams
+from engine.plan import ints_on
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -36,7 +37,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
         return torch.argmax(logits, dim=-1)
     out = torch.empty(R, dtype=torch.long, device=logits.device)
     if greedy:
-        idx = torch.tensor(greedy, device=logits.device)
+        idx = ints_on(logits.device, greedy)      # queued: no wait for the GPU
         out.index_copy_(0, idx, torch.argmax(logits.index_select(0, idx), dim=-1))
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.temperature != 0:
