@@ -133,17 +133,28 @@ def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float
     while any(engine.seqs[i].state != "decode" for i in ids):
         engine.step()
     pin_format(engine, ids, fmt)
-    for _ in range(3):          # warm: graphs captured, kernels compiled
+    # warm: graphs captured, kernels compiled. Three steps were not enough at batch 8 /
+    # 32K on an H100 (2026-12-06: 26.8 ms a step over the next 28 where the engine's own
+    # average of its replayed steps, and step_split's 10, read 21-22 ms)
+    warm = min(8, max(1, new // 4))
+    for _ in range(warm):
         engine.step()
     sync(engine.device)
     t0 = time.perf_counter()
     made0 = sum(len(engine.seqs[i].output_ids) for i in ids)
-    steps = max(1, new - 4)
+    steps = max(1, new - warm - 1)
+    each = []
     for _ in range(steps):
+        t1 = time.perf_counter()
         engine.step()
+        each.append(time.perf_counter() - t1)
     # every token counted is on the host now (each step reads its own); a step launched
     # ahead (overlap_steps) may still run and is not counted
     dt = time.perf_counter() - t0
+    each.sort()
+    print(f"  [{len(prompts)} x {fmt.name if fmt else 'full'}] {steps} steps after {warm} "
+          f"warm: median {each[len(each) // 2] * 1e3:.2f} ms, slowest {each[-1] * 1e3:.2f} ms",
+          flush=True)
     sync(engine.device)
     made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
     for i in ids:
