@@ -93,7 +93,8 @@ def run_kvctl(a, samples, by_engine) -> list[dict]:
             continue           # the engine without a host tier always runs: 'full'
         e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
                                 num_threads=a.threads, max_batch_tokens=1024,
-                                host_budget_bytes=HOST_BYTES if host else 0, seed=a.seed))
+                                host_budget_bytes=HOST_BYTES if host else 0, seed=a.seed,
+                                **({"value_group": a.value_group} if a.value_group else {})))
         torch.set_num_threads(a.threads)
         from controller.predictors.learned import predictor_for
         pred = predictor_for(e.handle.snapshot().model)
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16",
                     help="16-bit store: its bytes are an fp16 cache's")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--value-group", type=int, default=0,
+                    help="engine.value_group: channels a value scale covers (0: the default)")
     ap.add_argument("--tasks", default="all", help=f"all or some of {','.join(tasks.TASKS)}")
     ap.add_argument("--lengths", default="1024,2048,4096,6144")
     ap.add_argument("--samples", type=int, default=8, help="per task and length")
