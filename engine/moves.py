@@ -183,8 +183,11 @@ def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
            blocks: list[Block]) -> None:
     arena = store.arenas[GPU]
     offs = ints_on(arena.device, offsets)
-    # the sequence's first block holds the attention sink: its keys get sink-aware rounding
-    anchor = torch.tensor([b.index == 0 for b in blocks], dtype=torch.bool)
+    # the sequence's first block holds the attention sink: its keys get sink-aware
+    # rounding. Decided here, on the host: without such a block (a block that just filled)
+    # no flags go, since the quantizer's check of them on the GPU waits for the GPU
+    first = [b.index == 0 for b in blocks]
+    anchor = torch.tensor(first, dtype=torch.bool) if any(first) else None
     write_blocks(arena.data, offs, store.geom, fmt, k, v, anchor)
 
 

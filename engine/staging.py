@@ -43,9 +43,10 @@ class TopKSeq:
                 "ntoks": [b.num_tokens for b in self.blocks], "nbytes": self.sizes}
 
     def to_device(self, device) -> "TopKSeq":
+        from engine.plan import ints_on   # plan imports this module
         for name, xs in self.facts().items():
             dt = torch.int32 if name == "ntoks" else torch.int64
-            setattr(self, name, torch.tensor(xs, dtype=dt).to(device, non_blocking=True))
+            setattr(self, name, ints_on(torch.device(device), xs, dt))
         return self
 
 

@@ -12,9 +12,10 @@ Every launch compiles its formats in (``KB`` / ``VB``: the key and value codes o
 by format (``FormatGroups``) and attended by one launch over both runs of each row when
 it holds two formats (old blocks quantized, the newest full: the engine's steady state),
 one launch per format when it holds more; several blocks per loop iteration. Quantized
-blocks are read as codes plus scales (fewer bytes: the point of quantizing) and dequantized in registers
-(engine/kernels/codes_triton.py). fp8 blocks have one scale per (block, kv head): key
-codes go to ``tl.dot`` as they are and the logits are scaled per block after it.
+blocks are read as codes plus scales (fewer bytes: the point of quantizing) and
+dequantized in registers (engine/kernels/codes_triton.py). fp8 blocks have one scale per
+(block, kv head): key codes go to ``tl.dot`` as they are and the logits are scaled per
+block after it.
 
 Every arithmetic operation is fp32; tiles are fed to ``tl.dot`` in the store dtype
 (fp16 / bf16, fp32 with IEEE precision for fp32 stores and head_dim < 64). Slot offsets
@@ -275,10 +276,9 @@ def _load_q(q_ptr, b, head, hmask, HQ: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _share(rstart_ptr, rlen_ptr, b, sp, NBI: tl.constexpr):
-    """This split's entries of row b's run: the splits share it in whole iterations."""
-    rs = tl.load(rstart_ptr + b)
-    n = tl.load(rlen_ptr + b)
+def _share(rs, n, sp, NBI: tl.constexpr):
+    """This split's entries of a row's run of ``n`` entries from ``rs``: the splits share
+    it in whole iterations. Returns (start, end, the run's end)."""
     per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
     start = rs + sp * per
     return start, tl.minimum(start + per, rs + n), rs + n
@@ -339,15 +339,13 @@ def _paged_decode_kernel(
         # them idle and the rest doing twice the work (an H100 step at batch 8 / 32K,
         # int4 + full in a 2,048-column graph: 494 us a layer for its two launches,
         # 314 us in the kernel benchmark, whose launches are sized to the blocks)
-        start, end, past = _share(rstart_ptr, rlen_ptr, b, sp, NBI)
+        start, end, past = _share(tl.load(rstart_ptr + b), tl.load(rlen_ptr + b), sp, NBI)
     elif DYN:
         # the row's columns (a graph's table is as wide as its bucket, the row often far
         # shorter) shared by the splits in whole iterations; the columns past the row
         # in this split's share of the table are holes: (-inf, 0) partials
         n = tl.load(rlen_ptr + b)
-        per = tl.cdiv(tl.cdiv(n, tl.num_programs(2)), NBI) * NBI
-        start = sp * per
-        end = tl.minimum(start + per, n)
+        start, end, _ = _share(0, n, sp, NBI)
         h1 = tl.minimum(sp * blocks_per_split + blocks_per_split, NB)
         for c0 in range(tl.maximum(sp * blocks_per_split, n), h1, 16):
             cols = c0 + tl.arange(0, 16)
@@ -368,7 +366,8 @@ def _paged_decode_kernel(
         # 128, the sm_90 SASS of the int4 loop reloads 9 spilled values an iteration (0
         # alone; 13-14 with the second run or the fill before it): which way is faster is
         # measured (decode_kernel: grouped against grouped-2launch)
-        start2, end2, past2 = _share(rstart2_ptr, rlen2_ptr, b, sp, NBI2)
+        start2, end2, past2 = _share(tl.load(rstart2_ptr + b), tl.load(rlen2_ptr + b), sp,
+                                     NBI2)
         past = tl.maximum(past, past2)      # the runs are the row's first entries
         q2 = _load_q(q_ptr, b, head, hmask, HQ, D)
         m_i, l_i, acc = _run_blocks(
@@ -696,7 +695,8 @@ class _Path:
             word_codes = decode_launch.default_word_codes(fmt, cuda)
         if isinstance(word_codes, str):
             if word_codes not in ("k", "v", "kv"):
-                raise ValueError(f"word_codes must be a bool, 'k', 'v' or 'kv', not {word_codes!r}")
+                raise ValueError("word_codes must be a bool, 'k', 'v' or 'kv', not "
+                                 f"{word_codes!r}")
             words = ("k" in word_codes) + 2 * ("v" in word_codes)
         else:
             words = 3 if word_codes else 0
@@ -706,9 +706,11 @@ class _Path:
         """The kernel's compile-time arguments for this format (names + ``suffix``)."""
         fmt, f16 = self.fmt, self.dot_dtype == torch.float16
         sec = geom.sections(fmt)
-        c = dict(KB=fmt.k_code, VB=fmt.v_code, VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0],
+        c = dict(KB=fmt.k_code, VB=fmt.v_code,
+                 VOFF=sec["v" if fmt.v_bits == 0 else "v_codes"][0],
                  NBI=self.nbi, DT=_TL_DTYPE[self.dot_dtype],
-                 UPCAST=geom.store_dtype == torch.bfloat16 or geom.store_dtype != self.dot_dtype,
+                 UPCAST=(geom.store_dtype == torch.bfloat16
+                         or geom.store_dtype != self.dot_dtype),
                  IEEE=self.dot_dtype == torch.float32,
                  ASM=_PTX and cuda and f16 and self.fast, FAST=self.fast, WORDS=self.words)
         return {k + suffix: v for k, v in c.items()}
@@ -724,13 +726,11 @@ class _Launch:
                  num_warps, num_stages, fast, maxnreg, word_codes):
         H = geom.num_kv_heads
         cuda = q.is_cuda
-        self.fmt = fmt
         if (blocks_per_iter, num_stages, maxnreg) == (None, None, None):
             blocks_per_iter, num_stages, maxnreg = decode_launch.format_defaults(fmt, cuda)
         self.path = _Path.of(geom, fmt, cuda, fast, blocks_per_iter, word_codes)
         self.path2 = None if fmt2 is None else _Path.of(
             geom, fmt2, cuda, fast, decode_launch.format_defaults(fmt2, cuda)[0], None)
-        self.dot_dtype = self.path.dot_dtype
         self.warps, self.stages, self.maxnreg, self.geom = num_warps or 4, num_stages or 2, \
             maxnreg, geom
         self.key = (q.device, self.path, self.path2, geom, q.shape[1], self.warps,

@@ -114,11 +114,6 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
         _put(arena, torch.uint8, offsets, s["k_codes"][0], flat(c))
         _put(arena, md, offsets, s["k_scale"][0], flat(sc))
     else:
-        if anchor is not None and anchor.device.type == "cpu" and not bool(anchor.any()):
-            # none of these blocks holds a sequence's first token (the common case: a
-            # block that just filled): decided on the host, where the quantizer's own
-            # check on the device would wait for the GPU
-            anchor = None
         if anchor is not None:   # one flag per block, repeated over the leading dims
             anchor = anchor.to(device=k.device, dtype=torch.bool).reshape(1, N)
             anchor = anchor.expand(max(1, k.numel() // (N * H * T * D)), N).reshape(-1)
