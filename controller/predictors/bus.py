@@ -10,9 +10,9 @@ memory, read from telemetry, never a constant for every machine.
 And what streaming costs besides the bytes: a decode step with a block streamed exactly
 runs eager (its copies are not in any CUDA graph), and so does every sequence batched
 with it. ``graph_loss_s`` is that added step time, from the engine's own step times
-(``EngineSnapshot.graphs``: eager against replayed decode steps), 0 where no graphs run
-or the batch already runs eager. Priced by bytes alone, 27 running sequences on an H100
-took 490 exact offloads and every step ran eager (docs/BENCHMARKS.md).
+(``EngineSnapshot.graphs``: eager against replayed decode steps), 0 where no graphs run.
+Priced by bytes alone, 27 running sequences on an H100 took 490 exact offloads and every
+step ran eager (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ FALLBACK_BYTES_PER_S = 55.3e9    # a GPU whose link NVML cannot read: the H200's
 # before any eager decode step was timed: eager steps took 4.8-5.6x a graph replay at
 # batch 1 / 8 / 32 on an H100 (docs/BENCHMARKS.md, issue 13's table); 4x, the low side
 EAGER_OVER_REPLAY = 4.0
+# a replayed decode step before the engine timed one: an 8B model at batch 8 and 32K on
+# an H100 replays in 20 ms (docs/BENCHMARKS.md); only until its first decode-only step
+PRIOR_REPLAY_S = 0.020
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,22 @@ class Bus:
 
 def graph_loss_s(snapshot) -> float:
     """Added seconds a decode step takes when it cannot replay a CUDA graph: 0 without
-    graphs, or when a running sequence already streams exactly (its batch runs eager);
-    else the engine's eager step time less its replayed one, or before any eager step
-    ran, ``EAGER_OVER_REPLAY`` replays less one."""
+    graphs; else the engine's eager step time less its replayed one, each side from the
+    other by ``EAGER_OVER_REPLAY`` when only one was timed, and ``PRIOR_REPLAY_S`` for a
+    replay before any decode-only step was timed.
+
+    Paid in full by every exact offload, also while another sequence already streams:
+    the batch goes back to its graphs only when the last streamer is gone, so each one
+    keeps it eager. Priced at the margin (0 once one streams) and with no decode-only
+    step timed yet (0: the first pressure came while prompts were still being written),
+    the headline's GPU run took 554 exact offloads, replayed no graph at all and
+    finished 1 of 49 requests in 140 s (docs/BENCHMARKS.md)."""
     g = getattr(snapshot, "graphs", None) or {}
-    replay = g.get("replay_step_s", 0.0)
-    if not g or replay <= 0.0:
+    if "num_replays" not in g:               # this engine runs no graphs
         return 0.0
-    if any(s.decode_mode == "exact" and s.state == "decode"
-           and s.bytes_by_tier.get("host", 0) for s in snapshot.sequences):
-        return 0.0
-    eager = g.get("eager_step_s", 0.0)
-    return max(0.0, eager - replay) if eager > 0.0 else (EAGER_OVER_REPLAY - 1.0) * replay
+    replay, eager = g.get("replay_step_s", 0.0), g.get("eager_step_s", 0.0)
+    if replay > 0.0 and eager > 0.0:
+        return max(0.0, eager - replay)
+    if eager > 0.0:
+        return eager * (1.0 - 1.0 / EAGER_OVER_REPLAY)
+    return (EAGER_OVER_REPLAY - 1.0) * (replay or PRIOR_REPLAY_S)

@@ -62,27 +62,32 @@ def test_added_step_latency_is_priced_for_every_running_sequence(eng):
 def test_exact_offload_on_a_graphed_gpu_pays_for_the_eager_steps(eng):
     """An exactly offloaded block is streamed by every step, outside any CUDA graph: the
     batch runs eager. On a GPU engine with graphs that step time is priced (the engine's
-    own eager less replayed step time, or 4x a replay before any eager step ran), and
-    the cheapest move per byte turns from exact offload to a compression; once a
-    sequence streams exactly the batch is eager already and the next pays bytes only."""
+    own eager less replayed step time, or one side from the other when only one was
+    timed, or a prior replay before either), and the cheapest move per byte turns from
+    exact offload to a compression. A sequence that already streams does not make the
+    next one free: the batch stays eager until the last streamer is gone."""
     from dataclasses import replace
 
-    from controller.predictors.bus import Bus, graph_loss_s
+    from controller.predictors.bus import PRIOR_REPLAY_S, Bus, graph_loss_s
     ids = fill(eng)
     c = controller(eng, frac_used=1.0)
     snap = replace(eng.handle.snapshot(), device="cuda:0")
     assert Bus.of(eng.handle.snapshot()).graph_loss_s == 0.0      # the CPU: no graphs
     assert graph_loss_s(snap) == 0.0                 # graphs off on this engine: none
-    timed = replace(snap, graphs={"num_graphs": 3, "replay_step_s": 0.010})
+    stats = {"num_graphs": 3, "num_replays": 0, "num_eager": 0, "num_overlapped": 0}
+    untimed = replace(snap, graphs=stats)            # prompts still being written
+    assert graph_loss_s(untimed) == pytest.approx(3 * PRIOR_REPLAY_S)
+    timed = replace(snap, graphs={**stats, "replay_step_s": 0.010})
     assert graph_loss_s(timed) == pytest.approx(0.030)            # before any eager step
-    both = replace(snap, graphs={"num_graphs": 3, "replay_step_s": 0.010,
-                                 "eager_step_s": 0.045})
+    eager_only = replace(snap, graphs={**stats, "eager_step_s": 0.040})
+    assert graph_loss_s(eager_only) == pytest.approx(0.030)       # never replayed
+    both = replace(snap, graphs={**stats, "replay_step_s": 0.010, "eager_step_s": 0.045})
     assert graph_loss_s(both) == pytest.approx(0.035)             # measured
     streaming = replace(both, sequences=[
         replace(v, decode_mode="exact", state="decode",
                 bytes_by_tier={**v.bytes_by_tier, "host": 4096}) if i == 0 else v
         for i, v in enumerate(both.sequences)])
-    assert graph_loss_s(streaming) == 0.0
+    assert graph_loss_s(streaming) == pytest.approx(0.035)
 
     def cheapest(s):
         bus = Bus.of(s)
@@ -93,6 +98,8 @@ def test_exact_offload_on_a_graphed_gpu_pays_for_the_eager_steps(eng):
     with_loss, by1 = cheapest(both)
     assert without == "offload_exact"
     assert with_loss != "offload_exact"
+    assert cheapest(untimed)[0] != "offload_exact"      # before any decode-only step
+    assert cheapest(streaming)[0] != "offload_exact"    # another one streams already
     assert by1["offload_exact"].latency_s == pytest.approx(
         by0["offload_exact"].latency_s + 0.035)
 
