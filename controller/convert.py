@@ -81,7 +81,9 @@ def request_from_proto(r: pb.GenerateRequest) -> Request:
         check_session_id(r.session_id)
     if r.strategy:
         from controller.policy import check_strategy_name
+        from controller.strategies import fill_format_of
         check_strategy_name(r.strategy)
+        kw["kv_format"] = fill_format_of(r.strategy)
     return Request(sampling=sampling, priority=r.priority, seq_id=r.seq_id or None,
                    strategy=r.strategy or None, session_id=r.session_id or None, **kw)
 

@@ -143,7 +143,8 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         Runs on a pool thread: the engine gives each thread its own tokenizer."""
         return self.engine.tokenize(req)     # ValueError (e.g. no tokenizer) -> INVALID_ARGUMENT
 
-    def _check_capacity(self, num_prompt: int, max_tokens: int) -> None:
+    def _check_capacity(self, num_prompt: int, max_tokens: int,
+                        kv_format: str | None = None) -> None:
         """Refuse up front what can never run here: beyond the model's context
         (INVALID_ARGUMENT, on any node) or beyond this node's KV memory whatever moves
         (RESOURCE_EXHAUSTED)."""
@@ -155,12 +156,12 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
                              f"{snap.max_positions}")
         est = self.engine.handle.estimate_bytes
         gpu_cap = snap.tiers["gpu"].capacity_bytes
-        need_prompt = self.engine.handle.admission_bytes(num_prompt)
+        need_prompt = self.engine.handle.admission_bytes(num_prompt, kv_format)
         if need_prompt > gpu_cap:
             raise CapacityExceeded(
-                f"the prompt's {num_prompt} tokens need {need_prompt} B of KV at full precision "
-                f"to prefill; this node's GPU tier holds {gpu_cap} B. Shorten the prompt or "
-                "use a node with more memory")
+                f"the prompt's {num_prompt} tokens need {need_prompt} B of KV "
+                f"({kv_format or 'at full precision'}) to prefill; this node's GPU tier "
+                f"holds {gpu_cap} B. Shorten the prompt or use a node with more memory")
         host = snap.tiers.get("host")
         room = gpu_cap + (host.capacity_bytes if host else 0)
         need = est(num_prompt + max_tokens, "full")
@@ -176,7 +177,7 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
         req = convert.request_from_proto(request)
         ids = await self.blocking(self._tokenize, req)
         num_prompt = len(ids)
-        self._check_capacity(num_prompt, req.sampling.max_tokens)
+        self._check_capacity(num_prompt, req.sampling.max_tokens, req.kv_format)
         stream = self._outbox_here().stream()
         seq_id = await self._submit(req, stream, ids)
         flight = InFlight(seq_id, stream)

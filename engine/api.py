@@ -62,6 +62,11 @@ class Request:
     seq_id: str | None = None      # assigned by the engine when None
     strategy: str | None = None    # operator/request pin for the controller (opaque here)
     session_id: str | None = None  # multi-turn: the finished turn's KV is kept for the next
+    # the format this sequence's blocks take as they fill, its prompt's included ('int4',
+    # 'int8', 'fp8', 'k4v2', ...: the newest block stays full precision); admission then
+    # counts the prompt at that format plus one prefill chunk at full precision. None:
+    # full precision until a move says otherwise
+    kv_format: str | None = None
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids))

@@ -40,12 +40,13 @@ from engine.actions import ActionError, ActionResult, CandidateResult, DropSessi
 from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
-from engine.layout import FULL, BlockGeometry
+from engine.layout import FULL, BlockGeometry, KVFormat
 from engine.models import load_model
 from engine.offline import OfflineMixin
 from engine.prefix import key_of
 from engine.sessions import SessionsMixin
 from engine.runner import Chunk, ModelRunner, StepOutput, is_oom
+from engine.moves import fill_format
 from engine.sampler import make_generator, sample_tokens
 from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
@@ -263,16 +264,27 @@ class Engine(OfflineMixin, SessionsMixin):
             raise ValueError(f"prompt of {num_tokens} tokens exceeds the model's context of "
                              f"{self.max_positions}")
 
-    def prompt_fits(self, num_tokens: int) -> bool:
-        """Whether the prompt's KV at full precision plus one block to grow into (what
-        ``_admit`` takes at once) fits the GPU tier at all: prefill writes the whole
-        prompt there before any move can run."""
-        need = self._admission_bytes(num_tokens)
+    def prompt_fits(self, num_tokens: int, fmt: KVFormat = FULL) -> bool:
+        """Whether the prompt's KV plus one block to grow into (what ``_admit`` needs
+        room for at once) fits the GPU tier at all: prefill writes the whole prompt there
+        before any move can run (at full precision, or in its fill format ``fmt``)."""
+        need = self._admission_bytes(num_tokens, fmt)
         return need <= self.store.arenas[GPU].capacity_bytes
 
-    def _admission_bytes(self, num_tokens: int) -> int:
-        """Bytes ``_admit`` takes at once for a prompt: its blocks plus one to grow into."""
-        return self.store.estimate_bytes(num_tokens + self.store.block_size)
+    def _admission_bytes(self, num_tokens: int, fmt: KVFormat = FULL) -> int:
+        """Bytes ``_admit`` needs room for at once for a prompt: its blocks plus one to
+        grow into, at full precision; with a fill format, those blocks in ``fmt`` plus
+        one prefill chunk's at full precision (written full, then converted)."""
+        st = self.store
+        if fmt == FULL:
+            return st.estimate_bytes(num_tokens + st.block_size)
+        blocks = st.blocks_for(num_tokens + st.block_size)
+        return blocks * st.block_bytes(fmt) + self._chunk_blocks(blocks) * st.block_bytes(FULL)
+
+    def _chunk_blocks(self, blocks: int) -> int:
+        """Full-precision blocks a prompt with a fill format holds at once: a prefill
+        chunk's (``max_batch_tokens``; it may start mid-block) and the block after it."""
+        return min(blocks, self.store.blocks_for(self.config.max_batch_tokens) + 2)
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, req: Request, on_event: Callable[[Event], None],
@@ -281,10 +293,12 @@ class Engine(OfflineMixin, SessionsMixin):
         ``prompt_ids``: the request's tokens when the caller has tokenized it already."""
         ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
         self.check_prompt(len(ids))
-        if not self.prompt_fits(len(ids)):
+        fmt = fill_format(req.kv_format)
+        if not self.prompt_fits(len(ids), fmt):
             raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
-                              f"{self._admission_bytes(len(ids))} bytes of KV at full "
-                              f"precision; the GPU tier holds "
+                              f"{self._admission_bytes(len(ids), fmt)} bytes of KV "
+                              f"({'full precision' if fmt == FULL else fmt.name}); "
+                              f"the GPU tier holds "
                               f"{self.store.arenas[GPU].capacity_bytes}")
         with self._ids_lock:
             if self._stop:
@@ -298,7 +312,8 @@ class Engine(OfflineMixin, SessionsMixin):
                 raise ValueError(f"sequence id {sid!r} is already in use")
             self._live.add(sid)
             self._num_queued += 1
-        s = Sequence(sid, req, ids, on_event, make_generator(req.sampling, self.device))
+        s = Sequence(sid, req, ids, on_event, make_generator(req.sampling, self.device),
+                     fill_format=fmt)
         try:
             self.post(lambda: self._enqueue(s))
         except EngineStopped:
@@ -568,6 +583,17 @@ class Engine(OfflineMixin, SessionsMixin):
             if s.state != PREFILL or budget == 0:
                 continue
             toks = s.context_ids[s.num_prefilled:s.num_prefilled + budget]
+            if s.fill_format != FULL:   # its prompt's room is taken a chunk at a time
+                try:
+                    self.store.reserve(s.seq_id, len(toks))
+                except OutOfBlocks:
+                    if not s.stalled:
+                        s.stalled, s.stalled_since = True, now
+                        self._changed = True
+                    continue
+                if s.stalled:
+                    s.stalled = False
+                    self._changed = True
             last = s.num_prefilled + len(toks) == len(s.context_ids)
             chunks.append(Chunk(s.seq_id, toks, self.config.observe_window if last else 0,
                                 "last" if last else "none"))
@@ -713,10 +739,12 @@ class Engine(OfflineMixin, SessionsMixin):
         self._tok_window.append((time.monotonic(), len(toks)))
 
     def _fill_quantize(self) -> None:
-        """Blocks that filled in a sequence with a fill format take that format."""
+        """Blocks that filled in a sequence with a fill format take that format (a
+        prompt's too, chunk by chunk, so it never holds more than about a chunk at full
+        precision)."""
         for s in self.running:
             kv = self.store.seqs.get(s.seq_id)
-            if kv is None or kv.fill_format == FULL or s.state != DECODE:
+            if kv is None or kv.fill_format == FULL or s.state not in (DECODE, PREFILL):
                 continue
             idx = moves.fill_candidates(self.store, s.seq_id)
             if idx:
@@ -774,8 +802,12 @@ class Engine(OfflineMixin, SessionsMixin):
 
     def _has_room_alone(self, s: Sequence) -> bool:
         """Whether a decoding sequence's next token fits now with no other sequence in
-        the step: a block to write into and staging for its offloaded blocks. Its
-        ``stalled`` flag is from this step's schedule, before finishes freed blocks."""
+        the step: a block to write into and staging for its offloaded blocks (for a
+        prompt written a chunk at a time, its next chunk). Its ``stalled`` flag is from
+        this step's schedule, before finishes freed blocks."""
+        if s.state == PREFILL:
+            left = len(s.context_ids) - s.num_prefilled
+            return self.store.can_reserve(s.seq_id, min(left, self.config.max_batch_tokens))
         return (staging_need(self.store, s.seq_id) <= self.store.staging_half
                 and self.store.can_reserve(s.seq_id, 1))
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from engine.actions import Action, ActionError, ActionResult, CandidateResult, EngineSnapshot
 from engine.layout import KVFormat
+from engine.moves import fill_format
 from engine.sessions import match_prompt
 from engine.store import GPU
 
@@ -33,10 +34,12 @@ class EngineHandle:
     def estimate_bytes(self, num_tokens: int, fmt: str = "full") -> int:
         return self._e.store.estimate_bytes(num_tokens, KVFormat.parse(fmt))
 
-    def admission_bytes(self, num_prompt_tokens: int) -> int:
-        """GPU-tier bytes admitting a prompt takes at once (its blocks at full precision
-        plus one to grow into): a prompt above the tier's capacity can never run."""
-        return self._e._admission_bytes(num_prompt_tokens)
+    def admission_bytes(self, num_prompt_tokens: int, kv_format: str | None = None) -> int:
+        """GPU-tier bytes admitting a prompt needs room for at once (its blocks at full
+        precision plus one to grow into; with a ``kv_format``, the blocks in it plus a
+        prefill chunk at full precision): a prompt above the tier's capacity can never
+        run. ValueError for a format the engine does not write."""
+        return self._e._admission_bytes(num_prompt_tokens, fill_format(kv_format))
 
     def prefix_reuse(self, prompt_ids: list[int], session_id: str | None = None) -> PrefixReuse:
         """The blocks of ``prompt_ids`` admission would reuse now, by the rule of

@@ -82,7 +82,8 @@ class OfflineMixin:
                 raise
             src = self.seqs[src_id]
             s = Sequence(dst_id, src.request, list(src.prompt_ids), _ignore, None,
-                         state=HELD, admitted=True, num_prefilled=src.num_prefilled)
+                         state=HELD, admitted=True, num_prefilled=src.num_prefilled,
+                         fill_format=src.fill_format)
             self.seqs[dst_id] = s
             self.held[dst_id] = s
             self.stats[dst_id] = copy.deepcopy(self.stats[src_id])

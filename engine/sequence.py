@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from engine.actions import FULL, KVFormat
 from engine.api import Event, FinishEvent, Request, TokenEvent
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
@@ -41,6 +42,7 @@ class Sequence:
     finish_reason: str = ""
     block_hashes: list[bytes] = field(default_factory=list)  # digests of its full blocks
     cached_tokens: int = 0        # prompt tokens reused from the prefix index
+    fill_format: KVFormat = FULL  # the request's kv_format (engine/api.py)
 
     def __post_init__(self) -> None:
         if not self.context_ids:

@@ -27,7 +27,7 @@ from engine.actions import ActionError
 from engine.api import Request
 from engine.layout import FULL
 from engine.prefix import block_digests, key_of
-from engine.sequence import IDLE, Sequence
+from engine.sequence import IDLE, PREFILL, Sequence
 from engine.staging import staging_need
 from engine.store import GPU, HOST
 
@@ -84,18 +84,32 @@ class SessionsMixin:
         if self.config.prefix_caching:
             digests, entries = match_prompt(store, ids, self.config.observe_window,
                                             s.request.session_id)
-        store.add_sequence(sid)
+        kv = store.add_sequence(sid)
+        kv.fill_format = s.fill_format
         if entries:
             store.share(sid, entries)
         slot = self.geom.slot_bytes(FULL)
         need = store.blocks_for(len(ids)) - len(entries) + 1
-        if not store.make_room(GPU, {slot: need}):
+        room = {slot: need}
+        first = len(ids)            # prompt tokens reserved now (the rest chunk by chunk)
+        if s.fill_format != FULL:   # written a chunk at a time, each converted once full
+            small = self.geom.slot_bytes(s.fill_format)
+            room = {slot: min(need, self._chunk_blocks(need)), small: need}
+            first = min(first, len(entries) * T + self.config.max_batch_tokens)
+        for other in self.running:  # the rest of prompts admitted so and not yet written
+            okv = store.seqs.get(other.seq_id)
+            if other.state == PREFILL and other.fill_format != FULL and okv is not None:
+                owed = store.blocks_for(len(other.context_ids)) - len(okv.blocks)
+                if owed > 0:
+                    small = self.geom.slot_bytes(other.fill_format)
+                    room[small] = room.get(small, 0) + owed
+        if not store.make_room(GPU, room):
             store.free_sequence(sid)        # shared blocks go back as they were
             return False
         if sess is not None and sess.holder in self.idle:
             self._drop_idle(sess.holder)    # what this turn matched is its own now
         matched = self._settle_reused(s, len(entries))
-        store.reserve(sid, len(ids) - matched * T)
+        store.reserve(sid, max(0, min(len(ids), first) - matched * T))
         s.num_prefilled = matched * T
         s.block_hashes = digests[:matched]
         if not s.num_preemptions:

@@ -78,7 +78,7 @@ def build(engine, version: int) -> EngineSnapshot:
         seqs.append(sequence_view(engine, s, state))
     if engine.waiting:
         s = max(engine.waiting, key=lambda x: (x.priority, -x.arrival))
-        need = st.estimate_bytes(len(s.context_ids)) + full_block
+        need = engine._admission_bytes(len(s.context_ids), s.fill_format)
         pressure += max(0, need - tiers[GPU].free_bytes)
     return EngineSnapshot(
         time.time(), engine.step_count, str(engine.device), engine.model_name,

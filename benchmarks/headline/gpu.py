@@ -103,6 +103,7 @@ def release_engine() -> None:
 
 
 def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
+    from controller.strategies import fill_format_of
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
@@ -154,16 +155,21 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     e.start()
     tele.start()
     t0 = time.perf_counter()
+    # a pinned fixed format writes the prompt in it (what the daemon does for a request
+    # that names the strategy: controller/convert.py)
+    pinned = ctl is not None and not cfg.startswith("adaptive:")
+    kv_format = fill_format_of(cfg) if pinned else None
     for i, (ids, n_new) in enumerate(reqs):
         sid = f"w{i}"
-        if ctl is not None and not cfg.startswith("adaptive:"):
+        if pinned:
             policy.pin(sid, cfg)
         while True:
             try:
                 with lock:
                     submitted[sid] = time.perf_counter()
-                e.submit(Request(prompt_ids=ids, seq_id=sid, sampling=SamplingParams(
-                    max_tokens=n_new, ignore_eos=True)), on_event, prompt_ids=ids)
+                e.submit(Request(prompt_ids=ids, seq_id=sid, kv_format=kv_format,
+                                 sampling=SamplingParams(max_tokens=n_new, ignore_eos=True)),
+                         on_event, prompt_ids=ids)
                 break
             except Overloaded as err:
                 with lock:

@@ -24,6 +24,18 @@ def registry() -> dict[str, Strategy]:
     return {s.name: s for s in items}
 
 
-__all__ = ["Candidate", "Context", "ScoredStrategy", "Strategy", "registry",
+def fill_format_of(name: str | None) -> str | None:
+    """The KV format a sequence pinned to strategy ``name`` is written in as it fills,
+    its prompt's included (a request's ``kv_format``, engine/api.py): a fixed format's
+    (``quantize_int4`` -> 'int4'), None for every other strategy. Pinned to a format, a
+    sequence ends in it at the first pressure anyway; written so from the start it is
+    admitted at that format's bytes instead of waiting for room for its prompt at full
+    precision (at 32K, a fixed int4 held 1.5x full's sequences on an H100 for that
+    reason: docs/BENCHMARKS.md)."""
+    strat = registry().get(name) if name else None
+    return strat.fmt.name if isinstance(strat, ColdQuantization) else None
+
+
+__all__ = ["Candidate", "Context", "ScoredStrategy", "Strategy", "registry", "fill_format_of",
            "ColdOffload", "ColdQuantization", "HeavyHitterEviction", "MixedPrecision",
            "SinkWindowEviction", "SnapKVEviction"]

@@ -44,8 +44,8 @@ class FakeHandle:
     def __init__(self, eng: "FakeEngine") -> None:
         self._e = eng
 
-    def admission_bytes(self, num_prompt_tokens: int) -> int:
-        return self.estimate_bytes(num_prompt_tokens + BLOCK_SIZE)
+    def admission_bytes(self, num_prompt_tokens: int, kv_format: str | None = None) -> int:
+        return self.estimate_bytes(num_prompt_tokens + BLOCK_SIZE, kv_format or "full")
 
     def estimate_bytes(self, num_tokens: int, fmt: str = "full") -> int:
         if fmt not in ("full", "int8", "int4", "int2"):

@@ -249,3 +249,26 @@ def test_mixed_precision_int4_keeps_4bit_values_and_evicts_only_the_coldest_past
     assert all(mass[i] == 0.001 for i in evicted), evicted
     assert {p.strategy for p in cand.parts} <= {"quantize_int8", "quantize_int4",
                                                 "heavy_hitter"}
+
+
+def test_a_fixed_format_pin_is_the_format_a_request_is_written_in():
+    """Over the whole registry: a strategy of one fixed format names a format the engine
+    writes (engine.moves.fill_format takes it); every other strategy, a profile name or
+    none leaves the request at full precision. The daemon's wire request carries it."""
+    from controller import convert
+    from controller.strategies import ColdQuantization, fill_format_of
+    from engine.moves import fill_format
+    from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
+    for name, strat in registry().items():
+        got = fill_format_of(name)
+        if isinstance(strat, ColdQuantization):
+            assert fill_format(got) == strat.fmt and got != "full"
+        else:
+            assert got is None, name
+    assert fill_format_of(None) is None and fill_format_of("balanced") is None
+    req = convert.request_from_proto(pb.GenerateRequest(
+        prompt_ids=pb.TokenIds(ids=[1, 2, 3]), strategy="quantize_int4"))
+    assert req.kv_format == "int4"
+    req = convert.request_from_proto(pb.GenerateRequest(
+        prompt_ids=pb.TokenIds(ids=[1, 2, 3]), strategy="offload_exact"))
+    assert req.kv_format is None

@@ -1,0 +1,122 @@
+"""A request's kv_format: its blocks, its prompt's included, take that format as they fill,
+and admission counts the prompt at that format (plus one prefill chunk at full precision)
+instead of waiting for room for it all at full precision."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.api import FinishEvent, OutOfBlocks, Request, SamplingParams, TokenEvent
+from engine.engine import Engine, EngineConfig
+from engine.layout import FULL, KVFormat
+from engine.store import GPU
+
+INT4 = KVFormat.parse("int4")
+CHUNK = 128
+
+
+def make(budget: int) -> Engine:
+    return Engine(EngineConfig(model="random:tiny", device="cpu", max_batch_tokens=CHUNK,
+                               kv_budget_bytes=budget, host_budget_bytes=0,
+                               prefix_caching=False))
+
+
+class Sink:
+    def __init__(self):
+        self.tokens: dict[str, int] = {}
+        self.finished: dict[str, str] = {}
+
+    def __call__(self, ev):
+        if isinstance(ev, TokenEvent):
+            self.tokens[ev.seq_id] = self.tokens.get(ev.seq_id, 0) + 1
+        elif isinstance(ev, FinishEvent):
+            self.finished[ev.seq_id] = ev.reason
+
+
+def submit(e, n, kv_format=None, new=8, seed=0, sink=None):
+    rnd = random.Random(seed)
+    ids = [rnd.randrange(1, 200) for _ in range(n)]
+    return e.submit(Request(prompt_ids=ids, kv_format=kv_format, sampling=SamplingParams(
+        max_tokens=new, ignore_eos=True)), sink or (lambda ev: None))
+
+
+def run_to_end(e, steps=3000):
+    peak = 0
+    for _ in range(steps):
+        if not (e.waiting or e.running):
+            break
+        e.step()
+        peak = max(peak, e.store.arenas[GPU].used_bytes)
+    return peak
+
+
+def test_a_prompt_too_big_at_full_precision_runs_in_int4():
+    e = make(1 << 20)
+    n = 1500                                   # 47 blocks: 1.5 MiB at full precision
+    assert not e.prompt_fits(n)
+    with pytest.raises(OutOfBlocks):
+        submit(e, n)
+    assert e.prompt_fits(n, INT4)
+    sink = Sink()
+    sid = submit(e, n, "int4", sink=sink)
+    run_to_end(e)
+    assert sink.finished == {sid: "length"} and sink.tokens[sid] == 8
+
+
+def test_prompt_blocks_take_the_format_chunk_by_chunk():
+    e = make(4 << 20)
+    sid = submit(e, 700, "int4", new=1000)
+    most_full = 0
+    while e.seqs[sid].state != "decode":
+        e.step()
+        kv = e.store.seqs[sid]
+        most_full = max(most_full, sum(b.fmt == FULL for b in kv.blocks))
+    # never more than a chunk of the prompt at full precision (it may start mid-block)
+    assert most_full <= e.store.blocks_for(CHUNK) + 1
+    e.step()
+    fmts = [b.fmt for b in e.store.seqs[sid].blocks]
+    assert fmts[-1] == FULL and set(fmts[:-1]) == {INT4}
+
+
+def test_admission_counts_compressed_prompts():
+    """Sequences running at once in one budget: 3x or more in int4 than at full
+    precision, with no preemption."""
+    def running_at_once(kv_format):
+        e = make(1 << 20)
+        for i in range(8):
+            submit(e, 600, kv_format, new=200, seed=i)
+        most = 0
+        for _ in range(80):
+            e.step()
+            most = max(most, len(e.running))
+        return most, e.num_preemptions
+    full, _ = running_at_once(None)
+    int4, preempted = running_at_once("int4")
+    assert full >= 1 and int4 >= 3 * full, (full, int4)
+    assert preempted == 0
+
+
+def test_prompts_admitted_in_a_format_do_not_overcommit_the_tier():
+    """Room for a prompt written a chunk at a time is not taken at once: admission counts
+    what the prompts admitted before still owe, so none stalls mid-prompt, nothing is
+    preempted, and every request finishes."""
+    e = make(1 << 20)
+    sink = Sink()
+    sids = [submit(e, 1200, "int4", new=4, seed=i, sink=sink) for i in range(6)]
+    stalled_in_prompt = 0
+    for _ in range(3000):
+        if not (e.waiting or e.running):
+            break
+        e.step()
+        stalled_in_prompt += sum(s.stalled and s.state == "prefill" for s in e.running)
+    assert sink.finished == {s: "length" for s in sids}
+    assert e.num_preemptions == 0 and stalled_in_prompt == 0
+
+
+@pytest.mark.parametrize("bad", ["int3", "int16", "float", "k4v3"])
+def test_bad_kv_format_is_refused_with_the_formats_named(bad):
+    e = make(1 << 20)
+    with pytest.raises(ValueError, match="kv_format|KV format"):
+        submit(e, 100, bad)
+    assert not e.waiting and not e.seqs
