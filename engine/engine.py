@@ -46,7 +46,6 @@ from engine.offline import OfflineMixin
 from engine.prefix import key_of
 from engine.sessions import SessionsMixin
 from engine.runner import Chunk, ModelRunner, StepOutput, is_oom
-from engine.moves import fill_format
 from engine.sampler import make_generator, sample_tokens
 from engine.sequence import DECODE, FINISHED, HELD, IDLE, PREEMPTED, PREFILL, Sequence
 from engine.staging import staging_need
@@ -293,7 +292,7 @@ class Engine(OfflineMixin, SessionsMixin):
         ``prompt_ids``: the request's tokens when the caller has tokenized it already."""
         ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
         self.check_prompt(len(ids))
-        fmt = fill_format(req.kv_format)
+        fmt = moves.fill_format(req.kv_format)
         if not self.prompt_fits(len(ids), fmt):
             raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
                               f"{self._admission_bytes(len(ids), fmt)} bytes of KV "

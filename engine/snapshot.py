@@ -72,8 +72,10 @@ def build(engine, version: int) -> EngineSnapshot:
     full_block = st.block_bytes(FULL)
     for s in (list(engine.waiting) + engine.running + list(engine.held.values())
               + list(engine.idle.values())):
-        if s.stalled:
-            pressure += full_block
+        if s.stalled:       # a block to grow into; a prompt written in chunks, its next
+            left = len(s.context_ids) - s.num_prefilled if s.state == "prefill" else 0
+            pressure += full_block * max(1, st.blocks_for(
+                min(left, engine.config.max_batch_tokens)))
         state = "stalled" if s.stalled else s.state
         seqs.append(sequence_view(engine, s, state))
     if engine.waiting:

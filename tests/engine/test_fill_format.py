@@ -120,3 +120,40 @@ def test_bad_kv_format_is_refused_with_the_formats_named(bad):
     with pytest.raises(ValueError, match="kv_format|KV format"):
         submit(e, 100, bad)
     assert not e.waiting and not e.seqs
+
+
+def test_a_prompt_stalled_mid_write_by_growing_sequences_ends_well():
+    """Sequences at full precision grow into the room an int4 prompt was admitted on
+    (admission does not reserve it): the prompt stalls between chunks, the engine
+    preempts as for any stall, and every request still finishes with all its tokens."""
+    e = make(1 << 20)
+    sink = Sink()
+    growers = [submit(e, 200, None, new=300, seed=10 + i, sink=sink) for i in range(2)]
+    for _ in range(3):
+        e.step()
+    late = submit(e, 1500, "int4", new=6, seed=1, sink=sink)
+    while e.seqs[late].state != "prefill":
+        e.step()
+    e.step()
+    grown = 0
+    while True:                 # the growers' next blocks, taken now: all the room left
+        try:
+            e.store.reserve(growers[0], grown + 32)
+            grown += 32
+        except OutOfBlocks:
+            break
+    e.config.preempt_after_s = 60.0
+    e.step()
+    assert e.seqs[late].stalled and e.seqs[late].state == "prefill"
+    # the pressure the controller sees is the prompt's next chunk, not one block
+    full = e.store.block_bytes(FULL)
+    assert e.handle.snapshot().pressure_bytes >= e.store.blocks_for(CHUNK) * full
+    e.config.preempt_after_s = 0.0
+    moves = e.seqs[late].moves
+    for _ in range(5000):
+        if not (e.waiting or e.running):
+            break
+        e.step()
+    assert e.num_preemptions >= 1 and any(m.startswith("preempted") for m in moves), moves
+    assert sink.finished == {s: "length" for s in growers + [late]}
+    assert sink.tokens[late] == 6 and all(sink.tokens[s] == 300 for s in growers)
