@@ -233,6 +233,8 @@ def generate(ctx: typer.Context,
              priority: int = typer.Option(0), strategy: str = typer.Option(""),
              session: str = typer.Option("", help="a turn of this multi-turn session: its KV "
                                                   "is kept for the next turn"),
+             kv_format: str = typer.Option("", help="write its KV in this format as it fills, "
+                                                    "prompt included (int8, int4, fp8, k4v2)"),
              as_json: bool = typer.Option(False, "--json", help="print events as JSON lines")) -> None:
     """Generate: the text streams to stdout, a summary goes to stderr."""
     if prompt == "-":
@@ -242,7 +244,7 @@ def generate(ctx: typer.Context,
     if seed is not None:
         sp.seed = seed
     req = pb.GenerateRequest(sampling=sp, priority=priority, strategy=strategy,
-                             session_id=session)
+                             session_id=session, kv_format=kv_format)
     if ids:
         req.prompt_ids.ids.extend(_parse_ids(prompt, "--ids"))
     elif chat:

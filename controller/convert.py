@@ -84,6 +84,10 @@ def request_from_proto(r: pb.GenerateRequest) -> Request:
         from controller.strategies import fill_format_of
         check_strategy_name(r.strategy)
         kw["kv_format"] = fill_format_of(r.strategy)
+    if r.kv_format:
+        from engine.moves import fill_format
+        fill_format(r.kv_format)            # ValueError naming the field and the formats
+        kw["kv_format"] = r.kv_format
     return Request(sampling=sampling, priority=r.priority, seq_id=r.seq_id or None,
                    strategy=r.strategy or None, session_id=r.session_id or None, **kw)
 

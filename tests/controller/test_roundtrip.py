@@ -315,3 +315,20 @@ def test_cli_over_tcp_tls(daemon, tmp_path):
     assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr and "Traceback" not in r.stderr
     r = run("--token-file", str(token), "policy", "set", "--profile", "multi-turn", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["profile"] == "multi-turn", r.stderr
+
+
+def test_generate_with_kv_format_writes_the_prompt_in_it(unix_stub):
+    """kv_format on the wire: the prompt's blocks are int4 by the time it finishes (the
+    newest stays full precision); a bad format is INVALID_ARGUMENT naming the field."""
+    req = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[(i * 7) % 300 + 1 for i in range(400)]),
+                             kv_format="int4",
+                             sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True))
+    fin = list(unix_stub.Generate(req))[-1].finished
+    assert fin.reason == pb.FINISH_REASON_LENGTH
+    by = dict(fin.kv_bytes_by_format)
+    assert by.get("int4", 0) > 0 and by.get("full", 0) < by["int4"], by
+    req.kv_format = "int3"
+    with pytest.raises(grpc.RpcError) as e:
+        list(unix_stub.Generate(req))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kv_format 'int3'" in e.value.details()

@@ -272,3 +272,9 @@ def test_a_fixed_format_pin_is_the_format_a_request_is_written_in():
     req = convert.request_from_proto(pb.GenerateRequest(
         prompt_ids=pb.TokenIds(ids=[1, 2, 3]), strategy="offload_exact"))
     assert req.kv_format is None
+    req = convert.request_from_proto(pb.GenerateRequest(      # asked for on the wire
+        prompt_ids=pb.TokenIds(ids=[1, 2, 3]), strategy="quantize_int4", kv_format="int8"))
+    assert req.kv_format == "int8"
+    with pytest.raises(ValueError, match="kv_format 'int3'"):
+        convert.request_from_proto(pb.GenerateRequest(
+            prompt_ids=pb.TokenIds(ids=[1, 2, 3]), kv_format="int3"))
