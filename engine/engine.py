@@ -36,7 +36,8 @@ import torch
 
 from engine import apply as apply_mod
 from engine import attention, moves, snapshot
-from engine.actions import ActionError, ActionResult, CandidateResult, DropSession, Evict
+from engine.actions import (ActionError, ActionResult, CandidateResult, DropSession, Evict,
+                            SetFillFormat)
 from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
@@ -882,6 +883,10 @@ class Engine(OfflineMixin, SessionsMixin):
             actions = tuple(actions)
             res = CandidateResult(actions)
             try:
+                if actions and all(isinstance(a, SetFillFormat) for a in actions):
+                    res.results = [self._set_fill_format(a) for a in actions]
+                    out.append(res)
+                    continue
                 for sid in {a.seq_id for a in actions}:
                     self._check_movable_seq(sid)
                 if any(isinstance(a, DropSession) for a in actions):
@@ -914,6 +919,22 @@ class Engine(OfflineMixin, SessionsMixin):
         self.sessions.pop(sess_id, None)
         self.num_sessions_dropped += 1
         return ActionResult(a, True, by_tier, f"drop session {sess_id}")
+
+    def _set_fill_format(self, a: SetFillFormat) -> ActionResult:
+        """The format a sequence's blocks take as they fill, in any state before its end:
+        one still waiting is admitted at that format's bytes (its prompt written in it
+        chunk by chunk), as a request's ``kv_format`` is."""
+        s = self.seqs.get(a.seq_id) or self.idle.get(a.seq_id)
+        if s is None or s.state == FINISHED:
+            raise ActionError(f"unknown sequence {a.seq_id!r} (finished, or never submitted)")
+        fmt = (FULL if a.bits == 0 and not a.v_bits
+               else moves.check_format(a.bits, a.v_bits, a.fp8))
+        s.fill_format = fmt
+        kv = self.store.seqs.get(a.seq_id)
+        if kv is not None:
+            kv.fill_format = fmt
+        self._note(a.seq_id, f"fill format -> {fmt.name}")
+        return ActionResult(a, True, {}, f"fill format -> {fmt.name}")
 
     def _check_movable_seq(self, seq_id: str) -> None:
         s = self.seqs.get(seq_id) or self.idle.get(seq_id)

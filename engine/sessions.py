@@ -88,21 +88,10 @@ class SessionsMixin:
         kv.fill_format = s.fill_format
         if entries:
             store.share(sid, entries)
-        slot = self.geom.slot_bytes(FULL)
-        need = store.blocks_for(len(ids)) - len(entries) + 1
-        room = {slot: need}
+        room = self._admission_room(s, len(entries))
         first = len(ids)            # prompt tokens reserved now (the rest chunk by chunk)
-        if s.fill_format != FULL:   # written a chunk at a time, each converted once full
-            small = self.geom.slot_bytes(s.fill_format)
-            room = {slot: min(need, self._chunk_blocks(need)), small: need}
+        if s.fill_format != FULL:
             first = min(first, len(entries) * T + self.config.max_batch_tokens)
-        for other in self.running:  # the rest of prompts admitted so and not yet written
-            okv = store.seqs.get(other.seq_id)
-            if other.state == PREFILL and other.fill_format != FULL and okv is not None:
-                owed = store.blocks_for(len(other.context_ids)) - len(okv.blocks)
-                if owed > 0:
-                    small = self.geom.slot_bytes(other.fill_format)
-                    room[small] = room.get(small, 0) + owed
         if not store.make_room(GPU, room):
             store.free_sequence(sid)        # shared blocks go back as they were
             return False
@@ -120,6 +109,28 @@ class SessionsMixin:
             sess.active, sess.last_used = sid, time.monotonic()
             sess.reused_tokens += matched * T
         return True
+
+    def _admission_room(self, s: Sequence, shared: int = 0) -> dict[int, int]:
+        """GPU-tier slots (slot bytes -> count) admitting ``s`` needs room for at once,
+        ``shared`` of its prompt's blocks shared from the index: the rest plus one block
+        to grow into at full precision; with a fill format those in it plus a prefill
+        chunk's at full precision (written a chunk at a time, each converted once full).
+        Also what the prompts admitted so before it still owe."""
+        store = self.store
+        slot = self.geom.slot_bytes(FULL)
+        need = store.blocks_for(len(s.context_ids)) - shared + 1
+        room = {slot: need}
+        if s.fill_format != FULL:
+            room = {slot: min(need, self._chunk_blocks(need)),
+                    self.geom.slot_bytes(s.fill_format): need}
+        for other in self.running:
+            okv = store.seqs.get(other.seq_id)
+            if other.state == PREFILL and other.fill_format != FULL and okv is not None:
+                owed = store.blocks_for(len(other.context_ids)) - len(okv.blocks)
+                if owed > 0:
+                    small = self.geom.slot_bytes(other.fill_format)
+                    room[small] = room.get(small, 0) + owed
+        return room
 
     def _settle_reused(self, s: Sequence, matched: int) -> int:
         """Offloaded blocks among the shared ones come back to the GPU tier where there

@@ -81,7 +81,10 @@ def build(engine, version: int) -> EngineSnapshot:
     if engine.waiting:
         s = max(engine.waiting, key=lambda x: (x.priority, -x.arrival))
         need = engine._admission_bytes(len(s.context_ids), s.fill_format)
-        pressure += max(0, need - tiers[GPU].free_bytes)
+        # by bytes, and by pages: a prompt in a format no page holds yet needs fresh pages
+        # even where the bytes fit (the request would wait with no pressure shown)
+        pressure += max(0, need - tiers[GPU].free_bytes,
+                        st.room_short_bytes(GPU, engine._admission_room(s)))
     return EngineSnapshot(
         time.time(), engine.step_count, str(engine.device), engine.model_name,
         st.block_size, engine.num_layers, tiers, seqs, len(engine.waiting),

@@ -299,6 +299,23 @@ class KVStore:
             return False              # no compaction could make the room: move nothing
         return self.compact_until(arena, short)   # then move slots out of half-empty pages
 
+    def room_short_bytes(self, arena: str, need: dict[int, int]) -> int:
+        """Bytes (whole pages, all layers) slots of these sizes (slot bytes -> count)
+        need beyond the free pages, the pages the cached prefix blocks would give back
+        and those compaction could empty (at best): what moves must free before
+        ``make_room`` can succeed (0: it may now). Page-exact where bytes are not: a
+        format's first slots take a fresh page."""
+        a = self.arenas.get(arena)
+        if a is None:
+            return 0
+        alloc = a.alloc
+        short = sum(alloc.pages_needed(sl, n) for sl, n in need.items()) \
+            - len(alloc._free_pages)
+        # cached blocks given back free their pages at best; compaction empties pages
+        cached = self.prefix.cached_on(arena) // alloc.slots_per_page(self.geom.slot_bytes(FULL))
+        short -= cached + alloc.compactable_pages()
+        return max(0, short) * alloc.page_bytes * a.num_layers
+
     def compact_until(self, arena: str, short) -> bool:
         """Give back pages one at a time while ``short()`` (pages still missing) is
         positive; whether it reached 0. Re-checked after each page: emptying a page of

@@ -157,3 +157,50 @@ def test_a_prompt_stalled_mid_write_by_growing_sequences_ends_well():
     assert e.num_preemptions >= 1 and any(m.startswith("preempted") for m in moves), moves
     assert sink.finished == {s: "length" for s in growers + [late]}
     assert sink.tokens[late] == 6 and all(sink.tokens[s] == 300 for s in growers)
+
+
+def test_a_fill_format_set_while_waiting_admits_at_its_bytes():
+    """SetFillFormat on a request still waiting for room (any state before its end, as
+    `kv_format` at submit): the engine admits it at that format's bytes, and keeps the
+    format across a preemption that recomputes it."""
+    from engine.actions import SetFillFormat
+    e = make(1 << 20)
+    first = submit(e, 400, None, new=400)
+    while e.seqs[first].state != "decode":
+        e.step()
+    late = submit(e, 900, None, new=4, seed=3)
+    e.step()
+    assert e.seqs[late].state == "waiting"          # 900 tokens do not fit at full precision
+    assert e.handle.snapshot().pressure_bytes > 0   # shown to the controller
+    assert e.handle.apply(SetFillFormat(late, 4)).ok
+    for _ in range(50):
+        e.step()
+        if e.seqs[late].state == "decode":
+            break
+    assert e.seqs[late].state == "decode"
+    assert e.store.seqs[late].fill_format == INT4
+    e.preempt(e.seqs[late])                         # dropped, recomputed on return
+    assert e.seqs[late].fill_format == INT4
+    with pytest.raises(Exception, match="unknown sequence"):
+        e.handle.apply(SetFillFormat("nobody", 4))
+
+
+def test_a_prompt_short_of_pages_not_bytes_shows_pressure():
+    """A prompt in a fill format needs slots of two sizes, each on its own pages: where
+    its bytes fit the free pages but its slots do not, the engine cannot admit it, and
+    the snapshot says what is missing (whole pages) instead of no pressure at all."""
+    from engine.actions import SetFillFormat
+    e = make(1 << 20)
+    first = submit(e, 600, None, new=400)
+    while e.seqs[first].state != "decode":
+        e.step()
+    late = submit(e, 900, None, new=4, seed=3)
+    e.step()
+    e.handle.apply(SetFillFormat(late, 4))
+    e.step()
+    tier = e.handle.snapshot().tiers["gpu"]
+    assert e._admission_bytes(900, INT4) <= tier.free_bytes     # the bytes would fit
+    assert e.seqs[late].state == "waiting"                       # the pages do not
+    alloc = e.store.arenas["gpu"].alloc
+    page = alloc.page_bytes * e.store.arenas["gpu"].num_layers
+    assert e.handle.snapshot().pressure_bytes == page
