@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import socket
 
+from engine.actions import parse_fill_format
 from engine.api import FinishEvent, Request, SamplingParams, TokenEvent
 from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
 
@@ -85,8 +86,7 @@ def request_from_proto(r: pb.GenerateRequest) -> Request:
         check_strategy_name(r.strategy)
         kw["kv_format"] = fill_format_of(r.strategy)
     if r.kv_format:
-        from engine.moves import fill_format
-        fill_format(r.kv_format)            # ValueError naming the field and the formats
+        parse_fill_format(r.kv_format)      # ValueError naming the field and the formats
         kw["kv_format"] = r.kv_format
     return Request(sampling=sampling, priority=r.priority, seq_id=r.seq_id or None,
                    strategy=r.strategy or None, session_id=r.session_id or None, **kw)

@@ -140,6 +140,22 @@ class KVFormat:
 
 _RANK = {0: 5, 8: 4, FP8_CODE: 3, 4: 2, 2: 1}
 FULL = KVFormat(0, 0)
+
+
+def parse_fill_format(name: str | None) -> KVFormat:
+    """A request's ``kv_format`` (engine/api.py) as the format its blocks fill into:
+    full precision for None, else a format of 8-, 4- or 2-bit sides; ValueError naming
+    the field and the formats for anything else."""
+    if name is None:
+        return FULL
+    try:
+        fmt = KVFormat.parse(name)
+    except ValueError as e:
+        raise ValueError(f"kv_format {name!r}: {e}") from None
+    if not fmt.is_full and 0 in (fmt.k_bits, fmt.v_bits):
+        raise ValueError(f"kv_format {name!r}: both keys and values need 8, 4 or 2 bits "
+                         "(or 'full')")
+    return fmt
 FP8 = KVFormat(8, 8, fp8=True)
 
 

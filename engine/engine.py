@@ -37,7 +37,7 @@ import torch
 from engine import apply as apply_mod
 from engine import attention, moves, snapshot
 from engine.actions import (ActionError, ActionResult, CandidateResult, DropSession, Evict,
-                            SetFillFormat)
+                            SetFillFormat, parse_fill_format)
 from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
@@ -293,7 +293,7 @@ class Engine(OfflineMixin, SessionsMixin):
         ``prompt_ids``: the request's tokens when the caller has tokenized it already."""
         ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(req)
         self.check_prompt(len(ids))
-        fmt = moves.fill_format(req.kv_format)
+        fmt = parse_fill_format(req.kv_format)
         if not self.prompt_fits(len(ids), fmt):
             raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
                               f"{self._admission_bytes(len(ids), fmt)} bytes of KV "

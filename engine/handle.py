@@ -11,9 +11,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import NamedTuple
 
-from engine.actions import Action, ActionError, ActionResult, CandidateResult, EngineSnapshot
+from engine.actions import (Action, ActionError, ActionResult, CandidateResult, EngineSnapshot,
+                            parse_fill_format)
 from engine.layout import KVFormat
-from engine.moves import fill_format
 from engine.sessions import match_prompt
 from engine.store import GPU
 
@@ -39,7 +39,7 @@ class EngineHandle:
         precision plus one to grow into; with a ``kv_format``, the blocks in it plus a
         prefill chunk at full precision): a prompt above the tier's capacity can never
         run. ValueError for a format the engine does not write."""
-        return self._e._admission_bytes(num_prompt_tokens, fill_format(kv_format))
+        return self._e._admission_bytes(num_prompt_tokens, parse_fill_format(kv_format))
 
     def prefix_reuse(self, prompt_ids: list[int], session_id: str | None = None) -> PrefixReuse:
         """The blocks of ``prompt_ids`` admission would reuse now, by the rule of

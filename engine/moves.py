@@ -43,20 +43,6 @@ def check_format(bits: int, v_bits: int | None, fp8: bool = False) -> KVFormat:
     return KVFormat(bits, vb, fp8)
 
 
-def fill_format(name: str | None) -> KVFormat:
-    """A request's ``kv_format`` (engine/api.py) as the format its blocks fill into;
-    ValueError naming the formats for anything else."""
-    if name is None:
-        return FULL
-    try:
-        fmt = KVFormat.parse(name)
-        if fmt != FULL:
-            check_format(fmt.k_bits, fmt.v_bits, fmt.fp8)
-    except (ValueError, ActionError) as e:
-        raise ValueError(f"kv_format {name!r}: {e}") from None
-    return fmt
-
-
 def quantize(store: KVStore, seq_id: str, indices, fmt: KVFormat) -> int:
     """Re-store blocks in ``fmt``; returns bytes freed in the GPU tier."""
     blocks = target_blocks(store, seq_id, indices)

@@ -257,7 +257,7 @@ def test_a_fixed_format_pin_is_the_format_a_request_is_written_in():
     none leaves the request at full precision. The daemon's wire request carries it."""
     from controller import convert
     from controller.strategies import ColdQuantization, fill_format_of
-    from engine.moves import fill_format
+    from engine.actions import parse_fill_format as fill_format
     from kvctl_proto.kvctl.v1 import kvctl_pb2 as pb
     for name, strat in registry().items():
         got = fill_format_of(name)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from engine import moves
-from engine.actions import (ActionError, Evict, Offload, Quantize, SetDecodeMode,
-                            SetFillFormat)
+from engine.actions import ActionError, Evict, Offload, Quantize, SetDecodeMode
 from engine.api import Overloaded, Request, SamplingParams
 from engine.arena import SlabAllocator
 from engine.engine import Engine, EngineConfig
@@ -49,8 +48,9 @@ def test_moves_refused_on_a_prompt_still_being_written():
         e.step()                                    # rows 0..9 of 30 written
         view = next(v for v in e.handle.snapshot().sequences if v.seq_id == sid)
         assert view.state == "prefill" and view.blocks[2].num_tokens == 2
+        # (a fill format is not a move: it applies in any state, tests/engine/test_fill_format.py)
         for a in (Quantize(sid, (2,), 4), Quantize(sid, (0, 1), 8), Evict(sid, (2,)),
-                  Offload(sid, (1,)), SetFillFormat(sid, 4)):
+                  Offload(sid, (1,))):
             with pytest.raises(ActionError, match="prefill|not fully written"):
                 e.handle.apply(a)
         assert all(b.fmt.is_full and b.tier == GPU for b in e.store.seqs[sid].blocks)
