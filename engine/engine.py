@@ -275,16 +275,19 @@ class Engine(OfflineMixin, SessionsMixin):
         """Bytes ``_admit`` needs room for at once for a prompt: its blocks plus one to
         grow into, at full precision; with a fill format, those blocks in ``fmt`` plus
         one prefill chunk's at full precision (written full, then converted)."""
-        st = self.store
-        if fmt == FULL:
-            return st.estimate_bytes(num_tokens + st.block_size)
-        blocks = st.blocks_for(num_tokens + st.block_size)
-        return blocks * st.block_bytes(fmt) + self._chunk_blocks(blocks) * st.block_bytes(FULL)
+        slots = self._prompt_slots(self.store.blocks_for(num_tokens) + 1, fmt)
+        return sum(sl * n for sl, n in slots.items()) * self.num_layers
 
-    def _chunk_blocks(self, blocks: int) -> int:
-        """Full-precision blocks a prompt with a fill format holds at once: a prefill
-        chunk's (``max_batch_tokens``; it may start mid-block) and the block after it."""
-        return min(blocks, self.store.blocks_for(self.config.max_batch_tokens) + 2)
+    def _prompt_slots(self, blocks: int, fmt: KVFormat) -> dict[int, int]:
+        """Slots (slot bytes -> count, a layer) a prompt of ``blocks`` blocks needs room
+        for at once: all at full precision; with a fill format all in it plus a prefill
+        chunk's at full precision (``max_batch_tokens``; it may start mid-block, and the
+        block after it), written full and converted once full."""
+        full = self.geom.slot_bytes(FULL)
+        if fmt == FULL:
+            return {full: blocks}
+        chunk = min(blocks, self.store.blocks_for(self.config.max_batch_tokens) + 2)
+        return {full: chunk, self.geom.slot_bytes(fmt): blocks}
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, req: Request, on_event: Callable[[Event], None],

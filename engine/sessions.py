@@ -117,12 +117,8 @@ class SessionsMixin:
         chunk's at full precision (written a chunk at a time, each converted once full).
         Also what the prompts admitted so before it still owe."""
         store = self.store
-        slot = self.geom.slot_bytes(FULL)
-        need = store.blocks_for(len(s.context_ids)) - shared + 1
-        room = {slot: need}
-        if s.fill_format != FULL:
-            room = {slot: min(need, self._chunk_blocks(need)),
-                    self.geom.slot_bytes(s.fill_format): need}
+        room = self._prompt_slots(store.blocks_for(len(s.context_ids)) - shared + 1,
+                                  s.fill_format)
         for other in self.running:
             okv = store.seqs.get(other.seq_id)
             if other.state == PREFILL and other.fill_format != FULL and okv is not None:
