@@ -8,6 +8,8 @@
 #   e2e     benchmarks.engine_speed at batch 8 x 32K, old blocks int4 against full (issue 14)
 #   kernel  benchmarks.decode_kernel (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
+#   tiers   benchmarks.multiturn --budget-mb: 4 chats taking turns under a 3 GB GPU-tier
+#           budget, idle sessions' bytes by tier over time (issue 16)
 #   head    benchmarks.headline.gpu (issue 15): by default the reduced run of 2026-12-06
 #           (10 GiB, 4x pressure, none / int4 / adaptive); HEAD_ARGS='' for the full suite
 #   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default)
@@ -45,6 +47,10 @@ for s in "${steps[@]}"; do
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
              --max-batch-tokens 8192 --mode $m --json "$OUT/multi-$m.json"; done ;;
+    tiers) timeout "${T_TIERS:-200}" python -m benchmarks.multiturn --model random:llama3-8b \
+             --device cuda --dtype bfloat16 --chats 4 --turns 3 --first-tokens 6000 \
+             --turn-tokens 2000 --reply-tokens 32 --kv-budget-gb 20 --host-budget-gb 16 \
+             --max-batch-tokens 8192 --budget-mb 3000 --json "$OUT/tiers.json" ;;
     head) timeout "${T_HEAD:-400}" python -m benchmarks.headline.gpu ${HEAD_ARGS---kv-budget-gb 10 \
              --pressure 4 --configs none,quantize_int4,adaptive:balanced --host-gb 32 \
              --timeout-s 140} --out "$OUT/headline-gpu" ;;

@@ -39,12 +39,12 @@ import threading
 import time
 
 
-def _text_ids(tok, n_total: int) -> list[int]:
+def _text_ids(tok, n_total: int, vocab: int = 1000) -> list[int]:
     import pydoc_data.topics as t
     text = " ".join(t.topics.values())
     ids = tok(text)["input_ids"] if tok is not None else []
-    while len(ids) < n_total:
-        ids = ids + ids if ids else list(range(3, 1000))
+    while len(ids) < n_total:     # a random-weight model has no tokenizer: any ids
+        ids = ids + ids if ids else list(range(3, min(1000, vocab)))
     return ids[:n_total]
 
 
@@ -149,7 +149,7 @@ def _under_budget(args) -> None:
     th = threading.Thread(target=tick, daemon=True)
     th.start()
     need = args.first_tokens + args.turns * args.turn_tokens
-    text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats)
+    text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats, e.vocab_size)
     hists = [[] for _ in range(args.chats)]
     rows = []
     for k in range(args.turns):
@@ -217,7 +217,7 @@ def main() -> None:
     for mode in (("reuse", "full") if args.mode == "both" else (args.mode,)):
         e = _engine(args, prefix=mode == "reuse")
         need = args.first_tokens + args.turns * args.turn_tokens
-        text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats)
+        text = _text_ids(e.tokenizer, need * args.chats + 7 * args.chats, e.vocab_size)
         hists = [[] for _ in range(args.chats)]
         for k in range(args.turns):
             news = []
