@@ -204,3 +204,34 @@ def test_a_prompt_short_of_pages_not_bytes_shows_pressure():
     alloc = e.store.arenas["gpu"].alloc
     page = alloc.page_bytes * e.store.arenas["gpu"].num_layers
     assert e.handle.snapshot().pressure_bytes == page
+
+
+def test_a_prompt_in_a_format_shares_a_cached_prefix_and_converts_only_its_own():
+    """With prefix reuse: the blocks a prompt shares from the index stay as they are
+    (another sequence holds them too; converting would copy, not free); the blocks it
+    writes itself take its format; it runs to the end."""
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", max_batch_tokens=CHUNK,
+                            kv_budget_bytes=4 << 20, host_budget_bytes=0,
+                            prefix_caching=True))
+    sink = Sink()
+    rnd = random.Random(5)
+    shared = [rnd.randrange(1, 200) for _ in range(320)]
+    first = e.submit(Request(prompt_ids=shared + [7] * 40, sampling=SamplingParams(
+        max_tokens=400, ignore_eos=True)), sink)
+    while e.seqs[first].state != "decode":
+        e.step()
+    second = e.submit(Request(prompt_ids=shared + [9] * 400, kv_format="int4",
+                              sampling=SamplingParams(max_tokens=4, ignore_eos=True)), sink)
+    while e.seqs[second].state != "decode":
+        e.step()
+    e.step()
+    assert e.seqs[second].cached_tokens >= 256
+    kv = e.store.seqs[second]
+    n_shared = e.seqs[second].cached_tokens // e.store.block_size
+    assert all(b.fmt == FULL for b in kv.blocks[:n_shared])
+    assert {b.fmt for b in kv.blocks[n_shared:-1]} == {INT4}
+    for _ in range(50):
+        if second in sink.finished:
+            break
+        e.step()
+    assert sink.finished[second] == "length" and sink.tokens[second] == 4
