@@ -887,7 +887,7 @@ class Engine(OfflineMixin, SessionsMixin):
             res = CandidateResult(actions)
             try:
                 if actions and all(isinstance(a, SetFillFormat) for a in actions):
-                    res.results = [self._set_fill_format(a) for a in actions]
+                    res.results = self._set_fill_formats(actions)
                     out.append(res)
                     continue
                 for sid in {a.seq_id for a in actions}:
@@ -898,6 +898,10 @@ class Engine(OfflineMixin, SessionsMixin):
                     res.results = apply_mod.apply_candidate(self.store, actions, self._note)
                     for sid in {a.seq_id for a in actions if isinstance(a, Evict)}:
                         self._rebase_stats(sid)
+                    for a in actions:   # with other moves: the sequence keeps it too
+                        if isinstance(a, SetFillFormat):
+                            s = self.seqs.get(a.seq_id) or self.idle[a.seq_id]
+                            s.fill_format = self.store.seqs[a.seq_id].fill_format
             except ActionError as err:
                 res.error = str(err)
             out.append(res)
@@ -923,21 +927,27 @@ class Engine(OfflineMixin, SessionsMixin):
         self.num_sessions_dropped += 1
         return ActionResult(a, True, by_tier, f"drop session {sess_id}")
 
-    def _set_fill_format(self, a: SetFillFormat) -> ActionResult:
-        """The format a sequence's blocks take as they fill, in any state before its end:
-        one still waiting is admitted at that format's bytes (its prompt written in it
-        chunk by chunk), as a request's ``kv_format`` is."""
-        s = self.seqs.get(a.seq_id) or self.idle.get(a.seq_id)
-        if s is None or s.state == FINISHED:
-            raise ActionError(f"unknown sequence {a.seq_id!r} (finished, or never submitted)")
-        fmt = (FULL if a.bits == 0 and not a.v_bits
-               else moves.check_format(a.bits, a.v_bits, a.fp8))
-        s.fill_format = fmt
-        kv = self.store.seqs.get(a.seq_id)
-        if kv is not None:
-            kv.fill_format = fmt
-        self._note(a.seq_id, f"fill format -> {fmt.name}")
-        return ActionResult(a, True, {}, f"fill format -> {fmt.name}")
+    def _set_fill_formats(self, actions) -> list[ActionResult]:
+        """The format each sequence's blocks take as they fill, in any state before its
+        end: one still waiting is admitted at that format's bytes (its prompt written in
+        it chunk by chunk), as a request's ``kv_format`` is. All or none."""
+        todo = []
+        for a in actions:
+            s = self.seqs.get(a.seq_id) or self.idle.get(a.seq_id)
+            if s is None or s.state == FINISHED:
+                raise ActionError(f"unknown sequence {a.seq_id!r} (finished, or never "
+                                  "submitted)")
+            todo.append((a, s, FULL if a.bits == 0 and not a.v_bits
+                         else moves.check_format(a.bits, a.v_bits, a.fp8)))
+        out = []
+        for a, s, fmt in todo:
+            s.fill_format = fmt
+            kv = self.store.seqs.get(a.seq_id)
+            if kv is not None:
+                kv.fill_format = fmt
+            self._note(a.seq_id, f"fill format -> {fmt.name}")
+            out.append(ActionResult(a, True, {}, f"fill format -> {fmt.name}"))
+        return out
 
     def _check_movable_seq(self, seq_id: str) -> None:
         s = self.seqs.get(seq_id) or self.idle.get(seq_id)
