@@ -140,6 +140,7 @@ class KVFormat:
 
 _RANK = {0: 5, 8: 4, FP8_CODE: 3, 4: 2, 2: 1}
 FULL = KVFormat(0, 0)
+FP8 = KVFormat(8, 8, fp8=True)
 
 
 def parse_fill_format(name: str | None) -> KVFormat:
@@ -156,7 +157,6 @@ def parse_fill_format(name: str | None) -> KVFormat:
         raise ValueError(f"kv_format {name!r}: both keys and values need 8, 4 or 2 bits "
                          "(or 'full')")
     return fmt
-FP8 = KVFormat(8, 8, fp8=True)
 
 
 class ActionError(ValueError):
