@@ -159,17 +159,24 @@ def test_a_prompt_stalled_mid_write_by_growing_sequences_ends_well():
     assert sink.tokens[late] == 6 and all(sink.tokens[s] == 300 for s in growers)
 
 
+def waiting_behind(first_tokens: int):
+    """A 1 MiB engine decoding one prompt of ``first_tokens``, and a 900-token request
+    submitted behind it (stepped once: admitted if it fits)."""
+    e = make(1 << 20)
+    first = submit(e, first_tokens, None, new=400)
+    while e.seqs[first].state != "decode":
+        e.step()
+    late = submit(e, 900, None, new=4, seed=3)
+    e.step()
+    return e, late
+
+
 def test_a_fill_format_set_while_waiting_admits_at_its_bytes():
     """SetFillFormat on a request still waiting for room (any state before its end, as
     `kv_format` at submit): the engine admits it at that format's bytes, and keeps the
     format across a preemption that recomputes it."""
     from engine.actions import SetFillFormat
-    e = make(1 << 20)
-    first = submit(e, 400, None, new=400)
-    while e.seqs[first].state != "decode":
-        e.step()
-    late = submit(e, 900, None, new=4, seed=3)
-    e.step()
+    e, late = waiting_behind(400)
     assert e.seqs[late].state == "waiting"          # 900 tokens do not fit at full precision
     assert e.handle.snapshot().pressure_bytes > 0   # shown to the controller
     assert e.handle.apply(SetFillFormat(late, 4)).ok
@@ -190,12 +197,7 @@ def test_a_prompt_short_of_pages_not_bytes_shows_pressure():
     its bytes fit the free pages but its slots do not, the engine cannot admit it, and
     the snapshot says what is missing (whole pages) instead of no pressure at all."""
     from engine.actions import SetFillFormat
-    e = make(1 << 20)
-    first = submit(e, 600, None, new=400)
-    while e.seqs[first].state != "decode":
-        e.step()
-    late = submit(e, 900, None, new=4, seed=3)
-    e.step()
+    e, late = waiting_behind(600)
     e.handle.apply(SetFillFormat(late, 4))
     e.step()
     tier = e.handle.snapshot().tiers["gpu"]
