@@ -2,7 +2,7 @@
 # One device call, several measurements, each with its own time limit and its own log
 # under $OUT (what ran before a limit still comes back). Steps are named on the command
 # line; `all` runs them in this order:
-#   tests   CUDA tests (graphs, compile, kernels, parity)
+#   tests   CUDA tests (graphs, compile, kernels, parity): 270 s reached 47% on an H100
 #   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
 #   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
 #   e2e     benchmarks.engine_speed at batch 8 x 32K, old blocks int4 against full (issue 14)
@@ -28,7 +28,7 @@ steps=("$@")
 for s in "${steps[@]}"; do
   t0=$(date +%s)
   case $s in
-    tests) timeout "${T_TESTS:-300}" python -m pytest -q ${TESTS_X--x} -p no:cacheprovider \
+    tests) timeout "${T_TESTS:-560}" python -m pytest -q ${TESTS_X-} -p no:cacheprovider \
              tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py tests/kernels ;;
     speed) timeout "${T_SPEED:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
              --device cuda --dtype bfloat16 --batches "${SPEED_BATCHES:-1,8,32,64}" \
