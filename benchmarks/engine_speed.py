@@ -126,6 +126,19 @@ def pin_format(engine, seq_ids: list[str], fmt) -> None:
         engine.handle.apply(Quantize.to(i, old, fmt))
 
 
+def _step_events(engine, before: dict | None = None):
+    """Counters of what a step may do besides decoding; with ``before``, what changed."""
+    g = engine.runner.graphs.stats if engine.runner.graphs is not None else None
+    now = {"graph captures": g.num_graphs if g else 0, "eager steps": g.num_eager if g else 0,
+           "compacted pages": engine.store.compactions,
+           "moves": sum(len(s.moves) for s in engine.running),
+           "quantized blocks": sum(not b.fmt.is_full for s in engine.running
+                                   for b in engine.store.seqs[s.seq_id].blocks)}
+    if before is None:
+        return now
+    return ", ".join(f"{k} {now[k] - before[k]:+d}" for k in now if now[k] != before[k])
+
+
 def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float, float]:
     from engine.api import Request, SamplingParams
     sp = SamplingParams(max_tokens=1_000_000, ignore_eos=True)  # cancelled below
@@ -144,17 +157,21 @@ def _bench_kvctl(engine, prompts: list[list[int]], new: int, fmt) -> tuple[float
     made0 = sum(len(engine.seqs[i].output_ids) for i in ids)
     steps = max(1, new - warm - 1)
     each = []
-    for _ in range(steps):
+    for k in range(steps):
+        # what the engine did in the step besides decoding: graph captures, eager steps,
+        # compactions, moves (the slowest step says which, 2026-12-06: one of 245 ms)
+        before = _step_events(engine)
         t1 = time.perf_counter()
         engine.step()
-        each.append(time.perf_counter() - t1)
+        each.append((time.perf_counter() - t1, k, _step_events(engine, before)))
     # every token counted is on the host now (each step reads its own); a step launched
     # ahead (overlap_steps) may still run and is not counted
     dt = time.perf_counter() - t0
-    each.sort()
+    each.sort(key=lambda x: x[0])
+    slow, k, what = each[-1]
     print(f"  [{len(prompts)} x {fmt.name if fmt else 'full'}] {steps} steps after {warm} "
-          f"warm: median {each[len(each) // 2] * 1e3:.2f} ms, slowest {each[-1] * 1e3:.2f} ms",
-          flush=True)
+          f"warm: median {each[len(each) // 2][0] * 1e3:.2f} ms, slowest {slow * 1e3:.2f} ms "
+          f"(step {k}{': ' + what if what else ''})", flush=True)
     sync(engine.device)
     made = sum(len(engine.seqs[i].output_ids) for i in ids) - made0
     for i in ids:
