@@ -34,7 +34,11 @@ log = logging.getLogger("kvctl.engine.graphs")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_WIDTH = 16          # table columns of the narrowest graph
-MAX_FORMATS = 4         # formats one graph's table may hold (a kernel launch each a layer)
+# formats one graph's table may hold (a kernel launch each a layer, two formats a launch):
+# the seven the policy writes (full, int8, fp8, int4, k8v4, k4v2, int2) and one more.
+# At 4, a batch of adaptive sequences (their blocks in full, int8, int4, k4v2 and int2
+# on a 2-core capacity run, 2026-12-06) ran every step eager, 4-5x a replay
+MAX_FORMATS = 8
 MAX_TOPK_GRAPHS = 4     # graphs with top-k rows kept (each holds its rows' key summaries)
 
 
@@ -177,11 +181,17 @@ class DecodeGraphs:
             # a graph of a wider table serves a narrower one (holes past its columns, as
             # the start-up graphs serve short contexts; per-row splits read each row's
             # own blocks): no capture (~0.5 s on an 8B model) for every width a batch
-            # bucket passes through when long and short sequences come and go
-            wider = [k for k in self.graphs
-                     if k[0] == B and k[1] > width and k[2:] == key[2:]]
-            if wider:
-                key = min(wider, key=lambda k: k[1])
+            # bucket passes through when long and short sequences come and go. A mixed
+            # table also replays a mixed graph of more formats (the absent formats' runs
+            # are empty: a launch each that reads nothing), so the sets of formats a
+            # batch passes through as its sequences move do not each take a capture;
+            # the fewest extra formats first, then the narrowest
+            mine = set(key[2])
+            fits = [k for k in self.graphs
+                    if k[0] == B and k[1] >= width and k[3] == key[3]
+                    and (k[2] == key[2] or len(mine) > 1 and mine < set(k[2]))]
+            if fits:
+                key = min(fits, key=lambda k: (len(k[2]), k[1]))
         return self.failed.get(key, key)
 
     def note_eager(self, why: str) -> None:

@@ -141,6 +141,38 @@ def test_mixed_format_tables_replay_graphs(eng):
         assert float((a - b).abs().max()) < 1e-4
 
 
+def test_five_formats_and_a_subset_of_a_captured_graph_replay_graphs(eng):
+    """Five formats in one batch's tables (int8, int2, k4v2, int4 and the full newest)
+    replay a graph, no eager step; a later batch holding only int2 and full replays that
+    graph (its other formats' runs empty) without a capture of its own; both equal eager
+    steps."""
+    int2 = 2
+
+    def five(step, sids):
+        return {0: [Quantize(sids[0], (1, 2), 8), Quantize(sids[0], (3, 4), 4),
+                    Quantize(sids[1], (2, 3), 4, 2), Quantize(sids[1], (5, 6), int2)]
+                }.get(step, [])
+
+    def two(step, sids):
+        return {0: [Quantize(sids[0], (1, 2), int2)]}.get(step, [])
+    graphs = eng.runner.graphs
+    stats = graphs.stats
+    for moves, seed in ((five, 11), (two, 12)):
+        ps = prompts(340, 280, seed=seed)
+        eager0, replays0, keys0 = stats.num_eager, stats.num_replays, set(graphs.graphs)
+        lg, toks = decode(eng, ps, 8, moves)
+        assert stats.num_eager == eager0 and stats.num_replays - replays0 >= 7
+        new = set(graphs.graphs) - keys0
+        if moves is five:
+            assert any(len(k[2]) == 5 for k in graphs.graphs)
+        else:
+            assert not any(len(k[2]) == 2 for k in new)     # replayed the five-format one
+        ref_lg, ref_toks = decode(eng, ps, 8, moves, graphs=False)
+        assert toks == ref_toks
+        for a, b in zip(lg, ref_lg):
+            assert float((a - b).abs().max()) < 1e-4
+
+
 def test_a_graph_that_cannot_be_captured_runs_eager(eng, monkeypatch):
     """A capture that raises (out of memory, an op that cannot be captured) fails no
     step: that key's steps run eager, counted with the reason, tokens as eager."""
