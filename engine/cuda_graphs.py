@@ -181,15 +181,17 @@ class DecodeGraphs:
             # a graph of a wider table serves a narrower one (holes past its columns, as
             # the start-up graphs serve short contexts; per-row splits read each row's
             # own blocks): no capture (~0.5 s on an 8B model) for every width a batch
-            # bucket passes through when long and short sequences come and go. A mixed
-            # table also replays a mixed graph of more formats (the absent formats' runs
-            # are empty: a launch each that reads nothing), so the sets of formats a
-            # batch passes through as its sequences move do not each take a capture;
-            # the fewest extra formats first, then the narrowest
+            # bucket passes through when long and short sequences come and go. A table of
+            # three or more formats also replays a graph of more formats (the absent
+            # formats' runs are empty: a launch each that reads nothing), so the sets of
+            # formats a batch passes through as its sequences move do not each take a
+            # capture; the fewest extra formats first, then the narrowest. Two formats
+            # (a pinned format's steady state: old blocks in it, the newest full) keep
+            # their own graph: one launch reads both runs of a row
             mine = set(key[2])
             fits = [k for k in self.graphs
                     if k[0] == B and k[1] >= width and k[3] == key[3]
-                    and (k[2] == key[2] or len(mine) > 1 and mine < set(k[2]))]
+                    and (k[2] == key[2] or len(mine) > 2 and mine < set(k[2]))]
             if fits:
                 key = min(fits, key=lambda k: (len(k[2]), k[1]))
         return self.failed.get(key, key)

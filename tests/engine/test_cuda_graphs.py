@@ -143,9 +143,9 @@ def test_mixed_format_tables_replay_graphs(eng):
 
 def test_five_formats_and_a_subset_of_a_captured_graph_replay_graphs(eng):
     """Five formats in one batch's tables (int8, int2, k4v2, int4 and the full newest)
-    replay a graph, no eager step; a later batch holding only int2 and full replays that
-    graph (its other formats' runs empty) without a capture of its own; both equal eager
-    steps."""
+    replay a graph, no eager step; a later batch of three of them (int8, int2, full)
+    replays that graph (its other formats' runs empty) without a capture of its own;
+    both equal eager steps."""
     int2 = 2
 
     def five(step, sids):
@@ -153,11 +153,12 @@ def test_five_formats_and_a_subset_of_a_captured_graph_replay_graphs(eng):
                     Quantize(sids[1], (2, 3), 4, 2), Quantize(sids[1], (5, 6), int2)]
                 }.get(step, [])
 
-    def two(step, sids):
-        return {0: [Quantize(sids[0], (1, 2), int2)]}.get(step, [])
+    def three(step, sids):
+        return {0: [Quantize(sids[0], (1, 2), int2), Quantize(sids[1], (2, 3), 8)]
+                }.get(step, [])
     graphs = eng.runner.graphs
     stats = graphs.stats
-    for moves, seed in ((five, 11), (two, 12)):
+    for moves, seed in ((five, 11), (three, 12)):
         ps = prompts(340, 280, seed=seed)
         eager0, replays0, keys0 = stats.num_eager, stats.num_replays, set(graphs.graphs)
         lg, toks = decode(eng, ps, 8, moves)
@@ -166,7 +167,7 @@ def test_five_formats_and_a_subset_of_a_captured_graph_replay_graphs(eng):
         if moves is five:
             assert any(len(k[2]) == 5 for k in graphs.graphs)
         else:
-            assert not any(len(k[2]) == 2 for k in new)     # replayed the five-format one
+            assert not any(len(k[2]) == 3 for k in new)     # replayed the five-format one
         ref_lg, ref_toks = decode(eng, ps, 8, moves, graphs=False)
         assert toks == ref_toks
         for a, b in zip(lg, ref_lg):

@@ -62,32 +62,34 @@ def test_step_times_are_moving_averages_per_kind():
 
 
 def test_a_mixed_table_replays_a_graph_of_more_formats(tiny):
-    """A batch of several formats replays a captured graph whose formats include its own
-    (fewest extra formats first, then the narrowest), instead of a capture per set of
-    formats; a full-precision batch never takes a mixed graph; five formats in one table
-    still get a graph (at most MAX_FORMATS)."""
+    """A batch of three or more formats replays a captured graph whose formats include
+    its own (fewest extra formats first, then the narrowest) instead of a capture per
+    set of formats; two formats (one launch reads both runs) and full precision keep
+    their own graphs; five formats in one table still get a graph (MAX_FORMATS)."""
     from engine.actions import Quantize
     from engine.layout import KVFormat
     int8, int4, k4v2, int2 = (KVFormat.parse(f) for f in ("int8", "int4", "k4v2", "int2"))
+    def fm(*fs):                      # as keys hold them: by code
+        return tuple(sorted((FULL,) + fs, key=lambda f: f.code))
     a, b = start(tiny, 120), start(tiny, 80)
     g = graphs_over(tiny.store)
+    g.graphs[(2, 64, fm(int8, int4), ())] = g.graphs[(1, 64, fm(int4), ())] = object()
     tiny.handle.apply(Quantize(a, (1, 2), 4))
-    mixed = g.key([(a, 0), (b, 0)])
-    assert mixed == (2, 32, (FULL, int4), ())
-    big = (2, 64, (FULL, int8, int4), ())
-    bigger = (2, 32, (FULL, int8, int4, k4v2), ())
+    assert g.key([(a, 0), (b, 0)]) == (2, 32, fm(int4), ())         # two: its own
+    assert g.key([(b, 0)]) == (1, 32, (FULL,), ())                  # full: its own
+    tiny.handle.apply(Quantize(b, (1, 2), 2))
+    three = (2, 32, fm(int4, int2), ())
+    assert g.key([(a, 0), (b, 0)]) == three                         # none includes it
+    big = (2, 64, fm(int8, int4, int2), ())
+    bigger = (2, 32, fm(int8, int4, k4v2, int2), ())
     g.graphs[big] = g.graphs[bigger] = object()
-    assert g.key([(a, 0), (b, 0)]) == big                 # one extra format, not two
-    g.graphs[(2, 32, (FULL, int8), ())] = object()
-    assert g.key([(a, 0), (b, 0)]) == big                 # (FULL, int8) lacks int4
-    assert g.key([(b, 0), (b, 0)][:1]) == (1, 32, (FULL,), ())   # full: its own graph
-    g.graphs[(1, 64, (FULL, int4), ())] = object()
-    assert g.key([(b, 0)]) == (1, 32, (FULL,), ())        # never a mixed one
+    assert g.key([(a, 0), (b, 0)]) == big                           # one extra, not two
     tiny.handle.apply(Quantize(a, (3, 4), 8))
     tiny.handle.apply(Quantize(a, (5, 6), 4, 2))
-    tiny.handle.apply(Quantize(b, (1, 2), 2))
     five = g.key([(a, 0), (b, 0)])
-    assert not isinstance(five, str) and len(five[2]) == 5
+    assert five == bigger and len(five[2]) == 5
+    g.graphs.clear()
+    assert g.key([(a, 0), (b, 0)]) == bigger                        # its own, not eager
     for s in (a, b):
         tiny.cancel(s)
     tiny.step()
