@@ -15,8 +15,7 @@ from typing import Callable
 
 from engine import moves
 from engine.actions import (Action, ActionError, ActionResult, DropSession, Evict, Fetch,
-                            Offload, Quantize, Restore, SetDecodeMode, SetFillFormat)
-from engine.layout import FULL
+                            Offload, Quantize, Restore, SetDecodeMode)
 from engine.store import ARENA_OF, GPU, HOST, PARKED, KVStore
 
 Undo = Callable[[], None]
@@ -73,15 +72,6 @@ def _apply(store: KVStore, a: Action) -> tuple[dict[str, int], str, Undo]:
         fmt = moves.check_format(a.bits, a.v_bits, a.fp8)
         freed = moves.quantize(store, a.seq_id, a.blocks, fmt)
         return {GPU: freed}, f"quantize {len(a.blocks)} blocks -> {fmt.name}", _nothing
-    if isinstance(a, SetFillFormat):
-        kv = store.seqs.get(a.seq_id)
-        if kv is None:
-            raise ActionError(f"unknown sequence {a.seq_id!r}")
-        fmt = (FULL if a.bits == 0 and not a.v_bits
-               else moves.check_format(a.bits, a.v_bits, a.fp8))
-        old = kv.fill_format
-        kv.fill_format = fmt
-        return {}, f"fill format -> {fmt.name}", lambda: setattr(kv, "fill_format", old)
     if isinstance(a, SetDecodeMode):
         kv = store.seqs.get(a.seq_id)
         old = (kv.decode_mode, kv.top_k) if kv is not None else None

@@ -746,13 +746,13 @@ class Engine(OfflineMixin, SessionsMixin):
         prompt's too, chunk by chunk, so it never holds more than about a chunk at full
         precision)."""
         for s in self.running:
-            kv = self.store.seqs.get(s.seq_id)
-            if kv is None or kv.fill_format == FULL or s.state not in (DECODE, PREFILL):
+            if s.fill_format == FULL or s.state not in (DECODE, PREFILL) \
+                    or s.seq_id not in self.store.seqs:
                 continue
             idx = moves.fill_candidates(self.store, s.seq_id)
             if idx:
                 try:
-                    moves.quantize(self.store, s.seq_id, idx, kv.fill_format)
+                    moves.quantize(self.store, s.seq_id, idx, s.fill_format)
                 except ActionError as err:  # no room to convert now: try next step
                     log.debug("fill quantization of %s deferred: %s", s.seq_id, err)
 
@@ -803,14 +803,17 @@ class Engine(OfflineMixin, SessionsMixin):
             if s.stalled:
                 s.stalled_since = now
 
+    def _next_chunk(self, s: Sequence) -> int:
+        """Tokens of a prompt's next prefill chunk at most (one step's budget)."""
+        return min(len(s.context_ids) - s.num_prefilled, self.config.max_batch_tokens)
+
     def _has_room_alone(self, s: Sequence) -> bool:
         """Whether a decoding sequence's next token fits now with no other sequence in
         the step: a block to write into and staging for its offloaded blocks (for a
         prompt written a chunk at a time, its next chunk). Its ``stalled`` flag is from
         this step's schedule, before finishes freed blocks."""
         if s.state == PREFILL:
-            left = len(s.context_ids) - s.num_prefilled
-            return self.store.can_reserve(s.seq_id, min(left, self.config.max_batch_tokens))
+            return self.store.can_reserve(s.seq_id, self._next_chunk(s))
         return (staging_need(self.store, s.seq_id) <= self.store.staging_half
                 and self.store.can_reserve(s.seq_id, 1))
 
@@ -886,22 +889,22 @@ class Engine(OfflineMixin, SessionsMixin):
             actions = tuple(actions)
             res = CandidateResult(actions)
             try:
-                if actions and all(isinstance(a, SetFillFormat) for a in actions):
-                    res.results = self._set_fill_formats(actions)
-                    out.append(res)
-                    continue
-                for sid in {a.seq_id for a in actions}:
+                # a fill format is no move (any state before the end, no blocks change):
+                # checked first, set once the candidate's moves are applied
+                fills = self._fill_formats([a for a in actions if isinstance(a, SetFillFormat)])
+                moved = tuple(a for a in actions if not isinstance(a, SetFillFormat))
+                for sid in {a.seq_id for a in moved}:
                     self._check_movable_seq(sid)
-                if any(isinstance(a, DropSession) for a in actions):
-                    res.results = [self._apply_drop(actions)]
-                else:
-                    res.results = apply_mod.apply_candidate(self.store, actions, self._note)
-                    for sid in {a.seq_id for a in actions if isinstance(a, Evict)}:
+                if any(isinstance(a, DropSession) for a in moved):
+                    res.results = [self._apply_drop(moved)]
+                elif moved:
+                    res.results = apply_mod.apply_candidate(self.store, moved, self._note)
+                    for sid in {a.seq_id for a in moved if isinstance(a, Evict)}:
                         self._rebase_stats(sid)
-                    for a in actions:   # with other moves: the sequence keeps it too
-                        if isinstance(a, SetFillFormat):
-                            s = self.seqs.get(a.seq_id) or self.idle[a.seq_id]
-                            s.fill_format = self.store.seqs[a.seq_id].fill_format
+                for a, s, fmt in fills:
+                    s.fill_format = fmt
+                    self._note(a.seq_id, f"fill format -> {fmt.name}")
+                    res.results.append(ActionResult(a, True, {}, f"fill format -> {fmt.name}"))
             except ActionError as err:
                 res.error = str(err)
             out.append(res)
@@ -927,26 +930,18 @@ class Engine(OfflineMixin, SessionsMixin):
         self.num_sessions_dropped += 1
         return ActionResult(a, True, by_tier, f"drop session {sess_id}")
 
-    def _set_fill_formats(self, actions) -> list[ActionResult]:
-        """The format each sequence's blocks take as they fill, in any state before its
-        end: one still waiting is admitted at that format's bytes (its prompt written in
-        it chunk by chunk), as a request's ``kv_format`` is. All or none."""
-        todo = []
+    def _fill_formats(self, actions) -> list[tuple]:
+        """(action, sequence, format) of each SetFillFormat, or ActionError: the format
+        a sequence's blocks take as they fill, in any state before its end (one still
+        waiting is admitted at that format's bytes, as a request's ``kv_format`` is)."""
+        out = []
         for a in actions:
             s = self.seqs.get(a.seq_id) or self.idle.get(a.seq_id)
             if s is None or s.state == FINISHED:
                 raise ActionError(f"unknown sequence {a.seq_id!r} (finished, or never "
                                   "submitted)")
-            todo.append((a, s, FULL if a.bits == 0 and not a.v_bits
-                         else moves.check_format(a.bits, a.v_bits, a.fp8)))
-        out = []
-        for a, s, fmt in todo:
-            s.fill_format = fmt
-            kv = self.store.seqs.get(a.seq_id)
-            if kv is not None:
-                kv.fill_format = fmt
-            self._note(a.seq_id, f"fill format -> {fmt.name}")
-            out.append(ActionResult(a, True, {}, f"fill format -> {fmt.name}"))
+            out.append((a, s, FULL if a.bits == 0 and not a.v_bits
+                        else moves.check_format(a.bits, a.v_bits, a.fp8)))
         return out
 
     def _check_movable_seq(self, seq_id: str) -> None:

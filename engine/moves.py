@@ -192,12 +192,10 @@ def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
 
 
 def fill_candidates(store: KVStore, seq_id: str) -> list[int]:
-    """Full, non-newest, full-precision GPU blocks of a sequence with a fill format
+    """Full, non-newest, full-precision GPU blocks of a sequence, for its fill format
     (its own: a block it shares with others stays as it is, since converting it would
     copy it and free nothing)."""
     s = store.seqs[seq_id]
-    if s.fill_format == FULL:
-        return []
     T = store.block_size
     # the engine asks every step for every such sequence: the format's code first (one
     # attribute: most blocks are converted already)

@@ -84,8 +84,7 @@ class SessionsMixin:
         if self.config.prefix_caching:
             digests, entries = match_prompt(store, ids, self.config.observe_window,
                                             s.request.session_id)
-        kv = store.add_sequence(sid)
-        kv.fill_format = s.fill_format
+        store.add_sequence(sid)
         if entries:
             store.share(sid, entries)
         room = self._admission_room(s, len(entries))

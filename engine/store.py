@@ -52,7 +52,6 @@ class SeqKV:
     seq_id: str
     blocks: list[Block] = field(default_factory=list)
     num_tokens: int = 0       # tokens written (positions 0 .. num_tokens-1)
-    fill_format: KVFormat = FULL  # format full blocks are converted to when they fill
     decode_mode: str = "exact"    # over offloaded blocks: 'exact' (stream all) or 'topk'
     top_k: int = 0                # offloaded blocks fetched per layer in 'topk' mode
 
@@ -176,8 +175,8 @@ class KVStore:
         for tier, sizes in need.items():
             if not self.make_room(tier, sizes):
                 raise OutOfBlocks(f"no room in the {tier} tier to fork {src_id}")
-        dst = SeqKV(dst_id, num_tokens=src.num_tokens, fill_format=src.fill_format,
-                    decode_mode=src.decode_mode, top_k=src.top_k)
+        dst = SeqKV(dst_id, num_tokens=src.num_tokens, decode_mode=src.decode_mode,
+                    top_k=src.top_k)
         for b in src.blocks:
             nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
                        None if b.summary is None else b.summary.clone())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.headline.gpu import controller_for, release_engine
+from benchmarks.headline.gpu import controller_for, pin_request, release_engine
 
 SETTLE_DEFAULT = 20.0   # s without an admission before a count is 'not met'
 
@@ -35,7 +35,6 @@ SETTLE_DEFAULT = 20.0   # s without an admission before a count is 'not met'
 def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
     """Submit every prompt at once (no end: max_tokens unbounded); wait until all run at
     once, a preemption, a lost request, or ``--settle-s`` without a new admission."""
-    from controller.strategies import fill_format_of
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
@@ -69,13 +68,10 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
     tele.start()
     t0 = time.monotonic()
     sids = []
-    pinned = ctl is not None and not cfg.startswith("adaptive:")
-    kv_format = fill_format_of(cfg) if pinned else None   # as the daemon writes a pin's
     for i, ids in enumerate(prompts):
         sid = f"c{i}"
-        if pinned:
-            policy.pin(sid, cfg)
-        e.submit(Request(prompt_ids=ids, seq_id=sid, kv_format=kv_format,
+        e.submit(Request(prompt_ids=ids, seq_id=sid,
+                         kv_format=pin_request(policy, ctl, cfg, sid),
                          sampling=SamplingParams(max_tokens=1 << 20, ignore_eos=True)),
                  on_event, prompt_ids=ids)
         sids.append(sid)

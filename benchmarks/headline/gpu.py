@@ -102,8 +102,18 @@ def release_engine() -> None:
         torch.cuda.empty_cache()
 
 
-def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
+def pin_request(policy, ctl, cfg: str, seq_id: str) -> str | None:
+    """A fixed strategy ``cfg`` pinned to ``seq_id`` as an operator pins it, and the
+    format its prompt is then written in (what the daemon does for a request that names
+    the strategy: controller/convert.py); None for adaptive or no controller."""
     from controller.strategies import fill_format_of
+    if ctl is None or cfg.startswith("adaptive:"):
+        return None
+    policy.pin(seq_id, cfg)
+    return fill_format_of(cfg)
+
+
+def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> dict:
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
@@ -155,14 +165,9 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     e.start()
     tele.start()
     t0 = time.perf_counter()
-    # a pinned fixed format writes the prompt in it (what the daemon does for a request
-    # that names the strategy: controller/convert.py)
-    pinned = ctl is not None and not cfg.startswith("adaptive:")
-    kv_format = fill_format_of(cfg) if pinned else None
     for i, (ids, n_new) in enumerate(reqs):
         sid = f"w{i}"
-        if pinned:
-            policy.pin(sid, cfg)
+        kv_format = pin_request(policy, ctl, cfg, sid)
         while True:
             try:
                 with lock:

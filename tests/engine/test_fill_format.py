@@ -185,7 +185,7 @@ def test_a_fill_format_set_while_waiting_admits_at_its_bytes():
         if e.seqs[late].state == "decode":
             break
     assert e.seqs[late].state == "decode"
-    assert e.store.seqs[late].fill_format == INT4
+    assert {b.fmt for b in e.store.seqs[late].blocks[:-1]} == {INT4}   # its prompt
     e.preempt(e.seqs[late])                         # dropped, recomputed on return
     assert e.seqs[late].fill_format == INT4
     with pytest.raises(Exception, match="unknown sequence"):
