@@ -29,7 +29,7 @@ for s in "${steps[@]}"; do
   t0=$(date +%s)
   case $s in
     tests) timeout "${T_TESTS:-560}" python -m pytest -q ${TESTS_X-} -p no:cacheprovider \
-             tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py tests/kernels ;;
+             ${TESTS:-tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py tests/kernels} ;;
     speed) timeout "${T_SPEED:-300}" python -m benchmarks.engine_speed --model random:llama3-8b \
              --device cuda --dtype bfloat16 --batches "${SPEED_BATCHES:-1,8,32,64}" \
              --prompt 1024 --new 64 --kv-budget-gb 20 --compile --json "$OUT/speed.json" ;;
