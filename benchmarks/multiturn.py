@@ -54,7 +54,7 @@ def _engine(args, prefix: bool):
                        kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)),
                        host_budget_bytes=int(args.host_budget_gb * (1 << 30)),
                        max_batch_tokens=args.max_batch_tokens, prefix_caching=prefix,
-                       max_running=max(8, args.chats))
+                       max_running=max(8, args.chats), prefill_cut_tokens=args.prefill_cut)
     e = Engine(cfg)
     e.start()
     return e
@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--host-budget-gb", type=float, default=1.0)
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--floor-reps", type=int, default=3)
+    ap.add_argument("--prefill-cut", type=int, default=None,
+                    help="engine.prefill_cut_tokens (default: the engine's; 0 packs steps)")
     ap.add_argument("--json", default="", help="write the rows here too")
     ap.add_argument("--budget-mb", type=float, default=0.0,
                     help="round-robin chats under a controller with this GPU budget")

@@ -51,6 +51,10 @@ class EngineConfig:
     kv_budget_fraction: float = 0.9
     host_budget_bytes: int = DEFAULT_HOST_BYTES  # host arena (offload, parking); 0 = none
     max_batch_tokens: int = 512    # tokens one step packs (decode + prefill chunks)
+    prefill_cut_tokens: int | None = None  # a step that finishes a prompt takes no next
+                                   # prompt's chunk once it holds this many tokens (the
+                                   # finished prompt's first token does not wait on the next
+                                   # prompt's work); None = max_batch_tokens // 4; 0 = pack
     max_running: int = 256         # sequences admitted at once
     max_waiting: int = 1024        # queued requests; beyond, submit is refused (retry later)
     num_threads: int = 0           # torch CPU threads; 0 = available CPUs - 1
@@ -107,6 +111,9 @@ class EngineConfig:
         for name in ("max_batch_tokens", "max_running", "max_waiting", "value_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_cut_tokens is not None and self.prefill_cut_tokens < 0:
+            raise ValueError("engine.prefill_cut_tokens must be >= 0, got "
+                             f"{self.prefill_cut_tokens}")
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError("engine.overlap_steps must be auto, on or off, got "
                              f"{self.overlap_steps!r}")

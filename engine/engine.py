@@ -579,7 +579,10 @@ class Engine(OfflineMixin, SessionsMixin):
                 self._changed = True
             decode.append((s.seq_id, s.output_ids[-1]))
             dec_seqs.append(s)
-        budget = max(0, min(self.config.max_batch_tokens, self._token_cap) - len(decode))
+        cap = min(self.config.max_batch_tokens, self._token_cap)
+        budget = max(0, cap - len(decode))
+        cut = self.config.prefill_cut_tokens
+        cut = self.config.max_batch_tokens // 4 if cut is None else cut
         chunks: list[Chunk] = []
         pre_seqs: list[Sequence] = []
         for s in self.running:
@@ -602,6 +605,11 @@ class Engine(OfflineMixin, SessionsMixin):
                                 "last" if last else "none"))
             pre_seqs.append(s)
             budget -= len(toks)
+            if last and cut and cap - budget >= cut:
+                # the step already holds enough work to run efficiently: the next
+                # prompt's chunk would only hold this one's first token back (its
+                # tokens advance it no sooner than a step of its own would)
+                break
         if not decode and not chunks:
             return None
         return decode, dec_seqs, chunks, pre_seqs

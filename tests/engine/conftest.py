@@ -33,9 +33,10 @@ def long_ids(engine):
 
 @pytest.fixture
 def tiny():
-    """A 2-layer random Llama: fast engine tests of bookkeeping."""
+    """A 2-layer random Llama: fast engine tests of bookkeeping. Every step packed full
+    (prefill_cut_tokens=0): tests prefill several prompts in one step."""
     e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
                             block_size=4, kv_budget_bytes=2 << 20, page_bytes=4096,
-                            max_batch_tokens=64))
+                            max_batch_tokens=64, prefill_cut_tokens=0))
     yield e
     e.stop()

@@ -167,3 +167,33 @@ def test_engine_step_thread_runs_at_the_configured_nice():
             e.stop()
     with pytest.raises(ValueError, match="thread_nice"):
         EngineConfig(model="random:tiny", thread_nice=20)
+
+
+@pytest.mark.parametrize("cut, b_first_step", [(None, 0), (0, 24)])
+def test_a_finishing_prompt_does_not_wait_on_the_next_prompts_chunk(cut, b_first_step):
+    # two 40-token prompts arrive together, 64-token steps. By default the step in which
+    # the first prompt finishes holds nothing of the second (its first token comes after
+    # its own 40 tokens' work, not 64); prefill_cut_tokens=0 packs every step full
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
+                            kv_budget_bytes=2 << 20, page_bytes=4096, max_batch_tokens=64,
+                            prefill_cut_tokens=cut))
+    try:
+        sp = SamplingParams(max_tokens=3, ignore_eos=True)
+        done: dict[str, FinishEvent] = {}
+
+        def cb(ev):
+            if isinstance(ev, FinishEvent):
+                done[ev.seq_id] = ev
+        a, b = (e.submit(Request(prompt_ids=[5 + i] * 40, sampling=sp), cb) for i in range(2))
+        e.step()
+        assert len(e.seqs[a].output_ids) == 1 and e.seqs[b].num_prefilled == b_first_step
+        for _ in range(20):
+            e.step()
+        assert [done[i].num_generated for i in (a, b)] == [3, 3]
+    finally:
+        e.stop()
+
+
+def test_prefill_cut_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="prefill_cut_tokens"):
+        EngineConfig(model="random:tiny", prefill_cut_tokens=-1)
