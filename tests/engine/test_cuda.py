@@ -14,7 +14,8 @@ def gpu_engine():
     torch.backends.cuda.matmul.allow_tf32 = False
     e = Engine(EngineConfig(model="random:smollm2-135m", device="cuda", dtype="float32",
                             kv_budget_bytes=1 << 30, host_budget_bytes=1 << 30,
-                            max_batch_tokens=512, prefix_caching=False))
+                            max_batch_tokens=512, prefix_caching=False,
+                            prefill_cut_tokens=0))   # prompts prefill in one step
     yield e
     e.stop()
 

@@ -97,6 +97,31 @@ def test_admission_counts_compressed_prompts():
     assert preempted == 0
 
 
+def test_prompts_waiting_their_turn_to_be_written_hold_no_full_precision_room():
+    """Admitted prompts in a format are written one chunk after another: one not yet
+    written holds nothing, so full-precision room is taken only by the chunks being
+    written, and the bytes admission counts (the prompts in int4) decide how many run.
+    Each admitted prompt used to hold its first chunk at full precision until its turn
+    (an H100 at 32K: 7.5 GB of idle chunks, 10 pinned-int4 sequences where 15 fit)."""
+    e = make(1 << 20)
+    sids = [submit(e, 600, "int4", new=200, seed=i) for i in range(10)]
+    e.step()
+    admitted = [s for s in sids if e.seqs[s].state != "waiting"]
+    unwritten = [s for s in admitted if e.seqs[s].num_prefilled == 0]
+    assert len(admitted) > 1 and unwritten
+    assert all(not e.store.seqs[s].blocks for s in unwritten)
+    full_blocks = sum(b.fmt == FULL for s in admitted for b in e.store.seqs[s].blocks)
+    assert full_blocks <= e.store.blocks_for(CHUNK) + 2
+    # the prompts' int4 bytes fill the tier, not their waiting chunks
+    most = 0
+    for _ in range(120):
+        e.step()
+        most = max(most, len(e.running))
+    int4_prompt = e._admission_bytes(600, INT4) - e._admission_bytes(CHUNK, FULL)
+    assert most >= (1 << 20) // int4_prompt - 2, (most, int4_prompt)
+    assert e.num_preemptions == 0
+
+
 def test_prompts_admitted_in_a_format_do_not_overcommit_the_tier():
     """Room for a prompt written a chunk at a time is not taken at once: admission counts
     what the prompts admitted before still owe, so none stalls mid-prompt, nothing is
