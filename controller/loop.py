@@ -103,6 +103,13 @@ class PolicyLoop:
         # alone, a 27-sequence batch on an H100 took 490 exact offloads and streamed
         # 20 GB/s at every step (docs/BENCHMARKS.md, the headline's speed side)
         weight = get_profile(profile).latency_weight * max(1, snapshot.num_running)
+        # room for requests that wait is not bought with step time: a move that streams
+        # blocks at every step slows every sequence running, and the room it frees goes
+        # to admitting more, whose blocks then stream too. On an H100 under 4x pressure
+        # adaptive admitted all 49 requests by offloading and ran 204 ms steps against
+        # pinned int4's 43 (95.4 tok/s against 281.7; docs/BENCHMARKS.md). While a
+        # running sequence is stalled such moves stay (the other way out is a preemption)
+        queued = snapshot.num_waiting > 0 and not snapshot.num_stalled
         items: list[tuple[object, Candidate]] = []
         for seq in snapshot.sequences:
             target = targets.get(seq.seq_id)
@@ -130,6 +137,8 @@ class PolicyLoop:
                      if seq.seq_id in fell and p.source == "learned" else p
                      for (seq, c), p in zip(items, preds)]
         for (seq, cand), p in zip(items, preds):
+            if queued and p.latency_s > 0:
+                continue
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
                                          p.latency_s, p.source, total, seq.num_tokens))

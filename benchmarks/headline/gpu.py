@@ -124,7 +124,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                             num_threads=a.threads, seed=a.seed))
     policy, ctl = controller_for(a, cfg, e)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
-    seen = dict(max_running=0, bus=[], offload_read=[], last=None)
+    seen = dict(max_running=0, bus=[], offload_read=[], last=None, timeline=[])
+    t_start = time.perf_counter()
 
     def on_sample(s) -> None:
         snap = s.snapshot
@@ -140,6 +141,24 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
         last, seen["last"] = seen["last"], (snap.time, snap.step)
         if last is not None and snap.time > last[0]:
             seen["offload_read"].append(per_step * (snap.step - last[1]) / (snap.time - last[0]))
+        # one point a tick: what the steps cost against what they stream (a run that is
+        # slower than its peers says why: rows, bytes on each tier and decode mode, steps
+        # a second, captures)
+        dec = [v for v in snap.sequences if v.state == "decode"]
+        g = snap.graphs or {}
+        seen["timeline"].append(dict(
+            t=round(time.perf_counter() - t_start, 3), step=snap.step,
+            running=snap.num_running, waiting=snap.num_waiting, stalled=snap.num_stalled,
+            decoding=len(dec), gpu_bytes=snap.tiers["gpu"].used_bytes,
+            host_exact=sum(v.bytes_by_tier.get("host", 0) for v in dec
+                           if v.decode_mode == "exact"),
+            host_topk=sum(v.bytes_by_tier.get("host", 0) for v in dec
+                          if v.decode_mode == "topk"),
+            topk_rows=sum(v.decode_mode == "topk" and v.bytes_by_tier.get("host", 0) > 0
+                          for v in dec),
+            replay_step_ms=round(g.get("replay_step_s", 0.0) * 1e3, 2),
+            captures=g.get("num_graphs", 0), capture_s=round(g.get("capture_seconds", 0.0), 2),
+            pressure=snap.pressure_bytes))
     tele.on_sample.append(on_sample)
 
     lock = threading.Lock()
@@ -217,7 +236,12 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                ooms=e.num_oom_retries - oom0 + refused,
                step_failures=e.num_step_failures - fail0, max_running=seen["max_running"],
                decisions=dict(collections.Counter(d.kind for d in ctl.log.recent()))
-               if ctl is not None else {})
+               if ctl is not None else {},
+               # what each move was (the first 400), and the run tick by tick
+               moves=[dict(t=round(d.time, 3), kind=d.kind, seq=d.seq_id, action=d.action,
+                           freed=d.freed_bytes, cost=d.predicted_cost)
+                      for d in ctl.log.recent()[:400]] if ctl is not None else [],
+               timeline=seen["timeline"])
     if seen["bus"]:
         out["bus_gb_s"] = sum(seen["bus"]) / len(seen["bus"]) / 1e9
         out["bus_source"] = "NVML PCIe RX+TX, mean over samples"

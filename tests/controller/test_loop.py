@@ -437,3 +437,31 @@ def test_idle_sessions_give_before_live_sequences(host):
             assert all(b.fmt == FULL and b.tier == "gpu" for b in e.store.seqs[s].blocks)
     finally:
         e.stop()
+
+
+def test_room_for_waiting_requests_is_not_bought_with_step_time(eng):
+    """On a GPU bus, while requests wait and nothing running is stalled, no move that
+    adds step time (offloads streamed every step) is offered: the room would admit more
+    requests and slow every step. Compressions still are; with a stalled sequence
+    (the other way out is a preemption) offloads are offered again."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    bus = Bus(55.3e9, 0.0, "a GPU's PCIe")
+    snap = eng.handle.snapshot()
+
+    def offered(s):
+        return {m.candidate.strategy: m for m in
+                c.loop._priced(s, {ids[0]: 1 << 30}, "balanced", {}, bus)[ids[0]]}
+    free = offered(snap)
+    assert free["offload_exact"].latency_s > 0
+    queued = offered(replace(snap, num_waiting=3, pressure_bytes=1 << 20))
+    assert queued and all(m.latency_s == 0 for m in queued.values())
+    assert "offload_exact" not in queued and "mixed_precision" in queued
+    stalled = offered(replace(snap, num_waiting=3, num_stalled=1))
+    assert "offload_exact" in stalled
+    # the CPU has no bus: its offloads cost no step time and stay on offer
+    assert "offload_exact" in {m.candidate.strategy for m in c.loop._priced(
+        replace(snap, num_waiting=3), {ids[0]: 1 << 30}, "balanced", {}, Bus.none())[ids[0]]}
