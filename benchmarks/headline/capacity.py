@@ -11,8 +11,10 @@ no shared prefix) that never end by themselves are submitted at once to a fresh 
 with no host tier (nothing can leave the GPU budget), driven by the daemon's wiring
 (telemetry ticks ``Controller.tick``, watermarks 0.90 / 0.75); N grows through
 ``--counts`` (default: multiples of the number of full-precision sequences the budget
-holds) until a count is not met. A count is met when all N run at once, before any
-preemption, OOM or lost request and before ``--settle-s`` pass with no admission. The capacity is the
+holds) until a count is not met. A count is met when all N have written their prompts and
+decode at once, before any preemption, OOM or lost request and before ``--settle-s`` pass
+with no admission and no prompt written to its end. (Until 2026-12-06 a count was met
+when all N were admitted, some prompts possibly still unwritten.) The capacity is the
 largest count met; its ratio to the ``none`` config's is the claim's figure (int4 >= 3x,
 adaptive >= 4x full). Accuracy at those formats: the accuracy side of the suite.
 """
@@ -45,7 +47,8 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
                             max_running=max(256, len(prompts)), num_threads=a.threads,
                             seed=a.seed))
     policy, ctl = controller_for(a, cfg, e)
-    seen = dict(max_running=0, last_change=time.monotonic(), running=0)
+    seen = dict(max_running=0, last_change=time.monotonic(), running=0, decoding=0,
+                max_decoding=0)
 
     def on_sample(smp) -> None:
         snap = smp.snapshot
@@ -53,9 +56,14 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
             return
         if ctl is not None:
             ctl.tick(snap, smp.gpu)
-        if snap.num_running != seen["running"]:
-            seen["running"], seen["last_change"] = snap.num_running, time.monotonic()
+        # progress: an admission, or a prompt written to its end
+        decoding = sum(v.state in ("decode", "stalled") and v.num_generated > 0
+                       for v in snap.sequences)
+        if (snap.num_running, decoding) != (seen["running"], seen["decoding"]):
+            seen["running"], seen["decoding"] = snap.num_running, decoding
+            seen["last_change"] = time.monotonic()
         seen["max_running"] = max(seen["max_running"], snap.num_running)
+        seen["max_decoding"] = max(seen["max_decoding"], decoding)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
     tele.on_sample.append(on_sample)
     finished: dict[str, str] = {}
@@ -78,8 +86,8 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
     why = "timeout"
     while time.monotonic() - t0 < a.timeout_s:
         time.sleep(a.tick_s)
-        if seen["max_running"] >= len(prompts):
-            why = "all running"
+        if seen["max_decoding"] >= len(prompts):
+            why = "all decoding"
             break
         if e.num_preemptions > pre0:
             why = "preempted"
@@ -88,7 +96,7 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
             why = "a request finished: " + ", ".join(sorted(set(finished.values())))
             break
         if time.monotonic() - seen["last_change"] > a.settle_s:
-            why = f"no admission for {a.settle_s:g} s"
+            why = f"no admission or written prompt for {a.settle_s:g} s"
             break
     wall = time.monotonic() - t0
     tele.stop()
@@ -101,6 +109,7 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
         e.cancel(sid)
     e.stop()
     return dict(config=cfg, count=len(prompts), max_running=seen["max_running"],
+                max_decoding=seen["max_decoding"],
                 preemptions=e.num_preemptions - pre0, ooms=e.num_oom_retries - oom0,
                 lost=sum(1 for r in finished.values() if r == "error"), ended=why,
                 seconds=wall, bytes_by_format=fmts,
@@ -158,10 +167,11 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             r = run_count(a, cfg, prompts, budget)
             release_engine()
-            r["met"] = (r["max_running"] >= n and r["preemptions"] == 0 and r["lost"] == 0
+            r["met"] = (r["max_decoding"] >= n and r["preemptions"] == 0 and r["lost"] == 0
                         and r["ooms"] == 0)
             rows.append(r)
             print(f"[{time.time() - t0:.0f}s] {cfg} x{n}: max running {r['max_running']}, "
+                  f"prompts written and decoding at once {r['max_decoding']}, "
                   f"preemptions {r['preemptions']}, lost {r['lost']}, OOMs {r['ooms']}: "
                   f"{'met' if r['met'] else 'not met'} ({r['ended']})", file=sys.stderr,
                   flush=True)

@@ -14,5 +14,5 @@ def test_int4_runs_more_sequences_at_once_than_full_precision(tmp_path):
     assert best.get("quantize_int4", 0) > best["none"]
     for r in res["rows"]:
         if r["met"]:
-            assert r["preemptions"] == 0 and r["max_running"] >= r["count"]
+            assert r["preemptions"] == 0 and r["max_decoding"] >= r["count"]
     assert "| quantize_int4 |" in (tmp_path / "capacity.md").read_text()
