@@ -253,7 +253,7 @@ class PolicyLoop:
             need -= move.candidate.freed_bytes
         return out
 
-    def explain_unmet(self, snapshot, profile: str, pins: dict[str, str]) -> str:
+    def explain_unmet(self, snapshot, profile: str, pins: dict[str, str], bus=None) -> str:
         """Where the GPU-tier bytes sit when no allowed move frees anything more."""
         newest = lossy = full = fixed = 0
         for seq in snapshot.sequences:
@@ -271,10 +271,15 @@ class PolicyLoop:
                     full += b.nbytes
         names = sorted({n for s in snapshot.sequences
                         for n in self.allowed(pins.get(s.seq_id), profile)})
+        held = ("; offloads are not offered while requests wait and nothing running "
+                "is stalled (the room would slow every step)"
+                if bus is not None and bus.bytes_per_s is not None
+                and snapshot.num_waiting > 0 and not snapshot.num_stalled
+                and any(n.startswith("offload") for n in names) else "")
         return (f"{newest} B in newest blocks (kept at full precision), {lossy} B in blocks "
                 f"already in their final lossy format, {full} B in full-precision blocks, "
                 f"{fixed} B in sequences that cannot move now (prefill, waiting, "
-                f"preempted); allowed moves: {', '.join(names) or 'none'}")
+                f"preempted); allowed moves: {', '.join(names) or 'none'}{held}")
 
     def plan_restore(self, snapshot, room: int) -> list[Restore]:
         """Offloaded blocks to fetch back while ``room`` lasts, the most attended first."""

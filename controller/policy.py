@@ -340,7 +340,7 @@ class Controller:
                        f"to reach {self.relief_mark(snapshot, p, budget):.0%} of it, but "
                        f"no move "
                        f"the {p.profile!r} profile (and pins) allow frees anything more: "
-                       + self.loop.explain_unmet(snapshot, p.profile, p.pins)
+                       + self.loop.explain_unmet(snapshot, p.profile, p.pins, bus)
                        + ". No more moves until the sequences, the budget or the profile "
                          "change; sequences wait for room and the engine preempts if they "
                          "stall"))]

@@ -462,6 +462,11 @@ def test_room_for_waiting_requests_is_not_bought_with_step_time(eng):
     assert "offload_exact" not in queued and "mixed_precision" in queued
     stalled = offered(replace(snap, num_waiting=3, num_stalled=1))
     assert "offload_exact" in stalled
+    # an unmet budget says so
+    why = c.loop.explain_unmet(replace(snap, num_waiting=3), "balanced", {}, bus)
+    assert "offloads are not offered while requests wait" in why
+    assert "not offered" not in c.loop.explain_unmet(replace(snap, num_waiting=3),
+                                                     "balanced", {}, Bus.none())
     # the CPU has no bus: its offloads cost no step time and stay on offer
     assert "offload_exact" in {m.candidate.strategy for m in c.loop._priced(
         replace(snap, num_waiting=3), {ids[0]: 1 << 30}, "balanced", {}, Bus.none())[ids[0]]}
