@@ -470,3 +470,49 @@ def test_room_for_waiting_requests_is_not_bought_with_step_time(eng):
     # the CPU has no bus: its offloads cost no step time and stay on offer
     assert "offload_exact" in {m.candidate.strategy for m in c.loop._priced(
         replace(snap, num_waiting=3), {ids[0]: 1 << 30}, "balanced", {}, Bus.none())[ids[0]]}
+
+
+@pytest.mark.parametrize("on_bus", [True, False])
+def test_a_queue_on_a_bus_is_served_without_streaming_offloads(on_bus):
+    """A burst of requests past the budget, the controller ticking after every step: on a
+    node with a bus no move that streams blocks is planned while requests wait and nothing
+    running is stalled, and every request still finishes. Without a bus (the CPU)
+    offloads cost no step time and are planned as before."""
+    from controller.predictors.bus import Bus
+    e = tiny_engine(kv_budget_bytes=256 << 10, max_batch_tokens=64)
+    try:
+        budget = e.handle.snapshot().tiers["gpu"].capacity_bytes
+        c = Controller(PolicyState(profile="balanced", budget_bytes=budget,
+                                   high_watermark=0.9, low_watermark=0.75),
+                       DecisionLog(), e.handle)
+        c.loop.min_interval_s = 0.0
+        bus = Bus(55.3e9, 0.0, "a GPU's PCIe") if on_bus else Bus.none()
+        planned, while_queued = [], []
+        orig = c.loop.plan_relief
+
+        def spy(snapshot, *a, **k):
+            moves = orig(snapshot, *a, **k)
+            planned.extend(moves)
+            if snapshot.num_waiting and not snapshot.num_stalled:
+                while_queued.extend(m for m in moves if m.candidate.kind == "offload")
+            return moves
+        c.loop.plan_relief = spy
+        done = {}
+        for i in range(10):
+            e.submit(Request(prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
+                             sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
+                     lambda ev: done.__setitem__(ev.seq_id, ev.reason)
+                     if hasattr(ev, "reason") else None)
+        for _ in range(4000):
+            if len(done) == 10:
+                break
+            e.step()
+            c._tick(e.handle.snapshot(), bus)
+        assert len(done) == 10 and set(done.values()) == {"length"}
+        assert planned                                   # the budget did bite
+        if on_bus:
+            assert while_queued == []
+        else:
+            assert while_queued                          # the same run, no bus: offloads
+    finally:
+        e.stop()
