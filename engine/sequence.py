@@ -27,6 +27,9 @@ class Sequence:
     state: str = WAITING
     stalled: bool = False         # wanted a block this step and none was free
     stalled_since: float = 0.0    # monotonic time the current stall began
+    deferred: bool = False        # skipped a decode step: its offloaded blocks did not fit
+    # the staging left after other sequences' (it goes first next step; not a stall: no
+    # KV room is missing)
     num_prefilled: int = 0        # tokens of ``context_ids`` already in the KV store
     context_ids: list[int] = field(default_factory=list)  # what prefill writes: the
     # prompt; after a preemption that dropped the KV, prompt + tokens generated so far

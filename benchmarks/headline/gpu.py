@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "gpu.md").write_text(md)
     try:
         plot(rows, out / "throughput_vs_budget.png")
+        plot_timelines(rows, out / "timeline.png")
     except ImportError as e:
         print(f"no plot (pip install '.[bench]' for matplotlib): {e}", file=sys.stderr)
     print(md)
@@ -381,6 +382,46 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timelines(rows: list[dict], path: Path) -> None:
+    """One column per config (first pressure): sequences running and waiting, GPU-tier
+    and offloaded bytes, and decode steps a second, over the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rs = [r for r in rows if r["pressure"] == rows[0]["pressure"] and r.get("timeline")]
+    if not rs:
+        return
+    fig, axes = plt.subplots(3, len(rs), figsize=(4.2 * len(rs), 8), squeeze=False,
+                             sharex="col")
+    for j, r in enumerate(rs):
+        tl = r["timeline"]
+        t = [p["t"] for p in tl]
+        a = axes[0][j]
+        a.plot(t, [p["running"] for p in tl], label="running")
+        a.plot(t, [p["waiting"] for p in tl], label="waiting")
+        a.set_title(r["config"], fontsize=9)
+        a.set_ylabel("sequences")
+        a = axes[1][j]
+        a.plot(t, [p["gpu_bytes"] / 1e9 for p in tl], label="GPU tier")
+        a.plot(t, [(p["host_exact"] + p["host_topk"]) / 1e9 for p in tl],
+               label="offloaded, decoding")
+        a.axhline(r["budget_bytes"] / 1e9, color="grey", lw=0.8, ls=":")
+        a.set_ylabel("GB")
+        a = axes[2][j]
+        rate = [0.0] + [(q["step"] - p["step"]) / (q["t"] - p["t"]) if q["t"] > p["t"] else 0.0
+                        for p, q in zip(tl, tl[1:])]
+        a.plot(t, rate)
+        a.set_ylabel("steps / s")
+        a.set_xlabel("s")
+        for a in (axes[0][j], axes[1][j]):
+            a.legend(fontsize=7)
+        for a in (axes[0][j], axes[1][j], axes[2][j]):
+            a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

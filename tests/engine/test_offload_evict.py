@@ -251,3 +251,40 @@ def test_fork_shares_full_blocks_and_decodes_identically(engine, long_ids):
     engine.release("ref")
     engine.release(sid)
     assert all(st.held_slots(n) == 0 for n in st.arenas)
+
+
+def test_sequences_that_share_the_staging_buffer_take_turns_without_stalling():
+    """Two sequences whose offloaded blocks each fit one step's staging buffer but not
+    both: each decodes every other step, none is stalled, and a request that waits is
+    admitted. (A sequence skipped for staging was stalled: no admission while it was,
+    and the controller saw pressure for room that was there.)"""
+    from engine.api import TokenEvent
+    from engine.engine import Engine, EngineConfig
+    from engine.layout import FULL
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
+                            kv_budget_bytes=2 << 20, host_budget_bytes=2 << 20,
+                            page_bytes=4096, max_batch_tokens=64))
+    try:
+        made: dict[str, int] = {}
+
+        def cb(ev):
+            if isinstance(ev, TokenEvent):
+                made[ev.seq_id] = made.get(ev.seq_id, 0) + 1
+        sp = SamplingParams(max_tokens=200, ignore_eos=True)
+        a, b = (e.submit(Request(prompt_ids=[3 + i] * 40, sampling=sp), cb) for i in range(2))
+        while any(e.seqs[s].state != "decode" for s in (a, b)):
+            e.step()
+        slot = e.geom.slot_bytes(FULL)
+        for s in (a, b):       # 6 blocks each streamed per step: one fits, not both
+            assert e.handle.apply(Offload(s, tuple(range(6)))).ok
+        e.store.arenas["gpu"].staging_bytes = 2 * 9 * slot   # (smaller after the moves)
+        before = dict(made)
+        late = e.submit(Request(prompt_ids=[9] * 12, sampling=sp), cb)
+        for _ in range(10):
+            e.step()
+            assert not any(s.stalled for s in e.running)
+            assert e.handle.snapshot().pressure_bytes == 0
+        assert made[a] - before[a] >= 4 and made[b] - before[b] >= 4    # turns, both
+        assert e.seqs[late].state == "decode"
+    finally:
+        e.stop()
