@@ -23,13 +23,32 @@ class Context:
     staging_bytes: int = 0            # per layer a step may stream from host; 0 = no limit
     num_layers: int = 1
     host_free_bytes: int | None = None  # room in the host tier (0: none); None = unknown
+    # per layer, what decoding sequences in exact mode stream now: {seq_id: bytes}. One
+    # step's staging buffer holds all of them; past it sequences take turns, every other
+    # step each (engine: deferred)
+    streaming: dict[str, int] | None = None
 
     @classmethod
     def from_snapshot(cls, snap) -> "Context":
         host = snap.tiers.get("host")
+        layers = max(1, snap.num_layers)
+        streaming = {}
+        for v in snap.sequences:
+            if v.decode_mode == "exact" and v.state in ("decode", "stalled"):
+                n = sum(b.nbytes for b in v.blocks if b.tier == "host") // layers
+                if n:
+                    streaming[v.seq_id] = n
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
-                   snap.staging_bytes, max(1, snap.num_layers),
-                   host.free_bytes if host is not None else 0)
+                   snap.staging_bytes, layers,
+                   host.free_bytes if host is not None else 0, streaming)
+
+    def staging_left(self, seq_id: str) -> float:
+        """Per layer, what one step's staging buffer has left for ``seq_id``'s offloaded
+        blocks beside the other sequences' (no limit: inf)."""
+        if not self.staging_bytes:
+            return float("inf")
+        others = sum(n for sid, n in (self.streaming or {}).items() if sid != seq_id)
+        return self.staging_bytes - others
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ class ColdOffload(ScoredStrategy):
         if cand is None:
             return None
         # no more than the host tier has room for (none without a host tier), and in
-        # exact mode no more than one step's staging buffer streams
+        # exact mode no more than one step's staging buffer streams beside what the other
+        # sequences stream (past it they take turns: each decodes every other step)
         host_room = ctx.host_free_bytes if ctx.host_free_bytes is not None else float("inf")
         exact = not self.top_k_fraction and ctx.staging_bytes
         per_layer = lambda b: b.nbytes // ctx.num_layers  # noqa: E731
-        stage_room = (ctx.staging_bytes - sum(per_layer(b) for b in seq.blocks
-                                              if b.tier == "host")) if exact else float("inf")
+        stage_room = (ctx.staging_left(seq.seq_id) - sum(
+            per_layer(b) for b in seq.blocks if b.tier == "host")) if exact else float("inf")
         by_index = {b.index: b for b in seq.blocks}
         ranked = sorted(cand.blocks, key=lambda i: (self.score(seq, by_index[i]), i))
         keep = []

@@ -278,3 +278,41 @@ def test_a_fixed_format_pin_is_the_format_a_request_is_written_in():
     with pytest.raises(ValueError, match="kv_format 'int3'"):
         convert.request_from_proto(pb.GenerateRequest(
             prompt_ids=pb.TokenIds(ids=[1, 2, 3]), kv_format="int3"))
+
+
+def test_exact_offload_leaves_the_staging_the_other_sequences_stream():
+    """One step's staging buffer streams every exact-mode sequence's offloaded blocks:
+    a proposal takes only what the others leave of it (past it they would take turns,
+    each decoding every other step)."""
+    from dataclasses import replace
+
+    from controller.strategies import registry
+    seq = synthetic([1.0] * 16)
+    off = registry()["offload_exact"]
+    ctx = replace(CTX, staging_bytes=10 * FULL, num_layers=1, host_free_bytes=10**9)
+    alone = off.propose(seq, 10**9, ctx)
+    beside = off.propose(seq, 10**9, replace(ctx, streaming={"other": 7 * FULL}))
+    full_again = off.propose(seq, 10**9, replace(ctx, streaming={"s": 7 * FULL}))
+    assert len(alone.blocks) == 10 and len(beside.blocks) == 3
+    assert len(full_again.blocks) == 10          # its own streaming is not "another's"
+    assert off.propose(seq, 10**9, replace(ctx, streaming={"other": 10 * FULL})) is None
+
+
+def test_the_context_counts_what_exact_mode_sequences_stream():
+    from engine.actions import BlockView, SequenceView
+
+    from controller.strategies.base import Context
+
+    def view(sid, mode, state, host):
+        blocks = [BlockView(i, 32, "full", "host" if i < host else "gpu", 64, 0.0, 0.0)
+                  for i in range(4)]
+        return SequenceView(sid, state, 128, 128, 0, 0, mode, 0, {}, {}, blocks, 1.0, 0, 0)
+
+    class Snap:
+        format_bytes, num_sink_blocks, staging_bytes, num_layers = {"full": 64}, 1, 640, 2
+        tiers = {}
+        sequences = [view("a", "exact", "decode", 2), view("b", "topk", "decode", 3),
+                     view("c", "exact", "idle", 3), view("d", "exact", "stalled", 1)]
+    ctx = Context.from_snapshot(Snap)
+    assert ctx.streaming == {"a": 64, "d": 32}           # per layer: 2 x 64 / 2, 64 / 2
+    assert ctx.staging_left("a") == 640 - 32 and ctx.staging_left("x") == 640 - 96
