@@ -51,6 +51,12 @@ class Restore:
     actions: tuple
 
 
+def _queued_only(snapshot) -> bool:
+    """Requests wait for room and no running sequence is stalled: the pressure is the
+    queue's alone (moves that add step time are not offered for it)."""
+    return snapshot.num_waiting > 0 and not snapshot.num_stalled
+
+
 @dataclass
 class PolicyLoop:
     # HeuristicPredictor or LearnedPredictor (controller.predictors.predictor_for)
@@ -109,7 +115,7 @@ class PolicyLoop:
         # adaptive admitted all 49 requests by offloading and ran 204 ms steps against
         # pinned int4's 43 (95.4 tok/s against 281.7; docs/BENCHMARKS.md). While a
         # running sequence is stalled such moves stay (the other way out is a preemption)
-        queued = snapshot.num_waiting > 0 and not snapshot.num_stalled
+        queued = _queued_only(snapshot)
         items: list[tuple[object, Candidate]] = []
         for seq in snapshot.sequences:
             target = targets.get(seq.seq_id)
@@ -273,8 +279,7 @@ class PolicyLoop:
                         for n in self.allowed(pins.get(s.seq_id), profile)})
         held = ("; offloads are not offered while requests wait and nothing running "
                 "is stalled (the room would slow every step)"
-                if bus is not None and bus.bytes_per_s is not None
-                and snapshot.num_waiting > 0 and not snapshot.num_stalled
+                if bus is not None and bus.bytes_per_s is not None and _queued_only(snapshot)
                 and any(n.startswith("offload") for n in names) else "")
         return (f"{newest} B in newest blocks (kept at full precision), {lossy} B in blocks "
                 f"already in their final lossy format, {full} B in full-precision blocks, "

@@ -579,15 +579,10 @@ class Engine(OfflineMixin, SessionsMixin):
                     self.store.reserve(s.seq_id, 1)
                 except OutOfBlocks:
                     room = False
-            if not room:      # no block to grow into, or offloaded blocks fill staging
-                if not s.stalled:
-                    s.stalled, s.stalled_since = True, now
-                    self._changed = True
+            self._set_stalled(s, not room, now)
+            if not room:      # no block to grow into, or its offloaded blocks exceed staging
                 continue
             staging_left -= need
-            if s.stalled:
-                s.stalled = False
-                self._changed = True
             decode.append((s.seq_id, s.output_ids[-1]))
             dec_seqs.append(s)
         cap = min(self.config.max_batch_tokens, self._token_cap)
@@ -604,13 +599,9 @@ class Engine(OfflineMixin, SessionsMixin):
                 try:
                     self.store.reserve(s.seq_id, len(toks))
                 except OutOfBlocks:
-                    if not s.stalled:
-                        s.stalled, s.stalled_since = True, now
-                        self._changed = True
+                    self._set_stalled(s, True, now)
                     continue
-                if s.stalled:
-                    s.stalled = False
-                    self._changed = True
+                self._set_stalled(s, False, now)
             last = s.num_prefilled + len(toks) == len(s.context_ids)
             chunks.append(Chunk(s.seq_id, toks, self.config.observe_window if last else 0,
                                 "last" if last else "none"))
@@ -624,6 +615,15 @@ class Engine(OfflineMixin, SessionsMixin):
         if not decode and not chunks:
             return None
         return decode, dec_seqs, chunks, pre_seqs
+
+    def _set_stalled(self, s: Sequence, stalled: bool, now: float) -> None:
+        """A sequence's stall (no room for its next token or chunk) begins or ends:
+        readers see it at once (it is pressure for the controller)."""
+        if stalled != s.stalled:
+            s.stalled = stalled
+            if stalled:
+                s.stalled_since = now
+            self._changed = True
 
     # -- run ------------------------------------------------------------------------------
     def _run(self, decode, dec_seqs, chunks, pre_seqs):

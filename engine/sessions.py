@@ -101,7 +101,7 @@ class SessionsMixin:
         if sess is not None and sess.holder in self.idle:
             self._drop_idle(sess.holder)    # what this turn matched is its own now
         matched = self._settle_reused(s, len(entries))
-        store.reserve(sid, max(0, min(len(ids), first) - matched * T))
+        store.reserve(sid, max(0, first - matched * T))
         s.num_prefilled = matched * T
         s.block_hashes = digests[:matched]
         if not s.num_preemptions:

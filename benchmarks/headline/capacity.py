@@ -12,8 +12,8 @@ with no host tier (nothing can leave the GPU budget), driven by the daemon's wir
 (telemetry ticks ``Controller.tick``, watermarks 0.90 / 0.75); N grows through
 ``--counts`` (default: multiples of the number of full-precision sequences the budget
 holds) until a count is not met. A count is met when all N have written their prompts and
-decode at once, before any preemption, OOM or lost request and before ``--settle-s`` pass
-with no admission and no prompt written to its end. (Until 2026-12-06 a count was met
+decode at once, before any preemption, OOM or lost request and before ``--settle-s``
+seconds go by with no admission and no prompt written to its end. (Until 2026-12-06 a count was met
 when all N were admitted, some prompts possibly still unwritten.) The capacity is the
 largest count met; its ratio to the ``none`` config's is the claim's figure (int4 >= 3x,
 adaptive >= 4x full). Accuracy at those formats: the accuracy side of the suite.

@@ -32,12 +32,9 @@ class Context:
     def from_snapshot(cls, snap) -> "Context":
         host = snap.tiers.get("host")
         layers = max(1, snap.num_layers)
-        streaming = {}
-        for v in snap.sequences:
-            if v.decode_mode == "exact" and v.state in ("decode", "stalled"):
-                n = sum(b.nbytes for b in v.blocks if b.tier == "host") // layers
-                if n:
-                    streaming[v.seq_id] = n
+        streaming = {v.seq_id: v.bytes_by_tier["host"] // layers for v in snap.sequences
+                     if v.decode_mode == "exact" and v.state in ("decode", "stalled")
+                     and v.bytes_by_tier.get("host")}
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
                    snap.staging_bytes, layers,
                    host.free_bytes if host is not None else 0, streaming)

@@ -306,7 +306,8 @@ def test_the_context_counts_what_exact_mode_sequences_stream():
     def view(sid, mode, state, host):
         blocks = [BlockView(i, 32, "full", "host" if i < host else "gpu", 64, 0.0, 0.0)
                   for i in range(4)]
-        return SequenceView(sid, state, 128, 128, 0, 0, mode, 0, {}, {}, blocks, 1.0, 0, 0)
+        return SequenceView(sid, state, 128, 128, 0, 0, mode, 0,
+                            {"host": 64 * host, "gpu": 64 * (4 - host)}, {}, blocks, 1.0, 0, 0)
 
     class Snap:
         format_bytes, num_sink_blocks, staging_bytes, num_layers = {"full": 64}, 1, 640, 2
