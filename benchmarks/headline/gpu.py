@@ -183,7 +183,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     refused = 0
     e.start()
     tele.start()
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     for i, (ids, n_new) in enumerate(reqs):
         sid = f"w{i}"
         kv_format = pin_request(policy, ctl, cfg, sid)
@@ -215,6 +215,10 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
         errors = [s for s, ev in finished.items() if ev.reason == "error"]
         reasons = collections.Counter(ev.reason for ev in finished.values())
         gaps = [b - a_ for ts in stamps.values() for a_, b in zip(ts, ts[1:])]
+        # the ten longest waits between two tokens of one sequence: which, and when (s
+        # after the burst began; moves carry wall time, t0_wall aligns them)
+        worst = sorted(((b - a_, s, a_ - t0) for s, ts in stamps.items()
+                        for a_, b in zip(ts, ts[1:])), reverse=True)[:10]
         ttft = [ts[0] - submitted[s] for s, ts in stamps.items() if ts]
         tokens = sum(len(ts) for ts in stamps.values())
     for s in lost:
@@ -241,7 +245,9 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                moves=[dict(t=round(d.time, 3), kind=d.kind, seq=d.seq_id, action=d.action,
                            freed=d.freed_bytes, cost=d.predicted_cost)
                       for d in ctl.log.recent()[:400]] if ctl is not None else [],
-               timeline=seen["timeline"])
+               timeline=seen["timeline"], t0_wall=round(t0_wall, 3),
+               worst_gaps=[dict(seq=s, at_s=round(at, 3), ms=round(g * 1e3, 1))
+                           for g, s, at in worst])
     if seen["bus"]:
         out["bus_gb_s"] = sum(seen["bus"]) / len(seen["bus"]) / 1e9
         out["bus_source"] = "NVML PCIe RX+TX, mean over samples"

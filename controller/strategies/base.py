@@ -23,18 +23,18 @@ class Context:
     staging_bytes: int = 0            # per layer a step may stream from host; 0 = no limit
     num_layers: int = 1
     host_free_bytes: int | None = None  # room in the host tier (0: none); None = unknown
-    # per layer, what decoding sequences in exact mode stream now: {seq_id: bytes}. One
-    # step's staging buffer holds all of them; past it sequences take turns, every other
-    # step each (engine: deferred)
+    # per layer, what decoding sequences stream now: {seq_id: bytes}. One step's staging
+    # buffer holds all of them; past it sequences take turns (engine: deferred)
     streaming: dict[str, int] | None = None
 
     @classmethod
     def from_snapshot(cls, snap) -> "Context":
         host = snap.tiers.get("host")
         layers = max(1, snap.num_layers)
-        streaming = {v.seq_id: v.bytes_by_tier["host"] // layers for v in snap.sequences
-                     if v.decode_mode == "exact" and v.state in ("decode", "stalled")
-                     and v.bytes_by_tier.get("host")}
+        streaming = {v.seq_id: n for v in snap.sequences
+                     if v.state in ("decode", "stalled")
+                     and (n := stream_bytes(v.decode_mode, v.top_k,
+                                            [b for b in v.blocks if b.tier == "host"], layers))}
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
                    snap.staging_bytes, layers,
                    host.free_bytes if host is not None else 0, streaming)
@@ -46,6 +46,17 @@ class Context:
             return float("inf")
         others = sum(n for sid, n in (self.streaming or {}).items() if sid != seq_id)
         return self.staging_bytes - others
+
+
+def stream_bytes(decode_mode: str, top_k: int, host: list, num_layers: int) -> int:
+    """Per layer, the bytes of ``host`` (offloaded BlockViews) one decode step streams
+    through staging: every one in exact mode; in top-k mode k of them, each counted at
+    the largest one's size (engine.staging.staging_need)."""
+    if not host:
+        return 0
+    if decode_mode == "topk":
+        return min(top_k, len(host)) * max(b.nbytes for b in host) // num_layers
+    return sum(b.nbytes for b in host) // num_layers
 
 
 @dataclass(frozen=True)

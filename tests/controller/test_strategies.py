@@ -298,22 +298,45 @@ def test_exact_offload_leaves_the_staging_the_other_sequences_stream():
     assert off.propose(seq, 10**9, replace(ctx, streaming={"other": 10 * FULL})) is None
 
 
-def test_the_context_counts_what_exact_mode_sequences_stream():
+def test_the_context_counts_what_decoding_sequences_stream():
+    """Exact mode streams every offloaded block, top-k mode k of them (at the largest
+    one's size); sequences not decoding stream nothing."""
     from engine.actions import BlockView, SequenceView
 
     from controller.strategies.base import Context
 
-    def view(sid, mode, state, host):
+    def view(sid, mode, state, host, k=0):
         blocks = [BlockView(i, 32, "full", "host" if i < host else "gpu", 64, 0.0, 0.0)
                   for i in range(4)]
-        return SequenceView(sid, state, 128, 128, 0, 0, mode, 0,
+        return SequenceView(sid, state, 128, 128, 0, 0, mode, k,
                             {"host": 64 * host, "gpu": 64 * (4 - host)}, {}, blocks, 1.0, 0, 0)
 
     class Snap:
         format_bytes, num_sink_blocks, staging_bytes, num_layers = {"full": 64}, 1, 640, 2
         tiers = {}
-        sequences = [view("a", "exact", "decode", 2), view("b", "topk", "decode", 3),
-                     view("c", "exact", "idle", 3), view("d", "exact", "stalled", 1)]
+        sequences = [view("a", "exact", "decode", 2), view("b", "topk", "decode", 3, k=1),
+                     view("c", "exact", "idle", 3), view("d", "exact", "stalled", 1),
+                     view("e", "topk", "held", 3, k=2)]
     ctx = Context.from_snapshot(Snap)
-    assert ctx.streaming == {"a": 64, "d": 32}           # per layer: 2 x 64 / 2, 64 / 2
-    assert ctx.staging_left("a") == 640 - 32 and ctx.staging_left("x") == 640 - 96
+    # per layer: 2 x 64 / 2; 1 of 3 x 64 / 2; 64 / 2
+    assert ctx.streaming == {"a": 64, "b": 32, "d": 32}
+    assert ctx.staging_left("a") == 640 - 64 and ctx.staging_left("x") == 640 - 128
+
+
+def test_topk_offload_leaves_the_staging_the_other_sequences_stream():
+    """A top-k sequence streams k of its offloaded blocks at every step: a proposal
+    offloads only as many as keep its k inside what the others leave of the staging
+    buffer. On the 2-core box, top-k offloads that ignored it left sequences skipping
+    3 steps in 4 (0.6 s between two tokens)."""
+    from dataclasses import replace
+
+    from controller.strategies import registry
+    seq = synthetic([1.0] * 16)
+    topk = registry()["offload_topk"]
+    ctx = replace(CTX, staging_bytes=4 * FULL, num_layers=1, host_free_bytes=10**9)
+    alone = topk.propose(seq, 10**9, replace(ctx, staging_bytes=0))
+    beside = topk.propose(seq, 10**9, replace(ctx, streaming={"other": 3 * FULL}))
+    k = lambda c: next(a.top_k for a in c.actions if a.__class__.__name__ == "SetDecodeMode")  # noqa: E731
+    assert k(beside) == 1 < k(alone)
+    assert len(beside.blocks) < len(alone.blocks)
+    assert topk.propose(seq, 10**9, replace(ctx, streaming={"other": 4 * FULL})) is None
