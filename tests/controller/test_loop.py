@@ -516,3 +516,35 @@ def test_a_queue_on_a_bus_is_served_without_streaming_offloads(on_bus):
             assert while_queued                          # the same run, no bus: offloads
     finally:
         e.stop()
+
+
+def _move(seq, strategy, freed, total):
+    from controller.loop import Move
+    from controller.strategies import Candidate
+    cand = Candidate(strategy, seq, (), (0,), freed, False,
+                     "offload" if strategy.startswith("offload") else "quantize")
+    return Move(cand, total / freed, total, 0.0, "heuristic", total, 100)
+
+
+def test_relief_takes_the_least_total_cost_over_all_sequences():
+    """Two sequences, each with a quantization (90 B at 0.09) and a top-k offload (100 B
+    at 0.29). For 190 B one of them must take the offload, not both: the share rule
+    (95 B each, met only by the offload) paid 0.58 where 0.38 frees enough. Where the
+    cheap moves are enough both quantize; where nothing frees the need, each sequence
+    takes its largest move; a free move goes first."""
+    from controller.loop import _pick
+
+    def priced(extra=()):
+        return {s: [_move(s, "mixed_precision", 90, 0.09), _move(s, "offload_topk", 100, 0.29),
+                    *[_move(s, *e) for e in extra]] for s in ("a", "b")}
+
+    def plan(need, extra=()):
+        chosen = _pick(priced(extra), need)
+        return sorted(m.candidate.strategy for m in chosen.values() if m), \
+            sum(m.total for m in chosen.values() if m)
+    names, cost = plan(190)
+    assert names == ["mixed_precision", "offload_topk"] and cost == pytest.approx(0.38)
+    assert plan(180) == (["mixed_precision", "mixed_precision"], pytest.approx(0.18))
+    assert plan(90) == (["mixed_precision"], pytest.approx(0.09))
+    assert plan(10**6)[0] == ["offload_topk", "offload_topk"]
+    assert plan(60, extra=[("offload_exact", 60, 0.0)]) == (["offload_exact"], 0.0)
