@@ -64,6 +64,17 @@ class Metrics:
                                  ["tier"], registry=r)
         self.sessions = Gauge("kvctl_sessions", "Multi-turn sessions: 'idle' (KV kept between "
                               "turns) or 'active' (a turn running)", ["state"], registry=r)
+        self.step_seconds = Counter(
+            "kvctl_engine_step_seconds", "Engine thread seconds by part of a step: 'moves' "
+            "(applying commands), 'admit', 'schedule', 'launch' (the model run queued), "
+            "'sample' (on CUDA: waiting for it), 'publish', 'post', 'after', 'stats'",
+            ["part"], registry=r)
+        self.steps = Counter(
+            "kvctl_engine_steps", "Engine steps by kind: 'prefill' (wrote prompt chunks), "
+            "'decode', 'idle' (nothing could run)", ["kind"], registry=r)
+        self.steps_seconds = Counter(
+            "kvctl_engine_steps_seconds", "Seconds of engine steps by kind", ["kind"],
+            registry=r)
         for kind in ("hit", "queried"):
             self.prefix_tokens.labels(kind)
         self._seen_prefix: collections.Counter[str] = collections.Counter()
@@ -110,6 +121,14 @@ class Metrics:
             self.tier_used.labels(t.name).set(t.used_bytes)
             self.tier_cached.labels(t.name).set(t.cached_bytes)
         self._update_prefix(snap)
+        for key, total in snap.step_times.items():     # engine.engine.Laps
+            if key.endswith("_steps"):
+                counter = self.steps.labels(key[:-len("_steps")])
+            elif key.endswith("_s"):
+                counter = self.steps_seconds.labels(key[:-len("_s")])
+            else:
+                counter = self.step_seconds.labels(key)
+            self._follow(f"laps:{key}", total, counter)
         by = collections.Counter()
         counts = collections.Counter()
         for v in snap.sequences:
@@ -140,7 +159,7 @@ class Metrics:
         self.sessions.labels("active").set(active)
         self.sessions.labels("idle").set(len(snap.sessions) - active)
 
-    def _follow(self, key: str, total: int, counter) -> None:
+    def _follow(self, key: str, total: float, counter) -> None:
         """Increase ``counter`` by what the engine's running total ``key`` gained."""
         if total > self._seen_prefix[key]:
             counter.inc(total - self._seen_prefix[key])

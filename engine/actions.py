@@ -348,3 +348,6 @@ class EngineSnapshot:
     graphs: dict = field(default_factory=dict)  # CUDA graph counters (engine/cuda_graphs.py)
     prefix: dict = field(default_factory=dict)  # prefix reuse counters (engine/prefix.py)
     sessions: list = field(default_factory=list)  # engine.sessions.session_views()
+    # seconds of the engine's steps by part, and steps and seconds by kind, since start
+    # (engine.engine.Laps): 'moves', 'admit', 'schedule', 'launch', 'sample', ...
+    step_times: dict = field(default_factory=dict)

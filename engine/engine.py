@@ -88,6 +88,31 @@ IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
 STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this often
 
 
+
+class Laps:
+    """Seconds spent in each part of the engine's steps, and in steps with and without a
+    prompt chunk (and how many), summed since start. A few clock reads a step; the
+    snapshot carries a copy (EngineSnapshot.step_times)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> float:
+        self._t = time.perf_counter()
+        return self._t
+
+    def lap(self, name: str) -> None:
+        t = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + t - self._t
+        self._t = t
+
+    def step(self, kind: str, t0: float) -> None:
+        """A step of this kind ('prefill': it wrote prompt chunks; 'decode'; 'idle':
+        nothing could run) that began at ``t0`` ended at the last lap."""
+        self.seconds[f"{kind}_steps"] = self.seconds.get(f"{kind}_steps", 0) + 1
+        self.seconds[f"{kind}_s"] = self.seconds.get(f"{kind}_s", 0.0) + self._t - t0
+
 class Engine(OfflineMixin, SessionsMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         cfg = config or EngineConfig(**overrides)
@@ -140,6 +165,9 @@ class Engine(OfflineMixin, SessionsMixin):
         self._ahead: _Ahead | None = None   # a decode step launched before the last one's
         self.num_overlapped = 0             # tokens were read (``_launch_ahead``), and how many
         self.step_count = 0
+        # seconds the engine thread spent in each part of its steps, since start: where
+        # a slow step's time went (moves applied, admission, the model run, ...)
+        self.laps = Laps()
         self.tokens_out = 0
         self.num_preemptions = 0
         self.num_step_failures = 0
@@ -431,7 +459,8 @@ class Engine(OfflineMixin, SessionsMixin):
         and the inbox waits for the next call (no step is launched ahead while it holds
         anything, so commands still run between two steps that ran to the end)."""
         with self._step_lock:
-            t0 = time.perf_counter()
+            laps = self.laps
+            t0 = laps.start()
             graphs = self.runner.graphs
             replays0 = graphs.stats.num_replays if graphs is not None else 0
             ahead, self._ahead = self._ahead, None
@@ -445,40 +474,54 @@ class Engine(OfflineMixin, SessionsMixin):
                 replayed = True     # only steps with a captured graph are launched ahead
             else:
                 self._drain_inbox()
+                laps.lap("moves")           # commands: the controller's moves, cancels
                 self._admit()
+                laps.lap("admit")
                 work = self._schedule()
+                laps.lap("schedule")
                 if work is None:
                     self._apply_deferred_stats()
                     self._check_stalls()
                     self._after_step()
                     self._publish()
+                    laps.lap("after")
+                    laps.step("idle", t0)       # nothing could run (stalled on memory)
                     return False
                 decode, dec_seqs, chunks, pre_seqs = work
                 out = self._run(decode, dec_seqs, chunks, pre_seqs)
                 replayed = graphs is not None and graphs.stats.num_replays > replays0
+                laps.lap("launch")          # CUDA: the kernels queued, not yet run
             # on CUDA the forward is still running: the last step's statistics now
             self._apply_deferred_stats()
+            laps.lap("stats")
             sampled = None
             if out is not None:
                 try:
                     sampled = self._sample(out, dec_seqs, chunks, pre_seqs, rows)
                 except Exception as err:   # their KV holds a token no event announced
                     self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
+            laps.lap("sample")              # CUDA: waits for the forward to end
             if sampled is not None:
                 self._launch_ahead(dec_seqs, pre_seqs, sampled)
+            laps.lap("launch")
             # on CUDA the forward is still running: a snapshot due now is built meanwhile
             # (it shows the step's lengths, not its tokens yet)
             self._publish()
+            laps.lap("publish")
             if sampled is not None:
                 try:
                     self._postprocess(dec_seqs, chunks, pre_seqs, sampled)
                 except Exception as err:   # their KV holds a token no event announced
                     self._fail_step(dec_seqs + pre_seqs, err, "after the model run")
+            laps.lap("post")
             self._check_stalls()
             self._after_step()
+            laps.lap("after")
             if graphs is not None and dec_seqs and not chunks and out is not None:
                 graphs.stats.note_step(replayed, time.perf_counter() - t0)
             self._publish()
+            laps.lap("publish")
+            laps.step("prefill" if chunks else "decode", t0)
             return True
 
     def _after_step(self) -> None:

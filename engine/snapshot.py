@@ -94,7 +94,8 @@ def build(engine, version: int) -> EngineSnapshot:
         staging_bytes=st.staging_half,
         graphs=dict(vars(engine.runner.graphs.stats) if engine.runner.graphs else {},
                     num_overlapped=engine.num_overlapped),
-        prefix=prefix_counters(st), sessions=engine.session_views())
+        prefix=prefix_counters(st), sessions=engine.session_views(),
+        step_times=dict(engine.laps.seconds))
 
 
 def prefix_counters(st) -> dict:

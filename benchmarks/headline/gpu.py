@@ -178,7 +178,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                 stamps[ev.seq_id].append(now)
 
     pre0, oom0, fail0 = e.num_preemptions, e.num_oom_retries, e.num_step_failures
-    step0 = e.handle.snapshot().step
+    snap0 = e.handle.snapshot()
+    step0, laps0 = snap0.step, snap0.step_times
     want = [len(reqs)]
     refused = 0
     e.start()
@@ -245,6 +246,9 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                moves=[dict(t=round(d.time, 3), kind=d.kind, seq=d.seq_id, action=d.action,
                            freed=d.freed_bytes, cost=d.predicted_cost)
                       for d in ctl.log.recent()[:400]] if ctl is not None else [],
+               # the engine thread's seconds by part of a step, and steps by kind
+               step_times={k: round(v - laps0.get(k, 0), 3)
+                           for k, v in last.step_times.items()},
                timeline=seen["timeline"], t0_wall=round(t0_wall, 3),
                worst_gaps=[dict(seq=s, at_s=round(at, 3), ms=round(g * 1e3, 1))
                            for g, s, at in worst])
@@ -353,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             r = rows[-1]
             print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
-                  f"OOMs {r['ooms']}, lost {r['lost']}, graphs {r['graphs']}", file=sys.stderr,
-                  flush=True)
+                  f"OOMs {r['ooms']}, lost {r['lost']}, graphs {r['graphs']}, step times "
+                  f"{r['step_times']}", file=sys.stderr, flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
         argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores"

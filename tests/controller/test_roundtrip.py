@@ -273,6 +273,16 @@ def test_metrics_endpoint(daemon, unix_stub):
                  'kvctl_arena_compacted_total{kind="pages"}'):
         assert name in body, name
 
+    def steps() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+    # where the engine's step time went, and its steps by kind (after a telemetry tick)
+    wait_for(lambda: 'kvctl_engine_steps_total{kind="decode"}' in steps(), 5, "step counters")
+    body = steps()
+    for name in ('kvctl_engine_step_seconds_total{part="launch"}',
+                 'kvctl_engine_steps_seconds_total{kind="prefill"}'):
+        assert name in body, name
+
 
 def test_drain_lets_short_requests_finish_and_cancels_long_ones(tmp_path_factory):
     import tempfile

@@ -197,3 +197,19 @@ def test_a_finishing_prompt_does_not_wait_on_the_next_prompts_chunk(cut, b_first
 def test_prefill_cut_tokens_must_not_be_negative():
     with pytest.raises(ValueError, match="prefill_cut_tokens"):
         EngineConfig(model="random:tiny", prefill_cut_tokens=-1)
+
+
+def test_the_snapshot_says_where_step_time_went(tiny):
+    """Operators see the engine thread's seconds by part of a step (moves applied,
+    admission, the model run, ...) and how many steps wrote prompt chunks or only
+    decoded, with their seconds; the parts add up to the steps."""
+    ids, done, _ = run_all(tiny, [Request(prompt_ids=list(range(1, 60)),
+                                          sampling=SamplingParams(max_tokens=12,
+                                                                  ignore_eos=True))])
+    t = dict(tiny.laps.seconds)          # between steps: every step's parts counted
+    assert tiny.handle.snapshot().step_times.get("decode_steps", 0) >= 1
+    assert t["prefill_steps"] >= 1 and t["decode_steps"] >= 11
+    assert t["launch"] > 0 and t["sample"] > 0
+    parts = sum(v for k, v in t.items() if not k.endswith(("_steps", "_s")))
+    steps = sum(v for k, v in t.items() if k.endswith("_s"))
+    assert parts == pytest.approx(steps, rel=1e-6, abs=1e-6)
