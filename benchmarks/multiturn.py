@@ -229,7 +229,16 @@ def main() -> None:
                 news.append(text[off:off + n])
             prompts = [h + n for h, n in zip(hists, news)]
             sess = [f"chat-{c}" if mode == "reuse" else None for c in range(args.chats)]
+            before = e.handle.snapshot()
             res = _turn(e, prompts, sess, args.reply_tokens)
+            after = e.handle.snapshot()
+            # where the turn's time went: the engine's step parts, steps by kind, graphs
+            # captured meanwhile (a capture holds every chat's step)
+            spent = {k: round(v - before.step_times.get(k, 0), 3)
+                     for k, v in after.step_times.items()}
+            for g in ("num_graphs", "capture_seconds"):
+                if g in after.graphs:
+                    spent[g] = round(after.graphs[g] - before.graphs.get(g, 0), 3)
             floor = _floor(e, hists[0], news[0], args.floor_reps) if mode == "reuse" else 0.0
             queue = _queue_floor(e, hists, news) if mode == "reuse" and args.chats > 1 \
                 else None
@@ -240,7 +249,8 @@ def main() -> None:
                          "ttft_s": statistics.median(ttfts), "ttft_max_s": max(ttfts),
                          "floor_s": floor,
                          **({"queue_floor_s": statistics.median(queue),
-                             "queue_floor_max_s": max(queue)} if queue else {})})
+                             "queue_floor_max_s": max(queue)} if queue else {}),
+                         "step_times": spent})
             hists = [p + r[1].token_ids for p, r in zip(prompts, res)]
             print(json.dumps(rows[-1]), flush=True)
         e.stop()
