@@ -119,6 +119,31 @@ def run_count(a, cfg: str, prompts: list[list[int]], budget: int) -> dict:
                                  if d.kind in ("refused", "unmet")})[:3] if ctl else [])
 
 
+
+def write(a, argv, configs: list[str], full_n: int, seq_bytes: int, best: dict,
+          rows: list[dict], done: bool) -> str:
+    """capacity.json and capacity.md as they stand (after every count: a run cut short
+    by its time limit still leaves what it measured)."""
+    base = best.get("none", 0)
+    lines = [f"# Capacity — {a.model} ({a.dtype}, {a.device}), {a.kv_budget_gb:g} GiB KV "
+             f"budget, {a.context}-token prompts, no host tier",
+             "", f"Full precision holds {full_n} by bytes ({seq_bytes / 2**30:.2f} GiB each)."
+             + ("" if done else " **Partial: the run had not ended.**"), "",
+             "| config | sequences at once, no preemption | x full |", "|---|---|---|"]
+    for cfg in configs:
+        n = best.get(cfg, 0)
+        lines.append(f"| {cfg} | {n} | {n / base:.2f}x |" if base else f"| {cfg} | {n} | - |")
+    md = "\n".join(lines) + "\n"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(dict(
+        command="python -m benchmarks.headline.capacity " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        machine=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        full_by_bytes=full_n, best=best, rows=rows, done=done), indent=1))
+    (out / "capacity.md").write_text(md)
+    return md
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:llama3-8b")
@@ -161,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(a.seed)
     prompt = [rng.randrange(shape["vocab_size"]) for _ in range(a.context)]
     rows, best = [], {}
-    for cfg in [c for c in a.configs.split(",") if c]:
+    configs = [c for c in a.configs.split(",") if c]
+    for cfg in configs:
         for n in counts:
             prompts = [prompt[i:] + prompt[:i] for i in range(n)]  # no shared prefix
             t0 = time.time()
@@ -175,27 +201,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"preemptions {r['preemptions']}, lost {r['lost']}, OOMs {r['ooms']}: "
                   f"{'met' if r['met'] else 'not met'} ({r['ended']})", file=sys.stderr,
                   flush=True)
+            if r["met"]:
+                best[cfg] = n
+            write(a, argv, configs, full_n, seq_bytes, best, rows, False)
             if not r["met"]:
                 break
-            best[cfg] = n
-    base = best.get("none", 0)
-    lines = [f"# Capacity — {a.model} ({a.dtype}, {a.device}), {a.kv_budget_gb:g} GiB KV "
-             f"budget, {a.context}-token prompts, no host tier",
-             "", f"Full precision holds {full_n} by bytes ({seq_bytes / 2**30:.2f} GiB each).", "",
-             "| config | sequences at once, no preemption | x full |", "|---|---|---|"]
-    for cfg in [c for c in a.configs.split(",") if c]:
-        n = best.get(cfg, 0)
-        lines.append(f"| {cfg} | {n} | {n / base:.2f}x |" if base else f"| {cfg} | {n} | - |")
-    md = "\n".join(lines) + "\n"
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "capacity.json").write_text(json.dumps(dict(
-        command="python -m benchmarks.headline.capacity " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        machine=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        full_by_bytes=full_n, best=best, rows=rows), indent=1))
-    (out / "capacity.md").write_text(md)
-    print(md)
+    print(write(a, argv, configs, full_n, seq_bytes, best, rows, True))
 
 
 if __name__ == "__main__":
