@@ -88,7 +88,6 @@ IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
 STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this often
 
 
-
 class Laps:
     """Seconds spent in each part of the engine's steps, and in steps with and without a
     prompt chunk (and how many), summed since start. A few clock reads a step; the
@@ -112,6 +111,7 @@ class Laps:
         nothing could run) that began at ``t0`` ended at the last lap."""
         self.seconds[f"{kind}_steps"] = self.seconds.get(f"{kind}_steps", 0) + 1
         self.seconds[f"{kind}_s"] = self.seconds.get(f"{kind}_s", 0.0) + self._t - t0
+
 
 class Engine(OfflineMixin, SessionsMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
@@ -600,7 +600,7 @@ class Engine(OfflineMixin, SessionsMixin):
         decode: list[tuple[str, int]] = []
         dec_seqs: list[Sequence] = []
         staging_left = self.store.staging_half
-        streams = False           # a decode row streams offloaded blocks this step
+        topk: list[int] = []      # decode rows that stream top-k picks from host
         now = time.monotonic()
         running = self.running
         if any(s.deferred for s in running):    # staging went to others last step
@@ -627,19 +627,19 @@ class Engine(OfflineMixin, SessionsMixin):
             if not room:      # no block to grow into, or its offloaded blocks exceed staging
                 continue
             staging_left -= need
+            if need and self.store.seqs[s.seq_id].decode_mode == "topk":
+                topk.append(len(decode))
             decode.append((s.seq_id, s.output_ids[-1]))
             dec_seqs.append(s)
-            streams |= bool(need)
-        if streams:
+        if topk:
             # top-k rows first: a CUDA graph is keyed by its top-k rows' places, so a
             # top-k sequence whose row moved (a sequence below it finished) took a new
             # capture (~0.2-3 s on an 8B model, every sequence waiting) where its graph
             # would serve again (21-22 s of captures in 90 s, the headline's H100 run)
-            first = sorted(range(len(dec_seqs)), key=lambda i: not (
-                staging_need(self.store, dec_seqs[i].seq_id)
-                and self.store.seqs[dec_seqs[i].seq_id].decode_mode == "topk"))
-            decode = [decode[i] for i in first]
-            dec_seqs = [dec_seqs[i] for i in first]
+            rest = set(range(len(decode))).difference(topk)
+            order = topk + sorted(rest)
+            decode = [decode[i] for i in order]
+            dec_seqs = [dec_seqs[i] for i in order]
         cap = min(self.config.max_batch_tokens, self._token_cap)
         budget = max(0, cap - len(decode))
         cut = self.config.prefill_cut_tokens
