@@ -40,6 +40,11 @@ MIN_WIDTH = 16          # table columns of the narrowest graph
 # on a 2-core capacity run, 2026-12-06) ran every step eager, 4-5x a replay
 MAX_FORMATS = 8
 MAX_TOPK_GRAPHS = 4     # graphs with top-k rows kept (each holds its rows' key summaries)
+# steps in a row a new set of top-k rows runs eager before its graph is captured. Each
+# top-k offload makes a new set, and under pressure they come every few steps: on the
+# headline's H100 run adaptive spent 21-22 s of ~90 capturing (0.2-3 s a capture, every
+# sequence waiting), where an eager step costs a few times a replay (tens of ms)
+TOPK_CAPTURE_AFTER = 4
 
 
 def _bucket(n: int, buckets) -> int | None:
@@ -112,6 +117,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self.failed: dict[tuple, str] = {}   # keys whose capture raised: eager, with why
         self.start_width = 0          # table width of the graphs captured at start-up
+        self._topk_seen: tuple = (None, 0)   # the last uncaptured top-k key, steps in a row
         self.pool = torch.cuda.graph_pool_handle()
         self.stats = GraphStats()
         if store.scratch_offset < 0:
@@ -194,6 +200,11 @@ class DecodeGraphs:
                     and (k[2] == key[2] or len(mine) > 2 and mine < set(k[2]))]
             if fits:
                 key = min(fits, key=lambda k: (len(k[2]), k[1]))
+        if key[3] and key not in self.graphs and key not in self.failed:
+            seen = self._topk_seen[1] + 1 if self._topk_seen[0] == key else 1
+            self._topk_seen = (key, seen)
+            if seen < TOPK_CAPTURE_AFTER:
+                return "new top-k rows (captured once they hold for a few steps)"
         return self.failed.get(key, key)
 
     def note_eager(self, why: str) -> None:

@@ -66,8 +66,10 @@ def test_moves_between_replays_match_eager(eng):
 def test_topk_offload_steps_replay_graphs(eng):
     """A sequence decoding over top-k pages of its offloaded blocks (the picks, the
     gather from pinned host memory and the table patch all run on the device) replays a
-    graph, beside a sequence all on the GPU: no step eager, the same tokens and logits
-    as eager top-k steps with the same moves."""
+    graph, beside a sequence all on the GPU, once its set of top-k rows has held for a
+    few steps (eager before: TOPK_CAPTURE_AFTER); the same tokens and logits as eager
+    top-k steps with the same moves."""
+    from engine.cuda_graphs import TOPK_CAPTURE_AFTER
     ps = prompts(700, 150, seed=5)
 
     def moves(step, sids):
@@ -76,11 +78,14 @@ def test_topk_offload_steps_replay_graphs(eng):
         return [SetDecodeMode(s, "topk", 4), Offload(s, tuple(range(n)))] if step == 1 else []
     stats = eng.runner.graphs.stats
     eager0, replays0 = stats.num_eager, stats.num_replays
-    lg, toks = decode(eng, ps, 8, moves)
-    assert stats.num_eager == eager0, stats.eager_reasons
-    assert stats.num_replays - replays0 >= 7
+    new = stats.eager_reasons.get("new top-k rows (captured once they hold for a few steps)", 0)
+    lg, toks = decode(eng, ps, 12, moves)
+    assert stats.num_eager - eager0 == TOPK_CAPTURE_AFTER - 1, stats.eager_reasons
+    assert stats.eager_reasons["new top-k rows (captured once they hold for a few steps)"] \
+        - new == TOPK_CAPTURE_AFTER - 1
+    assert stats.num_replays - replays0 >= 11 - TOPK_CAPTURE_AFTER
     assert any(k[3] for k in eng.runner.graphs.graphs)      # a graph with a top-k row
-    ref_lg, ref_toks = decode(eng, ps, 8, moves, graphs=False)
+    ref_lg, ref_toks = decode(eng, ps, 12, moves, graphs=False)
     assert toks == ref_toks
     for a, b in zip(lg, ref_lg):
         assert float((a - b).abs().max()) < 1e-4

@@ -289,31 +289,3 @@ def test_sequences_that_share_the_staging_buffer_take_turns_without_stalling():
     finally:
         e.stop()
 
-
-def test_topk_rows_come_first_so_a_finished_sequence_moves_no_graph_key(tiny):
-    """A CUDA graph is keyed by its top-k rows' places in the batch. With top-k rows
-    first, a sequence before them finishing leaves the key as it was (no new capture:
-    21-22 s of captures in 90 s on the headline's H100 run, when every finish moved
-    the top-k rows). The key is computed as the engine's graphs would (no GPU here)."""
-    from engine.cuda_graphs import DecodeGraphs
-
-    graphs = object.__new__(DecodeGraphs)        # key() reads the store and buckets only
-    graphs.store, graphs.buckets = tiny.store, (1, 2, 4, 8)
-    graphs.max_width, graphs.start_width, graphs.graphs, graphs.failed = 1 << 12, 0, {}, {}
-    ids = [tiny.submit(Request(prompt_ids=[(5 * i + j) % 300 + 1 for j in range(40)],
-                               sampling=SamplingParams(max_tokens=200, ignore_eos=True)),
-                       lambda ev: None) for i in range(4)]
-    while any(tiny.seqs[s].state != "decode" for s in ids):
-        tiny.step()
-    tiny.handle.apply(SetDecodeMode(ids[3], "topk", 2))
-    tiny.handle.apply(Offload(ids[3], (1, 2, 3, 4)))
-    decode, dec_seqs, _, _ = tiny._schedule()
-    assert [s.seq_id for s in dec_seqs][0] == ids[3]          # the top-k row first
-    assert sorted(sid for sid, _ in decode) == sorted(ids)    # nobody left out
-    before = graphs.key(decode)
-    assert before[3] and before[3][0][0] == 0
-    tiny.step()
-    tiny.cancel(ids[0])
-    tiny.step()
-    decode, _, _, _ = tiny._schedule()
-    assert len(decode) == 3 and graphs.key(decode)[3] == before[3]
