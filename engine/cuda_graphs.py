@@ -194,12 +194,18 @@ class DecodeGraphs:
             # capture; the fewest extra formats first, then the narrowest. Two formats
             # (a pinned format's steady state: old blocks in it, the newest full) keep
             # their own graph: one launch reads both runs of a row
+            # A graph of a larger batch bucket serves a smaller batch the same way (its
+            # rows past the batch are padding, as within a bucket): a decode step's
+            # GEMMs read the weights whatever their rows, so 48 rows cost about what 8
+            # do, where a capture holds every sequence (0.2-3 s on an 8B model: 14 late
+            # captures as adaptive's batch shrank took ~14 s of the headline's H100
+            # run). Its own bucket first, then the smallest larger one.
             mine = set(key[2])
             fits = [k for k in self.graphs
-                    if k[0] == B and k[1] >= width and k[3] == key[3]
+                    if k[0] >= B and k[1] >= width and k[3] == key[3]
                     and (k[2] == key[2] or len(mine) > 2 and mine < set(k[2]))]
             if fits:
-                key = min(fits, key=lambda k: (len(k[2]), k[1]))
+                key = min(fits, key=lambda k: (k[0], len(k[2]), k[1]))
         if key[3] and key not in self.graphs and key not in self.failed:
             seen = self._topk_seen[1] + 1 if self._topk_seen[0] == key else 1
             self._topk_seen = (key, seen)

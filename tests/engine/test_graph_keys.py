@@ -26,19 +26,24 @@ def start(tiny, n):
 
 def test_a_narrower_table_replays_a_captured_wider_graph(tiny):
     """A step whose table is narrower than a graph already captured for its batch
-    bucket, formats and top-k rows replays that graph (no new capture); with none, or
-    only one of another bucket or format, its own key."""
+    bucket (or a larger one: its extra rows are padding), formats and top-k rows
+    replays that graph (no new capture): its own bucket first, then the narrowest;
+    with none, or only one of another format or top-k rows or a smaller bucket, its
+    own key."""
     short, long_ = start(tiny, 30), start(tiny, 200)     # 8 and 51 blocks of 4 tokens
     g = graphs_over(tiny.store)
     own = g.key([(short, 0)])
     assert own == (1, 16, (FULL,), ())
     wide = (1, 64, (FULL,), ())
-    g.graphs[(2, 128, (FULL,), ())] = g.graphs[(1, 128, (FULL,), ("x",))] = object()
-    assert g.key([(short, 0)]) == own                    # none of its bucket and kind
+    g.graphs[(1, 128, (FULL,), ("x",))] = g.graphs[(1, 128, (FULL, "int4"), ())] = object()
+    assert g.key([(short, 0)]) == own                    # none of its kind
+    g.graphs[(2, 128, (FULL,), ())] = object()
+    assert g.key([(short, 0)]) == (2, 128, (FULL,), ())  # a larger bucket's, padded
     g.graphs[wide] = g.graphs[(1, 256, (FULL,), ())] = object()
-    assert g.key([(short, 0)]) == wide                   # the narrowest wider one
+    assert g.key([(short, 0)]) == wide                   # its own bucket's narrowest
     assert g.key([(long_, 0)]) == wide
     assert g.key([(short, 0), (long_, 0)]) == (2, 128, (FULL,), ())
+    assert g.key([(short, 0), (long_, 0), (short, 0)]) == (4, 64, (FULL,), ())  # none larger
     # a top-k row's offloaded blocks are in the key: not the full-precision graphs
     tiny.handle.apply(SetDecodeMode(short, "topk", 2))
     tiny.handle.apply(Offload(short, (1, 2, 3)))
