@@ -197,8 +197,8 @@ class DecodeGraphs:
             # A graph of a larger batch bucket serves a smaller batch the same way (its
             # rows past the batch are padding, as within a bucket): a decode step's
             # GEMMs read the weights whatever their rows, so 48 rows cost about what 8
-            # do, where a capture holds every sequence (0.2-3 s on an 8B model: 14 late
-            # captures as adaptive's batch shrank took ~14 s of the headline's H100
+            # do, where a capture holds every sequence (0.2-4 s on an 8B model: 16
+            # captures as adaptive's batch shrank took 20 s of the headline's 91 s H100
             # run). Its own bucket first, then the smallest larger one.
             mine = set(key[2])
             fits = [k for k in self.graphs
