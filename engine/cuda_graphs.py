@@ -45,6 +45,9 @@ MAX_TOPK_GRAPHS = 4     # graphs with top-k rows kept (each holds its rows' key 
 # headline's H100 run adaptive spent 21-22 s of ~90 capturing (0.2-3 s a capture, every
 # sequence waiting), where an eager step costs a few times a replay (tens of ms)
 TOPK_CAPTURE_AFTER = 4
+# a graph of a larger batch bucket serves a smaller batch up to this many rows (or 4x the
+# batch): a decode step's GEMMs at up to 64 rows read the weights, their cost
+PAD_ROWS_MAX = 64
 
 
 def _bucket(n: int, buckets) -> int | None:
@@ -199,10 +202,13 @@ class DecodeGraphs:
             # GEMMs read the weights whatever their rows, so 48 rows cost about what 8
             # do, where a capture holds every sequence (0.2-4 s on an 8B model: 16
             # captures as adaptive's batch shrank took 20 s of the headline's 91 s H100
-            # run). Its own bucket first, then the smallest larger one.
+            # run). Its own bucket first, then the smallest larger one; none past
+            # PAD_ROWS_MAX rows beyond 4x the batch (there the padding rows' arithmetic
+            # starts to show: 256 rows for 1 would run a GEMM's worth slower every step).
             mine = set(key[2])
             fits = [k for k in self.graphs
-                    if k[0] >= B and k[1] >= width and k[3] == key[3]
+                    if B <= k[0] <= max(4 * B, PAD_ROWS_MAX) and k[1] >= width
+                    and k[3] == key[3]
                     and (k[2] == key[2] or len(mine) > 2 and mine < set(k[2]))]
             if fits:
                 key = min(fits, key=lambda k: (k[0], len(k[2]), k[1]))

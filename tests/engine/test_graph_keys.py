@@ -44,6 +44,12 @@ def test_a_narrower_table_replays_a_captured_wider_graph(tiny):
     assert g.key([(long_, 0)]) == wide
     assert g.key([(short, 0), (long_, 0)]) == (2, 128, (FULL,), ())
     assert g.key([(short, 0), (long_, 0), (short, 0)]) == (4, 64, (FULL,), ())  # none larger
+    g.graphs.clear()
+    g.graphs[(256, 64, (FULL,), ())] = g.graphs[(64, 64, (FULL,), ())] = object()
+    g.buckets = (1, 2, 4, 8, 64, 256)
+    assert g.key([(short, 0)]) == (64, 64, (FULL,), ())       # padded up to 64 rows
+    g.graphs.pop((64, 64, (FULL,), ()))
+    assert g.key([(short, 0)]) == own                          # not 256 rows for one
     # a top-k row's offloaded blocks are in the key: not the full-precision graphs
     tiny.handle.apply(SetDecodeMode(short, "topk", 2))
     tiny.handle.apply(Offload(short, (1, 2, 3)))
