@@ -12,7 +12,8 @@
 #           budget, idle sessions' bytes by tier over time (issue 16)
 #   head    benchmarks.headline.gpu (issue 15): by default the reduced run of 2026-12-06
 #           (10 GiB, 4x pressure, none / int4 / adaptive); HEAD_ARGS='' for the full suite
-#   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default)
+#   cap     benchmarks.headline.capacity (sequences at once in one budget; 8K by default;
+#           CAP_CONFIGS, CAP_COUNTS pick configs and counts)
 #   split   benchmarks.step_split (where a step's time goes)
 #   offload benchmarks.offload at 32K: all on the GPU, exact offload, top-k pages (issue 13)
 #   daemon  benchmarks.status_latency, 64 clients streaming from the daemon (issue 13)
@@ -56,7 +57,8 @@ for s in "${steps[@]}"; do
              --timeout-s 140} --out "$OUT/headline-gpu" ;;
     cap) timeout "${T_CAP:-400}" python -m benchmarks.headline.capacity --kv-budget-gb \
              "${CAP_GB:-5}" --context "${CAP_CONTEXT:-8192}" --settle-s 10 \
-             --configs none,quantize_int4,adaptive:balanced --out "$OUT/capacity" ;;
+             --configs "${CAP_CONFIGS:-none,quantize_int4,adaptive:balanced}" \
+             ${CAP_COUNTS:+--counts "$CAP_COUNTS"} --out "$OUT/capacity" ;;
     split) timeout "${T_SPLIT:-200}" python -m benchmarks.step_split --batches 1,64 ;;
     offload) timeout "${T_OFFLOAD:-300}" python -m benchmarks.offload --model random:llama3-8b \
              --context 32768 ;;
