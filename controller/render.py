@@ -112,6 +112,23 @@ def prefix_line(st) -> str:
             f"{st.sessions} session{'' if st.sessions == 1 else 's'}")
 
 
+def engine_line(e) -> str:
+    """The engine's steps and where their time went, in one line of `kvctl status`."""
+    t = dict(e.step_times)
+    kinds = [(k, int(t.get(f"{k}_steps", 0)), t.get(f"{k}_s", 0.0))
+             for k in ("prefill", "decode", "idle")]
+    total = sum(s for _, _, s in kinds)
+    parts = sorted(((k, v) for k, v in t.items() if not k.endswith(("_steps", "_s"))),
+                   key=lambda kv: -kv[1])
+    split = ", ".join(f"{k} {v / total:.0%}" for k, v in parts[:4]) if total else "-"
+    graphs = (f"; graphs {e.cuda_graphs} ({e.graph_capture_seconds:.1f} s capturing), "
+              f"{e.graph_replays} replays, {e.eager_decode_steps} eager"
+              if e.cuda_graphs else "")
+    steps = ", ".join(f"{n} {k} steps ({s:.1f}s)" for k, n, s in kinds if n)
+    return (f"{steps or 'no steps yet'}; time in {split}{graphs}; {e.preemptions} "
+            f"preemptions, {e.step_failures} failed steps")
+
+
 def status_screen(st) -> Group:
     """Everything `kvctl status` shows, readable at a glance."""
     node = Table.grid(padding=(0, 2))
@@ -130,6 +147,7 @@ def status_screen(st) -> Group:
     else:
         node.add_row("gpu", f"[yellow]cpu mode[/] — {escape(g.reason.removesuffix(' (cpu mode)'))}")
         node.add_row("pcie", "[dim]n/a (no GPU)[/]")
+    node.add_row("steps", engine_line(st.engine))
     h = st.host
     hfrac = 1 - h.memory_available_bytes / h.memory_total_bytes if h.memory_total_bytes else 0
     node.add_row("host", Text.assemble(bar(hfrac), f" {human_bytes(h.memory_total_bytes - h.memory_available_bytes)}"

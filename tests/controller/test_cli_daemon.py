@@ -56,7 +56,7 @@ def test_status_json_parses(served):
 def test_status_screen_reads(served):
     r = kvctl(served, "status")
     assert r.returncode == 0, r.stderr
-    for word in ("KV memory by tier", "cpu mode", "profile", "balanced", "Sequences"):
+    for word in ("KV memory by tier", "cpu mode", "profile", "balanced", "Sequences", "steps"):
         assert word in r.stdout, word
 
 
@@ -354,3 +354,19 @@ def test_sigkill_then_restart_on_the_same_socket():
         p2.send_signal(signal.SIGTERM)
         p2.wait(30)
         p2.stderr.close()
+
+
+def test_status_says_where_step_time_went():
+    """`kvctl status` shows the engine's steps by kind and the parts of a step that took
+    its time, largest first, with the graphs it captured and replayed."""
+    from controller.render import engine_line
+    e = pb.EngineCounters(preemptions=2, cuda_graphs=30, graph_capture_seconds=21.2,
+                          graph_replays=478, step_times={
+                              "prefill_steps": 46, "prefill_s": 54.0, "decode_steps": 482,
+                              "decode_s": 36.0, "moves": 9.0, "launch": 60.0,
+                              "sample": 18.0, "publish": 3.0})
+    line = engine_line(e)
+    assert "46 prefill steps (54.0s)" in line and "482 decode steps (36.0s)" in line
+    assert "time in launch 67%, sample 20%, moves 10%, publish 3%" in line
+    assert "graphs 30 (21.2 s capturing), 478 replays" in line and "2 preemptions" in line
+    assert engine_line(pb.EngineCounters()).startswith("no steps yet; time in -")
