@@ -297,6 +297,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    f"OOM {r['ooms']}, lost {r['lost']}: "
                    + ("Pareto-dominates" if dom else "does NOT dominate"))
     out.append(f"\nBus: {rows[0]['bus_source'] if rows else '-'}.")
+    out += ["", "Where the engine thread's time went (seconds; steps by kind, parts of a "
+            "step, graph captures):", "",
+            "| config | wall | prefill steps | decode steps | idle steps | moves | admit | "
+            "launch | sample | publish | captures |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, g = r.get("step_times", {}), r.get("graphs", {})
+
+        def kind(k):
+            return f"{int(t.get(k + '_steps', 0))} ({t.get(k + '_s', 0.0):.1f})"
+        out.append(f"| {r['config']} | {r['wall_s']:.1f} | {kind('prefill')} | "
+                   f"{kind('decode')} | {kind('idle')} | "
+                   + " | ".join(f"{t.get(p, 0.0):.1f}" for p in
+                                ("moves", "admit", "launch", "sample", "publish"))
+                   + f" | {g.get('num_graphs', 0)} ({g.get('capture_seconds', 0.0):.1f}) |")
     return "\n".join(out) + "\n"
 
 
