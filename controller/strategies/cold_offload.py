@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.actions import Offload, SetDecodeMode
-from controller.strategies.base import ScoredStrategy, movable, stream_bytes
+from controller.strategies.base import ScoredStrategy, movable
 
 
 @dataclass
@@ -39,17 +39,22 @@ class ColdOffload(ScoredStrategy):
         host_room = ctx.host_free_bytes if ctx.host_free_bytes is not None else float("inf")
         stage_room = ctx.staging_left(seq.seq_id)
         host = [b for b in seq.blocks if b.tier == "host"]
+        # what the sequence would stream a step, kept as blocks are added (exact: their
+        # sum; top-k: k of them at the largest one's size; stream_bytes' rule)
+        total, largest = sum(b.nbytes for b in host), max((b.nbytes for b in host), default=0)
         by_index = {b.index: b for b in seq.blocks}
         ranked = sorted(cand.blocks, key=lambda i: (self.score(seq, by_index[i]), i))
         keep = []
         for i in ranked:
             b = by_index[i]
-            mode, k = self.mode_for(seq, len(keep) + 1)
-            if b.nbytes > host_room or stream_bytes(mode, k, host + [b], ctx.num_layers) \
-                    > stage_room:
+            n, total_b, largest_b = len(host) + len(keep) + 1, total + b.nbytes, \
+                max(largest, b.nbytes)
+            streamed = (min(self.k_for(n), n) * largest_b if self.top_k_fraction
+                        else total_b) // ctx.num_layers
+            if b.nbytes > host_room or streamed > stage_room:
                 break
             keep.append(i)
-            host.append(b)
+            total, largest = total_b, largest_b
             host_room -= b.nbytes
         if not keep:
             return None
@@ -59,14 +64,13 @@ class ColdOffload(ScoredStrategy):
         return replace(cand, blocks=blocks, actions=self.actions(seq, blocks),
                        freed_bytes=sum(by_index[i].nbytes for i in blocks))
 
-    def mode_for(self, seq, num_new: int) -> tuple[str, int]:
-        """The decode mode and k after ``num_new`` more of ``seq``'s blocks go to host."""
-        if not self.top_k_fraction:
-            return "exact", 0
-        offloaded = num_new + sum(b.tier == "host" for b in seq.blocks)
-        return "topk", max(1, round(offloaded * self.top_k_fraction))
+    def k_for(self, offloaded: int) -> int:
+        """Top-k mode's k for a sequence with this many blocks offloaded."""
+        return max(1, round(offloaded * self.top_k_fraction))
 
     def actions(self, seq, blocks):
-        mode, k = self.mode_for(seq, len(blocks))
-        return (SetDecodeMode(seq.seq_id, mode, *((k,) if k else ())),
+        if not self.top_k_fraction:
+            return (SetDecodeMode(seq.seq_id, "exact"), Offload(seq.seq_id, blocks))
+        offloaded = len(blocks) + sum(b.tier == "host" for b in seq.blocks)
+        return (SetDecodeMode(seq.seq_id, "topk", self.k_for(offloaded)),
                 Offload(seq.seq_id, blocks))

@@ -28,7 +28,8 @@ import heapq
 from dataclasses import dataclass
 
 from engine.actions import Evict, KVFormat, Quantize
-from controller.predictors.costs import evict_cost, quantize_cost
+from controller.predictors.costs import (FORMAT_COST, KEY2_SHARE, UNKNOWN_FORMAT_COST,
+                                         evict_cost)
 from controller.strategies.base import Candidate, Context, Strategy, movable
 
 EVICTED = "evicted"
@@ -46,16 +47,26 @@ class MixedPrecision(Strategy):
     def name(self) -> str:  # type: ignore[override]
         return f"mixed_precision_{self.variant}" if self.variant else "mixed_precision"
 
-    def _ladder(self, ctx: Context, b, w: float, share: float, evictable: bool):
+    def _options(self, ctx: Context, fmt: str, base: int) -> list[tuple[int, float, float, str]]:
+        """A block of ``fmt`` holding ``base`` bytes: (bytes freed, the format's cost
+        factor, its per-share term, option) of staying as it is and of each format
+        that frees bytes (quantize_cost's terms, so each block only scales them)."""
+        fb = ctx.format_bytes
+
+        def terms(f: str) -> tuple[float, float]:
+            return FORMAT_COST.get(f, UNKNOWN_FORMAT_COST) / 2, \
+                KEY2_SHARE if f == "int2" or f.startswith("k2v") else 0.0
+        out = [(0, *terms(fmt), fmt)]
+        if fmt == "full":
+            out += [(base - fb[f], *terms(f), f) for f in self.formats
+                    if f in fb and fb[f] < base]
+        return out
+
+    @staticmethod
+    def _ladder(options, base: int, w: float, share: float, evictable: bool):
         """(bytes freed, cost, option) on the lower convex hull, from the block as it is
         (a lossy block's cost so far counts: only eviction's extra is added)."""
-        fb = ctx.format_bytes
-        base = b.nbytes
-        pts = [(0, quantize_cost(b.fmt, w, share), b.fmt)]
-        if b.fmt == "full":
-            for f in self.formats:
-                if f in fb and fb[f] < base:
-                    pts.append((base - fb[f], quantize_cost(f, w, share), f))
+        pts = [(freed, c * (w + share) + k2 * share, f) for freed, c, k2, f in options]
         if evictable:
             pts.append((base, evict_cost(w, share), EVICTED))
         pts.sort(key=lambda p: (p[0], p[1]))
@@ -82,11 +93,15 @@ class MixedPrecision(Strategy):
         newest = seq.blocks[-1].index if seq.blocks else 0
         heap: list[tuple[float, int, int]] = []
         ladders: dict[int, list] = {}
+        options: dict[tuple[str, int], list] = {}     # per (format, bytes): a few kinds
         for b in movable(seq, ctx, keep_sinks=False):
             evictable = (self.evict and b.index >= ctx.num_sink_blocks
                          and b.index <= newest - self.recent_blocks)
             w = max(b.mass / total_mass, b.observed / total_obs, b.distinct)
-            ladder = self._ladder(ctx, b, w, share, evictable)
+            opts = options.get((b.fmt, b.nbytes))
+            if opts is None:
+                opts = options[(b.fmt, b.nbytes)] = self._options(ctx, b.fmt, b.nbytes)
+            ladder = self._ladder(opts, b.nbytes, w, share, evictable)
             if len(ladder) > 1:
                 ladders[b.index] = ladder
                 heapq.heappush(heap, (_slope(ladder, 0), b.index, 0))
