@@ -9,6 +9,7 @@ def test_int4_runs_more_sequences_at_once_than_full_precision(tmp_path):
     main(["--smoke", "--counts", "3,6", "--configs", "none,quantize_int4",
           "--out", str(tmp_path)])
     res = json.loads((tmp_path / "capacity.json").read_text())
+    assert res["done"]                 # written after every count, marked whole at the end
     best = res["best"]
     assert best.get("none") == res["full_by_bytes"] == 3
     assert best.get("quantize_int4", 0) > best["none"]

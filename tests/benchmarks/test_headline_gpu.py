@@ -15,6 +15,27 @@ def test_gpu_workload_smoke(tmp_path):
     for r in res["rows"]:
         assert r["lost"] == 0 and r["refused"] == 0, r
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0
+        # where the engine's time went, and the longest waits between two tokens
+        t = r["step_times"]
+        assert t["prefill_steps"] > 0 and t["decode_steps"] > 0 and t["launch"] > 0
+        assert r["worst_gaps"] and r["worst_gaps"][0]["ms"] >= r["tpot_p99_ms"] - 1e-6
     assert res["rows"][1]["decisions"], "the policy never acted under 4x demand"
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"| {c} |" in md for c in cfgs)
+    assert "Where the engine thread's time went" in md
+
+
+def test_policy_tick_plans_moves_for_every_sequence(capsys):
+    """benchmarks/policy_tick.py at a small scale: a relief plan on its synthetic
+    snapshot moves every sequence (each holds its share of the bytes to free)."""
+    import sys
+
+    from benchmarks import policy_tick
+    argv, sys.argv = sys.argv, ["policy_tick", "--sequences", "4", "--blocks", "12",
+                                "--reps", "1"]
+    try:
+        policy_tick.main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert "4 sequences x 12 blocks, balanced" in out and out.rstrip().endswith("; 4 moves")
