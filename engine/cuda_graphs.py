@@ -98,11 +98,22 @@ class GraphStats:
     # (the controller prices an exact offload, whose batch runs eager, with it)
     replay_step_s: float = 0.0
     eager_step_s: float = 0.0
+    # decode-only steps with top-k rows (picks and gathers from host memory, replayed or
+    # eager) apart, and how many such rows they had: what a top-k row adds to a step
+    # (the controller prices a top-k offload with it)
+    topk_step_s: float = 0.0
+    topk_rows: float = 0.0
 
-    def note_step(self, replayed: bool, seconds: float, alpha: float = 0.1) -> None:
-        name = "replay_step_s" if replayed else "eager_step_s"
-        old = getattr(self, name)
-        setattr(self, name, seconds if old == 0.0 else old + alpha * (seconds - old))
+    def note_step(self, replayed: bool, seconds: float, topk_rows: int = 0,
+                  alpha: float = 0.1) -> None:
+        def ema(name: str, x: float) -> None:
+            old = getattr(self, name)
+            setattr(self, name, x if old == 0.0 else old + alpha * (x - old))
+        if topk_rows:
+            ema("topk_step_s", seconds)
+            ema("topk_rows", float(topk_rows))
+        else:
+            ema("replay_step_s" if replayed else "eager_step_s", seconds)
 
 
 class DecodeGraphs:

@@ -164,6 +164,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self._deferred_stats = None   # CUDA: the last step's block shares (OfflineMixin._after)
         self._ahead: _Ahead | None = None   # a decode step launched before the last one's
         self.num_overlapped = 0             # tokens were read (``_launch_ahead``), and how many
+        self._topk_rows = 0                 # the last scheduled step's top-k decode rows
         self.step_count = 0
         # seconds the engine thread spent in each part of its steps, since start: where
         # a slow step's time went (moves applied, admission, the model run, ...)
@@ -518,7 +519,8 @@ class Engine(OfflineMixin, SessionsMixin):
             self._after_step()
             laps.lap("after")
             if graphs is not None and dec_seqs and not chunks and out is not None:
-                graphs.stats.note_step(replayed, time.perf_counter() - t0)
+                graphs.stats.note_step(replayed, time.perf_counter() - t0,
+                                       self._topk_rows if ahead is None else 0)
             self._publish()
             laps.lap("publish")
             laps.step("prefill" if chunks else "decode", t0)
@@ -631,6 +633,7 @@ class Engine(OfflineMixin, SessionsMixin):
                 topk.append(len(decode))
             decode.append((s.seq_id, s.output_ids[-1]))
             dec_seqs.append(s)
+        self._topk_rows = len(topk)
         if topk:
             # top-k rows first: a CUDA graph is keyed by its top-k rows' places, so a
             # top-k sequence whose row moved (a sequence below it finished) took a new

@@ -229,7 +229,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     last = e.handle.snapshot()
     graphs = {k: v for k, v in last.graphs.items()
               if k in ("num_graphs", "num_replays", "num_eager", "capture_seconds",
-                       "capture_bytes", "eager_reasons")}
+                       "capture_bytes", "eager_reasons", "replay_step_s", "eager_step_s",
+                       "topk_step_s", "topk_rows")}
     e.stop()
     out = dict(config=cfg, graphs=graphs, budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),

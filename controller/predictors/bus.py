@@ -36,6 +36,7 @@ class Bus:
     busy_fraction: float = 0.0   # of the link, used by other traffic now
     source: str = ""             # where the figure comes from (for decisions and status)
     graph_loss_s: float = 0.0    # added step time when a step must run eager (see above)
+    topk_row_s: float = 0.0      # added step time per sequence decoding top-k pages
 
     @classmethod
     def none(cls) -> "Bus":
@@ -47,21 +48,38 @@ class Bus:
         device = getattr(snapshot, "device", "cpu") if snapshot is not None else "cpu"
         if not str(device).startswith("cuda"):
             return cls.none()
-        loss = graph_loss_s(snapshot)
+        loss, row = graph_loss_s(snapshot), topk_row_s(snapshot)
         if gpu is not None and getattr(gpu, "available", False) and gpu.pcie_width \
                 and gpu.pcie_generation in PCIE_LANE_GBPS:
             peak = PCIE_LANE_GBPS[gpu.pcie_generation] * gpu.pcie_width * 1e9
             bw = peak * COPY_EFFICIENCY
             busy = min(0.95, max(0.0, gpu.pcie_rx_bytes_per_s / peak))
             return cls(bw, busy, f"PCIe Gen{gpu.pcie_generation} x{gpu.pcie_width} (NVML)",
-                       loss)
-        return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s", loss)
+                       loss, row)
+        return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s", loss,
+                   row)
 
     def seconds(self, nbytes: int) -> float:
         """Added time per decode step to stream ``nbytes`` over this bus."""
         if self.bytes_per_s is None:
             return 0.0
         return nbytes / (self.bytes_per_s * max(0.05, 1.0 - self.busy_fraction))
+
+
+def topk_row_s(snapshot) -> float:
+    """Added seconds a decode step takes per sequence decoding over top-k pages (its
+    picks, the gather of the picked blocks from host memory, and a capture or eager
+    steps each time the set of top-k rows changes), from the engine's own step times:
+    decode-only steps with top-k rows against replayed ones without, per top-k row.
+    0 until both were timed, and without graphs (the CPU: priced by bytes, as before).
+    The bytes alone priced a top-k offload at a few ms: on the headline's H100 run the
+    steps of a batch with top-k rows took 80 ms against 34 without (docs/BENCHMARKS.md)."""
+    g = getattr(snapshot, "graphs", None) or {}
+    topk, rows, replay = (g.get("topk_step_s", 0.0), g.get("topk_rows", 0.0),
+                          g.get("replay_step_s", 0.0))
+    if "num_replays" not in g or topk <= 0.0 or replay <= 0.0 or rows <= 0.0:
+        return 0.0
+    return max(0.0, topk - replay) / rows
 
 
 def graph_loss_s(snapshot) -> float:

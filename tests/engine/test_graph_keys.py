@@ -1,6 +1,8 @@
 """Which captured CUDA graph a decode step replays (engine/cuda_graphs.py ``key``), on the
 CPU: the choice is table bookkeeping, no device needed. The replays themselves are
 compared with eager steps in test_cuda_graphs.py (CUDA)."""
+import pytest
+
 from engine.actions import Offload, SetDecodeMode
 from engine.api import Request, SamplingParams
 from engine.cuda_graphs import TOPK_CAPTURE_AFTER, DecodeGraphs
@@ -138,3 +140,17 @@ def test_topk_graph_keys_hold_while_other_sequences_finish(tiny):
     tiny.step()
     decode, _, _, _ = tiny._schedule()
     assert len(decode) == 3 and graphs.key(decode)[3] == before[3]
+
+
+def test_steps_with_topk_rows_are_timed_apart():
+    """Decode-only steps with top-k rows (replayed or eager) are timed apart from the
+    others, with their number of top-k rows: what a top-k row adds to a step, which the
+    controller prices a top-k offload with. Replayed and eager steps keep their own."""
+    from engine.cuda_graphs import GraphStats
+    st = GraphStats()
+    st.note_step(True, 0.020)
+    st.note_step(False, 0.080)
+    st.note_step(True, 0.060, topk_rows=4)
+    st.note_step(False, 0.100, topk_rows=2)
+    assert (st.replay_step_s, st.eager_step_s) == (0.020, 0.080)
+    assert st.topk_step_s == pytest.approx(0.064) and st.topk_rows == pytest.approx(3.8)
