@@ -38,13 +38,17 @@ EVICT_SHARE = 0.2
 KEY2_SHARE = EVICT_SHARE / 2
 
 
+def quantize_cost_terms(fmt: str) -> tuple[float, float]:
+    """``fmt``'s cost as (a, b): a x (mass_frac + share) + b x share (quantize_cost)."""
+    key2 = KEY2_SHARE if fmt == "int2" or fmt.startswith("k2v") else 0.0   # 2-bit keys
+    return FORMAT_COST.get(fmt, UNKNOWN_FORMAT_COST) / 2, key2
+
+
 def quantize_cost(fmt: str, mass_frac: float, share: float) -> float:
     """Blocks carrying ``mass_frac`` of the attention and ``share`` of the attended
     blocks, all stored in ``fmt``."""
-    cost = FORMAT_COST.get(fmt, UNKNOWN_FORMAT_COST) * (mass_frac + share) / 2
-    if fmt == "int2" or fmt.startswith("k2v"):     # 2-bit keys
-        cost += KEY2_SHARE * share
-    return cost
+    a, b = quantize_cost_terms(fmt)
+    return a * (mass_frac + share) + b * share
 
 
 def evict_cost(mass_frac: float, share: float) -> float:

@@ -75,8 +75,7 @@ class HeuristicPredictor:
         if cand.strategy == "offload_topk":
             # a sequence that starts decoding over top-k pages adds a top-k row to every
             # step (measured: Bus.topk_row_s); one that already does adds its bytes
-            new_row = not (seq.decode_mode == "topk" and any(b.tier == "host"
-                                                              for b in seq.blocks))
+            new_row = not (seq.decode_mode == "topk" and seq.bytes_by_tier.get("host"))
             return Prediction(0.3 * mass, bus.seconds(streamed) * 0.125
                               + (bus.topk_row_s if new_row else 0.0))
         # exact: every block streamed each step, and the batch's steps run eager

@@ -31,10 +31,14 @@ class Context:
     def from_snapshot(cls, snap) -> "Context":
         host = snap.tiers.get("host")
         layers = max(1, snap.num_layers)
-        streaming = {v.seq_id: n for v in snap.sequences
-                     if v.state in ("decode", "stalled")
-                     and (n := stream_bytes(v.decode_mode, v.top_k,
-                                            [b for b in v.blocks if b.tier == "host"], layers))}
+        streaming = {}
+        for v in snap.sequences:      # only sequences with offloaded blocks walk them
+            total = v.bytes_by_tier.get("host", 0)
+            if total and v.state in ("decode", "stalled"):
+                sizes = [b.nbytes for b in v.blocks if b.tier == "host"] \
+                    if v.decode_mode == "topk" else ()
+                streaming[v.seq_id] = stream_bytes(v.decode_mode, v.top_k, len(sizes), total,
+                                                   max(sizes, default=0), layers)
         return cls(dict(snap.format_bytes), snap.num_sink_blocks,
                    snap.staging_bytes, layers,
                    host.free_bytes if host is not None else 0, streaming)
@@ -48,15 +52,15 @@ class Context:
         return self.staging_bytes - others
 
 
-def stream_bytes(decode_mode: str, top_k: int, host: list, num_layers: int) -> int:
-    """Per layer, the bytes of ``host`` (offloaded BlockViews) one decode step streams
-    through staging: every one in exact mode; in top-k mode k of them, each counted at
-    the largest one's size (engine.staging.staging_need)."""
-    if not host:
-        return 0
+def stream_bytes(decode_mode: str, top_k: int, count: int, total: int, largest: int,
+                 num_layers: int) -> int:
+    """Per layer, what one decode step streams through staging of a sequence's ``count``
+    offloaded blocks (``total`` bytes, the largest ``largest``, all layers): every one in
+    exact mode; in top-k mode k of them, each counted at the largest one's size
+    (engine.staging.staging_need)."""
     if decode_mode == "topk":
-        return min(top_k, len(host)) * max(b.nbytes for b in host) // num_layers
-    return sum(b.nbytes for b in host) // num_layers
+        return min(top_k, count) * largest // num_layers
+    return total // num_layers
 
 
 @dataclass(frozen=True)

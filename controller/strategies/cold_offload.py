@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.actions import Offload, SetDecodeMode
-from controller.strategies.base import ScoredStrategy, movable
+from controller.strategies.base import ScoredStrategy, movable, stream_bytes
 
 
 @dataclass
@@ -39,9 +39,9 @@ class ColdOffload(ScoredStrategy):
         host_room = ctx.host_free_bytes if ctx.host_free_bytes is not None else float("inf")
         stage_room = ctx.staging_left(seq.seq_id)
         host = [b for b in seq.blocks if b.tier == "host"]
-        # what the sequence would stream a step, kept as blocks are added (exact: their
-        # sum; top-k: k of them at the largest one's size; stream_bytes' rule)
+        # what the sequence would stream a step, kept as blocks are added
         total, largest = sum(b.nbytes for b in host), max((b.nbytes for b in host), default=0)
+        mode = "topk" if self.top_k_fraction else "exact"
         by_index = {b.index: b for b in seq.blocks}
         ranked = sorted(cand.blocks, key=lambda i: (self.score(seq, by_index[i]), i))
         keep = []
@@ -49,8 +49,7 @@ class ColdOffload(ScoredStrategy):
             b = by_index[i]
             n, total_b, largest_b = len(host) + len(keep) + 1, total + b.nbytes, \
                 max(largest, b.nbytes)
-            streamed = (min(self.k_for(n), n) * largest_b if self.top_k_fraction
-                        else total_b) // ctx.num_layers
+            streamed = stream_bytes(mode, self.k_for(n), n, total_b, largest_b, ctx.num_layers)
             if b.nbytes > host_room or streamed > stage_room:
                 break
             keep.append(i)

@@ -28,8 +28,7 @@ import heapq
 from dataclasses import dataclass
 
 from engine.actions import Evict, KVFormat, Quantize
-from controller.predictors.costs import (FORMAT_COST, KEY2_SHARE, UNKNOWN_FORMAT_COST,
-                                         evict_cost)
+from controller.predictors.costs import evict_cost, quantize_cost_terms
 from controller.strategies.base import Candidate, Context, Strategy, movable
 
 EVICTED = "evicted"
@@ -52,13 +51,9 @@ class MixedPrecision(Strategy):
         factor, its per-share term, option) of staying as it is and of each format
         that frees bytes (quantize_cost's terms, so each block only scales them)."""
         fb = ctx.format_bytes
-
-        def terms(f: str) -> tuple[float, float]:
-            return FORMAT_COST.get(f, UNKNOWN_FORMAT_COST) / 2, \
-                KEY2_SHARE if f == "int2" or f.startswith("k2v") else 0.0
-        out = [(0, *terms(fmt), fmt)]
+        out = [(0, *quantize_cost_terms(fmt), fmt)]
         if fmt == "full":
-            out += [(base - fb[f], *terms(f), f) for f in self.formats
+            out += [(base - fb[f], *quantize_cost_terms(f), f) for f in self.formats
                     if f in fb and fb[f] < base]
         return out
 

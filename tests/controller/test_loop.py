@@ -575,7 +575,8 @@ def test_topk_offload_on_a_graphed_gpu_pays_for_its_row(eng):
     # already top-k (its blocks partly on host): no new row
     already = replace(timed, sequences=[
         replace(v, decode_mode="topk", top_k=2, blocks=[
-            b._replace(tier="host") if b.index == 1 else b for b in v.blocks])
+            b._replace(tier="host") if b.index == 1 else b for b in v.blocks],
+            bytes_by_tier={**v.bytes_by_tier, "host": v.blocks[1].nbytes})
         if v.seq_id == ids[0] else v for v in timed.sequences])
     base = replace(already, graphs=stats)
     assert topk_latency(already, ids[0]) == pytest.approx(topk_latency(base, ids[0]))
