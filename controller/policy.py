@@ -392,7 +392,8 @@ class Controller:
                     kind=c.kind if done else "refused", seq_id=c.seq_id, profile=p.profile,
                     action=f"{c.strategy} " + ("; ".join(
                         f"{q.strategy.removeprefix('quantize_')} blocks {list(q.blocks)}"
-                        for q in c.parts) if c.parts else f"blocks {list(c.blocks)}"),
+                        for q in c.parts) if c.parts else f"blocks {list(c.blocks)}"
+                        if c.blocks else "(the prompt as it is written)"),
                     predicted_cost=item.accuracy, freed_bytes=gpu,
                     reason=(f"{why}: need {need} B; cheapest move by the {item.source} "
                             f"predictor (accuracy cost {item.accuracy:.4f}, "

@@ -309,6 +309,7 @@ class SequenceView:
     sink_mass: float      # share of attention on the first block
     recent_mass: float    # share on the newest ``recent_blocks`` blocks
     num_preemptions: int = 0
+    fill_format: str = "full"   # the format its blocks take as they fill (SetFillFormat)
 
 
 @dataclass
@@ -351,3 +352,9 @@ class EngineSnapshot:
     # seconds of the engine's steps by part, and steps and seconds by kind, since start
     # (engine.engine.Laps): 'moves', 'admit', 'schedule', 'launch', 'sample', ...
     step_times: dict = field(default_factory=dict)
+    # the waiting request the engine admits next (the one ``pressure_bytes`` counts the
+    # admission of), "" when none waits, and what admitting it needs at each fill format
+    # (bytes, all layers: its blocks plus one, and a prefill chunk's at full precision
+    # for a lossy one) where it is fresh (a preempted one comes back as it was)
+    next_admission: str = ""
+    admission_bytes: dict = field(default_factory=dict)

@@ -55,7 +55,8 @@ def sequence_view(engine, s, state: str) -> SequenceView:
         s.seq_id, state, len(s.prompt_ids), kv.num_tokens if kv else 0, len(s.output_ids),
         s.priority, kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier,
         by_fmt, blocks, stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
-        stats.recent_mass if stats else 0.0, num_preemptions=s.num_preemptions)
+        stats.recent_mass if stats else 0.0, num_preemptions=s.num_preemptions,
+        fill_format=s.fill_format.name)
 
 
 def build(engine, version: int) -> EngineSnapshot:
@@ -77,9 +78,14 @@ def build(engine, version: int) -> EngineSnapshot:
             pressure += full_block * max(1, st.blocks_for(chunk))
         state = "stalled" if s.stalled else s.state
         seqs.append(sequence_view(engine, s, state))
+    head, admission = "", {}
     if engine.waiting:
         s = max(engine.waiting, key=lambda x: (x.priority, -x.arrival))
         need = engine._admission_bytes(len(s.context_ids), s.fill_format)
+        head = s.seq_id
+        if not s.swapped and not s.num_prefilled:
+            admission = {f: engine._admission_bytes(len(s.context_ids), KVFormat.parse(f))
+                         for f in FORMATS}
         # by bytes, and by pages: a prompt in a format no page holds yet needs fresh pages
         # even where the bytes fit (the request would wait with no pressure shown)
         pressure += max(0, need - tiers[GPU].free_bytes,
@@ -95,7 +101,8 @@ def build(engine, version: int) -> EngineSnapshot:
         graphs=dict(vars(engine.runner.graphs.stats) if engine.runner.graphs else {},
                     num_overlapped=engine.num_overlapped),
         prefix=prefix_counters(st), sessions=engine.session_views(),
-        step_times=dict(engine.laps.seconds))
+        step_times=dict(engine.laps.seconds), next_admission=head,
+        admission_bytes=admission)
 
 
 def prefix_counters(st) -> dict:

@@ -73,7 +73,8 @@ class Candidate:
     blocks: tuple[int, ...]
     freed_bytes: int
     lossless: bool                    # reversible without accuracy loss (offload)
-    kind: str                         # 'evict' | 'quantize' | 'offload'
+    kind: str                         # 'evict' | 'quantize' | 'offload' | 'fill' (a
+                                      # prompt not yet written: controller/loop.py)
     # a plan that mixes moves (blocks in several formats, some evicted) lists them as
     # candidates of the single-move strategies they equal, so predictors price each
     # part as they know it and the plan as the sum
@@ -90,6 +91,13 @@ class Strategy(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]
     lossless: ClassVar[bool] = False
+
+    @property
+    def fill_formats(self) -> tuple[str, ...]:
+        """Formats a prompt not yet written may be written in under this strategy
+        (SetFillFormat: its blocks take the format as they fill, never full first);
+        none for a strategy that does not quantize."""
+        return ()
 
     @abstractmethod
     def propose(self, seq: SequenceView, target_bytes: int, ctx: Context) -> Candidate | None:

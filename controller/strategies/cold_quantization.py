@@ -24,6 +24,10 @@ class ColdQuantization(ScoredStrategy):
     def fmt(self) -> KVFormat:
         return KVFormat(self.bits, self.bits if self.v_bits is None else self.v_bits, self.fp8)
 
+    @property
+    def fill_formats(self) -> tuple[str, ...]:
+        return (self.fmt.name,)
+
     def eligible(self, seq, ctx):
         # full-precision blocks only: a lossy block is never quantized again from its
         # lossy codes (the errors compound; controller/strategies/mixed_precision.py)

@@ -46,6 +46,10 @@ class MixedPrecision(Strategy):
     def name(self) -> str:  # type: ignore[override]
         return f"mixed_precision_{self.variant}" if self.variant else "mixed_precision"
 
+    @property
+    def fill_formats(self) -> tuple[str, ...]:
+        return self.formats
+
     def _options(self, ctx: Context, fmt: str, base: int) -> list[tuple[int, float, float, str]]:
         """A block of ``fmt`` holding ``base`` bytes: (bytes freed, the format's cost
         factor, its per-share term, option) of staying as it is and of each format

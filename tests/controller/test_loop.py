@@ -580,3 +580,62 @@ def test_topk_offload_on_a_graphed_gpu_pays_for_its_row(eng):
         if v.seq_id == ids[0] else v for v in timed.sequences])
     base = replace(already, graphs=stats)
     assert topk_latency(already, ids[0]) == pytest.approx(topk_latency(base, ids[0]))
+
+
+def test_a_waiting_prompt_is_written_in_a_cheaper_format_where_that_costs_least():
+    """Requests past the budget: the request the engine admits next may be written in a
+    lossy format as it fills (SetFillFormat), priced as that format over its whole
+    prompt against compressing the running sequences. Such a prompt is never written at
+    full precision first; a pinned request keeps its own format; every request finishes."""
+    from controller.predictors.bus import Bus
+    from controller.predictors.costs import quantize_cost
+    e = tiny_engine(kv_budget_bytes=256 << 10, max_batch_tokens=64)
+    try:
+        budget = e.handle.snapshot().tiers["gpu"].capacity_bytes
+        c = Controller(PolicyState(profile="balanced", budget_bytes=budget,
+                                   high_watermark=0.9, low_watermark=0.75),
+                       DecisionLog(), e.handle)
+        c.loop.min_interval_s = 0.0
+        done, ids = {}, []
+        for i in range(10):
+            ids.append(e.submit(Request(
+                prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
+                sampling=SamplingParams(max_tokens=30, ignore_eos=True),
+                kv_format="int8" if i == 9 else None),
+                lambda ev: done.__setitem__(ev.seq_id, ev.reason)
+                if hasattr(ev, "reason") else None))
+        offered = None
+        decisions = []
+        written_full = set()
+        for _ in range(4000):
+            if len(done) == 10:
+                break
+            e.step()
+            snap = e.handle.snapshot()
+            if offered is None and snap.next_admission and snap.admission_bytes:
+                offered = {m.candidate.strategy: m for m in
+                           c.loop._fill_moves(snap, "balanced", {})}
+                nxt = snap.next_admission
+            for s in e.running:
+                kv = e.store.seqs.get(s.seq_id)
+                if kv and s.fill_format != FULL and any(
+                        b.fmt == FULL for b in kv.blocks[:-1]
+                        if b.index < s.num_prefilled // e.store.block_size - 1):
+                    written_full.add(s.seq_id)
+            decisions += c._tick(snap, Bus(55.3e9, 0.0, "a GPU's PCIe"))
+        assert len(done) == 10 and set(done.values()) == {"length"}
+        # what was offered for the next admission: each format mixed_precision has,
+        # priced as that format over the whole prompt, freeing what its room shrinks by
+        assert offered and set(offered) == {"fill_int8", "fill_int4", "fill_k4v2",
+                                            "fill_int2"}
+        for name, m in offered.items():
+            assert m.candidate.seq_id == nxt and m.latency_s == 0
+            assert m.total == pytest.approx(quantize_cost(name[5:], 1.0, 1.0))
+            assert m.candidate.freed_bytes > 0
+        fills = [d for d in decisions if d.kind == "fill"]
+        assert fills and ids[9] not in {d.seq_id for d in fills}    # its own format
+        assert not written_full
+        for d in fills:
+            assert d.action.startswith("fill_") and d.predicted_cost > 0
+    finally:
+        e.stop()
