@@ -53,30 +53,35 @@ class MixedPrecision(Strategy):
     def _options(self, ctx: Context, fmt: str, base: int) -> list[tuple[int, float, float, str]]:
         """A block of ``fmt`` holding ``base`` bytes: (bytes freed, the format's cost
         factor, its per-share term, option) of staying as it is and of each format
-        that frees bytes (quantize_cost's terms, so each block only scales them)."""
+        that frees bytes (quantize_cost's terms, so each block only scales them), by
+        bytes freed."""
         fb = ctx.format_bytes
         out = [(0, *quantize_cost_terms(fmt), fmt)]
         if fmt == "full":
             out += [(base - fb[f], *quantize_cost_terms(f), f) for f in self.formats
                     if f in fb and fb[f] < base]
-        return out
+        return sorted(out, key=lambda o: o[0])
 
     @staticmethod
     def _ladder(options, base: int, w: float, share: float, evictable: bool):
         """(bytes freed, cost, option) on the lower convex hull, from the block as it is
-        (a lossy block's cost so far counts: only eviction's extra is added)."""
-        pts = [(freed, c * (w + share) + k2 * share, f) for freed, c, k2, f in options]
+        (a lossy block's cost so far counts: only eviction's extra is added).
+        ``options`` by bytes freed (_options); eviction frees the most."""
+        ws = w + share
+        hull: list[tuple[int, float, str]] = []      # lower convex hull (monotone chain)
+        pts = [(x, c * ws + k2 * share, f) for x, c, k2, f in options]
         if evictable:
             pts.append((base, evict_cost(w, share), EVICTED))
-        pts.sort(key=lambda p: (p[0], p[1]))
-        hull: list[tuple[int, float, str]] = []      # lower convex hull (monotone chain)
         for p in pts:
-            if hull and p[0] == hull[-1][0]:
-                continue                      # same bytes, costlier: dominated
+            x, y = p[0], p[1]
+            if hull and x == hull[-1][0]:
+                if y >= hull[-1][1]:
+                    continue                  # same bytes, costlier: dominated
+                hull.pop()
             while len(hull) >= 2:
                 (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
                 # the middle point lies on or above the line from its left neighbour to p
-                if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                if (y2 - y1) * (x - x1) >= (y - y1) * (x2 - x1):
                     hull.pop()
                 else:
                     break
