@@ -229,6 +229,13 @@ class PolicyLoop:
                    for f in strat.fill_formats}
         out = []
         for f in sorted(formats):
+            if KVFormat.parse(f).k_bits < 4:
+                # keys need the bits (FACTS), and a prompt not yet written has no
+                # statistics to pick the blocks that could do without: 2-bit keys go
+                # block by block (mixed_precision), never over a whole prompt. Offered,
+                # int2 over a whole prompt (0.177) undercut evicting running blocks in
+                # the CPU speed run
+                continue
             freed = need["full"] - need.get(f, need["full"])
             if freed <= 0 or self._refused.get((sid, f"fill_{f}")) == view.num_tokens:
                 continue
