@@ -398,6 +398,8 @@ class Controller:
                     reason=(f"{why}: need {need} B; cheapest move by the {item.source} "
                             f"predictor (accuracy cost {item.accuracy:.4f}, "
                             f"+{item.latency_s * 1e3:.2f} ms/step; bus: {bus_source})"
+                            + (f"; its admission needs {c.freed_bytes} B less"
+                               if c.kind == "fill" else "")
                             + (f"; engine refused{' part of it' if done else ''}: {errors}"
                                if errors else "")))))
             else:

@@ -217,6 +217,30 @@ def test_a_fill_format_set_while_waiting_admits_at_its_bytes():
         e.handle.apply(SetFillFormat("nobody", 4))
 
 
+def test_the_snapshot_names_the_next_admission_and_its_room_by_format():
+    """What the controller prices a fill format with: the request the engine admits
+    next, the room admitting it needs at each format (the engine's own admission
+    figure), and each sequence's fill format; none once nothing waits."""
+    from engine.actions import SetFillFormat
+    e, late = waiting_behind(400)
+    snap = e.handle.snapshot()
+    assert snap.next_admission == late
+    need = snap.admission_bytes
+    assert need["full"] == e._admission_bytes(900, FULL)
+    assert need["int4"] == e._admission_bytes(900, INT4) < need["full"]
+    assert need["int8"] < need["full"] and need["int2"] < need["int4"]
+    view = {v.seq_id: v for v in snap.sequences}[late]
+    assert view.state == "waiting" and view.fill_format == "full"
+    e.handle.apply(SetFillFormat(late, 4))
+    assert {v.seq_id: v for v in e.handle.snapshot().sequences}[late].fill_format == "int4"
+    for _ in range(50):
+        e.step()
+        if e.seqs[late].state == "decode":
+            break
+    snap = e.handle.snapshot()
+    assert snap.next_admission == "" and snap.admission_bytes == {}
+
+
 def test_a_prompt_short_of_pages_not_bytes_shows_pressure():
     """A prompt in a fill format needs slots of two sizes, each on its own pages: where
     its bytes fit the free pages but its slots do not, the engine cannot admit it, and
