@@ -124,15 +124,21 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                             num_threads=a.threads, seed=a.seed))
     policy, ctl = controller_for(a, cfg, e)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
-    seen = dict(max_running=0, bus=[], offload_read=[], last=None, timeline=[])
+    seen = dict(max_running=0, bus=[], offload_read=[], last=None, timeline=[], ticks=[])
     t_start = time.perf_counter()
 
     def on_sample(s) -> None:
         snap = s.snapshot
         if snap is None:
             return
+        tick_ms = 0.0
         if ctl is not None:
+            # the controller's own time (its thread holds the GIL the engine's thread
+            # launches kernels with)
+            t_tick = time.perf_counter()
             ctl.tick(snap, s.gpu)
+            tick_ms = (time.perf_counter() - t_tick) * 1e3
+            seen["ticks"].append(tick_ms)
         seen["max_running"] = max(seen["max_running"], snap.num_running)
         if s.gpu is not None and s.gpu.available:
             seen["bus"].append(s.gpu.pcie_rx_bytes_per_s + s.gpu.pcie_tx_bytes_per_s)
@@ -158,7 +164,11 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                           for v in dec),
             replay_step_ms=round(g.get("replay_step_s", 0.0) * 1e3, 2),
             captures=g.get("num_graphs", 0), capture_s=round(g.get("capture_seconds", 0.0), 2),
-            pressure=snap.pressure_bytes))
+            pressure=snap.pressure_bytes, tick_ms=round(tick_ms, 2),
+            # the engine thread's seconds so far by part: a stall between two points
+            # says where it went (moves applied, admissions, launches)
+            laps={k: round(snap.step_times.get(k, 0.0), 3)
+                  for k in ("moves", "admit", "launch", "sample", "publish")}))
     tele.on_sample.append(on_sample)
 
     lock = threading.Lock()
@@ -251,6 +261,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                step_times={k: round(v - laps0.get(k, 0), 3)
                            for k, v in last.step_times.items()},
                timeline=seen["timeline"], t0_wall=round(t0_wall, 3),
+               ticks=dict(n=len(seen["ticks"]), s=round(sum(seen["ticks"]) / 1e3, 3),
+                          max_ms=round(max(seen["ticks"], default=0.0), 1)),
                worst_gaps=[dict(seq=s, at_s=round(at, 3), ms=round(g * 1e3, 1))
                            for g, s, at in worst])
     if seen["bus"]:
@@ -301,7 +313,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     out += ["", "Where the engine thread's time went (seconds; steps by kind, parts of a "
             "step, graph captures):", "",
             "| config | wall | prefill steps | decode steps | idle steps | moves | admit | "
-            "launch | sample | publish | captures |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "launch | sample | publish | captures | controller ticks (s, max ms) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, g = r.get("step_times", {}), r.get("graphs", {})
 
@@ -311,7 +324,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    f"{kind('decode')} | {kind('idle')} | "
                    + " | ".join(f"{t.get(p, 0.0):.1f}" for p in
                                 ("moves", "admit", "launch", "sample", "publish"))
-                   + f" | {g.get('num_graphs', 0)} ({g.get('capture_seconds', 0.0):.1f}) |")
+                   + f" | {g.get('num_graphs', 0)} ({g.get('capture_seconds', 0.0):.1f}) | "
+                   + (f"{r['ticks']['n']} ({r['ticks']['s']:.1f}, {r['ticks']['max_ms']:.0f}) |"
+                      if r.get("ticks", {}).get("n") else "- |"))
     return "\n".join(out) + "\n"
 
 
