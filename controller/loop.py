@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from controller.predictors.costs import quantize_cost
 from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor
 from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
-from controller.predictors.costs import quantize_cost
 from engine.actions import DropSession, Fetch, KVFormat, SetDecodeMode, SetFillFormat
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
@@ -229,7 +229,8 @@ class PolicyLoop:
                    for f in strat.fill_formats}
         out = []
         for f in sorted(formats):
-            if KVFormat.parse(f).k_bits < 4:
+            fmt = KVFormat.parse(f)
+            if fmt.k_bits < 4:
                 # keys need the bits (FACTS), and a prompt not yet written has no
                 # statistics to pick the blocks that could do without: 2-bit keys go
                 # block by block (mixed_precision), never over a whole prompt. Offered,
@@ -239,7 +240,6 @@ class PolicyLoop:
             freed = need["full"] - need.get(f, need["full"])
             if freed <= 0 or self._refused.get((sid, f"fill_{f}")) == view.num_tokens:
                 continue
-            fmt = KVFormat.parse(f)
             cand = Candidate(f"fill_{f}", sid, (SetFillFormat(sid, fmt.k_bits, fmt.v_bits,
                                                              fmt.fp8),),
                              (), freed, False, "fill")
