@@ -36,6 +36,17 @@ def controller(e, profile="balanced", frac_used=0.5, pins=None):
     return Controller(policy, DecisionLog(), e.handle)
 
 
+def arena_controller(e):
+    """A balanced controller whose budget is the whole GPU arena, moving any sequence
+    at every tick (no rest between two moves)."""
+    budget = e.handle.snapshot().tiers["gpu"].capacity_bytes
+    c = Controller(PolicyState(profile="balanced", budget_bytes=budget,
+                               high_watermark=0.9, low_watermark=0.75),
+                   DecisionLog(), e.handle)
+    c.loop.min_interval_s = 0.0
+    return c
+
+
 def test_added_step_latency_is_priced_for_every_running_sequence(eng):
     """Streaming offloaded blocks slows every step, so every running sequence pays it:
     on a GPU bus an exact offload's price grows with the sequences running, while a
@@ -481,11 +492,7 @@ def test_a_queue_on_a_bus_is_served_without_streaming_offloads(on_bus):
     from controller.predictors.bus import Bus
     e = tiny_engine(kv_budget_bytes=256 << 10, max_batch_tokens=64)
     try:
-        budget = e.handle.snapshot().tiers["gpu"].capacity_bytes
-        c = Controller(PolicyState(profile="balanced", budget_bytes=budget,
-                                   high_watermark=0.9, low_watermark=0.75),
-                       DecisionLog(), e.handle)
-        c.loop.min_interval_s = 0.0
+        c = arena_controller(e)
         bus = Bus(55.3e9, 0.0, "a GPU's PCIe") if on_bus else Bus.none()
         planned, while_queued = [], []
         orig = c.loop.plan_relief
@@ -591,11 +598,7 @@ def test_a_waiting_prompt_is_written_in_a_cheaper_format_where_that_costs_least(
     from controller.predictors.costs import quantize_cost
     e = tiny_engine(kv_budget_bytes=256 << 10, max_batch_tokens=64)
     try:
-        budget = e.handle.snapshot().tiers["gpu"].capacity_bytes
-        c = Controller(PolicyState(profile="balanced", budget_bytes=budget,
-                                   high_watermark=0.9, low_watermark=0.75),
-                       DecisionLog(), e.handle)
-        c.loop.min_interval_s = 0.0
+        c = arena_controller(e)
         done, ids = {}, []
         for i in range(10):
             ids.append(e.submit(Request(
