@@ -173,6 +173,66 @@ def test_mixed_precision_gives_colder_blocks_fewer_bits():
         assert len(hotter) <= 1, hotter
 
 
+def test_mixed_precision_plans_as_the_greedy_over_every_ladder_built_up_front():
+    """The plan builds a block's ladder only when the greedy reaches its class's next
+    coldest block; the choices are those of the plain greedy (every block's ladder
+    built, steps taken by cost per byte, the last one the cheapest that finishes),
+    over mixed formats, skewed masses and both ladders."""
+    import heapq
+
+    from controller.strategies import MixedPrecision
+    from controller.strategies.mixed_precision import _slope
+    from engine.actions import BlockView, SequenceView
+
+    def greedy(mp, seq, target):
+        att = seq.blocks
+        tm = sum(b.mass for b in att) or 1.0
+        to = sum(b.observed for b in att) or 1.0
+        share, newest = 1.0 / len(att), att[-1].index
+        ladders, heap = {}, []
+        for b in att[:-1]:                     # the newest block stays as it is
+            ev = mp.evict and 1 <= b.index <= newest - mp.recent_blocks
+            w = max(b.mass / tm, b.observed / to, b.distinct)
+            lad = mp._ladder(mp._options(CTX, b.fmt, b.nbytes), b.nbytes, w, share, ev)
+            if len(lad) > 1:
+                ladders[b.index] = lad
+                heapq.heappush(heap, (_slope(lad, 0), b.index, 0))
+        chosen, freed = {}, 0
+        while heap and freed < target:
+            _, i, at = heap[0]
+            lad = ladders[i]
+            if lad[at + 1][0] - lad[at][0] >= target - freed:
+                _, k, j = min((ladders[k][j][1] - ladders[k][a][1], k, j)
+                              for _, k, a in heap for j in range(a + 1, len(ladders[k]))
+                              if ladders[k][j][0] - ladders[k][a][0] >= target - freed)
+                chosen[k] = ladders[k][j][2]
+                break
+            heapq.heappop(heap)
+            freed += lad[at + 1][0] - lad[at][0]
+            chosen[i] = lad[at + 1][2]
+            if at + 2 < len(lad):
+                heapq.heappush(heap, (_slope(lad, at + 1), i, at + 1))
+        return chosen
+
+    rng = random.Random(7)
+    fb = CTX.format_bytes
+    for _ in range(400):
+        n = rng.randint(2, 40)
+        blocks = []
+        for i in range(n):
+            f = rng.choice(["full"] * 5 + ["int8", "int4", "k4v2", "int2"]) \
+                if 0 < i < n - 1 else "full"
+            m = rng.random() ** rng.choice([1, 3, 8])
+            blocks.append(BlockView(i, 32, f, "gpu", fb[f], m, rng.random() * m, 0,
+                                    rng.random() * 0.1 if rng.random() < 0.3 else 0.0))
+        seq = SequenceView("s", "held", 32 * n, 32 * n, 0, 0, "exact", 0,
+                           {"gpu": sum(b.nbytes for b in blocks)}, {}, blocks, 1.0, 0, 0)
+        target = rng.randint(1, sum(b.nbytes for b in blocks))
+        for mp in (MixedPrecision(), MixedPrecision(formats=("int8", "int4"),
+                                                    variant="int4")):
+            assert mp.plan(seq, target, CTX) == greedy(mp, seq, target)
+
+
 def test_mixed_precision_evicts_only_past_the_lowest_format():
     """Uniform attention: every block goes down the formats together, and only a
     target that int2 everywhere cannot meet brings evictions (the fewest that do)."""
