@@ -1,7 +1,8 @@
 """What one relief plan costs the policy thread (pure Python, beside the engine thread
 on the same interpreter) at a GPU run's scale, on a synthetic snapshot: N decoding
 sequences of B full-precision 32-token blocks of Llama-3-8B's size, a quarter of their
-bytes to free, the heuristic predictor on a GPU bus.
+bytes to free, the heuristic predictor on a GPU bus. Measured without the rests the
+policy takes between slices of a plan (PolicyLoop.duty): its own cost.
 
     python -m benchmarks.policy_tick --sequences 49 --blocks 210 --profile balanced
 """
@@ -47,7 +48,7 @@ def main() -> None:
     need = used // 4
     times, moves = [], []
     for _ in range(a.reps):
-        loop = PolicyLoop()
+        loop = PolicyLoop(duty=1.0)     # the plan's own cost, no rests between slices
         t = time.perf_counter()
         moves = loop.plan_relief(snap, need, a.profile, {}, bus, need // 2)
         times.append(time.perf_counter() - t)

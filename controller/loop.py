@@ -70,6 +70,22 @@ class PolicyLoop:
     num_resting: int = 0                            # last plan: sequences left to wait
     _last_move: dict[str, float] = field(default_factory=dict)
     _refused: dict[tuple[str, str], int] = field(default_factory=dict)
+    # the interpreter is shared with the engine's thread, which gives it up and takes it
+    # back at every torch op: while a plan computes, each take waits out the switch
+    # interval (5 ms), so a step of ~1,500 ops ran 16.6 ms alone and 7,460 ms beside
+    # a 0.75 s plan (2-core box, docs/BENCHMARKS.md). Planning stops for a rest after
+    # each slice, holding the interpreter at most ``duty`` of the time.
+    slice_s: float = 0.002
+    duty: float = 0.25
+    _slice_start: float = 0.0
+
+    def _pace(self) -> None:
+        """Between two sequences of a plan: rest once a slice of planning has run."""
+        now = time.perf_counter()
+        if now - self._slice_start >= self.slice_s:
+            if self.duty < 1.0:
+                time.sleep((now - self._slice_start) * (1.0 - self.duty) / self.duty)
+            self._slice_start = time.perf_counter()
 
     def allowed(self, seq_pin: str | None, profile: str) -> tuple[str, ...]:
         if seq_pin in PROFILES:
@@ -120,10 +136,12 @@ class PolicyLoop:
         # running sequence is stalled such moves stay (the other way out is a preemption)
         queued = _queued_only(snapshot)
         items: list[tuple[object, Candidate]] = []
+        self._slice_start = time.perf_counter()
         for seq in snapshot.sequences:
             target = targets.get(seq.seq_id)
             if target is None:
                 continue
+            self._pace()
             for name in self.allowed(pins.get(seq.seq_id), profile):
                 strat = strategies.get(name)
                 if strat is None or self._refused.get((seq.seq_id, name)) == seq.num_tokens:

@@ -642,3 +642,23 @@ def test_a_waiting_prompt_is_written_in_a_cheaper_format_where_that_costs_least(
             assert d.action.startswith("fill_") and d.predicted_cost > 0
     finally:
         e.stop()
+
+
+def test_a_plan_rests_between_slices_so_the_engine_thread_runs(monkeypatch):
+    """The policy thread shares the interpreter with the engine's, which gives it up at
+    every torch op: a plan rests after each slice of its work, in proportion to the
+    slice (holding the interpreter ``duty`` of the time); with duty 1 it never rests."""
+    import controller.loop as loop_mod
+    from benchmarks.policy_tick import snapshot
+    from controller.loop import PolicyLoop
+    from controller.predictors.bus import Bus
+
+    snap, used = snapshot(6, 40)
+    rests = []
+    monkeypatch.setattr(loop_mod.time, "sleep", rests.append)
+    PolicyLoop(slice_s=0.0, duty=0.25).plan_relief(snap, used // 4, "balanced", {},
+                                                   Bus(55.3e9, 0.0, "x"))
+    assert len(rests) >= 6 and all(r > 0 for r in rests)       # one a sequence at least
+    rests.clear()
+    PolicyLoop(duty=1.0).plan_relief(snap, used // 4, "balanced", {}, Bus(55.3e9, 0.0, "x"))
+    assert rests == []
