@@ -565,11 +565,16 @@ class Engine(OfflineMixin, SessionsMixin):
                 self.store.prefix.reannounce()
 
     # -- schedule -------------------------------------------------------------------------
+    def _next_waiting(self) -> Sequence:
+        """The waiting sequence admitted next: highest priority, then earliest arrival
+        (``_admit``; the snapshot names it, and its room is the pressure it shows)."""
+        return max(self.waiting, key=lambda x: (x.priority, -x.arrival))
+
     def _admit(self) -> None:
         if any(s.stalled for s in self.running):
             return      # room that frees up goes to the sequences already running first
         while self.waiting and len(self.running) < self.config.max_running:
-            s = max(self.waiting, key=lambda x: (x.priority, -x.arrival))
+            s = self._next_waiting()
             if s.swapped:   # preempted by swapping: its blocks come back, +1 to grow
                 if not moves.can_swap_in(self.store, s.seq_id, s.swapped, 1):
                     self._blocked_since = self._blocked_since or time.monotonic()

@@ -80,12 +80,13 @@ def build(engine, version: int) -> EngineSnapshot:
         seqs.append(sequence_view(engine, s, state))
     head, admission = "", {}
     if engine.waiting:
-        s = max(engine.waiting, key=lambda x: (x.priority, -x.arrival))
-        need = engine._admission_bytes(len(s.context_ids), s.fill_format)
+        s = engine._next_waiting()
         head = s.seq_id
         if not s.swapped and not s.num_prefilled:
             admission = {f: engine._admission_bytes(len(s.context_ids), KVFormat.parse(f))
                          for f in FORMATS}
+        need = admission.get(s.fill_format.name) or engine._admission_bytes(
+            len(s.context_ids), s.fill_format)
         # by bytes, and by pages: a prompt in a format no page holds yet needs fresh pages
         # even where the bytes fit (the request would wait with no pressure shown)
         pressure += max(0, need - tiers[GPU].free_bytes,
