@@ -2,7 +2,9 @@
 on the same interpreter) at a GPU run's scale, on a synthetic snapshot: N decoding
 sequences of B full-precision 32-token blocks of Llama-3-8B's size, a quarter of their
 bytes to free, the heuristic predictor on a GPU bus. Measured without the rests the
-policy takes between slices of a plan (PolicyLoop.duty): its own cost.
+policy takes between slices of a plan (PolicyLoop.duty): its own cost. ``--queued``:
+requests wait and none running is stalled (the headline's speed side under its queue),
+where moves that add step time are not offered.
 
     python -m benchmarks.policy_tick --sequences 49 --blocks 210 --profile balanced
 """
@@ -13,7 +15,7 @@ import random
 import time
 
 
-def snapshot(n: int, nb: int, seed: int = 0):
+def snapshot(n: int, nb: int, seed: int = 0, queued: bool = False):
     from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
     rng = random.Random(seed)
     full = 32 * 131072                 # 32 tokens x 128 KiB a token, all layers
@@ -31,7 +33,8 @@ def snapshot(n: int, nb: int, seed: int = 0):
     tiers = {"gpu": TierView("gpu", "cuda:0", used, used, used, 0, 0),
              "host": TierView("host", "cpu", 32 << 30, 0, 0, 32 << 30, 0)}
     return EngineSnapshot(time.time(), 100, "cuda:0", "random:llama3-8b", 32, 32, tiers,
-                          seqs, 0, n, 1, full, 300.0, fb, 1, staging_bytes=64 << 20), used
+                          seqs, int(queued), n, int(not queued), full, 300.0, fb, 1,
+                          staging_bytes=64 << 20), used
 
 
 def main() -> None:
@@ -40,10 +43,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=210)
     ap.add_argument("--profile", default="balanced")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--queued", action="store_true")
     a = ap.parse_args()
     from controller.loop import PolicyLoop
     from controller.predictors.bus import Bus
-    snap, used = snapshot(a.sequences, a.blocks)
+    snap, used = snapshot(a.sequences, a.blocks, queued=a.queued)
     bus = Bus(55.3e9, 0.0, "a GPU's PCIe (55.3 GB/s)")
     need = used // 4
     times, moves = [], []
@@ -52,7 +56,8 @@ def main() -> None:
         t = time.perf_counter()
         moves = loop.plan_relief(snap, need, a.profile, {}, bus, need // 2)
         times.append(time.perf_counter() - t)
-    print(f"{a.sequences} sequences x {a.blocks} blocks, {a.profile}: plan_relief "
+    print(f"{a.sequences} sequences x {a.blocks} blocks, {a.profile}"
+          f"{' (queued)' if a.queued else ''}: plan_relief "
           f"best {min(times) * 1e3:.1f} ms, median {sorted(times)[len(times) // 2] * 1e3:.1f} "
           f"ms of {a.reps}; {len(moves)} moves")
 

@@ -135,6 +135,9 @@ class PolicyLoop:
         # pinned int4's 43 (95.4 tok/s against 281.7; docs/BENCHMARKS.md). While a
         # running sequence is stalled such moves stay (the other way out is a preemption)
         queued = _queued_only(snapshot)
+        # and so not proposed: an offload streams bytes at every step wherever there is a
+        # bus (a quarter of a 49 x 210 plan's time went to offloads dropped here)
+        streaming = queued and (bus is None or bus.bytes_per_s is not None)
         items: list[tuple[object, Candidate]] = []
         self._slice_start = time.perf_counter()
         for seq in snapshot.sequences:
@@ -144,7 +147,8 @@ class PolicyLoop:
             self._pace()
             for name in self.allowed(pins.get(seq.seq_id), profile):
                 strat = strategies.get(name)
-                if strat is None or self._refused.get((seq.seq_id, name)) == seq.num_tokens:
+                if strat is None or self._refused.get((seq.seq_id, name)) == seq.num_tokens \
+                        or (streaming and strat.kind == "offload"):
                     continue
                 cand = strat.propose(seq, target, ctx)
                 if cand is None or cand.freed_bytes <= 0:
