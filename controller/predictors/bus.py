@@ -28,6 +28,10 @@ EAGER_OVER_REPLAY = 4.0
 # a replayed decode step before the engine timed one: an 8B model at batch 8 and 32K on
 # an H100 replays in 20 ms (docs/BENCHMARKS.md); only until its first decode-only step
 PRIOR_REPLAY_S = 0.020
+# a top-k row's added step time before the engine timed a step with one, per replayed
+# step: on the headline's H100 runs steps with 14-15 top-k rows took 95 / 133 ms against
+# 11.9 / 11.4 ms replayed, 0.49 / 0.69 of a replay per row (docs/BENCHMARKS.md); the low side
+TOPK_ROW_OVER_REPLAY = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,21 @@ def topk_row_s(snapshot) -> float:
     decode-only steps with top-k rows against replayed ones without, per top-k row.
     0 until both were timed, and without graphs (the CPU: priced by bytes, as before).
     The bytes alone priced a top-k offload at a few ms: on the headline's H100 run the
-    steps of a batch with top-k rows took 80 ms against 34 without (docs/BENCHMARKS.md)."""
+    steps of a batch with top-k rows took 80 ms against 34 without (docs/BENCHMARKS.md).
+
+    Before a step with top-k rows was timed: ``TOPK_ROW_OVER_REPLAY`` of a replayed step
+    (``PRIOR_REPLAY_S`` before one was timed). Priced 0 then, the first relief after the
+    headline's queue drained put 21 sequences on top-k pages at once (eleventh session,
+    H100): 95-133 ms steps against 12 replayed, and 0.5x of pinned int4's throughput."""
     g = getattr(snapshot, "graphs", None) or {}
+    if "num_replays" not in g:               # this engine runs no graphs
+        return 0.0
     topk, rows, replay = (g.get("topk_step_s", 0.0), g.get("topk_rows", 0.0),
                           g.get("replay_step_s", 0.0))
-    if "num_replays" not in g or topk <= 0.0 or replay <= 0.0 or rows <= 0.0:
-        return 0.0
+    if topk <= 0.0 or rows <= 0.0:
+        return TOPK_ROW_OVER_REPLAY * (replay or PRIOR_REPLAY_S)
+    if replay <= 0.0:                        # every decode-only step had top-k rows
+        replay = topk / (1.0 + TOPK_ROW_OVER_REPLAY * rows)
     return max(0.0, topk - replay) / rows
 
 

@@ -561,24 +561,30 @@ def test_topk_offload_on_a_graphed_gpu_pays_for_its_row(eng):
     """A sequence that starts decoding over top-k pages adds a top-k row to every step:
     on a GPU engine that timed steps with and without such rows, a top-k offload pays
     the measured cost of a row (steps with rows less replayed steps, per row), besides
-    its bytes; a sequence already decoding top-k pays only its bytes. Untimed, and on
-    the CPU, nothing is added."""
+    its bytes; a sequence already decoding top-k pays only its bytes. Before a step
+    with such rows was timed, a prior share of a replayed step (priced 0, 21 sequences
+    went top-k at once on an H100); on the CPU, nothing is added."""
     from dataclasses import replace
 
-    from controller.predictors.bus import Bus, topk_row_s
+    from controller.predictors.bus import (PRIOR_REPLAY_S, TOPK_ROW_OVER_REPLAY, Bus,
+                                           topk_row_s)
     ids = fill(eng)
     c = controller(eng, frac_used=1.0)
     snap = replace(eng.handle.snapshot(), device="cuda:0")
     stats = {"num_graphs": 3, "num_replays": 10, "num_eager": 0, "replay_step_s": 0.020}
     untimed = replace(snap, graphs=stats)
     timed = replace(snap, graphs={**stats, "topk_step_s": 0.060, "topk_rows": 4.0})
-    assert topk_row_s(untimed) == 0.0 and topk_row_s(eng.handle.snapshot()) == 0.0
+    assert topk_row_s(eng.handle.snapshot()) == 0.0          # the CPU engine: no graphs
+    assert topk_row_s(untimed) == pytest.approx(TOPK_ROW_OVER_REPLAY * 0.020)
+    assert topk_row_s(replace(snap, graphs={"num_replays": 0})) == pytest.approx(
+        TOPK_ROW_OVER_REPLAY * PRIOR_REPLAY_S)
     assert Bus.of(timed).topk_row_s == pytest.approx(0.010)
 
     def topk_latency(s, seq_id):
         moves = c.loop._priced(s, {seq_id: 1 << 16}, "balanced", {}, Bus.of(s))[seq_id]
         return next(m.latency_s for m in moves if m.candidate.strategy == "offload_topk")
-    assert topk_latency(timed, ids[0]) == pytest.approx(topk_latency(untimed, ids[0]) + 0.010)
+    assert topk_latency(timed, ids[0]) == pytest.approx(
+        topk_latency(untimed, ids[0]) + 0.010 - TOPK_ROW_OVER_REPLAY * 0.020)
     # already top-k (its blocks partly on host): no new row
     already = replace(timed, sequences=[
         replace(v, decode_mode="topk", top_k=2, blocks=[
