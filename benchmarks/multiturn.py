@@ -236,7 +236,7 @@ def main() -> None:
             # captured meanwhile (a capture holds every chat's step)
             spent = {k: round(v - before.step_times.get(k, 0), 3)
                      for k, v in after.step_times.items()}
-            for g in ("num_graphs", "capture_seconds"):
+            for g in ("num_graphs", "capture_seconds", "kernel_compiles", "compile_steps_s"):
                 if g in after.graphs:
                     spent[g] = round(after.graphs[g] - before.graphs.get(g, 0), 3)
             floor = _floor(e, hists[0], news[0], args.floor_reps) if mode == "reuse" else 0.0

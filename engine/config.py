@@ -76,6 +76,11 @@ class EngineConfig:
                                    # attention (captured into the graphs on CUDA)
     graph_capture_tokens: int = 2048   # at start-up, capture every batch bucket's graph
                                    # for contexts up to this (0: capture on first use)
+    # at start-up on a GPU, short requests in each of these formats (together, then each
+    # alone) before the engine serves: the Triton kernels their decode steps need compile
+    # then, not in the middle of a served step (1-4 s each on a fresh H100; cached on
+    # disk by Triton after the first start). () or [] turns it off
+    warmup_formats: tuple = ("int8", "fp8", "k8v4", "int4", "k4v2", "int2")
     prefix_caching: bool = True    # reuse full blocks of matching token prefixes
     session_ttl_s: float = 600.0   # an idle session's KV is dropped after this long
     max_sessions: int = 256        # idle sessions kept; beyond, the least recent goes
@@ -114,6 +119,13 @@ class EngineConfig:
         if self.prefill_cut_tokens is not None and self.prefill_cut_tokens < 0:
             raise ValueError("engine.prefill_cut_tokens must be >= 0, got "
                              f"{self.prefill_cut_tokens}")
+        from engine.actions import KVFormat
+        self.warmup_formats = tuple(self.warmup_formats)
+        for f in self.warmup_formats:
+            try:
+                KVFormat.parse(f)
+            except (ValueError, TypeError, AttributeError):
+                raise ValueError(f"engine.warmup_formats: {f!r} is not a KV format") from None
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError("engine.overlap_steps must be auto, on or off, got "
                              f"{self.overlap_steps!r}")

@@ -38,9 +38,11 @@ from engine import apply as apply_mod
 from engine import attention, moves, snapshot
 from engine.actions import (ActionError, ActionResult, CandidateResult, DropSession, Evict,
                             SetFillFormat, parse_fill_format)
-from engine.api import EngineStopped, Event, FinishEvent, Overloaded, Request
+from engine.api import (EngineStopped, Event, FinishEvent, Overloaded, Request,
+                        SamplingParams)
 from engine.arena import OutOfBlocks
 from engine.config import EngineConfig
+from engine.kernels.jit_count import compiled_kernels
 from engine.layout import FULL, BlockGeometry, KVFormat
 from engine.models import load_model
 from engine.offline import OfflineMixin
@@ -91,11 +93,15 @@ STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this of
 class Laps:
     """Seconds spent in each part of the engine's steps, and in steps with and without a
     prompt chunk (and how many), summed since start. A few clock reads a step; the
-    snapshot carries a copy (EngineSnapshot.step_times)."""
+    snapshot carries a copy (EngineSnapshot.step_times). Apart (``compiles``, in the
+    snapshot's ``graphs``): the steps that compiled Triton kernels, how many kernels, and
+    those steps' whole seconds (engine/kernels/jit_count.py)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._t = 0.0
+        self.compiles = {"kernel_compiles": 0, "compile_steps": 0, "compile_steps_s": 0.0}
+        self._compiled = compiled_kernels()
 
     def start(self) -> float:
         self._t = time.perf_counter()
@@ -111,6 +117,13 @@ class Laps:
         nothing could run) that began at ``t0`` ended at the last lap."""
         self.seconds[f"{kind}_steps"] = self.seconds.get(f"{kind}_steps", 0) + 1
         self.seconds[f"{kind}_s"] = self.seconds.get(f"{kind}_s", 0.0) + self._t - t0
+        n = compiled_kernels()
+        if n > self._compiled:
+            c = self.compiles
+            c["kernel_compiles"] += n - self._compiled
+            c["compile_steps"] += 1
+            c["compile_steps_s"] += self._t - t0
+        self._compiled = n
 
 
 class Engine(OfflineMixin, SessionsMixin):
@@ -398,11 +411,70 @@ class Engine(OfflineMixin, SessionsMixin):
 
     # -- loop -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread; on a GPU, warm up (``warm_up``) before returning."""
         if self._thread is not None:
             return
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="kvctl-engine", daemon=True)
         self._thread.start()
+        if self.device.type == "cuda" and self.config.warmup_formats:
+            t0 = time.perf_counter()
+            n0 = compiled_kernels()
+            try:
+                self.warm_up(self.config.warmup_formats)
+            except Exception as err:    # serving without it only compiles later
+                log.warning("warm-up skipped: %s", err)
+                return
+            log.info("warmed up", extra={"kv": {
+                "formats": list(self.config.warmup_formats),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "kernels_compiled": compiled_kernels() - n0}})
+
+    def warm_up(self, formats, timeout_s: float = 120.0) -> None:
+        """Short requests written in each of ``formats`` (a few blocks, a few tokens):
+        first all at once (a decode table of every format: a kernel launch per format),
+        then each alone (its blocks and the newest full-precision one in one launch, and
+        that batch's CUDA graph). The kernels these steps need compile now rather than in
+        the middle of a served step (on a fresh H100 the headline's adaptive run took
+        1-4 s steps while writing its prompts; a second run on the same machine, kernels
+        cached, did not: docs/BENCHMARKS.md). Their KV is given back afterwards, cached
+        prefix blocks included. Needs the engine thread (``start``)."""
+        if not self.threaded:
+            raise RuntimeError("warm_up needs the engine thread: call start() first")
+        T = self.store.block_size
+        n = 4 * T + 3                 # four full blocks and a partial one
+
+        def run(group, tag: str, first: int) -> None:
+            left, done, lock = [len(group)], threading.Event(), threading.Lock()
+            failed: list[str] = []
+
+            def on(ev) -> None:
+                if isinstance(ev, FinishEvent):
+                    with lock:
+                        if ev.reason == "error":
+                            failed.append(ev.seq_id)
+                        left[0] -= 1
+                        if left[0] == 0:
+                            done.set()
+            sids = []
+            for i, f in enumerate(group):
+                # tokens of their own (no request reuses another's cached blocks)
+                ids = [(97 * (first + i) + 31 * j + 1) % (self.vocab_size - 1) + 1
+                       for j in range(n)]
+                sids.append(self.submit(Request(
+                    prompt_ids=ids, kv_format=f, seq_id=f"warmup-{tag}-{i}",
+                    sampling=SamplingParams(max_tokens=4, ignore_eos=True)), on))
+            if not done.wait(timeout_s):
+                for sid in sids:
+                    self.cancel(sid)
+                raise TimeoutError(f"warm-up requests did not finish in {timeout_s} s")
+            if failed:
+                raise RuntimeError(f"warm-up requests failed: {failed}")
+        formats = tuple(formats)
+        run(formats, "all", 0)
+        for i, f in enumerate(formats):
+            run((f,), f, len(formats) + i)
+        self.post(self.store.clear_cache).result(timeout_s)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:

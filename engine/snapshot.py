@@ -100,7 +100,7 @@ def build(engine, version: int) -> EngineSnapshot:
         num_preemptions=engine.num_preemptions, num_step_failures=engine.num_step_failures,
         staging_bytes=st.staging_half,
         graphs=dict(vars(engine.runner.graphs.stats) if engine.runner.graphs else {},
-                    num_overlapped=engine.num_overlapped),
+                    num_overlapped=engine.num_overlapped, **engine.laps.compiles),
         prefix=prefix_counters(st), sessions=engine.session_views(),
         step_times=dict(engine.laps.seconds), next_admission=head,
         admission_bytes=admission)

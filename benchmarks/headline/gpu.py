@@ -164,6 +164,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                           for v in dec),
             replay_step_ms=round(g.get("replay_step_s", 0.0) * 1e3, 2),
             captures=g.get("num_graphs", 0), capture_s=round(g.get("capture_seconds", 0.0), 2),
+            compiles=g.get("kernel_compiles", 0),
             pressure=snap.pressure_bytes, tick_ms=round(tick_ms, 2),
             # the engine thread's seconds so far by part: a stall between two points
             # says where it went (moves applied, admissions, launches)
@@ -187,12 +188,15 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
             else:
                 stamps[ev.seq_id].append(now)
 
+    t_start0 = time.perf_counter()
+    e.start()                   # on a GPU, after its warm-up (EngineConfig.warmup_formats)
+    warmup_s = time.perf_counter() - t_start0
+    warmup_compiles = e.handle.snapshot().graphs.get("kernel_compiles", 0)
     pre0, oom0, fail0 = e.num_preemptions, e.num_oom_retries, e.num_step_failures
     snap0 = e.handle.snapshot()
-    step0, laps0 = snap0.step, snap0.step_times
+    step0, laps0, graphs0 = snap0.step, snap0.step_times, snap0.graphs
     want = [len(reqs)]
     refused = 0
-    e.start()
     tele.start()
     t0, t0_wall = time.perf_counter(), time.time()
     for i, (ids, n_new) in enumerate(reqs):
@@ -237,12 +241,20 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     # CUDA graphs: how many were captured (and the seconds that took) and how many steps
     # ran eager, and why: a run's step times depend on them
     last = e.handle.snapshot()
-    graphs = {k: v for k, v in last.graphs.items()
+    # counts since the run began (the warm-up's graphs and compiles not in them); step
+    # times are the engine's moving averages
+    graphs = {k: v - graphs0.get(k, 0) if k in ("num_graphs", "num_replays", "num_eager",
+                                                 "capture_seconds", "capture_bytes",
+                                                 "kernel_compiles", "compile_steps",
+                                                 "compile_steps_s") else v
+              for k, v in last.graphs.items()
               if k in ("num_graphs", "num_replays", "num_eager", "capture_seconds",
                        "capture_bytes", "eager_reasons", "replay_step_s", "eager_step_s",
-                       "topk_step_s", "topk_rows")}
+                       "topk_step_s", "topk_rows", "kernel_compiles", "compile_steps",
+                       "compile_steps_s")}
     e.stop()
-    out = dict(config=cfg, graphs=graphs, budget_bytes=budget, requests=len(reqs), refused=refused,
+    out = dict(config=cfg, graphs=graphs, warmup_s=round(warmup_s, 2),
+               warmup_compiles=warmup_compiles, budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
                errors=len(errors), wall_s=wall, steps=last.step - step0,
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
@@ -311,10 +323,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    + ("Pareto-dominates" if dom else "does NOT dominate"))
     out.append(f"\nBus: {rows[0]['bus_source'] if rows else '-'}.")
     out += ["", "Where the engine thread's time went (seconds; steps by kind, parts of a "
-            "step, graph captures):", "",
+            "step, graph captures, steps that compiled Triton kernels: kernels, steps "
+            "(their seconds)):", "",
             "| config | wall | prefill steps | decode steps | idle steps | moves | admit | "
-            "launch | sample | publish | captures | controller ticks (s, max ms) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "launch | sample | publish | captures | kernel compiles | "
+            "controller ticks (s, max ms) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, g = r.get("step_times", {}), r.get("graphs", {})
 
@@ -325,6 +339,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    + " | ".join(f"{t.get(p, 0.0):.1f}" for p in
                                 ("moves", "admit", "launch", "sample", "publish"))
                    + f" | {g.get('num_graphs', 0)} ({g.get('capture_seconds', 0.0):.1f}) | "
+                   + (f"{g['kernel_compiles']}, {g['compile_steps']} "
+                      f"({g['compile_steps_s']:.1f}) | " if "kernel_compiles" in g else "- | ")
                    + (f"{r['ticks']['n']} ({r['ticks']['s']:.1f}, {r['ticks']['max_ms']:.0f}) |"
                       if r.get("ticks", {}).get("n") else "- |"))
     return "\n".join(out) + "\n"
@@ -387,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
             r = rows[-1]
             print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
-                  f"OOMs {r['ooms']}, lost {r['lost']}, graphs {r['graphs']}, step times "
+                  f"OOMs {r['ooms']}, lost {r['lost']}, warm-up {r['warmup_s']} s "
+                  f"({r['warmup_compiles']} kernels), graphs {r['graphs']}, step times "
                   f"{r['step_times']}", file=sys.stderr, flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
         argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),

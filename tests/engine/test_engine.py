@@ -213,3 +213,63 @@ def test_the_snapshot_says_where_step_time_went(tiny):
     parts = sum(v for k, v in t.items() if not k.endswith(("_steps", "_s")))
     steps = sum(v for k, v in t.items() if k.endswith("_s"))
     assert parts == pytest.approx(steps, rel=1e-6, abs=1e-6)
+
+
+def test_steps_that_compile_triton_kernels_are_counted(tiny, monkeypatch):
+    """A step that met a new kernel specialization stopped for its compile: the snapshot
+    counts the kernels compiled, the steps that compiled them and those steps' seconds
+    (on a fresh GPU, 1-4 s steps of the headline's adaptive run; none on the CPU)."""
+    import sys
+    import types
+
+    import engine.engine as engine_mod
+    from engine.kernels import jit_count
+
+    fn = types.SimpleNamespace(device_caches={0: ({"a": 1, "b": 2}, None, None)})
+    fake = types.ModuleType("fake_triton_kernels")
+    fake.kernel = fn
+    monkeypatch.setitem(sys.modules, jit_count.MODULES[0], fake)
+    assert jit_count.compiled_kernels() == 2
+
+    before = dict(tiny.handle.snapshot().graphs)
+    n = {"now": tiny.laps._compiled}
+    monkeypatch.setattr(engine_mod, "compiled_kernels", lambda: n["now"])
+    n["now"] += 3               # three specializations compiled in the next step
+    run_all(tiny, [Request(prompt_ids=list(range(1, 40)),
+                           sampling=SamplingParams(max_tokens=4, ignore_eos=True))])
+    after = tiny.handle.snapshot().graphs
+    assert after["kernel_compiles"] - before["kernel_compiles"] == 3
+    assert after["compile_steps"] - before["compile_steps"] == 1
+    assert after["compile_steps_s"] > before["compile_steps_s"]
+
+
+def test_warm_up_runs_each_format_and_gives_its_kv_back(tiny):
+    """Before serving (on a GPU, from ``start``), short requests written in each format,
+    together and then each alone: every format's blocks were read in a decode step. They
+    leave nothing behind (no sequence, no cached prefix block); requests then run as
+    before. Unknown formats are refused at configuration."""
+    tiny.start()
+    seen: dict[str, set] = {}
+    real = tiny._on_token
+
+    def spy(s, t):
+        if s.seq_id.startswith("warmup-"):
+            seen.setdefault(s.seq_id, set()).update(
+                b.fmt.name for b in tiny.store.seqs[s.seq_id].blocks)
+        real(s, t)
+    tiny._on_token = spy
+    tiny.warm_up(("int8", "int4", "k4v2"))
+    tiny._on_token = real
+    assert set(seen) == {"warmup-all-0", "warmup-all-1", "warmup-all-2", "warmup-int8-0",
+                         "warmup-int4-0", "warmup-k4v2-0"}
+    assert {"int8", "full"} <= seen["warmup-int8-0"] and "int4" not in seen["warmup-int8-0"]
+    assert "k4v2" in seen["warmup-all-2"] and "k4v2" in seen["warmup-k4v2-0"]
+    snap = tiny.handle.snapshot()
+    assert not snap.sequences and tiny.store.arenas[GPU].used_bytes == 0
+    import threading
+    fin = threading.Event()
+    tiny.submit(Request(prompt_ids=list(range(1, 30)), sampling=SamplingParams(max_tokens=3)),
+                lambda ev: fin.set() if isinstance(ev, FinishEvent) else None)
+    assert fin.wait(30)
+    with pytest.raises(ValueError, match="warmup_formats"):
+        EngineConfig(model="random:tiny", warmup_formats=("int4", "int3"))

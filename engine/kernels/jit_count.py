@@ -1,0 +1,36 @@
+"""How many kernels Triton has compiled in this process for the engine's Triton
+functions (each a specialization: formats, launch settings, and the alignment of the
+integer arguments; loaded from Triton's disk cache or built, in milliseconds or seconds).
+
+A decode step that meets a new specialization stops for its compile: on a fresh H100 the
+headline's adaptive run (five formats, tables that mix them) spent its prompt phase in
+1-4 s steps that a second run on the same machine, with the kernels cached on disk, did
+not (docs/BENCHMARKS.md, eleventh session). ``Laps`` counts them per step.
+
+Reads only modules already imported: on the CPU (or under TRITON_INTERPRET) no Triton
+kernel is compiled and nothing is imported here.
+"""
+from __future__ import annotations
+
+import sys
+
+MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.split_reduce_triton",
+           "engine.kernels.write_kv_triton", "engine.kernels.gather_triton")
+
+
+def compiled_kernels() -> int:
+    """Compiled kernels held by the engine's Triton functions, over every device."""
+    n = 0
+    for name in MODULES:
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        for obj in list(vars(mod).values()):
+            caches = getattr(obj, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            for entry in list(caches.values()):
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                if isinstance(cache, dict):
+                    n += len(cache)
+    return n
