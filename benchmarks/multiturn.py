@@ -110,6 +110,11 @@ def _floor(e, history: list[int], new: list[int], reps: int) -> float:
     return best
 
 
+def _steps_run(e) -> int:
+    """Steps the engine has run (every kind), from its laps."""
+    return int(sum(v for k, v in dict(e.laps.seconds).items() if k.endswith("_steps")))
+
+
 def _queue_floor(e, hists: list[list[int]], news: list[list[int]]) -> list[float]:
     """With several chats arriving together: each chat's new tokens prefilled over its
     stored history one chat after another, and the time at which each would have its
@@ -230,8 +235,17 @@ def main() -> None:
             prompts = [h + n for h, n in zip(hists, news)]
             sess = [f"chat-{c}" if mode == "reuse" else None for c in range(args.chats)]
             before = e.handle.snapshot()
+            n0 = _steps_run(e)
             res = _turn(e, prompts, sess, args.reply_tokens)
             after = e.handle.snapshot()
+            # the turn's prompt-writing steps one by one: seconds, decode rows, and per
+            # chunk (tokens written, the sequence's tokens after it); the engine thread
+            # ran only this turn's steps meanwhile
+            ran = _steps_run(e) - n0
+            prefill_steps = [[round(sec, 4), rows, [list(c) for c in chunks], compiled]
+                             for kind, sec, rows, chunks, compiled in
+                             (list(e.laps.recent)[-ran:] if ran else [])
+                             if kind == "prefill"]
             # where the turn's time went: the engine's step parts, steps by kind, graphs
             # captured meanwhile (a capture holds every chat's step)
             spent = {k: round(v - before.step_times.get(k, 0), 3)
@@ -250,7 +264,7 @@ def main() -> None:
                          "floor_s": floor,
                          **({"queue_floor_s": statistics.median(queue),
                              "queue_floor_max_s": max(queue)} if queue else {}),
-                         "step_times": spent})
+                         "step_times": spent, "prefill_step_log": prefill_steps})
             hists = [p + r[1].token_ids for p, r in zip(prompts, res)]
             print(json.dumps(rows[-1]), flush=True)
         e.stop()

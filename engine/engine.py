@@ -102,6 +102,10 @@ class Laps:
         self._t = 0.0
         self.compiles = {"kernel_compiles": 0, "compile_steps": 0, "compile_steps_s": 0.0}
         self._compiled = compiled_kernels()
+        # the last steps one by one, for whoever profiles a run in this process (not in
+        # the snapshot): (kind, seconds, decode rows, ((prompt tokens written, the
+        # sequence's tokens written after it), ...) per chunk, kernels compiled)
+        self.recent: deque = deque(maxlen=1024)
 
     def start(self) -> float:
         self._t = time.perf_counter()
@@ -112,7 +116,7 @@ class Laps:
         self.seconds[name] = self.seconds.get(name, 0.0) + t - self._t
         self._t = t
 
-    def step(self, kind: str, t0: float) -> None:
+    def step(self, kind: str, t0: float, rows: int = 0, chunks: tuple = ()) -> None:
         """A step of this kind ('prefill': it wrote prompt chunks; 'decode'; 'idle':
         nothing could run) that began at ``t0`` ended at the last lap."""
         self.seconds[f"{kind}_steps"] = self.seconds.get(f"{kind}_steps", 0) + 1
@@ -123,6 +127,7 @@ class Laps:
             c["kernel_compiles"] += n - self._compiled
             c["compile_steps"] += 1
             c["compile_steps_s"] += self._t - t0
+        self.recent.append((kind, self._t - t0, rows, chunks, n - self._compiled))
         self._compiled = n
 
 
@@ -595,7 +600,9 @@ class Engine(OfflineMixin, SessionsMixin):
                                        self._topk_rows if ahead is None else 0)
             self._publish()
             laps.lap("publish")
-            laps.step("prefill" if chunks else "decode", t0)
+            laps.step("prefill" if chunks else "decode", t0, len(dec_seqs),
+                      tuple((len(c.token_ids), s.num_prefilled)
+                            for c, s in zip(chunks, pre_seqs)))
             return True
 
     def _after_step(self) -> None:
