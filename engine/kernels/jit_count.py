@@ -18,18 +18,23 @@ MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.split_reduce_tr
            "engine.kernels.write_kv_triton", "engine.kernels.gather_triton")
 
 
+_FOUND: dict[str, list] = {}     # module -> its Triton functions, once it is imported
+
+
 def compiled_kernels() -> int:
-    """Compiled kernels held by the engine's Triton functions, over every device."""
+    """Compiled kernels held by the engine's Triton functions, over every device (a few
+    dict lengths: the engine asks after every step)."""
     n = 0
     for name in MODULES:
-        mod = sys.modules.get(name)
-        if mod is None:
-            continue
-        for obj in list(vars(mod).values()):
-            caches = getattr(obj, "device_caches", None)
-            if not isinstance(caches, dict):
+        fns = _FOUND.get(name)
+        if fns is None:
+            mod = sys.modules.get(name)
+            if mod is None:
                 continue
-            for entry in list(caches.values()):
+            fns = _FOUND[name] = [obj for obj in list(vars(mod).values())
+                                  if isinstance(getattr(obj, "device_caches", None), dict)]
+        for fn in fns:
+            for entry in list(fn.device_caches.values()):
                 cache = entry[0] if isinstance(entry, tuple) else entry
                 if isinstance(cache, dict):
                     n += len(cache)
