@@ -27,6 +27,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
@@ -101,6 +102,12 @@ def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
         if seg.plain_causal:
             o = F.scaled_dot_product_attention(qq.unsqueeze(0), kk.unsqueeze(0),
                                                vv.unsqueeze(0), is_causal=True, scale=scale)
+        elif seg.tail_causal:
+            # the same mask, never built: an [n, M] boolean per layer (6K queries over
+            # 24K keys: 144 M elements) that the fused kernels then read as a bias
+            o = F.scaled_dot_product_attention(
+                qq.unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0),
+                attn_mask=causal_lower_right(qq.shape[1], kk.shape[1]), scale=scale)
         else:
             mask = kpos.view(1, -1) <= qpos.view(-1, 1)             # [n, M]
             o = F.scaled_dot_product_attention(qq.unsqueeze(0), kk.unsqueeze(0),

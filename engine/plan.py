@@ -36,6 +36,10 @@ class PrefillSeg:
     host: tuple[torch.Tensor, ...] | None = None  # offloaded blocks: offsets, kb, vb, ntok
     token_idx: torch.Tensor | None = None   # [M] valid rows of the flattened blocks
     kpos: torch.Tensor | None = None        # [M] their positions
+    # the keys are the sequence's earlier tokens in order, this chunk's last: the mask
+    # (key position <= query position) is causal aligned to the bottom right, and
+    # attention need not build it (no offloaded block, whose keys come after the chunk's)
+    tail_causal: bool = False
     block_of_key: torch.Tensor | None = None  # [M] logical block of each key
     num_logical: int = 0
 
@@ -361,6 +365,8 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
                 ([b.offset for b in host], torch.int64), ([b.fmt.k_code for b in host], torch.int32),
                 ([b.fmt.v_code for b in host], torch.int32),
                 ([b.num_tokens for b in host], torch.int32)))
+        seg.tail_causal = (not plain and not host and len(kpos) >= len(toks)
+                           and kpos[-len(toks)] == p0 and kpos[-1] == p0 + len(toks) - 1)
         seg.token_idx = torch.tensor(tok_idx, dtype=torch.int64, device=device)
         seg.kpos = torch.tensor(kpos, dtype=torch.int64, device=device)
         seg.block_of_key = torch.tensor(kblk, dtype=torch.int64, device=device)

@@ -276,3 +276,35 @@ def test_warm_up_runs_each_format_and_gives_its_kv_back(tiny):
     assert fin.wait(30)
     with pytest.raises(ValueError, match="warmup_formats"):
         EngineConfig(model="random:tiny", warmup_formats=("int4", "int3"))
+
+
+def test_a_chunk_over_its_own_earlier_tokens_attends_without_a_built_mask(tiny, monkeypatch):
+    """A prompt's later chunk attends over the sequence's earlier tokens and its own
+    (causal aligned to the bottom right): the same logits as with the [n, M] mask built,
+    which it no longer builds."""
+    import torch
+
+    import engine.plan as plan_mod
+    import engine.runner as runner_mod
+    ids = [(5 * j) % 250 + 1 for j in range(70)]
+    real_build = plan_mod.build_plan
+    seen = []
+
+    def spy(*a, **k):
+        p = real_build(*a, **k)
+        seen.extend(s.tail_causal for s in p.prefills)
+        return p
+    monkeypatch.setattr(runner_mod, "build_plan", spy)
+    tiny.prefill("a", ids[:40])
+    fast = tiny.extend("a", ids[40:], logits="last")
+    assert seen == [False, True]           # the first chunk is plain causal
+
+    def masked(*a, **k):
+        p = real_build(*a, **k)
+        for s in p.prefills:
+            s.tail_causal = False
+        return p
+    monkeypatch.setattr(runner_mod, "build_plan", masked)
+    tiny.prefill("b", ids[:40])
+    slow = tiny.extend("b", ids[40:], logits="last")
+    assert torch.allclose(fast, slow, atol=1e-5)
