@@ -81,6 +81,12 @@ class EngineConfig:
     # then, not in the middle of a served step (1-4 s each on a fresh H100; cached on
     # disk by Triton after the first start). () or [] turns it off
     warmup_formats: tuple = ("int8", "fp8", "k8v4", "int4", "k4v2", "int2")
+    # at start-up (after the warm-up), move every object alive then (the model, the
+    # store) out of the garbage collector's reach (gc.freeze; process-wide, undone at
+    # stop): a full collection otherwise walks them all, and a snapshot's blocks set one
+    # off every few builds (60 builds of 34K blocks: 4.0 s, 3.0 of it collecting; 1.2 s
+    # frozen; benchmarks/snapshot_cost.py)
+    gc_freeze: bool = True
     prefix_caching: bool = True    # reuse full blocks of matching token prefixes
     session_ttl_s: float = 600.0   # an idle session's KV is dropped after this long
     max_sessions: int = 256        # idle sessions kept; beyond, the least recent goes

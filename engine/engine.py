@@ -21,6 +21,7 @@ when the host cannot take it, and it resumes when room returns.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import logging
 import os
@@ -208,6 +209,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self._ids = itertools.count(1)
         self._tls = threading.local()
         self._thread: threading.Thread | None = None
+        self._froze = False           # start() froze the heap (EngineConfig.gc_freeze)
         self._stop = False
         # optional tap on every sampled row: (seq_ids, logits [n, V]); traces, tests
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
@@ -427,13 +429,16 @@ class Engine(OfflineMixin, SessionsMixin):
             n0 = compiled_kernels()
             try:
                 self.warm_up(self.config.warmup_formats)
+                log.info("warmed up", extra={"kv": {
+                    "formats": list(self.config.warmup_formats),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "kernels_compiled": compiled_kernels() - n0}})
             except Exception as err:    # serving without it only compiles later
                 log.warning("warm-up skipped: %s", err)
-                return
-            log.info("warmed up", extra={"kv": {
-                "formats": list(self.config.warmup_formats),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "kernels_compiled": compiled_kernels() - n0}})
+        if self.config.gc_freeze:
+            gc.collect()
+            gc.freeze()
+            self._froze = True
 
     def warm_up(self, formats, timeout_s: float = 120.0) -> None:
         """Short requests written in each of ``formats`` (a few blocks, a few tokens):
@@ -496,6 +501,9 @@ class Engine(OfflineMixin, SessionsMixin):
         for _, fut in pending:
             if not fut.done():
                 fut.set_exception(EngineStopped("the engine stopped"))
+        if self._froze:               # what start froze may be collected again
+            gc.unfreeze()
+            self._froze = False
 
     def _loop(self) -> None:
         if self.config.thread_nice:

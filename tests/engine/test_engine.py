@@ -308,3 +308,23 @@ def test_a_chunk_over_its_own_earlier_tokens_attends_without_a_built_mask(tiny, 
     tiny.prefill("b", ids[:40])
     slow = tiny.extend("b", ids[40:], logits="last")
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_start_freezes_the_heap_and_stop_gives_it_back(tiny):
+    """What is alive at start-up (the model, the store, every imported module) leaves the
+    collector's full passes (a snapshot's blocks otherwise set one off every few builds:
+    benchmarks/snapshot_cost.py); stop returns it, so a process that starts and stops
+    engines still collects them."""
+    import gc
+    gc.unfreeze()
+    tiny.start()
+    assert gc.get_freeze_count() > 0
+    tiny.stop()
+    assert gc.get_freeze_count() == 0
+    off = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
+                              gc_freeze=False))
+    off.start()
+    try:
+        assert gc.get_freeze_count() == 0
+    finally:
+        off.stop()
