@@ -252,6 +252,10 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                        "capture_bytes", "eager_reasons", "replay_step_s", "eager_step_s",
                        "topk_step_s", "topk_rows", "kernel_compiles", "compile_steps",
                        "compile_steps_s")}
+    # the run's slowest steps one by one (the engine keeps its last 1,024): what kind, how
+    # many decode rows and prompt chunks (tokens, longest sequence), kernels compiled
+    ran = min(last.step - step0, len(e.laps.recent))
+    slowest = sorted(list(e.laps.recent)[-ran:] if ran > 0 else [], key=lambda r: -r[1])[:12]
     e.stop()
     out = dict(config=cfg, graphs=graphs, warmup_s=round(warmup_s, 2),
                warmup_compiles=warmup_compiles, budget_bytes=budget, requests=len(reqs), refused=refused,
@@ -276,7 +280,12 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                ticks=dict(n=len(seen["ticks"]), s=round(sum(seen["ticks"]) / 1e3, 3),
                           max_ms=round(max(seen["ticks"], default=0.0), 1)),
                worst_gaps=[dict(seq=s, at_s=round(at, 3), ms=round(g * 1e3, 1))
-                           for g, s, at in worst])
+                           for g, s, at in worst],
+               slowest_steps=[dict(kind=k, ms=round(sec * 1e3, 1), decode_rows=rows,
+                                   chunks=len(ch), chunk_tokens=sum(c[0] for c in ch),
+                                   longest=max((c[1] for c in ch), default=0),
+                                   compiled=comp)
+                              for k, sec, rows, ch, comp in slowest])
     if seen["bus"]:
         out["bus_gb_s"] = sum(seen["bus"]) / len(seen["bus"]) / 1e9
         out["bus_source"] = "NVML PCIe RX+TX, mean over samples"
