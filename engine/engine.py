@@ -89,6 +89,11 @@ class _Ahead:
 CPU_DEFAULT_BUDGET = 2 << 30
 IDLE_RATE_S = 2.0          # tokens/s reads 0 once no token came for this long
 STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this often
+# ... and at most this share of the engine thread's time: a snapshot walks every block of
+# every sequence (49 sequences x 700 blocks: 21 ms on the 2-core box, heap frozen), and on
+# the headline's H100 run adaptive (a move, admission or finish nearly every step) spent
+# 6.1 s of 112 building them against pinned int4's 3.1 (docs/BENCHMARKS.md)
+PUBLISH_SHARE = 0.1
 
 
 class Laps:
@@ -197,6 +202,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self._dirty = True         # something changed since the last snapshot
         self._changed = True       # ... that readers must see at once (not just progress)
         self._published_at = 0.0
+        self._build_s = 0.0           # the last snapshot build's seconds
         self._version = itertools.count(1)
         self._snapshot = None
         # cross-thread
@@ -1131,15 +1137,20 @@ class Engine(OfflineMixin, SessionsMixin):
         """A new snapshot for readers: after a structural change (admission, state change,
         finish, preemption, a move) at the end of the step, unless one was published in
         the last STRUCTURAL_GAP_S; else at most every ``snapshot_interval_s`` while steps
-        only make progress. Building one walks every block of every sequence (~5 ms at 64
-        sequences x 33 blocks on the H100 host), so it must not happen every step."""
+        only make progress; either way, building them takes at most PUBLISH_SHARE of the
+        engine thread's time. Building one walks every block of every sequence (~5 ms at
+        64 sequences x 33 blocks on the H100 host), so it must not happen every step."""
         now = time.monotonic()
         since = now - self._published_at
-        if not force and not (self._changed and since >= STRUCTURAL_GAP_S) and not (
-                self._dirty and since >= self.config.snapshot_interval_s):
+        # the last build's cost, spread so building takes at most PUBLISH_SHARE of the time
+        spread = self._build_s * (1.0 / PUBLISH_SHARE - 1.0)
+        if not force and not (self._changed and since >= max(STRUCTURAL_GAP_S, spread)) \
+                and not (self._dirty and since >= max(self.config.snapshot_interval_s,
+                                                      spread)):
             return
         self._snapshot = snapshot.build(self, next(self._version))
-        self._published_at = now
+        self._published_at = time.monotonic()
+        self._build_s = self._published_at - now
         self._dirty = self._changed = False
 
     def snapshot(self):

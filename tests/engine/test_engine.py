@@ -328,3 +328,27 @@ def test_start_freezes_the_heap_and_stop_gives_it_back(tiny):
         assert gc.get_freeze_count() == 0
     finally:
         off.stop()
+
+
+def test_snapshots_take_at_most_a_share_of_the_engine_thread(tiny, monkeypatch):
+    """A snapshot walks every block of every sequence: where building one is slow (many
+    long sequences), the engine builds them at most PUBLISH_SHARE of its time, even while
+    every step changes what runs; a forced read still gets a fresh one."""
+    import engine.engine as engine_mod
+    real = engine_mod.snapshot.build
+    builds = []
+
+    def slow(engine, version):
+        time.sleep(0.02)
+        builds.append(time.monotonic())
+        return real(engine, version)
+    monkeypatch.setattr(engine_mod.snapshot, "build", slow)
+    t0 = time.monotonic()
+    for i in range(40):       # a new request admitted and finished nearly every step
+        run_all(tiny, [Request(prompt_ids=[i + 1] * 5,
+                               sampling=SamplingParams(max_tokens=2, ignore_eos=True))])
+    wall = time.monotonic() - t0
+    # not threaded: every snapshot() read is forced; run_all reads none
+    assert len(builds) * 0.02 <= 0.1 * wall + 0.02 * 2
+    n = len(builds)
+    assert tiny.handle.snapshot() is not None and len(builds) == n + 1
