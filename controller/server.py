@@ -195,6 +195,9 @@ class Daemon:
                 self.kv_events.close()
             raise
         if hasattr(self.engine, "start"):
+            # on a GPU, start() warms the kernels of every format up before it returns
+            # (engine.warmup_formats; Triton caches the kernels on disk after)
+            sd_notify("STATUS=starting the engine (on a GPU: warming its kernels up)")
             self.engine.start()
         self.telemetry.start()
         self.loop.run(self.server.start())

@@ -78,7 +78,8 @@ class EngineConfig:
                                    # for contexts up to this (0: capture on first use)
     # at start-up on a GPU, short requests in each of these formats (together, then each
     # alone) before the engine serves: the Triton kernels their decode steps need compile
-    # then, not in the middle of a served step (1-4 s each on a fresh H100; cached on
+    # then, not in the middle of a served step (a fresh H100's first adaptive run had
+    # 1.4-4.3 s steps a second run did not; its duration not measured yet; cached on
     # disk by Triton after the first start). () or [] turns it off
     warmup_formats: tuple = ("int8", "fp8", "k8v4", "int4", "k4v2", "int2")
     # at start-up (after the warm-up), move every object alive then (the model, the

@@ -229,7 +229,10 @@ def test_sigterm_drains_and_notifies_systemd():
     notify.settimeout(60)
     p, sock = start_daemon(d, grace_s=1.0, notify=str(d / "notify"))
     try:
-        assert notify.recv(4096).startswith(b"READY=1")
+        msgs = [notify.recv(4096)]
+        while msgs[-1].startswith(b"STATUS="):     # progress before READY (engine start)
+            msgs.append(notify.recv(4096))
+        assert msgs[-1].startswith(b"READY=1"), msgs
         assert notify.recv(4096) == b"WATCHDOG=1"
         stub = kvctl_pb2_grpc.KvctlStub(grpc.insecure_channel(f"unix:{sock}"))
         short = stub.Generate(pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[1, 2]),
