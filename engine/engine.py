@@ -452,8 +452,9 @@ class Engine(OfflineMixin, SessionsMixin):
         then each alone (its blocks and the newest full-precision one in one launch, and
         that batch's CUDA graph). The kernels these steps need compile now rather than in
         the middle of a served step (on a fresh H100 the headline's adaptive run took
-        1-4 s steps while writing its prompts; a second run on the same machine, kernels
-        cached, did not: docs/BENCHMARKS.md). Their KV is given back afterwards, cached
+        1.4-4.3 s steps while writing its prompts; a second run on the same machine, with
+        the first one's kernels in Triton's disk cache, did not; the compiles were not
+        counted then: docs/BENCHMARKS.md). Their KV is given back afterwards, cached
         prefix blocks included. Needs the engine thread (``start``)."""
         if not self.threaded:
             raise RuntimeError("warm_up needs the engine thread: call start() first")

@@ -2,10 +2,11 @@
 functions (each a specialization: formats, launch settings, and the alignment of the
 integer arguments; loaded from Triton's disk cache or built, in milliseconds or seconds).
 
-A decode step that meets a new specialization stops for its compile: on a fresh H100 the
+A decode step that meets a new specialization stops for its compile. On a fresh H100 the
 headline's adaptive run (five formats, tables that mix them) spent its prompt phase in
-1-4 s steps that a second run on the same machine, with the kernels cached on disk, did
-not (docs/BENCHMARKS.md, eleventh session). ``Laps`` counts them per step.
+1.4-4.3 s steps that a second run on the same machine, with the first one's kernels in
+Triton's disk cache, did not (docs/BENCHMARKS.md, eleventh session); nothing counted the
+compiles then. ``Laps`` counts them per step.
 
 Reads only modules already imported: on the CPU (or under TRITON_INTERPRET) no Triton
 kernel is compiled and nothing is imported here.
