@@ -462,29 +462,27 @@ class Engine(OfflineMixin, SessionsMixin):
         n = 4 * T + 3                 # four full blocks and a partial one
 
         def run(group, tag: str, first: int) -> None:
-            left, done, lock = [len(group)], threading.Event(), threading.Lock()
-            failed: list[str] = []
-
-            def on(ev) -> None:
-                if isinstance(ev, FinishEvent):
-                    with lock:
+            events: queue.Queue = queue.Queue()
+            # tokens of their own (no request reuses another's cached blocks)
+            left = {self.submit(Request(
+                prompt_ids=[(97 * (first + i) + 31 * j + 1) % (self.vocab_size - 1) + 1
+                            for j in range(n)],
+                kv_format=f, seq_id=f"warmup-{tag}-{i}",
+                sampling=SamplingParams(max_tokens=4, ignore_eos=True)), events.put)
+                for i, f in enumerate(group)}
+            failed, deadline = [], time.monotonic() + timeout_s
+            try:
+                while left:
+                    ev = events.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if isinstance(ev, FinishEvent):
+                        left.discard(ev.seq_id)
                         if ev.reason == "error":
                             failed.append(ev.seq_id)
-                        left[0] -= 1
-                        if left[0] == 0:
-                            done.set()
-            sids = []
-            for i, f in enumerate(group):
-                # tokens of their own (no request reuses another's cached blocks)
-                ids = [(97 * (first + i) + 31 * j + 1) % (self.vocab_size - 1) + 1
-                       for j in range(n)]
-                sids.append(self.submit(Request(
-                    prompt_ids=ids, kv_format=f, seq_id=f"warmup-{tag}-{i}",
-                    sampling=SamplingParams(max_tokens=4, ignore_eos=True)), on))
-            if not done.wait(timeout_s):
-                for sid in sids:
+            except queue.Empty:
+                for sid in left:
                     self.cancel(sid)
-                raise TimeoutError(f"warm-up requests did not finish in {timeout_s} s")
+                raise TimeoutError(f"warm-up requests did not finish in {timeout_s} s") \
+                    from None
             if failed:
                 raise RuntimeError(f"warm-up requests failed: {failed}")
         formats = tuple(formats)

@@ -243,15 +243,12 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     last = e.handle.snapshot()
     # counts since the run began (the warm-up's graphs and compiles not in them); step
     # times are the engine's moving averages
-    graphs = {k: v - graphs0.get(k, 0) if k in ("num_graphs", "num_replays", "num_eager",
-                                                 "capture_seconds", "capture_bytes",
-                                                 "kernel_compiles", "compile_steps",
-                                                 "compile_steps_s") else v
+    counts = ("num_graphs", "num_replays", "num_eager", "capture_seconds", "capture_bytes",
+              "kernel_compiles", "compile_steps", "compile_steps_s")
+    graphs = {k: v - graphs0.get(k, 0) if k in counts else v
               for k, v in last.graphs.items()
-              if k in ("num_graphs", "num_replays", "num_eager", "capture_seconds",
-                       "capture_bytes", "eager_reasons", "replay_step_s", "eager_step_s",
-                       "topk_step_s", "topk_rows", "kernel_compiles", "compile_steps",
-                       "compile_steps_s")}
+              if k in counts + ("eager_reasons", "replay_step_s", "eager_step_s",
+                                "topk_step_s", "topk_rows")}
     # the run's slowest steps one by one (the engine keeps its last 1,024): what kind, how
     # many decode rows and prompt chunks (tokens, longest sequence), kernels compiled
     ran = min(last.step - step0, len(e.laps.recent))
