@@ -44,12 +44,14 @@ def main() -> None:
     ap.add_argument("--profile", default="balanced")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--queued", action="store_true")
+    ap.add_argument("--free", type=float, default=0.25,
+                    help="share of the held bytes the plan frees (an admission's room: ~0.02)")
     a = ap.parse_args()
     from controller.loop import PolicyLoop
     from controller.predictors.bus import Bus
     snap, used = snapshot(a.sequences, a.blocks, queued=a.queued)
     bus = Bus(55.3e9, 0.0, "a GPU's PCIe (55.3 GB/s)")
-    need = used // 4
+    need = int(used * a.free)
     times, moves = [], []
     for _ in range(a.reps):
         loop = PolicyLoop(duty=1.0)     # the plan's own cost, no rests between slices
@@ -57,7 +59,7 @@ def main() -> None:
         moves = loop.plan_relief(snap, need, a.profile, {}, bus, need // 2)
         times.append(time.perf_counter() - t)
     print(f"{a.sequences} sequences x {a.blocks} blocks, {a.profile}"
-          f"{' (queued)' if a.queued else ''}: plan_relief "
+          f"{' (queued)' if a.queued else ''}, freeing {a.free:.0%}: plan_relief "
           f"best {min(times) * 1e3:.1f} ms, median {sorted(times)[len(times) // 2] * 1e3:.1f} "
           f"ms of {a.reps}; {len(moves)} moves")
 
