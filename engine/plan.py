@@ -162,7 +162,8 @@ class StepPlan:
     def record_observation(self, layer: int, seg: PrefillSeg, q: torch.Tensor,
                            k: torch.Tensor, kpos: torch.Tensor, scale: float) -> None:
         """Prompt-time scores per logical block, from the final prefill chunk's queries
-        q [Hq, n, D] over all keys k [Hq, M, D]: the last ``seg.observe`` queries'
+        q [Hq, n, D] over all keys k [H, M, D] (query head h reads kv head h // (Hq / H)):
+        the last ``seg.observe`` queries'
         attention (SnapKV, Li et al. 2024) and the accumulated attention of the chunk's
         last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023), and
         how far each block's keys stand from the sequence's mean key (KeyDiff, Park et
@@ -175,6 +176,7 @@ class StepPlan:
         few per head)."""
         n = min(q.shape[1], ACCUMULATE)
         Hq, M = q.shape[0], k.shape[1]
+        kv_head = torch.arange(Hq, device=k.device) // (Hq // k.shape[0])
         qpos = seg.positions[-n:]
         win = torch.zeros(M, device=k.device)
         acc = torch.zeros(M, device=k.device)
@@ -185,7 +187,7 @@ class StepPlan:
         per = max(1, min(Hq, OBSERVE_ELEMS // max(1, M * (2 * n + k.shape[2]))))
         for h in range(0, Hq, per):
             qs = q[h:h + per, -n:].float()                                 # [h, n, D]
-            kh = k[h:h + per].float()                                      # [h, M, D]
+            kh = k[kv_head[h:h + per]].float()                             # [h, M, D]
             s = torch.matmul(qs, kh.transpose(1, 2)) * scale               # [h, n, M]
             p = torch.softmax(s.masked_fill_(future, float("-inf")), -1)
             acc += p.sum((0, 1))

@@ -110,3 +110,44 @@ def test_decode_logits_match_transformers_on_gpu(gpu_engine):
             assert float((torch.stack(logits[sid]) - ref).abs().max()) < 1e-3
     finally:
         e.model.set_attn_implementation("kvctl")
+
+
+def test_chunks_over_stored_tokens_in_bf16_match_the_masked_path_on_gpu(monkeypatch):
+    """bf16 (the flash kernel's dtype): a prompt's first chunk (plain causal) and a later
+    chunk over the stored tokens (causal from the bottom right) attend with grouped kv heads
+    as they are (``enable_gqa``), and give the logits of the path that repeats K/V per
+    query head under a built [n, M] mask."""
+    import engine.plan as plan_mod
+    import engine.runner as runner_mod
+    from engine.engine import Engine, EngineConfig
+    e = Engine(EngineConfig(model="random:smollm2-135m", device="cuda", dtype="bfloat16",
+                            kv_budget_bytes=1 << 30, max_batch_tokens=2048,
+                            prefix_caching=False))
+    try:
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(0, 49152, (1500,), generator=g).tolist()
+        real_build = plan_mod.build_plan
+        seen = []
+
+        def spy(*a, **k):
+            p = real_build(*a, **k)
+            seen.extend((s.plain_causal, s.tail_causal) for s in p.prefills)
+            return p
+        monkeypatch.setattr(runner_mod, "build_plan", spy)
+        first = e.prefill("a", ids[:1100], logits="last")
+        fast = e.extend("a", ids[1100:], logits="last")
+        assert seen == [(True, False), (False, True)]
+
+        def masked(*a, **k):
+            p = real_build(*a, **k)
+            for s in p.prefills:
+                s.plain_causal = s.tail_causal = False
+            return p
+        monkeypatch.setattr(runner_mod, "build_plan", masked)
+        first_m = e.prefill("b", ids[:1100], logits="last")
+        slow = e.extend("b", ids[1100:], logits="last")
+        for a, b in ((first, first_m), (fast, slow)):
+            a, b = a.float().cpu(), b.float().cpu()
+            assert float((a - b).abs().max()) < 0.03 * float(b.abs().max())
+    finally:
+        e.stop()
