@@ -19,6 +19,8 @@ from engine.store import GPU, HOST, KVStore
 
 ACCUMULATE = 256  # prompt queries whose attention seeds the heavy-hitter scores
 OBSERVE_ELEMS = 1 << 24  # prompt-time score temporaries at once (fp32 elements: 64 MiB)
+OBSERVE_ELEMS_CUDA = 1 << 27  # on a GPU (512 MiB): the 8 kv heads of an 8B shape over
+# 30K keys two at a time instead of 32 query heads one at a time (~20 launches each)
 
 
 @dataclass
@@ -171,30 +173,35 @@ class StepPlan:
         summed over heads and layers): a query-agnostic score that finds what a later
         question may look for where the prompt's own queries did not look (the passkey's
         block ranked 1st-3rd of 32-64 blocks after the sink in every prompt probed;
-        docs/BENCHMARKS.md). As many heads at a time as keep their temporaries under
-        OBSERVE_ELEMS elements (all of them for short prompts: one launch instead of a
-        few per head)."""
+        docs/BENCHMARKS.md). Per kv head, with its query heads together (K read once,
+        not copied per query head; a query head's KeyDiff term is its kv head's), as
+        many kv heads at a time as keep their temporaries under OBSERVE_ELEMS elements
+        (OBSERVE_ELEMS_CUDA on a GPU; all of them for short prompts)."""
         n = min(q.shape[1], ACCUMULATE)
-        Hq, M = q.shape[0], k.shape[1]
-        kv_head = torch.arange(Hq, device=k.device) // (Hq // k.shape[0])
+        Hq, H, M, D = q.shape[0], k.shape[0], k.shape[1], k.shape[2]
+        g = Hq // H
         qpos = seg.positions[-n:]
         win = torch.zeros(M, device=k.device)
         acc = torch.zeros(M, device=k.device)
         dist = torch.zeros(seg.num_logical, device=k.device)
         idx = seg.block_of_key.view(1, -1)
         future = kpos.view(1, -1) > qpos.view(-1, 1)                       # [n, M]
-        # per head: the scores and their softmax (n x M each) and k's fp32 copy (M x D)
-        per = max(1, min(Hq, OBSERVE_ELEMS // max(1, M * (2 * n + k.shape[2]))))
-        for h in range(0, Hq, per):
-            qs = q[h:h + per, -n:].float()                                 # [h, n, D]
-            kh = k[kv_head[h:h + per]].float()                             # [h, M, D]
-            s = torch.matmul(qs, kh.transpose(1, 2)) * scale               # [h, n, M]
-            p = torch.softmax(s.masked_fill_(future, float("-inf")), -1)
-            acc += p.sum((0, 1))
-            win += p[:, -seg.observe:].sum((0, 1))
+        # per kv head: its query heads' scores and their softmax (g x n x M each) and
+        # k's fp32 copy (M x D)
+        cap = OBSERVE_ELEMS_CUDA if k.is_cuda else OBSERVE_ELEMS
+        per = max(1, min(H, cap // max(1, M * (2 * g * n + D))))
+        qg = q[:, -n:].reshape(H, g * n, D)           # query heads of kv head h together
+        for h in range(0, H, per):
+            kh = k[h:h + per].float()                                      # [h, M, D]
+            s = torch.matmul(qg[h:h + per].float(), kh.transpose(1, 2))    # [h, g n, M]
+            s = s.view(-1, g, n, M).mul_(scale).masked_fill_(future, float("-inf"))
+            p = torch.softmax(s, -1)
+            acc += p.sum((0, 1, 2))
+            win += p[:, :, -seg.observe:].sum((0, 1, 2))
             away = -F.cosine_similarity(kh, kh.mean(1, keepdim=True), dim=-1)   # [h, M]
             dist += torch.full((away.shape[0], seg.num_logical), -1.0, device=k.device
-                               ).scatter_reduce_(1, idx.expand_as(away), away, "amax").sum(0)
+                               ).scatter_reduce_(1, idx.expand_as(away), away, "amax"
+                                                 ).sum(0).mul_(g)
         prev = self.distinct.get(seg.seq_id)
         self.distinct[seg.seq_id] = dist if prev is None else prev + dist
         for store, per_key in ((self.observed, win), (self.accumulated, acc)):

@@ -80,8 +80,10 @@ def test_prompt_scores_match_eager_attention_in_any_head_grouping(engine, hf_mod
     want_win, want_acc = _prompt_scores_eager(hf_model, prompt, engine.geom.block_size,
                                               engine.config.observe_window, ACCUMULATE)
     got = []
-    # heads per group: all; 2 (scores, softmax: 2 x 256 x 300, k in fp32: 300 x 64 each); 1
-    for elems in (plan_mod.OBSERVE_ELEMS, 2 * 300 * (2 * 256 + 64), 1):
+    assert engine.model.config.num_key_value_heads == 3
+    # kv heads per group: all 3; 2 (scores, softmax: 3 query heads x 256 x 300 each, k in
+    # fp32: 300 x 64); 1
+    for elems in (plan_mod.OBSERVE_ELEMS, 2 * 300 * (2 * 3 * 256 + 64), 1):
         monkeypatch.setattr(plan_mod, "OBSERVE_ELEMS", elems)
         sid = engine.submit(Request(prompt_ids=prompt,
                                     sampling=SamplingParams(max_tokens=5, ignore_eos=True)),
