@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.paged_decode import gather_dense
-from engine.layout import FULL, KVFormat
+from engine.kernels.slots import read_blocks
+from engine.layout import FULL, BlockGeometry, KVFormat
 from engine.staging import Stager, TopKSeq, staging_need
 from engine.store import GPU, HOST, KVStore
 
@@ -31,11 +31,12 @@ class PrefillSeg:
     positions: torch.Tensor     # [n] absolute positions of the chunk's tokens
     plain_causal: bool          # keys are exactly this chunk (first chunk, no holes)
     observe: int = 0            # last-W-queries observation window (SnapKV) on this chunk
+    # the GPU blocks' slot offsets [N] (device) and their formats, known on the host:
+    # (format, the blocks' indices in offsets, or None when all of them are in it)
     offsets: torch.Tensor | None = None
-    kbits: torch.Tensor | None = None
-    vbits: torch.Tensor | None = None
-    ntok: torch.Tensor | None = None
-    host: tuple[torch.Tensor, ...] | None = None  # offloaded blocks: offsets, kb, vb, ntok
+    formats: list[tuple[KVFormat, torch.Tensor | None]] = field(default_factory=list)
+    # offloaded blocks: host offsets [N] and their formats, the same way (host tensors)
+    host: tuple[torch.Tensor, list[tuple[KVFormat, torch.Tensor | None]]] | None = None
     token_idx: torch.Tensor | None = None   # [M] valid rows of the flattened blocks
     kpos: torch.Tensor | None = None        # [M] their positions
     # the keys are the sequence's earlier tokens in order, this chunk's last: the mask
@@ -121,17 +122,16 @@ class StepPlan:
         typed.index_copy_(0, self.write_idx + self.v_shift, v.reshape(-1).to(typed.dtype))
 
     def gather_prefix(self, layer: int, seg: PrefillSeg):
-        """Stored K/V a prefill chunk attends over: [H, M, D] x2 and positions [M]."""
+        """Stored K/V a prefill chunk attends over: [H, M, D] x2 and positions [M].
+        The blocks' formats are known on the host: no device sync per layer."""
         H, D = self.geom.num_kv_heads, self.geom.head_dim
         parts = []
-        groups = [(self.arena_row(layer), (seg.offsets, seg.kbits, seg.vbits, seg.ntok))]
+        groups = [(self.arena_row(layer), seg.offsets, seg.formats)]
         if seg.host is not None:
-            groups.append((self.store.arenas[HOST].data[layer], seg.host))
-        for row, (o, kb, vb, nt) in groups:
-            k, v = gather_dense(row, o.to(row.device).view(1, -1), kb.to(row.device).view(1, -1),
-                                vb.to(row.device).view(1, -1), nt.to(row.device).view(1, -1),
-                                self.geom, self.geom.store_dtype)
-            parts.append((k[0].to(self.store.device), v[0].to(self.store.device)))
+            groups.append((self.store.arenas[HOST].data[layer], *seg.host))
+        for row, offs, formats in groups:
+            k, v = _read_formats(row, offs, formats, self.geom)
+            parts.append((k.to(self.store.device), v.to(self.store.device)))
         k = torch.cat([p[0] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
         v = torch.cat([p[1] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
         return k.index_select(1, seg.token_idx), v.index_select(1, seg.token_idx), seg.kpos
@@ -209,6 +209,32 @@ class StepPlan:
                 0, seg.block_of_key, per_key)
             prev = store.get(seg.seq_id)
             store[seg.seq_id] = per_block if prev is None else prev + per_block
+
+
+def _read_formats(row: torch.Tensor, offs: torch.Tensor,
+                  formats: list[tuple[KVFormat, torch.Tensor | None]], geom: BlockGeometry
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense k, v [N, H, T, D] of the blocks at ``offs`` in ``row``, one read per format."""
+    if len(formats) == 1:
+        return read_blocks(row, offs, geom, formats[0][0], geom.store_dtype)
+    N, H, T, D = offs.numel(), geom.num_kv_heads, geom.block_size, geom.head_dim
+    k = torch.empty(N, H, T, D, dtype=geom.store_dtype, device=row.device)
+    v = torch.empty_like(k)
+    for fmt, idx in formats:
+        kk, vv = read_blocks(row, offs.index_select(0, idx), geom, fmt, geom.store_dtype)
+        k.index_copy_(0, idx, kk)
+        v.index_copy_(0, idx, vv)
+    return k, v
+
+
+def _by_format(blocks, device) -> list[tuple[KVFormat, torch.Tensor | None]]:
+    """(format, indices of its blocks) of a list of blocks; one format: [(fmt, None)]."""
+    at: dict[KVFormat, list[int]] = {}
+    for j, b in enumerate(blocks):
+        at.setdefault(b.fmt, []).append(j)
+    if len(at) <= 1:
+        return [(f, None) for f in at] or [(FULL, None)]
+    return [(f, torch.tensor(js, dtype=torch.int64, device=device)) for f, js in at.items()]
 
 
 _CODES = {torch.int64: "q", torch.int32: "i"}
@@ -355,7 +381,7 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
         w_offs += o
         w_rows += r
         blocks = [b for b in s.blocks if b.tier == GPU and b.num_tokens > 0]
-        host = [b for b in s.blocks if b.tier == HOST]
+        host = [b for b in s.blocks if b.tier == HOST and b.num_tokens > 0]
         plain = p0 == 0  # a first chunk attends to itself only
         seg = PrefillSeg(sid, start, len(toks),
                          torch.arange(p0, p0 + len(toks), device=device), plain,
@@ -366,14 +392,10 @@ def build_plan(store: KVStore, decode_ids: list[tuple[str, int]],
             kpos += range(b.index * T, b.index * T + b.num_tokens)
             kblk += [b.index] * b.num_tokens
         seg.offsets = torch.tensor([b.offset for b in blocks], dtype=torch.int64, device=device)
-        seg.kbits = torch.tensor([b.fmt.k_code for b in blocks], dtype=torch.int32, device=device)
-        seg.vbits = torch.tensor([b.fmt.v_code for b in blocks], dtype=torch.int32, device=device)
-        seg.ntok = torch.tensor([b.num_tokens for b in blocks], dtype=torch.int32, device=device)
+        seg.formats = _by_format(blocks, device)
         if host:
-            seg.host = tuple(torch.tensor(x, dtype=dt) for x, dt in (
-                ([b.offset for b in host], torch.int64), ([b.fmt.k_code for b in host], torch.int32),
-                ([b.fmt.v_code for b in host], torch.int32),
-                ([b.num_tokens for b in host], torch.int32)))
+            seg.host = (torch.tensor([b.offset for b in host], dtype=torch.int64),
+                        _by_format(host, torch.device("cpu")))
         seg.tail_causal = (not plain and not host and len(kpos) >= len(toks)
                            and kpos[-len(toks)] == p0 and kpos[-1] == p0 + len(toks) - 1)
         seg.token_idx = torch.tensor(tok_idx, dtype=torch.int64, device=device)

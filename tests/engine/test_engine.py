@@ -352,3 +352,26 @@ def test_snapshots_take_at_most_a_share_of_the_engine_thread(tiny, monkeypatch):
     assert len(builds) * 0.02 <= 0.1 * wall + 0.02 * 2
     n = len(builds)
     assert tiny.handle.snapshot() is not None and len(builds) == n + 1
+
+
+def test_a_chunk_over_mixed_formats_and_offloaded_blocks_reads_them_as_stored(tiny):
+    """A later chunk's keys come from blocks in several formats, some of them offloaded
+    (read from the host arena, one read per format): its logits equal those of the same
+    blocks all on the GPU (exact offload is lossless)."""
+    import torch
+
+    from engine.actions import Fetch, Offload, Quantize
+    ids = [(3 * j) % 250 + 1 for j in range(48)]
+    out = []
+    for sid, back in (("host", False), ("gpu", True)):
+        tiny.prefill(sid, ids[:40])
+        for a in (Quantize(sid, (0, 1, 4), 4), Quantize(sid, (2, 5), 8),
+                  Offload(sid, (1, 2, 3, 6))):
+            assert tiny.handle.apply(a).ok
+        if back:
+            assert tiny.handle.apply(Fetch(sid, (1, 2, 3, 6))).ok
+        tiers = {b.tier for b in tiny.store.seqs[sid].blocks}
+        assert len(tiers) == (1 if back else 2)
+        out.append(tiny.extend(sid, ids[40:], logits="last"))
+        tiny.release(sid)
+    assert torch.allclose(out[0], out[1], atol=1e-5)
