@@ -284,7 +284,11 @@ def _share(rs, n, sp, NBI: tl.constexpr):
     return start, tl.minimum(start + per, rs + n), rs + n
 
 
-@triton.jit
+# runtime integers are not specialized on (Triton compiles a variant per argument that is
+# 1 or a multiple of 16): table widths, split counts and partial offsets change from step
+# to step, and each new combination stopped a step for a compile (H100, the headline's
+# adaptive run: 32 compiles, 38.5 s of steps; docs/BENCHMARKS.md, twelfth session)
+@triton.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT"])
 def _paged_decode_kernel(
     q_ptr,         # [B, Hq, D] query (any float dtype)
     arena_u8,      # [bytes] uint8: one layer's arena row

@@ -15,7 +15,8 @@ import triton.language as tl
 from engine.kernels import decode_launch
 
 
-@triton.jit
+# S (splits) changes from step to step: not specialized on (paged_decode_triton.py)
+@triton.jit(do_not_specialize=["S"])
 def _reduce_splits_kernel(
     pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
     pl_ptr,        # [B * Hq, S] fp32 split sumexp
