@@ -222,6 +222,8 @@ class PolicyLoop:
             for sid, ms in self._priced(snapshot, more, profile, pins, bus).items():
                 priced[sid] = priced[sid] + ms
             chosen = _pick(priced, need)
+        if floor is not None and 0 <= floor < need:
+            chosen = _stream_for_floor_only(priced, chosen, need, floor)
         if floor is not None and 0 < floor < need:
             self._defer_evictions(snapshot, chosen, _shares(seqs, floor), profile, pins,
                                   bus)
@@ -444,6 +446,32 @@ def _pick(priced: dict[str, list[Move]], need: int) -> dict[str, Move | None]:
         return chosen
     return {sid: max(ms, key=lambda m: (m.candidate.freed_bytes, -m.total), default=None)
             for sid, ms in priced.items()}
+
+
+def _stream_for_floor_only(priced: dict[str, list[Move]], chosen: dict[str, Move | None],
+                           need: int, floor: int) -> dict[str, Move | None]:
+    """``chosen`` (for ``need``) without the moves that add step time (blocks streamed or
+    top-k pages read at every step from now on), where the bytes that must go now
+    (``floor``) come without them: headroom down to the low watermark is not bought with
+    every later step's time: then the least-cost moves without them for ``need`` where
+    they free it, else for ``floor`` (the rest of the headroom waits); where those cannot
+    free ``floor`` either, the least-cost moves of all for ``floor`` alone.
+    For the headroom, the engine's steps ran at 100 ms instead of 15 on an H100: 30 of 49
+    sequences went to top-k pages in one relief, most for 2 blocks (3-5 MB each), where
+    the sequences stalled for a block needed a few MB (docs/BENCHMARKS.md, twelfth
+    session)."""
+    if not any(m and m.latency_s > 0 for m in chosen.values()):
+        return chosen
+    def freed(c) -> int:
+        return sum(m.candidate.freed_bytes for m in c.values() if m)
+    still = {sid: [m for m in ms if m.latency_s <= 0] for sid, ms in priced.items()}
+    alt = _pick(still, need)
+    if freed(alt) >= need:
+        return alt
+    alt = _pick(still, floor)           # the headroom waits: the next ticks try again
+    if freed(alt) >= floor:
+        return alt
+    return _pick(priced, floor)
 
 
 def _best(moves: list[Move], target: int) -> Move | None:

@@ -668,3 +668,33 @@ def test_a_plan_rests_between_slices_so_the_engine_thread_runs(monkeypatch):
     rests.clear()
     PolicyLoop(duty=1.0).plan_relief(snap, used // 4, "balanced", {}, Bus(55.3e9, 0.0, "x"))
     assert rests == []
+
+
+def _streaming(seq, freed, total, latency_s=0.005):
+    from dataclasses import replace
+    return replace(_move(seq, "offload_topk", freed, total), latency_s=latency_s)
+
+
+def test_headroom_is_not_bought_with_step_time():
+    """The bytes that must go now (``floor``: a stalled sequence's block, the excess over
+    the high watermark) may take a move that streams at every step; the headroom down to
+    the low watermark may not. Here 3 sequences: quantizations free 30 B each, top-k
+    offloads 100 B each at a lower price per byte. For 250 B with a 20 B floor, the
+    plan was three top-k rows (every later step slower); now it is one quantization
+    (the floor), the headroom waiting. A floor only streaming can free takes the least
+    such moves; without a floor the plan is as before."""
+    from controller.loop import _pick, _stream_for_floor_only
+    priced = {s: [_move(s, "mixed_precision", 30, 0.06), _streaming(s, 100, 0.1)]
+              for s in ("a", "b", "c")}
+
+    def names(c):
+        return sorted(m.candidate.strategy for m in c.values() if m)
+    assert names(_pick(priced, 250)) == ["offload_topk"] * 3
+    assert names(_stream_for_floor_only(priced, _pick(priced, 250), 250, 20)) \
+        == ["mixed_precision"]
+    # the headroom reachable without streaming: all of it, without streaming
+    assert names(_stream_for_floor_only(priced, _pick(priced, 90), 90, 20)) \
+        == ["mixed_precision"] * 3
+    # a floor past what the quantizations free: the fewest streaming moves for it
+    assert names(_stream_for_floor_only(priced, _pick(priced, 250), 250, 150)) \
+        == ["offload_topk"] * 2
