@@ -288,7 +288,7 @@ def _share(rs, n, sp, NBI: tl.constexpr):
 # 1 or a multiple of 16): table widths, split counts and partial offsets change from step
 # to step, and each new combination stopped a step for a compile (H100, the headline's
 # adaptive run: 32 compiles, 38.5 s of steps; docs/BENCHMARKS.md, twelfth session)
-@triton.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT"])
+@triton.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT", "FILL"])
 def _paged_decode_kernel(
     q_ptr,         # [B, Hq, D] query (any float dtype)
     arena_u8,      # [bytes] uint8: one layer's arena row
@@ -324,8 +324,9 @@ def _paged_decode_kernel(
     IEEE2: tl.constexpr = False, ASM2: tl.constexpr = False, FAST2: tl.constexpr = False,
     WORDS2: tl.constexpr = 0,
     # ROWLEN: this launch covers every run of the row, so it also writes the partials of
-    # the entries past them (holes, a graph's padding) as (-inf, 0)
-    FILL: tl.constexpr = False,
+    # the entries past them (holes, a graph's padding) as (-inf, 0). A runtime flag, not
+    # compiled in: which format's launch comes last changes with the formats a step holds
+    FILL=0,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -379,17 +380,18 @@ def _paged_decode_kernel(
             perm_ptr, bmax_ptr, bsum_ptr, arena_u8, arena_st, arena_md, NB, qk_scale,
             HQ, T, D, G, H, ESIZE, MSIZE, KB2, VB2, VOFF2, NBI2, DT2, UPCAST2, IEEE2, ASM2,
             FAST2, WORDS2, True)
-    if FILL:
-        # entries past the row's runs (holes and padding: their permuted positions), shared
-        # by the splits: (-inf, 0), so that no fill of the outputs is launched first
-        per3 = tl.cdiv(NB - past, tl.num_programs(2))
-        p0 = past + sp * per3
-        p1 = tl.minimum(p0 + per3, NB)
-        for c0 in range(p0, p1, 16):
-            pos = c0 + tl.arange(0, 16)
-            ok = pos < p1
-            cols = tl.load(perm_ptr + b * NB + pos, mask=ok, other=0).to(tl.int32)
-            _store_holes(bmax_ptr, bsum_ptr, b, head, hmask, cols, ok, HQ, NB)
+    if ROWLEN:  # (FILL is only ever set with ROWLEN: past is the runs' end)
+        if FILL != 0:
+            # entries past the row's runs (holes and padding: their permuted positions), shared
+            # by the splits: (-inf, 0), so that no fill of the outputs is launched first
+            per3 = tl.cdiv(NB - past, tl.num_programs(2))
+            p0 = past + sp * per3
+            p1 = tl.minimum(p0 + per3, NB)
+            for c0 in range(p0, p1, 16):
+                pos = c0 + tl.arange(0, 16)
+                ok = pos < p1
+                cols = tl.load(perm_ptr + b * NB + pos, mask=ok, other=0).to(tl.int32)
+                _store_holes(bmax_ptr, bsum_ptr, b, head, hmask, cols, ok, HQ, NB)
     part = (b * HQ + head) * STOT + S0 + sp
     d = tl.arange(0, D)
     tl.store(pm_ptr + part, m_i, mask=hmask)
@@ -757,7 +759,7 @@ class _Launch:
             rlen = row_len
         consts = dict(HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)),
                       T=T, D=D, G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
-                      ROWLEN=run is not None, DYN=dyn, FILL=fill and run is not None,
+                      ROWLEN=run is not None, DYN=dyn, FILL=int(fill and run is not None),
                       **self.path.consts(geom, q.is_cuda))
         if self.path2 is not None and run2 is not None:
             consts.update(TWO=True, **self.path2.consts(geom, q.is_cuda, "2"))

@@ -3,8 +3,8 @@ long-context inference"): the second stage of engine/kernels/paged_decode_triton
 
 Each split of a (sequence, query head) left a running max ``m`` (log2 units), sum of
 ``exp2(logit - m)`` and an unnormalized output; one program per (sequence, query head)
-merges its splits, which fit in registers. Splits that saw no token (``l == 0``) weigh
-nothing; a row with none at all gets a zero output.
+merges its splits (in tiles of ``SP_TILE``: one compiled kernel for any count). Splits
+that saw no token (``l == 0``) weigh nothing; a row with none at all gets a zero output.
 """
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ import triton.language as tl
 from engine.kernels import decode_launch
 
 
-# S (splits) changes from step to step: not specialized on (paged_decode_triton.py)
+# S (splits) changes from step to step: not specialized on, and read in tiles of SP, so
+# that no count of splits compiles a kernel of its own (paged_decode_triton.py)
+SP_TILE = 32
+
+
 @triton.jit(do_not_specialize=["S"])
 def _reduce_splits_kernel(
     pm_ptr,        # [B * Hq, S] fp32 split max (log2 units)
@@ -25,17 +29,26 @@ def _reduce_splits_kernel(
     S, SP: tl.constexpr, D: tl.constexpr,
 ):
     r = tl.program_id(0)
-    s = tl.arange(0, SP)
     d = tl.arange(0, D)
-    smask = s < S
-    m = tl.load(pm_ptr + r * S + s, mask=smask, other=float("-inf"))
-    l = tl.load(pl_ptr + r * S + s, mask=smask, other=0.0)
-    acc = tl.load(pacc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-    gm = tl.max(m, axis=0)
-    gm = tl.where(gm == float("-inf"), 0.0, gm)
-    w = tl.where(l > 0, tl.exp2(m - gm), 0.0)
-    den = tl.maximum(tl.sum(w * l, axis=0), 1e-30)
-    out = tl.sum(acc * w[:, None], axis=0) / den
+    gm = tl.full([SP], float("-inf"), tl.float32)
+    for s0 in range(0, S, SP):
+        s = s0 + tl.arange(0, SP)
+        gm = tl.maximum(gm, tl.load(pm_ptr + r * S + s, mask=s < S, other=float("-inf")))
+    g = tl.max(gm, axis=0)
+    g = tl.where(g == float("-inf"), 0.0, g)
+    den = tl.zeros([SP], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, S, SP):
+        s = s0 + tl.arange(0, SP)
+        smask = s < S
+        m = tl.load(pm_ptr + r * S + s, mask=smask, other=float("-inf"))
+        l = tl.load(pl_ptr + r * S + s, mask=smask, other=0.0)
+        a = tl.load(pacc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=smask[:, None],
+                    other=0.0)
+        w = tl.where(l > 0, tl.exp2(m - g), 0.0)
+        den += w * l
+        acc += tl.sum(a * w[:, None], axis=0)
+    out = acc / tl.maximum(tl.sum(den, axis=0), 1e-30)
     tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -46,5 +59,5 @@ def reduce_splits(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, out: t
     D = out.shape[-1]
     # one program per (sequence, query head); the split axis fits in registers
     decode_launch.launch(_reduce_splits_kernel, (B * Hq,), (pm, pl, pacc, out, S),
-                         dict(SP=triton.next_power_of_2(S), D=D), dict(num_warps=4),
+                         dict(SP=SP_TILE, D=D), dict(num_warps=4),
                          launch_cache)
