@@ -57,7 +57,7 @@ def reduce_splits(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, out: t
     """pm, pl [B, Hq, S] fp32, pacc [B, Hq, S, D] fp32 -> out [B, Hq, D] (its dtype)."""
     B, Hq, S = pm.shape
     D = out.shape[-1]
-    # one program per (sequence, query head); the split axis fits in registers
+    # one program per (sequence, query head), its splits read SP_TILE at a time
     decode_launch.launch(_reduce_splits_kernel, (B * Hq,), (pm, pl, pacc, out, S),
                          dict(SP=SP_TILE, D=D), dict(num_warps=4),
                          launch_cache)
