@@ -7,7 +7,6 @@ sizes: where a multi-turn floor's cost moves with chunk boundaries.
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def main() -> None:
@@ -20,6 +19,7 @@ def main() -> None:
                     help="history:new pairs, comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
+    from benchmarks.multiturn import floor_seconds
     from engine.engine import Engine, EngineConfig
     e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
                             max_batch_tokens=a.max_batch_tokens))
@@ -28,20 +28,9 @@ def main() -> None:
         pairs = [tuple(int(x) for x in p.split(":")) for p in a.sizes.split(",")]
         ids = [(7 * j) % 3000 + 5 for j in range(max(h + n for h, n in pairs))]
         for hist, new in pairs:
-            best = float("inf")
-            for r in range(a.reps):
-                sid = f"x{hist}-{new}-{r}"
-                e.prefill(sid, ids[:hist], observe=False)
-                if e.device.type == "cuda":
-                    import torch
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                e.extend(sid, ids[hist:hist + new], logits="last", observe=True)
-                if e.device.type == "cuda":
-                    import torch
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-                e.release(sid)
+            # the multi-turn floor: a held history (whole blocks; its partial last block
+            # is written again with the new tokens), then the new tokens appended
+            best = floor_seconds(e, ids[:hist], ids[hist:hist + new], a.reps)
             print(f"history {hist}, new {new}: {best:.3f} s (best of {a.reps})", flush=True)
     finally:
         e.stop()

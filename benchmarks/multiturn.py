@@ -87,7 +87,7 @@ def _turn(e, prompts: list[list[int]], sessions: list[str | None], max_tokens: i
     return [tuple(out[i]) for i in range(len(prompts))]
 
 
-def _floor(e, history: list[int], new: list[int], reps: int) -> float:
+def floor_seconds(e, history: list[int], new: list[int], reps: int) -> float:
     """Seconds to prefill ``new`` over a stored ``history`` (what reuse cannot avoid):
     the history's partial last block is recomputed too, as the cache holds full blocks."""
     T = e.store.block_size
@@ -129,7 +129,7 @@ def _queue_floor(e, hists: list[list[int]], news: list[list[int]]) -> list[float
     compared with."""
     done, t = [], 0.0
     for h, n in zip(hists, news):
-        t += _floor(e, h, n, 1)
+        t += floor_seconds(e, h, n, 1)
         done.append(t)
     return done
 
@@ -259,7 +259,7 @@ def main() -> None:
             for g in ("num_graphs", "capture_seconds", "kernel_compiles", "compile_steps_s"):
                 if g in after.graphs:
                     spent[g] = round(after.graphs[g] - before.graphs.get(g, 0), 3)
-            floor = _floor(e, hists[0], news[0], args.floor_reps) if mode == "reuse" else 0.0
+            floor = floor_seconds(e, hists[0], news[0], args.floor_reps) if mode == "reuse" else 0.0
             queue = _queue_floor(e, hists, news) if mode == "reuse" and args.chats > 1 \
                 else None
             ttfts = [r[0] for r in res]

@@ -213,7 +213,7 @@ class PolicyLoop:
         if fill:
             priced[fill[0].candidate.seq_id] = fill
         chosen = _pick(priced, need)
-        short = need - sum(m.candidate.freed_bytes for m in chosen.values() if m)
+        short = need - _freed(chosen)
         can = [s for s in seqs if any(m.candidate.freed_bytes >= targets[s.seq_id]
                                       for m in priced[s.seq_id])]
         if short > 0 and can and len(can) < len(seqs):
@@ -224,9 +224,9 @@ class PolicyLoop:
             chosen = _pick(priced, need)
         if floor is not None and 0 <= floor < need:
             chosen = _stream_for_floor_only(priced, chosen, need, floor)
-        if floor is not None and 0 < floor < need:
-            self._defer_evictions(snapshot, chosen, _shares(seqs, floor), profile, pins,
-                                  bus)
+            if floor > 0:
+                self._defer_evictions(snapshot, chosen, _shares(seqs, floor), profile,
+                                      pins, bus)
         out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
         for m in out:
             self._last_move[m.candidate.seq_id] = now
@@ -410,9 +410,6 @@ def _pick(priced: dict[str, list[Move]], need: int) -> dict[str, Move | None]:
             out[sid] = m if v is not None and (v < 0 or large and v == 0) else None
         return out
 
-    def freed(chosen) -> int:
-        return sum(m.candidate.freed_bytes for m in chosen.values() if m)
-
     # the prices where a choice changes: a move's cost per byte, and the step from one
     # move of a sequence to a larger one
     prices = {m.total / m.candidate.freed_bytes for ms in priced.values() for m in ms}
@@ -426,7 +423,7 @@ def _pick(priced: dict[str, list[Move]], need: int) -> dict[str, Move | None]:
     lo, hi = 0, len(ladder)           # the least rung that frees need: binary search
     while lo < hi:                    # (what a price frees never falls as it rises)
         mid = (lo + hi) // 2
-        if freed(at(ladder[mid])) >= need:
+        if _freed(at(ladder[mid])) >= need:
             hi = mid
         else:
             lo = mid + 1
@@ -437,7 +434,7 @@ def _pick(priced: dict[str, list[Move]], need: int) -> dict[str, Move | None]:
         chosen, up = at(ladder[lo], large=False), at(ladder[lo])
         gain = lambda sid: (up[sid].candidate.freed_bytes if up[sid] else 0) - (  # noqa: E731
             chosen[sid].candidate.freed_bytes if chosen[sid] else 0)
-        total = freed(chosen)
+        total = _freed(chosen)
         for sid in sorted(priced, key=gain, reverse=True):
             if total >= need:
                 break
@@ -448,28 +445,30 @@ def _pick(priced: dict[str, list[Move]], need: int) -> dict[str, Move | None]:
             for sid, ms in priced.items()}
 
 
+def _freed(chosen: dict[str, Move | None]) -> int:
+    """Bytes a choice of one move (or none) per sequence frees."""
+    return sum(m.candidate.freed_bytes for m in chosen.values() if m)
+
+
 def _stream_for_floor_only(priced: dict[str, list[Move]], chosen: dict[str, Move | None],
                            need: int, floor: int) -> dict[str, Move | None]:
-    """``chosen`` (for ``need``) without the moves that add step time (blocks streamed or
-    top-k pages read at every step from now on), where the bytes that must go now
-    (``floor``) come without them: headroom down to the low watermark is not bought with
-    every later step's time: then the least-cost moves without them for ``need`` where
-    they free it, else for ``floor`` (the rest of the headroom waits); where those cannot
-    free ``floor`` either, the least-cost moves of all for ``floor`` alone.
-    For the headroom, the engine's steps ran at 100 ms instead of 15 on an H100: 30 of 49
-    sequences went to top-k pages in one relief, most for 2 blocks (3-5 MB each), where
-    the sequences stalled for a block needed a few MB (docs/BENCHMARKS.md, twelfth
-    session)."""
+    """``chosen`` (for ``need``) again without the moves that add step time (blocks
+    streamed, or top-k pages read, at every step from now on) where it holds any: the
+    headroom down to the low watermark is not bought with every later step's time. The
+    least-cost moves without them for ``need`` where they free it; else for ``floor``
+    (the bytes that must go now; the rest of the headroom waits for the next ticks);
+    where those cannot free ``floor`` either, the least-cost moves of all for ``floor``.
+    For headroom, an H100 run's relief put 30 of 49 sequences on top-k pages, most for
+    2 blocks (3-5 MB each), where the sequences stalled for a block needed a few MB: its
+    steps then ran at ~100 ms instead of ~15 (docs/BENCHMARKS.md, twelfth session)."""
     if not any(m and m.latency_s > 0 for m in chosen.values()):
         return chosen
-    def freed(c) -> int:
-        return sum(m.candidate.freed_bytes for m in c.values() if m)
     still = {sid: [m for m in ms if m.latency_s <= 0] for sid, ms in priced.items()}
     alt = _pick(still, need)
-    if freed(alt) >= need:
+    if _freed(alt) >= need:
         return alt
-    alt = _pick(still, floor)           # the headroom waits: the next ticks try again
-    if freed(alt) >= floor:
+    alt = _pick(still, floor)
+    if _freed(alt) >= floor:
         return alt
     return _pick(priced, floor)
 

@@ -95,7 +95,6 @@ def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
         else:
             kk, vv, kpos = plan.gather_prefix(layer, seg)      # [H, M, D] x2, [M]
         qq = q[rows].transpose(0, 1)                             # [Hq, n, D]
-        qpos = seg.positions                                     # [n]
         if seg.plain_causal or seg.tail_causal:
             # grouped-query attention on the kv heads as they are (the flash kernel reads
             # each kv head for its query heads); no [Hq, M, D] copies of K and V per layer
@@ -111,7 +110,7 @@ def _attend(plan, layer: int, query, key, value, scale: float) -> torch.Tensor:
             # an explicit mask (host blocks in the prefix): the kernels that take a mask
             # do not take grouped heads, so K and V are repeated per query head
             g = qq.shape[0] // kk.shape[0]
-            mask = kpos.view(1, -1) <= qpos.view(-1, 1)             # [n, M]
+            mask = kpos.view(1, -1) <= seg.positions.view(-1, 1)    # [n, M]
             o = F.scaled_dot_product_attention(
                 qq.unsqueeze(0), kk.repeat_interleave(g, 0).unsqueeze(0),
                 vv.repeat_interleave(g, 0).unsqueeze(0), attn_mask=mask, scale=scale)

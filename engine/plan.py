@@ -132,8 +132,10 @@ class StepPlan:
         for row, offs, formats in groups:
             k, v = _read_formats(row, offs, formats, self.geom)
             parts.append((k.to(self.store.device), v.to(self.store.device)))
-        k = torch.cat([p[0] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
-        v = torch.cat([p[1] for p in parts]).permute(1, 0, 2, 3).reshape(H, -1, D)
+        k, v = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]),
+                                                  torch.cat([p[1] for p in parts]))
+        k = k.permute(1, 0, 2, 3).reshape(H, -1, D)
+        v = v.permute(1, 0, 2, 3).reshape(H, -1, D)
         return k.index_select(1, seg.token_idx), v.index_select(1, seg.token_idx), seg.kpos
 
     def reset_forward(self) -> None:
