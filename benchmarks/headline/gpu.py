@@ -117,6 +117,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     from controller.telemetry import Telemetry
     from engine.api import FinishEvent, OutOfBlocks, Overloaded, Request, SamplingParams
     from engine.engine import Engine, EngineConfig
+    from engine.kernels.jit_count import compiled_keys
 
     e = Engine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
                             kv_budget_bytes=budget, host_budget_bytes=a.host_bytes,
@@ -193,6 +194,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     warmup_s = time.perf_counter() - t_start0
     warmup_compiles = e.handle.snapshot().graphs.get("kernel_compiles", 0)
     pre0, oom0, fail0 = e.num_preemptions, e.num_oom_retries, e.num_step_failures
+    keys0 = compiled_keys()
     snap0 = e.handle.snapshot()
     step0, laps0, graphs0 = snap0.step, snap0.step_times, snap0.graphs
     want = [len(reqs)]
@@ -253,8 +255,11 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     # many decode rows and prompt chunks (tokens, longest sequence), kernels compiled
     ran = min(last.step - step0, len(e.laps.recent))
     slowest = sorted(list(e.laps.recent)[-ran:] if ran > 0 else [], key=lambda r: -r[1])[:12]
+    # which specializations the run compiled that the warm-up (or an earlier config in
+    # this process) had not: kernel name and Triton's key (constexprs, integer alignment)
+    new_keys = sorted(compiled_keys() - keys0)
     e.stop()
-    out = dict(config=cfg, graphs=graphs, warmup_s=round(warmup_s, 2),
+    out = dict(config=cfg, graphs=graphs, run_compiled=[list(k) for k in new_keys], warmup_s=round(warmup_s, 2),
                warmup_compiles=warmup_compiles, budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
                errors=len(errors), wall_s=wall, steps=last.step - step0,
@@ -411,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
                   f"OOMs {r['ooms']}, lost {r['lost']}, warm-up {r['warmup_s']} s "
                   f"({r['warmup_compiles']} kernels), graphs {r['graphs']}, step times "
-                  f"{r['step_times']}", file=sys.stderr, flush=True)
+                  f"{r['step_times']}, compiled in the run (by kernel) "
+                  f"{dict(collections.Counter(k for k, _ in r['run_compiled']))}",
+                  file=sys.stderr, flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(
         argv if argv is not None else sys.argv[1:]), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores"

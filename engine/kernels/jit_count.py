@@ -22,10 +22,9 @@ MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.split_reduce_tr
 _FOUND: dict[str, list] = {}     # module -> its Triton functions, once it is imported
 
 
-def compiled_kernels() -> int:
-    """Compiled kernels held by the engine's Triton functions, over every device (a few
-    dict lengths: the engine asks after every step)."""
-    n = 0
+def _caches():
+    """(function name, its kernel cache) for each device of each engine Triton function
+    whose module is imported."""
     for name in MODULES:
         fns = _FOUND.get(name)
         if fns is None:
@@ -38,5 +37,18 @@ def compiled_kernels() -> int:
             for entry in list(fn.device_caches.values()):
                 cache = entry[0] if isinstance(entry, tuple) else entry
                 if isinstance(cache, dict):
-                    n += len(cache)
-    return n
+                    yield getattr(fn, "__name__", "?"), cache
+
+
+def compiled_kernels() -> int:
+    """Compiled kernels held by the engine's Triton functions, over every device (a few
+    dict lengths: the engine asks after every step)."""
+    return sum(len(cache) for _, cache in _caches())
+
+
+def compiled_keys() -> set[tuple[str, str]]:
+    """(function name, specialization key) of every compiled kernel: the key names the
+    constexpr values and which integer arguments were specialized (equal to 1, or
+    divisible by 16), so the difference of two calls says which variants a run met that
+    the warm-up did not. For benchmarks and debugging, not per step."""
+    return {(fn, str(key)) for fn, cache in _caches() for key in list(cache)}

@@ -231,8 +231,10 @@ def test_steps_that_compile_triton_kernels_are_counted(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, jit_count.MODULES[0], fake)
     monkeypatch.setattr(jit_count, "_FOUND", {})
     assert jit_count.compiled_kernels() == 2
+    keys = jit_count.compiled_keys()
     fn.device_caches[0][0]["c"] = 3          # one more compiled
     assert jit_count.compiled_kernels() == 3
+    assert {k for _, k in jit_count.compiled_keys() - keys} == {"c"}
 
     before = dict(tiny.handle.snapshot().graphs)
     n = {"now": tiny.laps._compiled}
