@@ -287,8 +287,12 @@ def _share(rs, n, sp, NBI: tl.constexpr):
 # runtime integers are not specialized on (Triton compiles a variant per argument that is
 # 1 or a multiple of 16): table widths, split counts and partial offsets change from step
 # to step, and each new combination stopped a step for a compile (H100, the headline's
-# adaptive run: 32 compiles, 38.5 s of steps; docs/BENCHMARKS.md, twelfth session)
-@triton.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT", "FILL"])
+# adaptive run: 32 compiles, 38.5 s of steps; docs/BENCHMARKS.md, twelfth session). Nor
+# is the 16-byte alignment of the per-row run pointers (one scalar load a program): a
+# format's run is row f of FormatGroups' [F, B] tables, at f * B * 4 bytes, so whether it
+# is aligned changed with the batch size
+@triton.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT", "FILL", "perm_ptr",
+                               "rstart_ptr", "rlen_ptr", "rstart2_ptr", "rlen2_ptr"])
 def _paged_decode_kernel(
     q_ptr,         # [B, Hq, D] query (any float dtype)
     arena_u8,      # [bytes] uint8: one layer's arena row

@@ -521,3 +521,31 @@ def test_bf16_store_quantized_blocks_take_the_fp16_path(request, monkeypatch, de
         quantized = (kcode, vcode) != (FULL.k_code, FULL.v_code)
         assert dt == (tl.float16 if quantized else tl.bfloat16)
         assert fast == quantized
+
+
+@pytest.mark.cuda
+def test_batch_size_and_width_compile_no_new_kernels(request):
+    """A step's batch size and table width change every step; the kernels compiled for
+    a pair of formats must not (a compile stopped a decode step for seconds: 32 of them in
+    the headline's adaptive run on an H100, twelfth session). Rows of FormatGroups' [F, B]
+    run tables start at f * B * 4 bytes: aligned to 16 bytes or not with B."""
+    from engine.kernels.jit_count import compiled_keys
+    pdt = kernel_module("cuda")
+    seed = seed_of(request)
+    counts = []
+    for i, B in enumerate((1, 2, 3, 4, 5, 7, 8, 11)):
+        ctx = [37 + 61 * ((b + i) % 5) for b in range(B)]
+        case = (B, 8, 2, 128, 16, 32, ctx, [INT4, FULL], 0.1)
+        geom, q, (arena, offs, kb, vb, ntok) = _inputs(case, torch.float16, "cuda", seed + i)
+        rows = [[(j, KVFormat.from_codes(int(kb[b, j]), int(vb[b, j])))
+                 for j in range(kb.shape[1]) if int(ntok[b, j]) > 0] for b in range(B)]
+        groups = pdt.FormatGroups.from_rows(rows, kb.shape[1], q.device)
+        sm_scale = 1.0 / math.sqrt(geom.head_dim)
+        got = pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, sm_scale,
+                                      groups=groups)
+        want = paged_decode_ref(q.cpu(), arena.cpu(), offs.cpu(), kb.cpu(), vb.cpu(),
+                                ntok.cpu(), geom, sm_scale)
+        _compare(tuple(t.cpu() for t in got), want, torch.float16)
+        counts.append(len({k for k in compiled_keys() if k[0] == "_paged_decode_kernel"}))
+    # the first batches meet the variants (which format leads a launch); none after
+    assert counts[-1] == counts[3], counts
