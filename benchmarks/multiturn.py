@@ -248,10 +248,10 @@ def main() -> None:
             # chunk (tokens written, the sequence's tokens after it); the engine thread
             # ran only this turn's steps meanwhile
             ran = _steps_run(e) - n0
-            prefill_steps = [[round(sec, 4), rows, [list(c) for c in chunks], compiled]
-                             for kind, sec, rows, chunks, compiled in
-                             (list(e.laps.recent)[-ran:] if ran else [])
-                             if kind == "prefill"]
+            prefill_steps = [[round(r.seconds, 4), r.rows, [list(c) for c in r.chunks],
+                              r.compiled]
+                             for r in (list(e.laps.recent)[-ran:] if ran else [])
+                             if r.kind == "prefill"]
             # where the turn's time went: the engine's step parts, steps by kind, graphs
             # captured meanwhile (a capture holds every chat's step)
             spent = {k: round(v - before.step_times.get(k, 0), 3)

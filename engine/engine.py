@@ -31,7 +31,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -96,6 +96,19 @@ STRUCTURAL_GAP_S = 0.005   # snapshots after structural changes: at most this of
 PUBLISH_SHARE = 0.1
 
 
+class StepRecord(NamedTuple):
+    """One engine step, as ``Laps.recent`` keeps it."""
+    kind: str                   # 'prefill' (it wrote prompt chunks), 'decode' or 'idle'
+    seconds: float
+    rows: int                   # decode rows
+    chunks: tuple               # per prompt chunk: (tokens written, the sequence's after)
+    compiled: int               # Triton kernels compiled meanwhile
+    start: float                # time.perf_counter() when it began
+    parts: dict                 # seconds by part (Laps.lap names)
+    replayed: bool              # its decode ran as a CUDA graph replay
+    topk_rows: int              # decode rows over top-k pages
+
+
 class Laps:
     """Seconds spent in each part of the engine's steps, and in steps with and without a
     prompt chunk (and how many), summed since start. A few clock reads a step; the
@@ -108,21 +121,24 @@ class Laps:
         self._t = 0.0
         self.compiles = {"kernel_compiles": 0, "compile_steps": 0, "compile_steps_s": 0.0}
         self._compiled = compiled_kernels()
-        # the last steps one by one, for whoever profiles a run in this process (not in
-        # the snapshot): (kind, seconds, decode rows, ((prompt tokens written, the
-        # sequence's tokens written after it), ...) per chunk, kernels compiled)
+        # the last steps one by one (StepRecord), for whoever profiles a run in this
+        # process (not in the snapshot)
         self.recent: deque = deque(maxlen=1024)
+        self._parts: dict[str, float] = {}
 
     def start(self) -> float:
         self._t = time.perf_counter()
+        self._parts = {}
         return self._t
 
     def lap(self, name: str) -> None:
         t = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + t - self._t
+        self._parts[name] = self._parts.get(name, 0.0) + t - self._t
         self._t = t
 
-    def step(self, kind: str, t0: float, rows: int = 0, chunks: tuple = ()) -> None:
+    def step(self, kind: str, t0: float, rows: int = 0, chunks: tuple = (),
+             replayed: bool = False, topk_rows: int = 0) -> None:
         """A step of this kind ('prefill': it wrote prompt chunks; 'decode'; 'idle':
         nothing could run) that began at ``t0`` ended at the last lap."""
         self.seconds[f"{kind}_steps"] = self.seconds.get(f"{kind}_steps", 0) + 1
@@ -133,7 +149,8 @@ class Laps:
             c["kernel_compiles"] += n - self._compiled
             c["compile_steps"] += 1
             c["compile_steps_s"] += self._t - t0
-        self.recent.append((kind, self._t - t0, rows, chunks, n - self._compiled))
+        self.recent.append(StepRecord(kind, self._t - t0, rows, chunks, n - self._compiled,
+                                      t0, self._parts, replayed, topk_rows))
         self._compiled = n
 
 
@@ -615,7 +632,8 @@ class Engine(OfflineMixin, SessionsMixin):
             laps.lap("publish")
             laps.step("prefill" if chunks else "decode", t0, len(dec_seqs),
                       tuple((len(c.token_ids), s.num_prefilled)
-                            for c, s in zip(chunks, pre_seqs)))
+                            for c, s in zip(chunks, pre_seqs)), replayed,
+                      self._topk_rows if ahead is None else 0)
             return True
 
     def _after_step(self) -> None:

@@ -254,7 +254,8 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     # the run's slowest steps one by one (the engine keeps its last 1,024): what kind, how
     # many decode rows and prompt chunks (tokens, longest sequence), kernels compiled
     ran = min(last.step - step0, len(e.laps.recent))
-    slowest = sorted(list(e.laps.recent)[-ran:] if ran > 0 else [], key=lambda r: -r[1])[:12]
+    steps = list(e.laps.recent)[-ran:] if ran > 0 else []
+    slowest = sorted(steps, key=lambda r: -r.seconds)[:12]
     # which specializations the run compiled that the warm-up (or an earlier config in
     # this process) had not: kernel name and Triton's key (constexprs, integer alignment)
     new_keys = sorted(compiled_keys() - keys0)
@@ -283,11 +284,19 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                           max_ms=round(max(seen["ticks"], default=0.0), 1)),
                worst_gaps=[dict(seq=s, at_s=round(at, 3), ms=round(g * 1e3, 1))
                            for g, s, at in worst],
-               slowest_steps=[dict(kind=k, ms=round(sec * 1e3, 1), decode_rows=rows,
-                                   chunks=len(ch), chunk_tokens=sum(c[0] for c in ch),
-                                   longest=max((c[1] for c in ch), default=0),
-                                   compiled=comp)
-                              for k, sec, rows, ch, comp in slowest])
+               slowest_steps=[dict(kind=r.kind, ms=round(r.seconds * 1e3, 1),
+                                   decode_rows=r.rows, chunks=len(r.chunks),
+                                   chunk_tokens=sum(c[0] for c in r.chunks),
+                                   longest=max((c[1] for c in r.chunks), default=0),
+                                   compiled=r.compiled)
+                              for r in slowest],
+               # every step of the run (the engine keeps its last 1,024): when it began (s
+               # after the burst), kind, ms, decode rows, prompt tokens written, replayed,
+               # top-k rows, kernels compiled, and ms by part (launch, sample, post, ...)
+               step_log=[[round(r.start - t0, 3), r.kind, round(r.seconds * 1e3, 2), r.rows,
+                       sum(c[0] for c in r.chunks), int(r.replayed), r.topk_rows, r.compiled,
+                       {k: round(v * 1e3, 2) for k, v in r.parts.items()}]
+                      for r in steps])
     if seen["bus"]:
         out["bus_gb_s"] = sum(seen["bus"]) / len(seen["bus"]) / 1e9
         out["bus_source"] = "NVML PCIe RX+TX, mean over samples"
