@@ -769,12 +769,10 @@ class Engine(OfflineMixin, SessionsMixin):
                 continue
             toks = s.context_ids[s.num_prefilled:s.num_prefilled + budget]
             if s.fill_format != FULL:   # its prompt's room is taken a chunk at a time
-                try:
-                    self.store.reserve(s.seq_id, len(toks))
-                except OutOfBlocks:
-                    self._set_stalled(s, True, now)
+                toks = self._fit_chunk(s, toks)
+                self._set_stalled(s, not toks, now)
+                if not toks:
                     continue
-                self._set_stalled(s, False, now)
             last = s.num_prefilled + len(toks) == len(s.context_ids)
             chunks.append(Chunk(s.seq_id, toks, self.config.observe_window if last else 0,
                                 "last" if last else "none"))
@@ -996,8 +994,27 @@ class Engine(OfflineMixin, SessionsMixin):
                 s.stalled_since = now
 
     def _next_chunk(self, s: Sequence) -> int:
-        """Tokens of a prompt's next prefill chunk at most (one step's budget)."""
-        return min(len(s.context_ids) - s.num_prefilled, self.config.max_batch_tokens)
+        """Tokens of the least prefill chunk a prompt written a chunk at a time (a lossy
+        fill format) takes before it stalls: an eighth of a step's budget (a block at
+        least), or what is left of the prompt."""
+        least = max(self.store.block_size, self.config.max_batch_tokens // 8)
+        return min(len(s.context_ids) - s.num_prefilled, least)
+
+    def _fit_chunk(self, s: Sequence, toks: list[int]) -> list[int]:
+        """The longest head of ``toks`` (halving, whole blocks) whose room is reserved
+        now, down to ``_next_chunk``; [] when even that has none (the prompt stalls).
+        Stalled for a whole step's chunk instead, an H100 headline run put 28 decoding
+        sequences on top-k pages to free the 1 GiB of one 8,192-token chunk, and every
+        later step ran eager at ~140 ms (docs/BENCHMARKS.md, thirteenth session)."""
+        least, T, n = self._next_chunk(s), self.store.block_size, len(toks)
+        while True:
+            try:
+                self.store.reserve(s.seq_id, n)
+                return toks[:n]
+            except OutOfBlocks:
+                if n <= least:
+                    return []
+                n = max(least, n // 2 // T * T)
 
     def _has_room_alone(self, s: Sequence) -> bool:
         """Whether a decoding sequence's next token fits now with no other sequence in

@@ -170,9 +170,10 @@ def test_a_prompt_stalled_mid_write_by_growing_sequences_ends_well():
     e.config.preempt_after_s = 60.0
     e.step()
     assert e.seqs[late].stalled and e.seqs[late].state == "prefill"
-    # the pressure the controller sees is the prompt's next chunk, not one block
-    full = e.store.block_bytes(FULL)
-    assert e.handle.snapshot().pressure_bytes >= e.store.blocks_for(CHUNK) * full
+    # the pressure the controller sees is the least chunk the prompt goes on with (an
+    # eighth of a step's tokens, a block at least), not one block nor a whole chunk
+    full, least = e.store.block_bytes(FULL), max(e.store.block_size, CHUNK // 8)
+    assert e.handle.snapshot().pressure_bytes >= e.store.blocks_for(least) * full
     e.config.preempt_after_s = 0.0
     moves = e.seqs[late].moves
     for _ in range(5000):
@@ -182,6 +183,33 @@ def test_a_prompt_stalled_mid_write_by_growing_sequences_ends_well():
     assert e.num_preemptions >= 1 and any(m.startswith("preempted") for m in moves), moves
     assert sink.finished == {s: "length" for s in growers + [late]}
     assert sink.tokens[late] == 6 and all(sink.tokens[s] == 300 for s in growers)
+
+
+def test_a_prompt_short_of_room_for_a_chunk_writes_a_smaller_one():
+    """Room for less than a step's chunk of an int4 prompt, but for some blocks: the
+    prompt goes on with fewer tokens (whole blocks) instead of stalling, so no pressure
+    asks the controller to free a whole chunk's bytes, and it ends well."""
+    e = make(1 << 20)
+    sink = Sink()
+    grower = submit(e, 200, None, new=40, seed=10, sink=sink)
+    e.step()
+    late = submit(e, 1500, "int4", new=6, seed=1, sink=sink)
+    while e.seqs[late].state != "prefill":
+        e.step()
+    e.step()
+    T, grown = e.store.block_size, 0
+    while e.store.can_reserve(late, CHUNK):      # leave room for less than a chunk
+        grown += T
+        e.store.reserve(grower, grown)
+    assert e.store.can_reserve(late, 2 * T)
+    before = e.seqs[late].num_prefilled
+    e.step()
+    wrote = e.seqs[late].num_prefilled - before
+    assert not e.seqs[late].stalled and 0 < wrote < CHUNK and wrote % T == 0, wrote
+    assert e.handle.snapshot().pressure_bytes == 0
+    run_to_end(e)
+    assert sink.finished == {grower: "length", late: "length"}
+    assert sink.tokens[late] == 6
 
 
 def waiting_behind(first_tokens: int):
