@@ -502,6 +502,10 @@ class Engine(OfflineMixin, SessionsMixin):
                     from None
             if failed:
                 raise RuntimeError(f"warm-up requests failed: {failed}")
+        if self.device.type == "cuda":
+            # every tile of the split reduction (its split count changes every step)
+            from engine.kernels import split_reduce_triton
+            split_reduce_triton.warm_up(self.device, self.store.geom.head_dim, self.dtype)
         formats = tuple(formats)
         run(formats, "all", 0)
         for i, f in enumerate(formats):

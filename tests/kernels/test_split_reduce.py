@@ -1,5 +1,6 @@
 """The split reduction against its torch reference, over split counts below, at and past
-its tile (one compiled kernel for every count)."""
+a tile, past the largest tile (a loop of tiles merged online); and on a GPU, no split
+count compiles a kernel after ``warm_up``."""
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ def _ref(pm, pl, pacc):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("S", [1, 5, 32, 33, 97])
+@pytest.mark.parametrize("S", [1, 5, 32, 33, 97, 256, 300, 600])
 def test_split_reduce_matches_reference_at_any_split_count(request, device, S):
     kernel_module(device)
     from engine.kernels.split_reduce_triton import reduce_splits
@@ -32,3 +33,20 @@ def test_split_reduce_matches_reference_at_any_split_count(request, device, S):
     want = _ref(pm, pl, pacc)
     assert torch.allclose(out.cpu(), want, atol=1e-5, rtol=1e-5)
     assert float(out[1, 2].abs().max()) == 0.0
+
+
+@pytest.mark.cuda
+def test_no_split_count_compiles_after_the_warm_up():
+    """Split counts change every step (batch, table width, formats held): after
+    ``warm_up`` none of them compiles a reduction kernel in the middle of a step."""
+    kernel_module("cuda")
+    from engine.kernels.jit_count import compiled_keys
+    from engine.kernels.split_reduce_triton import reduce_splits, warm_up
+    dev, D = torch.device("cuda"), 128
+    warm_up(dev, D, torch.bfloat16)
+    keys = compiled_keys()
+    for S in (1, 3, 17, 64, 100, 131, 257, 530):
+        pm = torch.randn(2, 4, S, device=dev)
+        reduce_splits(pm, torch.rand_like(pm), torch.randn(2, 4, S, D, device=dev),
+                      torch.empty(2, 4, D, device=dev, dtype=torch.bfloat16))
+    assert not {k for k in compiled_keys() - keys if k[0] == "_reduce_splits_kernel"}
