@@ -16,7 +16,8 @@ from __future__ import annotations
 import sys
 
 MODULES = ("engine.kernels.paged_decode_triton", "engine.kernels.split_reduce_triton",
-           "engine.kernels.write_kv_triton", "engine.kernels.gather_triton")
+           "engine.kernels.write_kv_triton", "engine.kernels.gather_triton",
+           "engine.kernels.fit_triton")
 
 
 _FOUND: dict[str, list] = {}     # module -> its Triton functions, once it is imported

@@ -105,7 +105,15 @@ def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype,
     along the last dim: min/max, optionally the clip grid, then least-squares steps, each
     kept where it lowers the (``w``-weighted) squared error. ``clip``: True for the grid
     above (each end moved in by 0, CLIP_STEP, ... of the range), or the fractions to try
-    (tools/int2_study)."""
+    (tools/int2_study).
+
+    On CUDA the 2-bit fit with the default grid and steps runs as one Triton kernel
+    (engine/kernels/fit_triton.py: every candidate in registers, not ~10 passes over the
+    batch per candidate)."""
+    if g.is_cuda and clip is True and ls_iters == LS_ITERS:
+        from engine.kernels import fit_triton
+        if fit_triton.supported(g, bits, meta_dtype):
+            return fit_triton.fit2(g, meta_dtype, w)
     g = g.float()
     w = torch.ones_like(g) if w is None else w.float()
     qmax = (1 << bits) - 1
