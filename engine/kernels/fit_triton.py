@@ -22,7 +22,7 @@ import triton.language as tl
 
 from engine.kernels.quant import CLIP_STEP, CLIP_STEPS, LS_ITERS
 
-ROWS = 32         # groups a program fits
+ROWS = 32         # groups a program fits (fewer for groups over 32: ~1K elements a tile)
 _MD = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -129,8 +129,9 @@ def fit2(g: torch.Tensor, meta_dtype: torch.dtype, w: torch.Tensor | None = None
     z = torch.empty(R, dtype=torch.float32, device=g.device)
     if R:
         wt = x if w is None else w.float().reshape(-1, n).contiguous()
-        _fit2_kernel[(triton.cdiv(R, ROWS),)](
-            x, wt, c, s, z, R, N=n, BR=ROWS, WEIGHTED=w is not None, MD=_MD[meta_dtype],
+        rows = min(ROWS, 1024 // n)
+        _fit2_kernel[(triton.cdiv(R, rows),)](
+            x, wt, c, s, z, R, N=n, BR=rows, WEIGHTED=w is not None, MD=_MD[meta_dtype],
             QMAX=3, STEPS=CLIP_STEPS, STEP=CLIP_STEP, LS=LS_ITERS, num_warps=4)
     return (c.reshape(shape).float(), s.reshape(*shape[:-1], 1),
             z.reshape(*shape[:-1], 1))
