@@ -16,7 +16,8 @@ def _err(g, w, c, s, z):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,rows,weighted,md", [
-    (32, 45, False, torch.float16), (32, 70, True, torch.float16), (128, 21, False, torch.float16),
+    (32, 45, False, torch.float16), (32, 70, True, torch.float16),
+    (128, 21, False, torch.float16),
     (16, 33, False, torch.bfloat16), (64, 9, True, torch.bfloat16)])
 def test_fit2_matches_the_reference_fit(request, device, n, rows, weighted, md):
     kernel_module(device)
