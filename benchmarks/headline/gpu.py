@@ -260,8 +260,9 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     # this process) had not: kernel name and Triton's key (constexprs, integer alignment)
     new_keys = sorted(compiled_keys() - keys0)
     e.stop()
-    out = dict(config=cfg, graphs=graphs, run_compiled=[list(k) for k in new_keys], warmup_s=round(warmup_s, 2),
-               warmup_compiles=warmup_compiles, budget_bytes=budget, requests=len(reqs), refused=refused,
+    out = dict(config=cfg, graphs=graphs, run_compiled=[list(k) for k in new_keys],
+               warmup_s=round(warmup_s, 2), warmup_compiles=warmup_compiles,
+               budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
                errors=len(errors), wall_s=wall, steps=last.step - step0,
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
