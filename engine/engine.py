@@ -997,7 +997,7 @@ class Engine(OfflineMixin, SessionsMixin):
             if s.stalled:
                 s.stalled_since = now
 
-    def _next_chunk(self, s: Sequence) -> int:
+    def _least_chunk(self, s: Sequence) -> int:
         """Tokens of the least prefill chunk a prompt written a chunk at a time (a lossy
         fill format) takes before it stalls: an eighth of a step's budget (a block at
         least), or what is left of the prompt."""
@@ -1006,11 +1006,11 @@ class Engine(OfflineMixin, SessionsMixin):
 
     def _fit_chunk(self, s: Sequence, toks: list[int]) -> list[int]:
         """The longest head of ``toks`` (halving, whole blocks) whose room is reserved
-        now, down to ``_next_chunk``; [] when even that has none (the prompt stalls).
+        now, down to ``_least_chunk``; [] when even that has none (the prompt stalls).
         Stalled for a whole step's chunk instead, an H100 headline run put 28 decoding
         sequences on top-k pages to free the 1 GiB of one 8,192-token chunk, and every
         later step ran eager at ~140 ms (docs/BENCHMARKS.md, thirteenth session)."""
-        least, T, n = self._next_chunk(s), self.store.block_size, len(toks)
+        least, T, n = self._least_chunk(s), self.store.block_size, len(toks)
         while True:
             try:
                 self.store.reserve(s.seq_id, n)
@@ -1023,10 +1023,10 @@ class Engine(OfflineMixin, SessionsMixin):
     def _has_room_alone(self, s: Sequence) -> bool:
         """Whether a decoding sequence's next token fits now with no other sequence in
         the step: a block to write into and staging for its offloaded blocks (for a
-        prompt written a chunk at a time, its next chunk). Its ``stalled`` flag is from
+        prompt written a chunk at a time, its least chunk). Its ``stalled`` flag is from
         this step's schedule, before finishes freed blocks."""
         if s.state == PREFILL:
-            return self.store.can_reserve(s.seq_id, self._next_chunk(s))
+            return self.store.can_reserve(s.seq_id, self._least_chunk(s))
         return (staging_need(self.store, s.seq_id) <= self.store.staging_half
                 and self.store.can_reserve(s.seq_id, 1))
 

@@ -74,7 +74,7 @@ def build(engine, version: int) -> EngineSnapshot:
     for s in (list(engine.waiting) + engine.running + list(engine.held.values())
               + list(engine.idle.values())):
         if s.stalled:       # a block to grow into; a prompt written in chunks, the least
-            chunk = engine._next_chunk(s) if s.state == "prefill" else 0
+            chunk = engine._least_chunk(s) if s.state == "prefill" else 0
             pressure += full_block * max(1, st.blocks_for(chunk))
         state = "stalled" if s.stalled else s.state
         seqs.append(sequence_view(engine, s, state))
