@@ -502,11 +502,21 @@ class Engine(OfflineMixin, SessionsMixin):
                     from None
             if failed:
                 raise RuntimeError(f"warm-up requests failed: {failed}")
-        if self.device.type == "cuda":
-            # every tile of the split reduction (its split count changes every step)
-            from engine.kernels import split_reduce_triton
-            split_reduce_triton.warm_up(self.device, self.store.geom.head_dim, self.dtype)
         formats = tuple(formats)
+        if self.device.type == "cuda":
+            # every tile of the split reduction (its split count changes every step), and
+            # each format beside full precision in one launch, either leading
+            from engine.kernels import paged_decode_triton, split_reduce_triton
+            split_reduce_triton.warm_up(self.device, self.geom.head_dim, self.dtype)
+            paged_decode_triton.warm_up_pairs(
+                self.store.arenas[GPU].row(0), self.geom,
+                self.model.config.num_attention_heads, self.dtype,
+                [KVFormat.parse(f) for f in formats])
+            if HOST in self.store.arenas:   # top-k pages: the gather from pinned host memory
+                from engine.kernels.gather import gather_slots
+                z = torch.zeros(1, dtype=torch.int64, device=self.device)
+                gather_slots(self.store.arenas[HOST].flat, z,
+                             self.store.arenas[GPU].row(0)[:64], z, z + 64, 64)
         run(formats, "all", 0)
         for i, f in enumerate(formats):
             run((f,), f, len(formats) + i)

@@ -645,6 +645,31 @@ def _grouped_table(offs, ntok, groups: FormatGroups, cache: dict | None):
     return offs_g, ntok_g
 
 
+def warm_up_pairs(arena_row: torch.Tensor, geom: BlockGeometry, num_q_heads: int,
+                  dtype: torch.dtype, formats) -> None:
+    """Compile the one-launch kernel of each format beside full-precision blocks with
+    either leading. A step's grouped table leads with the format of the longest run
+    (``_primary``): full precision where a batch's full-precision runs are the longer
+    ones, which the engine's warm-up steps (short requests, decoded in CUDA graphs whose
+    tables lead with the quantized format) never make; on the H100 headline that variant
+    compiled mid-run, 1.4-2.8 s of a step (docs/BENCHMARKS.md, thirteenth session).
+    Reads slot 0 of ``arena_row`` whatever it holds; the outputs are dropped."""
+    dev = arena_row.device
+    T = geom.block_size
+    q = torch.zeros(2, num_q_heads, geom.head_dim, dtype=dtype, device=dev)
+    for f in dict.fromkeys(formats):
+        if f.is_full:
+            continue
+        for long, short in ((f, FULL), (FULL, f)):
+            rows = [[(0, long), (1, long)], [(0, short)]]
+            kb = torch.tensor([[long.k_code] * 2, [short.k_code, 0]], dtype=torch.int32)
+            vb = torch.tensor([[long.v_code] * 2, [short.v_code, 0]], dtype=torch.int32)
+            ntok = torch.tensor([[T, T], [T, 0]], dtype=torch.int32)
+            paged_decode_triton(q, arena_row, torch.zeros(2, 2, dtype=torch.int64, device=dev),
+                                kb.to(dev), vb.to(dev), ntok.to(dev), geom, 1.0,
+                                groups=FormatGroups.from_rows(rows, 2, dev))
+
+
 def _primary(groups: FormatGroups) -> int:
     """The format whose launch settings a one-launch grouped table takes: the longest run
     where known, else the first quantized format (old blocks quantized, the newest full:

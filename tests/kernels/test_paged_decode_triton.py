@@ -549,3 +549,18 @@ def test_batch_size_and_width_compile_no_new_kernels(request):
         counts.append(len({k for k in compiled_keys() if k[0] == "_paged_decode_kernel"}))
     # the first batches meet the variants (which format leads a launch); none after
     assert counts[-1] == counts[3], counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_up_pairs_launches_each_format_beside_full_with_either_leading(device,
+                                                                             monkeypatch):
+    """The engine's warm-up compiles, for each quantized format, the one-launch kernel
+    with that format leading and with full precision leading (which a step picks by its
+    longest run): both launch, and nothing else does."""
+    pdt = kernel_module(device)
+    launches = _decode_launches(pdt, monkeypatch)
+    geom = BlockGeometry(16, 2, 32, torch.float16, value_group=16)
+    arena = torch.zeros(geom.slot_bytes(FULL) * 2, dtype=torch.uint8, device=device)
+    pdt.warm_up_pairs(arena, geom, 4, torch.float16, [INT4, K4V2, INT4])
+    full, int4, k4v2 = ((f.k_code, f.v_code) for f in (FULL, INT4, K4V2))
+    assert launches == [(int4, full), (full, int4), (k4v2, full), (full, k4v2)]
