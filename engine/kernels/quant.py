@@ -43,6 +43,7 @@ REFINED_BITS = (2,)   # widths that get clipping / least-squares fits (see above
 CLIP_STEPS = 7        # clip candidates per end: 0, CLIP_STEP, ..., 6 * CLIP_STEP of the range
 CLIP_STEP = 0.05
 LS_ITERS = 8
+FIT_CHUNK = 4096      # groups a refined fit takes at a time off CUDA (fit_groups)
 KEY_WEIGHT_EPS = 0.05  # floor of a key token's weight (key_weights)
 
 
@@ -114,6 +115,16 @@ def fit_groups(g: torch.Tensor, bits: int, meta_dtype: torch.dtype,
         from engine.kernels import fit_triton
         if fit_triton.supported(g, bits, meta_dtype):
             return fit_triton.fit2(g, meta_dtype, w)
+    step = max(1, FIT_CHUNK * g.shape[-1] // max(1, g[0].numel())) if g.dim() > 1 else 0
+    if clip and g.dim() > 1 and g.shape[0] > step:
+        # a refined fit makes ~500 passes over its groups: a few thousand groups at a time
+        # stay in cache (CPU, 2 cores: 1.6-2.3 -> 0.83 s for the 2-bit values of a
+        # 1K-token sequence of the default model). Sliced along the first dim, so every
+        # group is reduced over the same strides as before: the same results
+        parts = [fit_groups(g[i:i + step], bits, meta_dtype, clip, ls_iters,
+                            None if w is None else w[i:i + step])
+                 for i in range(0, g.shape[0], step)]
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
     g = g.float()
     w = torch.ones_like(g) if w is None else w.float()
     qmax = (1 << bits) - 1
