@@ -124,6 +124,11 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                             max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
                             num_threads=a.threads, seed=a.seed))
     policy, ctl = controller_for(a, cfg, e)
+    counter = None
+    if ctl is not None:     # the moves priced, and how many the learned model left over
+        from benchmarks.headline.kvctl_side import Counted, _Proxy
+        counter = Counted(ctl.loop.predictor)
+        ctl.loop.predictor = _Proxy(ctl.loop.predictor, counter)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
     seen = dict(max_running=0, bus=[], offload_read=[], last=None, timeline=[], ticks=[])
     t_start = time.perf_counter()
@@ -253,14 +258,15 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                                 "topk_step_s", "topk_rows")}
     # the run's slowest steps one by one (the engine keeps its last 1,024): what kind, how
     # many decode rows and prompt chunks (tokens, longest sequence), kernels compiled
-    ran = min(last.step - step0, len(e.laps.recent))
-    steps = list(e.laps.recent)[-ran:] if ran > 0 else []
+    steps = [r for r in list(e.laps.recent) if r.start >= t0]   # idle steps included
     slowest = sorted(steps, key=lambda r: -r.seconds)[:12]
     # which specializations the run compiled that the warm-up (or an earlier config in
     # this process) had not: kernel name and Triton's key (constexprs, integer alignment)
     new_keys = sorted(compiled_keys() - keys0)
     e.stop()
     out = dict(config=cfg, graphs=graphs, run_compiled=[list(k) for k in new_keys],
+               predictor_calls=counter.calls if counter else 0,
+               predictor_fallbacks=counter.fallbacks if counter else 0,
                warmup_s=round(warmup_s, 2), warmup_compiles=warmup_compiles,
                budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
@@ -342,6 +348,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    f"strategy meeting the budget ({best['config']}, {best['tokens_per_s']:.1f}), "
                    f"OOM {r['ooms']}, lost {r['lost']}: "
                    + ("Pareto-dominates" if dom else "does NOT dominate"))
+    for r in rows:
+        if r.get("predictor_calls"):
+            out.append(f"- {r['config']}: learned-predictor fallbacks "
+                       f"{r['predictor_fallbacks']} of {r['predictor_calls']} moves priced "
+                       f"({r['predictor_fallbacks'] / r['predictor_calls']:.1%}; goal < 5%)")
     out.append(f"\nBus: {rows[0]['bus_source'] if rows else '-'}.")
     out += ["", "Where the engine thread's time went (seconds; steps by kind, parts of a "
             "step, graph captures, steps that compiled Triton kernels: kernels, steps "
@@ -426,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
                   f"OOMs {r['ooms']}, lost {r['lost']}, warm-up {r['warmup_s']} s "
                   f"({r['warmup_compiles']} kernels), graphs {r['graphs']}, step times "
-                  f"{r['step_times']}, compiled in the run (by kernel) "
+                  f"{r['step_times']}, predictor fallbacks {r['predictor_fallbacks']} of "
+                  f"{r['predictor_calls']} moves priced, compiled in the run (by kernel) "
                   f"{dict(collections.Counter(k for k, _ in r['run_compiled']))}",
                   file=sys.stderr, flush=True)
     meta = dict(command="python -m benchmarks.headline.gpu " + " ".join(

@@ -20,9 +20,18 @@ def test_gpu_workload_smoke(tmp_path):
         assert t["prefill_steps"] > 0 and t["decode_steps"] > 0 and t["launch"] > 0
         assert r["worst_gaps"] and r["worst_gaps"][0]["ms"] >= r["tpot_p99_ms"] - 1e-6
     assert res["rows"][1]["decisions"], "the policy never acted under 4x demand"
+    # the adaptive run priced moves and says how many the learned model left over;
+    # no controller, nothing priced
+    ad = res["rows"][1]
+    assert ad["predictor_calls"] > 0 and 0 <= ad["predictor_fallbacks"] <= ad["predictor_calls"]
+    assert res["rows"][0]["predictor_calls"] == 0
+    # every step of the run, with its parts
+    assert min(ad["steps"], 1024) <= len(ad["step_log"]) <= 1024   # idle steps logged too
+    assert all(s[1] in ("prefill", "decode", "idle") and s[2] >= 0 for s in ad["step_log"])
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"| {c} |" in md for c in cfgs)
     assert "Where the engine thread's time went" in md
+    assert "learned-predictor fallbacks" in md
 
 
 def test_policy_tick_plans_moves_for_every_sequence(capsys):
