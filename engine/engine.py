@@ -504,23 +504,31 @@ class Engine(OfflineMixin, SessionsMixin):
                 raise RuntimeError(f"warm-up requests failed: {failed}")
         formats = tuple(formats)
         if self.device.type == "cuda":
-            # every tile of the split reduction (its split count changes every step), and
-            # each format beside full precision in one launch, either leading
-            from engine.kernels import paged_decode_triton, split_reduce_triton
-            split_reduce_triton.warm_up(self.device, self.geom.head_dim, self.dtype)
-            paged_decode_triton.warm_up_pairs(
-                self.store.arenas[GPU].row(0), self.geom,
-                self.model.config.num_attention_heads, self.dtype,
-                [KVFormat.parse(f) for f in formats])
-            if HOST in self.store.arenas:   # top-k pages: the gather from pinned host memory
-                from engine.kernels.gather import gather_slots
-                z = torch.zeros(1, dtype=torch.int64, device=self.device)
-                gather_slots(self.store.arenas[HOST].flat, z,
-                             self.store.arenas[GPU].row(0)[:64], z, z + 64, 64)
+            self._warm_kernels([KVFormat.parse(f) for f in formats])
         run(formats, "all", 0)
         for i, f in enumerate(formats):
             run((f,), f, len(formats) + i)
         self.post(self.store.clear_cache).result(timeout_s)
+
+    def _warm_kernels(self, formats: list[KVFormat]) -> None:
+        """Kernels no warm-up request reaches, launched directly on the empty arena (their
+        outputs dropped): every tile of the split reduction (its split count changes every
+        step), each format beside full precision in one launch with either leading, and
+        the top-k gather from pinned host memory. A failure here is logged; the requests'
+        warm-up still runs."""
+        from engine.kernels import paged_decode_triton, split_reduce_triton
+        try:
+            split_reduce_triton.warm_up(self.device, self.geom.head_dim, self.dtype)
+            paged_decode_triton.warm_up_pairs(self.store.arenas[GPU].row(0), self.geom,
+                                              self.model.config.num_attention_heads,
+                                              self.dtype, formats)
+            if HOST in self.store.arenas:
+                from engine.kernels.gather import gather_slots
+                z = torch.zeros(1, dtype=torch.int64, device=self.device)
+                gather_slots(self.store.arenas[HOST].flat, z,
+                             self.store.arenas[GPU].row(0)[:64], z, z + 64, 64)
+        except Exception as err:
+            log.warning("kernel warm-up incomplete: %s", err)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:

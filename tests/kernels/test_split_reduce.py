@@ -50,3 +50,25 @@ def test_no_split_count_compiles_after_the_warm_up():
         reduce_splits(pm, torch.rand_like(pm), torch.randn(2, 4, S, D, device=dev),
                       torch.empty(2, 4, D, device=dev, dtype=torch.bfloat16))
     assert not {k for k in compiled_keys() - keys if k[0] == "_reduce_splits_kernel"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_kernel_warm_up_runs_and_a_failure_is_only_logged(device, monkeypatch,
+                                                                 caplog):
+    """The engine's direct kernel warm-up (reduction tiles, format pairs, the top-k
+    gather) runs on an empty arena; should one of them fail, it is logged and the rest
+    of the warm-up still runs."""
+    kernel_module(device)
+    from engine.engine import Engine, EngineConfig
+    from engine.kernels import split_reduce_triton
+    from engine.layout import KVFormat
+    e = Engine(EngineConfig(model="random:tiny", device=device, kv_budget_bytes=1 << 20,
+                            host_budget_bytes=1 << 20))
+    with caplog.at_level("WARNING"):
+        e._warm_kernels([KVFormat.parse("int4")])
+    assert "kernel warm-up incomplete" not in caplog.text
+    monkeypatch.setattr(split_reduce_triton, "warm_up",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with caplog.at_level("WARNING"):
+        e._warm_kernels([KVFormat.parse("int4")])
+    assert "kernel warm-up incomplete: no compiler" in caplog.text
