@@ -17,6 +17,9 @@
 #   split   benchmarks.step_split (where a step's time goes)
 #   offload benchmarks.offload at 32K: all on the GPU, exact offload, top-k pages (issue 13)
 #   daemon  benchmarks.status_latency, 64 clients streaming from the daemon (issue 13)
+#   fit     benchmarks.fit_cost at an 8B shape, 2K tokens: the Triton 2-bit fit against
+#           the torch passes (issue 15: adaptive's prompt steps)
+# NO_PNG=1 drops the plots at the end (a call brings back a limited number of files)
 # Usage on the device: bash benchmarks/gpu_session.sh tests speed kernel
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -64,7 +67,11 @@ for s in "${steps[@]}"; do
              --context 32768 ;;
     daemon) timeout "${T_DAEMON:-200}" python -m benchmarks.status_latency --clients 64 \
              --seconds 15 --model random:llama3-8b --max-tokens 128 ;;
+    fit) timeout "${T_FIT:-120}" python -m benchmarks.fit_cost --layers 32 --kv-heads 8 \
+             --head-dim 128 --block 32 --tokens 2048 --reps 2 --device cuda ;;
     *) echo "unknown step $s" ;;
   esac >"$OUT/$s.txt" 2>&1
   echo "== $s: rc $? in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-25}" "$OUT/$s.txt"
 done
+[ -n "${NO_PNG-}" ] && find "$OUT" -name "*.png" -delete
+true
