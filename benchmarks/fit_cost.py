@@ -1,8 +1,9 @@
 """What the 2-bit fit of one sequence's blocks costs on this machine (CPU by default):
 quant.quantize_values_ref / quantize_keys_ref at 2 bits, two ways, alternating, best of
-``--reps``, and whether both give the same codes. On the CPU: the refined fit taken a
-chunk of groups at a time (``quant.FIT_CHUNK``, as shipped) against all at once. On CUDA:
-the Triton fit (engine/kernels/fit_triton.py, as shipped) against the torch passes.
+``--reps``, and whether both give the same codes; 4-bit (min/max) for scale. On the CPU:
+the refined fit taken a chunk of groups at a time (``quant.FIT_CHUNK``, as shipped)
+against all at once. On CUDA: the Triton fit (engine/kernels/fit_triton.py, as shipped)
+against the torch passes.
 
     python -m benchmarks.fit_cost                    # the default model's shape, 1K tokens
     python -m benchmarks.fit_cost --layers 32 --kv-heads 8 --head-dim 128 --block 32 \\
@@ -66,6 +67,12 @@ def main(argv=None) -> None:
         same = all(torch.equal(p, q) for p, q in zip(outs[(one, part)], outs[(two, part)]))
         print(f"  2-bit {part}: {one} {best[(one, part)] * 1e3:.1f}, {two} "
               f"{best[(two, part)] * 1e3:.1f}, same codes: {same}")
+    # for scale: 4 bits (min/max, no refined fit), as shipped
+    for part, fn in (("values", lambda: quant.quantize_values_ref(x, 4, a.group,
+                                                                  torch.float16)),
+                     ("keys", lambda: quant.quantize_keys_ref(x, 4, torch.float16))):
+        t = min(_time(fn, dev)[0] for _ in range(a.reps))
+        print(f"  4-bit {part} (min/max): {t * 1e3:.1f}")
 
 
 if __name__ == "__main__":

@@ -168,8 +168,8 @@ class StepPlan:
         """Prompt-time scores per logical block, from the final prefill chunk's queries
         q [Hq, n, D] over all keys k [H, M, D] (query head h reads kv head h // (Hq / H)):
         the last ``seg.observe`` queries' attention (SnapKV, Li et al. 2024) and the
-        accumulated attention of the chunk's
-        last ``ACCUMULATE`` queries (H2O's heavy-hitter score, Zhang et al. 2023), and
+        accumulated attention of the chunk's last ``ACCUMULATE`` queries (H2O's
+        heavy-hitter score, Zhang et al. 2023), and
         how far each block's keys stand from the sequence's mean key (KeyDiff, Park et
         al. 2025: per head the largest ``-cos(key, mean key)`` among the block's keys,
         summed over heads and layers): a query-agnostic score that finds what a later

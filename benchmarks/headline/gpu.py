@@ -126,9 +126,9 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
     policy, ctl = controller_for(a, cfg, e)
     counter = None
     if ctl is not None:     # the moves priced, and how many the learned model left over
-        from benchmarks.headline.kvctl_side import Counted, _Proxy
+        from benchmarks.headline.kvctl_side import Counted, CountedProxy
         counter = Counted(ctl.loop.predictor)
-        ctl.loop.predictor = _Proxy(ctl.loop.predictor, counter)
+        ctl.loop.predictor = CountedProxy(ctl.loop.predictor, counter)
     tele = Telemetry(e.handle.snapshot, a.tick_s)
     seen = dict(max_running=0, bus=[], offload_read=[], last=None, timeline=[], ticks=[])
     t_start = time.perf_counter()

@@ -168,7 +168,7 @@ class Run:
                 self.ctl.handle = self.handle
                 self.ctl.loop = PolicyLoop(predictor, clock=self.clock)
             self.counter = Counted(self.ctl.loop.predictor)
-            self.ctl.loop.predictor = _Proxy(self.ctl.loop.predictor, self.counter)
+            self.ctl.loop.predictor = CountedProxy(self.ctl.loop.predictor, self.counter)
 
     def view(self):
         return self.handle.snapshot().sequences[0]
@@ -242,7 +242,7 @@ class Run:
         self.e.release(self.sid)
 
 
-class _Proxy:
+class CountedProxy:
     """The predictor with ``predict_many`` counted (other attributes pass through)."""
 
     def __init__(self, pred, counter: Counted) -> None:
