@@ -65,8 +65,15 @@ def main(argv=None) -> None:
     (one, _), (two, _) = ways
     for part in ("values", "keys"):
         same = all(torch.equal(p, q) for p, q in zip(outs[(one, part)], outs[(two, part)]))
+        # where the codes differ (ties, float order), which fit is closer: mean squared
+        # error of the dequantized blocks against the input
+        err = {w: float(((quant.dequantize_values_ref(*outs[(w, part)], 2, a.group,
+                                                      torch.float32) if part == "values"
+                          else quant.dequantize_keys_ref(*outs[(w, part)], 2, torch.float32))
+                         - x).pow(2).mean()) for w in (one, two)}
         print(f"  2-bit {part}: {one} {best[(one, part)] * 1e3:.1f}, {two} "
-              f"{best[(two, part)] * 1e3:.1f}, same codes: {same}")
+              f"{best[(two, part)] * 1e3:.1f}, same codes: {same}, MSE {one} "
+              f"{err[one]:.5f} / {two} {err[two]:.5f}")
     # for scale: 4 bits (min/max, no refined fit), as shipped
     for part, fn in (("values", lambda: quant.quantize_values_ref(x, 4, a.group,
                                                                   torch.float16)),

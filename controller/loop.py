@@ -27,7 +27,7 @@ from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor
 from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
-from engine.actions import DropSession, Fetch, KVFormat, SetDecodeMode, SetFillFormat
+from engine.actions import DropSession, Fetch, KVFormat, Pause, SetDecodeMode, SetFillFormat
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
 # being written, a preempted or waiting sequence)
@@ -173,6 +173,42 @@ class PolicyLoop:
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
                                          p.latency_s, p.source, total, seq.num_tokens))
+        if not queued:
+            for m in self._pauses(snapshot, targets, profile, pins, bus, ctx):
+                m.total = m.latency_s * weight
+                m.cost = m.total / m.candidate.freed_bytes
+                out[m.candidate.seq_id].append(m)
+        return out
+
+    def _pauses(self, snapshot, targets: dict[str, int], profile: str, pins: dict[str, str],
+                bus, ctx: Context) -> list[Move]:
+        """A pause for each decoding sequence in ``targets`` whose allowed strategies
+        include an offload, on an engine with a bus (a GPU): every GPU block of it swapped
+        to host memory (nothing lost) and no more steps for it until it fits again
+        (engine.actions.Pause). Priced as its share of the batch's progress, the tokens it
+        does not make: a replayed step's time over the running sequences, added to every
+        step as an offload's streaming is (the same latency weight, per running sequence,
+        turns it into step time x weight). An offload priced against it streams at every
+        step for as long as it lasts: on an H100 under 4x pressure, 19 top-k rows took a
+        step from 10 ms replayed to 263 ms eager (~13 ms a row against ~0.2 ms a pause;
+        docs/BENCHMARKS.md, fourteenth session). On a CPU engine offload costs no step
+        time, so it is not offered there; nor for a sequence that runs alone."""
+        if bus is None or bus.bytes_per_s is None or snapshot.num_running < 2:
+            return []
+        host = ctx.host_free_bytes
+        per_row = bus.step_s / snapshot.num_running
+        out = []
+        for seq in snapshot.sequences:
+            gpu = seq.bytes_by_tier.get("gpu", 0)
+            if seq.seq_id not in targets or seq.state not in ("decode", "stalled") \
+                    or gpu <= 0 or (host is not None and gpu > host) \
+                    or not any(n.startswith("offload")
+                               for n in self.allowed(pins.get(seq.seq_id), profile)):
+                continue
+            cand = Candidate("pause", seq.seq_id, (Pause(seq.seq_id),),
+                             tuple(b.index for b in seq.blocks if b.tier == "gpu"), gpu,
+                             True, "pause")
+            out.append(Move(cand, 0.0, 0.0, per_row, "step time", 0.0, seq.num_tokens))
         return out
 
     def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],

@@ -390,7 +390,8 @@ class Controller:
                     self.loop.refused(item)
                 out.append(self.log.record(Decision(
                     kind=c.kind if done else "refused", seq_id=c.seq_id, profile=p.profile,
-                    action=f"{c.strategy} " + ("; ".join(
+                    action=f"pause ({len(c.blocks)} GPU blocks swapped to host)"
+                    if c.kind == "pause" else f"{c.strategy} " + ("; ".join(
                         f"{q.strategy.removeprefix('quantize_')} blocks {list(q.blocks)}"
                         for q in c.parts) if c.parts else f"blocks {list(c.blocks)}"
                         if c.blocks else "(the prompt as it is written)"),

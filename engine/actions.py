@@ -240,8 +240,20 @@ class DropSession:
     seq_id: str
 
 
+@dataclass(frozen=True)
+class Pause:
+    """Take a decoding sequence off the GPU until there is room again: every GPU block
+    swapped to the host tier (exact, nothing lost) and the sequence back in the queue,
+    resumed (swapped in, in arrival order) as soon as its blocks and one more fit. The
+    engine's own swap preemption, asked for where it costs less than moves that slow
+    every step (streaming blocks from host memory). Refused, nothing changed, without a
+    host tier with room for the blocks, or for a sequence that runs alone."""
+
+    seq_id: str
+
+
 Action = Union[Quantize, SetFillFormat, Offload, Fetch, Evict, Restore, SetDecodeMode,
-               DropSession]
+               DropSession, Pause]
 
 
 @dataclass
@@ -344,6 +356,7 @@ class EngineSnapshot:
     version: int = 0      # publication counter: a later snapshot has a larger one
     max_positions: int = 0  # the model's context (tokens)
     num_preemptions: int = 0  # since start: sequences swapped out or dropped for room
+    num_paused: int = 0       # since start: running sequences paused by a Pause move
     num_step_failures: int = 0  # steps that raised (their sequences ended in error)
     staging_bytes: int = 0  # per layer: what one step may stream of offloaded blocks
     graphs: dict = field(default_factory=dict)  # CUDA graph counters (engine/cuda_graphs.py)

@@ -38,7 +38,7 @@ import torch
 from engine import apply as apply_mod
 from engine import attention, moves, snapshot
 from engine.actions import (ActionError, ActionResult, CandidateResult, DropSession, Evict,
-                            SetFillFormat, parse_fill_format)
+                            Pause, SetFillFormat, parse_fill_format)
 from engine.api import (EngineStopped, Event, FinishEvent, Overloaded, Request,
                         SamplingParams)
 from engine.arena import OutOfBlocks
@@ -212,6 +212,7 @@ class Engine(OfflineMixin, SessionsMixin):
         self.laps = Laps()
         self.tokens_out = 0
         self.num_preemptions = 0
+        self.num_paused = 0             # running sequences the controller paused (Pause)
         self.num_step_failures = 0
         self.num_oom_retries = 0
         self._token_cap = cfg.max_batch_tokens   # halved after an out-of-memory step
@@ -1048,10 +1049,14 @@ class Engine(OfflineMixin, SessionsMixin):
         return (staging_need(self.store, s.seq_id) <= self.store.staging_half
                 and self.store.can_reserve(s.seq_id, 1))
 
-    def preempt(self, s: Sequence) -> str:
+    def preempt(self, s: Sequence, paused: bool = False) -> str:
         """Take a running sequence off the GPU until there is room again: its KV swapped
         to the host tier (exact), or dropped and recomputed from its tokens when the
-        host cannot hold it (or it is still in prefill). Returns 'swap' or 'recompute'."""
+        host cannot hold it (or it is still in prefill). Returns 'swap' or 'recompute'.
+        ``paused`` (the controller's Pause): swap or raise ActionError, nothing changed;
+        counted in ``num_paused``, not as a preemption."""
+        if paused:
+            moves.check_swap_out(self.store, s.seq_id)
         mode = "recompute"
         self._drop_ahead(s)
         if s.state == DECODE and self.store.has_host():
@@ -1068,12 +1073,16 @@ class Engine(OfflineMixin, SessionsMixin):
             s.swapped = []
         self.running.remove(s)
         s.state, s.stalled = PREEMPTED, False
-        s.num_preemptions += 1
-        self.num_preemptions += 1
-        s.moves.append(f"preempted ({mode})")
+        if paused:
+            self.num_paused += 1
+        else:
+            s.num_preemptions += 1
+            self.num_preemptions += 1
+        what = "paused (swapped out)" if paused else f"preempted ({mode})"
+        s.moves.append(what)
         self.waiting.appendleft(s)
         self._changed = True
-        log.info("preempted %s (%s) to make room", s.seq_id, mode)
+        log.info("%s %s to make room", what, s.seq_id)
         return mode
 
     # -- finish ---------------------------------------------------------------------------
@@ -1128,6 +1137,8 @@ class Engine(OfflineMixin, SessionsMixin):
                     self._check_movable_seq(sid)
                 if any(isinstance(a, DropSession) for a in moved):
                     res.results = [self._apply_drop(moved)]
+                elif any(isinstance(a, Pause) for a in moved):
+                    res.results = [self._apply_pause(moved)]
                 elif moved:
                     res.results = apply_mod.apply_candidate(self.store, moved, self._note)
                     for sid in {a.seq_id for a in moved if isinstance(a, Evict)}:
@@ -1160,6 +1171,22 @@ class Engine(OfflineMixin, SessionsMixin):
         self.sessions.pop(sess_id, None)
         self.num_sessions_dropped += 1
         return ActionResult(a, True, by_tier, f"drop session {sess_id}")
+
+    def _apply_pause(self, actions) -> ActionResult:
+        a = actions[0]
+        if len(actions) != 1:
+            raise ActionError("Pause is a candidate of its own")
+        s = self.seqs[a.seq_id]
+        if s.state != DECODE or s not in self.running:
+            raise ActionError(f"{a.seq_id} is {s.state}: only a decoding sequence can be "
+                              "paused")
+        if len(self.running) < 2:
+            raise ActionError(f"{a.seq_id} runs alone: pausing it frees room for nothing "
+                              "that runs")
+        by_tier, _ = self.store.bytes_by(a.seq_id)
+        self.preempt(s, paused=True)
+        return ActionResult(a, True, {GPU: by_tier.get(GPU, 0)},
+                            f"paused: {by_tier.get(GPU, 0)} B swapped to host")
 
     def _fill_formats(self, actions) -> list[tuple]:
         """(action, sequence, format) of each SetFillFormat, or ActionError: the format

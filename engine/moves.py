@@ -382,6 +382,14 @@ def swap_out(store: KVStore, seq_id: str) -> list[int]:
     return [b.index for b in blocks]
 
 
+def check_swap_out(store: KVStore, seq_id: str) -> None:
+    """ActionError unless the host tier has room for every GPU block of ``seq_id``."""
+    blocks = [b for b in store.seqs[seq_id].blocks if b.tier == GPU and b.offset >= 0]
+    if not blocks:
+        raise ActionError(f"{seq_id} holds no GPU blocks to swap out")
+    _room(_host(store), blocks, store, "host")
+
+
 def can_swap_in(store: KVStore, seq_id: str, indices: list[int], growth_blocks: int) -> bool:
     """Room on the GPU tier for a preempted sequence's swapped blocks plus
     ``growth_blocks`` new full-precision blocks."""

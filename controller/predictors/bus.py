@@ -41,6 +41,8 @@ class Bus:
     source: str = ""             # where the figure comes from (for decisions and status)
     graph_loss_s: float = 0.0    # added step time when a step must run eager (see above)
     topk_row_s: float = 0.0      # added step time per sequence decoding top-k pages
+    step_s: float = PRIOR_REPLAY_S  # a decode step's time now (replayed; before one ran,
+                                 # the prior): what a paused sequence's share is priced from
 
     @classmethod
     def none(cls) -> "Bus":
@@ -53,15 +55,16 @@ class Bus:
         if not str(device).startswith("cuda"):
             return cls.none()
         loss, row = graph_loss_s(snapshot), topk_row_s(snapshot)
+        step = (getattr(snapshot, "graphs", None) or {}).get("replay_step_s") or PRIOR_REPLAY_S
         if gpu is not None and getattr(gpu, "available", False) and gpu.pcie_width \
                 and gpu.pcie_generation in PCIE_LANE_GBPS:
             peak = PCIE_LANE_GBPS[gpu.pcie_generation] * gpu.pcie_width * 1e9
             bw = peak * COPY_EFFICIENCY
             busy = min(0.95, max(0.0, gpu.pcie_rx_bytes_per_s / peak))
             return cls(bw, busy, f"PCIe Gen{gpu.pcie_generation} x{gpu.pcie_width} (NVML)",
-                       loss, row)
+                       loss, row, step)
         return cls(FALLBACK_BYTES_PER_S, 0.0, "PCIe not readable: assumed 55.3 GB/s", loss,
-                   row)
+                   row, step)
 
     def seconds(self, nbytes: int) -> float:
         """Added time per decode step to stream ``nbytes`` over this bus."""

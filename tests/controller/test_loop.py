@@ -698,3 +698,68 @@ def test_headroom_is_not_bought_with_step_time():
     # a floor past what the quantizations free: the fewest streaming moves for it
     assert names(_stream_for_floor_only(priced, _pick(priced, 250), 250, 150)) \
         == ["offload_topk"] * 2
+
+
+def test_a_pause_costs_its_share_of_the_batch_not_a_row_on_every_step(eng):
+    """On a GPU engine a decoding sequence may be paused (its blocks swapped to host
+    memory, no steps for it until it fits again): priced as its share of the batch's
+    progress, a replayed step over the running sequences, which the latency weight
+    (per running sequence) turns into one step's time. A top-k row adds its measured
+    time to every step for all of them, so where both free the bytes the pause is
+    cheaper. Not offered: on the CPU (offload costs no step time there), while requests
+    wait (room for them is not bought with progress), to a sequence running alone, nor
+    where the profile allows no offload."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    stats = {"num_graphs": 3, "num_replays": 10, "num_eager": 0, "replay_step_s": 0.020,
+             "topk_step_s": 0.150, "topk_rows": 10.0}
+    snap = replace(eng.handle.snapshot(), device="cuda:0", graphs=stats)
+    assert Bus.of(snap).step_s == 0.020
+
+    def offered(s, profile="balanced", bus=None):
+        return {m.candidate.strategy: m for m in c.loop._priced(
+            s, {ids[0]: 1 << 16}, profile, {}, Bus.of(s) if bus is None else bus)[ids[0]]}
+    by = offered(snap)
+    pause = by["pause"]
+    assert pause.candidate.kind == "pause" and pause.accuracy == 0.0
+    assert pause.candidate.freed_bytes == snap.sequences[0].bytes_by_tier["gpu"]
+    assert pause.latency_s == pytest.approx(0.020 / 3)
+    assert pause.total == pytest.approx(0.020)              # balanced: weight 1 per row
+    assert by["offload_topk"].total > 3 * 0.013 > pause.total
+    assert "pause" not in offered(eng.handle.snapshot(), bus=Bus.none())     # the CPU
+    assert "pause" not in offered(replace(snap, num_waiting=2, pressure_bytes=1 << 20))
+    assert "pause" not in offered(replace(snap, num_running=1))
+    assert "pause" not in offered(snap, profile="throughput")               # no offload
+    assert "pause" in offered(snap, profile="accuracy-critical")
+
+
+def test_a_burst_on_a_gpu_bus_pauses_rather_than_streams():
+    """Requests past the budget on a node with a bus, the controller ticking after every
+    step: once the queue drains and the sequences grow past what compression frees, the
+    plan pauses sequences (swapped whole to host, resumed when they fit) instead of
+    putting rows on top-k pages, and every request finishes."""
+    from controller.predictors.bus import Bus
+    e = tiny_engine(kv_budget_bytes=256 << 10, max_batch_tokens=64)
+    try:
+        c = arena_controller(e)
+        bus = Bus(55.3e9, 0.0, "a GPU's PCIe", 0.030, 0.010, 0.020)
+        done = {}
+        for i in range(10):
+            e.submit(Request(prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
+                             sampling=SamplingParams(max_tokens=60, ignore_eos=True)),
+                     lambda ev: done.__setitem__(ev.seq_id, ev.reason)
+                     if hasattr(ev, "reason") else None)
+        for _ in range(6000):
+            if len(done) == 10:
+                break
+            e.step()
+            c._tick(e.handle.snapshot(), bus)
+        assert len(done) == 10 and set(done.values()) == {"length"}
+        kinds = c.log.counts
+        assert kinds["pause"] > 0 and e.num_paused == kinds["pause"], kinds
+        assert not any("offload_topk" in d.action for d in c.log.recent()), kinds
+    finally:
+        e.stop()

@@ -146,3 +146,58 @@ def test_a_prompt_that_cannot_be_admitted_is_refused_not_queued_forever():
         assert fin.reason == "length"
     finally:
         e.stop()
+
+
+def test_a_paused_sequence_resumes_and_finishes_with_its_unpressured_tokens():
+    """The controller's Pause: a decoding sequence's GPU blocks go to host memory whole,
+    the GPU bytes it held are reported freed, it is counted as paused (not as a
+    preemption), comes back once its blocks and one more fit, and finishes with the
+    tokens it makes alone (greedy). Refused, nothing changed: a sequence not decoding, a
+    Pause beside other actions, a sequence running alone, an engine without a host tier."""
+    from engine.actions import Offload, Pause
+    ids_list = prompts(3)
+    want = alone(ids_list, 24)
+    e = tiny(kv_budget_bytes=8 << 20, host_budget_bytes=2 << 20)
+    try:
+        events = []
+        sids = [e.submit(Request(prompt_ids=ids, sampling=SamplingParams(
+            max_tokens=24, ignore_eos=True)), events.append) for ids in ids_list]
+        while not all(e.seqs[s].state == "decode" for s in sids):
+            e.step()
+        for _ in range(3):
+            e.step()
+        held = e.store.bytes_by(sids[1])[0][GPU]
+        res, = e.apply_candidates([(Pause(sids[1]),)])
+        assert res.error == "" and res.results[0].freed_bytes == {GPU: held}
+        view = {v.seq_id: v for v in e.handle.snapshot().sequences}
+        assert view[sids[1]].state == "preempted" and view[sids[1]].num_preemptions == 0
+        assert view[sids[1]].bytes_by_tier.get(GPU, 0) == 0
+        assert e.num_paused == 1 and e.num_preemptions == 0
+        bad, mixed = e.apply_candidates([(Pause(sids[1]),),
+                                         (Offload(sids[0], (0,)), Pause(sids[0]))])
+        assert "preempted" in bad.error and "of its own" in mixed.error
+        for _ in range(2000):
+            fins = {ev.seq_id: ev for ev in events if isinstance(ev, FinishEvent)}
+            if len(fins) == len(sids):
+                break
+            e.step()
+        assert [fins[s].reason for s in sids] == ["length"] * 3
+        assert [fins[s].token_ids for s in sids] == want
+        assert "paused (swapped out)" in fins[sids[1]].moves
+        assert "resumed (swapped in)" in fins[sids[1]].moves
+        assert e.store.held_slots(GPU) == 0 and e.store.held_slots(HOST) == 0
+    finally:
+        e.stop()
+    for host, n, why in ((2 << 20, 1, "runs alone"), (0, 2, "no host tier")):
+        e = tiny(kv_budget_bytes=8 << 20, host_budget_bytes=host)
+        try:
+            sids = [e.submit(Request(prompt_ids=ids, sampling=SamplingParams(
+                max_tokens=50, ignore_eos=True)), lambda ev: None) for ids in prompts(n)]
+            while not all(e.seqs[s].state == "decode" for s in sids):
+                e.step()
+            before = e.store.bytes_by(sids[0])
+            res, = e.apply_candidates([(Pause(sids[0]),)])
+            assert why in res.error
+            assert e.seqs[sids[0]].state == "decode" and e.store.bytes_by(sids[0]) == before
+        finally:
+            e.stop()
