@@ -10,6 +10,7 @@ import copy
 import torch
 
 from engine.actions import ActionError
+from engine.kernels.gather import copy_runs
 from engine.kernels.slots import read_blocks, write_blocks
 from engine.layout import FULL, KVFormat
 from engine.plan import ints_on
@@ -215,8 +216,9 @@ def _copy_runs(src, src_offs: list[int], dst, dst_offs: list[int], sizes: list[i
             runs[-1][2] += n
         else:
             runs.append([s, d, n])
-    for s, d, n in runs:
-        dst.data[:, d:d + n].copy_(src.data[:, s:s + n], non_blocking=True)
+    if len(runs) <= 4 or not copy_runs(src.data, dst.data, runs, src.data.shape[0]):
+        for s, d, n in runs:
+            dst.data[:, d:d + n].copy_(src.data[:, s:s + n], non_blocking=True)
     if src.device.type == "cuda" or dst.device.type == "cuda":
         torch.cuda.current_stream().synchronize()
 
