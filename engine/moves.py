@@ -216,6 +216,7 @@ def _copy_runs(src, src_offs: list[int], dst, dst_offs: list[int], sizes: list[i
             runs[-1][2] += n
         else:
             runs.append([s, d, n])
+    # a few runs: a copy each launches no more than the kernel (and needs no offsets)
     if len(runs) <= 4 or not copy_runs(src.data, dst.data, runs, src.data.shape[0]):
         for s, d, n in runs:
             dst.data[:, d:d + n].copy_(src.data[:, s:s + n], non_blocking=True)

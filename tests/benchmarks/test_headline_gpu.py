@@ -31,7 +31,12 @@ def test_gpu_workload_smoke(tmp_path):
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"| {c} |" in md for c in cfgs)
     assert "Where the engine thread's time went" in md
-    assert "learned-predictor fallbacks" in md
+    assert "| paused |" in md and all(r["paused"] >= 0 for r in res["rows"])
+    # random weights have no learned artifact: the table names the heuristic instead of
+    # counting its every move as a fallback; with the learned one it counts fallbacks
+    assert ad["predictor"] == "heuristic" and "adaptive:balanced: heuristic predictor (" in md
+    learned = gpu.markdown(res["meta"], [dict(r, predictor="learned") for r in res["rows"]])
+    assert "adaptive:balanced: learned-predictor fallbacks" in learned
 
 
 def test_policy_tick_plans_moves_for_every_sequence(capsys):
