@@ -235,7 +235,8 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
         graph_capture_seconds=g.get("capture_seconds", 0.0),
         graph_capture_bytes=g.get("capture_bytes", 0),
         overlapped_steps=g.get("num_overlapped", 0),
-        step_times={k: float(v) for k, v in snap.step_times.items()}))
+        step_times={k: float(v) for k, v in snap.step_times.items()},
+        paused=snap.num_paused))
     st.prefix.CopyFrom(prefix_to_proto(snap.prefix))
     st.sessions = len(snap.sessions)
     st.sequences.extend(sequence_to_proto(v, policy.pins.get(v.seq_id)) for v in live)

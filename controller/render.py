@@ -125,8 +125,9 @@ def engine_line(e) -> str:
               f"{e.graph_replays} replays, {e.eager_decode_steps} eager"
               if e.cuda_graphs else "")
     steps = ", ".join(f"{n} {k} steps ({s:.1f}s)" for k, n, s in kinds if n)
+    paused = f", {e.paused} paused by the controller" if e.paused else ""
     return (f"{steps or 'no steps yet'}; time in {split}{graphs}; {e.preemptions} "
-            f"preemptions, {e.step_failures} failed steps")
+            f"preemptions{paused}, {e.step_failures} failed steps")
 
 
 def status_screen(st) -> Group:

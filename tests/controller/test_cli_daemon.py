@@ -373,3 +373,6 @@ def test_status_says_where_step_time_went():
     assert "time in launch 67%, sample 20%, moves 10%, publish 3%" in line
     assert "graphs 30 (21.2 s capturing), 478 replays" in line and "2 preemptions" in line
     assert engine_line(pb.EngineCounters()).startswith("no steps yet; time in -")
+    assert "paused" not in line
+    assert "2 preemptions, 5 paused by the controller, 0 failed" in engine_line(
+        pb.EngineCounters(preemptions=2, paused=5))

@@ -129,6 +129,7 @@ def test_concurrent_clients_under_pressure(daemon, stub):
     wait_for(lambda: idle(daemon), 30, "every block freed")
     st = stub.GetStatus(pb.GetStatusRequest(fresh=True))    # the engine's counters in status
     assert st.engine.preemptions == daemon.engine.num_preemptions
+    assert st.engine.paused == daemon.engine.num_paused
     assert st.engine.step_failures == 0 and st.counts.total == 0
     kinds = daemon.decisions.counts
     assert kinds["pressure"] > 0 and sum(kinds[k] for k in ("quantize", "offload", "evict")) > 0

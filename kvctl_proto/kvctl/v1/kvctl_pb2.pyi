@@ -265,7 +265,7 @@ class PrefixCache(_message.Message):
     def __init__(self, hit_tokens: _Optional[int] = ..., queried_tokens: _Optional[int] = ..., indexed_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., shared_slots: _Optional[int] = ..., cached_evicted: _Optional[int] = ...) -> None: ...
 
 class EngineCounters(_message.Message):
-    __slots__ = ("preemptions", "step_failures", "cuda_graphs", "graph_replays", "eager_decode_steps", "graph_capture_seconds", "graph_capture_bytes", "overlapped_steps", "step_times")
+    __slots__ = ("preemptions", "step_failures", "cuda_graphs", "graph_replays", "eager_decode_steps", "graph_capture_seconds", "graph_capture_bytes", "overlapped_steps", "step_times", "paused")
     class StepTimesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,7 @@ class EngineCounters(_message.Message):
     GRAPH_CAPTURE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OVERLAPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     preemptions: int
     step_failures: int
     cuda_graphs: int
@@ -291,7 +292,8 @@ class EngineCounters(_message.Message):
     graph_capture_bytes: int
     overlapped_steps: int
     step_times: _containers.ScalarMap[str, float]
-    def __init__(self, preemptions: _Optional[int] = ..., step_failures: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., graph_replays: _Optional[int] = ..., eager_decode_steps: _Optional[int] = ..., graph_capture_seconds: _Optional[float] = ..., graph_capture_bytes: _Optional[int] = ..., overlapped_steps: _Optional[int] = ..., step_times: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    paused: int
+    def __init__(self, preemptions: _Optional[int] = ..., step_failures: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., graph_replays: _Optional[int] = ..., eager_decode_steps: _Optional[int] = ..., graph_capture_seconds: _Optional[float] = ..., graph_capture_bytes: _Optional[int] = ..., overlapped_steps: _Optional[int] = ..., step_times: _Optional[_Mapping[str, float]] = ..., paused: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine", "prefix", "sessions")
