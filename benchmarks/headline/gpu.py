@@ -283,7 +283,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                if ctl is not None else {},
                # what each move was (the first 400), and the run tick by tick
                moves=[dict(t=round(d.time, 3), kind=d.kind, seq=d.seq_id, action=d.action,
-                           freed=d.freed_bytes, cost=d.predicted_cost)
+                           freed=d.freed_bytes, cost=d.predicted_cost, why=d.reason[:240])
                       for d in ctl.log.recent()[:400]] if ctl is not None else [],
                # the engine thread's seconds by part of a step, and steps by kind
                step_times={k: round(v - laps0.get(k, 0), 3)
