@@ -221,7 +221,8 @@ class PolicyLoop:
         return sorted(moves, key=lambda m: m.cost)
 
     def plan_relief(self, snapshot, need: int, profile: str, pins: dict[str, str],
-                    bus=None, floor: int | None = None) -> list[Move]:
+                    bus=None, floor: int | None = None,
+                    stream: int | None = None) -> list[Move]:
         """One move per sequence that may move now: together they free ``need`` GPU
         bytes at the least predicted cost the strategies offer (fewer bytes if the
         allowed moves run out). The engine applies them.
@@ -230,7 +231,13 @@ class PolicyLoop:
         rest is headroom. A sequence whose move for its share of ``need`` evicts takes a
         move that evicts nothing where one frees its share of ``floor``: an eviction is
         for good, so it waits until quantizing cannot keep the budget (a growing
-        sequence's new blocks at int4 defer it by a few blocks, not forever)."""
+        sequence's new blocks at int4 defer it by a few blocks, not forever).
+
+        ``stream`` (default ``floor``): the most that moves adding step time (offloads,
+        pauses) may free: the floor less what the next waiting request's admission needs.
+        While a sequence is stalled and a request waits, the floor held both; an H100
+        run then paused 22 running sequences at once (4 GB, KV from 91% to 47% of the
+        budget) for one request's 1.67 GB (docs/BENCHMARKS.md, fourteenth session)."""
         now = self.clock()
         seqs = self._movable(snapshot, now)
         # idle sessions first: they give everything they hold before a live sequence
@@ -258,8 +265,10 @@ class PolicyLoop:
             for sid, ms in self._priced(snapshot, more, profile, pins, bus).items():
                 priced[sid] = priced[sid] + ms
             chosen = _pick(priced, need)
+        limit = floor if stream is None or floor is None else min(floor, stream)
+        if limit is not None and 0 <= limit < need:
+            chosen = _stream_for_floor_only(priced, chosen, need, limit)
         if floor is not None and 0 <= floor < need:
-            chosen = _stream_for_floor_only(priced, chosen, need, floor)
             if floor > 0:
                 self._defer_evictions(snapshot, chosen, _shares(seqs, floor), profile,
                                       pins, bus)

@@ -317,8 +317,12 @@ class Controller:
             if above:
                 def over(mark: float) -> int:   # bytes above a mark, or what waits for room
                     return max(used - int(mark * budget), snapshot.pressure_bytes)
+                # what only moves that slow every step may free (offload, pause): the
+                # bytes over the high watermark and what stalled sequences need, never
+                # the next admission's (one request in, many running ones out)
+                stream = max(used - int(p.high_watermark * budget), snapshot.stalled_bytes)
                 out += self._relieve(snapshot, p, over(self.relief_mark(snapshot, p, budget)),
-                                     frac, bus, over(p.high_watermark))
+                                     frac, bus, over(p.high_watermark), stream)
             elif frac < self.restore_mark(p):
                 self._restore(snapshot, p, frac, int(self.restore_mark(p) * budget) - used)
         except Exception:  # a policy bug must not take the telemetry thread down
@@ -326,8 +330,8 @@ class Controller:
         return out + self._collect()
 
     def _relieve(self, snapshot, p: PolicyView, need: int, frac: float,
-                 bus, floor: int | None = None) -> list[Decision]:
-        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus, floor)
+                 bus, floor: int | None = None, stream: int | None = None) -> list[Decision]:
+        moves = self.loop.plan_relief(snapshot, need, p.profile, p.pins, bus, floor, stream)
         if not moves:
             if self._unmet or self.loop.num_resting:
                 return []     # said so already, or a sequence moved recently may move again

@@ -350,6 +350,7 @@ class EngineSnapshot:
     num_running: int
     num_stalled: int
     pressure_bytes: int   # bytes the engine would need now to run every admitted sequence
+                          # and admit the next waiting request
     tokens_per_s: float
     format_bytes: dict[str, int] = field(default_factory=dict)  # one block, all layers
     num_sink_blocks: int = 1
@@ -357,6 +358,8 @@ class EngineSnapshot:
     max_positions: int = 0  # the model's context (tokens)
     num_preemptions: int = 0  # since start: sequences swapped out or dropped for room
     num_paused: int = 0       # since start: running sequences paused by a Pause move
+    stalled_bytes: int = 0    # of pressure_bytes, what the stalled sequences need (a block
+                              # to grow into; a prompt's least chunk): the queue's aside
     num_step_failures: int = 0  # steps that raised (their sequences ended in error)
     staging_bytes: int = 0  # per layer: what one step may stream of offloaded blocks
     graphs: dict = field(default_factory=dict)  # CUDA graph counters (engine/cuda_graphs.py)

@@ -78,6 +78,7 @@ def build(engine, version: int) -> EngineSnapshot:
             pressure += full_block * max(1, st.blocks_for(chunk))
         state = "stalled" if s.stalled else s.state
         seqs.append(sequence_view(engine, s, state))
+    stalled = pressure         # the running sequences' own need, the queue's aside
     head, admission = "", {}
     if engine.waiting:
         s = engine._next_waiting()
@@ -98,6 +99,7 @@ def build(engine, version: int) -> EngineSnapshot:
         engine.tokens_per_s(), {f: st.block_bytes(KVFormat.parse(f)) for f in FORMATS},
         st.num_sink_blocks, version=version, max_positions=engine.max_positions,
         num_preemptions=engine.num_preemptions, num_paused=engine.num_paused,
+        stalled_bytes=stalled,
         num_step_failures=engine.num_step_failures,
         staging_bytes=st.staging_half,
         graphs=dict(vars(engine.runner.graphs.stats) if engine.runner.graphs else {},

@@ -763,3 +763,33 @@ def test_a_burst_on_a_gpu_bus_pauses_rather_than_streams():
         assert not any("offload_topk" in d.action for d in c.log.recent()), kinds
     finally:
         e.stop()
+
+
+def test_a_waiting_request_is_not_admitted_by_pausing_running_ones(eng):
+    """While a sequence is stalled and a request waits, the pressure holds both needs;
+    moves that slow every step (here: pauses) go only to the stalled bytes and the
+    excess over the high watermark (``stream``), never to the admission: an H100 run
+    paused 22 sequences at once for one waiting request. Without the limit the same
+    plan pauses for the whole need."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    fill(eng, n_seqs=4)
+    c = controller(eng, frac_used=1.0)
+    c.loop.min_interval_s = 0.0
+    stats = {"num_graphs": 3, "num_replays": 10, "num_eager": 0, "replay_step_s": 0.020,
+             "topk_step_s": 0.150, "topk_rows": 10.0}
+    snap = replace(eng.handle.snapshot(), device="cuda:0", graphs=stats, num_waiting=1,
+                   num_stalled=1)
+    gpu = sum(v.bytes_by_tier.get("gpu", 0) for v in snap.sequences)
+    # compression frees nothing here: only pauses and offloads are on offer
+    c.loop.allowed = lambda pin, profile: ("offload_exact",)
+    need = gpu * 3 // 4
+    one = max(v.bytes_by_tier.get("gpu", 0) for v in snap.sequences)
+
+    def pauses(stream):
+        moves = c.loop.plan_relief(snap, need, "balanced", {}, Bus.of(snap), need, stream)
+        return [m for m in moves if m.candidate.kind == "pause"]
+    assert sum(m.candidate.freed_bytes for m in pauses(None)) >= need
+    small = pauses(one // 2)
+    assert len(small) == 1 and small[0].candidate.freed_bytes >= one // 2
