@@ -1176,9 +1176,10 @@ class Engine(OfflineMixin, SessionsMixin):
         a = actions[0]
         if len(actions) != 1:
             raise ActionError("Pause is a candidate of its own")
-        s = self.seqs[a.seq_id]
-        if s.state != DECODE or s not in self.running:
-            raise ActionError(f"{a.seq_id} is {s.state}: only a decoding sequence can be "
+        s = self.seqs.get(a.seq_id)       # an idle session's sequence is not in seqs
+        if s is None or s.state != DECODE or s not in self.running:
+            state = s.state if s is not None else "an idle session"
+            raise ActionError(f"{a.seq_id} is {state}: only a decoding sequence can be "
                               "paused")
         if len(self.running) < 2:
             raise ActionError(f"{a.seq_id} runs alone: pausing it frees room for nothing "

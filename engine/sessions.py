@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from engine import moves
 from engine.actions import ActionError
 from engine.api import Request
+from engine.arena import OutOfBlocks
 from engine.layout import FULL
 from engine.prefix import block_digests, key_of
 from engine.sequence import IDLE, PREFILL, Sequence
@@ -101,7 +102,15 @@ class SessionsMixin:
         if sess is not None and sess.holder in self.idle:
             self._drop_idle(sess.holder)    # what this turn matched is its own now
         matched = self._settle_reused(s, len(entries))
-        store.reserve(sid, max(0, first - matched * T))
+        try:
+            store.reserve(sid, max(0, first - matched * T))
+        except OutOfBlocks:
+            # the room was made for the match as found; settling it may cut it (blocks
+            # on the host no staging can stream) or fetch blocks into that room. Found
+            # by the prefix fuzz: the error escaped the step and left the sequence's
+            # KV entry behind, so its next admission failed for good
+            store.free_sequence(sid)
+            return False
         s.num_prefilled = matched * T
         s.block_hashes = digests[:matched]
         if not s.num_preemptions:

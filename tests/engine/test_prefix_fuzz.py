@@ -1,5 +1,5 @@
-"""Random interleavings of requests with shared prefixes, sessions, moves, forks and
-releases: every slot is held exactly by the sequences naming it (or the index, cached),
+"""Random interleavings of requests with shared prefixes, sessions, moves (pauses
+included), forks and releases: every slot is held exactly by the sequences naming it (or the index, cached),
 and nothing is left once everything ends (issue 16)."""
 import random
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.actions import ActionError, DropSession, Evict, Fetch, Offload, Quantize
+from engine.actions import ActionError, DropSession, Evict, Fetch, Offload, Pause, Quantize
 from engine.api import Request, SamplingParams
 from engine.arena import OutOfBlocks
 from engine.engine import Engine, EngineConfig
@@ -21,7 +21,8 @@ op = st.one_of(
               st.sampled_from([None, "a", "b"])),
     st.tuples(st.just("step"), st.integers(1, 4)),
     st.tuples(st.just("move"), st.sampled_from(["q8", "q4", "off", "fetch", "evict",
-                                                "park", "drop"]), st.integers(0, 10 ** 6)),
+                                                "park", "drop", "pause"]),
+              st.integers(0, 10 ** 6)),
     st.tuples(st.just("fork"), st.integers(0, 10 ** 6)),
     st.tuples(st.just("cancel"), st.integers(0, 10 ** 6)),
 )
@@ -78,7 +79,7 @@ def run_ops(eng, ops):
             a = {"q8": Quantize(sid, idx, 8), "q4": Quantize(sid, idx, 4),
                  "off": Offload(sid, idx), "fetch": Fetch(sid, idx),
                  "evict": Evict(sid, idx), "park": Evict(sid, idx, park=True),
-                 "drop": DropSession(sid)}[o[1]]
+                 "drop": DropSession(sid), "pause": Pause(sid)}[o[1]]
             try:
                 eng.handle.apply(a)
             except ActionError:
@@ -135,5 +136,34 @@ def test_requantizing_a_group_into_its_own_freed_pages_keeps_the_index():
             run_ops(e, ops)
             p = e.store.prefix
             assert all(p.by_key.get(x.key) is x for x in p.by_hash.values())
+    finally:
+        e.stop()
+
+
+# found by the fuzz (with pauses among its moves, 2026-12-07): an admission whose shared
+# match was settled (cut, or fetched into the room made for it) past the room made for it
+# raised OutOfBlocks out of the step and left the sequence's KV entry behind; every
+# later step then failed admitting it ("sequence ... already exists")
+SETTLED_PAST_ITS_ROOM = [
+    ('submit', 1, 2, 3, 'a'), ('fork', 1142), ('submit', 1, 7, 2, 'a'), ('fork', 612549),
+    ('step', 1), ('fork', 44608), ('submit', 1, 25, 8, 'b'), ('move', 'off', 36323),
+    ('cancel', 7501), ('step', 1), ('cancel', 258), ('move', 'evict', 1486), ('fork', 307),
+    ('fork', 1276), ('fork', 3796), ('move', 'q4', 1), ('submit', 1, 24, 7, 'b'),
+    ('move', 'fetch', 390), ('submit', 2, 9, 4, 'a'), ('cancel', 351), ('step', 2),
+    ('cancel', 93256), ('step', 3), ('submit', 1, 27, 7, None), ('cancel', 2250),
+    ('cancel', 3051), ('submit', 0, 16, 6, 'a'), ('step', 2), ('step', 3),
+    ('move', 'off', 36323), ('step', 2), ('cancel', 361), ('step', 2), ('fork', 151751),
+    ('fork', 1221), ('fork', 387883), ('fork', 91), ('move', 'q4', 2530), ('step', 1),
+    ('fork', 1745)]
+
+
+def test_an_admission_settled_past_its_room_waits_instead_of_failing_the_step():
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=4,
+                            kv_budget_bytes=96 << 10, host_budget_bytes=64 << 10,
+                            page_bytes=4096, max_batch_tokens=48, observe_window=4,
+                            preempt_after_s=0.0))
+    try:
+        run_ops(e, SETTLED_PAST_ITS_ROOM)
+        assert e.num_step_failures == 0
     finally:
         e.stop()
