@@ -1,6 +1,6 @@
 """Random interleavings of requests with shared prefixes, sessions, moves (pauses
-included), forks and releases: every slot is held exactly by the sequences naming it (or the index, cached),
-and nothing is left once everything ends (issue 16)."""
+included), forks and releases: every slot is held exactly by the sequences naming it
+(or the index, cached), and nothing is left once everything ends (issue 16)."""
 import random
 
 import pytest
