@@ -483,6 +483,24 @@ def test_room_for_waiting_requests_is_not_bought_with_step_time(eng):
         replace(snap, num_waiting=3), {ids[0]: 1 << 30}, "balanced", {}, Bus.none())[ids[0]]}
 
 
+def _burst(e, c, bus, max_tokens: int, limit: int = 4000) -> set:
+    """Ten 200-token requests at once, the controller ticking after every step until
+    all finish (at most ``limit`` steps); the finish reasons (every one must finish)."""
+    done = {}
+    for i in range(10):
+        e.submit(Request(prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
+                         sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
+                 lambda ev: done.__setitem__(ev.seq_id, ev.reason)
+                 if hasattr(ev, "reason") else None)
+    for _ in range(limit):
+        if len(done) == 10:
+            break
+        e.step()
+        c._tick(e.handle.snapshot(), bus)
+    assert len(done) == 10, f"{len(done)} of 10 finished in {limit} steps"
+    return set(done.values())
+
+
 @pytest.mark.parametrize("on_bus", [True, False])
 def test_a_queue_on_a_bus_is_served_without_streaming_offloads(on_bus):
     """A burst of requests past the budget, the controller ticking after every step: on a
@@ -504,18 +522,7 @@ def test_a_queue_on_a_bus_is_served_without_streaming_offloads(on_bus):
                 while_queued.extend(m for m in moves if m.candidate.kind == "offload")
             return moves
         c.loop.plan_relief = spy
-        done = {}
-        for i in range(10):
-            e.submit(Request(prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
-                             sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
-                     lambda ev: done.__setitem__(ev.seq_id, ev.reason)
-                     if hasattr(ev, "reason") else None)
-        for _ in range(4000):
-            if len(done) == 10:
-                break
-            e.step()
-            c._tick(e.handle.snapshot(), bus)
-        assert len(done) == 10 and set(done.values()) == {"length"}
+        assert _burst(e, c, bus, max_tokens=30) == {"length"}
         assert planned                                   # the budget did bite
         if on_bus:
             assert while_queued == []
@@ -746,18 +753,7 @@ def test_a_burst_on_a_gpu_bus_pauses_rather_than_streams():
     try:
         c = arena_controller(e)
         bus = Bus(55.3e9, 0.0, "a GPU's PCIe", 0.030, 0.010, 0.020)
-        done = {}
-        for i in range(10):
-            e.submit(Request(prompt_ids=[(11 * i + j) % 300 + 1 for j in range(200)],
-                             sampling=SamplingParams(max_tokens=60, ignore_eos=True)),
-                     lambda ev: done.__setitem__(ev.seq_id, ev.reason)
-                     if hasattr(ev, "reason") else None)
-        for _ in range(6000):
-            if len(done) == 10:
-                break
-            e.step()
-            c._tick(e.handle.snapshot(), bus)
-        assert len(done) == 10 and set(done.values()) == {"length"}
+        assert _burst(e, c, bus, max_tokens=60, limit=6000) == {"length"}
         kinds = c.log.counts
         assert kinds["pause"] > 0 and e.num_paused == kinds["pause"], kinds
         assert not any("offload_topk" in d.action for d in c.log.recent()), kinds

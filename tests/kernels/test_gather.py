@@ -61,7 +61,10 @@ def _runs_case(seed, layers=3, src_row=4096, dst_row=8192 + 64):
     dst = torch.full((layers, dst_row), 7, dtype=torch.uint8)
     runs = [(0, 8192 - 1024, 1024), (1024, 64, 8), (2048, 4096, 16 * 37),
             (3072, 128, 8 * 13)]
-    return src, dst, runs
+    want = dst.clone()                  # each run of each layer copied on its own
+    for s, d, n in runs:
+        want[:, d:d + n] = src[:, s:s + n]
+    return src, dst, runs, want
 
 
 def test_runs_become_pieces_of_every_layer(monkeypatch):
@@ -70,10 +73,7 @@ def test_runs_become_pieces_of_every_layer(monkeypatch):
     copies run by run)."""
     from engine.kernels import gather
     monkeypatch.setattr(gather, "RUN_PIECE", 256)
-    src, dst, runs = _runs_case(3)
-    want = dst.clone()
-    for s, d, n in runs:
-        want[:, d:d + n] = src[:, s:s + n]
+    src, dst, runs, want = _runs_case(3)
     so, do, nb = gather.run_pieces(runs, 3, src.stride(0), dst.stride(0))
     assert int(nb.max()) <= 256 and int(nb.sum()) == 3 * sum(n for *_, n in runs)
     got = dst.clone()
@@ -90,10 +90,7 @@ def test_run_pieces_through_the_kernel_interpreted(monkeypatch):
     from engine.kernels import gather
     from engine.kernels.gather_triton import WORDS, _gather_kernel
     monkeypatch.setattr(gather, "RUN_PIECE", 256)
-    src, dst, runs = _runs_case(5)
-    want = dst.clone()
-    for s, d, n in runs:
-        want[:, d:d + n] = src[:, s:s + n]
+    src, dst, runs, want = _runs_case(5)
     so, do, nb = gather.run_pieces(runs, 3, src.stride(0), dst.stride(0))
     got = dst.clone()
     _gather_kernel[(so.numel(), triton.cdiv(256 // 8, WORDS))](
@@ -107,10 +104,7 @@ def test_run_pieces_through_the_kernel_interpreted(monkeypatch):
 def test_copy_runs_between_device_and_pinned_host(monkeypatch, to_host):
     from engine.kernels import gather
     monkeypatch.setattr(gather, "RUN_PIECE", 256)
-    src, dst, runs = _runs_case(7)
-    want = dst.clone()
-    for s, d, n in runs:
-        want[:, d:d + n] = src[:, s:s + n]
+    src, dst, runs, want = _runs_case(7)
     src = src.cuda() if to_host else src.pin_memory()
     dst = dst.pin_memory() if to_host else dst.cuda()
     assert gather.copy_runs(src, dst, runs, 3)
