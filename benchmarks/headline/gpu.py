@@ -13,7 +13,15 @@ policy loop, per config:
         --dtype bfloat16 --kv-budget-gb 20 --pressure 4 --out gpu-out      # a GPU
     python -m benchmarks.headline.gpu --smoke                              # CPU, seconds
 
-NOT YET RUN ON A GPU: only the CPU smoke path (random:tiny) has run (docs/BENCHMARKS.md).
+Runs on GPUs are in docs/BENCHMARKS.md (H100, sections "Speed side ...").
+
+What the moves cost in output (``--fidelity``): the same requests run first with no
+pressure (no controller, a budget twice the demand), and each config's greedy outputs
+are compared with those: per request, the share of its tokens before the first one that
+differs, and the share of requests identical throughout. Meaningful with real weights
+and text prompts (``--model default --text``: the default model on the stdlib's
+``pydoc_data.topics``, CPU-sized with ``--max-context 2048``); on random weights a
+perturbed cache flips near-uniform argmaxes at once.
 
 Workload: requests drawn from a fixed-seed mix until their prompt + output tokens at
 full precision reach ``pressure`` x the budget: chat (50%: 3-6% of --max-context prompt,
@@ -71,6 +79,43 @@ def workload(max_context: int, demand_bytes: int, token_bytes: int, vocab: int,
         out.append(([rng.randrange(vocab) for _ in range(n_prompt)], n_new))
         total += (n_prompt + n_new) * token_bytes
     return out
+
+
+def text_prompts(reqs: list[tuple[list[int], int]], model: str, seed: int
+                 ) -> list[tuple[list[int], int]]:
+    """``reqs`` with each prompt replaced by a window of the stdlib's pydoc_data.topics
+    of the same length (tokenized by ``model``'s tokenizer), at a seeded offset."""
+    import pydoc_data.topics as t
+    from transformers import AutoTokenizer
+
+    from engine.models import DEFAULT_MODEL, default_model_dir
+    path = default_model_dir() if model == DEFAULT_MODEL else model
+    ids = AutoTokenizer.from_pretrained(str(path))(" ".join(t.topics.values()))["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for p, n in reqs:
+        if len(p) >= len(ids):
+            raise SystemExit(f"a {len(p)}-token prompt is longer than the text "
+                             f"({len(ids)} tokens): lower --max-context")
+        at = rng.randrange(len(ids) - len(p))
+        out.append((ids[at:at + len(p)], n))
+    return out
+
+
+def fidelity(outputs: dict[str, list[int]], reference: dict[str, list[int]]) -> dict:
+    """How far each request's greedy output follows the unpressured one: the mean share
+    of its tokens before the first difference, and the share identical throughout."""
+    shares, same = [], 0
+    for sid, ref in reference.items():
+        got = outputs.get(sid)
+        if not ref or got is None:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
+        shares.append(k / len(ref))
+        same += got == ref
+    n = len(shares)
+    return dict(requests=n, prefix_share=sum(shares) / n if n else float("nan"),
+                identical=same / n if n else float("nan"))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -273,6 +318,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                budget_bytes=budget, requests=len(reqs), refused=refused,
                finished=dict(reasons), lost=len(lost) + len(errors), unfinished=len(lost),
                errors=len(errors), wall_s=wall, steps=last.step - step0,
+               outputs={sid: list(ev.token_ids) for sid, ev in finished.items()},
                tokens=tokens, tokens_per_s=tokens / wall if wall else 0.0,
                tpot_p50_ms=_pct(gaps, 0.5) * 1e3, tpot_p99_ms=_pct(gaps, 0.99) * 1e3,
                ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),
@@ -352,6 +398,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                    f"OOM {r['ooms']}, lost {r['lost']}: "
                    + ("Pareto-dominates" if dom else "does NOT dominate"))
     for r in rows:
+        f = r.get("fidelity")
+        if f:
+            out.append(f"- {r['config']}: greedy outputs against the unpressured run: "
+                       f"{f['prefix_share']:.1%} of a request's tokens before its first "
+                       f"difference (mean of {f['requests']}), {f['identical']:.1%} of "
+                       "requests identical")
+    for r in rows:
         if r.get("predictor_calls") and r.get("predictor") == "heuristic":
             # the shipped artifacts are trained on a real model's traces; a random-weight
             # model has none, so every move is the heuristic's: not the issue's metric
@@ -409,6 +462,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="headline-gpu-out")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="run the requests unpressured first and compare every config's "
+                         "greedy outputs with those (module docstring)")
+    ap.add_argument("--text", action="store_true",
+                    help="prompts from pydoc_data.topics instead of random ids (a real "
+                         "model: --model default)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run in seconds: random:tiny, 512-token context, 2 MiB KV "
                          "budget, 10 MiB host tier")
@@ -424,24 +483,40 @@ def main(argv: list[str] | None = None) -> None:
     budget = int(a.kv_budget_gb * (1 << 30))
     from engine.layout import FULL, BlockGeometry
     from engine.models import RANDOM_CONFIGS, resolve_dtype
-    shape = RANDOM_CONFIGS[a.model.split(":", 1)[1]] if a.model.startswith("random:") else None
+    from engine.models import DEFAULT_MODEL
+    shape = (RANDOM_CONFIGS[a.model.split(":", 1)[1]] if a.model.startswith("random:") else
+             RANDOM_CONFIGS["smollm2-135m"] if a.model == DEFAULT_MODEL else None)
     if shape is None:
-        raise SystemExit("the speed side runs random-weight shapes (random:llama3-8b)")
+        raise SystemExit("the speed side runs random-weight shapes (random:llama3-8b) or "
+                         "the default model (--model default)")
     geom = BlockGeometry(32, shape["num_key_value_heads"], shape["head_dim"],
                          resolve_dtype(a.dtype, torch.device(a.device)))
     token_bytes = geom.slot_bytes(FULL) * shape["num_hidden_layers"] // 32
     reqs = workload(a.max_context, int(pressures[0] * budget), token_bytes,
                     shape["vocab_size"], a.seed, a.new_scale)
+    if a.text:
+        reqs = text_prompts(reqs, a.model, a.seed)
     demand = sum(len(p) + n for p, n in reqs) * token_bytes
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    reference = None
+    if a.fidelity:          # the same requests with no pressure: what the outputs should be
+        t0 = time.time()
+        ref = run_config(a, "none", reqs, 2 * demand)
+        release_engine()
+        reference = ref["outputs"]
+        print(f"[{time.time() - t0:.0f}s] reference (no pressure): {len(reference)} of "
+              f"{len(reqs)} finished, {ref['tokens_per_s']:.1f} tok/s", file=sys.stderr,
+              flush=True)
     for pr in pressures:
         for cfg in [c for c in a.configs.split(",") if c]:
             t0 = time.time()
             rows.append(run_config(a, cfg, reqs, int(demand / pr)) | dict(pressure=pr))
             release_engine()
             r = rows[-1]
+            if reference is not None:
+                r["fidelity"] = fidelity(r["outputs"], reference)
             print(f"[{time.time() - t0:.0f}s] {pr}x {cfg}: {r['tokens_per_s']:.1f} tok/s, "
                   f"TPOT p99 {r['tpot_p99_ms']:.1f} ms, preemptions {r['preemptions']}, "
                   f"OOMs {r['ooms']}, lost {r['lost']}, warm-up {r['warmup_s']} s "

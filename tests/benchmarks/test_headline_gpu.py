@@ -7,7 +7,7 @@ from benchmarks.headline import gpu
 
 def test_gpu_workload_smoke(tmp_path):
     cfgs = ["none", "adaptive:balanced", "quantize_int4"]
-    gpu.main(["--smoke", "--configs", ",".join(cfgs), "--out", str(tmp_path)])
+    gpu.main(["--smoke", "--fidelity", "--configs", ",".join(cfgs), "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert [r["config"] for r in res["rows"]] == cfgs
     assert all(r["budget_bytes"] * 4 <= res["meta"]["demand_gb"] * 1e9 * 1.001
@@ -31,12 +31,24 @@ def test_gpu_workload_smoke(tmp_path):
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"| {c} |" in md for c in cfgs)
     assert "Where the engine thread's time went" in md
+    # each config's outputs against the same requests run unpressured first
+    for r in res["rows"]:
+        f = r["fidelity"]
+        assert f["requests"] == len(r["outputs"]) and 0 <= f["identical"] <= f["prefix_share"] <= 1
+    assert md.count("greedy outputs against the unpressured run") == len(cfgs)
     assert "| paused |" in md and all(r["paused"] >= 0 for r in res["rows"])
     # random weights have no learned artifact: the table names the heuristic instead of
     # counting its every move as a fallback; with the learned one it counts fallbacks
     assert ad["predictor"] == "heuristic" and "adaptive:balanced: heuristic predictor (" in md
     learned = gpu.markdown(res["meta"], [dict(r, predictor="learned") for r in res["rows"]])
     assert "adaptive:balanced: learned-predictor fallbacks" in learned
+
+
+def test_fidelity_counts_tokens_before_the_first_difference():
+    ref = {"a": [1, 2, 3, 4], "b": [5, 6], "c": [7]}
+    f = gpu.fidelity({"a": [1, 2, 9, 4], "b": [5, 6], "c": [8], "d": [1]}, ref)
+    assert f == dict(requests=3, prefix_share=(0.5 + 1.0 + 0.0) / 3, identical=1 / 3)
+    assert gpu.fidelity({}, ref)["requests"] == 0       # nothing finished: no figure
 
 
 def test_policy_tick_plans_moves_for_every_sequence(capsys):
