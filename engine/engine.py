@@ -340,9 +340,14 @@ class Engine(OfflineMixin, SessionsMixin):
     def prompt_fits(self, num_tokens: int, fmt: KVFormat = FULL) -> bool:
         """Whether the prompt's KV plus one block to grow into (what ``_admit`` needs
         room for at once) fits the GPU tier at all: prefill writes the whole prompt there
-        before any move can run (at full precision, or in its fill format ``fmt``)."""
-        need = self._admission_bytes(num_tokens, fmt)
-        return need <= self.store.arenas[GPU].capacity_bytes
+        before any move can run (at full precision, or in its fill format ``fmt``). By
+        whole pages, as admission takes them: each slot size fills pages of its own, so
+        a fill format's blocks and its full-precision chunk can fit an empty tier by
+        bytes and never by pages (accepted on bytes, such a request waited forever)."""
+        alloc = self.store.arenas[GPU].alloc
+        slots = self._prompt_slots(self.store.blocks_for(num_tokens) + 1, fmt)
+        return sum(-(-n // alloc.slots_per_page(sl)) for sl, n in slots.items()) \
+            <= alloc.num_pages
 
     def _admission_bytes(self, num_tokens: int, fmt: KVFormat = FULL) -> int:
         """Bytes ``_admit`` needs room for at once for a prompt: its blocks plus one to
@@ -373,8 +378,9 @@ class Engine(OfflineMixin, SessionsMixin):
         if not self.prompt_fits(len(ids), fmt):
             raise OutOfBlocks(f"prompt of {len(ids)} tokens needs "
                               f"{self._admission_bytes(len(ids), fmt)} bytes of KV "
-                              f"({'full precision' if fmt == FULL else fmt.name}); "
-                              f"the GPU tier holds "
+                              f"({'full precision' if fmt == FULL else fmt.name}"
+                              f"{'' if fmt == FULL else ' and a prefill chunk at full'}, in "
+                              f"whole pages of each slot size); the GPU tier holds "
                               f"{self.store.arenas[GPU].capacity_bytes}")
         with self._ids_lock:
             if self._stop:
