@@ -78,6 +78,12 @@ class PolicyLoop:
     slice_s: float = 0.002
     duty: float = 0.25
     _slice_start: float = 0.0
+    # room for waiting requests bought only with formats at least this good (and no
+    # eviction), None: any move the profile allows. An experiment, off by default: on
+    # the default model under a queue at 4x, adaptive's admissions (evictions, k4v2)
+    # left its greedy outputs further from the unpressured ones than fixed int4's
+    # (docs/BENCHMARKS.md, "What adaptive's admissions cost in output")
+    admission_floor: str | None = None
 
     def _pace(self) -> None:
         """Between two sequences of a plan: rest once a slice of planning has run."""
@@ -140,6 +146,7 @@ class PolicyLoop:
         streaming = queued and (bus is None or bus.bytes_per_s is not None)
         items: list[tuple[object, Candidate]] = []
         self._slice_start = time.perf_counter()
+        floor = self.admission_floor if queued else None
         for seq in snapshot.sequences:
             target = targets.get(seq.seq_id)
             if target is None:
@@ -147,6 +154,8 @@ class PolicyLoop:
             self._pace()
             for name in self.allowed(pins.get(seq.seq_id), profile):
                 strat = strategies.get(name)
+                if floor is not None and strat is not None:
+                    strat = _above_floor(strat, floor)
                 if strat is None or self._refused.get((seq.seq_id, name)) == seq.num_tokens \
                         or (streaming and strat.kind == "offload"):
                     continue
@@ -296,6 +305,9 @@ class PolicyLoop:
         formats = {f for name in self.allowed(pins.get(sid), profile)
                    if (strat := strategies.get(name)) is not None
                    for f in strat.fill_formats}
+        if self.admission_floor is not None:
+            least = KVFormat.parse(self.admission_floor)
+            formats = {f for f in formats if _at_least(KVFormat.parse(f), least)}
         out = []
         for f in sorted(formats):
             fmt = KVFormat.parse(f)
@@ -424,6 +436,28 @@ class PolicyLoop:
             self._last_move[seq.seq_id] = now
             out.append(Restore(seq.seq_id, tuple(sorted(take)), actions))
         return out
+
+
+def _at_least(fmt: KVFormat, least: KVFormat) -> bool:
+    """Both sides keep at least ``least``'s bits (full precision counts as 16)."""
+    bits = lambda b: b or 16  # noqa: E731
+    return bits(fmt.k_bits) >= bits(least.k_bits) and bits(fmt.v_bits) >= bits(least.v_bits)
+
+
+def _above_floor(strat, floor: str):
+    """``strat`` as it may be used to admit waiting requests under ``admission_floor``:
+    a mixed-precision plan down to the floor without eviction; a fixed format or an
+    eviction below it: None (not offered); anything else as it is."""
+    from controller.strategies.cold_quantization import ColdQuantization
+    from controller.strategies.mixed_precision import MixedPrecision
+    least = KVFormat.parse(floor)
+    if isinstance(strat, MixedPrecision):
+        keep = tuple(f for f in strat.formats if _at_least(KVFormat.parse(f), least))
+        return MixedPrecision(formats=keep, evict=False, recent_blocks=strat.recent_blocks,
+                              variant=strat.variant) if keep else None
+    if isinstance(strat, ColdQuantization):
+        return strat if _at_least(strat.fmt, least) else None
+    return None if strat.kind == "evict" else strat
 
 
 def _shares(seqs: list, need: int) -> dict[str, int]:

@@ -7,7 +7,9 @@ policy loop, per config:
   vLLM-style preemption);
 * ``<strategy>``  — the policy loop with every request pinned to one registry strategy
   (an operator pin, set before the request is submitted): a fixed strategy;
-* ``adaptive:<profile>`` — the policy loop with the profile, no pins.
+* ``adaptive:<profile>`` — the policy loop with the profile, no pins;
+  ``adaptive:<profile>/<format>`` the same with room for waiting requests bought only
+  with formats at least that good and no eviction (``PolicyLoop.admission_floor``).
 
     python -m benchmarks.headline.gpu --model random:llama3-8b --device cuda \\
         --dtype bfloat16 --kv-budget-gb 20 --pressure 4 --out gpu-out      # a GPU
@@ -133,9 +135,15 @@ def controller_for(a, cfg: str, engine):
     policy = PolicyState(a.profile_default)
     if cfg == "none":
         return policy, None
-    policy.update(profile=cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
-                  else a.profile_default)
-    return policy, Controller(policy, DecisionLog(), engine.handle)
+    # 'adaptive:<profile>/<format>': room for waiting requests bought only with formats
+    # at least that good, no eviction (PolicyLoop.admission_floor, an experiment)
+    profile, _, floor = (cfg.split(":", 1)[1] if cfg.startswith("adaptive:")
+                         else a.profile_default).partition("/")
+    policy.update(profile=profile)
+    ctl = Controller(policy, DecisionLog(), engine.handle)
+    if floor:
+        ctl.loop.admission_floor = floor
+    return policy, ctl
 
 
 def release_engine() -> None:

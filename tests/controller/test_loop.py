@@ -789,3 +789,37 @@ def test_a_waiting_request_is_not_admitted_by_pausing_running_ones(eng):
     assert sum(m.candidate.freed_bytes for m in pauses(None)) >= need
     small = pauses(one // 2)
     assert len(small) == 1 and small[0].candidate.freed_bytes >= one // 2
+
+
+def test_an_admission_floor_buys_room_for_the_queue_with_int4_or_better_only(eng):
+    """``admission_floor='int4'``: while requests wait (and nothing is stalled), the
+    plans offered keep every block at int4 or better and evict nothing, and fixed
+    formats below int4 and evicting strategies are not offered; without a queue the
+    profile's plans are as before."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    from engine.actions import Evict, Quantize
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    c.loop.admission_floor = "int4"
+    snap = eng.handle.snapshot()
+    queued = replace(snap, num_waiting=2, pressure_bytes=1 << 20)
+    strategies = ("mixed_precision", "quantize_k4v2", "quantize_int2", "quantize_int4",
+                  "heavy_hitter")
+    c.loop.allowed = lambda pin, profile: strategies
+
+    def offered(s):
+        return {m.candidate.strategy: m for m in c.loop._priced(
+            s, {ids[0]: 1 << 30}, "balanced", {}, Bus.none())[ids[0]]}
+    q = offered(queued)
+    assert set(q) == {"mixed_precision", "quantize_int4"}
+    acts = [a for p in q["mixed_precision"].candidate.parts or [q["mixed_precision"].candidate]
+            for a in p.actions]
+    assert acts and not any(isinstance(a, Evict) for a in acts)
+    assert all(isinstance(a, Quantize) and a.bits >= 4 and (a.v_bits or a.bits) >= 4
+               for a in acts)
+    free = offered(snap)                                   # no queue: as before
+    assert {"quantize_k4v2", "quantize_int2", "heavy_hitter"} <= set(free)
+    assert any(isinstance(a, Evict) for p in free["mixed_precision"].candidate.parts
+               for a in p.actions)
