@@ -27,6 +27,8 @@ from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor
 from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
+from controller.strategies.cold_quantization import ColdQuantization
+from controller.strategies.mixed_precision import MixedPrecision
 from engine.actions import DropSession, Fetch, KVFormat, Pause, SetDecodeMode, SetFillFormat
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
@@ -183,14 +185,12 @@ class PolicyLoop:
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
                                          p.latency_s, p.source, total, seq.num_tokens))
         if not queued:
-            for m in self._pauses(snapshot, targets, profile, pins, bus, ctx):
-                m.total = m.latency_s * weight
-                m.cost = m.total / m.candidate.freed_bytes
+            for m in self._pauses(snapshot, targets, profile, pins, bus, ctx, weight):
                 out[m.candidate.seq_id].append(m)
         return out
 
     def _pauses(self, snapshot, targets: dict[str, int], profile: str, pins: dict[str, str],
-                bus, ctx: Context) -> list[Move]:
+                bus, ctx: Context, weight: float) -> list[Move]:
         """A pause for each decoding sequence in ``targets`` whose allowed strategies
         include an offload, on an engine with a bus (a GPU): every GPU block of it swapped
         to host memory (nothing lost) and no more steps for it until it fits again
@@ -217,7 +217,9 @@ class PolicyLoop:
             cand = Candidate("pause", seq.seq_id, (Pause(seq.seq_id),),
                              tuple(b.index for b in seq.blocks if b.tier == "gpu"), gpu,
                              True, "pause")
-            out.append(Move(cand, 0.0, 0.0, per_row, "step time", 0.0, seq.num_tokens))
+            total = per_row * weight
+            out.append(Move(cand, total / gpu, 0.0, per_row, "step time", total,
+                            seq.num_tokens))
         return out
 
     def candidates(self, snapshot, need: int, profile: str, pins: dict[str, str],
@@ -448,8 +450,6 @@ def _above_floor(strat, floor: str):
     """``strat`` as it may be used to admit waiting requests under ``admission_floor``:
     a mixed-precision plan down to the floor without eviction; a fixed format or an
     eviction below it: None (not offered); anything else as it is."""
-    from controller.strategies.cold_quantization import ColdQuantization
-    from controller.strategies.mixed_precision import MixedPrecision
     least = KVFormat.parse(floor)
     if isinstance(strat, MixedPrecision):
         keep = tuple(f for f in strat.formats if _at_least(KVFormat.parse(f), least))

@@ -65,12 +65,14 @@ class SlabAllocator:
     def can_allocate(self, slot_bytes: int, n: int = 1) -> bool:
         return self.free_slots(slot_bytes) >= n
 
+    def fresh_pages(self, slot_bytes: int, n: int) -> int:
+        """Pages n slots of this size fill when none of its pages has a free slot."""
+        return -(-n // self.slots_per_page(slot_bytes))
+
     def pages_needed(self, slot_bytes: int, n: int) -> int:
         """Fresh pages that allocating n slots of this size would take."""
         partial = sum(len(self._page_free[p]) for p in self._partial.get(slot_bytes, ()))
-        rest = max(0, n - partial)
-        per = self.slots_per_page(slot_bytes)
-        return -(-rest // per)
+        return self.fresh_pages(slot_bytes, max(0, n - partial))
 
     def pages_short(self, slot_bytes: int, n: int) -> int:
         """Fresh pages that allocating n slots of this size needs beyond the free ones."""

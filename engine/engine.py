@@ -346,8 +346,7 @@ class Engine(OfflineMixin, SessionsMixin):
         bytes and never by pages (accepted on bytes, such a request waited forever)."""
         alloc = self.store.arenas[GPU].alloc
         slots = self._prompt_slots(self.store.blocks_for(num_tokens) + 1, fmt)
-        return sum(-(-n // alloc.slots_per_page(sl)) for sl, n in slots.items()) \
-            <= alloc.num_pages
+        return sum(alloc.fresh_pages(sl, n) for sl, n in slots.items()) <= alloc.num_pages
 
     def _admission_bytes(self, num_tokens: int, fmt: KVFormat = FULL) -> int:
         """Bytes ``_admit`` needs room for at once for a prompt: its blocks plus one to

@@ -374,11 +374,16 @@ def set_decode_mode(store: KVStore, seq_id: str, mode: str, top_k: int) -> None:
 
 # -- preemption: the engine's own moves, never a policy's --------------------------------
 
+def _swappable(store: KVStore, seq_id: str) -> list[Block]:
+    """The blocks a swap-out moves: every GPU block holding a slot (tail included)."""
+    return [b for b in store.seqs[seq_id].blocks if b.tier == GPU and b.offset >= 0]
+
+
 def swap_out(store: KVStore, seq_id: str) -> list[int]:
     """Every GPU block of a preempted sequence (tail included) to the host tier, as
     ``swapped``; returns their indices. Raises ActionError, changing nothing, when the
     host tier cannot hold them."""
-    blocks = [b for b in store.seqs[seq_id].blocks if b.tier == GPU and b.offset >= 0]
+    blocks = _swappable(store, seq_id)
     if blocks:
         _room(_host(store), blocks, store, "host")
         _move(store, blocks, GPU, HOST, SWAPPED)
@@ -387,7 +392,7 @@ def swap_out(store: KVStore, seq_id: str) -> list[int]:
 
 def check_swap_out(store: KVStore, seq_id: str) -> None:
     """ActionError unless the host tier has room for every GPU block of ``seq_id``."""
-    blocks = [b for b in store.seqs[seq_id].blocks if b.tier == GPU and b.offset >= 0]
+    blocks = _swappable(store, seq_id)
     if not blocks:
         raise ActionError(f"{seq_id} holds no GPU blocks to swap out")
     _room(_host(store), blocks, store, "host")
