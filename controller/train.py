@@ -2,6 +2,7 @@
 
     python -m controller.train record --out traces.jsonl [--model default] [--sequences N]
     python -m controller.train fit --traces traces.jsonl --out model.skops
+    python -m controller.train fit --traces long.jsonl --traces short.jsonl --out model.skops
 
 ``fit`` holds out whole sequences (moves of one sequence are correlated), fits a
 HistGradientBoostingRegressor on log10(KL + 1e-6) over the rest, reports the held-out
@@ -107,8 +108,29 @@ def scores(kl: np.ndarray, pred: np.ndarray, groups: np.ndarray,
 
 def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0,
         splits: int = 1) -> tuple[art.Artifact, dict]:
-    """Held-out scores averaged over ``splits`` random splits by sequence, then the
-    model refitted on every row."""
+    """A predictor of one member: held-out scores averaged over ``splits`` random splits
+    by sequence, then the model refitted on every row."""
+    a, reports = fit_members([rows], holdout, seed, splits)
+    return a, reports[0]
+
+
+def fit_members(groups: list[list[dict]], holdout: float = 0.25, seed: int = 0,
+                splits: int = 1) -> tuple[art.Artifact, list[dict]]:
+    """A predictor with one member per group of rows, in order (the first member that
+    holds a move in its ranges prices it), and each member's report."""
+    if not groups or not all(groups):
+        raise ValueError("every member needs trace rows")
+    if len({r["model"] for g in groups for r in g}) > 1:
+        raise ValueError("the trace files are of different models")
+    fitted = [_fit_member(g, holdout, seed, splits) for g in groups]
+    import sklearn
+
+    return (art.Artifact(groups[0][0]["model"], [m for m, _ in fitted],
+                         {"sklearn": sklearn.__version__}), [r for _, r in fitted])
+
+
+def _fit_member(rows: list[dict], holdout: float, seed: int,
+                splits: int) -> tuple[art.Member, dict]:
     X = np.array([vector(r["features"]) for r in rows])
     kl = np.array([float(r["kl"]) for r in rows])
     heur = np.array([float(r.get("heuristic", np.nan)) for r in rows])
@@ -138,14 +160,10 @@ def fit(rows: list[dict], holdout: float = 0.25, seed: int = 0,
     if report["splits"]:
         report["heldout_rows"] = round(report["heldout_rows"] / report["splits"])
     model = make_model(seed).fit(X, _target(kl))      # the shipped model sees every row
-    import sklearn
-
     info = {"trained_on": {k: report[k] for k in ("rows", "sequences")},
-            "heldout": {k: report[k] for k in ("learned", "heuristic") if k in report},
-            "sklearn": sklearn.__version__}
-    a = art.Artifact(model, rows[0]["model"], X.min(0), X.max(0),
-                     sorted({r["strategy"] for r in rows}), info)
-    return a, report
+            "heldout": {k: report[k] for k in ("learned", "heuristic") if k in report}}
+    return art.Member(model, X.min(0), X.max(0), sorted({r["strategy"] for r in rows}),
+                      info), report
 
 
 def print_report(rep: dict, out=sys.stdout) -> None:
@@ -184,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--prompts", default="text", choices=("text", "haystack"),
                    help="pydoc prose, or filler with two facts and a question (retrieval-shaped)")
     f = sub.add_parser("fit", help="fit the predictor on traces and save it")
-    f.add_argument("--traces", required=True, nargs="+", help="JSON-lines trace files")
+    f.add_argument("--traces", required=True, nargs="+", action="append",
+                   help="JSON-lines trace files; repeat --traces for a predictor of several "
+                        "members, one per --traces, the first that holds a move prices it")
     f.add_argument("--out", required=True, help="predictor file to write (.skops)")
     f.add_argument("--holdout", type=float, default=0.25, help="share of sequences held out")
     f.add_argument("--splits", type=int, default=5, help="held-out splits to average")
@@ -207,19 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--holdout must be in [0, 1), got {a.holdout}")
         if a.splits < 1:
             raise ValueError(f"--splits must be >= 1, got {a.splits}")
-        rows = []
-        for i, path in enumerate(a.traces):  # sequence ids stay distinct across files
-            for row in read_traces(path):
-                row["seq"] = i * 1_000_000 + int(row.get("seq", 0))
-                rows.append(row)
-        if len({r["model"] for r in rows}) > 1:
-            raise ValueError("the trace files are of different models")
-        artifact, rep = fit(rows, a.holdout, a.seed, a.splits)
+        groups = []
+        for paths in a.traces:
+            rows = []
+            for i, path in enumerate(paths):  # sequence ids stay distinct across files
+                for row in read_traces(path):
+                    row["seq"] = i * 1_000_000 + int(row.get("seq", 0))
+                    rows.append(row)
+            groups.append(rows)
+        artifact, reps = fit_members(groups, a.holdout, a.seed, a.splits)
         art.save(artifact, a.out)
         if a.json:
-            print(json.dumps(rep, indent=2))
+            print(json.dumps(reps[0] if len(reps) == 1 else reps, indent=2))
         else:
-            print_report(rep)
+            for k, (paths, rep) in enumerate(zip(a.traces, reps)):
+                if len(reps) > 1:
+                    print(f"member {k + 1} ({', '.join(paths)}):")
+                print_report(rep)
             print(f"saved the predictor for {artifact.model_id!r} to {a.out}")
         return 0
     except (ValueError, OSError) as e:

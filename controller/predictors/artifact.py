@@ -19,11 +19,13 @@ import numpy as np
 from controller.predictors.features import SCHEMA, SCHEMA_VERSION
 
 FORMAT = "kvctl-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: one or more members; a version 1 file (one model) loads too
+READS_VERSIONS = (1, 2)
 HEADER_NAME = "kvctl_header.json"
 KL_FLOOR = 1e-6             # the model fits log10(KL + KL_FLOOR)
 RANGE_SLACK = 0.25          # features may leave the trained [lo, hi] by this x span
 TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+_MEMBER_KEYS = ("feature_lo", "feature_hi", "strategies")
 
 
 class ArtifactError(ValueError):
@@ -31,13 +33,13 @@ class ArtifactError(ValueError):
 
 
 @dataclass
-class Artifact:
+class Member:
+    """One model and the feature ranges and strategies it was trained on."""
     model: object                     # sklearn HistGradientBoostingRegressor
-    model_id: str                     # engine model name the traces came from
     lo: np.ndarray                    # [F] trained feature minimum
     hi: np.ndarray                    # [F] trained feature maximum
     strategies: list[str]
-    info: dict = field(default_factory=dict)   # rows, held-out scores, versions
+    info: dict = field(default_factory=dict)   # rows, held-out scores
 
     def predict_kl(self, X: np.ndarray) -> np.ndarray:
         """X [n, F] in SCHEMA order -> predicted mean KL (nats), >= 0."""
@@ -48,12 +50,38 @@ class Artifact:
         slack = RANGE_SLACK * np.maximum(self.hi - self.lo, 0.2)
         return bool(np.all((x >= self.lo - slack) & (x <= self.hi + slack)))
 
+    def answers(self, strategy: str, x: np.ndarray) -> bool:
+        return strategy in self.strategies and self.in_range(x)
+
+    def header(self) -> dict:
+        return {"feature_lo": self.lo.tolist(), "feature_hi": self.hi.tolist(),
+                "strategies": self.strategies, **self.info}
+
+
+@dataclass
+class Artifact:
+    """A predictor file: one or more members, each fitted on its own traces (e.g. the
+    long sequences' and the short chat requests'). A move is priced by the first member
+    trained on its strategy whose feature ranges hold it; none: the heuristic answers.
+    Members apart keep each one's fit where its rows are: one model fitted on both moved
+    the long sequences' plans (docs/BENCHMARKS.md, the fourteenth session)."""
+    model_id: str                     # engine model name the traces came from
+    members: list[Member]
+    info: dict = field(default_factory=dict)   # versions
+
+    def member_for(self, strategy: str, x: np.ndarray) -> int | None:
+        """Index of the member that prices this move, None when none can."""
+        return next((i for i, m in enumerate(self.members) if m.answers(strategy, x)), None)
+
+    @property
+    def strategies(self) -> list[str]:
+        return sorted({s for m in self.members for s in m.strategies})
+
     def header(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "schema_version": SCHEMA_VERSION,
                 "features": list(SCHEMA), "model_id": self.model_id,
                 "target": f"log10(mean KL + {KL_FLOOR})",
-                "feature_lo": self.lo.tolist(), "feature_hi": self.hi.tolist(),
-                "strategies": self.strategies, **self.info}
+                "members": [m.header() for m in self.members], **self.info}
 
 
 def save(art: Artifact, path: str | Path) -> Path:
@@ -61,7 +89,7 @@ def save(art: Artifact, path: str | Path) -> Path:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    sio.dump(art.model, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+    sio.dump([m.model for m in art.members], tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
     with zipfile.ZipFile(tmp, "a") as z:
         z.writestr(HEADER_NAME, json.dumps(art.header(), indent=1))
     tmp.replace(path)
@@ -90,10 +118,11 @@ def read_header(path: str | Path) -> dict:
 def load(path: str | Path, model_id: str | None = None) -> Artifact:
     """Load and check a predictor file; ``model_id``: the model it must be for."""
     header = read_header(path)
-    if header.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} is predictor format version {header.get('version')}; "
-                            f"this kvctl reads version {FORMAT_VERSION}: retrain with "
-                            "`kvctl train`")
+    version = header.get("version")
+    if version not in READS_VERSIONS:
+        raise ArtifactError(f"{path} is predictor format version {version}; this kvctl "
+                            f"reads versions {', '.join(map(str, READS_VERSIONS))}: retrain "
+                            "with `kvctl train`")
     if header.get("schema_version") != SCHEMA_VERSION or header.get("features") != list(SCHEMA):
         raise ArtifactError(f"{path} was trained on feature schema "
                             f"v{header.get('schema_version')} {header.get('features')}; this "
@@ -112,15 +141,30 @@ def load(path: str | Path, model_id: str | None = None) -> Artifact:
     if refused:
         raise ArtifactError(f"{path} holds types kvctl does not trust: {refused}; refusing "
                             "to load it")
-    model = sio.load(path, trusted=[t for t in untrusted if t in TRUSTED_TYPES])
-    if not isinstance(model, HistGradientBoostingRegressor):
-        raise ArtifactError(f"{path} holds a {type(model).__name__}, not a "
-                            "HistGradientBoostingRegressor")
-    lo, hi = np.asarray(header["feature_lo"], float), np.asarray(header["feature_hi"], float)
-    if lo.shape != (len(SCHEMA),) or hi.shape != lo.shape:
-        raise ArtifactError(f"{path}: feature ranges do not match the schema")
+    obj = sio.load(path, trusted=[t for t in untrusted if t in TRUSTED_TYPES])
+    models = obj if isinstance(obj, list) else [obj]
+    for m in models:
+        if not isinstance(m, HistGradientBoostingRegressor):
+            raise ArtifactError(f"{path} holds a {type(m).__name__}, not a "
+                                "HistGradientBoostingRegressor")
+    heads = header.get("members") if version >= 2 else [header]
+    if not isinstance(heads, list) or not heads or len(heads) != len(models) \
+            or isinstance(obj, list) != (version >= 2):
+        raise ArtifactError(f"{path}: its header describes {len(heads or [])} members, "
+                            f"the archive holds {len(models)} models")
+    members = []
+    for m, h in zip(models, heads):
+        try:
+            lo, hi = np.asarray(h["feature_lo"], float), np.asarray(h["feature_hi"], float)
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: a member without feature ranges") from None
+        if lo.shape != (len(SCHEMA),) or hi.shape != lo.shape:
+            raise ArtifactError(f"{path}: feature ranges do not match the schema")
+        members.append(Member(m, lo, hi, list(h.get("strategies", [])),
+                              {k: v for k, v in h.items() if k not in _MEMBER_KEYS}
+                              if version >= 2 else
+                              {k: h[k] for k in ("trained_on", "heldout") if k in h}))
     info = {k: v for k, v in header.items() if k not in {
-        "format", "version", "schema_version", "features", "model_id", "target",
-        "feature_lo", "feature_hi", "strategies"}}
-    return Artifact(model, header["model_id"], lo, hi, list(header.get("strategies", [])),
-                    info)
+        "format", "version", "schema_version", "features", "model_id", "target", "members",
+        "trained_on", "heldout", *_MEMBER_KEYS}}
+    return Artifact(header["model_id"], members, info)

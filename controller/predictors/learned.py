@@ -7,6 +7,8 @@ the following tokens (nats); for small changes that is close to the heuristic's
 weights keep their meaning. Whenever the model cannot answer — no usable artifact, a
 strategy it never saw, features outside the range it was trained on — the heuristic
 answers instead and ``counters.FALLBACKS`` counts it (kvctl_predictor_fallbacks_total).
+A file may hold several members fitted on different traces (long sequences, short chat
+requests); the first that holds a move in its ranges prices it (artifact.Artifact).
 """
 from __future__ import annotations
 
@@ -108,24 +110,30 @@ class LearnedPredictor:
             self._fallback(len(items))
             return out
         # a plan made of parts (controller/strategies/mixed_precision.py) is priced as a
-        # whole where the model was trained on such plans and it is in range, else as the
-        # sum of its parts, each a move of a strategy the model was trained on; the model
+        # whole where a member was trained on such plans and holds it in range, else as
+        # the sum of its parts, each priced by the first member that holds it; the model
         # answers for the plan only if it answers for every part
-        def whole(s, c) -> bool:
-            return c.strategy in a.strategies and a.in_range(vector(candidate_features(s, c)))
-        rows = [(i, s, p) for i, (s, c) in enumerate(items)
-                for p in ((c,) if not c.parts or whole(s, c) else c.parts)]
-        X = np.array([vector(candidate_features(s, p)) for _, s, p in rows], dtype=np.float64)
-        good = [p.strategy in a.strategies and a.in_range(x) for (_, _, p), x in zip(rows, X)]
-        ok = set(range(len(items))) - {i for (i, _, _), g in zip(rows, good) if not g}
+        rows = []                     # (item, features, member or None)
+        for i, (s, c) in enumerate(items):
+            x = vector(candidate_features(s, c))
+            m = a.member_for(c.strategy, x)
+            if m is not None or not c.parts:
+                rows.append((i, x, m))
+                continue
+            for p in c.parts:
+                x = vector(candidate_features(s, p))
+                rows.append((i, x, a.member_for(p.strategy, x)))
+        ok = set(range(len(items))) - {i for i, _, m in rows if m is None}
         self._fallback(len(items) - len(ok))
-        if ok:
-            take = [j for j, (i, _, _) in enumerate(rows) if i in ok]
-            kl = dict.fromkeys(ok, 0.0)
-            for j, v in zip(take, a.predict_kl(X[take])):
-                kl[rows[j][0]] += float(v)
-            for i in ok:
-                out[i] = Prediction(kl[i], out[i].latency_s, self.name)
+        kl = dict.fromkeys(ok, 0.0)
+        for k, member in enumerate(a.members):
+            take = [(i, x) for i, x, m in rows if m == k and i in ok]
+            if take:
+                X = np.array([x for _, x in take], dtype=np.float64)
+                for (i, _), v in zip(take, member.predict_kl(X)):
+                    kl[i] += float(v)
+        for i in ok:
+            out[i] = Prediction(kl[i], out[i].latency_s, self.name)
         return out
 
     def predict(self, seq: SequenceView, cand: Candidate,

@@ -21,7 +21,7 @@ def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch)
     sid = None
     try:
         header = art.read_header(artifact_path(e.model_name))
-        assert header["model_id"] == e.model_name and header["trained_on"]["rows"] > 0
+        assert header["model_id"] == e.model_name and header["members"][0]["trained_on"]["rows"] > 0
         learned = predictor_for(e.model_name)
         assert isinstance(learned, LearnedPredictor) and learned.artifact is not None
         text = " ".join(list(t.topics.values())[20:40])
@@ -58,5 +58,56 @@ def test_shipped_artifact_ranks_a_cheap_move_below_an_expensive_one(monkeypatch)
         assert p_cheap.accuracy * 10 < p_heavy.accuracy
     finally:
         if sid is not None:
+            e.release(sid)
+        e.stop()
+
+
+@pytest.mark.model
+def test_shipped_artifact_prices_short_chat_requests(monkeypatch):
+    """A chat request of ~100 tokens (a few blocks, attention on all of them) lies
+    outside the long sequences' traces (1K-8K); the shipped file's second member,
+    fitted on short traces, prices its moves: every move the registry proposes for it
+    is priced by the model, none by the heuristic (the version-1 file fell back on
+    43-82% of the queue workload's moves, docs/BENCHMARKS.md)."""
+    from controller.strategies import registry
+    from engine.engine import Engine, EngineConfig
+
+    monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
+    e = Engine(EngineConfig(model="default", device="cpu", dtype="float32",
+                            kv_budget_bytes=512 << 20, host_budget_bytes=256 << 20))
+    sids = []
+    try:
+        learned = predictor_for(e.model_name)
+        assert isinstance(learned, LearnedPredictor) and len(learned.artifact.members) >= 2
+        chats = ["Write a haiku about the sea and the wind over the harbour at night.",
+                 "What is the capital of France, and what river runs through it? Explain "
+                 "briefly how the city grew along its banks over the centuries, and name "
+                 "two bridges that a visitor should walk across."]
+        items = []
+        for i, text in enumerate(chats):
+            ids = e.tokenizer(e.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False,
+                add_generation_prompt=True))["input_ids"]
+            assert 30 <= len(ids) <= 130
+            sid = f"chat{i}"
+            e.prefill(sid, ids)
+            sids.append(sid)
+            for tok in ids[:3]:         # a few decode steps
+                e.append([sid], [tok])
+        snap = e.handle.snapshot()
+        ctx = Context.from_snapshot(snap)
+        for seq in snap.sequences:
+            for s in registry().values():
+                c = s.propose(seq, 10**9, ctx)
+                if c is not None:
+                    items.append((seq, c))
+        assert len(items) >= 10
+        before = learned.num_fallbacks
+        got = learned.predict_many(items)
+        assert [p.source for p in got] == ["learned"] * len(items), [
+            c.strategy for (_, c), p in zip(items, got) if p.source != "learned"]
+        assert learned.num_fallbacks == before
+    finally:
+        for sid in sids:
             e.release(sid)
         e.stop()

@@ -21,7 +21,7 @@ from controller.predictors.heuristic import HeuristicPredictor
 from controller.predictors.learned import LearnedPredictor, artifact_path, predictor_for
 from controller.strategies import (ColdOffload, ColdQuantization, Context, HeavyHitterEviction,
                                    SinkWindowEviction)
-from controller.train import fit, read_traces, scores
+from controller.train import fit, fit_members, read_traces, scores
 from engine.actions import BlockView, SequenceView
 from tests.controller.helpers import KVCTL, ROOT, child_env
 
@@ -276,9 +276,9 @@ def test_fit_reports_both_predictors_and_round_trips(tiny_traces, tmp_path):
     path = art.save(a, tmp_path / "p.skops")
     b = art.load(path, model_id="random:tiny")
     X = np.array([vector(r["features"]) for r in rows])
-    assert np.array_equal(a.predict_kl(X), b.predict_kl(X))
-    assert b.strategies == a.strategies and np.array_equal(b.lo, X.min(0))
-    assert b.info["heldout"]["learned"]["spearman"] == rep["learned"]["spearman"]
+    assert np.array_equal(a.members[0].predict_kl(X), b.members[0].predict_kl(X))
+    assert b.strategies == a.strategies and np.array_equal(b.members[0].lo, X.min(0))
+    assert b.members[0].info["heldout"]["learned"]["spearman"] == rep["learned"]["spearman"]
 
 
 def _rewrite_header(src, dst, **changes):
@@ -300,7 +300,8 @@ def tiny_artifact(tiny_traces, tmp_path_factory):
 @pytest.mark.parametrize("changes, msg", [
     (dict(schema_version=99), "feature schema"),
     (dict(features=list(SCHEMA[:-1])), "feature schema"),
-    (dict(version=2), "format version 2"),
+    (dict(version=3), "format version 3"),
+    (dict(members=[]), "describes 0 members"),
     (dict(format="other"), "not a kvctl predictor"),
     (dict(model_id="SmolLM2-135M-Instruct"), "trained for model"),
 ])
@@ -350,7 +351,7 @@ def test_learned_predictor_falls_back_to_the_heuristic(tiny_artifact, tmp_path, 
     # a real artifact, but this hand-made sequence is far outside what it was trained on
     learned = LearnedPredictor.from_file(tiny_artifact, "random:tiny")
     x = np.array(vector(candidate_features(seq, cands[0])))
-    assert not learned.artifact.in_range(x)
+    assert learned.artifact.member_for(cands[0].strategy, x) is None
     assert learned.predict(seq, cands[0]) == heur[0] and learned.num_fallbacks == 1
     # no artifact for the model: the heuristic itself (random:tiny ships none)
     monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
@@ -359,6 +360,54 @@ def test_learned_predictor_falls_back_to_the_heuristic(tiny_artifact, tmp_path, 
     monkeypatch.setenv("KVCTL_PREDICTOR", str(tmp_path / "missing.skops"))
     p = predictor_for("random:tiny")            # an operator's file that is not there
     assert isinstance(p, LearnedPredictor) and p.artifact is None
+
+
+def test_members_price_what_their_ranges_hold_in_order(tiny_traces, tmp_path):
+    """A file of two members (long sequences' traces, short ones'): a move the first
+    holds is priced by the first, one only the second holds by the second, one neither
+    holds by the heuristic; the file round-trips, and a version-1 file (one model) loads."""
+    import skops.io as sio
+
+    rows = read_traces(tiny_traces)
+    seqs = sorted({r["seq"] for r in rows})
+    a, reps = fit_members([[r for r in rows if r["seq"] in seqs[:4]],
+                           [r for r in rows if r["seq"] in seqs[4:]]])
+    assert len(a.members) == len(reps) == 2 and all("learned" in r for r in reps)
+    b = art.load(art.save(a, tmp_path / "two.skops"), "random:tiny")
+    X = np.array([vector(r["features"]) for r in rows])
+    for ma, mb in zip(a.members, b.members):
+        assert np.array_equal(ma.predict_kl(X), mb.predict_kl(X))
+        assert mb.info["trained_on"]["rows"] == ma.info["trained_on"]["rows"]
+    one, two = b.members
+    assert not np.array_equal(one.predict_kl(X), two.predict_kl(X))   # two real models
+    seq = view()
+    cand = ColdQuantization(4).propose(seq, 3 * FULL, CTX)
+    x = np.array(vector(candidate_features(seq, cand)))
+    p = LearnedPredictor(b)
+    assert p.predict(seq, cand).source == "heuristic" and p.num_fallbacks == 1
+    # widen the ranges by hand: the second member holds the move, then both do
+    two.lo, two.hi = np.minimum(two.lo, x), np.maximum(two.hi, x)
+    want_two = float(two.predict_kl(x[None])[0])
+    got = p.predict(seq, cand)
+    assert (got.source, got.accuracy, p.num_fallbacks) == ("learned", want_two, 1)
+    one.lo, one.hi = np.minimum(one.lo, x), np.maximum(one.hi, x)
+    assert p.predict(seq, cand).accuracy == float(one.predict_kl(x[None])[0]) != want_two
+    # a version-1 file: one model, its ranges at the top of the header
+    v1 = tmp_path / "v1.skops"
+    sio.dump(one.model, v1)
+    header = {k: v for k, v in b.header().items() if k != "members"}
+    with zipfile.ZipFile(v1, "a") as z:
+        z.writestr(art.HEADER_NAME, json.dumps({**header, **one.header(), "version": 1}))
+    c = art.load(v1, "random:tiny")
+    assert len(c.members) == 1 and c.members[0].info["trained_on"] == one.info["trained_on"]
+    assert np.array_equal(c.members[0].predict_kl(X), one.predict_kl(X))
+    # a version-2 header over a single model (or the other way round) is refused
+    bad = tmp_path / "bad.skops"
+    sio.dump(one.model, bad)
+    with zipfile.ZipFile(bad, "a") as z:
+        z.writestr(art.HEADER_NAME, json.dumps(b.header()))
+    with pytest.raises(art.ArtifactError, match="describes 2 members"):
+        art.load(bad)
 
 
 def test_predictor_for_does_not_wait_for_the_file_to_load(tiny_artifact, tmp_path, monkeypatch):
@@ -445,6 +494,9 @@ def test_kvctl_train_records_fits_and_explains_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert {"learned", "heuristic"} <= set(rep) and art.load(model, "random:tiny")
+    r = kvctl("fit", "--traces", str(traces), "--traces", str(traces), "--out", str(model))
+    assert r.returncode == 0, r.stderr
+    assert "member 2" in r.stdout and len(art.load(model, "random:tiny").members) == 2
     r = kvctl("fit", "--traces", str(tmp_path / "nope.jsonl"), "--out", str(model))
     assert r.returncode == 1 and "nope.jsonl does not exist" in r.stderr
     bad = tmp_path / "bad.jsonl"
