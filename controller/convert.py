@@ -197,7 +197,9 @@ def decision_to_proto(d) -> pb.Decision:
 
 
 def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: float,
-                    draining: bool, version: str, model: str) -> pb.NodeStatus:
+                    draining: bool, version: str, model: str,
+                    predictor=None) -> pb.NodeStatus:
+    """``predictor``: the policy loop's (its ``info()``: kind, detail, priced, fallbacks)."""
     g, h, snap = sample.gpu, sample.host, sample.snapshot
     st = pb.NodeStatus(
         hostname=socket.gethostname(), version=version, model=model, mode=mode,
@@ -212,6 +214,10 @@ def status_to_proto(sample, policy, effective_budget: int, mode: str, uptime_s: 
                          process_rss_bytes=h.process_rss_bytes, num_cpus=h.num_cpus),
         policy=policy_to_proto(policy))
     st.policy.budget_bytes = effective_budget
+    if predictor is not None:
+        kind, detail, priced, fallbacks = predictor.info()
+        st.predictor.CopyFrom(pb.PredictorInfo(kind=kind, detail=detail, priced=priced,
+                                               fallbacks=fallbacks))
     if snap is None:
         return st
     st.device = snap.device

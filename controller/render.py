@@ -130,6 +130,17 @@ def engine_line(e) -> str:
             f"preemptions{paused}, {e.step_failures} failed steps")
 
 
+def predictor_line(pr) -> str:
+    """What prices the controller's moves, and how often the learned model could not."""
+    if not pr.kind:
+        return "-"
+    head = f"{pr.kind} ({pr.detail})" if pr.detail else pr.kind
+    if pr.kind != "learned":
+        return f"{head}; {pr.priced} moves priced"
+    share = f" ({pr.fallbacks / pr.priced:.1%})" if pr.priced else ""
+    return f"{head}; {pr.fallbacks} of {pr.priced} priced moves left to the heuristic{share}"
+
+
 def status_screen(st) -> Group:
     """Everything `kvctl status` shows, readable at a glance."""
     node = Table.grid(padding=(0, 2))
@@ -174,6 +185,7 @@ def status_screen(st) -> Group:
                  f"{st.counts.stalled} stalled; pressure {human_bytes(st.pressure_bytes)}")
     pol.add_row("prefix", prefix_line(st))
     pol.add_row("pins", cell(", ".join(f"{x.seq_id}→{x.strategy}" for x in p.pins) or "-"))
+    pol.add_row("predictor", cell(predictor_line(st.predictor)))
 
     seqs = Table(title="Sequences", header_style="bold", title_justify="left")
     for _, header in SEQ_COLUMNS:

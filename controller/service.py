@@ -300,7 +300,8 @@ class KvctlService(kvctl_pb2_grpc.KvctlServicer):
             return cached
         msg = convert.status_to_proto(
             sample, view, self._budget(sample.snapshot, view), self.telemetry.mode,
-            0.0, False, VERSION, getattr(self.engine, "model_name", ""))
+            0.0, False, VERSION, getattr(self.engine, "model_name", ""),
+            self.controller.loop.predictor)
         entry = (sample, view, msg, msg.SerializeToString())
         self._status_cache = entry
         return entry

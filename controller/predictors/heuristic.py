@@ -43,9 +43,18 @@ class Prediction:
 class HeuristicPredictor:
     name = "heuristic"
 
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason          # why no learned predictor prices moves (kvctl status)
+        self.num_priced = 0
+
     def predict_many(self, items: list[tuple[SequenceView, Candidate]],
                      bus: Bus | None = None) -> list[Prediction]:
+        self.num_priced += len(items)
         return [self.predict(s, c, bus) for s, c in items]
+
+    def info(self) -> tuple[str, str, int, int]:
+        """(kind, detail, moves priced, fallbacks) for `kvctl status`."""
+        return self.name, self.reason, self.num_priced, 0
 
     def predict(self, seq: SequenceView, cand: Candidate, bus: Bus | None = None) -> Prediction:
         """``bus``: the node's (Bus.of); None prices offload as on an H200's PCIe."""

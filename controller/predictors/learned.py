@@ -48,6 +48,7 @@ class LearnedPredictor:
         self._loader: threading.Thread | None = None
         self.heuristic = HeuristicPredictor()
         self.num_fallbacks = 0
+        self.num_priced = 0
 
     @property
     def artifact(self) -> art.Artifact | None:
@@ -105,6 +106,7 @@ class LearnedPredictor:
     def predict_many(self, items: list[tuple[SequenceView, Candidate]],
                      bus=None) -> list[Prediction]:
         out = self.heuristic.predict_many(items, bus)
+        self.num_priced += len(items)
         a = self.artifact
         if a is None:
             self._fallback(len(items))
@@ -140,6 +142,19 @@ class LearnedPredictor:
                 bus=None) -> Prediction:
         return self.predict_many([(seq, cand)], bus)[0]
 
+    def info(self) -> tuple[str, str, int, int]:
+        """(kind, detail, moves priced, fallbacks) for `kvctl status`; never waits for
+        the file to load."""
+        if self._loader is not None and self._loader.is_alive():
+            return self.name, "loading", self.num_priced, self.num_fallbacks
+        a = self._artifact
+        if a is None:
+            return "heuristic", f"the predictor file is unusable: {self._reason}", \
+                self.num_priced, self.num_fallbacks
+        n = len(a.members)
+        return self.name, f"{a.model_id}, {n} member{'s' if n != 1 else ''}", \
+            self.num_priced, self.num_fallbacks
+
 
 def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
     """The policy loop's predictor for the loaded model: the learned one when a predictor
@@ -149,7 +164,7 @@ def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
     The file loads on a thread (``LearnedPredictor.in_background``)."""
     env = os.environ.get(ENV_PATH, "").strip()
     if env == "heuristic":
-        return HeuristicPredictor()
+        return HeuristicPredictor(f"{ENV_PATH}=heuristic")
     path = Path(env).expanduser() if env else artifact_path(model_id)
     if not path.exists():
         if env:
@@ -159,5 +174,5 @@ def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
                      model_id)
         if env:
             return LearnedPredictor(None, f"{path} does not exist")
-        return HeuristicPredictor()
+        return HeuristicPredictor(f"no predictor file for model {model_id!r}")
     return LearnedPredictor.in_background(path, model_id)

@@ -51,12 +51,14 @@ def test_status_json_parses(served):
     assert st["mode"] == "cpu" and st["model"] == "random:tiny"
     assert {t["name"] for t in st["tiers"]} >= {"gpu"}
     assert st["policy"]["profile"] == "balanced"
+    assert st["predictor"]["kind"] == "heuristic"      # random:tiny ships no predictor file
 
 
 def test_status_screen_reads(served):
     r = kvctl(served, "status")
     assert r.returncode == 0, r.stderr
-    for word in ("KV memory by tier", "cpu mode", "profile", "balanced", "Sequences", "steps"):
+    for word in ("KV memory by tier", "cpu mode", "profile", "balanced", "Sequences", "steps",
+                 "predictor", "no predictor file for model 'random:tiny'"):
         assert word in r.stdout, word
 
 

@@ -353,6 +353,8 @@ def test_learned_predictor_falls_back_to_the_heuristic(tiny_artifact, tmp_path, 
     x = np.array(vector(candidate_features(seq, cands[0])))
     assert learned.artifact.member_for(cands[0].strategy, x) is None
     assert learned.predict(seq, cands[0]) == heur[0] and learned.num_fallbacks == 1
+    assert learned.info() == ("learned", "random:tiny, 1 member", 1, 1)   # kvctl status
+    assert none.info()[0] == "heuristic" and "does not exist" in none.info()[1]
     # no artifact for the model: the heuristic itself (random:tiny ships none)
     monkeypatch.delenv("KVCTL_PREDICTOR", raising=False)
     assert not artifact_path("random:tiny").exists()

@@ -478,3 +478,26 @@ def test_controller_ticks_one_at_a_time():
     assert c.tick(snap) == []
     release.set()
     t.join(5)
+
+
+def test_status_says_what_prices_the_moves(svc, ctx, loop, monkeypatch):
+    """`kvctl status` names the predictor and, for the learned one, how many priced moves
+    it left to the heuristic (the Prometheus counter's figure, where operators look)."""
+    from controller.predictors.heuristic import HeuristicPredictor
+    from controller.render import predictor_line
+
+    st = pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx)))
+    pred = svc.controller.loop.predictor
+    assert isinstance(pred, HeuristicPredictor)   # the fake engine's model ships no file
+    assert st.predictor.kind == "heuristic" and "no predictor file" in st.predictor.detail
+    assert predictor_line(st.predictor).startswith("heuristic (no predictor file")
+
+    class Learned:                                  # a learned predictor's info()
+        def info(self):
+            return "learned", "SmolLM2-135M-Instruct, 3 members", 200, 3
+    monkeypatch.setattr(svc.controller.loop, "predictor", Learned())
+    svc.telemetry.sample_now()                      # a new sample: the status is rebuilt
+    st = pb.NodeStatus.FromString(loop.run(svc.GetStatus(pb.GetStatusRequest(), ctx)))
+    assert (st.predictor.kind, st.predictor.priced, st.predictor.fallbacks) == ("learned", 200, 3)
+    assert predictor_line(st.predictor) == ("learned (SmolLM2-135M-Instruct, 3 members); 3 of "
+                                            "200 priced moves left to the heuristic (1.5%)")

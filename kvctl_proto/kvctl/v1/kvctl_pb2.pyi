@@ -296,7 +296,7 @@ class EngineCounters(_message.Message):
     def __init__(self, preemptions: _Optional[int] = ..., step_failures: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., graph_replays: _Optional[int] = ..., eager_decode_steps: _Optional[int] = ..., graph_capture_seconds: _Optional[float] = ..., graph_capture_bytes: _Optional[int] = ..., overlapped_steps: _Optional[int] = ..., step_times: _Optional[_Mapping[str, float]] = ..., paused: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine", "prefix", "sessions")
+    __slots__ = ("hostname", "version", "model", "device", "mode", "uptime_s", "draining", "gpu", "host", "tiers", "policy", "counts", "pressure_bytes", "tokens_per_s", "step", "block_size", "sampled_at", "sequences", "budget_used_fraction", "engine", "prefix", "sessions", "predictor")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class NodeStatus(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     model: str
@@ -341,7 +342,20 @@ class NodeStatus(_message.Message):
     engine: EngineCounters
     prefix: PrefixCache
     sessions: int
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ..., engine: _Optional[_Union[EngineCounters, _Mapping]] = ..., prefix: _Optional[_Union[PrefixCache, _Mapping]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    predictor: PredictorInfo
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., uptime_s: _Optional[float] = ..., draining: _Optional[bool] = ..., gpu: _Optional[_Union[GpuInfo, _Mapping]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[Tier, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., counts: _Optional[_Union[SequenceCounts, _Mapping]] = ..., pressure_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step: _Optional[int] = ..., block_size: _Optional[int] = ..., sampled_at: _Optional[float] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., budget_used_fraction: _Optional[float] = ..., engine: _Optional[_Union[EngineCounters, _Mapping]] = ..., prefix: _Optional[_Union[PrefixCache, _Mapping]] = ..., sessions: _Optional[int] = ..., predictor: _Optional[_Union[PredictorInfo, _Mapping]] = ...) -> None: ...
+
+class PredictorInfo(_message.Message):
+    __slots__ = ("kind", "detail", "priced", "fallbacks")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PRICED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    detail: str
+    priced: int
+    fallbacks: int
+    def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ..., priced: _Optional[int] = ..., fallbacks: _Optional[int] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("index", "num_tokens", "format", "tier", "nbytes", "mass")
