@@ -86,6 +86,15 @@ class PolicyLoop:
     # left its greedy outputs further from the unpressured ones than fixed int4's
     # (docs/BENCHMARKS.md, "What adaptive's admissions cost in output")
     admission_floor: str | None = None
+    # the predicted accuracy cost a running sequence may be made to pay, in all, for
+    # room for waiting requests (None: no limit). Per sequence, not per byte: evicting
+    # cold blocks of a 32K sequence costs it little, evicting 3 of a chat request's 6
+    # blocks or its sink block's 2-bit codes costs it 0.05-0.25 (KL, nats a token) where
+    # int4 costs 0.003 (the queue workload's moves, docs/BENCHMARKS.md, fifteenth
+    # session). The relief of a stalled sequence is not limited. An experiment, off by
+    # default
+    admission_ceiling: float | None = None
+    _spent: dict[str, float] = field(default_factory=dict)
 
     def _pace(self) -> None:
         """Between two sequences of a plan: rest once a slice of planning has run."""
@@ -115,6 +124,7 @@ class PolicyLoop:
         if len(self._last_move) + len(self._refused) > 4 * len(live) + 64:
             self._last_move = {k: v for k, v in self._last_move.items() if k in live}
             self._refused = {k: v for k, v in self._refused.items() if k[0] in live}
+            self._spent = {k: v for k, v in self._spent.items() if k in live}
         out, self.num_resting = [], 0
         for seq in snapshot.sequences:
             if seq.state not in MOVABLE_STATES or not seq.blocks:
@@ -178,8 +188,11 @@ class PolicyLoop:
             preds = [heuristic.predict(seq, c, bus)
                      if seq.seq_id in fell and p.source == "learned" else p
                      for (seq, c), p in zip(items, preds)]
+        ceiling = self.admission_ceiling if queued else None
         for (seq, cand), p in zip(items, preds):
             if queued and p.latency_s > 0:
+                continue
+            if ceiling is not None and self._spent.get(seq.seq_id, 0.0) + p.accuracy > ceiling:
                 continue
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
@@ -260,6 +273,9 @@ class PolicyLoop:
         need -= sum(m.candidate.freed_bytes for m in first)
         seqs = [s for s in seqs if s.state != "idle"]
         fill = self._fill_moves(snapshot, profile, pins)
+        queued = _queued_only(snapshot)
+        if queued and self.admission_ceiling is not None:
+            fill = [m for m in fill if m.accuracy <= self.admission_ceiling]
         if need <= 0 or not (seqs or fill):
             return first
         targets = _shares(seqs, need)
@@ -286,6 +302,9 @@ class PolicyLoop:
         out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
         for m in out:
             self._last_move[m.candidate.seq_id] = now
+            if queued and self.admission_ceiling is not None:
+                sid = m.candidate.seq_id
+                self._spent[sid] = self._spent.get(sid, 0.0) + m.accuracy
         return first + out
 
     def _fill_moves(self, snapshot, profile: str, pins: dict[str, str]) -> list[Move]:

@@ -9,7 +9,9 @@ policy loop, per config:
   (an operator pin, set before the request is submitted): a fixed strategy;
 * ``adaptive:<profile>`` — the policy loop with the profile, no pins;
   ``adaptive:<profile>/<format>`` the same with room for waiting requests bought only
-  with formats at least that good and no eviction (``PolicyLoop.admission_floor``).
+  with formats at least that good and no eviction (``PolicyLoop.admission_floor``);
+  ``adaptive:<profile>/<number>`` with at most that predicted accuracy cost paid by each
+  running sequence, in all, for that room (``PolicyLoop.admission_ceiling``).
 
     python -m benchmarks.headline.gpu --model random:llama3-8b --device cuda \\
         --dtype bfloat16 --kv-budget-gb 20 --pressure 4 --out gpu-out      # a GPU
@@ -142,7 +144,12 @@ def controller_for(a, cfg: str, engine):
     policy.update(profile=profile)
     ctl = Controller(policy, DecisionLog(), engine.handle)
     if floor:
-        ctl.loop.admission_floor = floor
+        # a number: the accuracy cost a running sequence may pay in all for room for
+        # waiting requests (PolicyLoop.admission_ceiling); a format: the floor
+        try:
+            ctl.loop.admission_ceiling = float(floor)
+        except ValueError:
+            ctl.loop.admission_floor = floor
     return policy, ctl
 
 

@@ -823,3 +823,43 @@ def test_an_admission_floor_buys_room_for_the_queue_with_int4_or_better_only(eng
     assert {"quantize_k4v2", "quantize_int2", "heavy_hitter"} <= set(free)
     assert any(isinstance(a, Evict) for p in free["mixed_precision"].candidate.parts
                for a in p.actions)
+
+
+def test_an_admission_ceiling_limits_what_each_sequence_pays_for_the_queue(eng):
+    """``admission_ceiling``: while requests wait (and nothing is stalled), a move is
+    offered only while its sequence's predicted cost, with what it already paid for the
+    queue, stays under the ceiling; what a plan chose is counted; with no queue (a stall,
+    or no waiting request) every move is offered as before."""
+    from dataclasses import replace
+
+    from controller.predictors.bus import Bus
+    ids = fill(eng)
+    c = controller(eng, frac_used=1.0)
+    snap = eng.handle.snapshot()
+    queued = replace(snap, num_waiting=2, pressure_bytes=1 << 20)
+    strategies = ("quantize_int8", "quantize_int4", "quantize_int2", "heavy_hitter")
+    c.loop.allowed = lambda pin, profile: strategies
+
+    def offered(s, sid=ids[0]):
+        return {m.candidate.strategy: m for m in c.loop._priced(
+            s, {sid: 1 << 30}, "balanced", {}, Bus.none())[sid]}
+    free = offered(queued)
+    assert set(free) == set(strategies)
+    costs = sorted(m.accuracy for m in free.values())
+    assert costs[0] < costs[-1]
+    # a ceiling between the cheapest and the dearest: only the moves under it
+    c.loop.admission_ceiling = (costs[0] + costs[-1]) / 2
+    capped = offered(queued)
+    assert capped and set(capped) < set(free)
+    assert all(m.accuracy <= c.loop.admission_ceiling for m in capped.values())
+    assert set(offered(snap)) == set(strategies)             # no queue: no ceiling
+    # what the sequence already paid counts against it
+    c.loop._spent[ids[0]] = c.loop.admission_ceiling - costs[0] / 2
+    assert all(m.accuracy <= costs[0] / 2 for m in offered(queued).values())
+    # a plan under a queue counts what it chose
+    c.loop._spent.clear()
+    c.loop.admission_ceiling = costs[-1] * 10
+    chosen = c.loop.plan_relief(queued, 1 << 20, "balanced", {}, Bus.none())
+    assert chosen
+    for m in chosen:
+        assert c.loop._spent[m.candidate.seq_id] == pytest.approx(m.accuracy)
