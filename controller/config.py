@@ -15,6 +15,7 @@ Example: ``KVCTL_ENGINE_MODEL=random:tiny`` or ``kvctl serve --set engine.model=
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -122,8 +123,15 @@ class PolicySection:
     budget_bytes: int = 0            # 0 = the engine's GPU-tier capacity
     high_watermark: float = 0.90
     low_watermark: float = 0.75
+    # the predicted accuracy cost a running sequence may pay, in all, for room for waiting
+    # requests (controller/loop.py PolicyLoop.admission_ceiling); 0 = no limit. An
+    # experiment (docs/BENCHMARKS.md, "An admission ceiling")
+    admission_ceiling: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.admission_ceiling >= 0 and math.isfinite(self.admission_ceiling)):
+            raise ValueError("policy.admission_ceiling must be a finite number >= 0 "
+                             f"(0: no limit), got {self.admission_ceiling}")
         if self.profile not in PROFILE_NAMES:
             raise ValueError(f"policy.profile must be one of {', '.join(PROFILE_NAMES)}, "
                              f"got {self.profile!r}")

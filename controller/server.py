@@ -159,6 +159,8 @@ class Daemon:
         self.service = KvctlService(self.engine, self.telemetry, self.policy, self.decisions,
                                     self.metrics, cfg.log.log_prompts, pool=self.pool,
                                     max_watchers=cfg.server.max_watchers)
+        if cfg.policy.admission_ceiling and self.service.controller.loop is not None:
+            self.service.controller.loop.admission_ceiling = cfg.policy.admission_ceiling
         self.telemetry.on_sample.append(self._on_sample)
         self.health = health.aio.HealthServicer()
         self.socket_path = Path(cfg.server.socket)

@@ -28,6 +28,11 @@ CASES = [
     Case("low above high", {"policy.low_watermark": "0.95"}, "low watermark"),
     Case("high above 1", {"policy.high_watermark": "1.2"}, "high watermark"),
     Case("unknown profile", {"policy.profile": "fast"}, "policy.profile"),
+    Case("admission ceiling", {"policy.admission_ceiling": "0.01"}, None),
+    Case("negative admission ceiling", {"policy.admission_ceiling": "-0.1"},
+         "policy.admission_ceiling"),
+    Case("infinite admission ceiling", {"policy.admission_ceiling": "inf"},
+         "policy.admission_ceiling"),
     Case("metrics port out of range", {"metrics.port": "70000"}, "metrics.port"),
     Case("bad log level", {"log.level": "loud"}, "log.level"),
     Case("engine thread nice above 19", {"engine.thread_nice": "25"}, "engine.thread_nice"),
@@ -140,3 +145,15 @@ def test_shipped_config_lists_every_key_with_its_default():
         assert want <= listed.get(name, set()), (name, sorted(want - listed.get(name, set())))
     assert load_config(Path(__file__).resolve().parents[2] / "deploy/kvctl.toml", env={}) == \
         load_config(env={})
+
+
+def test_the_daemon_sets_the_admission_ceiling_from_its_config():
+    from controller.server import Daemon
+    from tests.controller.fakes import FakeEngine
+
+    cfg = load_config(overrides={"policy.admission_ceiling": "0.01"}, env={})
+    assert cfg.policy.admission_ceiling == 0.01
+    dm = Daemon(cfg, engine=FakeEngine())
+    assert dm.service.controller.loop.admission_ceiling == 0.01
+    dm2 = Daemon(load_config(env={}), engine=FakeEngine())
+    assert dm2.service.controller.loop.admission_ceiling is None      # off by default
