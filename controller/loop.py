@@ -29,7 +29,8 @@ from controller.profiles import PROFILES, get_profile
 from controller.strategies import Candidate, Context, registry
 from controller.strategies.cold_quantization import ColdQuantization
 from controller.strategies.mixed_precision import MixedPrecision
-from engine.actions import DropSession, Fetch, KVFormat, Pause, SetDecodeMode, SetFillFormat
+from engine.actions import (DropSession, Fetch, KVFormat, Pause, Quantize, SetDecodeMode,
+                            SetFillFormat)
 
 # moves only go to sequences in these states: the engine refuses the rest (a prompt still
 # being written, a preempted or waiting sequence)
@@ -87,12 +88,14 @@ class PolicyLoop:
     # (docs/BENCHMARKS.md, "What adaptive's admissions cost in output")
     admission_floor: str | None = None
     # the predicted accuracy cost a running sequence may be made to pay, in all, for
-    # room for waiting requests (None: no limit). Per sequence, not per byte: evicting
-    # cold blocks of a 32K sequence costs it little, evicting 3 of a chat request's 6
-    # blocks or its sink block's 2-bit codes costs it 0.05-0.25 (KL, nats a token) where
-    # int4 costs 0.003 (the queue workload's moves, docs/BENCHMARKS.md, fifteenth
-    # session). The relief of a stalled sequence is not limited. An experiment, off by
-    # default
+    # room for waiting requests by moves below int4 or evicting (None: no limit; moves
+    # at int4 or better are not counted). Per sequence, not per byte: evicting cold
+    # blocks of a 32K sequence costs it little, evicting 3 of a chat request's 6 blocks
+    # or its sink block's 2-bit codes costs it 0.05-0.25 (KL, nats a token) where int4
+    # costs 0.003 (the queue workload's moves, docs/BENCHMARKS.md, fifteenth session).
+    # Counting the int4 steps too left long sequences at int8 with their allowance
+    # spent (2K capacity 8 against int4's 16). The relief of a stalled sequence is not
+    # limited. An experiment, off by default
     admission_ceiling: float | None = None
     _spent: dict[str, float] = field(default_factory=dict)
 
@@ -192,7 +195,8 @@ class PolicyLoop:
         for (seq, cand), p in zip(items, preds):
             if queued and p.latency_s > 0:
                 continue
-            if ceiling is not None and self._spent.get(seq.seq_id, 0.0) + p.accuracy > ceiling:
+            if ceiling is not None and not _keeps_int4(cand) \
+                    and self._spent.get(seq.seq_id, 0.0) + p.accuracy > ceiling:
                 continue
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
@@ -275,7 +279,8 @@ class PolicyLoop:
         fill = self._fill_moves(snapshot, profile, pins)
         queued = _queued_only(snapshot)
         if queued and self.admission_ceiling is not None:
-            fill = [m for m in fill if m.accuracy <= self.admission_ceiling]
+            fill = [m for m in fill
+                    if _keeps_int4(m.candidate) or m.accuracy <= self.admission_ceiling]
         if need <= 0 or not (seqs or fill):
             return first
         targets = _shares(seqs, need)
@@ -302,7 +307,8 @@ class PolicyLoop:
         out = sorted((m for m in chosen.values() if m), key=lambda m: m.cost)
         for m in out:
             self._last_move[m.candidate.seq_id] = now
-            if queued and self.admission_ceiling is not None:
+            if queued and self.admission_ceiling is not None \
+                    and not _keeps_int4(m.candidate):
                 sid = m.candidate.seq_id
                 self._spent[sid] = self._spent.get(sid, 0.0) + m.accuracy
         return first + out
@@ -463,6 +469,20 @@ def _at_least(fmt: KVFormat, least: KVFormat) -> bool:
     """Both sides keep at least ``least``'s bits (full precision counts as 16)."""
     bits = lambda b: b or 16  # noqa: E731
     return bits(fmt.k_bits) >= bits(least.k_bits) and bits(fmt.v_bits) >= bits(least.v_bits)
+
+
+_INT4 = KVFormat.parse("int4")
+
+
+def _keeps_int4(cand: Candidate) -> bool:
+    """Every action of the move (of each part of a plan) quantizes to int4 or better or
+    sets such a fill format: nothing evicted, offloaded or below 4 bits."""
+    acts = [a for part in (cand.parts or (cand,)) for a in part.actions]
+    return bool(acts) and all(
+        isinstance(a, (Quantize, SetFillFormat))
+        and _at_least(KVFormat(a.bits, a.bits if a.v_bits is None else a.v_bits, a.fp8),
+                      _INT4)
+        for a in acts)
 
 
 def _above_floor(strat, floor: str):

@@ -826,18 +826,20 @@ def test_an_admission_floor_buys_room_for_the_queue_with_int4_or_better_only(eng
 
 
 def test_an_admission_ceiling_limits_what_each_sequence_pays_for_the_queue(eng):
-    """``admission_ceiling``: while requests wait (and nothing is stalled), a move is
-    offered only while its sequence's predicted cost, with what it already paid for the
-    queue, stays under the ceiling; what a plan chose is counted; with no queue (a stall,
-    or no waiting request) every move is offered as before."""
+    """``admission_ceiling``: while requests wait (and nothing is stalled), a move below
+    int4 or evicting is offered only while its sequence's predicted cost for such moves,
+    with what it already paid, stays under the ceiling; moves at int4 or better are
+    always offered and not counted; with no queue every move is offered as before."""
     from dataclasses import replace
 
+    from controller.loop import _keeps_int4
     from controller.predictors.bus import Bus
     ids = fill(eng)
     c = controller(eng, frac_used=1.0)
     snap = eng.handle.snapshot()
     queued = replace(snap, num_waiting=2, pressure_bytes=1 << 20)
-    strategies = ("quantize_int8", "quantize_int4", "quantize_int2", "heavy_hitter")
+    strategies = ("quantize_int8", "quantize_int4", "quantize_k4v2", "quantize_int2",
+                  "heavy_hitter")
     c.loop.allowed = lambda pin, profile: strategies
 
     def offered(s, sid=ids[0]):
@@ -845,21 +847,25 @@ def test_an_admission_ceiling_limits_what_each_sequence_pays_for_the_queue(eng):
             s, {sid: 1 << 30}, "balanced", {}, Bus.none())[sid]}
     free = offered(queued)
     assert set(free) == set(strategies)
-    costs = sorted(m.accuracy for m in free.values())
-    assert costs[0] < costs[-1]
-    # a ceiling between the cheapest and the dearest: only the moves under it
-    c.loop.admission_ceiling = (costs[0] + costs[-1]) / 2
+    keeps = {n for n, m in free.items() if _keeps_int4(m.candidate)}
+    assert keeps == {"quantize_int8", "quantize_int4"}
+    below = sorted(free[n].accuracy for n in set(strategies) - keeps)
+    assert below[0] < below[-1]
+    # a ceiling between the cheapest and the dearest move below int4: only those under it
+    c.loop.admission_ceiling = (below[0] + below[-1]) / 2
     capped = offered(queued)
-    assert capped and set(capped) < set(free)
-    assert all(m.accuracy <= c.loop.admission_ceiling for m in capped.values())
+    assert keeps < set(capped) < set(free)
+    assert all(m.accuracy <= c.loop.admission_ceiling
+               for n, m in capped.items() if n not in keeps)
     assert set(offered(snap)) == set(strategies)             # no queue: no ceiling
-    # what the sequence already paid counts against it
-    c.loop._spent[ids[0]] = c.loop.admission_ceiling - costs[0] / 2
-    assert all(m.accuracy <= costs[0] / 2 for m in offered(queued).values())
-    # a plan under a queue counts what it chose
+    # what the sequence already paid counts against it; int4 and int8 stay
+    c.loop._spent[ids[0]] = c.loop.admission_ceiling
+    assert set(offered(queued)) == keeps
+    # a plan under a queue counts what it chose below int4, and only that
     c.loop._spent.clear()
-    c.loop.admission_ceiling = costs[-1] * 10
+    c.loop.admission_ceiling = below[-1] * 10
     chosen = c.loop.plan_relief(queued, 1 << 20, "balanced", {}, Bus.none())
     assert chosen
     for m in chosen:
-        assert c.loop._spent[m.candidate.seq_id] == pytest.approx(m.accuracy)
+        want = 0.0 if _keeps_int4(m.candidate) else m.accuracy
+        assert c.loop._spent.get(m.candidate.seq_id, 0.0) == pytest.approx(want)
