@@ -123,9 +123,10 @@ class PolicySection:
     budget_bytes: int = 0            # 0 = the engine's GPU-tier capacity
     high_watermark: float = 0.90
     low_watermark: float = 0.75
-    # the predicted accuracy cost a running sequence may pay, in all, for room for waiting
-    # requests (controller/loop.py PolicyLoop.admission_ceiling); 0 = no limit. An
-    # experiment (docs/BENCHMARKS.md, "An admission ceiling")
+    # the predicted accuracy cost a running sequence may pay, in all, by moves below int4
+    # or evicting, for room for waiting requests (controller/loop.py
+    # PolicyLoop.admission_ceiling); 0 = no limit. An experiment (docs/BENCHMARKS.md,
+    # "An admission ceiling")
     admission_ceiling: float = 0.0
 
     def __post_init__(self) -> None:
