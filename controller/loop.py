@@ -99,6 +99,15 @@ class PolicyLoop:
     admission_ceiling: float | None = None
     _spent: dict[str, float] = field(default_factory=dict)
 
+    def _spent_by(self, cand: Candidate) -> float:
+        return self._spent.get(cand.seq_id, 0.0)
+
+    def _over_ceiling(self, cand: Candidate, accuracy: float) -> bool:
+        """Under a queue: ``cand`` (below int4 or evicting) would take its sequence past
+        ``admission_ceiling`` (a fill move's sequence is the request waiting: 0 spent)."""
+        return self.admission_ceiling is not None and not _keeps_int4(cand) \
+            and self._spent_by(cand) + accuracy > self.admission_ceiling
+
     def _pace(self) -> None:
         """Between two sequences of a plan: rest once a slice of planning has run."""
         now = time.perf_counter()
@@ -191,12 +200,8 @@ class PolicyLoop:
             preds = [heuristic.predict(seq, c, bus)
                      if seq.seq_id in fell and p.source == "learned" else p
                      for (seq, c), p in zip(items, preds)]
-        ceiling = self.admission_ceiling if queued else None
         for (seq, cand), p in zip(items, preds):
-            if queued and p.latency_s > 0:
-                continue
-            if ceiling is not None and not _keeps_int4(cand) \
-                    and self._spent.get(seq.seq_id, 0.0) + p.accuracy > ceiling:
+            if queued and (p.latency_s > 0 or self._over_ceiling(cand, p.accuracy)):
                 continue
             total = p.total(weight)
             out[cand.seq_id].append(Move(cand, total / cand.freed_bytes, p.accuracy,
@@ -278,9 +283,8 @@ class PolicyLoop:
         seqs = [s for s in seqs if s.state != "idle"]
         fill = self._fill_moves(snapshot, profile, pins)
         queued = _queued_only(snapshot)
-        if queued and self.admission_ceiling is not None:
-            fill = [m for m in fill
-                    if _keeps_int4(m.candidate) or m.accuracy <= self.admission_ceiling]
+        if queued:
+            fill = [m for m in fill if not self._over_ceiling(m.candidate, m.accuracy)]
         if need <= 0 or not (seqs or fill):
             return first
         targets = _shares(seqs, need)
@@ -309,8 +313,7 @@ class PolicyLoop:
             self._last_move[m.candidate.seq_id] = now
             if queued and self.admission_ceiling is not None \
                     and not _keeps_int4(m.candidate):
-                sid = m.candidate.seq_id
-                self._spent[sid] = self._spent.get(sid, 0.0) + m.accuracy
+                self._spent[m.candidate.seq_id] = self._spent_by(m.candidate) + m.accuracy
         return first + out
 
     def _fill_moves(self, snapshot, profile: str, pins: dict[str, str]) -> list[Move]:

@@ -48,7 +48,6 @@ class LearnedPredictor:
         self._loader: threading.Thread | None = None
         self.heuristic = HeuristicPredictor()
         self.num_fallbacks = 0
-        self.num_priced = 0
 
     @property
     def artifact(self) -> art.Artifact | None:
@@ -105,8 +104,7 @@ class LearnedPredictor:
 
     def predict_many(self, items: list[tuple[SequenceView, Candidate]],
                      bus=None) -> list[Prediction]:
-        out = self.heuristic.predict_many(items, bus)
-        self.num_priced += len(items)
+        out = self.heuristic.predict_many(items, bus)     # counts every move priced
         a = self.artifact
         if a is None:
             self._fallback(len(items))
@@ -145,15 +143,16 @@ class LearnedPredictor:
     def info(self) -> tuple[str, str, int, int]:
         """(kind, detail, moves priced, fallbacks) for `kvctl status`; never waits for
         the file to load."""
+        priced = self.heuristic.num_priced
         if self._loader is not None and self._loader.is_alive():
-            return self.name, "loading", self.num_priced, self.num_fallbacks
+            return self.name, "loading", priced, self.num_fallbacks
         a = self._artifact
         if a is None:
             return "heuristic", f"the predictor file is unusable: {self._reason}", \
-                self.num_priced, self.num_fallbacks
+                priced, self.num_fallbacks
         n = len(a.members)
         return self.name, f"{a.model_id}, {n} member{'s' if n != 1 else ''}", \
-            self.num_priced, self.num_fallbacks
+            priced, self.num_fallbacks
 
 
 def predictor_for(model_id: str) -> HeuristicPredictor | LearnedPredictor:
