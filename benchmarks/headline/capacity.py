@@ -5,6 +5,8 @@ on every request (e.g. quantize_int4) and adaptive.
     python -m benchmarks.headline.capacity --model random:llama3-8b --device cuda \\
         --dtype bfloat16 --kv-budget-gb 20 --context 32768 --configs none,quantize_int4,adaptive:balanced
     python -m benchmarks.headline.capacity --smoke          # CPU, random:tiny, seconds
+    python -m benchmarks.headline.capacity --model default --device cpu --dtype float32 \
+        --kv-budget-gb 0.38 --context 4096       # the real default model: learned prices
 
 Per config, N requests of ``--context`` prompt tokens (random ids, each a rotation of one prompt:
 no shared prefix) that never end by themselves are submitted at once to a fresh engine
@@ -144,6 +146,20 @@ def write(a, argv, configs: list[str], full_n: int, seq_bytes: int, best: dict,
     (out / "capacity.md").write_text(md)
     return md
 
+def model_shape(name: str) -> dict:
+    """KV shape and vocabulary of a random-weight shape, 'default' or a local model
+    directory (its config.json; no weights loaded)."""
+    from engine.models import DEFAULT_MODEL, RANDOM_CONFIGS, default_model_dir
+    if name.startswith("random:"):
+        return RANDOM_CONFIGS[name.split(":", 1)[1]]
+    path = default_model_dir() if name == DEFAULT_MODEL else Path(name).expanduser()
+    cfg = json.loads((path / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    return dict(num_key_value_heads=cfg.get("num_key_value_heads", heads),
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                num_hidden_layers=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:llama3-8b")
@@ -172,10 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         a.timeout_s, a.threads = min(a.timeout_s, 120.0), a.threads or 1
     a.profile_default, a.host_bytes = "balanced", 0
     from engine.layout import FULL, BlockGeometry
-    from engine.models import RANDOM_CONFIGS, resolve_dtype
-    if not a.model.startswith("random:"):
-        raise SystemExit("capacity runs random-weight shapes (random:llama3-8b)")
-    shape = RANDOM_CONFIGS[a.model.split(":", 1)[1]]
+    from engine.models import resolve_dtype
+    shape = model_shape(a.model)
     geom = BlockGeometry(32, shape["num_key_value_heads"], shape["head_dim"],
                          resolve_dtype(a.dtype, torch.device(a.device)))
     seq_bytes = -(-(a.context + 1) // 32) * geom.slot_bytes(FULL) * shape["num_hidden_layers"]
