@@ -126,12 +126,15 @@ def write(a, argv, configs: list[str], full_n: int, seq_bytes: int, best: dict,
           rows: list[dict], done: bool) -> str:
     """capacity.json and capacity.md as they stand (after every count: a run cut short
     by its time limit still leaves what it measured)."""
-    base = best.get("none", 0)
+    # the ratio's base: the 'none' config's count where it ran, else what full
+    # precision holds by bytes
+    base = best.get("none", 0) if "none" in configs else full_n
     lines = [f"# Capacity — {a.model} ({a.dtype}, {a.device}), {a.kv_budget_gb:g} GiB KV "
              f"budget, {a.context}-token prompts, no host tier",
              "", f"Full precision holds {full_n} by bytes ({seq_bytes / 2**30:.2f} GiB each)."
              + ("" if done else " **Partial: the run had not ended.**"), "",
-             "| config | sequences at once, no preemption | x full |", "|---|---|---|"]
+             "| config | sequences at once, no preemption | x full"
+             + ("" if "none" in configs else " (by bytes)") + " |", "|---|---|---|"]
     for cfg in configs:
         n = best.get(cfg, 0)
         lines.append(f"| {cfg} | {n} | {n / base:.2f}x |" if base else f"| {cfg} | {n} | - |")
