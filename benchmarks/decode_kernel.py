@@ -178,8 +178,7 @@ VARIANTS = {
     "x4": dict(split_mult=4), "x16": dict(split_mult=16),
     "words": dict(word_codes=True), "nbi2": dict(blocks_per_iter=2),
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
-    "r128": dict(maxnreg=128), "r144": dict(maxnreg=144), "r160": dict(maxnreg=160),
-    "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
+    "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
     "wv": dict(word_codes="v"), "nowords": dict(word_codes=False),
 }
 

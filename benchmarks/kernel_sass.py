@@ -41,7 +41,8 @@ PTR = {"q_ptr": "*fp16", "arena_u8": "*u8", "arena_st": "*fp16", "arena_md": "*f
        "perm_ptr": "*i64", "rstart_ptr": "*i32", "rlen_ptr": "*i32", "rstart2_ptr": "*i32",
        "rlen2_ptr": "*i32", "S0": "i32", "STOT": "i32",
        "bmax_ptr": "*fp32", "bsum_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
-       "pacc_ptr": "*fp32", "NB": "i32", "FILL": "i32", "blocks_per_split": "i32", "qk_scale": "fp32"}
+       "pacc_ptr": "*fp32", "NB": "i32", "FILL": "i32", "blocks_per_split": "i32",
+       "qk_scale": "fp32"}
 
 
 def compile_kernel(consts: dict, warps: int, stages: int, maxnreg: int = 0):

@@ -149,6 +149,7 @@ def write(a, argv, configs: list[str], full_n: int, seq_bytes: int, best: dict,
     (out / "capacity.md").write_text(md)
     return md
 
+
 def model_shape(name: str) -> dict:
     """KV shape and vocabulary of a random-weight shape, 'default' or a local model
     directory (its config.json; no weights loaded)."""
