@@ -180,6 +180,9 @@ VARIANTS = {
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
     "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
     "wv": dict(word_codes="v"), "nowords": dict(word_codes=False),
+    # the Gluon int4 kernel (engine/kernels/paged_decode_gluon.py; int4 tables only):
+    # codes as 1 + c / 16 (its default) or exact (1024 + c, then a subtraction)
+    "gluon": dict(gluon=True), "gluon-exact": dict(gluon=True, c16=False),
 }
 
 
@@ -251,11 +254,22 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
                 if mult is not None:
                     kw["num_splits"] = max(1, math.ceil(mult * sms / (B * H)))
             try:
-                out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
+                if kw.pop("gluon", False):
+                    if fmt != KVFormat(4, 4):
+                        continue
+                    from engine.kernels.paged_decode_gluon import paged_decode_gluon
+                    kw.pop("fmt")
+                    out = paged_decode_gluon(qd, arena, tables[0], nt, geom, sm_scale, **kw)[0]
+                    calls = [lambda t=t, a_=arena, nt_=nt, kw_=kw: paged_decode_gluon(
+                        qd, a_, t, nt_, geom, sm_scale, **kw_) for t in tables]
+                else:
+                    out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale,
+                                              **kw)[0]
+                    # bound now: the lambdas outlive this iteration's names (arena is deleted)
+                    calls = [lambda t=t, a_=arena, kb_=kb, vb_=vb, nt_=nt, kw_=kw:
+                             paged_decode_triton(qd, a_, t, kb_, vb_, nt_, geom, sm_scale, **kw_)
+                             for t in tables]
                 err = (out.float() - ref.squeeze(2).float()).abs().max().item()
-                # bound now: the lambdas outlive this iteration's names (arena is deleted)
-                calls = [lambda t=t, a_=arena, kb_=kb, vb_=vb, nt_=nt, kw_=kw: paged_decode_triton(
-                    qd, a_, t, kb_, vb_, nt_, geom, sm_scale, **kw_) for t in tables]
                 t = _timeit(_graphed(calls, device), iters, device) / reps
             except Exception as e:  # report and go on: one bad config must not hide the rest
                 print(f"  {name} {cfg} x{mult}: FAILED {type(e).__name__}: {str(e)[:300]}")

@@ -63,8 +63,29 @@ def compile_kernel(consts: dict, warps: int, stages: int, maxnreg: int = 0):
                                        **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
+def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True):
+    """The Gluon int4 kernel (engine/kernels/paged_decode_gluon.py) at the benchmark's shape."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from engine.kernels import paged_decode_gluon as pdg
+    fmt = KVFormat.from_codes(4, 4)
+    sec = BlockGeometry(32, 8, 128, torch.float16, value_group=32).sections(fmt)
+    fn = pdg._int4_decode_kernel
+    consts = dict(HQ=32, H=8, GQ=4, T=32, D=128, G=32, MSIZE=2, VOFF=sec["v_codes"][0],
+                  K_ASM=pdg.k_asm(c16), V_ASM=pdg.v_asm(c16), ZS_ASM=pdg._ZS_ASM, C16=c16)
+    sig = {n: ("constexpr" if n in consts else PTR.get(n, "*fp16")) for n in fn.arg_names}
+    sig["arena_md"] = "*fp16"
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in fn.arg_names if sig[n].startswith("*")}
+    src = GluonASTSource(fn, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {})))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--gluon", action="store_true",
+                    help="the Gluon int4 kernel (paged_decode_gluon) instead")
     ap.add_argument("--kb", type=int, default=8, help="key code (KVFormat.k_code; fp8: 24)")
     ap.add_argument("--vb", type=int, default=8, help="value code")
     ap.add_argument("--nbi", type=int, default=2)
@@ -75,6 +96,7 @@ def main():
     ap.add_argument("--asm", type=int, default=1, help="PTX code conversion")
     ap.add_argument("--fast", type=int, default=1, help="fp16 dequantization (FAST)")
     ap.add_argument("--extra", default="", help="k=v,... more constexprs")
+    ap.add_argument("--c16", type=int, default=1, help="--gluon: codes as 1 + c / 16")
     ap.add_argument("--sass")
     a = ap.parse_args()
     fmt = KVFormat.from_codes(a.kb, a.vb)
@@ -90,7 +112,8 @@ def main():
         consts["DT"] = tl.float32
     fn_args = pdt._paged_decode_kernel.arg_names
     consts = {k: v for k, v in consts.items() if k in fn_args}
-    ck = compile_kernel(consts, a.warps, a.stages, a.maxnreg)
+    ck = compile_gluon(a.warps, a.maxnreg, bool(a.c16)) if a.gluon else \
+        compile_kernel(consts, a.warps, a.stages, a.maxnreg)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()

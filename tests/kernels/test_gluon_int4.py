@@ -1,0 +1,187 @@
+"""The Gluon int4 decode kernel (engine/kernels/paged_decode_gluon.py).
+
+Without a GPU: its PTX strings, run by a small emulator of the instructions they use, give
+the dequantized values in channel order (both code conversions); its channel orders are
+bijections; the wrapper refuses what it cannot serve. On CUDA: the kernel against
+paged_decode_ref over odd lengths, holes, split counts, head groups and store dtypes.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kernels import paged_decode_gluon as pdg
+from engine.kernels.paged_decode import paged_decode_ref
+from engine.layout import BlockGeometry, KVFormat
+from kernel_cases import make_table
+
+INT4 = KVFormat(4, 4)
+
+
+def _f16(bits: int) -> float:
+    return float(np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+
+
+def _bits(x: float) -> int:
+    return int(np.array([x], dtype=np.float16).view(np.uint16)[0])
+
+
+def _pair(f, *regs) -> int:
+    """Apply f to the low halves, then to the high halves, of 32-bit fp16 pairs."""
+    out = [_bits(f(*(_f16(r >> s) for r in regs))) for s in (0, 16)]
+    return out[0] | out[1] << 16
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
+    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def run_ptx(text: str, inputs: list[int], n_out: int, out_bits: int) -> list[int]:
+    """Run ``text``; inputs are $n_out.. (32- or 64-bit); returns the outputs' bits."""
+    regs: dict[str, int] = {f"${n_out + i}": v for i, v in enumerate(inputs)}
+    val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
+    M = 0xFFFFFFFF
+    for ins in (x.strip() for x in text.strip().strip("{}").split(";")):
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        m = re.match(r"\{\s*(\S+),\s*(\S+)\s*\},\s*(\S+)", rest)
+        if op in ("mov.b32", "mov.b64") and m:
+            lo, hi, src = m.groups()
+            w = 16 if op == "mov.b32" else 32
+            regs[lo], regs[hi] = val(src) & ((1 << w) - 1), val(src) >> w
+            continue
+        a = [x.strip() for x in rest.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1]) & M
+        elif op == "shr.b32":
+            regs[a[0]] = (val(a[1]) & M) >> val(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & M
+        elif op == "prmt.b32":
+            regs[a[0]] = _prmt(val(a[1]), val(a[2]), val(a[3]))
+        elif op == "lop3.b32":
+            assert val(a[4]) == 0xEA, "emulator knows (a & b) | c only"
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "sub.f16x2":
+            regs[a[0]] = _pair(lambda x, y: x - y, val(a[1]), val(a[2]))
+        elif op == "neg.f16x2":
+            regs[a[0]] = _pair(lambda x: -x, val(a[1]))
+        elif op == "fma.rn.f16x2":   # one rounding: the product of two fp16 is exact in fp64
+            regs[a[0]] = _pair(lambda x, y, z: x * y + z, val(a[1]), val(a[2]), val(a[3]))
+        else:
+            raise AssertionError(f"emulator lacks {op}")
+    return [regs[f"${i}"] & ((1 << out_bits) - 1) for i in range(n_out)]
+
+
+def _h2(lo: float, hi: float) -> int:
+    return _bits(lo) | _bits(hi) << 16
+
+
+@pytest.mark.parametrize("c16", [False, True], ids=["exact", "c16"])
+@pytest.mark.parametrize("seed", range(10))
+def test_key_string_dequantizes_channels_in_order(seed, c16):
+    """k_asm: a word of 16 nibbles (channel k at bits 4k) and the (scale, zero) pairs of
+    channels (2j, 2j + 1) -> output k = channel k's key (c16: / 16, zeros z / 16 - s)."""
+    rng = random.Random(seed)
+    codes = [rng.randrange(16) for _ in range(16)]
+    word = sum(c << (4 * k) for k, c in enumerate(codes))
+    s = [float(np.float16(rng.uniform(0.01, 0.5))) for _ in range(16)]
+    z = [float(np.float16(rng.uniform(-4, 4))) for _ in range(16)]
+    sp = [_h2(s[2 * j], s[2 * j + 1]) for j in range(8)]
+    zp = [_h2(z[2 * j], z[2 * j + 1]) for j in range(8)]
+    if c16:
+        zp = [run_ptx(pdg._ZS_ASM, [zp[j], sp[j]], 1, 32)[0] for j in range(8)]
+    got = [_f16(o) for o in run_ptx(pdg.k_asm(c16), [word] + sp + zp, 16, 16)]
+    want = [(c * sk + zk) / (16 if c16 else 1) for c, sk, zk in zip(codes, s, z)]
+    # exact: one fp16 rounding; c16: that and z / 16 - s's (at most (|z| + 16 s) 2^-12 / 16)
+    tol = [abs(w) * 2 ** -10 + ((abs(zk) + 16 * sk) * 2 ** -15 if c16 else 0)
+           for w, sk, zk in zip(want, s, z)]
+    for k in range(16):
+        assert abs(got[k] - want[k]) <= tol[k], (k, got[k], want[k])
+
+
+@pytest.mark.parametrize("c16", [False, True], ids=["exact", "c16"])
+@pytest.mark.parametrize("seed", range(10))
+def test_value_string_dequantizes_token_pairs_in_order(seed, c16):
+    """v_asm: two tokens' words (the same 16 channels) + (scale, zero) pairs (token a,
+    token b) -> output k = (a, b) values of channel k."""
+    rng = random.Random(seed)
+    ca = [rng.randrange(16) for _ in range(16)]
+    cb = [rng.randrange(16) for _ in range(16)]
+    wa = sum(c << (4 * k) for k, c in enumerate(ca))
+    wb = sum(c << (4 * k) for k, c in enumerate(cb))
+    s = [float(np.float16(rng.uniform(0.01, 0.5))) for _ in range(2)]
+    z = [float(np.float16(rng.uniform(-4, 4))) for _ in range(2)]
+    zz = [float(np.float16(zk / 16 - sk)) for zk, sk in zip(z, s)] if c16 else z
+    out = run_ptx(pdg.v_asm(c16), [wa, wb, _h2(*s), _h2(*zz)], 16, 32)
+    div = 16 if c16 else 1
+    for k in range(16):
+        for half, c, sk, zk in ((0, ca[k], s[0], z[0]), (1, cb[k], s[1], z[1])):
+            want = (c * sk + zk) / div
+            tol = abs(want) * 2 ** -10 + ((abs(zk) + 16 * sk) * 2 ** -15 if c16 else 0)
+            got = _f16(out[k] >> (16 * half))
+            assert abs(got - want) <= tol, (k, half, got, want)
+
+
+def test_channel_orders_are_bijections():
+    d = torch.arange(128)
+    assert sorted(pdg.k_channel(d).tolist()) == list(range(128))
+    assert sorted(pdg.v_channel(d).tolist()) == list(range(128))
+
+
+def test_wrapper_refuses_what_it_cannot_serve():
+    g = BlockGeometry(16, 2, 128, torch.float16, value_group=32)
+    assert "block_size 32" in pdg.supports(g, 8)
+    g = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
+    assert pdg.supports(g, 32) and "8 query heads" in pdg.supports(g, 32)
+    assert "fp16 scales" in pdg.supports(BlockGeometry(32, 2, 128, torch.float32), 8)
+    if pdg.HAVE_GLUON:
+        assert pdg.supports(g, 8) is None
+        with pytest.raises(ValueError, match="CUDA only"):
+            pdg.paged_decode_gluon(torch.zeros(1, 8, 128, dtype=torch.float16),
+                                   torch.zeros(64, dtype=torch.uint8),
+                                   torch.zeros(1, 1, dtype=torch.int64),
+                                   torch.ones(1, 1, dtype=torch.int32), g, 1.0)
+
+
+# (B, Hq, H, context lengths, hole fraction)
+CASES = [
+    (3, 32, 8, [1025, 77, 300], 0.2),
+    (2, 16, 2, [2049, 33], 0.1),
+    (1, 4, 4, [95], 0.0),
+    (4, 12, 2, [31, 1, 513, 4099], 0.3),
+]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels run on CUDA only")
+
+
+@cuda
+@pytest.mark.parametrize("c16", [False, True], ids=["exact", "c16"])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-Hq{c[1]}-H{c[2]}-{c[3]}")
+def test_gluon_matches_reference(case, dtype, splits, c16):
+    B, Hq, H, ctx, holes = case
+    gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx))) % 2 ** 31)
+    geom = BlockGeometry(32, H, 128, dtype, value_group=32)
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, INT4, gen, holes=holes)
+    q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
+    sm = 1.0 / math.sqrt(128)
+    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+    got = pdg.paged_decode_gluon(q.cuda(), arena.cuda(), offs.cuda(), ntok.cuda(), geom, sm,
+                                 num_splits=splits, c16=c16)
+    out, bmax, bsum = (t.cpu() for t in got)
+    r_out, r_max, r_sum = want
+    assert torch.isfinite(out).all()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out.float(), r_out.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isneginf(bmax), torch.isneginf(r_max))
+    fin = torch.isfinite(r_max)
+    torch.testing.assert_close(bmax[fin], r_max[fin], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(bsum, r_sum, atol=2e-2, rtol=2e-2)
