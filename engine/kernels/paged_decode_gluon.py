@@ -160,6 +160,7 @@ if HAVE_GLUON:
         HQ: gl.constexpr, H: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr,
         D: gl.constexpr, G: gl.constexpr, MSIZE: gl.constexpr, VOFF: gl.constexpr,
         K_ASM: gl.constexpr, V_ASM: gl.constexpr, ZS_ASM: gl.constexpr, C16: gl.constexpr,
+        VFIRST: gl.constexpr = True,
     ):
         NW: gl.constexpr = 4
         N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
@@ -220,6 +221,19 @@ if HAVE_GLUON:
         l_i = gl.zeros([NW, N], gl.float32, stat)
         acc = gl.zeros([NW, D, N], gl.float32, mma)
         for blk0 in range(start, end, NW):
+            if VFIRST:
+                # the values' loads first: in flight while the keys are converted and dotted
+                bv = blk0 + wv
+                okv = bv < end
+                ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
+                offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF, [16, 16, 16])
+                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8) + tv * W8 + jv,
+                             mask=ntv > 0)
+                mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
+                      + tv * NG + (16 * jv) // G)
+                tok = tv < ntv
+                vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
+                vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
             # ---- keys: codes [NW, T, D] in the A operand layout, dequantized in fp16
             bk = blk0 + wk
             okk = bk < end
@@ -285,17 +299,18 @@ if HAVE_GLUON:
             pt = gl.convert_layout((p * gl.expand_dims(wb16, 1)).to(gl.float16), opb)
 
             # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
-            bv = blk0 + wv
-            okv = bv < end
-            ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
-            offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF, [16, 16, 16])
-            vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8) + tv * W8 + jv,
-                         mask=ntv > 0)
-            mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
-                  + tv * NG + (16 * jv) // G)
-            tok = tv < ntv
-            vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
-            vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
+            if not VFIRST:
+                bv = blk0 + wv
+                okv = bv < end
+                ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
+                offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF, [16, 16, 16])
+                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8) + tv * W8 + jv,
+                             mask=ntv > 0)
+                mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
+                      + tv * NG + (16 * jv) // G)
+                tok = tv < ntv
+                vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
+                vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
             if C16:
                 vz = vz * 0.0625 - vs
             c = gl.inline_asm_elementwise(V_ASM, "=r," * 16 + "l,l,r,r", [vw, vs, vz],
@@ -345,8 +360,8 @@ def supports(geom, num_q_heads: int) -> str | None:
 
 def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                        block_ntok: torch.Tensor, geom, sm_scale: float, *,
-                       num_splits: int | None = None, c16: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       num_splits: int | None = None, c16: bool = True, vfirst: bool = True,
+                       maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``paged_decode_triton``'s contract for a table whose every attended block is int4
     (``fmt=KVFormat(4, 4)``): out [B, Hq, D], block_max / block_sumexp [B, Hq, NB]."""
     from engine.kernels import decode_launch
@@ -382,6 +397,7 @@ def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: 
         NB, bps, float(sm_scale) * LOG2E, 0, S,
         HQ=Hq, H=H, GQ=Hq // H, T=T, D=D, G=G, MSIZE=geom.meta_elem,
         VOFF=geom.sections(fmt)["v_codes"][0], K_ASM=k_asm(c16), V_ASM=v_asm(c16),
-        ZS_ASM=_ZS_ASM, C16=c16, num_warps=4)
+        ZS_ASM=_ZS_ASM, C16=c16, VFIRST=vfirst, num_warps=4,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     reduce_splits(pm, pl, pacc, out)
     return out, bmax, bsum
