@@ -150,17 +150,41 @@ if HAVE_GLUON:
                                          is_pure=True, pack=1)
 
     @gluon.jit
+    def _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, lo, hi, NB, HQ: gl.constexpr,
+               GQ: gl.constexpr, PERM: gl.constexpr):
+        """Partials (-inf, 0) of row b's entries lo .. hi (PERM: at their columns perm)."""
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [1, 4], [1, 0])
+        h = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, L)), 1)
+        j = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, L)), 0)
+        for c0 in range(lo, hi, 16):
+            pos = c0 + j
+            ok = pos < hi
+            if PERM:
+                cols = gl.load(perm_ptr + b * NB + pos, mask=ok, other=0).to(gl.int32)
+            else:
+                cols = pos
+            at = (b * HQ + kvh * GQ + h) * NB + cols
+            m = ok & (h < GQ)
+            gl.store(bmax_ptr + at, gl.full([8, 16], float("-inf"), gl.float32, L), mask=m)
+            gl.store(bsum_ptr + at, gl.zeros([8, 16], gl.float32, L), mask=m)
+
+    @gluon.jit
     def _bit(x, i: gl.constexpr):
         return (x >> i) & 1
 
     @gluon.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT"])
     def _int4_decode_kernel(
-        q_ptr, arena_u8, arena_md, off_ptr, ntok_ptr, bmax_ptr, bsum_ptr, pm_ptr, pl_ptr,
-        pacc_ptr, NB, blocks_per_split, qk_scale, S0, STOT,
+        q_ptr, arena_u8, arena_md, off_ptr, ntok_ptr, perm_ptr, rstart_ptr, rlen_ptr,
+        bmax_ptr, bsum_ptr, pm_ptr, pl_ptr, pacc_ptr, NB, blocks_per_split, qk_scale, S0, STOT,
         HQ: gl.constexpr, H: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr,
         D: gl.constexpr, G: gl.constexpr, MSIZE: gl.constexpr, VOFF: gl.constexpr,
         K_ASM: gl.constexpr, V_ASM: gl.constexpr, ZS_ASM: gl.constexpr, C16: gl.constexpr,
         VFIRST: gl.constexpr = True,
+        # the Triton kernel's table modes (engine/kernels/paged_decode_triton.py): ROWLEN, a
+        # run of each row of a grouped table (entries rstart .. + rlen, partials at the
+        # entries' columns perm), with FILL the (-inf, 0) partials of the entries past the
+        # row's runs; DYN, each row's own length (rlen), the columns past it holes
+        ROWLEN: gl.constexpr = False, DYN: gl.constexpr = False, FILL=0,
     ):
         NW: gl.constexpr = 4
         N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
@@ -195,9 +219,32 @@ if HAVE_GLUON:
         b = gl.program_id(0)
         kvh = gl.program_id(1)
         sp = gl.program_id(2)
-        start = sp * blocks_per_split
-        end = gl.minimum(start + blocks_per_split, NB)
         row = b * NB
+        nsp = gl.num_programs(2)
+        if ROWLEN:
+            rs = gl.load(rstart_ptr + b)
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = rs + sp * per
+            end = gl.minimum(start + per, rs + n)
+            if FILL != 0:
+                # entries past the row's runs, shared by the splits: (-inf, 0)
+                past = rs + n
+                per3 = gl.cdiv(NB - past, nsp)
+                _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, past + sp * per3,
+                       gl.minimum(past + sp * per3 + per3, NB), NB, HQ, GQ, True)
+        elif DYN:
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = sp * per
+            end = gl.minimum(start + per, n)
+            # this split's share of the table past the row: (-inf, 0)
+            _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh,
+                   gl.maximum(sp * blocks_per_split, n),
+                   gl.minimum(sp * blocks_per_split + blocks_per_split, NB), NB, HQ, GQ, False)
+        else:
+            start = sp * blocks_per_split
+            end = gl.minimum(start + blocks_per_split, NB)
 
         # q^T [NW, D, N] in the keys' channel order, fp16 (each warp its own copy)
         wq, dq, hq = _idx3(NW, D, N, opb)
@@ -282,7 +329,11 @@ if HAVE_GLUON:
             p = gl.exp2(s - gl.expand_dims(mb_safe, 1))
             lb = gl.sum(p, axis=1)
             hmask = gl.expand_dims(h_st, 0) < GQ
-            st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(bst, 1)
+            if ROWLEN:
+                col = gl.load(perm_ptr + row + bst, mask=okst, other=0).to(gl.int32)
+            else:
+                col = bst
+            st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(col, 1)
             stm = hmask & gl.expand_dims(okst, 1)
             gl.store(bmax_ptr + st, mb * 0.6931471805599453, mask=stm)
             gl.store(bsum_ptr + st, lb, mask=stm)
@@ -360,13 +411,13 @@ def supports(geom, num_q_heads: int) -> str | None:
 
 def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                        block_ntok: torch.Tensor, geom, sm_scale: float, *,
-                       num_splits: int | None = None, c16: bool = True, vfirst: bool = True,
-                       maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       num_splits: int | None = None, c16: bool | None = None,
+                       vfirst: bool | None = None, maxnreg: int | None = None, row_len: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``paged_decode_triton``'s contract for a table whose every attended block is int4
     (``fmt=KVFormat(4, 4)``): out [B, Hq, D], block_max / block_sumexp [B, Hq, NB]."""
     from engine.kernels import decode_launch
     from engine.kernels.split_reduce_triton import reduce_splits
-    from engine.layout import KVFormat
 
     B, Hq, D = q.shape
     why = supports(geom, Hq)
@@ -389,15 +440,42 @@ def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: 
     pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
-    fmt = KVFormat(4, 4)
-    n = arena_row.numel() // 2 * 2
-    _int4_decode_kernel[(B, H, S)](
-        q.contiguous(), arena_row, arena_row[:n].view(geom.meta_dtype),
-        block_offsets.contiguous(), block_ntok.contiguous(), bmax, bsum, pm, pl, pacc,
-        NB, bps, float(sm_scale) * LOG2E, 0, S,
-        HQ=Hq, H=H, GQ=Hq // H, T=T, D=D, G=G, MSIZE=geom.meta_elem,
-        VOFF=geom.sections(fmt)["v_codes"][0], K_ASM=k_asm(c16), V_ASM=v_asm(c16),
-        ZS_ASM=_ZS_ASM, C16=c16, VFIRST=vfirst, num_warps=4,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+    offs, ntok = block_offsets.contiguous(), block_ntok.contiguous()
+    rlen = row_len if row_len is not None else ntok
+    fn, args, consts, opts = kernel_call(
+        q.contiguous(), arena_row, offs, ntok, offs, rlen, rlen, bmax, bsum, pm, pl, pacc,
+        bps, sm_scale, 0, S, geom, dyn=row_len is not None, c16=c16, vfirst=vfirst,
+        maxnreg=maxnreg)
+    fn[(B, H, S)](*args, **consts, **opts)
     reduce_splits(pm, pl, pacc, out)
     return out, bmax, bsum
+
+
+# the launch settings measured best (docs/BENCHMARKS.md, "The Gluon int4 kernel")
+C16 = True
+VFIRST = True
+MAXNREG = None
+
+
+def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,
+                sm_scale, s0, stot, geom, *, rowlen=False, dyn=False, fill=False, c16=None,
+                vfirst=None, maxnreg=None):
+    """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
+    Triton kernel's argument contract (``paged_decode_triton._Launch.run``)."""
+    from engine.layout import KVFormat
+    c16 = C16 if c16 is None else c16
+    vfirst = VFIRST if vfirst is None else vfirst
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    B, Hq, D = q.shape
+    H = geom.num_kv_heads
+    n = arena_row.numel() // 2 * 2
+    args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
+            bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
+    consts = dict(HQ=Hq, H=H, GQ=Hq // H, T=geom.block_size, D=D, G=geom.value_group,
+                  MSIZE=geom.meta_elem, VOFF=geom.sections(KVFormat(4, 4))["v_codes"][0],
+                  K_ASM=k_asm(c16), V_ASM=v_asm(c16), ZS_ASM=_ZS_ASM, C16=c16, VFIRST=vfirst,
+                  ROWLEN=rowlen, DYN=dyn)
+    opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
+    if rowlen:
+        consts["FILL"] = int(fill)        # a runtime argument, passed by name
+    return _int4_decode_kernel, args, consts, opts

@@ -45,6 +45,17 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 # KVCTL_TRITON_PTX=0 turns the PTX code conversion off (plain Triton conversion instead)
 _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
+# int4 launches by the Gluon kernel (engine/kernels/paged_decode_gluon.py) where it serves
+# the geometry (CUDA, block_size 32, head_dim 128, <= 8 query heads a kv head)
+GLUON_INT4 = os.environ.get("KVCTL_GLUON", "0") == "1"
+_INT4 = KVFormat(4, 4)
+
+
+def _gluon_serves(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry) -> bool:
+    if not (GLUON_INT4 and q.is_cuda and fmt == _INT4):
+        return False
+    from engine.kernels import paged_decode_gluon as pdg
+    return pdg.supports(geom, q.shape[1]) is None
 
 
 @triton.jit
@@ -521,6 +532,8 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
         if fuse is None:
             fuse = decode_launch.FUSE_TWO_FORMATS
         ml = groups.max_length
+        if F == 2 and fuse and any(_gluon_serves(f, q, geom) for f in groups.formats):
+            fuse = False      # the Gluon kernel's int4 launch beside the other format's
         if F == 2 and fuse:
             # one launch: a table of two formats (old quantized blocks, the newest full
             # ones) runs both runs of each row in each program
@@ -768,10 +781,13 @@ class _Launch:
             geom, fmt2, cuda, fast, decode_launch.format_defaults(fmt2, cuda)[0], None)
         self.warps, self.stages, self.maxnreg, self.geom = num_warps or 4, num_stages or 2, \
             maxnreg, geom
+        # the Gluon kernel: 4 warps, each its own block (4 blocks an iteration)
+        self.gluon = fmt2 is None and _gluon_serves(fmt, q, geom)
         self.key = (q.device, self.path, self.path2, geom, q.shape[1], self.warps,
-                    self.stages, maxnreg)
+                    self.stages, maxnreg, self.gluon)
         self.S, self.bps = decode_launch.launch_config(
-            B, H, NB, q.device, num_splits, self.path.nbi, decode_launch.RESIDENT.get(self.key))
+            B, H, NB, q.device, num_splits, 4 if self.gluon else self.path.nbi,
+            decode_launch.RESIDENT.get(self.key))
 
     def run(self, q, arena_row, offs, ntok, bmax, bsum, pm, pl, pacc, s0, stot, *, run,
             sm_scale, cache=None, row_len=None, run2=None, fill=False):
@@ -786,6 +802,15 @@ class _Launch:
         dyn = run is None and row_len is not None
         if dyn:
             rlen = row_len
+        if self.gluon:
+            from engine.kernels import paged_decode_gluon as pdg
+            fn, args, consts, opts = pdg.kernel_call(
+                q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc,
+                self.bps, sm_scale, s0, stot, geom, rowlen=run is not None, dyn=dyn,
+                fill=fill and run is not None)
+            ck = _launch(fn, (B, H, self.S), args, consts, opts, cache)
+            self._resident(ck, q)
+            return
         consts = dict(HQ=Hq, H=H, GQ=Hq // H, GP=max(16, triton.next_power_of_2(Hq // H)),
                       T=T, D=D, G=G, ESIZE=geom.store_elem, MSIZE=geom.meta_elem,
                       ROWLEN=run is not None, DYN=dyn, FILL=int(fill and run is not None),
@@ -797,6 +822,9 @@ class _Launch:
             bmax, bsum, pm, pl, pacc, offs.shape[1], self.bps, float(sm_scale) * LOG2E, s0, stot
         ), consts, dict(num_warps=self.warps, num_stages=self.stages,
                         **({"maxnreg": self.maxnreg} if self.maxnreg else {})), cache)
+        self._resident(ck, q)
+
+    def _resident(self, ck, q):
         if q.is_cuda and self.key not in decode_launch.RESIDENT:
             res = decode_launch.resident_programs(ck, q.device)
             if res:

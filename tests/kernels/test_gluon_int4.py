@@ -185,3 +185,55 @@ def test_gluon_matches_reference(case, dtype, splits, c16):
     fin = torch.isfinite(r_max)
     torch.testing.assert_close(bmax[fin], r_max[fin], atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(bsum, r_sum, atol=2e-2, rtol=2e-2)
+
+
+def _mixed(b, j, n):
+    """Old blocks int4, the row's last two full precision (the engine's steady state)."""
+    return KVFormat(0, 0) if j >= n - 2 else INT4
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
+def test_triton_wrapper_routes_int4_to_gluon(monkeypatch, mode):
+    """With GLUON_INT4 on, paged_decode_triton's int4 launches (one format, a graph's
+    row lengths, a grouped int4 + full table, a step's launch cache) are the Gluon
+    kernel's, and the results match the reference."""
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "GLUON_INT4", True)
+    seen = []
+    real = pdt._launch
+    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
+    gen = torch.Generator().manual_seed(7)
+    geom = BlockGeometry(32, 4, 128, torch.bfloat16, value_group=32)
+    ctx = [1000, 65, 2100]
+    fmts = _mixed if mode.startswith("groups") else INT4
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmts, gen, holes=0.1)
+    q = torch.randn(3, 16, 128, generator=gen).to(torch.bfloat16)
+    sm = 1.0 / math.sqrt(128)
+    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+    c = lambda t: t.cuda()  # noqa: E731
+    kw = {}
+    if mode == "fmt":
+        kw = dict(fmt=INT4)
+    elif mode == "row_len":
+        # a graph's table: wider than the rows, its padding columns holes
+        pad = lambda t, v: torch.cat([t, torch.full((3, 5), v, dtype=t.dtype)], 1)  # noqa: E731
+        offs, kb, vb, ntok = pad(offs, 1 << 40), pad(kb, 0), pad(vb, 0), pad(ntok, 0)
+        want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+        kw = dict(fmt=INT4, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
+    else:
+        rows = [[(j, INT4 if kb[b, j] == INT4.k_code else KVFormat(0, 0))
+                 for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
+        kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
+        if mode == "groups-cache":
+            kw["launch_cache"] = {}
+    for _ in range(2 if mode == "groups-cache" else 1):
+        got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
+                                      **kw)
+        out, bmax, bsum = (t.cpu() for t in got)
+        torch.testing.assert_close(out.float(), want[0].float(), atol=2e-2, rtol=2e-2)
+        assert torch.equal(torch.isneginf(bmax), torch.isneginf(want[1]))
+        fin = torch.isfinite(want[1])
+        torch.testing.assert_close(bmax[fin], want[1][fin], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(bsum, want[2], atol=2e-2, rtol=2e-2)
+    assert any(fn is pdg._int4_decode_kernel for fn in seen)
