@@ -4,6 +4,9 @@
     python -m benchmarks.decode_kernel --batches 8 --contexts 131072 \
         --formats int8 int4 fp8 --variants default words s3   # named variants only
 
+int4 tables go to the Gluon kernel on CUDA (paged_decode_triton routes them there by
+default; `KVCTL_GLUON=0` in the environment times the Triton kernel instead).
+
 32 query heads, 8 KV heads, head_dim 128, block size 32, fp16; batch 1 and 8, context
 32K and 128K. SDPA runs over contiguous fp16 K/V; our kernel over a paged arena whose
 block table is a random permutation of slots, every block in one format. Each call is

@@ -46,8 +46,11 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # KVCTL_TRITON_PTX=0 turns the PTX code conversion off (plain Triton conversion instead)
 _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 # int4 launches by the Gluon kernel (engine/kernels/paged_decode_gluon.py) where it serves
-# the geometry (CUDA, block_size 32, head_dim 128, <= 8 query heads a kv head)
-GLUON_INT4 = os.environ.get("KVCTL_GLUON", "0") == "1"
+# the geometry (CUDA, block_size 32, head_dim 128, <= 8 query heads a kv head): on an H100
+# 2.2-2.5x SDPA at batch 8 against this kernel's 1.2x, an int4 engine step at batch 8 /
+# 32K 13.5 ms against 17.8 (docs/BENCHMARKS.md, "The Gluon int4 kernel"). KVCTL_GLUON=0
+# turns it off. A grouped int4 + full table then takes one launch per format
+GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
 _INT4 = KVFormat(4, 4)
 
 

@@ -52,6 +52,15 @@ TOL = {torch.float32: (2e-5, 1e-4, 2e-5, 1e-5, 2e-5, 1e-5),
        torch.float16: (5e-3, 1e-2, 4e-3, 1e-3, 1e-2, 1e-2)}
 
 
+@pytest.fixture(autouse=True)
+def _triton_kernel_only(monkeypatch):
+    """These are the Triton kernel's tests: its int4 launches stay on it (on CUDA the Gluon
+    kernel serves them by default; it has its own tests, test_gluon_int4.py, the routed
+    launches included)."""
+    import engine.kernels.paged_decode_triton as m
+    monkeypatch.setattr(m, "GLUON_INT4", False)
+
+
 def _case_id(c):
     B, Hq, H, D, T, G, ctx, fmts, holes = c
     f = fmts.name if isinstance(fmts, KVFormat) else f"mix{len(fmts)}"
