@@ -186,8 +186,7 @@ VARIANTS = {
     # the Gluon int4 kernel (engine/kernels/paged_decode_gluon.py; int4 tables only):
     # codes as 1 + c / 16 (its default) or exact (1024 + c, then a subtraction)
     "gluon": dict(gluon=True), "gluon-exact": dict(gluon=True, c16=False),
-    "vlate": dict(vfirst=False), "gr168": dict(maxnreg=168), "kfold": dict(kfold=True),
-    # (with gluon)
+    "gr168": dict(maxnreg=168), "gr0": dict(maxnreg=0),        # with gluon
 }
 
 

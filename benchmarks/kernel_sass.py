@@ -72,9 +72,7 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True):
     sec = BlockGeometry(32, 8, 128, torch.float16, value_group=32).sections(fmt)
     fn = pdg._int4_decode_kernel
     consts = dict(HQ=32, H=8, GQ=4, T=32, D=128, G=32, MSIZE=2, VOFF=sec["v_codes"][0],
-                  K_ASM=pdg.k_asm(c16), V_ASM=pdg.v_asm(c16), ZS_ASM=pdg._ZS_ASM, C16=c16,
-                  VFIRST=bool(int(os.environ.get("VFIRST", "1"))),
-                  KFOLD=bool(int(os.environ.get("KFOLD", "0"))), KX_ASM=pdg.kx_asm())
+                  K_ASM=pdg.k_asm(c16), V_ASM=pdg.v_asm(c16), ZS_ASM=pdg._ZS_ASM, C16=c16)
     sig = {n: ("constexpr" if n in consts or n in ("ROWLEN", "DYN") else PTR.get(n, "*fp16"))
            for n in fn.arg_names}
     consts.update(ROWLEN=os.environ.get("MODE") == "rowlen", DYN=os.environ.get("MODE") == "dyn")

@@ -10,9 +10,10 @@ explicit layouts, triton >= 3.6) each warp owns whole blocks and attends them al
 
 * logits transposed, ``S^T = K q^T``: the block's 32 tokens are the MMA's M side and the
   query heads its N side (8, not 16, padded rows); ``O^T = V^T P^T`` the same way.
-* every thread loads the 16 bytes of codes its operand fragment needs as int64 words and
-  turns them into fp16 in registers (PTX: nibbles under an fp16 exponent, one packed
-  subtraction and one packed fma per two codes). Nothing goes through shared memory.
+* every thread loads the codes its operand fragment needs as int64 words (16-byte key
+  loads) and turns them into fp16 in registers (PTX: two nibbles under an fp16 exponent
+  with one lop3, one packed fma per two codes). Nothing goes through shared memory; the
+  values' loads are issued before the keys' work, so that they are in flight during it.
 * the operand's reduction axis is permuted (a bijection of the channels, applied to q
   and the key scales too), so that each thread's codes are contiguous bytes; the output
   channels are permuted back at the store.
@@ -99,31 +100,9 @@ def v_asm(c16: bool) -> str:
         + " }")
 
 
-def kx_asm() -> str:
-    """KFOLD: a token's int64 word of key codes -> its 16 codes as 1 + c / 16 (no scale):
-    channels k and k + 4 of each 32-bit half under the fp16 exponent with one shift and
-    one lop3; output k = channel k. The scales go on q, the zeros into a second dot."""
-    return (
-        "{ .reg .b32 lo, hi, x, m; mov.b64 {lo, hi}, $16; mov.b32 m, 0x3C003C00;"
-        + "".join(_nib(w, 4 * k, True) + f" mov.b32 {{${8 * i + k}, ${8 * i + k + 4}}}, x;"
-                  for i, w in enumerate(("lo", "hi")) for k in range(4))
-        + " }")
-
-
 # (z, s) fp16 pairs -> z / 16 - s (the c16 zero pairs), for the keys' int32 pairs
 _ZS_ASM = ("{ .reg .b32 t, m; mov.b32 m, 0x2C002C00; neg.f16x2 t, $2;"
            " fma.rn.f16x2 $0, $1, m, t; }")
-
-
-def k_channel(d: torch.Tensor | int):
-    """Physical key channel of logical channel ``d`` (the keys' operand order)."""
-    b = lambda i: (d >> i) & 1  # noqa: E731
-    return 16 * (b(6) + 2 * b(1) + 4 * b(2)) + b(0) + 2 * b(3) + 4 * b(4) + 8 * b(5)
-
-
-def v_channel(d: torch.Tensor | int):
-    """Physical value channel of logical output channel ``d``."""
-    return 16 * (d % 8) + d // 8
 
 
 if HAVE_GLUON:
@@ -154,10 +133,13 @@ if HAVE_GLUON:
         e1, e5 = gl.split(b0)
         e3, e7 = gl.split(b1)
         S: gl.constexpr = gl.SliceLayout(1, L)
-        return (gl.expand_dims(gl.convert_layout(e0, S), 1), gl.expand_dims(gl.convert_layout(e1, S), 1),
-                gl.expand_dims(gl.convert_layout(e2, S), 1), gl.expand_dims(gl.convert_layout(e3, S), 1),
-                gl.expand_dims(gl.convert_layout(e4, S), 1), gl.expand_dims(gl.convert_layout(e5, S), 1),
-                gl.expand_dims(gl.convert_layout(e6, S), 1), gl.expand_dims(gl.convert_layout(e7, S), 1))
+        return (_bcast(e0, S), _bcast(e1, S), _bcast(e2, S), _bcast(e3, S),
+                _bcast(e4, S), _bcast(e5, S), _bcast(e6, S), _bcast(e7, S))
+
+    @gluon.jit
+    def _bcast(x, S: gl.constexpr):
+        """[NW, W] -> [NW, 1, W] in the parent layout of S (a layout-only conversion)."""
+        return gl.expand_dims(gl.convert_layout(x, S), 1)
 
     @gluon.jit
     def _zs(z, s, ZS_ASM: gl.constexpr):
@@ -184,13 +166,6 @@ if HAVE_GLUON:
             gl.store(bsum_ptr + at, gl.zeros([8, 16], gl.float32, L), mask=m)
 
     @gluon.jit
-    def _logical(x, NW: gl.constexpr, D: gl.constexpr):
-        """Key scales [NW, W8, 16] (physical channel 16 w + n) -> [NW, D] in the KFOLD keys'
-        channel order (d: b0 n3 n1 n0 b2 b1 n2 of w = 4 b2 + 2 b1 + b0, n = n0 + .. 8 n3)."""
-        x = gl.permute(gl.reshape(x, [NW, 2, 2, 2, 2, 2, 2, 2]), [0, 3, 4, 6, 7, 1, 2, 5])
-        return gl.reshape(x, [NW, D])
-
-    @gluon.jit
     def _bit(x, i: gl.constexpr):
         return (x >> i) & 1
 
@@ -201,10 +176,6 @@ if HAVE_GLUON:
         HQ: gl.constexpr, H: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr,
         D: gl.constexpr, G: gl.constexpr, MSIZE: gl.constexpr, VOFF: gl.constexpr,
         K_ASM: gl.constexpr, V_ASM: gl.constexpr, ZS_ASM: gl.constexpr, C16: gl.constexpr,
-        VFIRST: gl.constexpr = True,
-        # keys: the scales on q (one packed multiply a channel pair a block) and the zeros
-        # in a second dot of a broadcast zero row, instead of one fma per key pair (C16 only)
-        KFOLD: gl.constexpr = False, KX_ASM: gl.constexpr = "",
         # the Triton kernel's table modes (engine/kernels/paged_decode_triton.py): ROWLEN, a
         # run of each row of a grouped table (entries rstart .. + rlen, partials at the
         # entries' columns perm), with FILL the (-inf, 0) partials of the entries past the
@@ -273,12 +244,8 @@ if HAVE_GLUON:
 
         # q^T [NW, D, N] in the keys' channel order, fp16 (each warp its own copy)
         wq, dq, hq = _idx3(NW, D, N, opb)
-        if KFOLD:
-            pq = (16 * (_bit(dq, 6) + 2 * _bit(dq, 1) + 4 * _bit(dq, 2)) + _bit(dq, 3)
-                  + 2 * _bit(dq, 4) + 4 * _bit(dq, 0) + 8 * _bit(dq, 5))
-        else:
-            pq = (16 * (_bit(dq, 6) + 2 * _bit(dq, 1) + 4 * _bit(dq, 2)) + _bit(dq, 0)
-                  + 2 * _bit(dq, 3) + 4 * _bit(dq, 4) + 8 * _bit(dq, 5))
+        pq = (16 * (_bit(dq, 6) + 2 * _bit(dq, 1) + 4 * _bit(dq, 2)) + _bit(dq, 0)
+              + 2 * _bit(dq, 3) + 4 * _bit(dq, 4) + 8 * _bit(dq, 5))
         # the logit scale (log2 units) on q; c16: the keys are read divided by 16
         qt = gl.load(q_ptr + (b * HQ + kvh * GQ + hq) * D + pq + 0 * wq, mask=hq < GQ,
                      other=0.0).to(gl.float32)
@@ -287,12 +254,6 @@ if HAVE_GLUON:
         wk, tk, jk = _idx3(NW, T, W8, lk)
         wv, tv, jv = _idx3(NW, T, W8, lv)
         ws, js, ns = _idx3(NW, W8, 8, ls)
-        # KFOLD: key scales / zeros as fp16 [NW, W8, 16], a thread's 32 channels
-        lh: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0]],
-            lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
-            warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[NW, W8, 16])
-        wh, jh, nh = _idx3(NW, W8, 16, lh)
         w_st = gl.arange(0, NW, layout=gl.SliceLayout(1, stat))
         h_st = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
         t_s = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma)))
@@ -303,19 +264,19 @@ if HAVE_GLUON:
         l_i = gl.zeros([NW, N], gl.float32, stat)
         acc = gl.zeros([NW, D, N], gl.float32, mma)
         for blk0 in range(start, end, NW):
-            if VFIRST:
-                # the values' loads first: in flight while the keys are converted and dotted
-                bv = blk0 + wv
-                okv = bv < end
-                ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
-                offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF, [16, 16, 16])
-                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8) + tv * W8 + jv,
-                             mask=ntv > 0)
-                mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
-                      + tv * NG + (16 * jv) // G)
-                tok = tv < ntv
-                vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
-                vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
+            # the values' loads first: in flight while the keys are converted and dotted
+            bv = blk0 + wv
+            okv = bv < end
+            ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
+            offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF,
+                                  [16, 16, 16])
+            vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8)
+                         + tv * W8 + jv, mask=ntv > 0)
+            mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
+                  + tv * NG + (16 * jv) // G)
+            tok = tv < ntv
+            vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
+            vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
             # ---- keys: codes [NW, T, D] in the A operand layout, dequantized in fp16
             bk = blk0 + wk
             okk = bk < end
@@ -324,55 +285,32 @@ if HAVE_GLUON:
             # slot offsets are multiples of 16 bytes (engine/layout.py): 16-byte loads
             kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8) + tk * W8 + jk,
                          mask=ntk > 0)
-            if KFOLD:
-                bs = blk0 + wh
-                oks = bs < end
-                offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
-                nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-                m0 = (gl.multiple_of((offs + KCODE) // MSIZE, [8, 8, 8]) + kvh * D + jh * 16
-                      + nh)
-                sc = _logical(gl.load(arena_md + m0, mask=nts > 0), NW, D)
-                zr = _logical(gl.load(arena_md + m0 + KMETA // MSIZE, mask=nts > 0), NW, D)
-                zz = gl.convert_layout(zr * 0.0625 - sc, gl.SliceLayout(1, opa))
-                qs = qt * gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(2, opb)), 2)
-                c = gl.inline_asm_elementwise(KX_ASM, "=h," * 16 + "l", [kw],
-                                              dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-                kc = gl.join(gl.join(_join4(c[0], c[1], c[2], c[3]), _join4(c[8], c[9], c[10], c[11])),
-                             gl.join(_join4(c[4], c[5], c[6], c[7]),
-                                     _join4(c[12], c[13], c[14], c[15])))
-                # [NW, T, W8, n0, n1, n3, n2] -> d: b0 n3 n1 n0 b2 b1 n2
-                kc = gl.permute(gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2]),
-                                [0, 1, 4, 7, 6, 5, 2, 3, 8])
-                kx = gl.convert_layout(gl.reshape(kc, [NW, T, D]), opa)
-                zb, kx = gl.broadcast(gl.expand_dims(zz, 1), kx)
-                s = mma_v2(kx, qs, mma_v2(zb, qt, gl.zeros([NW, T, N], gl.float32, mma)))
-            else:
-                bs = blk0 + ws
-                oks = bs < end
-                offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
-                nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-                m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 8 + ns
-                sc = _split8(gl.load(a32 + m0, mask=nts > 0), lk)
-                zr = _split8(gl.load(a32 + m0 + KMETA // 4, mask=nts > 0), lk)
-                if C16:
-                    zr = (_zs(zr[0], sc[0], ZS_ASM), _zs(zr[1], sc[1], ZS_ASM),
-                          _zs(zr[2], sc[2], ZS_ASM), _zs(zr[3], sc[3], ZS_ASM),
-                          _zs(zr[4], sc[4], ZS_ASM), _zs(zr[5], sc[5], ZS_ASM),
-                          _zs(zr[6], sc[6], ZS_ASM), _zs(zr[7], sc[7], ZS_ASM))
-                c = gl.inline_asm_elementwise(
-                    K_ASM, "=h," * 16 + "l" + ",r" * 16,
-                    [kw, sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7],
-                     zr[0], zr[1], zr[2], zr[3], zr[4], zr[5], zr[6], zr[7]],
-                    dtype=(gl.float16,) * 16, is_pure=True, pack=1)
-                # channel n = n0 + 2 n1 + 4 n2 + 8 n3 of word j: joins n1 (inner) .. n0 (outer)
-                kc = gl.join(gl.join(_join4(c[0], c[2], c[4], c[6]), _join4(c[8], c[10], c[12], c[14])),
-                             gl.join(_join4(c[1], c[3], c[5], c[7]),
-                                     _join4(c[9], c[11], c[13], c[15])))
-                # [NW, T, W8, n1, n2, n3, n0]
-                kc = gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2])  # w: b2 b1 b0
-                kc = gl.permute(kc, [0, 1, 4, 7, 6, 5, 2, 3, 8])   # d: b0 n3 n2 n1 b2 b1 n0
-                k = gl.convert_layout(gl.reshape(kc, [NW, T, D]), opa)
-                s = mma_v2(k, qt, gl.zeros([NW, T, N], gl.float32, mma))
+            bs = blk0 + ws
+            oks = bs < end
+            offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
+            nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
+            m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 8 + ns
+            sc = _split8(gl.load(a32 + m0, mask=nts > 0), lk)
+            zr = _split8(gl.load(a32 + m0 + KMETA // 4, mask=nts > 0), lk)
+            if C16:
+                zr = (_zs(zr[0], sc[0], ZS_ASM), _zs(zr[1], sc[1], ZS_ASM),
+                      _zs(zr[2], sc[2], ZS_ASM), _zs(zr[3], sc[3], ZS_ASM),
+                      _zs(zr[4], sc[4], ZS_ASM), _zs(zr[5], sc[5], ZS_ASM),
+                      _zs(zr[6], sc[6], ZS_ASM), _zs(zr[7], sc[7], ZS_ASM))
+            c = gl.inline_asm_elementwise(
+                K_ASM, "=h," * 16 + "l" + ",r" * 16,
+                [kw, sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7],
+                 zr[0], zr[1], zr[2], zr[3], zr[4], zr[5], zr[6], zr[7]],
+                dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+            # channel n = n0 + 2 n1 + 4 n2 + 8 n3 of word j: joins n1 (inner) .. n0 (outer)
+            kc = gl.join(gl.join(_join4(c[0], c[2], c[4], c[6]), _join4(c[8], c[10], c[12], c[14])),
+                         gl.join(_join4(c[1], c[3], c[5], c[7]),
+                                 _join4(c[9], c[11], c[13], c[15])))
+            # [NW, T, W8, n1, n2, n3, n0]
+            kc = gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2])  # w: b2 b1 b0
+            kc = gl.permute(kc, [0, 1, 4, 7, 6, 5, 2, 3, 8])   # d: b0 n3 n2 n1 b2 b1 n0
+            k = gl.convert_layout(gl.reshape(kc, [NW, T, D]), opa)
+            s = mma_v2(k, qt, gl.zeros([NW, T, N], gl.float32, mma))
      # [NW, T, N]
 
             # ---- per-block partials (log2 units) and the warp's running state
@@ -409,18 +347,6 @@ if HAVE_GLUON:
             pt = gl.convert_layout((p * gl.expand_dims(wb16, 1)).to(gl.float16), opb)
 
             # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
-            if not VFIRST:
-                bv = blk0 + wv
-                okv = bv < end
-                ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
-                offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF, [16, 16, 16])
-                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8) + tv * W8 + jv,
-                             mask=ntv > 0)
-                mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
-                      + tv * NG + (16 * jv) // G)
-                tok = tv < ntv
-                vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
-                vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
             if C16:
                 vz = vz * 0.0625 - vs
             c = gl.inline_asm_elementwise(V_ASM, "=r," * 16 + "l,l,r,r", [vw, vs, vz],
@@ -471,8 +397,7 @@ def supports(geom, num_q_heads: int) -> str | None:
 def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
                        block_ntok: torch.Tensor, geom, sm_scale: float, *,
                        num_splits: int | None = None, c16: bool | None = None,
-                       vfirst: bool | None = None, maxnreg: int | None = None,
-                       kfold: bool | None = None, row_len: torch.Tensor | None = None
+                       maxnreg: int | None = None, row_len: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``paged_decode_triton``'s contract for a table whose every attended block is int4
     (``fmt=KVFormat(4, 4)``): out [B, Hq, D], block_max / block_sumexp [B, Hq, NB]."""
@@ -504,35 +429,27 @@ def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: 
     rlen = row_len if row_len is not None else ntok
     fn, args, consts, opts = kernel_call(
         q.contiguous(), arena_row, offs, ntok, offs, rlen, rlen, bmax, bsum, pm, pl, pacc,
-        bps, sm_scale, 0, S, geom, dyn=row_len is not None, c16=c16, vfirst=vfirst,
-        maxnreg=maxnreg, kfold=kfold)
+        bps, sm_scale, 0, S, geom, dyn=row_len is not None, c16=c16, maxnreg=maxnreg)
     fn[(B, H, S)](*args, **consts, **opts)
     reduce_splits(pm, pl, pacc, out)
     return out, bmax, bsum
 
 
 # the launch settings measured best (docs/BENCHMARKS.md, "The Gluon int4 kernel"; H100,
-# batch 8 / 128K): 1 + c / 16 codes (2% faster than exact), value loads before the keys'
-# work, 168 registers (3 programs an SM: 550 us against 673 at 188 registers); KFOLD 3%
-# slower
+# batch 8 / 128K): 1 + c / 16 codes (2% faster than exact), 168 registers (3 programs an
+# SM: 550 us against 673 at 188)
 C16 = True
-VFIRST = True
 MAXNREG = 168
-KFOLD = False
 
 
 def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,
                 sm_scale, s0, stot, geom, *, rowlen=False, dyn=False, fill=False, c16=None,
-                vfirst=None, maxnreg=None, kfold=None):
+                maxnreg=None):
     """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
     Triton kernel's argument contract (``paged_decode_triton._Launch.run``)."""
     from engine.layout import KVFormat
     c16 = C16 if c16 is None else c16
-    vfirst = VFIRST if vfirst is None else vfirst
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    kfold = KFOLD if kfold is None else kfold
-    if kfold and not c16:
-        raise ValueError("kfold needs the c16 code conversion")
     B, Hq, D = q.shape
     H = geom.num_kv_heads
     n = arena_row.numel() // 2 * 2
@@ -540,8 +457,8 @@ def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl
             bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
     consts = dict(HQ=Hq, H=H, GQ=Hq // H, T=geom.block_size, D=D, G=geom.value_group,
                   MSIZE=geom.meta_elem, VOFF=geom.sections(KVFormat(4, 4))["v_codes"][0],
-                  K_ASM=k_asm(c16), V_ASM=v_asm(c16), ZS_ASM=_ZS_ASM, C16=c16, VFIRST=vfirst,
-                  ROWLEN=rowlen, DYN=dyn, KFOLD=kfold, KX_ASM=kx_asm())
+                  K_ASM=k_asm(c16), V_ASM=v_asm(c16), ZS_ASM=_ZS_ASM, C16=c16,
+                  ROWLEN=rowlen, DYN=dyn)
     opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
     if rowlen:
         consts["FILL"] = int(fill)        # a runtime argument, passed by name
