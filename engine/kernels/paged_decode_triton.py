@@ -669,6 +669,7 @@ def warm_up_pairs(arena_row: torch.Tensor, geom: BlockGeometry, num_q_heads: int
     ones, which the engine's warm-up steps (short requests, decoded in CUDA graphs whose
     tables lead with the quantized format) never make; on the H100 headline that variant
     compiled mid-run, 1.4-2.8 s of a step (docs/BENCHMARKS.md, thirteenth session).
+    Formats the Gluon kernel serves also in a one-format table with row lengths.
     Reads slot 0 of ``arena_row`` whatever it holds; the outputs are dropped."""
     dev = arena_row.device
     T = geom.block_size
@@ -684,6 +685,15 @@ def warm_up_pairs(arena_row: torch.Tensor, geom: BlockGeometry, num_q_heads: int
             paged_decode_triton(q, arena_row, torch.zeros(2, 2, dtype=torch.int64, device=dev),
                                 kb.to(dev), vb.to(dev), ntok.to(dev), geom, 1.0,
                                 groups=FormatGroups.from_rows(rows, 2, dev))
+        if _gluon_serves(f, q, geom):
+            # a table of this format alone in a graph (each row's own length): the Gluon
+            # kernel compiles that mode apart from the grouped one above
+            kb = torch.full((2, 2), f.k_code, dtype=torch.int32, device=dev)
+            vb = torch.full((2, 2), f.v_code, dtype=torch.int32, device=dev)
+            paged_decode_triton(q, arena_row, torch.zeros(2, 2, dtype=torch.int64, device=dev),
+                                kb, vb, torch.full((2, 2), T, dtype=torch.int32, device=dev),
+                                geom, 1.0, fmt=f,
+                                row_len=torch.tensor([2, 1], dtype=torch.int32, device=dev))
 
 
 def _primary(groups: FormatGroups) -> int:
