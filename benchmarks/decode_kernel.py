@@ -183,11 +183,33 @@ VARIANTS = {
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
     "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
     "wv": dict(word_codes="v"), "nowords": dict(word_codes=False),
-    # the Gluon int4 kernel (engine/kernels/paged_decode_gluon.py; int4 tables only):
-    # codes as 1 + c / 16 (its default) or exact (1024 + c, then a subtraction)
-    "gluon": dict(gluon=True), "gluon-exact": dict(gluon=True, c16=False),
-    "gr168": dict(maxnreg=168), "gr0": dict(maxnreg=0),        # with gluon
+    # int4 tables: the Gluon kernel (engine/kernels/paged_decode_gluon.py) is the default;
+    # "triton" the Triton kernel; Gluon settings: exact codes (1024 + c, then a
+    # subtraction) instead of 1 + c / 16, no register cap (168 by default)
+    "triton": dict(_gluon=False), "gluon-exact": dict(_c16=False), "gr0": dict(_maxnreg=0),
 }
+# the module settings the private keys above set for one variant's calls
+_KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG")}
+
+
+class _knobs:
+    """Sets the module-level kernel settings a variant names, for the duration."""
+
+    def __init__(self, kw: dict):
+        from engine.kernels import paged_decode_gluon as pdg
+        from engine.kernels import paged_decode_triton as pdt
+        mods = {"pdt": pdt, "pdg": pdg}
+        self.sets = [(mods[m], a, kw.pop(k)) for k, (m, a) in _KNOBS.items() if k in kw]
+        self.old = []
+
+    def __enter__(self):
+        self.old = [(m, a, getattr(m, a)) for m, a, _ in self.sets]
+        for m, a, v in self.sets:
+            setattr(m, a, v)
+
+    def __exit__(self, *exc):
+        for m, a, v in self.old:
+            setattr(m, a, v)
 
 
 def _variant(name: str) -> dict:
@@ -257,24 +279,17 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
                     kw["maxnreg"] = cfg[3]
                 if mult is not None:
                     kw["num_splits"] = max(1, math.ceil(mult * sms / (B * H)))
+            knobs = _knobs(kw)
             try:
-                if kw.pop("gluon", False):
-                    if fmt != KVFormat(4, 4):
-                        continue
-                    from engine.kernels.paged_decode_gluon import paged_decode_gluon
-                    kw.pop("fmt")
-                    out = paged_decode_gluon(qd, arena, tables[0], nt, geom, sm_scale, **kw)[0]
-                    calls = [lambda t=t, a_=arena, nt_=nt, kw_=kw: paged_decode_gluon(
-                        qd, a_, t, nt_, geom, sm_scale, **kw_) for t in tables]
-                else:
+                with knobs:
                     out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale,
                                               **kw)[0]
                     # bound now: the lambdas outlive this iteration's names (arena is deleted)
                     calls = [lambda t=t, a_=arena, kb_=kb, vb_=vb, nt_=nt, kw_=kw:
                              paged_decode_triton(qd, a_, t, kb_, vb_, nt_, geom, sm_scale, **kw_)
                              for t in tables]
+                    t = _timeit(_graphed(calls, device), iters, device) / reps
                 err = (out.float() - ref.squeeze(2).float()).abs().max().item()
-                t = _timeit(_graphed(calls, device), iters, device) / reps
             except Exception as e:  # report and go on: one bad config must not hide the rest
                 print(f"  {name} {cfg} x{mult}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue

@@ -394,47 +394,6 @@ def supports(geom, num_q_heads: int) -> str | None:
     return None
 
 
-def paged_decode_gluon(q: torch.Tensor, arena_row: torch.Tensor, block_offsets: torch.Tensor,
-                       block_ntok: torch.Tensor, geom, sm_scale: float, *,
-                       num_splits: int | None = None, c16: bool | None = None,
-                       maxnreg: int | None = None, row_len: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``paged_decode_triton``'s contract for a table whose every attended block is int4
-    (``fmt=KVFormat(4, 4)``): out [B, Hq, D], block_max / block_sumexp [B, Hq, NB]."""
-    from engine.kernels import decode_launch
-    from engine.kernels.split_reduce_triton import reduce_splits
-
-    B, Hq, D = q.shape
-    why = supports(geom, Hq)
-    if why:
-        raise ValueError(f"paged_decode_gluon: {why}")
-    if not q.is_cuda:
-        raise ValueError("paged_decode_gluon runs on CUDA only")
-    if block_offsets.dtype != torch.int64 or block_ntok.dtype != torch.int32:
-        raise ValueError("block_offsets must be int64 and block_ntok int32")
-    H, T, G = geom.num_kv_heads, geom.block_size, geom.value_group
-    NB = block_offsets.shape[1]
-    dev = q.device
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
-    bmax = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
-    bsum = torch.empty(B, Hq, NB, dtype=torch.float32, device=dev)
-    if NB == 0 or B == 0:
-        out.zero_()
-        return out, bmax, bsum
-    S, bps = decode_launch.launch_config(B, H, NB, dev, num_splits, 4)
-    pm = torch.empty(B, Hq, S, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=dev)
-    offs, ntok = block_offsets.contiguous(), block_ntok.contiguous()
-    rlen = row_len if row_len is not None else ntok
-    fn, args, consts, opts = kernel_call(
-        q.contiguous(), arena_row, offs, ntok, offs, rlen, rlen, bmax, bsum, pm, pl, pacc,
-        bps, sm_scale, 0, S, geom, dyn=row_len is not None, c16=c16, maxnreg=maxnreg)
-    fn[(B, H, S)](*args, **consts, **opts)
-    reduce_splits(pm, pl, pacc, out)
-    return out, bmax, bsum
-
-
 # the launch settings measured best (docs/BENCHMARKS.md, "The Gluon int4 kernel"; H100,
 # batch 8 / 128K): 1 + c / 16 codes (2% faster than exact), 168 registers (3 programs an
 # SM: 550 us against 673 at 188)

@@ -138,11 +138,14 @@ def test_wrapper_refuses_what_it_cannot_serve():
     assert "fp16 scales" in pdg.supports(BlockGeometry(32, 2, 128, torch.float32), 8)
     if pdg.HAVE_GLUON:
         assert pdg.supports(g, 8) is None
-        with pytest.raises(ValueError, match="CUDA only"):
-            pdg.paged_decode_gluon(torch.zeros(1, 8, 128, dtype=torch.float16),
-                                   torch.zeros(64, dtype=torch.uint8),
-                                   torch.zeros(1, 1, dtype=torch.int64),
-                                   torch.ones(1, 1, dtype=torch.int32), g, 1.0)
+
+
+def test_int4_on_cpu_stays_on_the_triton_kernel(monkeypatch):
+    """The routing needs CUDA: on CPU an int4 table is the Triton kernel's (interpreter)."""
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "GLUON_INT4", True)
+    g = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
+    assert not pdt._gluon_serves(INT4, torch.zeros(1, 8, 128), g)
 
 
 # (B, Hq, H, context lengths, hole fraction)
@@ -164,7 +167,13 @@ VARIANTS = [(c, torch.float16, True) for c in CASES] + [
 @cuda
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("case,dtype,c16", VARIANTS, ids=lambda v: str(v).replace(" ", ""))
-def test_gluon_matches_reference(case, dtype, splits, c16):
+def test_gluon_matches_reference(monkeypatch, case, dtype, splits, c16):
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "GLUON_INT4", True)
+    monkeypatch.setattr(pdg, "C16", c16)
+    seen = []
+    real = pdt._launch
+    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
     B, Hq, H, ctx, holes = case
     gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx))) % 2 ** 31)
     geom = BlockGeometry(32, H, 128, dtype, value_group=32)
@@ -172,8 +181,10 @@ def test_gluon_matches_reference(case, dtype, splits, c16):
     q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
     sm = 1.0 / math.sqrt(128)
     want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-    got = pdg.paged_decode_gluon(q.cuda(), arena.cuda(), offs.cuda(), ntok.cuda(), geom, sm,
-                                 num_splits=splits, c16=c16)
+    c = lambda t: t.cuda()  # noqa: E731
+    got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
+                                  fmt=INT4, num_splits=splits)
+    assert seen == [pdg._int4_decode_kernel]
     out, bmax, bsum = (t.cpu() for t in got)
     r_out, r_max, r_sum = want
     assert torch.isfinite(out).all()
