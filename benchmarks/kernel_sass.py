@@ -3,6 +3,8 @@ registers, spills and a SASS instruction histogram (no device time needed).
 
     python benchmarks/kernel_sass.py --kb 8 --vb 8 --nbi 2 [--warps 4 --stages 2] [--sass FILE]
     python benchmarks/kernel_sass.py --kb 24 --vb 24     # fp8 (the key / value codes)
+    python benchmarks/kernel_sass.py --gluon --maxnreg 168   # the Gluon int4 kernel
+    MODE=rowlen|dyn python benchmarks/kernel_sass.py --gluon   # ... in a table mode
 
 Prints registers / shared memory / local memory, the whole kernel's SASS opcode counts
 and, per loop (a backward branch), the loop body's size and opcode counts. Uses the
@@ -75,13 +77,14 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True):
                   K_ASM=pdg.k_asm(c16), V_ASM=pdg.v_asm(c16), ZS_ASM=pdg._ZS_ASM, C16=c16)
     sig = {n: ("constexpr" if n in consts or n in ("ROWLEN", "DYN") else PTR.get(n, "*fp16"))
            for n in fn.arg_names}
-    consts.update(ROWLEN=os.environ.get("MODE") == "rowlen", DYN=os.environ.get("MODE") == "dyn")
+    mode = os.environ.get("MODE", "")      # the table modes: rowlen, dyn
+    consts.update(ROWLEN=mode == "rowlen", DYN=mode == "dyn")
     sig["arena_md"] = "*fp16"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n].startswith("*")}
     src = GluonASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {})))
+    opts = dict(num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def main():
@@ -141,7 +144,9 @@ def main():
         body = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
         print(f"  loop {lo:#x}-{hi:#x}: {sum(body.values())} instrs: "
               + " ".join(f"{k}:{v}" for k, v in body.most_common(30)))
-    print(f"KB={a.kb} VB={a.vb} NBI={a.nbi} warps={a.warps} stages={a.stages} {a.extra}: "
+    what = f"gluon int4 c16={a.c16} {os.environ.get('MODE', '')}" if a.gluon else \
+        f"KB={a.kb} VB={a.vb} NBI={a.nbi} warps={a.warps} stages={a.stages} {a.extra}"
+    print(f"{what}: "
           f"regs {m.group(1)} stack {m.group(2)} shared {m.group(3)} local {m.group(4)}; "
           f"{sum(ops.values())} instrs")
     print("  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(40)))
