@@ -25,8 +25,8 @@ bandwidth.
 
 Same slot layout, outputs and split contract as the Triton kernel (per-block partials,
 per-split running state reduced by split_reduce_triton), for the one format it handles:
-int4 keys and values, block_size 32, head_dim 128, at most 8 query heads per kv head,
-fp16 dot operands. CUDA only (the interpreter cannot run Gluon): its tests run on a GPU.
+int4 keys and values, block_size 32, head_dim 128, value groups of 32 channels, at most
+8 query heads per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only (the interpreter cannot run Gluon): its tests run on a GPU.
 """
 from __future__ import annotations
 
@@ -384,8 +384,10 @@ def supports(geom, num_q_heads: int) -> str | None:
         return "triton has no Gluon (triton >= 3.5 needed)"
     if geom.block_size != 32 or geom.head_dim != 128:
         return f"block_size 32 and head_dim 128 only (got {geom.block_size}, {geom.head_dim})"
-    if geom.value_group % 16 or 128 % geom.value_group:
-        return f"value_group must be 16, 32, 64 or 128 (got {geom.value_group})"
+    if geom.value_group != 32:
+        # (the indexing serves any group of 16 channels or more; only 32, the engine's,
+        # has run on a GPU)
+        return f"value_group 32 only (got {geom.value_group})"
     if geom.meta_elem != 2:
         return "fp16 scales only (a 16-bit store)"
     H = geom.num_kv_heads

@@ -136,6 +136,8 @@ def test_wrapper_refuses_what_it_cannot_serve():
     g = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
     assert pdg.supports(g, 32) and "8 query heads" in pdg.supports(g, 32)
     assert "fp16 scales" in pdg.supports(BlockGeometry(32, 2, 128, torch.float32), 8)
+    assert "value_group 32" in pdg.supports(BlockGeometry(32, 2, 128, torch.float16,
+                                                          value_group=64), 8)
     if pdg.HAVE_GLUON:
         assert pdg.supports(g, 8) is None
 
