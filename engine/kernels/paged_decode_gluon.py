@@ -46,9 +46,9 @@ LOG2E = 1.4426950408889634
 # exact: 0x6400 | c is 1024 + c, one sub.f16x2 per two codes removes the 1024 (the Triton
 # kernel's way). c16: 0x3C00 | c << 6 is 1 + c / 16, so c * s + z = 16 (x s + z / 16 - s)
 # with x that value: no subtraction (the factor 16 goes on q and p, z / 16 - s is computed
-# once a block). Its extra rounding, of z / 16 - s in fp16, is at most (|z| + 16 s) 2^-12
-# in a key or value (s the step of the int4 grid): under 1% of the grid step where the
-# block's zero is within a few steps of 0, and much smaller than int4's own error.
+# once a block). Its extra rounding, of z / 16 - s in fp16, is at most (|z| + 16 s) 2^-11
+# in a key or value (s the step of the int4 grid): about as much as the fp16 fma's own
+# rounding of the result (|x| <= |z| + 15 s), far below int4's error (up to s / 2).
 def _nib(src: str, shift: int, c16: bool) -> str:
     """PTX: the nibbles at bits ``shift`` .. + 3 of both 16-bit halves of ``src`` -> x as
     fp16 codes (exact: + 1024; c16: 1 + c / 16; see above)."""
