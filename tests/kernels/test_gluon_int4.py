@@ -150,6 +150,58 @@ def test_int4_on_cpu_stays_on_the_triton_kernel(monkeypatch):
     assert not pdt._gluon_serves(INT4, torch.zeros(1, 8, 128), g)
 
 
+def _routing_spy(monkeypatch):
+    """paged_decode_triton with int4 served by a stand-in for the Gluon launch (CPU: the
+    interpreter cannot run Gluon): records (kernel, constexprs, grid) of every launch."""
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "_gluon_serves", lambda fmt, q, geom: fmt == INT4)
+    seen, real = [], pdt._launch
+
+    def spy(fn, grid, args, consts, options, cache):
+        seen.append((fn, dict(consts), tuple(grid), args))
+        if fn is pdg._int4_decode_kernel:
+            return None
+        return real(fn, grid, args, consts, options, cache)
+
+    monkeypatch.setattr(pdt, "_launch", spy)
+    return pdt, seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check of the routing")
+@pytest.mark.skipif(not pdg.HAVE_GLUON, reason="no Gluon in this triton")
+def test_routing_launch_structure(monkeypatch):
+    """Where the Gluon kernel serves int4: a one-format int4 table (a graph's row lengths)
+    is one Gluon launch in its row-length mode, splits in whole 4-block iterations; a
+    grouped int4 + full table is two launches (never the fused two-format one), the
+    Triton kernel's for the full run and the Gluon kernel's for the int4 run, the last
+    one filling the holes' partials."""
+    pdt, seen = _routing_spy(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    geom = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
+    arena, offs, kb, vb, ntok = make_table(geom, [300, 70], INT4, gen)
+    q = torch.randn(2, 8, 128, generator=gen).to(torch.float16)
+    pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.1, fmt=INT4,
+                            row_len=torch.tensor([10, 3], dtype=torch.int32))
+    assert [x[0] for x in seen] == [pdg._int4_decode_kernel]
+    _, consts, grid, args = seen[0]
+    assert consts["DYN"] and not consts["ROWLEN"] and grid[:2] == (2, 2)
+    bps = args[14]                      # blocks a split: whole iterations of 4 blocks
+    assert bps % 4 == 0 and grid[2] * bps >= offs.shape[1]
+    seen.clear()
+    arena, offs, kb, vb, ntok = make_table(geom, [300, 70], _mixed, gen)
+    rows = [[(j, INT4 if kb[b, j] == INT4.k_code else KVFormat(0, 0))
+             for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(2)]
+    groups = pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cpu"))
+    pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.1, groups=groups,
+                            fuse=True)
+    kinds = [("gluon" if fn is pdg._int4_decode_kernel else "triton", c.get("TWO", False))
+             for fn, c, _, _ in seen]
+    assert sorted(kinds) == [("gluon", False), ("triton", False)]
+    last = seen[-1][1]
+    assert last["ROWLEN"] and last["FILL"] == 1
+    assert all(c["FILL"] == 0 for _, c, _, _ in seen[:-1])
+
+
 # (B, Hq, H, context lengths, hole fraction)
 CASES = [
     (3, 32, 8, [1025, 77, 300], 0.2),
