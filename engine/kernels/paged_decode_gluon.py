@@ -26,7 +26,9 @@ bandwidth.
 Same slot layout, outputs and split contract as the Triton kernel (per-block partials,
 per-split running state reduced by split_reduce_triton), for the one format it handles:
 int4 keys and values, block_size 32, head_dim 128, value groups of 32 channels, at most
-8 query heads per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only (the interpreter cannot run Gluon): its tests run on a GPU.
+8 query heads per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only (the
+interpreter cannot run Gluon): its tests run on a GPU. Reached through
+``paged_decode_triton``, which routes int4 launches here (``GLUON_INT4``).
 """
 from __future__ import annotations
 
@@ -283,8 +285,8 @@ if HAVE_GLUON:
             ntk = gl.load(ntok_ptr + row + bk, mask=okk, other=0)
             offk = gl.multiple_of(gl.load(off_ptr + row + bk, mask=okk, other=0), [16, 16, 16])
             # slot offsets are multiples of 16 bytes (engine/layout.py): 16-byte loads
-            kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8) + tk * W8 + jk,
-                         mask=ntk > 0)
+            kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8)
+                         + tk * W8 + jk, mask=ntk > 0)
             bs = blk0 + ws
             oks = bs < end
             offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
@@ -303,15 +305,15 @@ if HAVE_GLUON:
                  zr[0], zr[1], zr[2], zr[3], zr[4], zr[5], zr[6], zr[7]],
                 dtype=(gl.float16,) * 16, is_pure=True, pack=1)
             # channel n = n0 + 2 n1 + 4 n2 + 8 n3 of word j: joins n1 (inner) .. n0 (outer)
-            kc = gl.join(gl.join(_join4(c[0], c[2], c[4], c[6]), _join4(c[8], c[10], c[12], c[14])),
+            kc = gl.join(gl.join(_join4(c[0], c[2], c[4], c[6]),
+                                 _join4(c[8], c[10], c[12], c[14])),
                          gl.join(_join4(c[1], c[3], c[5], c[7]),
                                  _join4(c[9], c[11], c[13], c[15])))
             # [NW, T, W8, n1, n2, n3, n0]
             kc = gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2])  # w: b2 b1 b0
             kc = gl.permute(kc, [0, 1, 4, 7, 6, 5, 2, 3, 8])   # d: b0 n3 n2 n1 b2 b1 n0
             k = gl.convert_layout(gl.reshape(kc, [NW, T, D]), opa)
-            s = mma_v2(k, qt, gl.zeros([NW, T, N], gl.float32, mma))
-     # [NW, T, N]
+            s = mma_v2(k, qt, gl.zeros([NW, T, N], gl.float32, mma))     # [NW, T, N]
 
             # ---- per-block partials (log2 units) and the warp's running state
             bst = blk0 + w_st
