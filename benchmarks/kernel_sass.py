@@ -70,16 +70,11 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from engine.kernels import paged_decode_gluon as pdg
-    fmt = KVFormat.from_codes(4, 4)
-    sec = BlockGeometry(32, 8, 128, torch.float16, value_group=32).sections(fmt)
     fn = pdg._int4_decode_kernel
-    consts = dict(HQ=32, H=8, GQ=4, T=32, D=128, G=32, MSIZE=2, VOFF=sec["v_codes"][0],
-                  K_ASM=pdg.k_asm(c16), V_ASM=pdg.v_asm(c16), ZS_ASM=pdg._ZS_ASM, C16=c16)
-    sig = {n: ("constexpr" if n in consts or n in ("ROWLEN", "DYN") else PTR.get(n, "*fp16"))
-           for n in fn.arg_names}
     mode = os.environ.get("MODE", "")      # the table modes: rowlen, dyn
-    consts.update(ROWLEN=mode == "rowlen", DYN=mode == "dyn")
-    sig["arena_md"] = "*fp16"
+    consts = pdg.kernel_consts(BlockGeometry(32, 8, 128, torch.float16, value_group=32), 32,
+                               rowlen=mode == "rowlen", dyn=mode == "dyn", c16=c16)
+    sig = {n: "constexpr" if n in consts else PTR[n] for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n].startswith("*")}
     src = GluonASTSource(fn, sig, consts, attrs)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.layout import KVFormat
+
 try:  # Gluon: triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -101,6 +103,10 @@ def v_asm(c16: bool) -> str:
             for i in range(2) for j, sel in enumerate(("0x5410", "0x7632")))
         + " }")
 
+
+# the PTX strings of both conversions, built once (kernel_call runs every layer of a step)
+_ASM = {c16: (k_asm(c16), v_asm(c16)) for c16 in (False, True)}
+_INT4 = KVFormat(4, 4)
 
 # (z, s) fp16 pairs -> z / 16 - s (the c16 zero pairs), for the keys' int32 pairs
 _ZS_ASM = ("{ .reg .b32 t, m; mov.b32 m, 0x2C002C00; neg.f16x2 t, $2;"
@@ -405,23 +411,29 @@ C16 = True
 MAXNREG = 168
 
 
+def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False,
+                  c16: bool | None = None) -> dict:
+    """The kernel's compile-time arguments for a geometry and table mode."""
+    c16 = C16 if c16 is None else c16
+    k, v = _ASM[c16]
+    H = geom.num_kv_heads
+    return dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
+                D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
+                VOFF=geom.sections(_INT4)["v_codes"][0], K_ASM=k, V_ASM=v, ZS_ASM=_ZS_ASM,
+                C16=c16, ROWLEN=rowlen, DYN=dyn)
+
+
 def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,
                 sm_scale, s0, stot, geom, *, rowlen=False, dyn=False, fill=False, c16=None,
                 maxnreg=None):
     """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
-    Triton kernel's argument contract (``paged_decode_triton._Launch.run``)."""
-    from engine.layout import KVFormat
-    c16 = C16 if c16 is None else c16
+    Triton kernel's argument contract (``paged_decode_triton._Launch.run``). On the decode
+    path (every layer of a step): nothing here is rebuilt per call but the argument tuple."""
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    B, Hq, D = q.shape
-    H = geom.num_kv_heads
     n = arena_row.numel() // 2 * 2
     args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
             bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
-    consts = dict(HQ=Hq, H=H, GQ=Hq // H, T=geom.block_size, D=D, G=geom.value_group,
-                  MSIZE=geom.meta_elem, VOFF=geom.sections(KVFormat(4, 4))["v_codes"][0],
-                  K_ASM=k_asm(c16), V_ASM=v_asm(c16), ZS_ASM=_ZS_ASM, C16=c16,
-                  ROWLEN=rowlen, DYN=dyn)
+    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn, c16=c16)
     opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
     if rowlen:
         consts["FILL"] = int(fill)        # a runtime argument, passed by name

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import decode_launch
+from engine.kernels import paged_decode_gluon as pdg
 from engine.kernels.codes_triton import code_f32, fp8_to, unpack, word_codes
 from engine.kernels.paged_decode import table_codes
 from engine.kernels.split_reduce_triton import reduce_splits
@@ -55,10 +56,8 @@ _INT4 = KVFormat(4, 4)
 
 
 def _gluon_serves(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry) -> bool:
-    if not (GLUON_INT4 and q.is_cuda and fmt == _INT4):
-        return False
-    from engine.kernels import paged_decode_gluon as pdg
-    return pdg.supports(geom, q.shape[1]) is None
+    return (GLUON_INT4 and q.is_cuda and fmt == _INT4
+            and pdg.supports(geom, q.shape[1]) is None)
 
 
 @triton.jit
@@ -816,7 +815,6 @@ class _Launch:
         if dyn:
             rlen = row_len
         if self.gluon:
-            from engine.kernels import paged_decode_gluon as pdg
             fn, args, consts, opts = pdg.kernel_call(
                 q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc,
                 self.bps, sm_scale, s0, stot, geom, rowlen=run is not None, dyn=dyn,

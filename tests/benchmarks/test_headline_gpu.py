@@ -18,7 +18,8 @@ def test_gpu_workload_smoke(tmp_path):
         # where the engine's time went, and the longest waits between two tokens
         t = r["step_times"]
         assert t["prefill_steps"] > 0 and t["decode_steps"] > 0 and t["launch"] > 0
-        assert r["worst_gaps"] and r["worst_gaps"][0]["ms"] >= r["tpot_p99_ms"] - 1e-6
+        # (gaps are reported to 0.1 ms, the p99 unrounded)
+        assert r["worst_gaps"] and r["worst_gaps"][0]["ms"] >= r["tpot_p99_ms"] - 0.05
     assert res["rows"][1]["decisions"], "the policy never acted under 4x demand"
     # the adaptive run priced moves and says how many the learned model left over;
     # no controller, nothing priced
