@@ -178,7 +178,8 @@ VARIANTS = {
     "default": {}, "w2": dict(num_warps=2),
     "w8": dict(num_warps=8), "s3": dict(num_stages=3), "s1": dict(num_stages=1),
     "nbi1": dict(blocks_per_iter=1), "nbi4": dict(blocks_per_iter=4),
-    "x4": dict(split_mult=4), "x16": dict(split_mult=16),
+    "x2": dict(split_mult=2), "x4": dict(split_mult=4), "x8": dict(split_mult=8),
+    "x16": dict(split_mult=16), "x32": dict(split_mult=32),
     "words": dict(word_codes=True), "nbi2": dict(blocks_per_iter=2),
     "nbi8": dict(blocks_per_iter=8), "s2": dict(num_stages=2), "s4": dict(num_stages=4),
     "r128": dict(maxnreg=128), "r168": dict(maxnreg=168), "wk": dict(word_codes="k"),
@@ -222,10 +223,24 @@ def _variant(name: str) -> dict:
     return kw
 
 
+def _read_floor(name, B, L, nbytes, t_sdpa, iters, device) -> dict:
+    """A plain read of ``nbytes`` (torch's sum over fp16 words, rotating copies as the
+    kernels' data does, graphed): what a memory-bound kernel of this many bytes gets at
+    this size, launch tail and wave quantization included."""
+    reps = max(1, math.ceil(ROTATE_BYTES / nbytes)) if device.type == "cuda" else 1
+    bufs = [torch.zeros(nbytes // 2, dtype=torch.float16, device=device) for _ in range(reps)]
+    calls = [lambda x=x: x.sum(dtype=torch.float32) for x in bufs]
+    t = _timeit(_graphed(calls, device), iters, device) / reps
+    print(f"  {name:5s} read floor   : {t * 1e6:8.1f} us {t_sdpa / t:5.2f}x  "
+          f"{nbytes / t / 1e9:6.0f} GB/s", flush=True)
+    return dict(B=B, L=L, kernel="read", fmt=name, cfg="-", split_mult=None, us=t * 1e6,
+                speedup=t_sdpa / t, bytes=nbytes, gbs=nbytes / t / 1e9)
+
+
 def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
                 device: torch.device, seed: int = 0, variants: list[str] | None = None,
                 configs_: list | None = None, mults: list[int] | None = None,
-                dtype: torch.dtype = torch.float16) -> list[dict]:
+                dtype: torch.dtype = torch.float16, floor: bool = False) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(seed)
     gen_cpu = torch.Generator().manual_seed(seed)
     NB = L // T
@@ -261,6 +276,8 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
         vb = torch.full((B, NB), fmt.v_code, dtype=torch.int32, device=device)
         nt = torch.full((B, NB), T, dtype=torch.int32, device=device)
         nbytes = B * NB * slot_bytes_read(geom, fmt)
+        if floor:
+            rows.append(_read_floor(name, B, L, nbytes, t_sdpa, iters, device))
         # without --sweep: the kernel's own launch defaults (cfg "default")
         configs = [(c, m) for c in (configs_ or SWEEP) for m in (mults or SPLIT_MULTS)] \
             if sweep else [("default", None)]
@@ -322,6 +339,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                     help="the store's (and SDPA's) dtype; bf16 is the engine's on Llama-3")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a plain read of each format's bytes (torch sum): the "
+                    "bandwidth a memory-bound kernel of that size reaches")
     ap.add_argument("--variants", nargs="+",
                     help=f"time these named launch variants, or several joined by '+' "
                     f"(words+nbi4); the table shows all of them. Names: {', '.join(VARIANTS)}")
@@ -336,7 +356,7 @@ def main(argv=None) -> None:
         for L in args.contexts:
             rows += bench_shape(B, L, args.formats, args.sweep, args.iters, device,
                                 variants=args.variants, mults=args.mults,
-                                dtype=getattr(torch, args.dtype),
+                                dtype=getattr(torch, args.dtype), floor=args.floor,
                                 configs_=[tuple(map(int, c.split(","))) for c in args.configs]
                                 if args.configs else None)
     print("\n| batch | context | kernel | format | config (nbi, warps, stages) x splits "
@@ -345,7 +365,7 @@ def main(argv=None) -> None:
     for r in rows:
         if r["kernel"] == "paged" and not r.get("best") and not args.variants:
             continue
-        cfg = f"{r.get('cfg')} x{r.get('split_mult')}" if r["kernel"] != "sdpa" else "-"
+        cfg = f"{r.get('cfg')} x{r.get('split_mult')}" if r["kernel"] == "paged" else "-"
         print(f"| {r['B']} | {r['L'] // 1024}K | {r['kernel']} | {r['fmt']} | {cfg} | "
               f"{r['us']:.1f} | {r['speedup']:.2f}x | {r['gbs']:.0f} | "
               f"{100 * r['gbs'] / PEAK_GBS:.0f}% |")
