@@ -188,9 +188,14 @@ VARIANTS = {
     # "triton" the Triton kernel; Gluon settings: exact codes (1024 + c, then a
     # subtraction) instead of 1 + c / 16, no register cap (168 by default)
     "triton": dict(_gluon=False), "gluon-exact": dict(_c16=False), "gr0": dict(_maxnreg=0),
+    # int8 tables: the Gluon int8 kernel (paged_decode_gluon8.py) on or off, its register
+    # cap (168 by default; 0 none)
+    "g8": dict(_gluon8=True), "t8": dict(_gluon8=False), "g8r0": dict(_gluon8=True, _maxnreg8=0),
+    "g8r192": dict(_gluon8=True, _maxnreg8=192),
 }
 # the module settings the private keys above set for one variant's calls
-_KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG")}
+_KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG"),
+          "_gluon8": ("pdt", "GLUON_INT8"), "_maxnreg8": ("pdg8", "MAXNREG")}
 
 
 class _knobs:
@@ -198,8 +203,9 @@ class _knobs:
 
     def __init__(self, kw: dict):
         from engine.kernels import paged_decode_gluon as pdg
+        from engine.kernels import paged_decode_gluon8 as pdg8
         from engine.kernels import paged_decode_triton as pdt
-        mods = {"pdt": pdt, "pdg": pdg}
+        mods = {"pdt": pdt, "pdg": pdg, "pdg8": pdg8}
         self.sets = [(mods[m], a, kw.pop(k)) for k, (m, a) in _KNOBS.items() if k in kw]
         self.old = []
 

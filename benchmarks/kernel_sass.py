@@ -65,15 +65,22 @@ def compile_kernel(consts: dict, warps: int, stages: int, maxnreg: int = 0):
                                        **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
-def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True):
-    """The Gluon int4 kernel (engine/kernels/paged_decode_gluon.py) at the benchmark's shape."""
+def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True, bits: int = 4):
+    """The Gluon int4 kernel (engine/kernels/paged_decode_gluon.py) or, with ``bits=8``,
+    the int8 one (paged_decode_gluon8.py), at the benchmark's shape."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from engine.kernels import paged_decode_gluon as pdg
-    fn = pdg._int4_decode_kernel
+    from engine.kernels import paged_decode_gluon8 as pdg8
     mode = os.environ.get("MODE", "")      # the table modes: rowlen, dyn
-    consts = pdg.kernel_consts(BlockGeometry(32, 8, 128, torch.float16, value_group=32), 32,
-                               rowlen=mode == "rowlen", dyn=mode == "dyn", c16=c16)
+    geom = BlockGeometry(32, 8, 128, torch.float16, value_group=32)
+    if bits == 8:
+        fn = pdg8._int8_decode_kernel
+        consts = pdg8.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn")
+    else:
+        fn = pdg._int4_decode_kernel
+        consts = pdg.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn",
+                                   c16=c16)
     sig = {n: "constexpr" if n in consts else PTR[n] for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n].startswith("*")}
@@ -86,6 +93,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gluon", action="store_true",
                     help="the Gluon int4 kernel (paged_decode_gluon) instead")
+    ap.add_argument("--gluon8", action="store_true",
+                    help="the Gluon int8 kernel (paged_decode_gluon8)")
     ap.add_argument("--kb", type=int, default=8, help="key code (KVFormat.k_code; fp8: 24)")
     ap.add_argument("--vb", type=int, default=8, help="value code")
     ap.add_argument("--nbi", type=int, default=2)
@@ -112,7 +121,8 @@ def main():
         consts["DT"] = tl.float32
     fn_args = pdt._paged_decode_kernel.arg_names
     consts = {k: v for k, v in consts.items() if k in fn_args}
-    ck = compile_gluon(a.warps, a.maxnreg, bool(a.c16)) if a.gluon else \
+    ck = compile_gluon(a.warps, a.maxnreg, bool(a.c16), 8 if a.gluon8 else 4) \
+        if a.gluon or a.gluon8 else \
         compile_kernel(consts, a.warps, a.stages, a.maxnreg)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
@@ -139,7 +149,8 @@ def main():
         body = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
         print(f"  loop {lo:#x}-{hi:#x}: {sum(body.values())} instrs: "
               + " ".join(f"{k}:{v}" for k, v in body.most_common(30)))
-    what = f"gluon int4 c16={a.c16} {os.environ.get('MODE', '')}" if a.gluon else \
+    what = f"gluon int8 {os.environ.get('MODE', '')}" if a.gluon8 else \
+        f"gluon int4 c16={a.c16} {os.environ.get('MODE', '')}" if a.gluon else \
         f"KB={a.kb} VB={a.vb} NBI={a.nbi} warps={a.warps} stages={a.stages} {a.extra}"
     print(f"{what}: "
           f"regs {m.group(1)} stack {m.group(2)} shared {m.group(3)} local {m.group(4)}; "

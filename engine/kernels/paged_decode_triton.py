@@ -33,6 +33,7 @@ import triton.language as tl
 
 from engine.kernels import decode_launch
 from engine.kernels import paged_decode_gluon as pdg
+from engine.kernels import paged_decode_gluon8 as pdg8
 from engine.kernels.codes_triton import code_f32, fp8_to, unpack, word_codes
 from engine.kernels.paged_decode import table_codes
 from engine.kernels.split_reduce_triton import reduce_splits
@@ -52,12 +53,28 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 # 32K 13.5 ms against 17.8 (docs/BENCHMARKS.md, "The Gluon int4 kernel"). KVCTL_GLUON=0
 # turns it off. A grouped int4 + full table then takes one launch per format
 GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
+# int8 launches by the Gluon int8 kernel (engine/kernels/paged_decode_gluon8.py), same
+# geometry; off until measured on a GPU
+GLUON_INT8 = False
 _INT4 = KVFormat(4, 4)
+_INT8 = KVFormat(8, 8)
+
+
+def _gluon_module(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry):
+    """The Gluon kernel module that serves launches of ``fmt`` here, or None."""
+    if not q.is_cuda:
+        return None
+    if fmt == _INT4 and GLUON_INT4:
+        mod = pdg
+    elif fmt == _INT8 and GLUON_INT8:
+        mod = pdg8
+    else:
+        return None
+    return mod if pdg.supports(geom, q.shape[1]) is None else None
 
 
 def _gluon_serves(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry) -> bool:
-    return (GLUON_INT4 and q.is_cuda and fmt == _INT4
-            and pdg.supports(geom, q.shape[1]) is None)
+    return _gluon_module(fmt, q, geom) is not None
 
 
 @triton.jit
@@ -794,7 +811,7 @@ class _Launch:
         self.warps, self.stages, self.maxnreg, self.geom = num_warps or 4, num_stages or 2, \
             maxnreg, geom
         # the Gluon kernel: 4 warps, each its own block (4 blocks an iteration)
-        self.gluon = fmt2 is None and _gluon_serves(fmt, q, geom)
+        self.gluon = None if fmt2 is not None else _gluon_module(fmt, q, geom)
         self.key = (q.device, self.path, self.path2, geom, q.shape[1], self.warps,
                     self.stages, maxnreg, self.gluon)
         self.S, self.bps = decode_launch.launch_config(
@@ -814,8 +831,8 @@ class _Launch:
         dyn = run is None and row_len is not None
         if dyn:
             rlen = row_len
-        if self.gluon:
-            fn, args, consts, opts = pdg.kernel_call(
+        if self.gluon is not None:
+            fn, args, consts, opts = self.gluon.kernel_call(
                 q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc,
                 self.bps, sm_scale, s0, stot, geom, rowlen=run is not None, dyn=dyn,
                 fill=fill and run is not None)

@@ -154,7 +154,7 @@ def _routing_spy(monkeypatch):
     """paged_decode_triton with int4 served by a stand-in for the Gluon launch (CPU: the
     interpreter cannot run Gluon): records (kernel, constexprs, grid) of every launch."""
     from engine.kernels import paged_decode_triton as pdt
-    monkeypatch.setattr(pdt, "_gluon_serves", lambda fmt, q, geom: fmt == INT4)
+    monkeypatch.setattr(pdt, "_gluon_module", lambda fmt, q, geom: pdg if fmt == INT4 else None)
     seen, real = [], pdt._launch
 
     def spy(fn, grid, args, consts, options, cache):

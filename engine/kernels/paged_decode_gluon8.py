@@ -1,0 +1,334 @@
+"""Gluon flash-decoding over int8 blocks: one warp per block, codes loaded straight into
+the tensor-core operand layout (issue 14). The int8 sibling of paged_decode_gluon.py
+(read its docstring first): the same warp-per-block structure, transposed dots
+(``S^T = K q^T``, ``O^T = V^T P^T``) and split contract; what differs is how int8 codes
+reach the operands.
+
+* keys (token-major bytes, per-channel scale and zero): each thread loads 32 contiguous
+  bytes of each of its 4 tokens (two 16-byte loads), the 32 channels its A-operand
+  fragment needs once the reduction axis is permuted (the same bijection on q's channels
+  and on the key scales). PTX: one prmt puts two codes under the fp16 exponent of 1024
+  (``0x64 | c``), one sub removes the 1024 exactly, one fma.rn.f16x2 dequantizes the
+  pair: the Triton kernel's arithmetic, so the results round the same way. (A 1 + c / 256
+  code, the int4 kernel's way around the subtraction, would round the zero's correction
+  to about s / 2 in fp16: int8's own error.)
+* values (channel-major bytes, per-token scales and zeros of 32-channel groups): each
+  thread loads 8 contiguous bytes of each of its 16 channels, which are 8 tokens once the
+  block's tokens are permuted; the same permutation orders the keys' rows, so P^T comes
+  out of the key dot with its rows in the values' order. Each group of 32 channels is
+  two MMA row tiles, so a code's scale depends only on its token and the tile: the
+  scales are loaded once per token (8-byte loads) and broadcast.
+* the output channels are in natural order (no permutation back at the store).
+
+Token order: the MMA position ``p`` (bits e + 2 tq + 8 h + 16 kt: pair element, lane in
+the quad, 8-row half, 16-row tile) holds physical token ``8 tq + e + 2 h + 4 kt``, so a
+thread's 8 positions of a channel are the channel's bytes ``8 tq .. 8 tq + 7``.
+
+Same slot layout, outputs and split contract as the Triton kernel, for int8 keys and
+values, block_size 32, head_dim 128, value groups of 32 channels, at most 8 query heads
+per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only: its tests run on
+a GPU. Reached through ``paged_decode_triton``, which routes int8 launches here
+(``GLUON_INT8``).
+"""
+from __future__ import annotations
+
+from engine.kernels.paged_decode_gluon import HAVE_GLUON, LOG2E
+from engine.layout import KVFormat
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from engine.kernels.paged_decode_gluon import _bit, _holes, _idx3, _join4
+
+
+# A token's int64 word of key codes (8 bytes: channel k in byte k) and the (scale, zero)
+# fp16 pairs of its channels (2j, 2j + 1) -> its 8 dequantized keys, output k = channel k.
+# prmt puts bytes (2j, 2j + 1) of the word under 0x64 (1024 + c as fp16, exact), sub.f16x2
+# removes the 1024, fma.rn.f16x2 computes c * s + z with one rounding.
+K8_ASM = (
+    "{ .reg .b32 lo, hi, x, m, o; mov.b64 {lo, hi}, $8; mov.b32 m, 0x64646464;"
+    " mov.b32 o, 0x64006400;"
+    + "".join(
+        f" prmt.b32 x, {w}, m, {sel}; sub.f16x2 x, x, o;"
+        f" fma.rn.f16x2 x, x, ${9 + 2 * i + jj}, ${13 + 2 * i + jj};"
+        f" mov.b32 {{${4 * i + 2 * jj}, ${4 * i + 2 * jj + 1}}}, x;"
+        for i, w in enumerate(("lo", "hi")) for jj, sel in enumerate(("0x4140", "0x4342")))
+    + " }")
+
+# Four tokens' value codes of one channel (a 32-bit register, token i in byte i) and
+# their scales and zeros as fp16 pairs (token i's entry: the pair of tokens (i & ~1,
+# i | 1), so $3 / $7 serve tokens 0 and 1, $5 / $9 tokens 2 and 3) -> 4 dequantized
+# values as two fp16 pairs.
+V8_ASM = (
+    "{ .reg .b32 x, m, o; mov.b32 m, 0x64646464; mov.b32 o, 0x64006400;"
+    " prmt.b32 x, $2, m, 0x4140; sub.f16x2 x, x, o; fma.rn.f16x2 $0, x, $3, $7;"
+    " prmt.b32 x, $2, m, 0x4342; sub.f16x2 x, x, o; fma.rn.f16x2 $1, x, $5, $9; }")
+
+_INT8 = KVFormat(8, 8)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _split4(x, L: gl.constexpr):
+        """[NW, W, 4] -> 4 tensors [NW, 1, W] in L (entry j = x[..., j])."""
+        a, b = gl.split(gl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))   # j0
+        e0, e2 = gl.split(a)                                             # j1
+        e1, e3 = gl.split(b)
+        S: gl.constexpr = gl.SliceLayout(1, L)
+        return (gl.expand_dims(gl.convert_layout(e0, S), 1),
+                gl.expand_dims(gl.convert_layout(e1, S), 1),
+                gl.expand_dims(gl.convert_layout(e2, S), 1),
+                gl.expand_dims(gl.convert_layout(e3, S), 1))
+
+    @gluon.jit
+    def _token_pairs(x, L: gl.constexpr):
+        """[NW, NG, T] fp16 -> [NW, NG, 1, T] int32 in L, entry t the fp16 pair of tokens
+        (t & ~1, t | 1): packed once per token pair, then broadcast over the channels."""
+        ev, od = gl.split(gl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2]))
+        pr = gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [ev, od], dtype=gl.int32,
+                                       is_pure=True, pack=1)
+        pr = gl.reshape(gl.join(pr, pr), [x.shape[0], x.shape[1], x.shape[2]])
+        return gl.expand_dims(gl.convert_layout(pr, gl.SliceLayout(2, L)), 2)
+
+    @gluon.jit
+    def _sigma(r):
+        """Physical token of MMA position r (module docstring)."""
+        return 8 * ((r >> 1) & 3) + (r & 1) + 2 * ((r >> 3) & 3)
+
+    @gluon.jit(do_not_specialize=["NB", "blocks_per_split", "S0", "STOT"])
+    def _int8_decode_kernel(
+        q_ptr, arena_u8, arena_md, off_ptr, ntok_ptr, perm_ptr, rstart_ptr, rlen_ptr,
+        bmax_ptr, bsum_ptr, pm_ptr, pl_ptr, pacc_ptr, NB, blocks_per_split, qk_scale, S0, STOT,
+        HQ: gl.constexpr, H: gl.constexpr, GQ: gl.constexpr, T: gl.constexpr,
+        D: gl.constexpr, G: gl.constexpr, MSIZE: gl.constexpr, VOFF: gl.constexpr,
+        K_ASM: gl.constexpr, V_ASM: gl.constexpr,
+        ROWLEN: gl.constexpr = False, DYN: gl.constexpr = False, FILL=0,
+    ):
+        NW: gl.constexpr = 4
+        N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
+        W: gl.constexpr = D // 8            # int64 words of key codes a token row (16)
+        NG: gl.constexpr = D // G           # value groups (4)
+        KCODE: gl.constexpr = (H * T * D + 15) // 16 * 16
+        KMETA: gl.constexpr = (H * D * MSIZE + 15) // 16 * 16
+        VCODE: gl.constexpr = (H * T * D + 15) // 16 * 16
+        VMETA: gl.constexpr = (H * T * NG * MSIZE + 15) // 16 * 16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
+                                                      instr_shape=[1, 16, 8])
+        opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        opb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        # key words [NW, T(row), W]: a thread holds 4 adjacent words (32 bytes) of 4 rows
+        lk: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 8, 0], [0, 16, 0]],
+            lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+            warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[NW, T, W])
+        # key scales / zeros as int32 pairs [NW, W, 4]: the 16 pairs of a thread's words
+        ls: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0]],
+            lane_bases=[[0, 4, 0], [0, 8, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
+            warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[NW, W, 4])
+        # value codes [NW, NG, G, T(physical)]: a thread holds 8 adjacent tokens of 16
+        # channels (rows g, g + 8 of each 16-row tile)
+        lv: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [0, 0, 8, 0], [0, 0, 16, 0],
+                       [0, 1, 0, 0], [0, 2, 0, 0]],
+            lane_bases=[[0, 0, 0, 8], [0, 0, 0, 16], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]],
+            warp_bases=[[1, 0, 0, 0], [2, 0, 0, 0]], block_bases=[], shape=[NW, NG, G, T])
+        # value scales / zeros [NW, NG, T]: a token's 4 groups in one 8-byte load
+        lvs: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+            lane_bases=[[0, 0, 8], [0, 0, 16], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
+            warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[NW, NG, T])
+        stat: gl.constexpr = gl.SliceLayout(1, mma)          # [NW, N] per warp and head
+
+        b = gl.program_id(0)
+        kvh = gl.program_id(1)
+        sp = gl.program_id(2)
+        row = b * NB
+        nsp = gl.num_programs(2)
+        if ROWLEN:
+            rs = gl.load(rstart_ptr + b)
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = rs + sp * per
+            end = gl.minimum(start + per, rs + n)
+            if FILL != 0:
+                past = rs + n
+                per3 = gl.cdiv(NB - past, nsp)
+                _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, past + sp * per3,
+                       gl.minimum(past + sp * per3 + per3, NB), NB, HQ, GQ, True)
+        elif DYN:
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = sp * per
+            end = gl.minimum(start + per, n)
+            _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh,
+                   gl.maximum(sp * blocks_per_split, n),
+                   gl.minimum(sp * blocks_per_split + blocks_per_split, NB), NB, HQ, GQ, False)
+        else:
+            start = sp * blocks_per_split
+            end = gl.minimum(start + blocks_per_split, NB)
+
+        # q^T [NW, D, N] in the keys' channel order (operand position d -> channel
+        # 8 w + k, w = d5 + 2 d6 + 4 d1 + 8 d2, k = d0 + 2 d3 + 4 d4), fp16
+        wq, dq, hq = _idx3(NW, D, N, opb)
+        pq = (8 * (_bit(dq, 5) + 2 * _bit(dq, 6) + 4 * _bit(dq, 1) + 8 * _bit(dq, 2))
+              + _bit(dq, 0) + 2 * _bit(dq, 3) + 4 * _bit(dq, 4))
+        qt = gl.load(q_ptr + (b * HQ + kvh * GQ + hq) * D + pq + 0 * wq, mask=hq < GQ,
+                     other=0.0).to(gl.float32)
+        qt = (qt * qk_scale).to(gl.float16)
+
+        wk, tk, jk = _idx3(NW, T, W, lk)
+        tk = _sigma(tk)                               # row -> physical token
+        ws, js, ns = _idx3(NW, W, 4, ls)
+        # value index tensors [NW, NG, G, T] (codes) and [NW, NG, T] (scales)
+        i0 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, lv))))
+        i1 = gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, lv))))
+        i2 = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, lv))))
+        i3 = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lv))))
+        wv = gl.expand_dims(gl.expand_dims(gl.expand_dims(i0, 1), 2), 3)
+        gv = gl.expand_dims(gl.expand_dims(gl.expand_dims(i1, 0), 2), 3)
+        cv = gl.expand_dims(gl.expand_dims(gl.expand_dims(i2, 0), 1), 3)
+        tv = gl.expand_dims(gl.expand_dims(gl.expand_dims(i3, 0), 1), 2)
+        wvs, gvs, tvs = _idx3(NW, NG, T, lvs)
+        w_st = gl.arange(0, NW, layout=gl.SliceLayout(1, stat))
+        h_st = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
+        t_s = _sigma(gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma))))
+        a64 = arena_u8.to(gl.pointer_type(gl.int64), bitcast=True)
+        a32 = arena_u8.to(gl.pointer_type(gl.int32), bitcast=True)
+
+        m_i = gl.full([NW, N], float("-inf"), gl.float32, stat)
+        l_i = gl.zeros([NW, N], gl.float32, stat)
+        acc = gl.zeros([NW, D, N], gl.float32, mma)
+        for blk0 in range(start, end, NW):
+            # the values' loads first: in flight while the keys are converted and dotted
+            bv = blk0 + wv
+            okv = bv < end
+            ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
+            # holes and entries past the split read the arena's first slot instead (no
+            # predicated loads; what they read is masked below: -inf logits, zero scales)
+            offv = gl.load(off_ptr + row + bv, mask=okv, other=0)
+            offv = gl.multiple_of(gl.where(ntv > 0, offv, 0) + VOFF, [16, 16, 16, 16])
+            vcod = gl.load(arena_u8 + offv + kvh * (D * T) + (gv * G + cv) * T + tv)
+            bvs = blk0 + wvs
+            okvs = bvs < end
+            ntvs = gl.load(ntok_ptr + row + bvs, mask=okvs, other=0)
+            offvs = gl.load(off_ptr + row + bvs, mask=okvs, other=0) + VOFF
+            mv = (gl.multiple_of((offvs + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
+                  + tvs * NG + gvs)
+            tok = tvs < ntvs
+            vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
+            vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
+            # ---- keys: codes [NW, T, D] in the A operand layout, dequantized in fp16
+            bk = blk0 + wk
+            okk = bk < end
+            ntk = gl.load(ntok_ptr + row + bk, mask=okk, other=0)
+            offk = gl.load(off_ptr + row + bk, mask=okk, other=0)
+            offk = gl.multiple_of(gl.where(ntk > 0, offk, 0), [16, 16, 16])
+            kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W)
+                         + tk * W + jk)
+            bs = blk0 + ws
+            oks = bs < end
+            offs = gl.load(off_ptr + row + bs, mask=oks, other=0)
+            nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
+            offs = gl.multiple_of(gl.where(nts > 0, offs, 0), [16, 16, 16])
+            m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 4 + ns
+            sc = _split4(gl.load(a32 + m0), lk)
+            zr = _split4(gl.load(a32 + m0 + KMETA // 4), lk)
+            c = gl.inline_asm_elementwise(
+                K_ASM, "=h," * 8 + "l" + ",r" * 8,
+                [kw, sc[0], sc[1], sc[2], sc[3], zr[0], zr[1], zr[2], zr[3]],
+                dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+            # byte k = k0 + 2 k1 + 4 k2 of word w: [NW, T, W, k1, k2, k0]
+            kc = gl.join(_join4(c[0], c[2], c[4], c[6]), _join4(c[1], c[3], c[5], c[7]))
+            kc = gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2])  # w: w3 w2 w1 w0
+            kc = gl.permute(kc, [0, 1, 4, 5, 7, 6, 2, 3, 8])   # d: w1 w0 k2 k1 w3 w2 k0
+            k = gl.convert_layout(gl.reshape(kc, [NW, T, D]), opa, assert_trivial=True)
+            s = mma_v2(k, qt, gl.zeros([NW, T, N], gl.float32, mma))     # [NW, T, N]
+
+            # ---- per-block partials (log2 units) and the warp's running state
+            bst = blk0 + w_st
+            okst = bst < end
+            ntst = gl.load(ntok_ptr + row + bst, mask=okst, other=0)
+            valid = gl.expand_dims(gl.expand_dims(t_s, 0), 2) < gl.expand_dims(
+                gl.expand_dims(gl.convert_layout(ntst, gl.SliceLayout(1, gl.SliceLayout(2, mma))),
+                               1), 2)
+            s = gl.where(valid, s, float("-inf"))
+            mb = gl.max(s, axis=1)                                          # [NW, N]
+            mb_safe = gl.where(mb == float("-inf"), 0.0, mb)
+            p = gl.exp2(s - gl.expand_dims(mb_safe, 1))
+            lb = gl.sum(p, axis=1)
+            hmask = gl.expand_dims(h_st, 0) < GQ
+            if ROWLEN:
+                col = gl.load(perm_ptr + row + bst, mask=okst, other=0).to(gl.int32)
+            else:
+                col = bst
+            st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(col, 1)
+            stm = hmask & gl.expand_dims(okst, 1)
+            gl.store(bmax_ptr + st, mb * 0.6931471805599453, mask=stm)
+            gl.store(bsum_ptr + st, lb, mask=stm)
+            m_new = gl.maximum(m_i, mb)
+            m_new_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_new_safe)
+            wb = gl.exp2(mb - m_new_safe)
+            l_i = l_i * alpha + lb * wb
+            m_i = m_new
+            pt = gl.convert_layout((p * gl.expand_dims(wb, 1)).to(gl.float16), opb)
+
+            # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
+            vsb, _c = gl.broadcast(_token_pairs(vs, lv), vcod)
+            vzb, _c = gl.broadcast(_token_pairs(vz, lv), vcod)
+            vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r" + ",r" * 8, [vcod, vsb, vzb],
+                                           dtype=gl.float16, is_pure=True, pack=4)
+            # physical token bits (tq1 tq0 kt h e) -> MMA position bits (kt h tq1 tq0 e)
+            vd = gl.reshape(vd, [NW, D, 2, 2, 2, 2, 2])
+            vd = gl.permute(vd, [0, 1, 4, 5, 2, 3, 6])
+            vt = gl.convert_layout(gl.reshape(vd, [NW, D, T]), opa, assert_trivial=True)
+            acc = acc * gl.expand_dims(alpha, 1)
+            acc = mma_v2(vt, pt, acc)                                       # [NW, D, N]
+
+        # ---- merge the warps' states, store this split's partials
+        m = gl.max(m_i, axis=0)                                             # [N]
+        m_safe = gl.where(m == float("-inf"), 0.0, m)
+        sw = gl.exp2(m_i - gl.expand_dims(m_safe, 0))                       # [NW, N]
+        l_tot = gl.sum(l_i * sw, axis=0)
+        o = gl.sum(acc * gl.expand_dims(sw, 1), axis=0)                     # [D, N]
+        h1 = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
+        part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
+        gl.store(pm_ptr + part, m, mask=h1 < GQ)
+        gl.store(pl_ptr + part, l_tot, mask=h1 < GQ)
+        ol: gl.constexpr = gl.SliceLayout(0, mma)
+        do = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, ol)), 1)
+        ho = gl.expand_dims(gl.arange(0, N, layout=gl.SliceLayout(0, ol)), 0)
+        gl.store(pacc_ptr + ((b * HQ + kvh * GQ + ho) * STOT + S0 + sp) * D + do, o,
+                 mask=ho < GQ)
+
+
+MAXNREG = 168
+
+
+def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False) -> dict:
+    """The kernel's compile-time arguments for a geometry and table mode."""
+    H = geom.num_kv_heads
+    return dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
+                D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
+                VOFF=geom.sections(_INT8)["v_codes"][0], K_ASM=K8_ASM, V_ASM=V8_ASM,
+                ROWLEN=rowlen, DYN=dyn)
+
+
+def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,
+                sm_scale, s0, stot, geom, *, rowlen=False, dyn=False, fill=False,
+                maxnreg=None):
+    """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
+    Triton kernel's argument contract, as paged_decode_gluon.kernel_call."""
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    n = arena_row.numel() // 2 * 2
+    args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
+            bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
+    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn)
+    opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
+    if rowlen:
+        consts["FILL"] = int(fill)
+    return _int8_decode_kernel, args, consts, opts

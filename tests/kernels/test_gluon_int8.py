@@ -1,0 +1,171 @@
+"""The Gluon int8 decode kernel (engine/kernels/paged_decode_gluon8.py).
+
+Without a GPU: its PTX strings, run by the emulator of test_gluon_int4.py, give the
+dequantized values in order (keys: channels of a word; values: four tokens of a
+channel). On CUDA: the kernel against paged_decode_ref over odd lengths, holes, split
+counts, head groups and store dtypes, and through paged_decode_triton's routing.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kernels import paged_decode_gluon as pdg
+from engine.kernels import paged_decode_gluon8 as pdg8
+from engine.kernels.paged_decode import paged_decode_ref
+from engine.layout import BlockGeometry, KVFormat
+from kernel_cases import make_table
+from test_gluon_int4 import CASES, _f16, _h2, run_ptx
+
+INT8 = KVFormat(8, 8)
+
+
+def _fma16(c, s, z) -> float:
+    """c * s + z rounded once to fp16 (what fma.rn.f16x2 computes)."""
+    return float(np.float16(c * s + z))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_key_string_dequantizes_channels_in_order(seed):
+    """K8_ASM: a word of 8 codes (channel k in byte k) and the (scale, zero) pairs of
+    channels (2j, 2j + 1) -> output k = channel k's key, c * s + z rounded once."""
+    rng = random.Random(seed)
+    codes = [rng.randrange(256) for _ in range(8)]
+    word = sum(c << (8 * k) for k, c in enumerate(codes))
+    s = [float(np.float16(rng.uniform(0.001, 0.05))) for _ in range(8)]
+    z = [float(np.float16(rng.uniform(-4, 4))) for _ in range(8)]
+    sp = [_h2(s[2 * j], s[2 * j + 1]) for j in range(4)]
+    zp = [_h2(z[2 * j], z[2 * j + 1]) for j in range(4)]
+    got = [_f16(o) for o in run_ptx(pdg8.K8_ASM, [word] + sp + zp, 8, 16)]
+    assert got == [_fma16(c, sk, zk) for c, sk, zk in zip(codes, s, z)]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_value_string_dequantizes_four_tokens_in_order(seed):
+    """V8_ASM: four tokens' codes of one channel (token i in byte i), each token's entry
+    of the scale and zero pairs (tokens (0, 1) twice, then (2, 3) twice) -> two fp16
+    pairs, tokens (0, 1) and (2, 3)."""
+    rng = random.Random(seed)
+    codes = [rng.randrange(256) for _ in range(4)]
+    s = [float(np.float16(rng.uniform(0.001, 0.05))) for _ in range(4)]
+    z = [float(np.float16(rng.uniform(-4, 4))) for _ in range(4)]
+    sp = [_h2(s[0], s[1])] * 2 + [_h2(s[2], s[3])] * 2
+    zp = [_h2(z[0], z[1])] * 2 + [_h2(z[2], z[3])] * 2
+    out = run_ptx(pdg8.V8_ASM, [sum(c << (8 * i) for i, c in enumerate(codes))] + sp + zp,
+                  2, 32)
+    got = [_f16(out[i // 2] >> (16 * (i % 2))) for i in range(4)]
+    assert got == [_fma16(c, sk, zk) for c, sk, zk in zip(codes, s, z)]
+
+
+def test_token_order_is_a_permutation_that_gives_each_lane_eight_adjacent_tokens():
+    """The module's token order: MMA position p = e + 2 tq + 8 h + 16 kt holds token
+    8 tq + e + 2 h + 4 kt, a bijection on 0..31 under which the 8 positions of quad lane
+    tq are its 8 adjacent bytes of a channel row."""
+    def sigma(r):
+        return 8 * ((r >> 1) & 3) + (r & 1) + 2 * ((r >> 3) & 3)
+
+    assert sorted(sigma(r) for r in range(32)) == list(range(32))
+    for tq in range(4):
+        pos = [e + 2 * tq + 8 * h + 16 * kt for e in (0, 1) for h in (0, 1) for kt in (0, 1)]
+        assert sorted(sigma(p) for p in pos) == list(range(8 * tq, 8 * tq + 8))
+
+
+def test_int8_on_cpu_and_off_stays_on_the_triton_kernel(monkeypatch):
+    from engine.kernels import paged_decode_triton as pdt
+    g = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
+    monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    assert pdt._gluon_module(INT8, torch.zeros(1, 8, 128), g) is None      # CPU
+    if torch.cuda.is_available() and pdg.HAVE_GLUON:
+        q = torch.zeros(1, 8, 128, device="cuda")
+        assert pdt._gluon_module(INT8, q, g) is pdg8
+        monkeypatch.setattr(pdt, "GLUON_INT8", False)
+        assert pdt._gluon_module(INT8, q, g) is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels run on CUDA only")
+VARIANTS = [(c, torch.float16) for c in CASES] + [(CASES[0], torch.bfloat16)]
+
+
+@cuda
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("case,dtype", VARIANTS, ids=lambda v: str(v).replace(" ", ""))
+def test_gluon8_matches_reference(monkeypatch, case, dtype, splits):
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    seen = []
+    real = pdt._launch
+    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
+    B, Hq, H, ctx, holes = case
+    gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx), 8)) % 2 ** 31)
+    geom = BlockGeometry(32, H, 128, dtype, value_group=32)
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, INT8, gen, holes=holes)
+    q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
+    sm = 1.0 / math.sqrt(128)
+    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+    c = lambda t: t.cuda()  # noqa: E731
+    got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
+                                  fmt=INT8, num_splits=splits)
+    assert seen == [pdg8._int8_decode_kernel]
+    out, bmax, bsum = (t.cpu() for t in got)
+    r_out, r_max, r_sum = want
+    assert torch.isfinite(out).all()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out.float(), r_out.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isneginf(bmax), torch.isneginf(r_max))
+    fin = torch.isfinite(r_max)
+    torch.testing.assert_close(bmax[fin], r_max[fin], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(bsum, r_sum, atol=2e-2, rtol=2e-2)
+
+
+def _mixed(b, j, n):
+    """Old blocks int8, the row's last two full precision."""
+    return KVFormat(0, 0) if j >= n - 2 else INT8
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
+def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode):
+    """With GLUON_INT8 on, paged_decode_triton's int8 launches (one format, a graph's
+    row lengths, a grouped int8 + full table, a step's launch cache) are the Gluon int8
+    kernel's, and the results match the reference."""
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    seen = []
+    real = pdt._launch
+    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
+    gen = torch.Generator().manual_seed(8)
+    geom = BlockGeometry(32, 4, 128, torch.bfloat16, value_group=32)
+    ctx = [1000, 65, 2100]
+    fmts = _mixed if mode.startswith("groups") else INT8
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmts, gen, holes=0.1)
+    q = torch.randn(3, 16, 128, generator=gen).to(torch.bfloat16)
+    sm = 1.0 / math.sqrt(128)
+    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+    c = lambda t: t.cuda()  # noqa: E731
+    kw = {}
+    if mode == "fmt":
+        kw = dict(fmt=INT8)
+    elif mode == "row_len":
+        pad = lambda t, v: torch.cat([t, torch.full((3, 5), v, dtype=t.dtype)], 1)  # noqa: E731
+        offs, kb, vb, ntok = pad(offs, 1 << 40), pad(kb, 0), pad(vb, 0), pad(ntok, 0)
+        want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
+        kw = dict(fmt=INT8, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
+    else:
+        rows = [[(j, INT8 if kb[b, j] == INT8.k_code else KVFormat(0, 0))
+                 for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
+        kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
+        if mode == "groups-cache":
+            kw["launch_cache"] = {}
+    for _ in range(2 if mode == "groups-cache" else 1):
+        got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
+                                      **kw)
+        out, bmax, bsum = (t.cpu() for t in got)
+        torch.testing.assert_close(out.float(), want[0].float(), atol=2e-2, rtol=2e-2)
+        assert torch.equal(torch.isneginf(bmax), torch.isneginf(want[1]))
+        fin = torch.isfinite(want[1])
+        torch.testing.assert_close(bmax[fin], want[1][fin], atol=1e-2, rtol=1e-2)
+    assert pdg8._int8_decode_kernel in seen
