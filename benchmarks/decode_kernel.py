@@ -191,11 +191,13 @@ VARIANTS = {
     # int8 tables: the Gluon int8 kernel (paged_decode_gluon8.py) on or off, its register
     # cap (168 by default; 0 none)
     "g8": dict(_gluon8=True), "t8": dict(_gluon8=False), "g8r0": dict(_gluon8=True, _maxnreg8=0),
-    "g8r192": dict(_gluon8=True, _maxnreg8=192),
+    "g8r192": dict(_gluon8=True, _maxnreg8=192), "g8ps": dict(_gluon8=True, _pscale8=True),
+    "g8fma": dict(_gluon8=True, _pscale8=False),
 }
 # the module settings the private keys above set for one variant's calls
 _KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG"),
-          "_gluon8": ("pdt", "GLUON_INT8"), "_maxnreg8": ("pdg8", "MAXNREG")}
+          "_gluon8": ("pdt", "GLUON_INT8"), "_maxnreg8": ("pdg8", "MAXNREG"),
+          "_pscale8": ("pdg8", "PSCALE")}
 
 
 class _knobs:

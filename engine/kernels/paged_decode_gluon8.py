@@ -66,6 +66,15 @@ V8_ASM = (
     " prmt.b32 x, $2, m, 0x4140; sub.f16x2 x, x, o; fma.rn.f16x2 $0, x, $3, $7;"
     " prmt.b32 x, $2, m, 0x4342; sub.f16x2 x, x, o; fma.rn.f16x2 $1, x, $5, $9; }")
 
+# PSCALE: four tokens' value codes of one channel -> the codes as exact fp16 (two pairs)
+VC_ASM = (
+    "{ .reg .b32 x, m, o; mov.b32 m, 0x64646464; mov.b32 o, 0x64006400;"
+    " prmt.b32 x, $2, m, 0x4140; sub.f16x2 $0, x, o;"
+    " prmt.b32 x, $2, m, 0x4342; sub.f16x2 $1, x, o; }")
+# PSCALE: P is scaled by PF before the value scales go on it (fp16 headroom: P F s stays
+# under 65504 for any fp16 value range, and small P F s stay normal)
+PF = 64.0
+
 _INT8 = KVFormat(8, 8)
 
 
@@ -106,6 +115,9 @@ if HAVE_GLUON:
         D: gl.constexpr, G: gl.constexpr, MSIZE: gl.constexpr, VOFF: gl.constexpr,
         K_ASM: gl.constexpr, V_ASM: gl.constexpr,
         ROWLEN: gl.constexpr = False, DYN: gl.constexpr = False, FILL=0,
+        # the value scales on P (one B operand a value group) and the zeros in a dot of
+        # their own beside the output, instead of dequantizing each value pair
+        PSCALE: gl.constexpr = False, VC_ASM: gl.constexpr = "", PF: gl.constexpr = 64.0,
     ):
         NW: gl.constexpr = 4
         N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
@@ -202,6 +214,13 @@ if HAVE_GLUON:
         m_i = gl.full([NW, N], float("-inf"), gl.float32, stat)
         l_i = gl.zeros([NW, N], gl.float32, stat)
         acc = gl.zeros([NW, D, N], gl.float32, mma)
+        zacc = gl.zeros([NW, 16, N], gl.float32, mma)    # PSCALE: rows 0 .. NG-1 the zeros'
+        if PSCALE:
+            # P-side index tensors: token of MMA position p (B operand), z^T rows (A)
+            wpb, tpb, npb = _idx3(NW, T, N, opb)
+            tpb = _sigma(tpb)
+            wza, rza, tza = _idx3(NW, 16, T, opa)
+            tza = _sigma(tza)
         for blk0 in range(start, end, NW):
             # the values' loads first: in flight while the keys are converted and dotted
             bv = blk0 + wv
@@ -275,19 +294,65 @@ if HAVE_GLUON:
             wb = gl.exp2(mb - m_new_safe)
             l_i = l_i * alpha + lb * wb
             m_i = m_new
-            pt = gl.convert_layout((p * gl.expand_dims(wb, 1)).to(gl.float16), opb)
-
-            # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
-            vsb, _c = gl.broadcast(_token_pairs(vs, lv), vcod)
-            vzb, _c = gl.broadcast(_token_pairs(vz, lv), vcod)
-            vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r" + ",r" * 8, [vcod, vsb, vzb],
-                                           dtype=gl.float16, is_pure=True, pack=4)
-            # physical token bits (tq1 tq0 kt h e) -> MMA position bits (kt h tq1 tq0 e)
-            vd = gl.reshape(vd, [NW, D, 2, 2, 2, 2, 2])
-            vd = gl.permute(vd, [0, 1, 4, 5, 2, 3, 6])
-            vt = gl.convert_layout(gl.reshape(vd, [NW, D, T]), opa, assert_trivial=True)
-            acc = acc * gl.expand_dims(alpha, 1)
-            acc = mma_v2(vt, pt, acc)                                       # [NW, D, N]
+            if PSCALE:
+                pt = gl.convert_layout((p * gl.expand_dims(wb * PF, 1)).to(gl.float16), opb)
+                # codes as exact fp16, tokens in MMA order, one [NW, G, T] tile a group
+                vd = gl.inline_asm_elementwise(VC_ASM, "=r,=r,r", [vcod], dtype=gl.float16,
+                                               is_pure=True, pack=4)
+                vd = gl.reshape(vd, [NW, NG, G, 2, 2, 2, 2, 2])
+                vd = gl.permute(vd, [0, 2, 5, 6, 3, 4, 7, 1])       # [NW, G, p bits, NG]
+                vd = gl.reshape(vd, [NW, G, T, 2, 2])               # g: g1 g0
+                ve, vo = gl.split(vd)
+                v0, v2 = gl.split(ve)
+                v1, v3 = gl.split(vo)
+                # each group's scales on P (B operand: token of position p, any head)
+                bpb = blk0 + wpb
+                okpb = bpb < end
+                ntpb = gl.load(ntok_ptr + row + bpb, mask=okpb, other=0)
+                offpb = gl.load(off_ptr + row + bpb, mask=okpb, other=0) + VOFF
+                mpb = (offpb + VCODE) // MSIZE + kvh * (T * NG) + tpb * NG
+                okt = tpb < ntpb
+                ae, ao = gl.split(gl.reshape(
+                    gl.permute(gl.reshape(acc * gl.expand_dims(alpha, 1), [NW, NG, G, N]),
+                               [0, 2, 3, 1]), [NW, G, N, 2, 2]))
+                acc0, acc2 = gl.split(ae)
+                acc1, acc3 = gl.split(ao)
+                a0 = mma_v2(gl.convert_layout(v0, opa, assert_trivial=True),
+                            pt * gl.load(arena_md + mpb, mask=okt, other=0.0).to(gl.float16),
+                            gl.convert_layout(acc0, mma, assert_trivial=True))
+                a1 = mma_v2(gl.convert_layout(v1, opa, assert_trivial=True),
+                            pt * gl.load(arena_md + mpb + 1, mask=okt, other=0.0).to(gl.float16),
+                            gl.convert_layout(acc1, mma, assert_trivial=True))
+                a2 = mma_v2(gl.convert_layout(v2, opa, assert_trivial=True),
+                            pt * gl.load(arena_md + mpb + 2, mask=okt, other=0.0).to(gl.float16),
+                            gl.convert_layout(acc2, mma, assert_trivial=True))
+                a3 = mma_v2(gl.convert_layout(v3, opa, assert_trivial=True),
+                            pt * gl.load(arena_md + mpb + 3, mask=okt, other=0.0).to(gl.float16),
+                            gl.convert_layout(acc3, mma, assert_trivial=True))
+                acc = gl.permute(gl.reshape(gl.join(gl.join(a0, a2), gl.join(a1, a3)),
+                                            [NW, G, N, NG]), [0, 3, 1, 2])
+                acc = gl.convert_layout(gl.reshape(acc, [NW, D, N]), mma, assert_trivial=True)
+                # the zeros: z^T [NW, 16, T] (rows 0 .. NG-1), one dot with P F
+                bza = blk0 + wza
+                okza = bza < end
+                ntza = gl.load(ntok_ptr + row + bza, mask=okza, other=0)
+                offza = gl.load(off_ptr + row + bza, mask=okza, other=0) + VOFF
+                za = gl.load(arena_md + (offza + VCODE + VMETA) // MSIZE + kvh * (T * NG)
+                             + tza * NG + rza, mask=(rza < NG) & (tza < ntza), other=0.0)
+                zacc = mma_v2(za.to(gl.float16), pt, zacc * gl.expand_dims(alpha, 1))
+            else:
+                pt = gl.convert_layout((p * gl.expand_dims(wb, 1)).to(gl.float16), opb)
+                # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
+                vsb, _c = gl.broadcast(_token_pairs(vs, lv), vcod)
+                vzb, _c = gl.broadcast(_token_pairs(vz, lv), vcod)
+                vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r" + ",r" * 8, [vcod, vsb, vzb],
+                                               dtype=gl.float16, is_pure=True, pack=4)
+                # physical token bits (tq1 tq0 kt h e) -> MMA position bits (kt h tq1 tq0 e)
+                vd = gl.reshape(vd, [NW, D, 2, 2, 2, 2, 2])
+                vd = gl.permute(vd, [0, 1, 4, 5, 2, 3, 6])
+                vt = gl.convert_layout(gl.reshape(vd, [NW, D, T]), opa, assert_trivial=True)
+                acc = acc * gl.expand_dims(alpha, 1)
+                acc = mma_v2(vt, pt, acc)                                   # [NW, D, N]
 
         # ---- merge the warps' states, store this split's partials
         m = gl.max(m_i, axis=0)                                             # [N]
@@ -295,6 +360,17 @@ if HAVE_GLUON:
         sw = gl.exp2(m_i - gl.expand_dims(m_safe, 0))                       # [NW, N]
         l_tot = gl.sum(l_i * sw, axis=0)
         o = gl.sum(acc * gl.expand_dims(sw, 1), axis=0)                     # [D, N]
+        if PSCALE:
+            # + each group's zero term (zacc row g), / PF
+            zm = gl.sum(zacc * gl.expand_dims(sw, 1), axis=0)               # [16, N]
+            olz: gl.constexpr = gl.SliceLayout(0, mma)
+            zr = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, olz)), 1)
+            gd = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, olz)), 1) // G
+            o = o + gl.where(gd == 0, gl.expand_dims(gl.sum(gl.where(zr == 0, zm, 0.0), 0), 0), 0.0)
+            o = o + gl.where(gd == 1, gl.expand_dims(gl.sum(gl.where(zr == 1, zm, 0.0), 0), 0), 0.0)
+            o = o + gl.where(gd == 2, gl.expand_dims(gl.sum(gl.where(zr == 2, zm, 0.0), 0), 0), 0.0)
+            o = o + gl.where(gd == 3, gl.expand_dims(gl.sum(gl.where(zr == 3, zm, 0.0), 0), 0), 0.0)
+            o = o * (1.0 / PF)
         h1 = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
         part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
         gl.store(pm_ptr + part, m, mask=h1 < GQ)
@@ -309,13 +385,20 @@ if HAVE_GLUON:
 MAXNREG = 168
 
 
-def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False) -> dict:
+PSCALE = False
+
+
+def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False,
+                  pscale: bool | None = None) -> dict:
     """The kernel's compile-time arguments for a geometry and table mode."""
     H = geom.num_kv_heads
-    return dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
-                D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
-                VOFF=geom.sections(_INT8)["v_codes"][0], K_ASM=K8_ASM, V_ASM=V8_ASM,
-                ROWLEN=rowlen, DYN=dyn)
+    c = dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
+             D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
+             VOFF=geom.sections(_INT8)["v_codes"][0], K_ASM=K8_ASM, V_ASM=V8_ASM,
+             ROWLEN=rowlen, DYN=dyn)
+    if PSCALE if pscale is None else pscale:
+        c.update(PSCALE=True, VC_ASM=VC_ASM, PF=PF)
+    return c
 
 
 def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,

@@ -87,15 +87,18 @@ def test_int8_on_cpu_and_off_stays_on_the_triton_kernel(monkeypatch):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels run on CUDA only")
-VARIANTS = [(c, torch.float16) for c in CASES] + [(CASES[0], torch.bfloat16)]
+# (case, store dtype, value scales on P)
+VARIANTS = [(c, torch.float16, False) for c in CASES] + [
+    (CASES[0], torch.bfloat16, False)] + [(c, torch.float16, True) for c in CASES[:2]]
 
 
 @cuda
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("case,dtype", VARIANTS, ids=lambda v: str(v).replace(" ", ""))
-def test_gluon8_matches_reference(monkeypatch, case, dtype, splits):
+@pytest.mark.parametrize("case,dtype,pscale", VARIANTS, ids=lambda v: str(v).replace(" ", ""))
+def test_gluon8_matches_reference(monkeypatch, case, dtype, pscale, splits):
     from engine.kernels import paged_decode_triton as pdt
     monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    monkeypatch.setattr(pdg8, "PSCALE", pscale)
     seen = []
     real = pdt._launch
     monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
