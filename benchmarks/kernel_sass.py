@@ -82,6 +82,9 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True, bits: int = 4)
         fn = pdg._int4_decode_kernel
         consts = pdg.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn",
                                    c16=c16)
+    for prm in fn.params:          # constexprs left at their defaults
+        if prm.is_constexpr and prm.name not in consts:
+            consts[prm.name] = prm.default
     sig = {n: "constexpr" if n in consts else PTR[n] for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n].startswith("*")}
