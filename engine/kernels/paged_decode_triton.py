@@ -54,8 +54,8 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 # turns it off. A grouped int4 + full table then takes one launch per format
 GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
 # int8 launches by the Gluon int8 kernel (engine/kernels/paged_decode_gluon8.py), same
-# geometry; off until measured on a GPU
-GLUON_INT8 = False
+# geometry; off until measured on a GPU (KVCTL_GLUON8=1 turns it on)
+GLUON_INT8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "0") == "1"
 _INT4 = KVFormat(4, 4)
 _INT8 = KVFormat(8, 8)
 

@@ -172,3 +172,41 @@ def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode):
         fin = torch.isfinite(want[1])
         torch.testing.assert_close(bmax[fin], want[1][fin], atol=1e-2, rtol=1e-2)
     assert pdg8._int8_decode_kernel in seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check of the routing")
+@pytest.mark.skipif(not pdg.HAVE_GLUON, reason="no Gluon in this triton")
+def test_routing_launch_structure(monkeypatch):
+    """Where the Gluon int8 kernel serves int8 (a stand-in for its launch on the CPU): a
+    one-format table is one launch of it in whole 4-block iterations; a grouped int8 +
+    full table two launches (never the fused one), the int8 run's by the Gluon kernel."""
+    from engine.kernels import paged_decode_triton as pdt
+    monkeypatch.setattr(pdt, "_gluon_module",
+                        lambda fmt, q, geom: pdg8 if fmt == INT8 else None)
+    seen, real = [], pdt._launch
+
+    def spy(fn, grid, args, consts, options, cache):
+        seen.append((fn, dict(consts), tuple(grid), args))
+        if fn is pdg8._int8_decode_kernel:
+            return None
+        return real(fn, grid, args, consts, options, cache)
+
+    monkeypatch.setattr(pdt, "_launch", spy)
+    gen = torch.Generator().manual_seed(4)
+    geom = BlockGeometry(32, 2, 128, torch.float16, value_group=32)
+    arena, offs, kb, vb, ntok = make_table(geom, [300, 70], INT8, gen)
+    q = torch.randn(2, 8, 128, generator=gen).to(torch.float16)
+    pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.1, fmt=INT8)
+    assert [x[0] for x in seen] == [pdg8._int8_decode_kernel]
+    _, consts, grid, args = seen[0]
+    assert consts["K_ASM"] == pdg8.K8_ASM and grid[:2] == (2, 2)
+    assert args[14] % 4 == 0 and grid[2] * args[14] >= offs.shape[1]
+    seen.clear()
+    arena, offs, kb, vb, ntok = make_table(geom, [300, 70], _mixed, gen)
+    rows = [[(j, INT8 if kb[b, j] == INT8.k_code else KVFormat(0, 0))
+             for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(2)]
+    groups = pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cpu"))
+    pdt.paged_decode_triton(q, arena, offs, kb, vb, ntok, geom, 0.1, groups=groups, fuse=True)
+    kinds = sorted(("gluon" if fn is pdg8._int8_decode_kernel else "triton", c.get("TWO", False))
+                   for fn, c, _, _ in seen)
+    assert kinds == [("gluon", False), ("triton", False)]
