@@ -188,8 +188,8 @@ VARIANTS = {
     # "triton" the Triton kernel; Gluon settings: exact codes (1024 + c, then a
     # subtraction) instead of 1 + c / 16, no register cap (168 by default)
     "triton": dict(_gluon=False), "gluon-exact": dict(_c16=False), "gr0": dict(_maxnreg=0),
-    # int8 tables: the Gluon int8 kernel (paged_decode_gluon8.py; KVCTL_GLUON8=1 on) on or off, its register
-    # cap (168 by default; 0 none)
+    # int8 tables: the Gluon int8 kernel (paged_decode_gluon8.py; KVCTL_GLUON8=1 routes to
+    # it) on or off, its register cap (168 by default; 0 none), value scales on P or not
     "g8": dict(_gluon8=True), "t8": dict(_gluon8=False), "g8r0": dict(_gluon8=True, _maxnreg8=0),
     "g8r192": dict(_gluon8=True, _maxnreg8=192), "g8ps": dict(_gluon8=True, _pscale8=True),
     "g8fma": dict(_gluon8=True, _pscale8=False),
