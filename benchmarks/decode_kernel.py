@@ -188,15 +188,18 @@ VARIANTS = {
     # "triton" the Triton kernel; Gluon settings: exact codes (1024 + c, then a
     # subtraction) instead of 1 + c / 16, no register cap (168 by default)
     "triton": dict(_gluon=False), "gluon-exact": dict(_c16=False), "gr0": dict(_maxnreg=0),
-    # int8 tables: the Gluon int8 kernel (paged_decode_gluon8.py; KVCTL_GLUON8=1 routes to
-    # it) on or off, its register cap (168 by default; 0 none), value scales on P or not
-    "g8": dict(_gluon8=True), "t8": dict(_gluon8=False), "g8r0": dict(_gluon8=True, _maxnreg8=0),
-    "g8r192": dict(_gluon8=True, _maxnreg8=192), "g8ps": dict(_gluon8=True, _pscale8=True),
-    "g8fma": dict(_gluon8=True, _pscale8=False),
+    # int8 and fp8 tables: the Gluon 8-bit kernel (paged_decode_gluon8.py; KVCTL_GLUON8=1
+    # routes to it) on or off, its register cap (168 by default; 0 none), int8 value
+    # scales on P or not
+    "g8": dict(_gluon8=True, _gluonf8=True), "t8": dict(_gluon8=False, _gluonf8=False),
+    "g8r0": dict(_gluon8=True, _gluonf8=True, _maxnreg8=0),
+    "g8r192": dict(_gluon8=True, _gluonf8=True, _maxnreg8=192),
+    "g8ps": dict(_gluon8=True, _pscale8=True), "g8fma": dict(_gluon8=True, _pscale8=False),
 }
 # the module settings the private keys above set for one variant's calls
 _KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG"),
-          "_gluon8": ("pdt", "GLUON_INT8"), "_maxnreg8": ("pdg8", "MAXNREG"),
+          "_gluon8": ("pdt", "GLUON_INT8"), "_gluonf8": ("pdt", "GLUON_FP8"),
+          "_maxnreg8": ("pdg8", "MAXNREG"),
           "_pscale8": ("pdg8", "PSCALE")}
 
 

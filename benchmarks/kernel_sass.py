@@ -77,7 +77,8 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True, bits: int = 4)
     if bits == 8:
         fn = pdg8._int8_decode_kernel
         consts = pdg8.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn",
-                                    pscale=os.environ.get("PSCALE") == "1")
+                                    pscale=os.environ.get("PSCALE") == "1",
+                                    fp8=os.environ.get("FP8") == "1")
     else:
         fn = pdg._int4_decode_kernel
         consts = pdg.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn",

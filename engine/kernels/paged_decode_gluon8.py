@@ -75,7 +75,20 @@ VC_ASM = (
 # under 65504 for any fp16 value range, and small P F s stay normal)
 PF = 64.0
 
+# FP8 (e4m3 blocks, one scale a block and head for each side): a token's word of key codes
+# -> its 8 keys unscaled (cvt.rn.f16x2.e4m3x2: one instruction a pair, exact in fp16)
+K8F_ASM = (
+    "{ .reg .b32 lo, hi, x; .reg .b16 a0, a1, a2, a3; mov.b64 {lo, hi}, $8;"
+    " mov.b32 {a0, a1}, lo; mov.b32 {a2, a3}, hi;"
+    + "".join(f" cvt.rn.f16x2.e4m3x2 x, a{i}; mov.b32 {{${2 * i}, ${2 * i + 1}}}, x;"
+              for i in range(4))
+    + " }")
+# FP8: four tokens' value codes of one channel -> two fp16 pairs, unscaled
+V8F_ASM = ("{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.rn.f16x2.e4m3x2 $0, a;"
+           " cvt.rn.f16x2.e4m3x2 $1, b; }")
+
 _INT8 = KVFormat(8, 8)
+_FP8 = KVFormat.parse("fp8")
 
 
 if HAVE_GLUON:
@@ -118,13 +131,16 @@ if HAVE_GLUON:
         # the value scales on P (one B operand a value group) and the zeros in a dot of
         # their own beside the output, instead of dequantizing each value pair
         PSCALE: gl.constexpr = False, VC_ASM: gl.constexpr = "", PF: gl.constexpr = 64.0,
+        # float8 e4m3 blocks: K_ASM / V_ASM convert the codes, the key scale goes on the
+        # logits and the value scale on P (one each a block and kv head)
+        FP8: gl.constexpr = False,
     ):
         NW: gl.constexpr = 4
         N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
         W: gl.constexpr = D // 8            # int64 words of key codes a token row (16)
         NG: gl.constexpr = D // G           # value groups (4)
         KCODE: gl.constexpr = (H * T * D + 15) // 16 * 16
-        KMETA: gl.constexpr = (H * D * MSIZE + 15) // 16 * 16
+        KMETA: gl.constexpr = (H * D * MSIZE + 15) // 16 * 16      # (int8)
         VCODE: gl.constexpr = (H * T * D + 15) // 16 * 16
         VMETA: gl.constexpr = (H * T * NG * MSIZE + 15) // 16 * 16
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
@@ -230,16 +246,23 @@ if HAVE_GLUON:
             # predicated loads; what they read is masked below: -inf logits, zero scales)
             offv = gl.load(off_ptr + row + bv, mask=okv, other=0)
             offv = gl.multiple_of(gl.where(ntv > 0, offv, 0) + VOFF, [16, 16, 16, 16])
-            vcod = gl.load(arena_u8 + offv + kvh * (D * T) + (gv * G + cv) * T + tv)
-            bvs = blk0 + wvs
-            okvs = bvs < end
-            ntvs = gl.load(ntok_ptr + row + bvs, mask=okvs, other=0)
-            offvs = gl.load(off_ptr + row + bvs, mask=okvs, other=0) + VOFF
-            mv = (gl.multiple_of((offvs + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
-                  + tvs * NG + gvs)
-            tok = tvs < ntvs
-            vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
-            vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
+            if FP8:
+                # masked per block: a hole's bytes could be e4m3 NaNs, which P = 0 would
+                # not cancel (a written slot's are finite: the quantizer never writes them)
+                vcod = gl.load(arena_u8 + offv + kvh * (D * T) + (gv * G + cv) * T + tv,
+                               mask=ntv > 0, other=0)
+            else:
+                vcod = gl.load(arena_u8 + offv + kvh * (D * T) + (gv * G + cv) * T + tv)
+            if not FP8 and not PSCALE:
+                bvs = blk0 + wvs
+                okvs = bvs < end
+                ntvs = gl.load(ntok_ptr + row + bvs, mask=okvs, other=0)
+                offvs = gl.load(off_ptr + row + bvs, mask=okvs, other=0) + VOFF
+                mv = (gl.multiple_of((offvs + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
+                      + tvs * NG + gvs)
+                tok = tvs < ntvs
+                vs = gl.load(arena_md + mv, mask=tok, other=0.0).to(gl.float16)
+                vz = gl.load(arena_md + mv + VMETA // MSIZE, mask=tok, other=0.0).to(gl.float16)
             # ---- keys: codes [NW, T, D] in the A operand layout, dequantized in fp16
             bk = blk0 + wk
             okk = bk < end
@@ -248,18 +271,23 @@ if HAVE_GLUON:
             offk = gl.multiple_of(gl.where(ntk > 0, offk, 0), [16, 16, 16])
             kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W)
                          + tk * W + jk)
-            bs = blk0 + ws
-            oks = bs < end
-            offs = gl.load(off_ptr + row + bs, mask=oks, other=0)
-            nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-            offs = gl.multiple_of(gl.where(nts > 0, offs, 0), [16, 16, 16])
-            m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 4 + ns
-            sc = _split4(gl.load(a32 + m0), lk)
-            zr = _split4(gl.load(a32 + m0 + KMETA // 4), lk)
-            c = gl.inline_asm_elementwise(
-                K_ASM, "=h," * 8 + "l" + ",r" * 8,
-                [kw, sc[0], sc[1], sc[2], sc[3], zr[0], zr[1], zr[2], zr[3]],
-                dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+            if FP8:
+                c = gl.inline_asm_elementwise(K_ASM, "=h," * 8 + "l", [kw],
+                                              dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+            else:
+                bs = blk0 + ws
+                oks = bs < end
+                offs = gl.load(off_ptr + row + bs, mask=oks, other=0)
+                nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
+                offs = gl.multiple_of(gl.where(nts > 0, offs, 0), [16, 16, 16])
+                m0 = (gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2)
+                      + js * 4 + ns)
+                sc = _split4(gl.load(a32 + m0), lk)
+                zr = _split4(gl.load(a32 + m0 + KMETA // 4), lk)
+                c = gl.inline_asm_elementwise(
+                    K_ASM, "=h," * 8 + "l" + ",r" * 8,
+                    [kw, sc[0], sc[1], sc[2], sc[3], zr[0], zr[1], zr[2], zr[3]],
+                    dtype=(gl.float16,) * 8, is_pure=True, pack=1)
             # byte k = k0 + 2 k1 + 4 k2 of word w: [NW, T, W, k1, k2, k0]
             kc = gl.join(_join4(c[0], c[2], c[4], c[6]), _join4(c[1], c[3], c[5], c[7]))
             kc = gl.reshape(kc, [NW, T, 2, 2, 2, 2, 2, 2, 2])  # w: w3 w2 w1 w0
@@ -271,6 +299,16 @@ if HAVE_GLUON:
             bst = blk0 + w_st
             okst = bst < end
             ntst = gl.load(ntok_ptr + row + bst, mask=okst, other=0)
+            if FP8:
+                # the block's key scale on its logits, its value scale kept for P
+                offst = gl.load(off_ptr + row + bst, mask=okst, other=0)
+                oks8 = ntst > 0
+                ksc = gl.load(arena_md + (offst + KCODE) // MSIZE + kvh, mask=oks8,
+                              other=0.0).to(gl.float32)
+                vsc = gl.load(arena_md + (offst + VOFF + VCODE) // MSIZE + kvh, mask=oks8,
+                              other=0.0).to(gl.float32)
+                s = s * gl.expand_dims(gl.expand_dims(
+                    gl.convert_layout(ksc, gl.SliceLayout(1, gl.SliceLayout(2, mma))), 1), 2)
             valid = gl.expand_dims(gl.expand_dims(t_s, 0), 2) < gl.expand_dims(
                 gl.expand_dims(gl.convert_layout(ntst, gl.SliceLayout(1, gl.SliceLayout(2, mma))),
                                1), 2)
@@ -341,12 +379,20 @@ if HAVE_GLUON:
                              + tza * NG + rza, mask=(rza < NG) & (tza < ntza), other=0.0)
                 zacc = mma_v2(za.to(gl.float16), pt, zacc * gl.expand_dims(alpha, 1))
             else:
-                pt = gl.convert_layout((p * gl.expand_dims(wb, 1)).to(gl.float16), opb)
-                # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in the PTX
-                vsb, _c = gl.broadcast(_token_pairs(vs, lv), vcod)
-                vzb, _c = gl.broadcast(_token_pairs(vz, lv), vcod)
-                vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r" + ",r" * 8, [vcod, vsb, vzb],
-                                               dtype=gl.float16, is_pure=True, pack=4)
+                if FP8:
+                    # the value scale on P; the codes converted, unscaled
+                    wbv = wb * gl.expand_dims(vsc, 1)
+                    pt = gl.convert_layout((p * gl.expand_dims(wbv, 1)).to(gl.float16), opb)
+                    vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r", [vcod], dtype=gl.float16,
+                                                   is_pure=True, pack=4)
+                else:
+                    pt = gl.convert_layout((p * gl.expand_dims(wb, 1)).to(gl.float16), opb)
+                    # ---- values: V^T [NW, D, T] in the A operand layout, dequantized in PTX
+                    vsb, _c = gl.broadcast(_token_pairs(vs, lv), vcod)
+                    vzb, _c = gl.broadcast(_token_pairs(vz, lv), vcod)
+                    vd = gl.inline_asm_elementwise(V_ASM, "=r,=r,r" + ",r" * 8,
+                                                   [vcod, vsb, vzb], dtype=gl.float16,
+                                                   is_pure=True, pack=4)
                 # physical token bits (tq1 tq0 kt h e) -> MMA position bits (kt h tq1 tq0 e)
                 vd = gl.reshape(vd, [NW, D, 2, 2, 2, 2, 2])
                 vd = gl.permute(vd, [0, 1, 4, 5, 2, 3, 6])
@@ -389,28 +435,32 @@ PSCALE = False
 
 
 def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False,
-                  pscale: bool | None = None) -> dict:
-    """The kernel's compile-time arguments for a geometry and table mode."""
+                  pscale: bool | None = None, fp8: bool = False) -> dict:
+    """The kernel's compile-time arguments for a geometry, table mode and format (int8,
+    or float8 e4m3 with ``fp8``)."""
     H = geom.num_kv_heads
     c = dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
              D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
-             VOFF=geom.sections(_INT8)["v_codes"][0], K_ASM=K8_ASM, V_ASM=V8_ASM,
+             VOFF=geom.sections(_FP8 if fp8 else _INT8)["v_codes"][0],
+             K_ASM=K8F_ASM if fp8 else K8_ASM, V_ASM=V8F_ASM if fp8 else V8_ASM,
              ROWLEN=rowlen, DYN=dyn)
-    if PSCALE if pscale is None else pscale:
+    if fp8:
+        c["FP8"] = True
+    elif PSCALE if pscale is None else pscale:
         c.update(PSCALE=True, VC_ASM=VC_ASM, PF=PF)
     return c
 
 
 def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,
                 sm_scale, s0, stot, geom, *, rowlen=False, dyn=False, fill=False,
-                maxnreg=None):
+                maxnreg=None, fp8=False):
     """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
     Triton kernel's argument contract, as paged_decode_gluon.kernel_call."""
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     n = arena_row.numel() // 2 * 2
     args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
             bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
-    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn)
+    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn, fp8=fp8)
     opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
     if rowlen:
         consts["FILL"] = int(fill)

@@ -53,11 +53,12 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 # 32K 13.5 ms against 17.8 (docs/BENCHMARKS.md, "The Gluon int4 kernel"). KVCTL_GLUON=0
 # turns it off. A grouped int4 + full table then takes one launch per format
 GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
-# int8 launches by the Gluon int8 kernel (engine/kernels/paged_decode_gluon8.py), same
-# geometry; off until measured on a GPU (KVCTL_GLUON8=1 turns it on)
-GLUON_INT8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "0") == "1"
+# int8 and fp8 launches by the Gluon 8-bit kernel (engine/kernels/paged_decode_gluon8.py),
+# same geometry; off until measured on a GPU (KVCTL_GLUON8=1 turns them on)
+GLUON_INT8 = GLUON_FP8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "0") == "1"
 _INT4 = KVFormat(4, 4)
 _INT8 = KVFormat(8, 8)
+_FP8 = KVFormat.parse("fp8")
 
 
 def _gluon_module(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry):
@@ -66,7 +67,7 @@ def _gluon_module(fmt: KVFormat, q: torch.Tensor, geom: BlockGeometry):
         return None
     if fmt == _INT4 and GLUON_INT4:
         mod = pdg
-    elif fmt == _INT8 and GLUON_INT8:
+    elif (fmt == _INT8 and GLUON_INT8) or (fmt == _FP8 and GLUON_FP8):
         mod = pdg8
     else:
         return None
@@ -812,6 +813,7 @@ class _Launch:
             maxnreg, geom
         # the Gluon kernel: 4 warps, each its own block (4 blocks an iteration)
         self.gluon = None if fmt2 is not None else _gluon_module(fmt, q, geom)
+        self.gluon_kw = {"fp8": True} if fmt == _FP8 else {}
         self.key = (q.device, self.path, self.path2, geom, q.shape[1], self.warps,
                     self.stages, maxnreg, self.gluon)
         self.S, self.bps = decode_launch.launch_config(
@@ -835,7 +837,7 @@ class _Launch:
             fn, args, consts, opts = self.gluon.kernel_call(
                 q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc,
                 self.bps, sm_scale, s0, stot, geom, rowlen=run is not None, dyn=dyn,
-                fill=fill and run is not None)
+                fill=fill and run is not None, **self.gluon_kw)
             ck = _launch(fn, (B, H, self.S), args, consts, opts, cache)
             self._resident(ck, q)
             return

@@ -75,6 +75,10 @@ def run_ptx(text: str, inputs: list[int], n_out: int, out_bits: int) -> list[int
             regs[a[0]] = _pair(lambda x: -x, val(a[1]))
         elif op == "fma.rn.f16x2":   # one rounding: the product of two fp16 is exact in fp64
             regs[a[0]] = _pair(lambda x, y, z: x * y + z, val(a[1]), val(a[2]), val(a[3]))
+        elif op == "cvt.rn.f16x2.e4m3x2":   # two e4m3 bytes (low first) -> their fp16 pair
+            src = val(a[1]) & 0xFFFF
+            e4 = torch.tensor([src & 255, src >> 8], dtype=torch.uint8).view(torch.float8_e4m3fn)
+            regs[a[0]] = _bits(float(e4[0])) | _bits(float(e4[1])) << 16
         else:
             raise AssertionError(f"emulator lacks {op}")
     return [regs[f"${i}"] & ((1 << out_bits) - 1) for i in range(n_out)]

@@ -22,6 +22,18 @@ from kernel_cases import make_table
 from test_gluon_int4 import CASES, _f16, _h2, run_ptx
 
 INT8 = KVFormat(8, 8)
+FP8 = KVFormat.parse("fp8")
+
+
+def _e4m3(b: int) -> float:
+    return float(torch.tensor([b], dtype=torch.uint8).view(torch.float8_e4m3fn)[0])
+
+
+def _finite_e4m3(rng) -> int:
+    while True:
+        b = rng.randrange(256)
+        if b & 0x7F != 0x7F:            # the two NaN bytes; the quantizer never writes them
+            return b
 
 
 def _fma16(c, s, z) -> float:
@@ -61,6 +73,20 @@ def test_value_string_dequantizes_four_tokens_in_order(seed):
     assert got == [_fma16(c, sk, zk) for c, sk, zk in zip(codes, s, z)]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_fp8_strings_convert_in_order(seed):
+    """K8F_ASM: a word of 8 e4m3 codes -> output k = code k as fp16 (exact); V8F_ASM: four
+    tokens' codes of a channel -> pairs (0, 1), (2, 3)."""
+    rng = random.Random(seed)
+    codes = [_finite_e4m3(rng) for _ in range(8)]
+    word = sum(c << (8 * k) for k, c in enumerate(codes))
+    got = [_f16(o) for o in run_ptx(pdg8.K8F_ASM, [word], 8, 16)]
+    assert got == [_e4m3(c) for c in codes]
+    out = run_ptx(pdg8.V8F_ASM, [word & 0xFFFFFFFF], 2, 32)
+    assert [_f16(out[i // 2] >> (16 * (i % 2))) for i in range(4)] == \
+        [_e4m3(c) for c in codes[:4]]
+
+
 def test_token_order_is_a_permutation_that_gives_each_lane_eight_adjacent_tokens():
     """The module's token order: MMA position p = e + 2 tq + 8 h + 16 kt holds token
     8 tq + e + 2 h + 4 kt, a bijection on 0..31 under which the 8 positions of quad lane
@@ -87,17 +113,21 @@ def test_int8_on_cpu_and_off_stays_on_the_triton_kernel(monkeypatch):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels run on CUDA only")
-# (case, store dtype, value scales on P)
-VARIANTS = [(c, torch.float16, False) for c in CASES] + [
-    (CASES[0], torch.bfloat16, False)] + [(c, torch.float16, True) for c in CASES[:2]]
+# (case, store dtype, format, int8 value scales on P)
+VARIANTS = [(c, torch.float16, INT8, False) for c in CASES] + [
+    (CASES[0], torch.bfloat16, INT8, False)] + [
+    (c, torch.float16, INT8, True) for c in CASES[:2]] + [
+    (c, torch.float16, FP8, False) for c in CASES] + [(CASES[0], torch.bfloat16, FP8, False)]
 
 
 @cuda
 @pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("case,dtype,pscale", VARIANTS, ids=lambda v: str(v).replace(" ", ""))
-def test_gluon8_matches_reference(monkeypatch, case, dtype, pscale, splits):
+@pytest.mark.parametrize("case,dtype,fmt,pscale", VARIANTS,
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_gluon8_matches_reference(monkeypatch, case, dtype, fmt, pscale, splits):
     from engine.kernels import paged_decode_triton as pdt
     monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    monkeypatch.setattr(pdt, "GLUON_FP8", True)
     monkeypatch.setattr(pdg8, "PSCALE", pscale)
     seen = []
     real = pdt._launch
@@ -105,13 +135,13 @@ def test_gluon8_matches_reference(monkeypatch, case, dtype, pscale, splits):
     B, Hq, H, ctx, holes = case
     gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx), 8)) % 2 ** 31)
     geom = BlockGeometry(32, H, 128, dtype, value_group=32)
-    arena, offs, kb, vb, ntok = make_table(geom, ctx, INT8, gen, holes=holes)
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmt, gen, holes=holes)
     q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
     sm = 1.0 / math.sqrt(128)
     want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
     c = lambda t: t.cuda()  # noqa: E731
     got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
-                                  fmt=INT8, num_splits=splits)
+                                  fmt=fmt, num_splits=splits)
     assert seen == [pdg8._int8_decode_kernel]
     out, bmax, bsum = (t.cpu() for t in got)
     r_out, r_max, r_sum = want
@@ -130,20 +160,23 @@ def _mixed(b, j, n):
 
 
 @cuda
+@pytest.mark.parametrize("fmt8", [INT8, FP8], ids=["int8", "fp8"])
 @pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
-def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode):
-    """With GLUON_INT8 on, paged_decode_triton's int8 launches (one format, a graph's
-    row lengths, a grouped int8 + full table, a step's launch cache) are the Gluon int8
-    kernel's, and the results match the reference."""
+def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode, fmt8):
+    """With GLUON_INT8 / GLUON_FP8 on, paged_decode_triton's int8 and fp8 launches (one
+    format, a graph's row lengths, a grouped 8-bit + full table, a step's launch cache)
+    are the Gluon 8-bit kernel's, and the results match the reference."""
     from engine.kernels import paged_decode_triton as pdt
     monkeypatch.setattr(pdt, "GLUON_INT8", True)
+    monkeypatch.setattr(pdt, "GLUON_FP8", True)
     seen = []
     real = pdt._launch
     monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
     gen = torch.Generator().manual_seed(8)
     geom = BlockGeometry(32, 4, 128, torch.bfloat16, value_group=32)
     ctx = [1000, 65, 2100]
-    fmts = _mixed if mode.startswith("groups") else INT8
+    fmts = (lambda b, j, n: KVFormat(0, 0) if j >= n - 2 else fmt8) \
+        if mode.startswith("groups") else fmt8
     arena, offs, kb, vb, ntok = make_table(geom, ctx, fmts, gen, holes=0.1)
     q = torch.randn(3, 16, 128, generator=gen).to(torch.bfloat16)
     sm = 1.0 / math.sqrt(128)
@@ -151,14 +184,14 @@ def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode):
     c = lambda t: t.cuda()  # noqa: E731
     kw = {}
     if mode == "fmt":
-        kw = dict(fmt=INT8)
+        kw = dict(fmt=fmt8)
     elif mode == "row_len":
         pad = lambda t, v: torch.cat([t, torch.full((3, 5), v, dtype=t.dtype)], 1)  # noqa: E731
         offs, kb, vb, ntok = pad(offs, 1 << 40), pad(kb, 0), pad(vb, 0), pad(ntok, 0)
         want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-        kw = dict(fmt=INT8, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
+        kw = dict(fmt=fmt8, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
     else:
-        rows = [[(j, INT8 if kb[b, j] == INT8.k_code else KVFormat(0, 0))
+        rows = [[(j, fmt8 if kb[b, j] == fmt8.k_code else KVFormat(0, 0))
                  for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
         kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
         if mode == "groups-cache":
