@@ -1,8 +1,8 @@
-"""Gluon flash-decoding over int8 blocks: one warp per block, codes loaded straight into
-the tensor-core operand layout (issue 14). The int8 sibling of paged_decode_gluon.py
-(read its docstring first): the same warp-per-block structure, transposed dots
-(``S^T = K q^T``, ``O^T = V^T P^T``) and split contract; what differs is how int8 codes
-reach the operands.
+"""Gluon flash-decoding over 8-bit blocks (int8, and float8 e4m3 with ``FP8``): one warp
+per block, codes loaded straight into the tensor-core operand layout (issue 14). The
+sibling of paged_decode_gluon.py (int4; read its docstring first): the same warp-per-block
+structure, transposed dots (``S^T = K q^T``, ``O^T = V^T P^T``) and split contract; what
+differs is how 8-bit codes reach the operands.
 
 * keys (token-major bytes, per-channel scale and zero): each thread loads 32 contiguous
   bytes of each of its 4 tokens (two 16-byte loads), the 32 channels its A-operand
@@ -19,16 +19,18 @@ reach the operands.
   two MMA row tiles, so a code's scale depends only on its token and the tile: the
   scales are loaded once per token (8-byte loads) and broadcast.
 * the output channels are in natural order (no permutation back at the store).
+* fp8: the same loads; one cvt.rn.f16x2.e4m3x2 a pair (exact); the block's key scale on
+  its logits, its value scale on P.
 
 Token order: the MMA position ``p`` (bits e + 2 tq + 8 h + 16 kt: pair element, lane in
 the quad, 8-row half, 16-row tile) holds physical token ``8 tq + e + 2 h + 4 kt``, so a
 thread's 8 positions of a channel are the channel's bytes ``8 tq .. 8 tq + 7``.
 
-Same slot layout, outputs and split contract as the Triton kernel, for int8 keys and
-values, block_size 32, head_dim 128, value groups of 32 channels, at most 8 query heads
-per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only: its tests run on
-a GPU. Reached through ``paged_decode_triton``, which routes int8 launches here
-(``GLUON_INT8``).
+Same slot layout, outputs and split contract as the Triton kernel, for int8 or fp8 keys
+and values, block_size 32, head_dim 128, value groups of 32 channels, at most 8 query
+heads per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only: its tests
+run on a GPU. Reached through ``paged_decode_triton``, which routes int8 and fp8 launches
+here with ``GLUON_INT8`` / ``GLUON_FP8`` (KVCTL_GLUON8=1; off until measured on a GPU).
 """
 from __future__ import annotations
 
