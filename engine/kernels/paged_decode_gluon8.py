@@ -414,10 +414,9 @@ if HAVE_GLUON:
             olz: gl.constexpr = gl.SliceLayout(0, mma)
             zr = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, olz)), 1)
             gd = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, olz)), 1) // G
-            o = o + gl.where(gd == 0, gl.expand_dims(gl.sum(gl.where(zr == 0, zm, 0.0), 0), 0), 0.0)
-            o = o + gl.where(gd == 1, gl.expand_dims(gl.sum(gl.where(zr == 1, zm, 0.0), 0), 0), 0.0)
-            o = o + gl.where(gd == 2, gl.expand_dims(gl.sum(gl.where(zr == 2, zm, 0.0), 0), 0), 0.0)
-            o = o + gl.where(gd == 3, gl.expand_dims(gl.sum(gl.where(zr == 3, zm, 0.0), 0), 0), 0.0)
+            for g in gl.static_range(NG):
+                zg = gl.expand_dims(gl.sum(gl.where(zr == g, zm, 0.0), 0), 0)    # [1, N]
+                o = o + gl.where(gd == g, zg, 0.0)
             o = o * (1.0 / PF)
         h1 = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
         part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
@@ -431,8 +430,6 @@ if HAVE_GLUON:
 
 
 MAXNREG = 168
-
-
 PSCALE = False
 
 
