@@ -276,12 +276,10 @@ if HAVE_GLUON:
             bv = blk0 + wv
             okv = bv < end
             ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
-            # holes and entries past the split read the arena's first slot instead (no
-            # predicated loads; what they read is masked below: -inf logits, zero scales)
-            offv = gl.load(off_ptr + row + bv, mask=okv, other=0)
-            offv = gl.multiple_of(gl.where(ntv > 0, offv, 0) + VOFF, [16, 16, 16])
+            offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF,
+                                  [16, 16, 16])
             vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8)
-                         + tv * W8 + jv)
+                         + tv * W8 + jv, mask=ntv > 0)
             mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
                   + tv * NG + (16 * jv) // G)
             tok = tv < ntv
@@ -291,19 +289,17 @@ if HAVE_GLUON:
             bk = blk0 + wk
             okk = bk < end
             ntk = gl.load(ntok_ptr + row + bk, mask=okk, other=0)
-            offk = gl.load(off_ptr + row + bk, mask=okk, other=0)
-            offk = gl.multiple_of(gl.where(ntk > 0, offk, 0), [16, 16, 16])
+            offk = gl.multiple_of(gl.load(off_ptr + row + bk, mask=okk, other=0), [16, 16, 16])
             # slot offsets are multiples of 16 bytes (engine/layout.py): 16-byte loads
             kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8)
-                         + tk * W8 + jk)
+                         + tk * W8 + jk, mask=ntk > 0)
             bs = blk0 + ws
             oks = bs < end
-            offs = gl.load(off_ptr + row + bs, mask=oks, other=0)
+            offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
             nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-            offs = gl.multiple_of(gl.where(nts > 0, offs, 0), [16, 16, 16])
             m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 8 + ns
-            sc = _split8(gl.load(a32 + m0), lk)
-            zr = _split8(gl.load(a32 + m0 + KMETA // 4), lk)
+            sc = _split8(gl.load(a32 + m0, mask=nts > 0), lk)
+            zr = _split8(gl.load(a32 + m0 + KMETA // 4, mask=nts > 0), lk)
             if C16:
                 zr = (_zs(zr[0], sc[0], ZS_ASM), _zs(zr[1], sc[1], ZS_ASM),
                       _zs(zr[2], sc[2], ZS_ASM), _zs(zr[3], sc[3], ZS_ASM),
