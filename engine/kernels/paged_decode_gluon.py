@@ -174,6 +174,90 @@ if HAVE_GLUON:
             gl.store(bsum_ptr + at, gl.zeros([8, 16], gl.float32, L), mask=m)
 
     @gluon.jit
+    def _split_range(b, kvh, sp, NB, blocks_per_split, rstart_ptr, rlen_ptr, bmax_ptr, bsum_ptr,
+                     perm_ptr, FILL, HQ: gl.constexpr, GQ: gl.constexpr, NW: gl.constexpr,
+                     ROWLEN: gl.constexpr, DYN: gl.constexpr):
+        """This split's entries (start, end) of row b in the Triton kernel's table modes
+        (engine/kernels/paged_decode_triton.py): ROWLEN, a run of each row of a grouped
+        table (entries rstart .. + rlen, partials at the entries' columns perm), with FILL
+        the (-inf, 0) partials of the entries past the row's runs; DYN, each row's own
+        length (rlen), the columns past it holes. Runs are whole iterations of NW blocks."""
+        nsp = gl.num_programs(2)
+        if ROWLEN:
+            rs = gl.load(rstart_ptr + b)
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = rs + sp * per
+            end = gl.minimum(start + per, rs + n)
+            if FILL != 0:
+                # entries past the row's runs, shared by the splits: (-inf, 0)
+                past = rs + n
+                per3 = gl.cdiv(NB - past, nsp)
+                _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, past + sp * per3,
+                       gl.minimum(past + sp * per3 + per3, NB), NB, HQ, GQ, True)
+        elif DYN:
+            n = gl.load(rlen_ptr + b)
+            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
+            start = sp * per
+            end = gl.minimum(start + per, n)
+            # this split's share of the table past the row: (-inf, 0)
+            _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh,
+                   gl.maximum(sp * blocks_per_split, n),
+                   gl.minimum(sp * blocks_per_split + blocks_per_split, NB), NB, HQ, GQ, False)
+        else:
+            start = sp * blocks_per_split
+            end = gl.minimum(start + blocks_per_split, NB)
+        return start, end
+
+    @gluon.jit
+    def _block_partials(s, t_s, h_st, bst, okst, ntst, row, b, kvh, NB, perm_ptr, bmax_ptr,
+                        bsum_ptr, m_i, l_i, HQ: gl.constexpr, GQ: gl.constexpr,
+                        ROWLEN: gl.constexpr):
+        """Logits s [NW, T, N] (log2 units) of a block a warp (entries bst, its rows' tokens
+        t_s, ntst tokens; heads h_st) -> (p, m_i, l_i, alpha, wb): the block's (max, sum)
+        partials stored at its column, the warp's running state updated; p = exp2(s -
+        block max)."""
+        mma: gl.constexpr = s.type.layout
+        valid = gl.expand_dims(gl.expand_dims(t_s, 0), 2) < gl.expand_dims(
+            gl.expand_dims(gl.convert_layout(ntst, gl.SliceLayout(1, gl.SliceLayout(2, mma))),
+                           1), 2)
+        s = gl.where(valid, s, float("-inf"))
+        mb = gl.max(s, axis=1)                                          # [NW, N]
+        mb_safe = gl.where(mb == float("-inf"), 0.0, mb)
+        p = gl.exp2(s - gl.expand_dims(mb_safe, 1))
+        lb = gl.sum(p, axis=1)
+        hmask = gl.expand_dims(h_st, 0) < GQ
+        if ROWLEN:
+            col = gl.load(perm_ptr + row + bst, mask=okst, other=0).to(gl.int32)
+        else:
+            col = bst
+        st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(col, 1)
+        stm = hmask & gl.expand_dims(okst, 1)
+        gl.store(bmax_ptr + st, mb * 0.6931471805599453, mask=stm)
+        gl.store(bsum_ptr + st, lb, mask=stm)
+        m_new = gl.maximum(m_i, mb)
+        m_new_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_new_safe)
+        wb = gl.exp2(mb - m_new_safe)
+        l_i = l_i * alpha + lb * wb
+        return p, m_new, l_i, alpha, wb
+
+    @gluon.jit
+    def _merge_warps(m_i, l_i, pm_ptr, pl_ptr, b, kvh, sp, S0, STOT, HQ: gl.constexpr,
+                     GQ: gl.constexpr):
+        """The warps' running states [NW, N] -> this split's (max, sum) partials, stored;
+        returns each warp's weight [NW, N] for its output."""
+        m = gl.max(m_i, axis=0)                                             # [N]
+        m_safe = gl.where(m == float("-inf"), 0.0, m)
+        sw = gl.exp2(m_i - gl.expand_dims(m_safe, 0))                       # [NW, N]
+        l_tot = gl.sum(l_i * sw, axis=0)
+        h1 = gl.arange(0, m_i.shape[1], layout=gl.SliceLayout(0, m_i.type.layout))
+        part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
+        gl.store(pm_ptr + part, m, mask=h1 < GQ)
+        gl.store(pl_ptr + part, l_tot, mask=h1 < GQ)
+        return sw
+
+    @gluon.jit
     def _bit(x, i: gl.constexpr):
         return (x >> i) & 1
 
@@ -224,31 +308,8 @@ if HAVE_GLUON:
         kvh = gl.program_id(1)
         sp = gl.program_id(2)
         row = b * NB
-        nsp = gl.num_programs(2)
-        if ROWLEN:
-            rs = gl.load(rstart_ptr + b)
-            n = gl.load(rlen_ptr + b)
-            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
-            start = rs + sp * per
-            end = gl.minimum(start + per, rs + n)
-            if FILL != 0:
-                # entries past the row's runs, shared by the splits: (-inf, 0)
-                past = rs + n
-                per3 = gl.cdiv(NB - past, nsp)
-                _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, past + sp * per3,
-                       gl.minimum(past + sp * per3 + per3, NB), NB, HQ, GQ, True)
-        elif DYN:
-            n = gl.load(rlen_ptr + b)
-            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
-            start = sp * per
-            end = gl.minimum(start + per, n)
-            # this split's share of the table past the row: (-inf, 0)
-            _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh,
-                   gl.maximum(sp * blocks_per_split, n),
-                   gl.minimum(sp * blocks_per_split + blocks_per_split, NB), NB, HQ, GQ, False)
-        else:
-            start = sp * blocks_per_split
-            end = gl.minimum(start + blocks_per_split, NB)
+        start, end = _split_range(b, kvh, sp, NB, blocks_per_split, rstart_ptr, rlen_ptr,
+                                  bmax_ptr, bsum_ptr, perm_ptr, FILL, HQ, GQ, NW, ROWLEN, DYN)
 
         # q^T [NW, D, N] in the keys' channel order, fp16 (each warp its own copy)
         wq, dq, hq = _idx3(NW, D, N, opb)
@@ -325,29 +386,9 @@ if HAVE_GLUON:
             bst = blk0 + w_st
             okst = bst < end
             ntst = gl.load(ntok_ptr + row + bst, mask=okst, other=0)
-            valid = gl.expand_dims(gl.expand_dims(t_s, 0), 2) < gl.expand_dims(
-                gl.expand_dims(gl.convert_layout(ntst, gl.SliceLayout(1, gl.SliceLayout(2, mma))),
-                               1), 2)
-            s = gl.where(valid, s, float("-inf"))
-            mb = gl.max(s, axis=1)                                          # [NW, N]
-            mb_safe = gl.where(mb == float("-inf"), 0.0, mb)
-            p = gl.exp2(s - gl.expand_dims(mb_safe, 1))
-            lb = gl.sum(p, axis=1)
-            hmask = gl.expand_dims(h_st, 0) < GQ
-            if ROWLEN:
-                col = gl.load(perm_ptr + row + bst, mask=okst, other=0).to(gl.int32)
-            else:
-                col = bst
-            st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(col, 1)
-            stm = hmask & gl.expand_dims(okst, 1)
-            gl.store(bmax_ptr + st, mb * 0.6931471805599453, mask=stm)
-            gl.store(bsum_ptr + st, lb, mask=stm)
-            m_new = gl.maximum(m_i, mb)
-            m_new_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_new_safe)
-            wb = gl.exp2(mb - m_new_safe)
-            l_i = l_i * alpha + lb * wb
-            m_i = m_new
+            p, m_i, l_i, alpha, wb = _block_partials(
+                s, t_s, h_st, bst, okst, ntst, row, b, kvh, NB, perm_ptr, bmax_ptr, bsum_ptr,
+                m_i, l_i, HQ, GQ, ROWLEN)
             if C16:
                 wb16 = wb * 16.0      # the values are read divided by 16
             else:
@@ -369,15 +410,8 @@ if HAVE_GLUON:
             acc = mma_v2(vt, pt, acc)                                       # [NW, D, N]
 
         # ---- merge the warps' states, store this split's partials
-        m = gl.max(m_i, axis=0)                                             # [N]
-        m_safe = gl.where(m == float("-inf"), 0.0, m)
-        sw = gl.exp2(m_i - gl.expand_dims(m_safe, 0))                       # [NW, N]
-        l_tot = gl.sum(l_i * sw, axis=0)
+        sw = _merge_warps(m_i, l_i, pm_ptr, pl_ptr, b, kvh, sp, S0, STOT, HQ, GQ)
         o = gl.sum(acc * gl.expand_dims(sw, 1), axis=0)                     # [D, N]
-        h1 = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
-        part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
-        gl.store(pm_ptr + part, m, mask=h1 < GQ)
-        gl.store(pl_ptr + part, l_tot, mask=h1 < GQ)
         ol: gl.constexpr = gl.SliceLayout(0, mma)
         do = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, ol)), 1)
         ho = gl.expand_dims(gl.arange(0, N, layout=gl.SliceLayout(0, ol)), 0)

@@ -42,7 +42,8 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from engine.kernels.paged_decode_gluon import _bit, _holes, _idx3, _join4
+    from engine.kernels.paged_decode_gluon import (_bit, _block_partials, _idx3, _join4,
+                                                   _merge_warps, _split_range)
 
 
 # A token's int64 word of key codes (8 bytes: channel k in byte k) and the (scale, zero)
@@ -177,29 +178,8 @@ if HAVE_GLUON:
         kvh = gl.program_id(1)
         sp = gl.program_id(2)
         row = b * NB
-        nsp = gl.num_programs(2)
-        if ROWLEN:
-            rs = gl.load(rstart_ptr + b)
-            n = gl.load(rlen_ptr + b)
-            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
-            start = rs + sp * per
-            end = gl.minimum(start + per, rs + n)
-            if FILL != 0:
-                past = rs + n
-                per3 = gl.cdiv(NB - past, nsp)
-                _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh, past + sp * per3,
-                       gl.minimum(past + sp * per3 + per3, NB), NB, HQ, GQ, True)
-        elif DYN:
-            n = gl.load(rlen_ptr + b)
-            per = gl.cdiv(gl.cdiv(n, nsp), NW) * NW
-            start = sp * per
-            end = gl.minimum(start + per, n)
-            _holes(bmax_ptr, bsum_ptr, perm_ptr, b, kvh,
-                   gl.maximum(sp * blocks_per_split, n),
-                   gl.minimum(sp * blocks_per_split + blocks_per_split, NB), NB, HQ, GQ, False)
-        else:
-            start = sp * blocks_per_split
-            end = gl.minimum(start + blocks_per_split, NB)
+        start, end = _split_range(b, kvh, sp, NB, blocks_per_split, rstart_ptr, rlen_ptr,
+                                  bmax_ptr, bsum_ptr, perm_ptr, FILL, HQ, GQ, NW, ROWLEN, DYN)
 
         # q^T [NW, D, N] in the keys' channel order (operand position d -> channel
         # 8 w + k, w = d5 + 2 d6 + 4 d1 + 8 d2, k = d0 + 2 d3 + 4 d4), fp16
@@ -311,29 +291,9 @@ if HAVE_GLUON:
                               other=0.0).to(gl.float32)
                 s = s * gl.expand_dims(gl.expand_dims(
                     gl.convert_layout(ksc, gl.SliceLayout(1, gl.SliceLayout(2, mma))), 1), 2)
-            valid = gl.expand_dims(gl.expand_dims(t_s, 0), 2) < gl.expand_dims(
-                gl.expand_dims(gl.convert_layout(ntst, gl.SliceLayout(1, gl.SliceLayout(2, mma))),
-                               1), 2)
-            s = gl.where(valid, s, float("-inf"))
-            mb = gl.max(s, axis=1)                                          # [NW, N]
-            mb_safe = gl.where(mb == float("-inf"), 0.0, mb)
-            p = gl.exp2(s - gl.expand_dims(mb_safe, 1))
-            lb = gl.sum(p, axis=1)
-            hmask = gl.expand_dims(h_st, 0) < GQ
-            if ROWLEN:
-                col = gl.load(perm_ptr + row + bst, mask=okst, other=0).to(gl.int32)
-            else:
-                col = bst
-            st = (b * HQ + kvh * GQ + gl.expand_dims(h_st, 0)) * NB + gl.expand_dims(col, 1)
-            stm = hmask & gl.expand_dims(okst, 1)
-            gl.store(bmax_ptr + st, mb * 0.6931471805599453, mask=stm)
-            gl.store(bsum_ptr + st, lb, mask=stm)
-            m_new = gl.maximum(m_i, mb)
-            m_new_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_new_safe)
-            wb = gl.exp2(mb - m_new_safe)
-            l_i = l_i * alpha + lb * wb
-            m_i = m_new
+            p, m_i, l_i, alpha, wb = _block_partials(
+                s, t_s, h_st, bst, okst, ntst, row, b, kvh, NB, perm_ptr, bmax_ptr, bsum_ptr,
+                m_i, l_i, HQ, GQ, ROWLEN)
             if PSCALE:
                 pt = gl.convert_layout((p * gl.expand_dims(wb * PF, 1)).to(gl.float16), opb)
                 # codes as exact fp16, tokens in MMA order, one [NW, G, T] tile a group
@@ -403,10 +363,7 @@ if HAVE_GLUON:
                 acc = mma_v2(vt, pt, acc)                                   # [NW, D, N]
 
         # ---- merge the warps' states, store this split's partials
-        m = gl.max(m_i, axis=0)                                             # [N]
-        m_safe = gl.where(m == float("-inf"), 0.0, m)
-        sw = gl.exp2(m_i - gl.expand_dims(m_safe, 0))                       # [NW, N]
-        l_tot = gl.sum(l_i * sw, axis=0)
+        sw = _merge_warps(m_i, l_i, pm_ptr, pl_ptr, b, kvh, sp, S0, STOT, HQ, GQ)
         o = gl.sum(acc * gl.expand_dims(sw, 1), axis=0)                     # [D, N]
         if PSCALE:
             # + each group's zero term (zacc row g), / PF
@@ -418,10 +375,6 @@ if HAVE_GLUON:
                 zg = gl.expand_dims(gl.sum(gl.where(zr == g, zm, 0.0), 0), 0)    # [1, N]
                 o = o + gl.where(gd == g, zg, 0.0)
             o = o * (1.0 / PF)
-        h1 = gl.arange(0, N, layout=gl.SliceLayout(0, stat))
-        part = (b * HQ + kvh * GQ + h1) * STOT + S0 + sp
-        gl.store(pm_ptr + part, m, mask=h1 < GQ)
-        gl.store(pl_ptr + part, l_tot, mask=h1 < GQ)
         ol: gl.constexpr = gl.SliceLayout(0, mma)
         do = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(1, ol)), 1)
         ho = gl.expand_dims(gl.arange(0, N, layout=gl.SliceLayout(0, ol)), 0)
