@@ -229,20 +229,26 @@ def test_gluon_matches_reference(monkeypatch, case, dtype, splits, c16):
     from engine.kernels import paged_decode_triton as pdt
     monkeypatch.setattr(pdt, "GLUON_INT4", True)
     monkeypatch.setattr(pdg, "C16", c16)
+    check_one_launch(monkeypatch, pdt, case, dtype, INT4, splits, pdg._int4_decode_kernel)
+
+
+def check_one_launch(monkeypatch, pdt, case, dtype, fmt, splits, kernel):
+    """paged_decode_triton over a random table of ``fmt`` blocks (a CASES entry): one
+    launch, of ``kernel``, matching paged_decode_ref (output, block partials)."""
     seen = []
     real = pdt._launch
     monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
     B, Hq, H, ctx, holes = case
-    gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx))) % 2 ** 31)
+    gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx), fmt.k_code)) % 2 ** 31)
     geom = BlockGeometry(32, H, 128, dtype, value_group=32)
-    arena, offs, kb, vb, ntok = make_table(geom, ctx, INT4, gen, holes=holes)
+    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmt, gen, holes=holes)
     q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
     sm = 1.0 / math.sqrt(128)
     want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
     c = lambda t: t.cuda()  # noqa: E731
     got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
-                                  fmt=INT4, num_splits=splits)
-    assert seen == [pdg._int4_decode_kernel]
+                                  fmt=fmt, num_splits=splits)
+    assert seen == [kernel]
     out, bmax, bsum = (t.cpu() for t in got)
     r_out, r_max, r_sum = want
     assert torch.isfinite(out).all()
@@ -260,20 +266,26 @@ def _mixed(b, j, n):
 
 
 @cuda
+@pytest.mark.parametrize("fmt_name", ["int4", "int8", "fp8"])
 @pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
-def test_triton_wrapper_routes_int4_to_gluon(monkeypatch, mode):
-    """With GLUON_INT4 on, paged_decode_triton's int4 launches (one format, a graph's
-    row lengths, a grouped int4 + full table, a step's launch cache) are the Gluon
-    kernel's, and the results match the reference."""
+def test_triton_wrapper_routes_to_gluon(monkeypatch, mode, fmt_name):
+    """With the Gluon kernels on, paged_decode_triton's int4 (and int8, fp8: the 8-bit
+    kernel) launches (one format, a graph's row lengths, a grouped quantized + full table,
+    a step's launch cache) are the Gluon kernels', and the results match the reference."""
+    from engine.kernels import paged_decode_gluon8 as pdg8
     from engine.kernels import paged_decode_triton as pdt
-    monkeypatch.setattr(pdt, "GLUON_INT4", True)
+    for flag in ("GLUON_INT4", "GLUON_INT8", "GLUON_FP8"):
+        monkeypatch.setattr(pdt, flag, True)
+    fmt = KVFormat.parse(fmt_name)
+    kernel = pdg._int4_decode_kernel if fmt == INT4 else pdg8._int8_decode_kernel
     seen = []
     real = pdt._launch
     monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
     gen = torch.Generator().manual_seed(7)
     geom = BlockGeometry(32, 4, 128, torch.bfloat16, value_group=32)
     ctx = [1000, 65, 2100]
-    fmts = _mixed if mode.startswith("groups") else INT4
+    fmts = (lambda b, j, n: KVFormat(0, 0) if j >= n - 2 else fmt) \
+        if mode.startswith("groups") else fmt
     arena, offs, kb, vb, ntok = make_table(geom, ctx, fmts, gen, holes=0.1)
     q = torch.randn(3, 16, 128, generator=gen).to(torch.bfloat16)
     sm = 1.0 / math.sqrt(128)
@@ -281,15 +293,15 @@ def test_triton_wrapper_routes_int4_to_gluon(monkeypatch, mode):
     c = lambda t: t.cuda()  # noqa: E731
     kw = {}
     if mode == "fmt":
-        kw = dict(fmt=INT4)
+        kw = dict(fmt=fmt)
     elif mode == "row_len":
         # a graph's table: wider than the rows, its padding columns holes
         pad = lambda t, v: torch.cat([t, torch.full((3, 5), v, dtype=t.dtype)], 1)  # noqa: E731
         offs, kb, vb, ntok = pad(offs, 1 << 40), pad(kb, 0), pad(vb, 0), pad(ntok, 0)
         want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-        kw = dict(fmt=INT4, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
+        kw = dict(fmt=fmt, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
     else:
-        rows = [[(j, INT4 if kb[b, j] == INT4.k_code else KVFormat(0, 0))
+        rows = [[(j, fmt if kb[b, j] == fmt.k_code else KVFormat(0, 0))
                  for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
         kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
         if mode == "groups-cache":
@@ -303,4 +315,4 @@ def test_triton_wrapper_routes_int4_to_gluon(monkeypatch, mode):
         fin = torch.isfinite(want[1])
         torch.testing.assert_close(bmax[fin], want[1][fin], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(bsum, want[2], atol=2e-2, rtol=2e-2)
-    assert any(fn is pdg._int4_decode_kernel for fn in seen)
+    assert any(fn is kernel for fn in seen)

@@ -3,11 +3,11 @@
 Without a GPU: its PTX strings, run by the emulator of test_gluon_int4.py, give the
 dequantized values in order (keys: channels of a word; values: four tokens of a
 channel). On CUDA: the kernel against paged_decode_ref over odd lengths, holes, split
-counts, head groups and store dtypes, and through paged_decode_triton's routing.
+counts, head groups and store dtypes (its routed table modes: test_gluon_int4.py's
+routing test, over every Gluon format).
 """
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -16,10 +16,9 @@ import torch
 
 from engine.kernels import paged_decode_gluon as pdg
 from engine.kernels import paged_decode_gluon8 as pdg8
-from engine.kernels.paged_decode import paged_decode_ref
 from engine.layout import BlockGeometry, KVFormat
 from kernel_cases import make_table
-from test_gluon_int4 import CASES, _f16, _h2, run_ptx
+from test_gluon_int4 import CASES, _f16, _h2, check_one_launch, run_ptx
 
 INT8 = KVFormat(8, 8)
 FP8 = KVFormat.parse("fp8")
@@ -129,82 +128,12 @@ def test_gluon8_matches_reference(monkeypatch, case, dtype, fmt, pscale, splits)
     monkeypatch.setattr(pdt, "GLUON_INT8", True)
     monkeypatch.setattr(pdt, "GLUON_FP8", True)
     monkeypatch.setattr(pdg8, "PSCALE", pscale)
-    seen = []
-    real = pdt._launch
-    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
-    B, Hq, H, ctx, holes = case
-    gen = torch.Generator().manual_seed(hash((B, Hq, H, tuple(ctx), 8)) % 2 ** 31)
-    geom = BlockGeometry(32, H, 128, dtype, value_group=32)
-    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmt, gen, holes=holes)
-    q = torch.randn(B, Hq, 128, generator=gen).to(dtype)
-    sm = 1.0 / math.sqrt(128)
-    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-    c = lambda t: t.cuda()  # noqa: E731
-    got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
-                                  fmt=fmt, num_splits=splits)
-    assert seen == [pdg8._int8_decode_kernel]
-    out, bmax, bsum = (t.cpu() for t in got)
-    r_out, r_max, r_sum = want
-    assert torch.isfinite(out).all()
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
-    torch.testing.assert_close(out.float(), r_out.float(), atol=tol, rtol=tol)
-    assert torch.equal(torch.isneginf(bmax), torch.isneginf(r_max))
-    fin = torch.isfinite(r_max)
-    torch.testing.assert_close(bmax[fin], r_max[fin], atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(bsum, r_sum, atol=2e-2, rtol=2e-2)
+    check_one_launch(monkeypatch, pdt, case, dtype, fmt, splits, pdg8._int8_decode_kernel)
 
 
 def _mixed(b, j, n):
     """Old blocks int8, the row's last two full precision."""
     return KVFormat(0, 0) if j >= n - 2 else INT8
-
-
-@cuda
-@pytest.mark.parametrize("fmt8", [INT8, FP8], ids=["int8", "fp8"])
-@pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
-def test_triton_wrapper_routes_int8_to_gluon(monkeypatch, mode, fmt8):
-    """With GLUON_INT8 / GLUON_FP8 on, paged_decode_triton's int8 and fp8 launches (one
-    format, a graph's row lengths, a grouped 8-bit + full table, a step's launch cache)
-    are the Gluon 8-bit kernel's, and the results match the reference."""
-    from engine.kernels import paged_decode_triton as pdt
-    monkeypatch.setattr(pdt, "GLUON_INT8", True)
-    monkeypatch.setattr(pdt, "GLUON_FP8", True)
-    seen = []
-    real = pdt._launch
-    monkeypatch.setattr(pdt, "_launch", lambda fn, *a: seen.append(fn) or real(fn, *a))
-    gen = torch.Generator().manual_seed(8)
-    geom = BlockGeometry(32, 4, 128, torch.bfloat16, value_group=32)
-    ctx = [1000, 65, 2100]
-    fmts = (lambda b, j, n: KVFormat(0, 0) if j >= n - 2 else fmt8) \
-        if mode.startswith("groups") else fmt8
-    arena, offs, kb, vb, ntok = make_table(geom, ctx, fmts, gen, holes=0.1)
-    q = torch.randn(3, 16, 128, generator=gen).to(torch.bfloat16)
-    sm = 1.0 / math.sqrt(128)
-    want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-    c = lambda t: t.cuda()  # noqa: E731
-    kw = {}
-    if mode == "fmt":
-        kw = dict(fmt=fmt8)
-    elif mode == "row_len":
-        pad = lambda t, v: torch.cat([t, torch.full((3, 5), v, dtype=t.dtype)], 1)  # noqa: E731
-        offs, kb, vb, ntok = pad(offs, 1 << 40), pad(kb, 0), pad(vb, 0), pad(ntok, 0)
-        want = paged_decode_ref(q, arena, offs, kb, vb, ntok, geom, sm)
-        kw = dict(fmt=fmt8, row_len=c(torch.tensor([32, 3, 66], dtype=torch.int32)))
-    else:
-        rows = [[(j, fmt8 if kb[b, j] == fmt8.k_code else KVFormat(0, 0))
-                 for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
-        kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
-        if mode == "groups-cache":
-            kw["launch_cache"] = {}
-    for _ in range(2 if mode == "groups-cache" else 1):
-        got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
-                                      **kw)
-        out, bmax, bsum = (t.cpu() for t in got)
-        torch.testing.assert_close(out.float(), want[0].float(), atol=2e-2, rtol=2e-2)
-        assert torch.equal(torch.isneginf(bmax), torch.isneginf(want[1]))
-        fin = torch.isfinite(want[1])
-        torch.testing.assert_close(bmax[fin], want[1][fin], atol=1e-2, rtol=1e-2)
-    assert pdg8._int8_decode_kernel in seen
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check of the routing")
