@@ -154,7 +154,8 @@ def main():
         body = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
         print(f"  loop {lo:#x}-{hi:#x}: {sum(body.values())} instrs: "
               + " ".join(f"{k}:{v}" for k, v in body.most_common(30)))
-    what = f"gluon int8 {os.environ.get('MODE', '')}" if a.gluon8 else \
+    fmt8 = "fp8" if os.environ.get("FP8") == "1" else "int8"
+    what = f"gluon {fmt8} {os.environ.get('MODE', '')}" if a.gluon8 else \
         f"gluon int4 c16={a.c16} {os.environ.get('MODE', '')}" if a.gluon else \
         f"KB={a.kb} VB={a.vb} NBI={a.nbi} warps={a.warps} stages={a.stages} {a.extra}"
     print(f"{what}: "

@@ -463,12 +463,22 @@ def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl
     """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
     Triton kernel's argument contract (``paged_decode_triton._Launch.run``). On the decode
     path (every layer of a step): nothing here is rebuilt per call but the argument tuple."""
-    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn, c16=c16)
+    return launch_parts(_int4_decode_kernel, consts, MAXNREG if maxnreg is None else maxnreg,
+                        fill, (q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm,
+                               pl, pacc, bps, sm_scale, s0, stot), geom)
+
+
+def launch_parts(kernel, consts: dict, maxnreg: int, fill: bool, call: tuple, geom):
+    """(kernel, args, constexprs, options) of a Gluon decode kernel's launch, from
+    kernel_call's arguments ``call`` (q .. stot): the argument contract both Gluon kernels
+    share (paged_decode_gluon8.py too)."""
+    (q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps, sm_scale,
+     s0, stot) = call
     n = arena_row.numel() // 2 * 2
     args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
             bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
-    consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn, c16=c16)
     opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
-    if rowlen:
+    if consts["ROWLEN"]:
         consts["FILL"] = int(fill)        # a runtime argument, passed by name
-    return _int4_decode_kernel, args, consts, opts
+    return kernel, args, consts, opts

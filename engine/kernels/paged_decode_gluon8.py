@@ -34,7 +34,7 @@ here with ``GLUON_INT8`` / ``GLUON_FP8`` (KVCTL_GLUON8=1; off until measured on 
 """
 from __future__ import annotations
 
-from engine.kernels.paged_decode_gluon import HAVE_GLUON, LOG2E
+from engine.kernels.paged_decode_gluon import HAVE_GLUON, launch_parts
 from engine.layout import KVFormat
 
 if HAVE_GLUON:
@@ -212,8 +212,8 @@ if HAVE_GLUON:
         m_i = gl.full([NW, N], float("-inf"), gl.float32, stat)
         l_i = gl.zeros([NW, N], gl.float32, stat)
         acc = gl.zeros([NW, D, N], gl.float32, mma)
-        zacc = gl.zeros([NW, 16, N], gl.float32, mma)    # PSCALE: rows 0 .. NG-1 the zeros'
         if PSCALE:
+            zacc = gl.zeros([NW, 16, N], gl.float32, mma)    # rows 0 .. NG-1: the zeros'
             # P-side index tensors: token of MMA position p (B operand), z^T rows (A)
             wpb, tpb, npb = _idx3(NW, T, N, opb)
             tpb = _sigma(tpb)
@@ -408,12 +408,7 @@ def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl
                 maxnreg=None, fp8=False):
     """(kernel, args, constexprs, options) of one launch over grid (B, H, splits): the
     Triton kernel's argument contract, as paged_decode_gluon.kernel_call."""
-    maxnreg = MAXNREG if maxnreg is None else maxnreg
-    n = arena_row.numel() // 2 * 2
-    args = (q, arena_row, arena_row[:n].view(geom.meta_dtype), offs, ntok, perm, rstart, rlen,
-            bmax, bsum, pm, pl, pacc, offs.shape[1], bps, float(sm_scale) * LOG2E, s0, stot)
     consts = kernel_consts(geom, q.shape[1], rowlen=rowlen, dyn=dyn, fp8=fp8)
-    opts = dict(num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}))
-    if rowlen:
-        consts["FILL"] = int(fill)
-    return _int8_decode_kernel, args, consts, opts
+    return launch_parts(_int8_decode_kernel, consts, MAXNREG if maxnreg is None else maxnreg,
+                        fill, (q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm,
+                               pl, pacc, bps, sm_scale, s0, stot), geom)
