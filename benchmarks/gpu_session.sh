@@ -6,7 +6,9 @@
 #   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
 #   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
 #   e2e     benchmarks.engine_speed at batch 8 x 32K, old blocks int4 against full (issue 14)
-#   kernel  benchmarks.decode_kernel (issue 14)
+#   kernel  benchmarks.decode_kernel (issue 14); KERNEL_ARGS replaces its formats and
+#           variants, KERNEL_TAG names its JSON (kernel$TAG.json)
+#   gluon   the Gluon kernels' tests alone (int4, int8, fp8 against the reference)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   tiers   benchmarks.multiturn --budget-mb: 4 chats taking turns under a 3 GB GPU-tier
 #           budget, idle sessions' bytes by tier over time (issue 16)
@@ -45,8 +47,10 @@ for s in "${steps[@]}"; do
              --kv-budget-gb 34 --hf '' --no-eager --no-in-order --kv-formats int4,full \
              --json "$OUT/e2e.json" ;;
     kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
-             --contexts 32768 131072 --formats full int8 fp8 int4 int4+full --iters 30 \
-             --json "$OUT/kernel.json" ;;
+             --contexts 32768 131072 ${KERNEL_ARGS:---formats full int8 fp8 int4 int4+full \
+             --iters 30} --json "$OUT/kernel${KERNEL_TAG-}.json" ;;
+    gluon) timeout "${T_GLUON:-240}" python -m pytest -q -p no:cacheprovider \
+             tests/kernels/test_gluon_int4.py tests/kernels/test_gluon_int8.py ;;
     multi) for m in reuse full; do timeout "${T_MULTI:-200}" python -m benchmarks.multiturn \
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \
