@@ -195,12 +195,14 @@ VARIANTS = {
     "g8r0": dict(_gluon8=True, _gluonf8=True, _maxnreg8=0),
     "g8r192": dict(_gluon8=True, _gluonf8=True, _maxnreg8=192),
     "g8ps": dict(_gluon8=True, _pscale8=True), "g8fma": dict(_gluon8=True, _pscale8=False),
+    # grouped tables (int4+full): the two launches on two streams (OVERLAP_RUNS)
+    "ov": dict(_overlap=True),
 }
 # the module settings the private keys above set for one variant's calls
 _KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG"),
           "_gluon8": ("pdt", "GLUON_INT8"), "_gluonf8": ("pdt", "GLUON_FP8"),
           "_maxnreg8": ("pdg8", "MAXNREG"),
-          "_pscale8": ("pdg8", "PSCALE")}
+          "_pscale8": ("pdg8", "PSCALE"), "_overlap": ("pdt", "OVERLAP_RUNS")}
 
 
 class _knobs:

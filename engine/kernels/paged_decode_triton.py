@@ -56,6 +56,12 @@ GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
 # int8 and fp8 launches by the Gluon 8-bit kernel (engine/kernels/paged_decode_gluon8.py),
 # same geometry; off until measured on a GPU (KVCTL_GLUON8=1 turns them on)
 GLUON_INT8 = GLUON_FP8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "0") == "1"
+# a grouped table's two launches (the Gluon kernel's quantized run, the other format's
+# run) on two streams, the smaller one on a side stream: its programs fill SMs the other
+# leaves idle instead of running after it (an experiment, off until measured on a GPU;
+# KVCTL_OVERLAP_RUNS=1 turns it on). Inside a CUDA graph the two become parallel branches
+OVERLAP_RUNS = os.environ.get("KVCTL_OVERLAP_RUNS", "0") == "1"
+_SIDE_STREAMS: dict = {}
 _INT4 = KVFormat(4, 4)
 _INT8 = KVFormat(8, 8)
 _FP8 = KVFormat.parse("fp8")
@@ -578,16 +584,34 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
             pm.fill_(float("-inf"))
             pl.zero_()
             pacc.zero_()
-        s0 = 0
-        for j, (i, x) in enumerate(launches):
+        s0s = [sum(x.S for _, x in launches[:j]) for j in range(len(launches))]
+
+        def run_one(j):
             # the last launch's run ends where the row's runs end (runs are laid out in
             # format order): it also writes the partials of every entry past them (holes,
-            # a graph's padding) as (-inf, 0), so that no fill of the outputs runs first
-            x.run(q, arena_row, offs_g, ntok_g, bmax, bsum, pm, pl, pacc, s0, stot,
+            # a graph's padding) as (-inf, 0), so that no fill of the outputs runs first.
+            # The launches write disjoint columns and split slices: any order, or at once
+            i, x = launches[j]
+            x.run(q, arena_row, offs_g, ntok_g, bmax, bsum, pm, pl, pacc, s0s[j], stot,
                   run=(groups.perm, groups.start[i], groups.length[i]),
                   run2=((groups.start[1 - i], groups.length[1 - i]) if x.path2 else None),
                   fill=j == len(launches) - 1, sm_scale=sm_scale, cache=launch_cache)
-            s0 += x.S
+
+        if OVERLAP_RUNS and q.is_cuda and len(launches) == 2:
+            # the launch of fewer splits (the short full run) on the side stream
+            small = min((0, 1), key=lambda j: launches[j][1].S)
+            main = torch.cuda.current_stream(dev)
+            side = _SIDE_STREAMS.get(dev)
+            if side is None:
+                side = _SIDE_STREAMS[dev] = torch.cuda.Stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                run_one(small)
+            run_one(1 - small)
+            main.wait_stream(side)
+        else:
+            for j in range(len(launches)):
+                run_one(j)
     else:
         x = _plan_launch(q, geom, fmt, B, NB, kw, launch_cache)
         pm = torch.empty(B, Hq, x.S, dtype=torch.float32, device=dev)

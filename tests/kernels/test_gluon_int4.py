@@ -267,11 +267,12 @@ def _mixed(b, j, n):
 
 @cuda
 @pytest.mark.parametrize("fmt_name", ["int4", "int8", "fp8"])
-@pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache"])
+@pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache", "groups-overlap"])
 def test_triton_wrapper_routes_to_gluon(monkeypatch, mode, fmt_name):
     """With the Gluon kernels on, paged_decode_triton's int4 (and int8, fp8: the 8-bit
     kernel) launches (one format, a graph's row lengths, a grouped quantized + full table,
-    a step's launch cache) are the Gluon kernels', and the results match the reference."""
+    a step's launch cache, the grouped table's two launches on two streams, eager and
+    replayed in a CUDA graph) are the Gluon kernels', and the results match the reference."""
     from engine.kernels import paged_decode_gluon8 as pdg8
     from engine.kernels import paged_decode_triton as pdt
     for flag in ("GLUON_INT4", "GLUON_INT8", "GLUON_FP8"):
@@ -304,11 +305,22 @@ def test_triton_wrapper_routes_to_gluon(monkeypatch, mode, fmt_name):
         rows = [[(j, fmt if kb[b, j] == fmt.k_code else KVFormat(0, 0))
                  for j in range(offs.shape[1]) if ntok[b, j] > 0] for b in range(3)]
         kw = dict(groups=pdt.FormatGroups.from_rows(rows, offs.shape[1], torch.device("cuda")))
-        if mode == "groups-cache":
+        if mode in ("groups-cache", "groups-overlap"):
             kw["launch_cache"] = {}
-    for _ in range(2 if mode == "groups-cache" else 1):
-        got = pdt.paged_decode_triton(c(q), c(arena), c(offs), c(kb), c(vb), c(ntok), geom, sm,
-                                      **kw)
+        monkeypatch.setattr(pdt, "OVERLAP_RUNS", mode == "groups-overlap")
+    args = [c(t) for t in (q, arena, offs, kb, vb, ntok)]
+    for it in range(1 if mode in ("fmt", "row_len", "groups") else 2):
+        if mode == "groups-overlap" and it == 1:
+            # the second time inside a CUDA graph: the side stream a parallel branch
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = pdt.paged_decode_triton(*args, geom, sm, **kw)
+            for t in got:
+                t.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            got = pdt.paged_decode_triton(*args, geom, sm, **kw)
         out, bmax, bsum = (t.cpu() for t in got)
         torch.testing.assert_close(out.float(), want[0].float(), atol=2e-2, rtol=2e-2)
         assert torch.equal(torch.isneginf(bmax), torch.isneginf(want[1]))
