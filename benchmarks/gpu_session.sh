@@ -9,6 +9,10 @@
 #   kernel  benchmarks.decode_kernel (issue 14); KERNEL_ARGS replaces its formats and
 #           variants, KERNEL_TAG names its JSON (kernel$TAG.json)
 #   gluon   the Gluon kernels' tests alone (int4, int8, fp8 against the reference)
+#   k8      int8 and fp8: the Triton kernel (t8) against the Gluon 8-bit kernel (g8, g8ps),
+#           with each format's read floor (issue 14)
+#   k4      int4 and int4+full: split multipliers, the two launches on two streams (ov),
+#           with the read floor (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   tiers   benchmarks.multiturn --budget-mb: 4 chats taking turns under a 3 GB GPU-tier
 #           budget, idle sessions' bytes by tier over time (issue 16)
@@ -49,6 +53,12 @@ for s in "${steps[@]}"; do
     kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
              --contexts 32768 131072 ${KERNEL_ARGS:---formats full int8 fp8 int4 int4+full \
              --iters 30} --json "$OUT/kernel${KERNEL_TAG-}.json" ;;
+    k8) timeout "${T_K8:-130}" python -m benchmarks.decode_kernel --batches 1 8 \
+             --contexts 32768 131072 --formats int8 fp8 --floor --variants t8 g8 g8ps \
+             --iters 20 --json "$OUT/k8.json" ;;
+    k4) timeout "${T_K4:-100}" python -m benchmarks.decode_kernel --batches 1 8 \
+             --contexts 32768 131072 --formats int4 int4+full --floor \
+             --variants default x4 x8 ov --iters 20 --json "$OUT/k4.json" ;;
     gluon) timeout "${T_GLUON:-240}" python -m pytest -q -p no:cacheprovider \
              tests/kernels/test_gluon_int4.py tests/kernels/test_gluon_int8.py ;;
     multi) for m in reuse full; do timeout "${T_MULTI:-200}" python -m benchmarks.multiturn \
