@@ -6,9 +6,9 @@
 #   speed   benchmarks.engine_speed with --compile (issue 13), batches from $SPEED_BATCHES
 #   long    benchmarks.engine_speed at batch 8 x 32K (static cache only, where it fits)
 #   e2e     benchmarks.engine_speed at batch 8 x 32K, old blocks int4 against full (issue 14)
-#   kernel  benchmarks.decode_kernel (issue 14); KERNEL_ARGS replaces its formats and
-#           variants, KERNEL_TAG names its JSON (kernel$TAG.json)
-#   gluon   the Gluon kernels' tests alone (int4, int8, fp8 against the reference)
+#   kernel  benchmarks.decode_kernel (issue 14)
+#   gluon   the 8-bit Gluon kernel's tests and the routing test of every Gluon kernel
+#           (int4, int8, fp8 against the reference; TESTS_G replaces the selection)
 #   k8      int8 and fp8: the Triton kernel (t8) against the Gluon 8-bit kernel (g8, g8ps),
 #           with each format's read floor (issue 14)
 #   k4      int4 and int4+full: split multipliers, the two launches on two streams (ov),
@@ -51,8 +51,8 @@ for s in "${steps[@]}"; do
              --kv-budget-gb 34 --hf '' --no-eager --no-in-order --kv-formats int4,full \
              --json "$OUT/e2e.json" ;;
     kernel) timeout "${T_KERNEL:-200}" python -m benchmarks.decode_kernel --batches 1 8 \
-             --contexts 32768 131072 ${KERNEL_ARGS:---formats full int8 fp8 int4 int4+full \
-             --iters 30} --json "$OUT/kernel${KERNEL_TAG-}.json" ;;
+             --contexts 32768 131072 --formats full int8 fp8 int4 int4+full --iters 30 \
+             --json "$OUT/kernel.json" ;;
     k8) timeout "${T_K8:-130}" python -m benchmarks.decode_kernel --batches 1 8 \
              --contexts 32768 131072 --formats int8 fp8 --floor --variants t8 g8 g8ps \
              --iters 20 --json "$OUT/k8.json" ;;
@@ -60,7 +60,8 @@ for s in "${steps[@]}"; do
              --contexts 32768 131072 --formats int4 int4+full --floor \
              --variants default x4 x8 ov --iters 20 --json "$OUT/k4.json" ;;
     gluon) timeout "${T_GLUON:-240}" python -m pytest -q -p no:cacheprovider \
-             tests/kernels/test_gluon_int4.py tests/kernels/test_gluon_int8.py ;;
+             ${TESTS_G:-tests/kernels/test_gluon_int8.py \
+             tests/kernels/test_gluon_int4.py::test_triton_wrapper_routes_to_gluon} ;;
     multi) for m in reuse full; do timeout "${T_MULTI:-200}" python -m benchmarks.multiturn \
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \

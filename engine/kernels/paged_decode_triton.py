@@ -24,6 +24,7 @@ engine/kernels/decode_launch.py.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -584,7 +585,7 @@ def paged_decode_triton(q: torch.Tensor, arena_row: torch.Tensor, block_offsets:
             pm.fill_(float("-inf"))
             pl.zero_()
             pacc.zero_()
-        s0s = [sum(x.S for _, x in launches[:j]) for j in range(len(launches))]
+        s0s = list(itertools.accumulate((x.S for _, x in launches), initial=0))
 
         def run_one(j):
             # the last launch's run ends where the row's runs end (runs are laid out in
