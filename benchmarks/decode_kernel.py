@@ -131,12 +131,14 @@ def _build_arena(geom, fmt, k, v, reps, gen_perm, device):
 
 
 def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_scale, t_sdpa,
-                 iters) -> list[dict]:
+                 iters, variants: list[str] | None = None) -> list[dict]:
     """``base+last`` (e.g. int4+full): every block in ``base`` but each sequence's newest
     block in ``last`` (a quantized sequence with its full-precision residual block): one
     launch for both formats (``grouped``, the default), one launch per format
     (``grouped-2launch``), grouped on the host as the engine's plan does, or on the device
-    (``per-format``: ``formats=``, one launch for both)."""
+    (``per-format``: ``formats=``, one launch for both). ``variants``: the grouped table
+    again under each named variant that sets module knobs only (``grouped+ov``; others are
+    launch arguments of one-format tables and are skipped here)."""
     base, last = (KVFormat.parse(x) for x in name.split("+"))
     NB = L // T
     arena_a, tab_a = _build_arena(geom, base, k, v, reps, gen_cpu, device)
@@ -153,18 +155,27 @@ def _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref, sm_s
     rows = []
     rows_g = [[(j, base) for j in range(NB - 1)] + [(NB - 1, last)] for _ in range(B)]
     groups = FormatGroups.from_rows(rows_g, NB, device)      # as the engine's plan makes it
-    for label, kw in (("grouped", {"groups": groups}),
-                      ("grouped-2launch", {"groups": groups, "fuse": False}),
-                      ("per-format", {"formats": [base, last]})):
-        out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
-        err = (out.float() - ref.squeeze(2).float()).abs().max().item()
-        # one launch cache per table, kept across the timed calls, as the engine keeps one
-        # for a step's layers: the grouped table's gathers are made once (outside the
-        # graph), not per layer
-        calls = [lambda t=t, kw=kw, c={}: paged_decode_triton(qd, arena, t, kb, vb, nt, geom,
-                                                              sm_scale, launch_cache=c, **kw)
-                 for t in tables]
-        t = _timeit(_graphed(calls, device), iters, device) / reps
+    runs = [("grouped", {"groups": groups}, {}),
+            ("grouped-2launch", {"groups": groups, "fuse": False}, {}),
+            ("per-format", {"formats": [base, last]}, {})]
+    for vname in variants or []:
+        vkw = _variant(vname)
+        if vname == "default":
+            continue
+        if any(key not in _KNOBS for key in vkw):
+            print(f"  {name:10s} {vname}: not a module-knob variant, skipped for a grouped table")
+            continue
+        runs.append((f"grouped+{vname}", {"groups": groups}, vkw))
+    for label, kw, vkw in runs:
+        with _knobs(dict(vkw)):
+            out = paged_decode_triton(qd, arena, tables[0], kb, vb, nt, geom, sm_scale, **kw)[0]
+            err = (out.float() - ref.squeeze(2).float()).abs().max().item()
+            # one launch cache per table, kept across the timed calls, as the engine keeps
+            # one for a step's layers: the grouped table's gathers are made once (outside
+            # the graph), not per layer
+            calls = [lambda t=t, kw=kw, c={}: paged_decode_triton(
+                qd, arena, t, kb, vb, nt, geom, sm_scale, launch_cache=c, **kw) for t in tables]
+            t = _timeit(_graphed(calls, device), iters, device) / reps
         rows.append(dict(B=B, L=L, kernel=f"paged-{label}", fmt=name, cfg=label, split_mult=None,
                          us=t * 1e6, speedup=t_sdpa / t, bytes=nbytes, gbs=nbytes / t / 1e9,
                          max_err_vs_sdpa=err))
@@ -284,7 +295,7 @@ def bench_shape(B: int, L: int, formats: list[str], sweep: bool, iters: int,
     for name in formats:
         if "+" in name:
             rows += _bench_mixed(name, B, L, geom, k, v, reps, gen_cpu, device, q, qd, ref,
-                                 sm_scale, t_sdpa, iters)
+                                 sm_scale, t_sdpa, iters, variants)
             continue
         fmt = KVFormat.parse(name)
         arena, tables = _build_arena(geom, fmt, k, v, reps, gen_cpu, device)

@@ -30,7 +30,7 @@ Same slot layout, outputs and split contract as the Triton kernel, for int8 or f
 and values, block_size 32, head_dim 128, value groups of 32 channels, at most 8 query
 heads per kv head, 16-bit stores (fp16 scales), fp16 dot operands. CUDA only: its tests
 run on a GPU. Reached through ``paged_decode_triton``, which routes int8 and fp8 launches
-here with ``GLUON_INT8`` / ``GLUON_FP8`` (KVCTL_GLUON8=1; off until measured on a GPU).
+here with ``GLUON_INT8`` / ``GLUON_FP8`` (on by default; KVCTL_GLUON8=0 turns them off).
 """
 from __future__ import annotations
 
@@ -382,6 +382,8 @@ if HAVE_GLUON:
                  mask=ho < GQ)
 
 
+# measured on an H100 (docs/BENCHMARKS.md, "The Gluon 8-bit kernel"): int8 value scales
+# on P (PSCALE) 1-3% slower than an fma a pair, so off
 MAXNREG = 168
 PSCALE = False
 

@@ -55,8 +55,10 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 # turns it off. A grouped int4 + full table then takes one launch per format
 GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
 # int8 and fp8 launches by the Gluon 8-bit kernel (engine/kernels/paged_decode_gluon8.py),
-# same geometry; off until measured on a GPU (KVCTL_GLUON8=1 turns them on)
-GLUON_INT8 = GLUON_FP8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "0") == "1"
+# same geometry: on an H100 int8 1.32-1.64x SDPA against this kernel's 1.23-1.37x, fp8
+# 1.50-1.84x against 1.47-1.63x (docs/BENCHMARKS.md, "The Gluon 8-bit kernel").
+# KVCTL_GLUON8=0 turns it off (KVCTL_GLUON=0 turns off both Gluon kernels)
+GLUON_INT8 = GLUON_FP8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "1") != "0"
 # a grouped table's two launches (the Gluon kernel's quantized run, the other format's
 # run) on two streams, the smaller one on a side stream: its programs fill SMs the other
 # leaves idle instead of running after it (an experiment, off until measured on a GPU;
