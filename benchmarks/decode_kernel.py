@@ -199,8 +199,6 @@ VARIANTS = {
     # "triton" the Triton kernel; Gluon settings: exact codes (1024 + c, then a
     # subtraction) instead of 1 + c / 16, no register cap (168 by default)
     "triton": dict(_gluon=False), "gluon-exact": dict(_c16=False), "gr0": dict(_maxnreg=0),
-    # unpredicated code and key-scale loads (holes read the arena's first slot, masked)
-    "up": dict(_unpred=True),
     # int8 and fp8 tables: the Gluon 8-bit kernel (paged_decode_gluon8.py; KVCTL_GLUON8=1
     # routes to it) on or off, its register cap (168 by default; 0 none), int8 value
     # scales on P or not
@@ -213,7 +211,6 @@ VARIANTS = {
 }
 # the module settings the private keys above set for one variant's calls
 _KNOBS = {"_gluon": ("pdt", "GLUON_INT4"), "_c16": ("pdg", "C16"), "_maxnreg": ("pdg", "MAXNREG"),
-          "_unpred": ("pdg", "UNPRED"),
           "_gluon8": ("pdt", "GLUON_INT8"), "_gluonf8": ("pdt", "GLUON_FP8"),
           "_maxnreg8": ("pdg8", "MAXNREG"),
           "_pscale8": ("pdg8", "PSCALE"), "_overlap": ("pdt", "OVERLAP_RUNS")}

@@ -12,7 +12,7 @@
 #   k8      int8 and fp8: the Triton kernel (t8) against the Gluon 8-bit kernel (g8, g8ps),
 #           with each format's read floor (issue 14)
 #   k4      int4 and int4+full: split multipliers, the two launches on two streams (ov),
-#           unpredicated loads (up), with the read floor (issue 14)
+#           with the read floor (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   tiers   benchmarks.multiturn --budget-mb: 4 chats taking turns under a 3 GB GPU-tier
 #           budget, idle sessions' bytes by tier over time (issue 16)
@@ -58,11 +58,10 @@ for s in "${steps[@]}"; do
              --iters 20 --json "$OUT/k8.json" ;;
     k4) timeout "${T_K4:-100}" python -m benchmarks.decode_kernel --batches 1 8 \
              --contexts 32768 131072 --formats int4 int4+full --floor \
-             --variants default x4 x8 ov up --iters 20 --json "$OUT/k4.json" ;;
+             --variants default x4 x8 ov --iters 20 --json "$OUT/k4.json" ;;
     gluon) timeout "${T_GLUON:-240}" python -m pytest -q -p no:cacheprovider \
              ${TESTS_G:-tests/kernels/test_gluon_int8.py \
-             tests/kernels/test_gluon_int4.py::test_triton_wrapper_routes_to_gluon \
-             tests/kernels/test_gluon_int4.py::test_gluon_unpredicated_matches_reference} ;;
+             tests/kernels/test_gluon_int4.py::test_triton_wrapper_routes_to_gluon} ;;
     multi) for m in reuse full; do timeout "${T_MULTI:-200}" python -m benchmarks.multiturn \
              --model random:llama3-8b --device cuda --dtype bfloat16 --chats 8 \
              --first-tokens 6000 --turn-tokens 6000 --turns 5 --kv-budget-gb 40 \

@@ -81,7 +81,6 @@ def compile_gluon(warps: int, maxnreg: int = 0, c16: bool = True, bits: int = 4)
                                     fp8=os.environ.get("FP8") == "1")
     else:
         fn = pdg._int4_decode_kernel
-        pdg.UNPRED = os.environ.get("UNPRED") == "1"     # unpredicated loads
         consts = pdg.kernel_consts(geom, 32, rowlen=mode == "rowlen", dyn=mode == "dyn",
                                    c16=c16)
     for prm in fn.params:          # constexprs left at their defaults

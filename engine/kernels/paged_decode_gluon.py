@@ -273,9 +273,6 @@ if HAVE_GLUON:
         # entries' columns perm), with FILL the (-inf, 0) partials of the entries past the
         # row's runs; DYN, each row's own length (rlen), the columns past it holes
         ROWLEN: gl.constexpr = False, DYN: gl.constexpr = False, FILL=0,
-        # UNPRED: code and key-scale loads unpredicated (holes and entries past a split
-        # read the arena's first slot, masked after: -inf logits, zero value scales)
-        UNPRED: gl.constexpr = False,
     ):
         NW: gl.constexpr = 4
         N: gl.constexpr = 8                 # query heads of a kv head, padded (MMA N)
@@ -340,16 +337,10 @@ if HAVE_GLUON:
             bv = blk0 + wv
             okv = bv < end
             ntv = gl.load(ntok_ptr + row + bv, mask=okv, other=0)
-            if UNPRED:
-                offv = gl.load(off_ptr + row + bv, mask=okv, other=0)
-                offv = gl.multiple_of(gl.where(ntv > 0, offv, 0) + VOFF, [16, 16, 16])
-                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8)
-                             + tv * W8 + jv)
-            else:
-                offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF,
-                                      [16, 16, 16])
-                vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8)
-                             + tv * W8 + jv, mask=ntv > 0)
+            offv = gl.multiple_of(gl.load(off_ptr + row + bv, mask=okv, other=0) + VOFF,
+                                  [16, 16, 16])
+            vw = gl.load(a64 + gl.multiple_of(offv // 8, [2, 2, 2]) + kvh * (T * W8)
+                         + tv * W8 + jv, mask=ntv > 0)
             mv = (gl.multiple_of((offv + VCODE) // MSIZE, [8, 8, 8]) + kvh * (T * NG)
                   + tv * NG + (16 * jv) // G)
             tok = tv < ntv
@@ -359,33 +350,17 @@ if HAVE_GLUON:
             bk = blk0 + wk
             okk = bk < end
             ntk = gl.load(ntok_ptr + row + bk, mask=okk, other=0)
+            offk = gl.multiple_of(gl.load(off_ptr + row + bk, mask=okk, other=0), [16, 16, 16])
             # slot offsets are multiples of 16 bytes (engine/layout.py): 16-byte loads
+            kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8)
+                         + tk * W8 + jk, mask=ntk > 0)
             bs = blk0 + ws
             oks = bs < end
-            if UNPRED:
-                offk = gl.load(off_ptr + row + bk, mask=okk, other=0)
-                offk = gl.multiple_of(gl.where(ntk > 0, offk, 0), [16, 16, 16])
-                kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8)
-                             + tk * W8 + jk)
-                offs = gl.load(off_ptr + row + bs, mask=oks, other=0)
-                nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-                offs = gl.multiple_of(gl.where(nts > 0, offs, 0), [16, 16, 16])
-                m0 = (gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2)
-                      + js * 8 + ns)
-                sc = _split8(gl.load(a32 + m0), lk)
-                zr = _split8(gl.load(a32 + m0 + KMETA // 4), lk)
-            else:
-                offk = gl.multiple_of(gl.load(off_ptr + row + bk, mask=okk, other=0),
-                                      [16, 16, 16])
-                kw = gl.load(a64 + gl.multiple_of(offk // 8, [2, 2, 2]) + kvh * (T * W8)
-                             + tk * W8 + jk, mask=ntk > 0)
-                offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0),
-                                      [16, 16, 16])
-                nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
-                m0 = (gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2)
-                      + js * 8 + ns)
-                sc = _split8(gl.load(a32 + m0, mask=nts > 0), lk)
-                zr = _split8(gl.load(a32 + m0 + KMETA // 4, mask=nts > 0), lk)
+            offs = gl.multiple_of(gl.load(off_ptr + row + bs, mask=oks, other=0), [16, 16, 16])
+            nts = gl.load(ntok_ptr + row + bs, mask=oks, other=0)
+            m0 = gl.multiple_of((offs + KCODE) // 4, [4, 4, 4]) + kvh * (D // 2) + js * 8 + ns
+            sc = _split8(gl.load(a32 + m0, mask=nts > 0), lk)
+            zr = _split8(gl.load(a32 + m0 + KMETA // 4, mask=nts > 0), lk)
             if C16:
                 zr = (_zs(zr[0], sc[0], ZS_ASM), _zs(zr[1], sc[1], ZS_ASM),
                       _zs(zr[2], sc[2], ZS_ASM), _zs(zr[3], sc[3], ZS_ASM),
@@ -468,9 +443,6 @@ def supports(geom, num_q_heads: int) -> str | None:
 # SM: 550 us against 673 at 188)
 C16 = True
 MAXNREG = 168
-# unpredicated code and key-scale loads: 916 -> 895 loop instructions (SASS, triton 3.6),
-# not yet timed on a GPU (decode_kernel's variant "up")
-UNPRED = False
 
 
 def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = False,
@@ -482,7 +454,7 @@ def kernel_consts(geom, num_q_heads: int, *, rowlen: bool = False, dyn: bool = F
     return dict(HQ=num_q_heads, H=H, GQ=num_q_heads // H, T=geom.block_size,
                 D=geom.head_dim, G=geom.value_group, MSIZE=geom.meta_elem,
                 VOFF=geom.sections(_INT4)["v_codes"][0], K_ASM=k, V_ASM=v, ZS_ASM=_ZS_ASM,
-                C16=c16, ROWLEN=rowlen, DYN=dyn, UNPRED=UNPRED)
+                C16=c16, ROWLEN=rowlen, DYN=dyn)
 
 
 def kernel_call(q, arena_row, offs, ntok, perm, rstart, rlen, bmax, bsum, pm, pl, pacc, bps,

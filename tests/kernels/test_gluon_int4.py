@@ -232,19 +232,6 @@ def test_gluon_matches_reference(monkeypatch, case, dtype, splits, c16):
     check_one_launch(monkeypatch, pdt, case, dtype, INT4, splits, pdg._int4_decode_kernel)
 
 
-@cuda
-@pytest.mark.parametrize("splits", [None, 3])
-@pytest.mark.parametrize("case", CASES, ids=lambda v: str(v).replace(" ", ""))
-def test_gluon_unpredicated_matches_reference(monkeypatch, case, splits):
-    """The unpredicated-load build (holes and entries past a split read the arena's first
-    slot, masked after) gives the reference's answer over tables with holes."""
-    from engine.kernels import paged_decode_triton as pdt
-    monkeypatch.setattr(pdt, "GLUON_INT4", True)
-    monkeypatch.setattr(pdg, "UNPRED", True)
-    check_one_launch(monkeypatch, pdt, case, torch.float16, INT4, splits,
-                     pdg._int4_decode_kernel)
-
-
 def check_one_launch(monkeypatch, pdt, case, dtype, fmt, splits, kernel):
     """paged_decode_triton over a random table of ``fmt`` blocks (a CASES entry): one
     launch, of ``kernel``, matching paged_decode_ref (output, block partials)."""
@@ -279,7 +266,7 @@ def _mixed(b, j, n):
 
 
 @cuda
-@pytest.mark.parametrize("fmt_name", ["int4", "int4-up", "int8", "fp8"])
+@pytest.mark.parametrize("fmt_name", ["int4", "int8", "fp8"])
 @pytest.mark.parametrize("mode", ["fmt", "row_len", "groups", "groups-cache", "groups-overlap"])
 def test_triton_wrapper_routes_to_gluon(monkeypatch, mode, fmt_name):
     """With the Gluon kernels on, paged_decode_triton's int4 (and int8, fp8: the 8-bit
@@ -290,9 +277,7 @@ def test_triton_wrapper_routes_to_gluon(monkeypatch, mode, fmt_name):
     from engine.kernels import paged_decode_triton as pdt
     for flag in ("GLUON_INT4", "GLUON_INT8", "GLUON_FP8"):
         monkeypatch.setattr(pdt, flag, True)
-    # int4-up: the int4 kernel's unpredicated-load build
-    monkeypatch.setattr(pdg, "UNPRED", fmt_name == "int4-up")
-    fmt = KVFormat.parse(fmt_name.removesuffix("-up"))
+    fmt = KVFormat.parse(fmt_name)
     kernel = pdg._int4_decode_kernel if fmt == INT4 else pdg8._int8_decode_kernel
     seen = []
     real = pdt._launch
