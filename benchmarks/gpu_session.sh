@@ -11,8 +11,8 @@
 #           (int4, int8, fp8 against the reference; TESTS_G replaces the selection)
 #   k8      int8 and fp8: the Triton kernel (t8) against the Gluon 8-bit kernel (g8, g8ps),
 #           with each format's read floor (issue 14)
-#   k4      int4 and int4+full: split multipliers, the two launches on two streams (ov),
-#           with the read floor (issue 14)
+#   k4      int4, int4+full and int8+full: a grouped table's two launches on two streams
+#           (ov) against one after the other, with the read floor (issue 14)
 #   multi   benchmarks.multiturn, 8 chats to ~32K, reuse then full (issue 16)
 #   tiers   benchmarks.multiturn --budget-mb: 4 chats taking turns under a 3 GB GPU-tier
 #           budget, idle sessions' bytes by tier over time (issue 16)
@@ -57,8 +57,8 @@ for s in "${steps[@]}"; do
              --contexts 32768 131072 --formats int8 fp8 --floor --variants t8 g8 g8ps \
              --iters 20 --json "$OUT/k8.json" ;;
     k4) timeout "${T_K4:-100}" python -m benchmarks.decode_kernel --batches 1 8 \
-             --contexts 32768 131072 --formats int4 int4+full --floor \
-             --variants default x4 x8 ov --iters 20 --json "$OUT/k4.json" ;;
+             --contexts 32768 131072 --formats int4 int4+full int8+full --floor \
+             --variants default ov --iters 20 --json "$OUT/k4.json" ;;
     gluon) timeout "${T_GLUON:-240}" python -m pytest -q -p no:cacheprovider \
              ${TESTS_G:-tests/kernels/test_gluon_int8.py \
              tests/kernels/test_gluon_int4.py::test_triton_wrapper_routes_to_gluon} ;;
