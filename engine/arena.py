@@ -10,6 +10,8 @@ The allocator is plain Python bookkeeping of byte offsets, testable without tens
 """
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from engine.api import OutOfBlocks  # re-exported: defined torch-free for the daemon
@@ -142,10 +144,13 @@ class SlabAllocator:
         per = self.slots_per_page(slot)
         free_here = set(self._page_free[page])
         used = [i for i in range(per) if i not in free_here]
-        others = sorted((p for p in self._partial.get(slot, ()) if p != page),
-                        key=lambda p: (len(self._page_free[p]), p))
-        if sum(len(self._page_free[p]) for p in others) < len(used):
+        partial = [p for p in self._partial.get(slot, ()) if p != page]
+        if sum(len(self._page_free[p]) for p in partial) < len(used):
             raise ValueError(f"page {page}: no room for its {len(used)} slots elsewhere")
+        # the fullest first; each has a free slot, so len(used) of them are enough (not
+        # a sort of every partial page: compaction empties pages one at a time)
+        others = heapq.nsmallest(len(used), partial,
+                                 key=lambda p: (len(self._page_free[p]), p))
         out = []
         for i in used:
             dst = others[0]
