@@ -73,7 +73,8 @@ def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs, num_layers: int) -> bo
     if pieces is None:
         return False
     from engine.kernels.gather_triton import gather_slots_triton
-    so, do, nb = (t.to(dev, non_blocking=True) for t in pieces)
+    # through pinned memory: a copy from pageable memory waits for the stream first
+    so, do, nb = (t.pin_memory().to(dev, non_blocking=True) for t in pieces)
     gather_slots_triton(src_flat, so, dst_flat, do, nb, min(RUN_PIECE, max(n for *_, n in runs)))
     return True
 

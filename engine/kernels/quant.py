@@ -194,7 +194,9 @@ def quantize_keys_ref(k: torch.Tensor, bits: int, meta_dtype: torch.dtype,
     refine = bits in REFINED_BITS
     c, s, z = fit_groups(g, bits, meta_dtype, clip=refine, ls_iters=LS_ITERS if refine else 0,
                          w=key_weights(g) if refine else None)
-    if refine and anchor is not None and bool(anchor.any()):
+    # on a device the flags are not read back (that waits for the GPU): the anchored fit
+    # runs and torch.where keeps it only where a flag is set
+    if refine and anchor is not None and (anchor.device.type != "cpu" or bool(anchor.any())):
         ca, sa, za = fit_anchored(g, bits, meta_dtype)
         m = anchor.to(torch.bool).view(-1, 1, 1, 1)
         c, s, z = torch.where(m, ca, c), torch.where(m, sa, s), torch.where(m, za, z)
