@@ -342,21 +342,23 @@ class KVStore:
         where: dict[int, int] = {}      # a moved slot's offset before -> now
         before: dict[int, int] = {}     # now -> before
         done = 0
-        while more(done):
-            page = a.alloc.evacuation_page(skip)
-            if page is None:
-                break
-            moved = a.alloc.evacuate(page)
-            self._copy_slots(a, moved)
-            for old, new, _ in moved:
-                first = before.pop(old, old)
-                where[first] = new
-                before[new] = first
-            done += 1
-            self.compactions += 1
-            self.compacted_slots += len(moved)
-        if where:
-            self._relocate(a, where)
+        try:
+            while more(done):
+                page = a.alloc.evacuation_page(skip)
+                if page is None:
+                    break
+                moved = a.alloc.evacuate(page)
+                self._copy_slots(a, moved)
+                for old, new, _ in moved:
+                    first = before.pop(old, old)
+                    where[first] = new
+                    before[new] = first
+                done += 1
+                self.compactions += 1
+                self.compacted_slots += len(moved)
+        finally:   # what moved is followed even if a later page fails
+            if where:
+                self._relocate(a, where)
         return done
 
     @staticmethod

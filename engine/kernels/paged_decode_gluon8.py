@@ -382,8 +382,8 @@ if HAVE_GLUON:
                  mask=ho < GQ)
 
 
-# measured on an H100 (docs/BENCHMARKS.md, "The Gluon 8-bit kernel"): int8 value scales
-# on P (PSCALE) 1-3% slower than an fma a pair, so off
+# measured on an H100 (docs/BENCHMARKS.md, "The Gluon 8-bit kernel on a GPU"): int8
+# value scales on P (PSCALE) 0.6-3% slower than an fma a pair, so off
 MAXNREG = 168
 PSCALE = False
 

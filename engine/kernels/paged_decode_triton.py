@@ -56,7 +56,7 @@ _PTX = os.environ.get("KVCTL_TRITON_PTX", "1") != "0"
 GLUON_INT4 = os.environ.get("KVCTL_GLUON", "1") != "0"
 # int8 and fp8 launches by the Gluon 8-bit kernel (engine/kernels/paged_decode_gluon8.py),
 # same geometry: on an H100 int8 1.32-1.64x SDPA against this kernel's 1.23-1.37x, fp8
-# 1.50-1.84x against 1.47-1.63x (docs/BENCHMARKS.md, "The Gluon 8-bit kernel").
+# 1.50-1.84x against 1.47-1.63x (docs/BENCHMARKS.md, "The Gluon 8-bit kernel on a GPU").
 # KVCTL_GLUON8=0 turns it off (KVCTL_GLUON=0 turns off both Gluon kernels)
 GLUON_INT8 = GLUON_FP8 = GLUON_INT4 and os.environ.get("KVCTL_GLUON8", "1") != "0"
 # a grouped table's two launches (the Gluon kernel's quantized run, the other format's
