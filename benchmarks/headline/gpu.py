@@ -46,11 +46,14 @@ CPU no bus: the offloaded bytes exact decode reads per second instead, labelled)
 from __future__ import annotations
 
 import argparse
+import cProfile
 import collections
 import gc
+import io
 import json
 import os
 import platform
+import pstats
 import random
 import sys
 import threading
@@ -184,6 +187,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
                             max_batch_tokens=a.max_batch_tokens, prefix_caching=False,
                             num_threads=a.threads, seed=a.seed))
     policy, ctl = controller_for(a, cfg, e)
+    prof = _profile_moves(e) if getattr(a, "profile_moves", False) else None
     counter = None
     if ctl is not None:     # the moves priced, and how many the learned model left over
         from benchmarks.headline.kvctl_side import Counted, CountedProxy
@@ -374,8 +378,37 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
         xs = seen["offload_read"]
         out["bus_gb_s"] = sum(xs) / len(xs) / 1e9 if xs else 0.0
         out["bus_source"] = "no bus (CPU): offloaded bytes exact decode read per second"
+    if prof is not None:
+        name = cfg.replace(":", "_").replace("/", "_")
+        path = Path(a.out) / f"moves-profile-{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(30)
+        path.write_text(buf.getvalue())
+        out["moves_profile"] = str(path)
     del e
     return out
+
+
+def _profile_moves(e) -> cProfile.Profile:
+    """cProfile over the engine thread's moves and admissions (``Engine._drain_inbox``,
+    ``Engine._admit``: the laps "moves" and "admit"), accumulated over the run. A wait
+    for the GPU shows as the time of the call that waited."""
+    prof = cProfile.Profile()
+
+    def wrap(fn):
+        def run(*args, **kw):
+            prof.enable()
+            try:
+                return fn(*args, **kw)
+            finally:
+                prof.disable()
+        return run
+    e._drain_inbox = wrap(e._drain_inbox)
+    e._admit = wrap(e._admit)
+    return prof
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -483,6 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text", action="store_true",
                     help="prompts from pydoc_data.topics instead of random ids (a real "
                          "model: --model default)")
+    ap.add_argument("--profile-moves", action="store_true",
+                    help="cProfile the engine thread's moves and admissions; top functions "
+                         "to OUT/moves-profile-<config>.txt")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run in seconds: random:tiny, 512-token context, 2 MiB KV "
                          "budget, 10 MiB host tier")

@@ -66,3 +66,16 @@ def test_policy_tick_plans_moves_for_every_sequence(capsys):
         sys.argv = argv
     out = capsys.readouterr().out
     assert "4 sequences x 12 blocks, balanced" in out and out.rstrip().endswith("; 4 moves")
+
+
+def test_profile_moves_names_where_the_moves_lap_went(tmp_path):
+    """--profile-moves writes the engine thread's moves and admissions profile: the
+    moves the policy made under 4x demand are in it, and the run's row points at it."""
+    gpu.main(["--smoke", "--configs", "adaptive:balanced", "--profile-moves",
+              "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    row = res["rows"][0]
+    text = (tmp_path / "moves-profile-adaptive_balanced.txt").read_text()
+    assert row["moves_profile"].endswith("moves-profile-adaptive_balanced.txt")
+    assert row["decisions"], "no move to profile"
+    assert "engine/moves.py" in text and "_admit" in text
