@@ -39,6 +39,17 @@ class SlabAllocator:
         self.used_slot_bytes = 0
         self.num_slots = 0
 
+    def clone(self) -> SlabAllocator:
+        """An independent copy (a quantize's dry run replays its steps on one): its
+        containers copied one level down, ~10x cheaper than ``copy.deepcopy``."""
+        c = object.__new__(SlabAllocator)
+        c.__dict__.update(self.__dict__)
+        c._free_pages = list(self._free_pages)
+        c._page_slot = dict(self._page_slot)
+        c._page_free = {p: list(f) for p, f in self._page_free.items()}
+        c._partial = {s: set(ps) for s, ps in self._partial.items()}
+        return c
+
     # -- queries ---------------------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:

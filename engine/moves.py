@@ -5,8 +5,6 @@ state when the action is illegal; then it moves bytes and updates the block tabl
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from engine.actions import ActionError
@@ -93,7 +91,7 @@ def _check_convertible(store: KVStore, blocks: list[Block], fmt: KVFormat) -> No
         # took 19 ms under cProfile, part of the 29 ms a step the int4 engine spent
         # outside its 23.6 ms replay, 2026-12-06)
         return
-    sim = copy.deepcopy(store.arenas[GPU].alloc)
+    sim = store.arenas[GPU].alloc.clone()
     skip = store.compaction_skip(GPU)
     fake = {id(b): b.offset for b in blocks}
     for i in range(0, len(blocks), BATCH):

@@ -219,3 +219,37 @@ def test_one_compaction_moves_slots_twice_and_every_block_keeps_its_bytes():
         finally:
             e.stop()
     assert chains > 0, "no slot moved twice: the construction does not test the chains"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_allocator_clone_is_independent_and_equal(seed):
+    """A quantize's dry run replays its allocations on ``clone()``: the copy starts equal
+    to the allocator and nothing done to one shows in the other."""
+    rng = random.Random(seed)
+    a = SlabAllocator(32 * 4096, 4096)
+    live: dict[int, int] = {}
+    for _ in range(200):
+        if live and rng.random() < 0.4:
+            off = rng.choice(list(live))
+            a.free(off, live.pop(off))
+        elif a.can_allocate(size := rng.choice(SIZES)):
+            live[a.allocate(size)] = size
+    state = lambda x: (list(x._free_pages), dict(x._page_slot),  # noqa: E731
+                       {p: list(f) for p, f in x._page_free.items()},
+                       {k: set(v) for k, v in x._partial.items()}, x.used_slot_bytes,
+                       x.num_slots)
+    c = a.clone()
+    assert state(c) == state(a)
+    before = state(a)
+    while (page := c.evacuation_page()) is not None:
+        c.evacuate(page)
+    for size in SIZES:
+        while c.can_allocate(size):
+            c.allocate(size)
+    assert state(a) == before
+    # and the other way: the original changes, the copy does not
+    c2 = a.clone()
+    snap = state(c2)
+    for off, n in list(live.items()):
+        a.free(off, n)
+    assert state(c2) == snap
