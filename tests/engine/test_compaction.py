@@ -16,19 +16,24 @@ from tests.engine.test_prefix_reuse import check_slots
 SIZES = [4096, 1536, 768, 1024, 96]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_evacuating_pages_keeps_every_slot_and_frees_the_page(seed):
+def churned(pages: int, steps: int, p_free: float, seed: int):
+    """An allocator of ``pages`` 4 KiB pages after ``steps`` random allocations and frees
+    of SIZES; returns it and its live slots (offset -> bytes)."""
     rng = random.Random(seed)
-    a = SlabAllocator(48 * 4096, 4096)
+    a = SlabAllocator(pages * 4096, 4096)
     live: dict[int, int] = {}
-    for _ in range(600):
-        if live and rng.random() < 0.5:
+    for _ in range(steps):
+        if live and rng.random() < p_free:
             off = rng.choice(list(live))
             a.free(off, live.pop(off))
-        else:
-            size = rng.choice(SIZES)
-            if a.can_allocate(size):
-                live[a.allocate(size)] = size
+        elif a.can_allocate(size := rng.choice(SIZES)):
+            live[a.allocate(size)] = size
+    return a, live
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evacuating_pages_keeps_every_slot_and_frees_the_page(seed):
+    a, live = churned(48, 600, 0.5, seed)
     free_before = len(a._free_pages)
     bound = a.compactable_pages()
     evacuated = 0
@@ -225,15 +230,7 @@ def test_one_compaction_moves_slots_twice_and_every_block_keeps_its_bytes():
 def test_allocator_clone_is_independent_and_equal(seed):
     """A quantize's dry run replays its allocations on ``clone()``: the copy starts equal
     to the allocator and nothing done to one shows in the other."""
-    rng = random.Random(seed)
-    a = SlabAllocator(32 * 4096, 4096)
-    live: dict[int, int] = {}
-    for _ in range(200):
-        if live and rng.random() < 0.4:
-            off = rng.choice(list(live))
-            a.free(off, live.pop(off))
-        elif a.can_allocate(size := rng.choice(SIZES)):
-            live[a.allocate(size)] = size
+    a, live = churned(32, 200, 0.4, seed)
     state = lambda x: (list(x._free_pages), dict(x._page_slot),  # noqa: E731
                        {p: list(f) for p, f in x._page_free.items()},
                        {k: set(v) for k, v in x._partial.items()}, x.used_slot_bytes,
