@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from engine.actions import ActionError
-from engine.kernels.gather import copy_runs
+from engine.kernels.gather import copy_slots
 from engine.kernels.slots import read_blocks, write_blocks
 from engine.layout import FULL, KVFormat
-from engine.plan import ints_on
+from engine.plan import ints_on, on_device
 from engine.store import EVICTED, GPU, HOST, PARKED, SWAPPED, Block, KVStore
 
 BATCH = 64  # blocks converted per batch: bounds the dense staging memory
@@ -184,9 +184,9 @@ def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,
     offs = ints_on(arena.device, offsets)
     # the sequence's first block holds the attention sink: its keys get sink-aware
     # rounding. Decided here, on the host: without such a block (a block that just filled)
-    # no flags go, since the quantizer's check of them on the GPU waits for the GPU
+    # no flags go; with one they go to the device queued, and are not read back there
     first = [b.index == 0 for b in blocks]
-    anchor = torch.tensor(first, dtype=torch.bool) if any(first) else None
+    anchor = on_device(torch.tensor(first), arena.device) if any(first) else None
     write_blocks(arena.data, offs, store.geom, fmt, k, v, anchor)
 
 
@@ -206,18 +206,9 @@ def fill_candidates(store: KVStore, seq_id: str) -> list[int]:
 # -- eviction, parking, offload ----------------------------------------------------------
 
 def _copy_runs(src, src_offs: list[int], dst, dst_offs: list[int], sizes: list[int]) -> None:
-    """Copy slots between arenas, all layers at once, merging adjacent slots into runs
-    (PCIe wants large transfers)."""
-    runs: list[list[int]] = []
-    for s, d, n in sorted(zip(src_offs, dst_offs, sizes)):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1][2] += n
-        else:
-            runs.append([s, d, n])
-    # a few runs: a copy each launches no more than the kernel (and needs no offsets)
-    if len(runs) <= 4 or not copy_runs(src.data, dst.data, runs, src.data.shape[0]):
-        for s, d, n in runs:
-            dst.data[:, d:d + n].copy_(src.data[:, s:s + n], non_blocking=True)
+    """Copy slots between arenas, all layers at once (``copy_slots``), and wait for
+    the copy."""
+    copy_slots(src.data, dst.data, zip(src_offs, dst_offs, sizes))
     if src.device.type == "cuda" or dst.device.type == "cuda":
         torch.cuda.current_stream().synchronize()
 

@@ -255,7 +255,12 @@ def ints_on(device: torch.device, xs, dtype=torch.int64) -> torch.Tensor:
     stream: ``torch.tensor(xs, device='cuda')`` copies from pageable memory and waits for
     the GPU, so a host-side step between two steps (a move, a mixed sampling batch) would
     stall until the step launched ahead had finished."""
-    t = ints(xs, dtype)
+    return on_device(ints(xs, dtype), device)
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``; on CUDA through pinned memory, queued (a copy from
+    pageable memory waits for the GPU first: ``ints_on``)."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.arena import Arena, OutOfBlocks
-from engine.kernels.gather import copy_runs
+from engine.kernels.gather import copy_slots
 from engine.layout import FULL, BlockGeometry, KVFormat
 from engine.prefix import Entry, PrefixIndex
 
@@ -76,7 +76,7 @@ class KVStore:
         # filled page per slot size is a few blocks' worth, so pages track the bytes of
         # what they hold (1 MiB pages held 131% of a 1K-token sequence's bytes on the
         # default model). Transfers are not bounded by pages: adjacent slots are copied
-        # as one run across page boundaries (moves._copy_runs)
+        # as one run across page boundaries (kernels/gather.copy_slots)
         if page_bytes is None:
             page_bytes = full_slot * PAGE_SLOTS
         self.page_bytes = page_bytes
@@ -348,7 +348,7 @@ class KVStore:
                 if page is None:
                     break
                 moved = a.alloc.evacuate(page)
-                self._copy_slots(a, moved)
+                copy_slots(a.data, a.data, moved)   # queued: the stream orders the pages
                 for old, new, _ in moved:
                     first = before.pop(old, old)
                     where[first] = new
@@ -360,23 +360,6 @@ class KVStore:
             if where:
                 self._relocate(a, where)
         return done
-
-    @staticmethod
-    def _copy_slots(a: Arena, moved: list[tuple[int, int, int]]) -> None:
-        """Copy moved slots' bytes within the arena, all layers, adjacent slots merged
-        into runs: on CUDA in one launch (a few runs: a strided copy each); no index of
-        every byte (the old way built, and sent to the device, 8 bytes of index a byte
-        moved)."""
-        runs: list[list[int]] = []
-        for src, dst, n in sorted(moved):
-            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-                runs[-1][2] += n
-            else:
-                runs.append([src, dst, n])
-        if len(runs) > 4 and copy_runs(a.data, a.data, runs, a.data.shape[0]):
-            return
-        for src, dst, n in runs:
-            a.data[:, dst:dst + n].copy_(a.data[:, src:src + n])
 
     def compaction_skip(self, arena: str) -> set[int]:
         """Pages compaction leaves alone: those holding a pinned slot."""

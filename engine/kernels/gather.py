@@ -53,6 +53,23 @@ def run_pieces(runs, num_layers: int, src_row: int, dst_row: int):
             nb_t.expand(num_layers, -1).flatten())
 
 
+def copy_slots(src: torch.Tensor, dst: torch.Tensor, moves) -> None:
+    """Copy slots ``(src_off, dst_off, nbytes)`` of every row between two arenas' (or
+    within one arena's) [layers, row bytes] data, adjacent slots merged into runs (PCIe
+    wants large transfers): in one launch on CUDA (``copy_runs``), a copy a run where
+    there are a few runs (a copy each launches no more than the kernel) or that path does
+    not apply. Queued on the stream: the caller synchronizes where it must."""
+    runs: list[list[int]] = []
+    for s, d, n in sorted(moves):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += n
+        else:
+            runs.append([s, d, n])
+    if len(runs) <= 4 or not copy_runs(src, dst, runs, src.shape[0]):
+        for s, d, n in runs:
+            dst[:, d:d + n].copy_(src[:, s:s + n], non_blocking=True)
+
+
 def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs, num_layers: int) -> bool:
     """Copy byte runs ``(src_off, dst_off, nbytes)`` of every row between two arenas'
     [layers, row bytes] data, in one launch on CUDA (either side may be pinned host

@@ -115,10 +115,7 @@ def write_blocks(arena: torch.Tensor, offsets: torch.Tensor, geom: BlockGeometry
         _put(arena, md, offsets, s["k_scale"][0], flat(sc))
     else:
         if anchor is not None:   # one flag per block, repeated over the leading dims
-            anchor = anchor.to(dtype=torch.bool)
-            if k.is_cuda and not anchor.is_cuda:   # pinned: a pageable copy waits for the GPU
-                anchor = anchor.pin_memory().to(k.device, non_blocking=True)
-            anchor = anchor.to(k.device).reshape(1, N)
+            anchor = anchor.to(device=k.device, dtype=torch.bool).reshape(1, N)
             anchor = anchor.expand(max(1, k.numel() // (N * H * T * D)), N).reshape(-1)
         c, sc, z = quantize_keys_ref(k.reshape(-1, H, T, D), fmt.k_bits, md, anchor)
         _put(arena, torch.uint8, offsets, s["k_codes"][0], flat(c))
