@@ -2,7 +2,9 @@
 without the start-up ``gc.freeze`` (EngineConfig.gc_freeze): N held sequences of B blocks
 on a random tiny model (CPU), then snapshots built one after another, the engine keeping
 the latest, as it does after each step with a structural change. Reports the builds'
-time and the garbage collector's, by generation.
+time and the garbage collector's, by generation; then, apart, what a reader that looks at
+every block of every sequence pays on its own thread (block views are made on first
+read: engine.snapshot.BlockViews).
 
     python -m benchmarks.snapshot_cost --sequences 49 --blocks 700 [--no-freeze]
 """
@@ -51,10 +53,19 @@ def main() -> None:
     wall = time.perf_counter() - t
     gc.callbacks.remove(cb)
     blocks = sum(len(s.blocks) for s in keep.sequences)
+    reads = min(a.builds, 10)
+    snaps = [snapshot.build(e, 20_000 + r) for r in range(reads)]
+    t = time.perf_counter()
+    for snap in snaps:
+        for s in snap.sequences:
+            for _ in s.blocks:
+                pass
+    read = (time.perf_counter() - t) / reads
     e.stop()
     print(f"{a.sequences} sequences, {blocks} blocks, gc_freeze={not a.no_freeze}: "
           f"{a.builds} builds {wall:.3f} s ({wall / a.builds * 1e3:.1f} ms each); collections "
-          + ", ".join(f"gen {g} {count[g]} ({spent[g]:.3f} s)" for g in (0, 1, 2)))
+          + ", ".join(f"gen {g} {count[g]} ({spent[g]:.3f} s)" for g in (0, 1, 2))
+          + f"; a reader's first pass over every block {read * 1e3:.1f} ms a snapshot")
 
 
 if __name__ == "__main__":

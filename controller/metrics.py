@@ -135,6 +135,9 @@ class Metrics:
             if v.state == "finished":
                 continue
             counts[(v.state, strategy_of(v))] += 1
+            if not v.num_shared_blocks:     # (reading a snapshot's blocks makes them)
+                by.update(v.bytes_by_place)
+                continue
             for b in v.blocks:     # a shared slot counted once over its holders
                 by[(b.tier, b.fmt)] += b.nbytes / b.shared if b.shared else b.nbytes
         self._kv_keys.update(by, ((t, "full") for t in snap.tiers))

@@ -7,6 +7,7 @@ changes nothing. Block ids in actions are *logical* block indices of the sequenc
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple, Union
@@ -316,12 +317,16 @@ class SequenceView:
     top_k: int
     bytes_by_tier: dict[str, int]
     bytes_by_format: dict[str, int]
-    blocks: list[BlockView]
+    blocks: Sequence[BlockView]   # in a snapshot: engine.snapshot.BlockViews
     entropy: float        # entropy (nats) of the block-level attention distribution
     sink_mass: float      # share of attention on the first block
     recent_mass: float    # share on the newest ``recent_blocks`` blocks
     num_preemptions: int = 0
     fill_format: str = "full"   # the format its blocks take as they fill (SetFillFormat)
+    # bytes by (tier, format) together, and how many of its blocks share their slot with
+    # other sequences (a reader summing bytes over sequences counts those apart)
+    bytes_by_place: dict[tuple[str, str], int] = field(default_factory=dict)
+    num_shared_blocks: int = 0
 
 
 @dataclass

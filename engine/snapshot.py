@@ -7,56 +7,136 @@ finishes) and otherwise at most every ``snapshot_interval_s`` while busy.
 """
 from __future__ import annotations
 
+import operator
 import time
+from collections.abc import Iterator, Sequence
 
 from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
 from engine.layout import FULL, KVFormat
-from engine.store import GPU
+from engine.store import ARENA_OF, GPU
 
 FORMATS = ("full", "int8", "int4", "int2", "k4v2", "k8v4", "fp8")
+
+
+# a block's fields as a snapshot keeps them: all atomic (the format as its code), so the
+# garbage collector drops the tuples from its young generation at its first look
+_ROW = operator.attrgetter("index", "num_tokens", "fmt.code", "tier", "offset")
+_NAMES: dict[int, str] = {}
+
+
+def _name(code: int) -> str:
+    n = _NAMES.get(code)
+    if n is None:
+        n = _NAMES[code] = KVFormat.from_code(code).name
+    return n
+
+
+class BlockViews(Sequence):
+    """A sequence's blocks as a snapshot shows them: each block's fields are taken when
+    the snapshot is built (one C-level attribute read a block), the ``BlockView`` tuples
+    made the first time a reader looks. The engine builds a snapshot after every batch of
+    moves and every few steps; making a tuple a block there cost ~1.3 us a block on the
+    2-core box, 3.6x the capture (``python -m benchmarks.snapshot_cost``), and most
+    snapshots' blocks are read by no one before the next one.
+
+    Reads from several threads are safe: two first reads may both make the list, from
+    the same captured fields."""
+
+    __slots__ = ("_rows", "_nbytes", "_mass", "_observed", "_distinct", "_shared",
+                 "_views")
+
+    def __init__(self, rows=(), nbytes=None, mass=(), observed=(), distinct=(),
+                 shared=None) -> None:
+        self._rows, self._nbytes = rows, nbytes or {}
+        self._mass, self._observed, self._distinct = mass, observed, distinct
+        self._shared = shared
+        self._views: list[BlockView] | None = None
+
+    def _list(self) -> list[BlockView]:
+        v = self._views
+        if v is None:
+            mass, obs, dis, shared = self._mass, self._observed, self._distinct, self._shared
+            nm, no, nd = len(mass), len(obs), len(dis)
+            nbytes = self._nbytes
+            v = [BlockView(i, n, _name(code), tier, nbytes[code] if off >= 0 else 0,
+                           mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
+                           shared[j] if shared else 0, dis[i] if i < nd else 0.0)
+                 for j, (i, n, code, tier, off) in enumerate(self._rows)]
+            self._views = v
+        return v
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[BlockView]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (BlockViews, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable-looking, like a list)
+
+    def __repr__(self) -> str:
+        return f"BlockViews({self._list()!r})"
 
 
 def sequence_view(engine, s, state: str) -> SequenceView:
     st = engine.store
     kv = st.seqs.get(s.seq_id)
     stats = engine.stats.get(s.seq_id)
-    blocks = []
     by_tier: dict[str, int] = {}
     by_fmt: dict[str, int] = {}
-    if kv is not None:
+    by_place: dict[tuple[str, str], int] = {}
+    blocks = BlockViews()
+    num_shared = 0
+    if kv is not None and kv.blocks:
+        rows = list(map(_ROW, kv.blocks))      # one C-level read a block
+        # the sequence's bytes by tier and format: its blocks come in runs of one format
+        # and tier, so a run is looked up once (a tier equal to the last but another
+        # string object starts a run, and adds to the same entries)
+        nbytes: dict[int, int] = {}
+
+        def add(code, tier, n):
+            nb = nbytes.get(code)
+            if nb is None:
+                nb = nbytes[code] = st.block_bytes(KVFormat.from_code(code))
+            if n:
+                by_tier[tier] = by_tier.get(tier, 0) + n * nb
+                name = _name(code)
+                by_fmt[name] = by_fmt.get(name, 0) + n * nb
+                by_place[tier, name] = by_place.get((tier, name), 0) + n * nb
+        code = tier = None
+        n = 0
+        for r in rows:
+            if r[2] != code or r[3] is not tier:
+                if code is not None:
+                    add(code, tier, n)
+                code, tier, n = r[2], r[3], 0
+            if r[4] >= 0:                      # holds a slot (an evicted block: -1)
+                n += 1
+        add(code, tier, n)
         refs = st.refs
-        mass = stats.mass.tolist() if stats is not None else []
-        obs = stats.observed.tolist() if stats is not None else []
-        dis = stats.distinct.tolist() if stats is not None else []
-        nm, no, nd = len(mass), len(obs), len(dis)
-        # a sequence's blocks come in runs of one format and tier: what depends on those
-        # only is looked up once a run (8,000 blocks a snapshot at batch 8 / 32K)
-        fmt = tier = name = None
-        nbytes = run = 0
-        for b in kv.blocks:
-            i = b.index
-            if b.fmt is not fmt or b.tier != tier:
-                if run:
-                    by_tier[tier] = by_tier.get(tier, 0) + run
-                    by_fmt[name] = by_fmt.get(name, 0) + run
-                    run = 0
-                fmt, tier = b.fmt, b.tier
-                name, nbytes = fmt.name, st.block_bytes(fmt)
-            nb = nbytes if b.offset >= 0 else 0
-            run += nb             # the sequence's bytes by tier and format, same pass
-            blocks.append(BlockView(i, b.num_tokens, name, tier, nb,
-                                    mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
-                                    refs.get(st.slot_key(b), 0) if refs and nb else 0,
-                                    dis[i] if i < nd else 0.0))
-        if run:
-            by_tier[tier] = by_tier.get(tier, 0) + run
-            by_fmt[name] = by_fmt.get(name, 0) + run
+        shared = None
+        if refs:        # prefix reuse: holders of each block's slot (0: its own)
+            shared = [refs.get((ARENA_OF[t], o), 0) if o >= 0 else 0
+                      for _, _, _, t, o in rows]
+            num_shared = len(shared) - shared.count(0)
+        blocks = BlockViews(rows, nbytes,
+                            stats.mass.tolist() if stats is not None else (),
+                            stats.observed.tolist() if stats is not None else (),
+                            stats.distinct.tolist() if stats is not None else (), shared)
     return SequenceView(
         s.seq_id, state, len(s.prompt_ids), kv.num_tokens if kv else 0, len(s.output_ids),
         s.priority, kv.decode_mode if kv else "exact", kv.top_k if kv else 0, by_tier,
         by_fmt, blocks, stats.entropy if stats else 0.0, stats.sink_mass if stats else 0.0,
         stats.recent_mass if stats else 0.0, num_preemptions=s.num_preemptions,
-        fill_format=s.fill_format.name)
+        fill_format=s.fill_format.name, bytes_by_place=by_place,
+        num_shared_blocks=num_shared)
 
 
 def build(engine, version: int) -> EngineSnapshot:

@@ -214,7 +214,8 @@ class FakeEngine:
         nbytes = nblocks * BLOCK_SIZE * BYTES_PER_TOKEN
         return SequenceView(s["id"], s["state"], len(s["prompt"]), n, len(s["out"]),
                             s["req"].priority, "exact", 0, {"gpu": nbytes}, {"full": nbytes},
-                            blocks, 0.0, 0.0, 0.0)
+                            blocks, 0.0, 0.0, 0.0,
+                            bytes_by_place={("gpu", "full"): nbytes} if nbytes else {})
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
