@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import time
+from itertools import repeat
 from collections.abc import Iterator, Sequence
 
 from engine.actions import BlockView, EngineSnapshot, SequenceView, TierView
@@ -22,6 +23,7 @@ FORMATS = ("full", "int8", "int4", "int2", "k4v2", "k8v4", "fp8")
 # garbage collector drops the tuples from its young generation at its first look
 _ROW = operator.attrgetter("index", "num_tokens", "fmt.code", "tier", "offset")
 _NAMES: dict[int, str] = {}
+_new = tuple.__new__
 
 
 def _name(code: int) -> str:
@@ -55,13 +57,17 @@ class BlockViews(Sequence):
     def _list(self) -> list[BlockView]:
         v = self._views
         if v is None:
-            mass, obs, dis, shared = self._mass, self._observed, self._distinct, self._shared
-            nm, no, nd = len(mass), len(obs), len(dis)
-            nbytes = self._nbytes
-            v = [BlockView(i, n, _name(code), tier, nbytes[code] if off >= 0 else 0,
-                           mass[i] if i < nm else 0.0, obs[i] if i < no else 0.0,
-                           shared[j] if shared else 0, dis[i] if i < nd else 0.0)
-                 for j, (i, n, code, tier, off) in enumerate(self._rows)]
+            rows, nbytes = self._rows, self._nbytes
+            n = max(len(rows), rows[-1][0] + 1) if rows else 0
+
+            def pad(xs):       # statistics cover the blocks that existed at the last step
+                return xs if len(xs) >= n else list(xs) + [0.0] * (n - len(xs))
+            mass, obs, dis = pad(self._mass), pad(self._observed), pad(self._distinct)
+            names = {c: _name(c) for c in nbytes}
+            # tuple.__new__: a BlockView without a Python-level __new__ call a block
+            v = [_new(BlockView, (i, t, names[c], tier, nbytes[c] if off >= 0 else 0,
+                                  mass[i], obs[i], sh, dis[i]))
+                 for (i, t, c, tier, off), sh in zip(rows, self._shared or repeat(0))]
             self._views = v
         return v
 
