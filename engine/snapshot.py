@@ -91,7 +91,9 @@ class BlockViews(Sequence):
         return f"BlockViews({self._list()!r})"
 
 
-def sequence_view(engine, s, state: str) -> SequenceView:
+def sequence_view(engine, s, state: str, sizes: dict[int, int] | None = None
+                  ) -> SequenceView:
+    """``sizes``: block bytes by format code, shared by one build's sequences."""
     st = engine.store
     kv = st.seqs.get(s.seq_id)
     stats = engine.stats.get(s.seq_id)
@@ -105,7 +107,7 @@ def sequence_view(engine, s, state: str) -> SequenceView:
         # the sequence's bytes by tier and format: its blocks come in runs of one format
         # and tier, so a run is looked up once (a tier equal to the last but another
         # string object starts a run, and adds to the same entries)
-        nbytes: dict[int, int] = {}
+        nbytes = {} if sizes is None else sizes
 
         def add(code, tier, n):
             nb = nbytes.get(code)
@@ -157,13 +159,14 @@ def build(engine, version: int) -> EngineSnapshot:
     seqs = []
     pressure = 0
     full_block = st.block_bytes(FULL)
+    sizes: dict[int, int] = {}
     for s in (list(engine.waiting) + engine.running + list(engine.held.values())
               + list(engine.idle.values())):
         if s.stalled:       # a block to grow into; a prompt written in chunks, the least
             chunk = engine._least_chunk(s) if s.state == "prefill" else 0
             pressure += full_block * max(1, st.blocks_for(chunk))
         state = "stalled" if s.stalled else s.state
-        seqs.append(sequence_view(engine, s, state))
+        seqs.append(sequence_view(engine, s, state, sizes))
     stalled = pressure         # the running sequences' own need, the queue's aside
     head, admission = "", {}
     if engine.waiting:
