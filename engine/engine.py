@@ -294,7 +294,9 @@ class Engine(OfflineMixin, SessionsMixin):
             _run_into(fn, res)
             done.append((fut, res))
         self._changed = True
+        self.laps.lap("moves")
         self._publish(force=True)      # readers see the outcome before the poster does
+        self.laps.lap("moves_publish")  # (a lap of its own: it walks every block)
         for fut, res in done:
             if res.exception() is not None:
                 fut.set_exception(res.exception())

@@ -239,7 +239,7 @@ def run_config(a, cfg: str, reqs: list[tuple[list[int], int]], budget: int) -> d
             # the engine thread's seconds so far by part: a stall between two points
             # says where it went (moves applied, admissions, launches)
             laps={k: round(snap.step_times.get(k, 0.0), 3)
-                  for k in ("moves", "admit", "launch", "sample", "publish")}))
+                  for k in ("moves", "moves_publish", "admit", "launch", "sample", "publish")}))
     tele.on_sample.append(on_sample)
 
     lock = threading.Lock()
@@ -467,7 +467,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     out += ["", "Where the engine thread's time went (seconds; steps by kind, parts of a "
             "step, graph captures, steps that compiled Triton kernels: kernels, steps "
             "(their seconds)):", "",
-            "| config | wall | prefill steps | decode steps | idle steps | moves | admit | "
+            "| config | wall | prefill steps | decode steps | idle steps | moves (of which "
+            "the snapshot after them) | admit | "
             "launch | sample | publish | captures | kernel compiles | "
             "controller ticks (s, max ms) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -478,8 +479,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             return f"{int(t.get(k + '_steps', 0))} ({t.get(k + '_s', 0.0):.1f})"
         out.append(f"| {r['config']} | {r['wall_s']:.1f} | {kind('prefill')} | "
                    f"{kind('decode')} | {kind('idle')} | "
+                   + f"{t.get('moves', 0.0) + t.get('moves_publish', 0.0):.1f} "
+                   f"({t.get('moves_publish', 0.0):.1f}) | "
                    + " | ".join(f"{t.get(p, 0.0):.1f}" for p in
-                                ("moves", "admit", "launch", "sample", "publish"))
+                                ("admit", "launch", "sample", "publish"))
                    + f" | {g.get('num_graphs', 0)} ({g.get('capture_seconds', 0.0):.1f}) | "
                    + (f"{g['kernel_compiles']}, {g['compile_steps']} "
                       f"({g['compile_steps_s']:.1f}) | " if "kernel_compiles" in g else "- | ")
