@@ -11,7 +11,8 @@ import sys
 
 KERNEL_MODULES = ("engine.kernels.codes_triton", "engine.kernels.split_reduce_triton",
                   "engine.kernels.paged_decode_triton", "engine.kernels.gather_triton",
-                  "engine.kernels.write_kv_triton", "engine.kernels.fit_triton")
+                  "engine.kernels.write_kv_triton", "engine.kernels.fit_triton",
+                  "engine.kernels.quantize_slots_triton")
 
 
 def import_interpreted() -> None:
