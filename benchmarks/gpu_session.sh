@@ -25,6 +25,9 @@
 #   daemon  benchmarks.status_latency, 64 clients streaming from the daemon (issue 13)
 #   fit     benchmarks.fit_cost at an 8B shape, 2K tokens: the Triton 2-bit fit against
 #           the torch passes (issue 15: adaptive's prompt steps)
+#   quant   the Triton slot conversion (KVCTL_FUSED_QUANT) on the GPU: its tests, the
+#           engine's CUDA tests with it routed, then benchmarks.quantize_cost (a batch of
+#           64 blocks of an 8B shape, torch path against it; issue 15: the moves lap)
 # NO_PNG=1 drops the plots at the end (a call brings back a limited number of files)
 # Usage on the device: bash benchmarks/gpu_session.sh tests speed kernel
 set -u
@@ -84,6 +87,10 @@ for s in "${steps[@]}"; do
              --seconds 15 --model random:llama3-8b --max-tokens 128 ;;
     fit) timeout "${T_FIT:-120}" python -m benchmarks.fit_cost --layers 32 --kv-heads 8 \
              --head-dim 128 --block 32 --tokens 2048 --reps 2 --device cuda ;;
+    quant) timeout "${T_QUANT:-200}" bash -c "python -m pytest -q -p no:cacheprovider \
+             tests/kernels/test_quantize_slots.py && KVCTL_FUSED_QUANT=1 python -m pytest -q \
+             -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py; \
+             python -m benchmarks.quantize_cost --device cuda" ;;
     *) echo "unknown step $s" ;;
   esac >"$OUT/$s.txt" 2>&1
   echo "== $s: rc $? in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-25}" "$OUT/$s.txt"

@@ -5,6 +5,8 @@ state when the action is illegal; then it moves bytes and updates the block tabl
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.actions import ActionError
@@ -137,12 +139,17 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
     for old_fmt, group in by_fmt.items():
         old_slot = store.geom.slot_bytes(old_fmt)
         offs = ints_on(arena.device, [b.offset for b in group])
-        k, v = read_blocks(arena.data, offs, store.geom, old_fmt, torch.float32)  # [L, n, H, T, D]
         olds = [b.offset for b in group]
         nshared = sum(store.is_shared(b) for b in group)   # copies: they free nothing
         if alloc.can_allocate(new_slot, len(group)):
             new = [alloc.allocate(new_slot) for _ in group]
-            _write(store, new, fmt, k, v, group)
+            run = _fused(arena, store, fmt) if old_fmt.is_full else None
+            if run is not None:
+                # one launch, no staging copy (the new slots are beside the old ones)
+                run(arena.data, offs, ints_on(arena.device, new), store.geom, fmt)
+            else:
+                k, v = read_blocks(arena.data, offs, store.geom, old_fmt, torch.float32)
+                _write(store, new, fmt, k, v, group)
             for b, o, was in zip(group, new, olds):
                 b.offset, b.fmt = o, fmt
                 store.moved_slot(b, GPU, was, old_slot)   # shared: copy on write
@@ -153,6 +160,7 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
             # they were (never for shared blocks: ``_check_convertible`` refused those).
             # Their index entries are out of the slot map meanwhile: the freed slots may
             # be other blocks' new ones.
+            k, v = read_blocks(arena.data, offs, store.geom, old_fmt, torch.float32)
             entries = store.prefix.detach([(GPU, was) for was in olds])
             for b in group:
                 alloc.free(b.offset, old_slot)
@@ -176,6 +184,21 @@ def _convert(store: KVStore, blocks: list[Block], fmt: KVFormat) -> int:
         freed += ((old_slot - new_slot) * (len(group) - nshared)
                   - new_slot * nshared) * store.num_layers
     return freed
+
+
+# The Triton slot conversion (engine/kernels/quantize_slots_triton.py) for quantizing
+# full-precision blocks on CUDA: byte-exact against the torch path in the interpreter,
+# not yet run on a GPU, so off unless KVCTL_FUSED_QUANT=1
+FUSED_QUANT = os.environ.get("KVCTL_FUSED_QUANT", "0") == "1"
+
+
+def _fused(arena, store: KVStore, fmt: KVFormat):
+    """The slot conversion to ``fmt`` where it runs (CUDA, KVCTL_FUSED_QUANT=1), or None
+    (the torch path: read_blocks, then write_blocks)."""
+    if not FUSED_QUANT or arena.device.type != "cuda":
+        return None
+    from engine.kernels import quantize_slots_triton as q
+    return q.quantize_slots if q.supported(store.geom, fmt) else None
 
 
 def _write(store: KVStore, offsets: list[int], fmt: KVFormat, k, v,

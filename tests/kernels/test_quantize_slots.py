@@ -95,3 +95,51 @@ def test_fp8_codes_round_ties_to_even_like_torch(device):
     got = arena.to(device)
     quantize_slots(got, src.to(device), dst.to(device), geom, fmt)
     assert torch.equal(got.cpu(), want)
+
+
+def test_quantize_moves_through_the_kernel_store_what_the_torch_path_stores(monkeypatch):
+    """moves.quantize with the slot conversion routed (the interpreter standing in for
+    CUDA) against the same moves on the torch path: the same block tables and the same
+    arena bytes, for fill-style conversions of full blocks into several formats and a
+    lossy block converted again (which keeps the torch path)."""
+    kernel_module("cpu")
+    from engine import moves
+    from engine.kernels import quantize_slots_triton
+    from engine.store import GPU, KVStore
+
+    geom = BlockGeometry(16, 2, 32, torch.bfloat16)
+    gen = torch.Generator().manual_seed(7)
+
+    def store():
+        st = KVStore(geom, 3, torch.device("cpu"), gpu_bytes=geom.slot_bytes(FULL) * 3 * 64,
+                     prefix_cache=False)
+        for sid in ("a", "b"):
+            st.add_sequence(sid)
+            st.reserve(sid, 16 * 12)
+            st.write_targets(sid, 16 * 12)
+        return st
+    ref, fused = store(), store()
+    data = torch.randn(ref.arenas[GPU].data.numel() // 2, generator=gen).to(torch.bfloat16)
+    for st in (ref, fused):
+        st.arenas[GPU].data.view(torch.bfloat16).view(-1).copy_(data)
+    calls = []
+
+    def routed(arena, st, fmt):
+        run = quantize_slots_triton.quantize_slots if quantize_slots_triton.supported(
+            st.geom, fmt) else None
+        if run is not None:
+            calls.append(fmt.name)
+        return run
+    steps = [("a", range(0, 5), KVFormat(4, 4)), ("b", range(2, 9), KVFormat(8, 8, fp8=True)),
+             ("a", range(5, 11), KVFormat(8, 4)), ("b", range(0, 2), KVFormat(4, 2)),
+             ("b", range(3, 6), KVFormat(4, 4))]          # fp8 blocks again: torch path
+    for sid, idx, fmt in steps:
+        moves.quantize(ref, sid, list(idx), fmt)
+        with monkeypatch.context() as m:
+            m.setattr(moves, "_fused", routed)
+            moves.quantize(fused, sid, list(idx), fmt)
+    assert calls == ["int4", "fp8", "k8v4"]      # k4v2 and a lossy source: torch path
+    for sid in ("a", "b"):
+        assert [(b.fmt, b.offset) for b in ref.seqs[sid].blocks] == \
+            [(b.fmt, b.offset) for b in fused.seqs[sid].blocks]
+    assert torch.equal(ref.arenas[GPU].data, fused.arenas[GPU].data)
