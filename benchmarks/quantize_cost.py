@@ -1,7 +1,8 @@
 """What converting a batch of full-precision blocks to a quantized format costs: the torch
 path the engine takes (``read_blocks`` to dense fp32, then ``write_blocks``) against the
 Triton slot conversion (engine/kernels/quantize_slots_triton.py), on one arena, the same
-blocks, alternating, median of ``--reps``; both results compared byte for byte. Reports
+blocks, alternating, median of ``--reps``; both results compared byte for byte (the share
+of equal bytes where they differ: 2-bit values' fits may break ties otherwise). Reports
 milliseconds a batch (device time, synchronized), host milliseconds to queue a batch
 (what the engine thread spends), and the bytes moved (full slots read, new slots
 written) per second.
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=64, help="a batch (engine.moves.BATCH)")
-    ap.add_argument("--formats", default="int8,int4,fp8,k8v4")
+    ap.add_argument("--formats", default="int8,int4,fp8,k8v4,k4v2")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=10)
@@ -65,7 +66,8 @@ def main(argv=None) -> None:
             fn()                                          # compile / warm up
             sync()
             out[w] = arena[:, n * full:].clone()
-        same = all(torch.equal(out["torch"], o) for o in out.values())
+        # 2-bit values: the same fit up to ties in a sum's last bits, so nearly all bytes
+        same = min(float((out["torch"] == o).float().mean()) for o in out.values())
         times = {w: [] for w in ways}
         host = {w: [] for w in ways}
         for _ in range(a.reps):
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
         ratio = (f"; triton {statistics.median(times['torch']) / statistics.median(times['triton']):.1f}x"
                  if "triton" in ways else "")
         print(f"{fmt.name}: " + "; ".join(row) + ratio
-              + f"; same bytes: {'yes' if same else 'NO'}")
+              + f"; same bytes: {'yes' if same == 1.0 else f'{same:.2%}'}")
         del arena, out
 
 

@@ -61,19 +61,11 @@ def _assign(x, w, s, z, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _fit2_kernel(g_ptr, w_ptr, c_ptr, s_ptr, z_ptr, R,
-                 N: tl.constexpr, BR: tl.constexpr, WEIGHTED: tl.constexpr,
-                 MD: tl.constexpr, QMAX: tl.constexpr, STEPS: tl.constexpr,
-                 STEP: tl.constexpr, LS: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, N)
-    rm = (rows < R)[:, None]
-    off = rows[:, None] * N + cols[None, :]
-    x = tl.load(g_ptr + off, mask=rm, other=0.0)
-    if WEIGHTED:
-        w = tl.load(w_ptr + off, mask=rm, other=1.0)
-    else:
-        w = tl.full([BR, N], 1.0, tl.float32)
+def fit2_tile(x, w, MD: tl.constexpr, QMAX: tl.constexpr, STEPS: tl.constexpr,
+              STEP: tl.constexpr, LS: tl.constexpr):
+    """The fit of a tile of groups ``x [rows, n]`` (fp32, weights ``w``): codes (fp32
+    integers), scale and zero ``[rows, 1]`` (meta-rounded). Also the slot conversion's
+    2-bit values (engine/kernels/quantize_slots_triton.py)."""
     lo = tl.min(x, axis=1)[:, None]
     hi = tl.max(x, axis=1)[:, None]
     bs, bz = _meta(tl.div_rn(hi - lo, QMAX * 1.0), lo, MD)
@@ -103,6 +95,24 @@ def _fit2_kernel(g_ptr, w_ptr, c_ptr, s_ptr, z_ptr, R,
         m = e2 < be
         bc, bs, bz, be = (tl.where(m, c2, bc), tl.where(m, s2, bs),
                           tl.where(m, z2, bz), tl.where(m, e2, be))
+    return bc, bs, bz
+
+
+@triton.jit
+def _fit2_kernel(g_ptr, w_ptr, c_ptr, s_ptr, z_ptr, R,
+                 N: tl.constexpr, BR: tl.constexpr, WEIGHTED: tl.constexpr,
+                 MD: tl.constexpr, QMAX: tl.constexpr, STEPS: tl.constexpr,
+                 STEP: tl.constexpr, LS: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, N)
+    rm = (rows < R)[:, None]
+    off = rows[:, None] * N + cols[None, :]
+    x = tl.load(g_ptr + off, mask=rm, other=0.0)
+    if WEIGHTED:
+        w = tl.load(w_ptr + off, mask=rm, other=1.0)
+    else:
+        w = tl.full([BR, N], 1.0, tl.float32)
+    bc, bs, bz = fit2_tile(x, w, MD, QMAX, STEPS, STEP, LS)
     tl.store(c_ptr + off, bc.to(tl.uint8), mask=rm)
     rmask = rows < R
     tl.store(s_ptr + rows, tl.sum(bs, axis=1), mask=rmask)

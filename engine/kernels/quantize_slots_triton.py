@@ -15,9 +15,11 @@ the block's tokens and integer values per token over ``value_group`` channels (m
 scale and zero rounded to the meta dtype first, IEEE division, round half to even,
 codes packed low bits first; 8-bit value codes channel-major), fp8 sides with one scale
 per block and head (amax / 448, rounded to the meta dtype; codes saturated to +-448 and
-converted to e4m3), full-precision sides copied. 2-bit sides (refined fits,
-``quant.REFINED_BITS``) are not taken: ``supported`` says no and the caller keeps the
-torch path. Sources must be full-precision slots, and destinations must not overlap
+converted to e4m3), full-precision sides copied, and 2-bit values by the refined fit
+(clip grid and least-squares steps, ``fit_triton.fit2_tile``: the fit the torch path
+runs on CUDA, so the same codes up to ties in a sum's last bits). 2-bit keys (weighted,
+sink-anchored fits) are not taken: ``supported`` says no and the caller keeps the torch
+path. Sources must be full-precision slots, and destinations must not overlap
 the sources (the caller allocates the new slots beside the old ones).
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.fit_triton import _meta, _rint
+from engine.kernels.fit_triton import _meta, _rint, fit2_tile
+from engine.kernels.quant import CLIP_STEP, CLIP_STEPS, LS_ITERS
 from engine.layout import FULL, BlockGeometry, KVFormat
 
 FP8_MAX = 448.0
@@ -137,6 +140,31 @@ def _int_values(a_u8, a_st, a_md, src_e, codes_b, scale_b, zero_b, h,
 
 
 @triton.jit
+def _refined_values(a_u8, a_st, a_md, src_e, codes_b, scale_b, zero_b, h,
+                    T: tl.constexpr, D: tl.constexpr, G: tl.constexpr, MS: tl.constexpr,
+                    MD: tl.constexpr, RB: tl.constexpr, STEPS: tl.constexpr,
+                    STEP: tl.constexpr, LS: tl.constexpr):
+    """2-bit values: every (token, group) row's refined fit (fit_triton.fit2_tile,
+    unweighted: the clip grid and least-squares steps of quant.fit_groups), RB rows at a
+    time as ``fit2`` takes them; codes token-major, four channels a byte."""
+    NG: tl.constexpr = D // G
+    GP: tl.constexpr = G // 4
+    for r0 in range(0, T * NG, RB):
+        r = r0 + tl.arange(0, RB)[:, None]            # row r: token r // NG, group r % NG
+        c = tl.arange(0, G)[None, :]
+        x = tl.load(a_st + src_e + r * G + c).to(tl.float32)
+        _, s, z = fit2_tile(x, tl.full([RB, G], 1.0, tl.float32), MD, 3, STEPS, STEP, LS)
+        j = tl.arange(0, GP)[None, :]
+        packed = tl.zeros([RB, GP], tl.int32)
+        for i in tl.static_range(4):
+            xi = tl.load(a_st + src_e + r * G + j * 4 + i).to(tl.float32)
+            packed = packed | (_codes(xi, s, z, 3).to(tl.int32) << (i * 2))
+        tl.store(a_u8 + codes_b + h * (T * NG * GP) + r * GP + j, packed.to(tl.uint8))
+        tl.store(a_md + scale_b // MS + h * (T * NG) + r, s.to(MD))
+        tl.store(a_md + zero_b // MS + h * (T * NG) + r, z.to(MD))
+
+
+@triton.jit
 def _quantize_slots_kernel(
     a_u8, a_st, a_md,          # the arena, all layers flattened: bytes, store dtype, meta dtype
     src_ptr, dst_ptr,          # [N] int64 byte offsets: full-precision slot, new slot
@@ -146,7 +174,8 @@ def _quantize_slots_kernel(
     V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr,     # value sections (bytes)
     T: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, KF8: tl.constexpr, VF8: tl.constexpr,
-    ES: tl.constexpr, MS: tl.constexpr, MD: tl.constexpr,
+    ES: tl.constexpr, MS: tl.constexpr, MD: tl.constexpr, RB: tl.constexpr,
+    STEPS: tl.constexpr, STEP: tl.constexpr, LS: tl.constexpr,
 ):
     n = tl.program_id(0)
     layer = tl.program_id(1)
@@ -166,6 +195,9 @@ def _quantize_slots_kernel(
         _copy_side(a_st, v_e, (dst + V0) // ES + h * (T * D), T, D)
     elif VF8:
         _fp8_side(a_u8, a_st, a_md, v_e, dst + V0, dst + V1, h, T, D, MS, MD, True)
+    elif VB == 2:
+        _refined_values(a_u8, a_st, a_md, v_e, dst + V0, dst + V1, dst + V2, h, T, D, G, MS,
+                        MD, RB, STEPS, STEP, LS)
     else:
         _int_values(a_u8, a_st, a_md, v_e, dst + V0, dst + V1, dst + V2, h, T, D, G, VB,
                     MS, MD)
@@ -176,11 +208,13 @@ def _pow2(n: int) -> bool:
 
 
 def supported(geom: BlockGeometry, fmt: KVFormat) -> bool:
-    """Whether ``quantize_slots`` converts full-precision slots to ``fmt`` (no 2-bit
-    side; power-of-two tokens, head dim and value group, as ``tl.arange`` needs)."""
-    return (not fmt.is_full and 2 not in (fmt.k_bits, fmt.v_bits)
-            and geom.meta_dtype in _MD and _pow2(geom.block_size)
-            and _pow2(geom.head_dim) and _pow2(geom.value_group))
+    """Whether ``quantize_slots`` converts full-precision slots to ``fmt``: no 2-bit keys
+    (their weighted, sink-anchored fits stay with the torch path), 2-bit values in groups
+    of 4-128 channels; power-of-two tokens, head dim and value group (``tl.arange``)."""
+    G = geom.value_group
+    return (not fmt.is_full and fmt.k_bits != 2 and geom.meta_dtype in _MD
+            and _pow2(geom.block_size) and _pow2(geom.head_dim) and _pow2(G)
+            and (fmt.v_bits != 2 or 4 <= G <= 128))
 
 
 def quantize_slots(arena: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
@@ -192,7 +226,7 @@ def quantize_slots(arena: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
     src, geom, FULL, torch.float32))``."""
     if not supported(geom, fmt):
         raise ValueError(f"quantize_slots does not take {fmt.name} for this geometry "
-                         "(2-bit sides and non-power-of-two shapes take the torch path)")
+                         "(2-bit keys and non-power-of-two shapes take the torch path)")
     if arena.dtype != torch.uint8 or not arena.is_contiguous():
         raise ValueError("arena must be a contiguous uint8 tensor")
     N = src.numel()
@@ -216,4 +250,6 @@ def quantize_slots(arena: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
         SRC_K=full["k"][0], SRC_V=full["v"][0], K0=ko[0], K1=ko[1], K2=ko[2],
         V0=vo[0], V1=vo[1], V2=vo[2], T=geom.block_size, D=geom.head_dim,
         G=geom.value_group, KB=fmt.k_bits, VB=fmt.v_bits, KF8=fmt.k_fp8, VF8=fmt.v_fp8,
-        ES=geom.store_elem, MS=geom.meta_elem, MD=_MD[geom.meta_dtype], num_warps=4)
+        ES=geom.store_elem, MS=geom.meta_elem, MD=_MD[geom.meta_dtype],
+        RB=min(geom.block_size * (geom.head_dim // geom.value_group), 1024 // geom.value_group),
+        STEPS=CLIP_STEPS, STEP=CLIP_STEP, LS=LS_ITERS, num_warps=4)
