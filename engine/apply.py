@@ -144,8 +144,8 @@ def _raw_fetch(store: KVStore, blocks: list) -> None:
 
 
 def _raw_offload(store: KVStore, blocks: list) -> None:
-    for b in blocks:
-        b.summary = moves.key_summary(store, b)
+    for b, summary in zip(blocks, moves.key_summaries(store, blocks)):
+        b.summary = summary
     moves._move(store, sorted(blocks, key=lambda b: b.index), GPU, HOST, HOST)
 
 
