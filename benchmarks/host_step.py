@@ -30,9 +30,11 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1040)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="tokens a block (smaller: more blocks a sequence at the tiny model's 4K context)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=32,
+    e = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", block_size=a.block_size,
                             kv_budget_bytes=1 << 30, max_batch_tokens=8192, num_threads=1,
                             max_running=max(256, a.batch)))
     st, L = e.store, e.num_layers

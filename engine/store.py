@@ -23,6 +23,7 @@ cached entries first (``make_room``).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,12 @@ PAGE_SLOTS = 4            # full-precision slots in one default page
 ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena holding it
 
 
+# a block's fields whose change bumps its sequence's version (``num_tokens`` grows at the
+# tail every token: the decode table reads it there each step; ``truncate`` bumps)
+_VERSIONED = frozenset(("index", "fmt", "tier", "offset", "summary"))
+_TIER = operator.attrgetter("tier")
+
+
 @dataclass
 class Block:
     index: int
@@ -46,6 +53,17 @@ class Block:
     num_tokens: int = 0
     summary: torch.Tensor | None = None  # [L, H, 2, D] key min/max, kept on the device
                                          # while the block is on the host (Quest)
+    # the sequence holding it: a change of place, format or tier bumps ``kv.version``,
+    # so what is derived from its blocks (the decode table's row: engine/plan.py) is
+    # rebuilt exactly when it must be, wherever the change is made
+    kv: SeqKV | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in _VERSIONED:
+            kv = self.__dict__.get("kv")
+            if kv is not None:
+                kv.version += 1
 
 
 @dataclass
@@ -55,6 +73,8 @@ class SeqKV:
     num_tokens: int = 0       # tokens written (positions 0 .. num_tokens-1)
     decode_mode: str = "exact"    # over offloaded blocks: 'exact' (stream all) or 'topk'
     top_k: int = 0                # offloaded blocks fetched per layer in 'topk' mode
+    version: int = 0              # bumped by any change to a block's place, format, tier
+    table_row: object = field(default=None, repr=False, compare=False)  # engine/plan.py
 
     @property
     def tail(self) -> Block | None:
@@ -180,7 +200,7 @@ class KVStore:
                     top_k=src.top_k)
         for b in src.blocks:
             nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
-                       None if b.summary is None else b.summary.clone())
+                       None if b.summary is None else b.summary.clone(), kv=dst)
             if b.offset >= 0 and any(b is c for c in copied):
                 arena = self.arenas[ARENA_OF[b.tier]]
                 n = self.geom.slot_bytes(b.fmt)
@@ -257,7 +277,7 @@ class KVStore:
             else:
                 self.ref(e.key)
             s.blocks.append(Block(i, e.fmt, e.tier, e.key[1], T,
-                                  None if e.summary is None else e.summary.clone()))
+                                  None if e.summary is None else e.summary.clone(), kv=s))
         s.num_tokens = len(entries) * T
 
     def index_blocks(self, seq_id: str, start: int, hashes: list[int], tokens,
@@ -433,7 +453,7 @@ class KVStore:
         if not self.make_room(GPU, {slot: need}):
             raise OutOfBlocks(f"{seq_id}: no room for {need} more blocks")
         for _ in range(need):
-            s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot)))
+            s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot), kv=s))
 
     def write_targets(self, seq_id: str, n: int) -> tuple[list[int], list[int]]:
         """(slot offset, row in block) for the next ``n`` tokens; advances the length."""
@@ -461,6 +481,7 @@ class KVStore:
         for b in s.blocks[num_tokens // T:]:
             if b.tier == GPU:
                 b.num_tokens = min(T, max(0, num_tokens - b.index * T))
+        s.version += 1                # written blocks are partial again
         s.num_tokens = num_tokens
 
     def unreserve(self, seq_id: str) -> None:
@@ -473,7 +494,13 @@ class KVStore:
 
     # -- views ----------------------------------------------------------------------------
     def host_blocks(self, seq_id: str) -> list[Block]:
-        return [b for b in self.seqs[seq_id].blocks if b.tier == HOST]
+        # asked for every decoding sequence every step (staging_need), and mostly none:
+        # the tiers read in C first
+        bl = self.seqs[seq_id].blocks
+        tiers = list(map(_TIER, bl))
+        if HOST not in tiers:
+            return []
+        return [b for b, t in zip(bl, tiers) if t == HOST]
 
     def bytes_by(self, seq_id: str) -> tuple[dict[str, int], dict[str, int]]:
         by_tier: dict[str, int] = {}
