@@ -278,10 +278,10 @@ class _Row:
     def __init__(self, version: int) -> None:
         self.version = version
         self.blocks: list = []
-        self.offs: list[int] = []
-        self.kb: list[int] = []
-        self.vb: list[int] = []
-        self.nt: list[int] = []
+        self.offs = array.array("q")
+        self.kb = array.array("i")
+        self.vb = array.array("i")
+        self.nt = array.array("i")
         self.fmts: set = set()
         self.attended: list = []
 
@@ -330,11 +330,13 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
     tensor cost microseconds each, which at 32K tokens (1000 blocks) was 40 ms a step.
     """
     lengths = [len(store.seqs[s].blocks) for s in seq_ids]
-    nb = max(lengths)
+    nb = max(max(lengths), 1)
     B = len(seq_ids)
-    # one flat list per field (row i at i * nb): a nested list costs a Python list per
-    # row to build and torch.tensor walks it row by row
-    offs, kb, vb, nt = [0] * (B * nb), [0] * (B * nb), [0] * (B * nb), [0] * (B * nb)
+    # one flat array per field (row i at i * nb): a nested list costs a Python list per
+    # row to build and torch.tensor walks it row by row; arrays take a cached row's
+    # entries as one copy and become tensors without a conversion an element
+    offs = array.array("q", bytes(8 * B * nb))
+    kb, vb, nt = (array.array("i", bytes(4 * B * nb)) for _ in range(3))
     staged = None
     stager = Stager(store, store.num_layers)
     fmts = set()  # formats in the table: one lets the kernel compile it in
@@ -404,8 +406,9 @@ def _table(store: KVStore, seq_ids: list[str], device) -> DecodeBatch:
             cur += n
     assert cur <= store.staging_half, "the scheduler admits only what staging holds"
     stager.runs = _merge(stager.runs)
-    t = [ints(x, dt).view(B, nb).to(device, non_blocking=True) for x, dt in (
-        (offs, torch.int64), (kb, torch.int32), (vb, torch.int32), (nt, torch.int32))]
+    t = [torch.frombuffer(x, dtype=dt).view(B, nb).to(device, non_blocking=True)
+         for x, dt in ((offs, torch.int64), (kb, torch.int32), (vb, torch.int32),
+                       (nt, torch.int32))]
     t.append(torch.zeros(B, nb, dtype=torch.int64, device=device) if staged is None else
              ints(staged).view(B, nb).to(device, non_blocking=True))
     groups = None
