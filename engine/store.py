@@ -23,7 +23,6 @@ cached entries first (``make_room``).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +40,6 @@ ARENA_OF = {GPU: GPU, HOST: HOST, PARKED: HOST, SWAPPED: HOST}  # tier -> arena 
 # a block's fields whose change bumps its sequence's version (``num_tokens`` grows at the
 # tail every token: the decode table reads it there each step; ``truncate`` bumps)
 _VERSIONED = frozenset(("index", "fmt", "tier", "offset", "summary"))
-_TIER = operator.attrgetter("tier")
 
 
 @dataclass
@@ -59,9 +57,16 @@ class Block:
     kv: SeqKV | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value) -> None:
+        d = self.__dict__
+        if name == "tier":          # the sequence's count of host-tier blocks follows
+            kv = d.get("kv")
+            if kv is not None:
+                kv.num_host += (value == HOST) - (d.get("tier") == HOST)
+        elif name == "kv" and value is not None and d.get("tier") == HOST:
+            value.num_host += 1     # made on the host tier (a fork, a shared entry)
         object.__setattr__(self, name, value)
         if name in _VERSIONED:
-            kv = self.__dict__.get("kv")
+            kv = d.get("kv")
             if kv is not None:
                 kv.version += 1
 
@@ -74,6 +79,10 @@ class SeqKV:
     decode_mode: str = "exact"    # over offloaded blocks: 'exact' (stream all) or 'topk'
     top_k: int = 0                # offloaded blocks fetched per layer in 'topk' mode
     version: int = 0              # bumped by any change to a block's place, format, tier
+    # host-tier blocks among its blocks, kept by Block.__setattr__ (blocks are made by the
+    # store with their sequence); at least the true count (a host block cut from the list
+    # stays counted until ``host_blocks`` looks), so 0 means none
+    num_host: int = 0
     table_row: object = field(default=None, repr=False, compare=False)  # engine/plan.py
 
     @property
@@ -495,12 +504,13 @@ class KVStore:
     # -- views ----------------------------------------------------------------------------
     def host_blocks(self, seq_id: str) -> list[Block]:
         # asked for every decoding sequence every step (staging_need), and mostly none:
-        # the tiers read in C first
-        bl = self.seqs[seq_id].blocks
-        tiers = list(map(_TIER, bl))
-        if HOST not in tiers:
+        # the sequence's count says so without a walk over its blocks
+        kv = self.seqs[seq_id]
+        if not kv.num_host:
             return []
-        return [b for b, t in zip(bl, tiers) if t == HOST]
+        out = [b for b in kv.blocks if b.tier == HOST]
+        kv.num_host = len(out)
+        return out
 
     def bytes_by(self, seq_id: str) -> tuple[dict[str, int], dict[str, int]]:
         by_tier: dict[str, int] = {}

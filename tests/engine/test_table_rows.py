@@ -1,6 +1,7 @@
 """The decode table reuses each sequence's row over its written prefix between steps
 (engine/plan.py ``_row``): after any mix of moves, compactions, truncations, forks and
-growth, the cached table equals one built by walking every block."""
+growth, the cached table equals one built by walking every block, and each sequence's
+host-block count (what staging_need reads instead of a walk) is never under the truth."""
 import random
 
 import pytest
@@ -99,6 +100,10 @@ def test_cached_rows_equal_a_full_walk_through_random_changes(seed, monkeypatch)
         for name in ("offsets", "kbits", "vbits", "ntok", "stage_mask", "lengths"):
             assert torch.equal(getattr(got, name), getattr(want, name)), (step, kind, name)
         assert got.fmt == want.fmt
+        for s_ in sids:                          # the host-block count behind staging_need
+            kv_ = st.seqs[s_]
+            assert kv_.num_host >= sum(b.tier == "host" for b in kv_.blocks)
+            assert st.host_blocks(s_) == [b for b in kv_.blocks if b.tier == "host"]
         checked += 1
     assert checked > 100
     # rows were reused: most sequences' rows cover all but their tail
