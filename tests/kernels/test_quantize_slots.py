@@ -34,6 +34,21 @@ def arena_with_blocks(geom, layers, n, fmt, gen, dtype):
     return arena, src, dst
 
 
+def converted(request, device, geom, fmt, n):
+    """``n`` random full blocks converted to ``fmt`` by the kernel on ``device`` and by
+    the torch path: (kernel's arena, torch path's arena, (src, dst) offsets)."""
+    kernel_module(device)
+    from engine.kernels.quantize_slots_triton import quantize_slots, supported
+    assert supported(geom, fmt)
+    gen = torch.Generator().manual_seed(seed_of(request))
+    arena, src, dst = arena_with_blocks(geom, 2, n, fmt, gen, geom.store_dtype)
+    want = arena.clone()
+    write_blocks(want, dst, geom, fmt, *read_blocks(want, src, geom, FULL, torch.float32))
+    got = arena.to(device)
+    quantize_slots(got, src.to(device), dst.to(device), geom, fmt)
+    return got.cpu(), want, (src, dst)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("T,H,D,G,dtype", [
@@ -41,17 +56,8 @@ def arena_with_blocks(geom, layers, n, fmt, gen, dtype):
     (16, 2, 32, 32, torch.float32)])
 def test_quantize_slots_writes_what_the_torch_path_writes(request, device, fmt, T, H, D,
                                                           G, dtype):
-    kernel_module(device)
-    from engine.kernels.quantize_slots_triton import quantize_slots, supported
     geom = BlockGeometry(T, H, D, dtype, value_group=G)
-    assert supported(geom, fmt)
-    gen = torch.Generator().manual_seed(seed_of(request))
-    arena, src, dst = arena_with_blocks(geom, 2, 5, fmt, gen, dtype)
-    want = arena.clone()
-    write_blocks(want, dst, geom, fmt, *read_blocks(want, src, geom, FULL, torch.float32))
-    got = arena.to(device)
-    quantize_slots(got, src.to(device), dst.to(device), geom, fmt)
-    got = got.cpu()
+    got, want, _ = converted(request, device, geom, fmt, 5)
     bad = (got != want).nonzero()
     assert bad.numel() == 0, f"{len(bad)} bytes differ, first at {bad[:4].tolist()}"
 
@@ -68,18 +74,9 @@ def test_quantize_slots_2bit_values_fit_as_the_torch_path(request, device, fmt, 
     same fit as the torch path up to ties in a sum's last bits, so each group's squared
     error is at most the torch path's (to rounding) and nearly every value decodes the
     same; the keys' bytes and everything outside the values' sections are equal."""
-    kernel_module(device)
-    from engine.kernels.quantize_slots_triton import quantize_slots, supported
     geom = BlockGeometry(T, H, D, dtype, value_group=G)
-    assert supported(geom, fmt)
-    gen = torch.Generator().manual_seed(seed_of(request))
-    arena, src, dst = arena_with_blocks(geom, 2, 3, fmt, gen, dtype)
-    want = arena.clone()
+    got, want, (src, dst) = converted(request, device, geom, fmt, 3)
     _, v0 = read_blocks(want, src, geom, FULL, torch.float32)
-    write_blocks(want, dst, geom, fmt, *read_blocks(want, src, geom, FULL, torch.float32))
-    got = arena.to(device)
-    quantize_slots(got, src.to(device), dst.to(device), geom, fmt)
-    got = got.cpu()
     sec = geom.sections(fmt)
     vstart = sec["v_codes"][0]
     outside = torch.ones(got.shape[1], dtype=torch.bool)
