@@ -23,7 +23,8 @@ cached entries first (``make_room``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -51,24 +52,31 @@ class Block:
     num_tokens: int = 0
     summary: torch.Tensor | None = None  # [L, H, 2, D] key min/max, kept on the device
                                          # while the block is on the host (Quest)
-    # the sequence holding it: a change of place, format or tier bumps ``kv.version``,
-    # so what is derived from its blocks (the decode table's row: engine/plan.py) is
-    # rebuilt exactly when it must be, wherever the change is made
-    kv: SeqKV | None = field(default=None, repr=False, compare=False)
+    # the sequence holding it (``kv``, held weakly: a sequence and its blocks would
+    # otherwise be a cycle, freed with their summaries only by a full collection): a
+    # change of place, format or tier bumps ``kv.version``, so what is derived from its
+    # blocks (the decode table's row: engine/plan.py) is rebuilt exactly when it must
+    # be, wherever the change is made
+    seq: InitVar[SeqKV | None] = None
+
+    def __post_init__(self, seq: SeqKV | None) -> None:
+        object.__setattr__(self, "_kv", None if seq is None else weakref.ref(seq))
+        if seq is not None and self.tier == HOST:
+            seq.num_host += 1       # made on the host tier (a fork, a shared entry)
+
+    @property
+    def kv(self) -> SeqKV | None:
+        r = self.__dict__.get("_kv")
+        return None if r is None else r()
 
     def __setattr__(self, name: str, value) -> None:
-        d = self.__dict__
-        if name == "tier":          # the sequence's count of host-tier blocks follows
-            kv = d.get("kv")
-            if kv is not None:
-                kv.num_host += (value == HOST) - (d.get("tier") == HOST)
-        elif name == "kv" and value is not None and d.get("tier") == HOST:
-            value.num_host += 1     # made on the host tier (a fork, a shared entry)
+        r = self.__dict__.get("_kv")
+        kv = None if r is None else r()
+        if kv is not None and name == "tier":   # the sequence's host-block count follows
+            kv.num_host += (value == HOST) - (self.__dict__.get("tier") == HOST)
         object.__setattr__(self, name, value)
-        if name in _VERSIONED:
-            kv = d.get("kv")
-            if kv is not None:
-                kv.version += 1
+        if kv is not None and name in _VERSIONED:
+            kv.version += 1
 
 
 @dataclass
@@ -209,7 +217,7 @@ class KVStore:
                     top_k=src.top_k)
         for b in src.blocks:
             nb = Block(b.index, b.fmt, b.tier, -1, b.num_tokens,
-                       None if b.summary is None else b.summary.clone(), kv=dst)
+                       None if b.summary is None else b.summary.clone(), seq=dst)
             if b.offset >= 0 and any(b is c for c in copied):
                 arena = self.arenas[ARENA_OF[b.tier]]
                 n = self.geom.slot_bytes(b.fmt)
@@ -286,7 +294,7 @@ class KVStore:
             else:
                 self.ref(e.key)
             s.blocks.append(Block(i, e.fmt, e.tier, e.key[1], T,
-                                  None if e.summary is None else e.summary.clone(), kv=s))
+                                  None if e.summary is None else e.summary.clone(), seq=s))
         s.num_tokens = len(entries) * T
 
     def index_blocks(self, seq_id: str, start: int, hashes: list[int], tokens,
@@ -462,7 +470,7 @@ class KVStore:
         if not self.make_room(GPU, {slot: need}):
             raise OutOfBlocks(f"{seq_id}: no room for {need} more blocks")
         for _ in range(need):
-            s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot), kv=s))
+            s.blocks.append(Block(index=len(s.blocks), offset=alloc.allocate(slot), seq=s))
 
     def write_targets(self, seq_id: str, n: int) -> tuple[list[int], list[int]]:
         """(slot offset, row in block) for the next ``n`` tokens; advances the length."""

@@ -109,3 +109,31 @@ def test_cached_rows_equal_a_full_walk_through_random_changes(seed, monkeypatch)
     # rows were reused: most sequences' rows cover all but their tail
     assert any(st.seqs[s].table_row is not None and len(st.seqs[s].table_row.blocks) > 2
                for s in sids)
+
+
+def test_a_freed_sequence_goes_without_a_collection(monkeypatch):
+    """Blocks hold their sequence weakly: freeing a sequence frees it and its blocks
+    (summaries of offloaded blocks are device tensors) by reference counting, not at
+    the next full collection."""
+    import gc
+    import weakref
+
+    T = 4
+    geom = BlockGeometry(T, 1, 8, torch.float32, value_group=8)
+    full = geom.slot_bytes(FULL)
+    st = KVStore(geom, 2, torch.device("cpu"), gpu_bytes=full * 2 * 64,
+                 host_bytes=full * 2 * 64, prefix_cache=False)
+    st.add_sequence("a")
+    st.reserve("a", T * 5 + 1)
+    st.write_targets("a", T * 5 + 1)
+    moves.offload(st, "a", [1, 2])
+    tables(st, ["a"], monkeypatch)                 # the row kept on the sequence
+    kv = weakref.ref(st.seqs["a"])
+    block = weakref.ref(st.seqs["a"].blocks[1])
+    assert kv().num_host == 2 and kv().table_row is not None
+    gc.disable()
+    try:
+        st.free_sequence("a", keep=False)
+        assert kv() is None and block() is None
+    finally:
+        gc.enable()
