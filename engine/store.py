@@ -70,12 +70,15 @@ class Block:
         return None if r is None else r()
 
     def __setattr__(self, name: str, value) -> None:
+        if name not in _VERSIONED:      # num_tokens, every token written: nothing to tell
+            object.__setattr__(self, name, value)
+            return
         r = self.__dict__.get("_kv")
         kv = None if r is None else r()
         if kv is not None and name == "tier":   # the sequence's host-block count follows
             kv.num_host += (value == HOST) - (self.__dict__.get("tier") == HOST)
         object.__setattr__(self, name, value)
-        if kv is not None and name in _VERSIONED:
+        if kv is not None:
             kv.version += 1
 
 
